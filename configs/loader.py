@@ -1,0 +1,127 @@
+"""Load a pipeline config from YAML with `KEY=VALUE` overrides, and save it next to outputs.
+
+Precedence: command-line overrides beat the file, which beats the schema defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from configs.schema import PipelineConfig
+
+
+class ConfigError(ValueError):
+    """A config the user must fix; the message says what to change."""
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field path `loc` (without its last element)."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            valid = ", ".join(sorted(owner.model_fields)) if owner else "?"
+            section = ".".join(str(p) for p in loc[:-1]) or "top level"
+            lines.append(f"unknown key `{dotted}` ({section}); valid keys: {valid}")
+        else:
+            lines.append(f"`{dotted}`: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override `{item}` must look like section.key=value, e.g. train.max_steps=20")
+    key, raw = item.split("=", 1)
+    # YAML typing gives `20` -> int, `1e-4` -> float, `[a, b]` -> list, `null` -> None.
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string; users mean a float.
+            value = float(raw)
+        except ValueError:
+            pass
+    return [p for p in key.strip().split(".") if p], value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override `{item}`: `{part}` is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, workdir: str | Path | None = None
+) -> PipelineConfig:
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (try configs/quickstart.yaml)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+        source = str(path)
+    data = apply_overrides(data, list(overrides or []))
+    if workdir is not None:
+        data["workdir"] = str(workdir)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: PipelineConfig, out_dir: Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config next to an output, atomically, so every artefact says what made it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / name
+    tmp = target.with_name(f".{name}.{os.getpid()}.tmp")
+    tmp.write_text(dump_config(cfg))
+    os.replace(tmp, target)
+    return target
+
+
+def flatten(cfg: PipelineConfig) -> dict[str, str]:
+    """Dotted params for MLflow (`train.lr` -> "0.001")."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = str(node)[:6000]
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

@@ -1,0 +1,147 @@
+"""Typed configuration for every stage, composed into one pipeline config.
+
+Each stage reads only its own section, so a stage can be run (and cached) on its own; the
+pipeline config only adds the shared workdir. Unknown keys are errors everywhere
+(`extra="forbid"`): a misspelt `max_step` silently training forever is the failure we refuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ComponentConfig(Section):
+    """One model component: a named tiny preset (random init) or `pretrained:` weights."""
+
+    preset: str | None = Field("tiny", description="named random-init config of the family")
+    pretrained: str | None = Field(None, description="local directory or hub id for from_pretrained")
+    subfolder: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ComponentConfig:
+        if self.pretrained is None and self.preset is None:
+            raise ValueError("set either `preset` (random init) or `pretrained` (weights to load)")
+        return self
+
+    def identity(self) -> str:
+        """What makes encoder outputs comparable: the weights' source, not the object."""
+        if self.pretrained:
+            return f"pretrained:{self.pretrained}" + (f"/{self.subfolder}" if self.subfolder else "")
+        return f"preset:{self.preset}"
+
+
+class ModelConfig(Section):
+    family: str = "cogvideox"
+    vae: ComponentConfig = ComponentConfig()
+    text_encoder: ComponentConfig = ComponentConfig()
+    transformer: ComponentConfig = ComponentConfig()
+    max_text_length: int = Field(226, ge=1, le=4096, description="text tokens; CogVideoX uses 226")
+    seed: int = Field(0, description="seed of random-init presets, so every stage builds the same weights")
+
+
+class DataConfig(Section):
+    manifest: Path = Path("data.jsonl")
+    output_dir: Path | None = Field(None, description="prep output; default <workdir>/prep")
+    decoder: Literal["decord", "pyav"] = "decord"
+    num_frames: int = Field(9, ge=1)
+    target_fps: float | None = Field(8.0, gt=0, description="sample at this fps; None uses `stride`")
+    stride: int = Field(1, ge=1, description="frame stride when target_fps is None")
+    height: int = Field(64, ge=8)
+    width: int = Field(64, ge=8)
+    min_side: int = Field(32, ge=1, description="reject media whose shorter side is below this")
+    batch_size: int = Field(4, ge=1, description="clips per VAE/text-encoder call")
+    num_workers: int = Field(2, ge=1, description="decode threads")
+    shard_size: int = Field(8, ge=1, description="samples per safetensors shard")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    max_samples: int | None = Field(None, ge=1)
+
+
+class TrainConfig(Section):
+    output_dir: Path | None = Field(None, description="checkpoints; default <workdir>/train")
+    max_steps: int = Field(30, ge=1)
+    batch_size: int = Field(2, ge=1, description="micro-batch per rank")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(3, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16"] = "no"
+    seed: int = 42
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    resume: str = Field("auto", description="auto | never | path to a checkpoint directory")
+    nproc_per_node: int = Field(1, ge=1)
+    device: str = "auto"
+    log_every: int = Field(1, ge=1)
+    metrics_flush_every: int = Field(20, ge=1, description="steps per MLflow log_batch")
+    val_fraction: float = Field(0.125, ge=0, lt=1, description="cached samples held out for eval")
+
+
+class ClipConfig(Section):
+    model: str = Field("flowspeed-tiny-clip", description="open_clip model name")
+    pretrained: str | None = Field(None, description="open_clip tag or local checkpoint file")
+
+
+class EvalConfig(Section):
+    output_dir: Path | None = Field(None, description="eval outputs; default <workdir>/eval")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["a red circle moving from left to right on a black background"]
+    )
+    num_inference_steps: int = Field(4, ge=1)
+    guidance_scale: float = Field(6.0, ge=0)
+    fps: int = Field(8, ge=1)
+    seed: int = 1234
+    val_batches: int = Field(4, ge=1, description="fixed-noise passes over the held-out set")
+    clip: ClipConfig = ClipConfig()
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI or sqlite under workdir")
+    experiment: str = "flowspeed"
+    run_name: str | None = None
+
+
+class PipelineConfig(Section):
+    workdir: Path = Path("runs/quickstart")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    # Derived locations: every output lives under the workdir unless a section says otherwise.
+    @property
+    def prep_dir(self) -> Path:
+        return self.data.output_dir or self.workdir / "prep"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.train.output_dir or self.workdir / "train"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.eval.output_dir or self.workdir / "eval"
+
+    def prep_hash(self) -> str:
+        """Hash of everything that changes what prep writes for a sample (not where it goes)."""
+        keys = ("decoder", "num_frames", "target_fps", "stride", "height", "width", "dtype")
+        payload: dict[str, Any] = {k: getattr(self.data, k) for k in keys}
+        payload["max_text_length"] = self.model.max_text_length
+        # decord and PyAV agree on indices but not bit-for-bit on pixels: keep them apart.
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def encoder_identity(self) -> str:
+        m = self.model
+        seed = f"seed={m.seed}" if m.vae.pretrained is None or m.text_encoder.pretrained is None else ""
+        return f"{m.family}|vae={m.vae.identity()}|text={m.text_encoder.identity()}|{seed}"

@@ -1,0 +1,82 @@
+"""A small, honest dataset made on the spot: coloured shapes moving, with captions that say so.
+
+Mixed sizes, aspect ratios, fps and durations exercise probing, sampling and resizing; a few
+stills exercise the image path. No downloads, deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from datasets_prep.io import atomic_write, atomic_write_text
+from datasets_prep.mp4 import write_mp4
+
+COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 235), "yellow": (240, 220, 40),
+           "white": (245, 245, 245), "magenta": (220, 50, 200)}
+BACKGROUNDS = {"black": (0, 0, 0), "grey": (110, 110, 110), "dark blue": (10, 20, 70)}
+SHAPES = ("circle", "square", "triangle")
+MOTIONS = {
+    "from left to right": ((0.15, 0.5), (0.85, 0.5)),
+    "from right to left": ((0.85, 0.5), (0.15, 0.5)),
+    "from top to bottom": ((0.5, 0.15), (0.5, 0.85)),
+    "from bottom to top": ((0.5, 0.85), (0.5, 0.15)),
+    "diagonally from top left to bottom right": ((0.15, 0.15), (0.85, 0.85)),
+}
+# (width, height, fps, seconds): landscape, portrait, square; 8 to 30 fps; 1.5 to 3 s.
+SIZES = [(96, 64, 24, 2.0), (64, 96, 30, 1.5), (80, 80, 12, 3.0), (128, 72, 25, 2.0), (72, 128, 8, 3.0),
+         (112, 64, 15, 2.0), (64, 64, 20, 2.5), (160, 96, 10, 3.0)]
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour: tuple) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+
+
+def render_clip(shape: str, colour: str, background: str, motion: str, w: int, h: int, n: int) -> np.ndarray:
+    (x0, y0), (x1, y1) = MOTIONS[motion]
+    r = 0.16 * min(w, h)
+    frames = []
+    for i in range(n):
+        a = i / max(n - 1, 1)
+        img = Image.new("RGB", (w, h), BACKGROUNDS[background])
+        _draw(ImageDraw.Draw(img), shape, (x0 + a * (x1 - x0)) * w, (y0 + a * (y1 - y0)) * h, r, COLOURS[colour])
+        frames.append(np.asarray(img))
+    return np.stack(frames)
+
+
+def make_demo_dataset(out_dir: Path, num_videos: int = 16, num_images: int = 4, seed: int = 0) -> Path:
+    """Write clips, stills and `data.jsonl`; returns the manifest path."""
+    out_dir = Path(out_dir)
+    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num_videos):
+        shape, colour = SHAPES[i % len(SHAPES)], list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+        motion = list(MOTIONS)[int(rng.integers(len(MOTIONS)))]
+        w, h, fps, secs = SIZES[i % len(SIZES)]
+        frames = render_clip(shape, colour, background, motion, w, h, int(round(fps * secs)))
+        name = f"videos/clip_{i:03d}.mp4"
+        write_mp4(out_dir / name, frames, fps)
+        rows.append({"file": name, "captions": f"a {colour} {shape} moving {motion} on a {background} background"})
+    for i in range(num_images):
+        shape, colour = SHAPES[(i + 1) % len(SHAPES)], list(COLOURS)[(i * 2) % len(COLOURS)]
+        background = list(BACKGROUNDS)[i % len(BACKGROUNDS)]
+        img = Image.new("RGB", (96, 80), BACKGROUNDS[background])
+        _draw(ImageDraw.Draw(img), shape, 48, 40, 14, COLOURS[colour])
+        name = f"images/still_{i:03d}.png"
+        atomic_write(out_dir / name, lambda p, img=img: img.save(p, format="PNG"))
+        rows.append({"file": name, "captions": f"a still {colour} {shape} in the centre of a {background} background"})
+    manifest = out_dir / "data.jsonl"
+    atomic_write_text(manifest, "".join(json.dumps(r) + "\n" for r in rows))
+    return manifest

@@ -1,0 +1,57 @@
+"""Device and distributed setup in one place: the same code on CUDA, Ascend NPU or CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+
+    return bool(torch.npu.is_available())  # type: ignore[attr-defined]
+
+
+def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.device:
+    """`auto` picks cuda, then npu, then cpu; a rank gets its local accelerator."""
+    idx = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", 0))
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif npu_available():
+            name = "npu"
+        else:
+            name = "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was requested but torch sees no CUDA device; use device: auto or cpu")
+    if name == "npu" and not npu_available():
+        raise ValueError("device npu was requested but torch_npu is not installed (pip install flowspeed[npu])")
+    if name in ("cuda", "npu"):
+        return torch.device(name, idx)
+    return torch.device(name)
+
+
+def dist_backend(device: torch.device) -> str:
+    return {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16") from None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    if device.type == "npu":
+        return int(torch.npu.max_memory_allocated(device))  # type: ignore[attr-defined]
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

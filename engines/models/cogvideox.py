@@ -1,0 +1,189 @@
+"""CogVideoX text-to-video: diffusers' VAE, transformer, DDIM scheduler and pipeline; T5 text encoder.
+
+Nothing here is a copy of diffusers: text embeddings come from `CogVideoXPipeline.encode_prompt`
+and rotary embeddings from the pipeline's own helper, so training sees exactly what inference sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+)
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, T5Config, T5EncoderModel
+
+from configs.schema import ModelConfig
+from engines.models.registry import ModelFamily, from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.tokenizer import byte_level_tokenizer
+
+VAE_PRESETS: dict[str, dict[str, Any]] = {
+    # 4 blocks -> 8x spatial, 4x temporal compression, like the published 2B/5B VAE, at 1/32 the width.
+    "tiny": dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+        block_out_channels=(16, 16, 16, 16), temporal_compression_ratio=4,
+        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+    ),
+}
+TEXT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2),
+}
+TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_embed_dim=32,
+                 patch_size=2, sample_height=8, sample_width=8, sample_frames=9, temporal_compression_ratio=4),
+    # Published CogVideoX-2b shape, for users with a GPU who pretrain from scratch.
+    "2b": dict(num_attention_heads=30, attention_head_dim=64, num_layers=30, time_embed_dim=512,
+               patch_size=2, sample_height=60, sample_width=90, sample_frames=49, temporal_compression_ratio=4),
+}
+# CogVideoX-2b's scheduler_config.json.
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+    snr_shift_scale=3.0, steps_offset=0, timestep_spacing="trailing",
+)
+
+
+class CogVideoX(ModelFamily):
+    name = "cogvideox"
+    temporal_compression = 4
+    spatial_compression = 8
+
+    def frame_count_error(self, num_frames: int) -> str | None:
+        if (num_frames - 1) % self.temporal_compression:
+            k = (num_frames - 1) // 4
+            return f"CogVideoX's VAE takes 4k+1 frames (e.g. {4 * k + 1} or {4 * k + 5}), not {num_frames}"
+        return None
+
+    # ---- loading -------------------------------------------------------------------------------
+    def load_vae(self, cfg: ModelConfig) -> nn.Module:
+        if cfg.vae.pretrained:
+            vae = from_pretrained(AutoencoderKLCogVideoX, cfg.vae, "vae")
+        else:
+            with seeded_init(cfg.seed + 1):
+                vae = AutoencoderKLCogVideoX(**pick_preset(cfg.vae, VAE_PRESETS, "vae"))
+        return vae.eval().requires_grad_(False)
+
+    def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]:
+        comp = cfg.text_encoder
+        if comp.pretrained:
+            # A diffusers layout keeps the tokenizer beside the encoder, in `tokenizer/`.
+            tok_sub = "tokenizer" if comp.subfolder == "text_encoder" else comp.subfolder
+            tok_comp = comp.model_copy(update={"subfolder": tok_sub})
+            tokenizer = from_pretrained(AutoTokenizer, tok_comp, "text_encoder")
+            config = from_pretrained(AutoConfig, comp, "text_encoder")
+            # T5 checkpoints hold encoder+decoder weights; AutoModel would build both.
+            cls = T5EncoderModel if config.model_type in ("t5", "umt5", "mt5") else AutoModel
+            encoder = from_pretrained(cls, comp, "text_encoder")
+        else:
+            tokenizer = byte_level_tokenizer()
+            preset = pick_preset(comp, TEXT_PRESETS, "text_encoder")
+            t5 = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                          **preset)
+            with seeded_init(cfg.seed + 2):
+                encoder = T5EncoderModel(t5)
+        return tokenizer, encoder.eval().requires_grad_(False)
+
+    def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
+        if cfg.transformer.pretrained:
+            return from_pretrained(CogVideoXTransformer3DModel, cfg.transformer, "transformer")
+        preset = pick_preset(cfg.transformer, TRANSFORMER_PRESETS, "transformer")
+        with seeded_init(cfg.seed + 3):
+            return CogVideoXTransformer3DModel(
+                in_channels=latent_channels, out_channels=latent_channels, text_embed_dim=text_embed_dim,
+                max_text_seq_length=cfg.max_text_length, **preset,
+            )
+
+    def load_scheduler(self, cfg: ModelConfig) -> CogVideoXDDIMScheduler:
+        return CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
+
+    # ---- encoding (prep) ------------------------------------------------------------------------
+    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+        # (B, T, H, W, C) uint8 -> (B, C, T, H, W) in [-1, 1]
+        x = frames.permute(0, 4, 1, 2, 3).to(vae.device, vae.dtype) / 127.5 - 1.0
+        return vae.encode(x).latent_dist.parameters  # (B, 2*Cz, T', H', W'): mean ++ logvar
+
+    def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> torch.Tensor:
+        # A text-only pipeline: the prompt path is the pipeline's own, so train == inference.
+        pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None,
+                                 scheduler=None)
+        embeds, _ = pipe.encode_prompt(
+            captions, do_classifier_free_guidance=False, max_sequence_length=max_length,
+            device=encoder.device, dtype=encoder.dtype,
+        )
+        return embeds  # (B, L, D)
+
+    # ---- training -------------------------------------------------------------------------------
+    def training_loss(
+        self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        """CogVideoX's objective: v-prediction turned into an x0 estimate, MSE weighted by 1/(1-alpha_bar)."""
+        core = getattr(transformer, "module", transformer)
+        params, text = batch["latent_params"], batch["text_embeds"]
+        device = params.device
+        # Draw on a CPU generator so the same seed gives the same noise on any device.
+        eps = torch.randn(params[:, : params.shape[1] // 2].shape, generator=generator).to(device)
+        dist = DiagonalGaussianDistribution(params.float())
+        latents = (dist.mean + dist.std * eps) * batch["scaling_factor"].view(-1, 1, 1, 1, 1)
+        latents = latents.permute(0, 2, 1, 3, 4)  # (B, T', C, H', W') as the transformer takes it
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        t = t.to(device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        rotary = self._rotary(core, latents.shape, device)
+        pred_v = transformer(hidden_states=noisy, encoder_hidden_states=text.to(noisy.dtype), timestep=t,
+                             image_rotary_emb=rotary, return_dict=False)[0]
+        pred_x0 = scheduler.get_velocity(pred_v.float(), noisy, t)  # v -> x0 for a v-prediction model
+        alpha_bar = scheduler.alphas_cumprod.to(device, torch.float32)[t]
+        weight = (1.0 / (1.0 - alpha_bar)).view(-1, 1, 1, 1, 1)
+        return (weight * (pred_x0 - latents) ** 2).mean()
+
+    def _rotary(self, core: nn.Module, shape: torch.Size, device: torch.device) -> Any:
+        if not core.config.use_rotary_positional_embeddings:
+            return None
+        _, t, _, h, w = shape
+        pipe = SimpleNamespace(vae_scale_factor_spatial=self.spatial_compression, transformer=core)
+        return CogVideoXPipeline._prepare_rotary_positional_embeddings(
+            pipe, h * self.spatial_compression, w * self.spatial_compression, t, device
+        )
+
+    def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
+        _, t, h, w = latent_shape[-4:]  # (2*Cz, T', H', W')
+        p, pt = transformer_config.patch_size, transformer_config.patch_size_t or 1
+        return (t // pt) * (h // p) * (w // p)
+
+    # ---- export and inference -------------------------------------------------------------------
+    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
+        tokenizer, encoder = self.load_text_encoder(cfg)
+        pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=self.load_vae(cfg),
+                                 transformer=transformer, scheduler=self.load_scheduler(cfg))
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+        return out_dir
+
+    def generate(
+        self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
+        steps: int, guidance_scale: float, seed: int, device: torch.device,
+    ) -> np.ndarray:
+        pipe = CogVideoXPipeline.from_pretrained(pretrained_dir).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        out = []
+        for i, prompt in enumerate(prompts):
+            gen = torch.Generator("cpu").manual_seed(seed + i)
+            video = pipe(prompt=prompt, num_frames=num_frames, height=height, width=width,
+                         num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
+                         max_sequence_length=pipe.transformer.config.max_text_seq_length,
+                         output_type="np", use_dynamic_cfg=False).frames[0]  # (T, H, W, C) in [0, 1]
+            out.append((np.clip(video, 0, 1) * 255).round().astype(np.uint8))
+        return np.stack(out)
+
+
+register_family(CogVideoX())

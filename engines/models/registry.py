@@ -1,0 +1,125 @@
+"""Model families by name. A family is everything model-specific behind one interface.
+
+Prep, the training engine and evaluation only ask a family for capabilities (load the VAE, encode
+a clip, compute the training loss, build the inference pipeline), so a new family is one module
+plus one `register_family` call, never an edit to the stages.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from configs.schema import ComponentConfig, ModelConfig
+
+
+class ModelFamily(ABC):
+    name: str
+    #: pixel frames per latent frame and pixels per latent pixel; prep validates sizes against these.
+    temporal_compression: int = 1
+    spatial_compression: int = 1
+
+    @abstractmethod
+    def frame_count_error(self, num_frames: int) -> str | None:
+        """Why the VAE cannot take `num_frames`, or None when it can."""
+
+    @abstractmethod
+    def load_vae(self, cfg: ModelConfig) -> nn.Module: ...
+
+    @abstractmethod
+    def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]: ...
+
+    @abstractmethod
+    def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module: ...
+
+    @abstractmethod
+    def load_scheduler(self, cfg: ModelConfig) -> Any: ...
+
+    @abstractmethod
+    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, T, H, W, C) -> per-sample latent distribution parameters, cached as-is."""
+
+    @abstractmethod
+    def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> torch.Tensor:
+        """Captions -> (B, L, D) embeddings exactly as the inference pipeline computes them."""
+
+    @abstractmethod
+    def training_loss(
+        self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
+        """Tokens the denoiser sees per sample, for tokens/s and MFU."""
+
+    @abstractmethod
+    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
+        """Export the trained model in the family's native (diffusers) layout."""
+
+    @abstractmethod
+    def generate(
+        self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
+        steps: int, guidance_scale: float, seed: int, device: torch.device,
+    ) -> np.ndarray:
+        """(N, T, H, W, C) uint8 videos from an exported checkpoint."""
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    if family.name in _FAMILIES:
+        raise ValueError(f"model family {family.name!r} is registered twice")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> ModelFamily:
+    # Importing the package registers the built-in families.
+    import engines.models  # noqa: F401
+
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        known = ", ".join(sorted(_FAMILIES)) or "none"
+        raise ValueError(f"unknown model family {name!r}; known families: {known}") from None
+
+
+def known_families() -> list[str]:
+    import engines.models  # noqa: F401
+
+    return sorted(_FAMILIES)
+
+
+@contextmanager
+def seeded_init(seed: int):
+    """Random-init presets must give the same weights in every stage and process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def pick_preset(comp: ComponentConfig, presets: dict[str, dict[str, Any]], what: str) -> dict[str, Any]:
+    if comp.preset not in presets:
+        raise ValueError(f"unknown {what} preset {comp.preset!r}; known presets: {', '.join(sorted(presets))}")
+    return dict(presets[comp.preset])
+
+
+def from_pretrained(cls: Any, comp: ComponentConfig, what: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained` with an error that names the config key to fix."""
+    assert comp.pretrained is not None
+    extra = {"subfolder": comp.subfolder} if comp.subfolder else {}
+    try:
+        return cls.from_pretrained(comp.pretrained, **extra, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        where = comp.pretrained + (f" (subfolder {comp.subfolder})" if comp.subfolder else "")
+        raise FileNotFoundError(
+            f"could not load the {what} from {where}: {exc}. Set model.{what}.pretrained to a local "
+            "directory holding its config and weights, or use `preset: tiny` for a random init."
+        ) from exc

@@ -1,0 +1,33 @@
+"""A byte-level tokenizer that needs no vocabulary file: the tiny presets' stand-in for T5's.
+
+No package on PyPI ships T5's sentencepiece model and hubs are unreachable in CI, so tiny presets
+use 256 byte tokens plus T5's three specials (pad=0, eos=1, unk=2), wrapped as a transformers
+fast tokenizer so pipelines call it exactly like the real one.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return tok.to_str()
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=4096,
+    )
