@@ -73,21 +73,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; `include: [files]` (relative to it) are merged underneath it, in order."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (try configs/quickstart.yaml)")
+    if path.resolve() in seen:
+        raise ConfigError(f"config include cycle: {' -> '.join(map(str, seen + (path,)))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    includes = data.pop("include", []) or []
+    merged: dict[str, Any] = {}
+    for inc in [includes] if isinstance(includes, str) else includes:
+        merged = _deep_merge(merged, _read_yaml(path.parent / inc, seen + (path.resolve(),)))
+    return _deep_merge(merged, data)
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, workdir: str | Path | None = None
 ) -> PipelineConfig:
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (try configs/quickstart.yaml)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+        data = _read_yaml(Path(path))
         source = str(path)
     data = apply_overrides(data, list(overrides or []))
     if workdir is not None:

@@ -70,7 +70,7 @@ def make_demo_dataset(out_dir: Path, num_videos: int = 16, num_images: int = 4, 
         write_mp4(out_dir / name, frames, fps)
         rows.append({"file": name, "captions": f"a {colour} {shape} moving {motion} on a {background} background"})
     for i in range(num_images):
-        shape, colour = SHAPES[(i + 1) % len(SHAPES)], list(COLOURS)[(i * 2) % len(COLOURS)]
+        shape, colour = SHAPES[(i + 1) % len(SHAPES)], list(COLOURS)[i % len(COLOURS)]
         background = list(BACKGROUNDS)[i % len(BACKGROUNDS)]
         img = Image.new("RGB", (96, 80), BACKGROUNDS[background])
         _draw(ImageDraw.Draw(img), shape, 48, 40, 14, COLOURS[colour])

@@ -1,0 +1,82 @@
+"""The eval stage: validation loss, generated videos and CLIP score for a trained checkpoint.
+
+Outputs under `cfg.eval_dir`: videos/sample_XX.mp4, metrics.json, config.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from configs import ComponentConfig, PipelineConfig, save_config
+from datasets_prep.io import atomic_write_text
+from datasets_prep.mp4 import write_mp4
+from datasets_prep.prep import load_samples
+from engines.device import resolve_device
+from engines.models import get_family
+from engines.torch_engine.data import CachedLatents, collate, split_records
+from evaluation.clip_score import clip_score
+
+
+@dataclass
+class EvalResult:
+    eval_dir: str
+    metrics: dict[str, float]
+    videos: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _trained_transformer(cfg: PipelineConfig, final_dir: Path) -> torch.nn.Module:
+    family = get_family(cfg.model.family)
+    model_cfg = cfg.model.model_copy(
+        update={"transformer": ComponentConfig(preset=None, pretrained=str(final_dir), subfolder="transformer")}
+    )
+    return family.load_transformer(model_cfg, 0, 0)
+
+
+@torch.no_grad()
+def validation_loss(cfg: PipelineConfig, final_dir: Path, device: torch.device) -> tuple[float, int]:
+    """Mean training loss over the held-out set with fixed noise and timesteps: deterministic."""
+    family = get_family(cfg.model.family)
+    _, val = split_records(load_samples(cfg.prep_dir), cfg.train.val_fraction)
+    if not val:
+        return float("nan"), 0
+    model = _trained_transformer(cfg, final_dir).to(device).eval()
+    scheduler = family.load_scheduler(cfg.model)
+    data = CachedLatents(cfg.prep_dir / "cache", val)
+    bs = cfg.train.batch_size
+    losses = []
+    for rep in range(cfg.eval.val_batches):
+        for start in range(0, len(data), bs):
+            batch = {k: v.to(device) for k, v in collate([data[i] for i in range(start, min(start + bs, len(data)))]).items()}
+            gen = torch.Generator().manual_seed(cfg.eval.seed * 1000 + rep * 100 + start)
+            losses.append(family.training_loss(model, scheduler, batch, gen).item())
+    return float(sum(losses) / len(losses)), len(val)
+
+
+def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
+    t0 = time.perf_counter()
+    final_dir = Path(final_dir or cfg.train_dir / "final")
+    if not (final_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"no exported model at {final_dir}: run `flowspeed train` first")
+    out = cfg.eval_dir
+    save_config(cfg, out)
+    device = resolve_device(cfg.train.device)
+    family = get_family(cfg.model.family)
+    val_loss, n_val = validation_loss(cfg, final_dir, device)
+    e, d = cfg.eval, cfg.data
+    videos = family.generate(final_dir, e.prompts, num_frames=d.num_frames, height=d.height, width=d.width,
+                             steps=e.num_inference_steps, guidance_scale=e.guidance_scale, seed=e.seed, device=device)
+    paths = [str(write_mp4(out / "videos" / f"sample_{i:02d}.mp4", v, e.fps)) for i, v in enumerate(videos)]
+    metrics = {"eval/val_loss": val_loss, "eval/val_samples": float(n_val)}
+    metrics.update({f"eval/{k}": v for k, v in clip_score(videos, e.prompts, e.clip, device).items()})
+    metrics["eval/seconds"] = time.perf_counter() - t0
+    result = EvalResult(str(out), metrics, paths)
+    atomic_write_text(out / "metrics.json", json.dumps(result.as_dict(), indent=2))
+    return result

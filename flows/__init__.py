@@ -1,0 +1,1 @@
+"""Prefect flows (prep, train, evaluate, pipeline) and the `flowspeed` CLI that runs them."""

@@ -1,0 +1,201 @@
+"""`flowspeed`: the command line.
+
+    flowspeed demo-data runs/demo                   # a small dataset, no downloads
+    flowspeed run configs/quickstart.yaml           # prep -> train -> eval, tracked
+    flowspeed train configs/quickstart.yaml --set train.max_steps=50
+
+Prefect and MLflow default to embedded stores under the workdir (Prefect's ephemeral API with its
+database in <workdir>/prefect, MLflow in <workdir>/mlflow.db); PREFECT_API_URL and
+MLFLOW_TRACKING_URI point them at servers instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Raw videos to a trained, evaluated model.")
+console = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="pipeline YAML, e.g. configs/quickstart.yaml")]
+WorkdirOpt = Annotated[Path | None, typer.Option("--workdir", help="where everything this run writes goes")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. --set train.max_steps=20")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="print the full traceback on failure")]
+
+
+class RichReporter:
+    """Rich progress bars for the libraries' decode/encode/train loops."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+
+    def start(self, name: str, total: int) -> None:
+        self.tasks[name] = self.progress.add_task(name, total=total)
+
+    def advance(self, name: str, n: int = 1) -> None:
+        if name in self.tasks:
+            self.progress.advance(self.tasks[name], n)
+
+    def finish(self, name: str) -> None:
+        if name in self.tasks:
+            self.progress.update(self.tasks[name], completed=self.progress.tasks[self.tasks[name]].total)
+
+
+def prepare_environment(workdir: Path) -> None:
+    """Settings that must exist before Prefect, MLflow or HF libraries are imported."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if "PREFECT_API_URL" not in os.environ:
+        os.environ.setdefault("PREFECT_HOME", str((workdir / "prefect").resolve()))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Model hubs are often unreachable on clusters: fail in seconds on a missing local file.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def _fail(command: str, exc: BaseException, debug: bool) -> None:
+    if debug:
+        console.print("".join(traceback.format_exception(exc)))
+    msg = str(exc).strip() or repr(exc)
+    console.print(Panel(f"[bold]{type(exc).__name__}[/]: {msg}", title=f"flowspeed {command} failed",
+                        border_style="red", expand=False))
+    if not debug:
+        console.print("Run again with --debug for the full traceback.")
+    raise typer.Exit(1)
+
+
+def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list[str] | None, debug: bool) -> None:
+    from configs import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, overrides or [], workdir)
+    except (ConfigError, FileNotFoundError) as exc:
+        _fail(command, exc, debug)
+    prepare_environment(cfg.workdir)
+    from datasets_prep.progress import use_reporter
+
+    columns = (TextColumn("[bold]{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=False) as progress, use_reporter(RichReporter(progress)):
+            if command == "run":
+                from flows.pipeline import pipeline
+
+                out = pipeline(cfg)
+            else:
+                from flows import stages
+
+                flow = {"prep": stages.prep, "train": stages.train, "eval": stages.evaluate}[command]
+                out = {command: flow(cfg)}
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: finished shards and checkpoints are kept; run again to resume[/]")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # one readable paragraph, not a bare traceback
+        _fail(command, exc, debug)
+    _summary(cfg, out)
+
+
+def _summary(cfg: Any, out: dict[str, Any]) -> None:
+    from engines.tracking import tracking_uri
+
+    table = Table(title="flowspeed run", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    if "mlflow_run_id" in out:
+        table.add_row("MLflow run", out["mlflow_run_id"])
+    for stage in ("prep", "train", "eval"):
+        if stage in out:
+            table.add_row(f"{stage} run", out[stage].get("mlflow_run_id", ""))
+    if "prep" in out:
+        p = out["prep"]
+        table.add_row("samples", f"{p['num_samples']} ({p['num_encoded']} encoded, {p['num_cached']} cached, "
+                                 f"{p['num_rejected']} rejected -> {p['rejects']})")
+    if "train" in out:
+        t = out["train"]
+        table.add_row("checkpoint", t["checkpoint"])
+        table.add_row("export", t["final_dir"])
+        if t.get("losses"):
+            table.add_row("loss", f"{t['losses'][0]:.4f} -> {t['losses'][-1]:.4f} over {len(t['losses'])} steps")
+            table.add_row("throughput", f"{t['samples_per_s']:.1f} samples/s")
+    if "eval" in out:
+        for k, v in out["eval"]["metrics"].items():
+            table.add_row(k, f"{v:.4f}")
+        table.add_row("videos", ", ".join(out["eval"]["videos"]))
+    Console().print(table)
+    uri = tracking_uri(cfg)
+    prefect_home = os.environ.get("PREFECT_HOME")
+    console.print("\n[bold]See this run:[/]")
+    if uri.startswith("sqlite"):
+        console.print(f"  mlflow ui --backend-store-uri {uri}", soft_wrap=True)
+    else:
+        console.print(f"  open {uri}")
+    if "PREFECT_API_URL" in os.environ:
+        console.print(f"  open {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+    elif prefect_home:
+        console.print(f"  PREFECT_HOME={prefect_home} prefect server start   # then open http://127.0.0.1:4200",
+                      soft_wrap=True)
+
+
+@app.command("demo-data")
+def demo_data(
+    out_dir: Annotated[Path, typer.Argument(help="folder to write clips, stills and data.jsonl into")],
+    num_videos: int = 16, num_images: int = 4, seed: int = 0,
+) -> None:
+    """Write a small dataset of moving coloured shapes with true captions (no downloads)."""
+    from datasets_prep.demo import make_demo_dataset
+
+    manifest = make_demo_dataset(out_dir, num_videos, num_images, seed)
+    console.print(f"wrote {num_videos} clips and {num_images} stills; manifest: [bold]{manifest}[/]")
+
+
+@app.command()
+def run(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Run the whole pipeline: prep -> train -> eval."""
+    _run_stage("run", config, workdir, set_, debug)
+
+
+@app.command()
+def prep(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Probe, decode and encode the manifest into the latent cache."""
+    _run_stage("prep", config, workdir, set_, debug)
+
+
+@app.command()
+def train(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Train on the cached latents (resumes from the latest checkpoint)."""
+    _run_stage("train", config, workdir, set_, debug)
+
+
+@app.command("eval")
+def eval_(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Evaluate the exported model: validation loss, sample videos, CLIP score."""
+    _run_stage("eval", config, workdir, set_, debug)
+
+
+def main() -> None:
+    app(prog_name="flowspeed")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

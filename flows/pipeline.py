@@ -1,0 +1,36 @@
+"""The whole chain as one flow: prep -> train -> evaluate, each a subflow with a nested MLflow run.
+
+    flowspeed run configs/quickstart.yaml
+    # or, deployed: prefect deploy --all (see prefect.yaml), then run `pipeline/flowspeed-pipeline`
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from configs import PipelineConfig
+from engines.tracking import tracking_uri
+from flows.stages import in_stage_run, evaluate, prep, train
+from tasks import tracking as tr
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    def body(run_id: str) -> dict[str, Any]:
+        out = {"prep": prep(cfg, run_id), "train": train(cfg, run_id), "eval": evaluate(cfg, run_id)}
+        metrics = dict(out["eval"]["metrics"])
+        losses = out["train"].get("losses") or []
+        if losses:
+            metrics["train/final_loss"] = losses[-1]
+        tr.log_metrics(cfg, run_id, metrics)
+        tr.set_tags(cfg, run_id, {"checkpoint_path": out["train"]["checkpoint"],
+                                  "export_path": out["train"]["final_dir"]})
+        return out
+
+    out = in_stage_run(cfg, "pipeline", None, body)
+    out["prefect_flow_run_id"] = str(flow_run.id)
+    out["tracking_uri"] = tracking_uri(cfg)
+    return out

@@ -1,0 +1,78 @@
+"""The stage flows. Each opens its MLflow run (nested under `parent_run_id` inside a pipeline),
+calls its task, logs what the stage produced, and closes the run as FINISHED or FAILED.
+
+    flowspeed prep configs/quickstart.yaml      # or train / eval / run
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from configs import PipelineConfig
+from engines.tracking import tracking_uri
+from tasks import tracking as tr
+from tasks.stages import evaluate_model, prep_latents, train_model
+
+
+def in_stage_run(cfg: PipelineConfig, stage: str, parent: str | None, body: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    run_id = tr.start_run(cfg, stage, parent)
+    try:
+        out = body(run_id)
+    except BaseException:
+        tr.end_run(cfg, run_id, "FAILED")
+        raise
+    tr.end_run(cfg, run_id, "FINISHED")
+    return {**out, "mlflow_run_id": run_id}
+
+
+@flow(name="prep", log_prints=True)
+def prep(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Manifest -> latent cache, with rejects recorded and finished work skipped."""
+
+    def body(run_id: str) -> dict[str, Any]:
+        res = prep_latents(cfg)
+        tr.log_metrics(cfg, run_id, {f"prep/{k}": res[k] for k in
+                                     ("num_samples", "num_rejected", "num_cached", "num_encoded", "encoder_calls", "seconds")})
+        tr.log_dataset(cfg, run_id, Path(res["samples"]), context="prep")
+        for name in ("rejects", "samples"):
+            tr.log_artifacts(cfg, run_id, Path(res[name]), "prep")
+        tr.set_tags(cfg, run_id, {"prep_dir": Path(res["prep_dir"]).resolve(), "prep_hash": cfg.prep_hash()})
+        return res
+
+    return in_stage_run(cfg, "prep", parent_run_id, body)
+
+
+@flow(name="train", log_prints=True)
+def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Cached latents -> checkpoints and a diffusers export; per-step metrics go to this MLflow run."""
+
+    def body(run_id: str) -> dict[str, Any]:
+        res = train_model(cfg, run_id, tracking_uri(cfg))
+        if res.get("run_id") != run_id:  # a Prefect cache hit: the metrics live in the producing run
+            tr.set_tags(cfg, run_id, {"reused_from_run": res.get("run_id")})
+        tr.log_dataset(cfg, run_id, cfg.prep_dir / "samples.jsonl", context="training")
+        final = Path(res["final_dir"]).resolve()
+        tr.set_tags(cfg, run_id, {"checkpoint_path": Path(res["checkpoint"]).resolve() if res["checkpoint"] else "",
+                                  "export_path": final})
+        tr.log_artifacts(cfg, run_id, final, "model")
+        return res
+
+    return in_stage_run(cfg, "train", parent_run_id, body)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Validation loss, sample videos and CLIP score for the exported model."""
+
+    def body(run_id: str) -> dict[str, Any]:
+        res = evaluate_model(cfg)
+        tr.log_metrics(cfg, run_id, res["metrics"])
+        tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / "videos", "videos")
+        tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / "metrics.json")
+        return res
+
+    return in_stage_run(cfg, "eval", parent_run_id, body)

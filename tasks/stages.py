@@ -1,0 +1,69 @@
+"""The three stage tasks. Each returns a small dict of paths and counts, never tensors.
+
+Retries cover transient failures (a busy filesystem, a rank lost to a flaky interconnect); they are
+safe because every stage resumes: prep skips cached samples, training resumes from its latest
+checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from configs import PipelineConfig
+from datasets_prep.manifest import Entry, read_manifest
+from datasets_prep.prep import run_prep
+from engines.torch_engine.launch import launch
+from evaluation.run import run_eval
+from tasks.caching import files_policy
+
+
+def _cfg(inputs: dict[str, Any]) -> PipelineConfig:
+    return inputs["cfg"]
+
+
+def _prep_sources(inputs: dict[str, Any]) -> list[Path]:
+    manifest = Path(_cfg(inputs).data.manifest)
+    if not manifest.is_file():
+        return [manifest]
+    return [manifest] + [e.path for e in read_manifest(manifest) if isinstance(e, Entry)]
+
+
+def _prep_outputs(inputs: dict[str, Any]) -> list[Path]:
+    d = _cfg(inputs).prep_dir
+    return [d / "samples.jsonl", d / "cache" / "index.jsonl", d / "summary.json"]
+
+
+def _train_outputs(inputs: dict[str, Any]) -> list[Path]:
+    final = _cfg(inputs).train_dir / "final"
+    return [final / "model_index.json", final / "transformer" / "config.json", _cfg(inputs).train_dir / "losses.json"]
+
+
+def _eval_outputs(inputs: dict[str, Any]) -> list[Path]:
+    return [_cfg(inputs).eval_dir / "metrics.json"]
+
+
+@task(name="prep-latents", retries=1, retry_delay_seconds=5, persist_result=True,
+      cache_policy=files_policy(sources=_prep_sources, outputs=_prep_outputs))
+def prep_latents(cfg: PipelineConfig) -> dict[str, Any]:
+    """Probe, decode and encode the manifest into the latent cache (skips what is cached)."""
+    return run_prep(cfg).as_dict()
+
+
+@task(name="train-model", retries=1, retry_delay_seconds=5, persist_result=True,
+      cache_policy=files_policy(sources=lambda i: [_cfg(i).prep_dir / "samples.jsonl"], outputs=_train_outputs,
+                                exclude=("run_id", "tracking_uri")))
+def train_model(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) -> dict[str, Any]:
+    """Train (in process, or torchrun for nproc_per_node > 1); a retry resumes from the last checkpoint."""
+    out = launch(cfg, run_id, tracking_uri).as_dict()
+    out["run_id"] = run_id
+    return out
+
+
+@task(name="evaluate-model", retries=1, retry_delay_seconds=5, persist_result=True,
+      cache_policy=files_policy(sources=lambda i: [_cfg(i).train_dir / "final" / "model_index.json"],
+                                outputs=_eval_outputs))
+def evaluate_model(cfg: PipelineConfig) -> dict[str, Any]:
+    return run_eval(cfg).as_dict()

@@ -1,0 +1,92 @@
+"""MLflow runs per stage: a parent run per pipeline and a nested run per stage, linked to Prefect.
+
+Uses `MlflowClient` with explicit run ids rather than the fluent API's thread-local active run,
+because Prefect may run tasks on other threads than the flow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Param
+from prefect import task
+from prefect.artifacts import create_link_artifact
+from prefect.runtime import flow_run
+
+from configs import PipelineConfig, flatten, save_config
+from engines.tracking import ensure_experiment, tracking_uri
+
+
+def ui_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where `mlflow ui` (default 127.0.0.1:5000) shows this run; a remote server shows it at its own URL."""
+    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+@task(name="start-mlflow-run", retries=2, retry_delay_seconds=2)
+def start_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None) -> str:
+    """Open the run, log the resolved config (params + artifact), tag the Prefect flow run."""
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    exp = ensure_experiment(client, cfg)
+    tags = {"flowspeed.stage": stage, "prefect.flow_run_id": str(flow_run.id or ""),
+            "prefect.flow_run_name": str(flow_run.name or "")}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    name = f"{cfg.tracking.run_name or cfg.workdir.name}-{stage}"
+    run = client.create_run(exp, run_name=name, tags=tags)
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in flatten(cfg).items()]
+    for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run_id, params=params[i : i + 100])
+    cfg_dir = cfg.workdir / ".mlflow-config" / run_id
+    client.log_artifact(run_id, str(save_config(cfg, cfg_dir)))
+    if flow_run.id:
+        create_link_artifact(ui_link(uri, exp, run_id), link_text=f"MLflow run {run_id[:8]} ({stage})",
+                             key=f"mlflow-{stage}", description=f"MLflow run of the {stage} stage")
+    return run_id
+
+
+@task(name="end-mlflow-run", retries=2, retry_delay_seconds=2)
+def end_run(cfg: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(tracking_uri(cfg)).set_terminated(run_id, status=status)
+
+
+def log_metrics(cfg: PipelineConfig, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+    import time
+
+    ts = int(time.time() * 1000)
+    MlflowClient(tracking_uri(cfg)).log_batch(
+        run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
+    )
+
+
+def log_dataset(cfg: PipelineConfig, run_id: str, samples_path: Path, context: str) -> None:
+    """The prep output as an MLflow dataset input: lineage from manifest to cache to model."""
+    import pandas as pd
+
+    rows = pd.read_json(samples_path, lines=True) if samples_path.stat().st_size else pd.DataFrame()
+    cols = [c for c in ("key", "source", "content_hash", "caption", "prep_hash", "encoder", "shard") if c in rows]
+    ds = mlflow.data.from_pandas(rows[cols], source=str(Path(cfg.data.manifest).resolve()),
+                                 name=f"{Path(cfg.data.manifest).parent.name}-{cfg.prep_hash()}")
+    MlflowClient(tracking_uri(cfg)).log_inputs(
+        run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+    )
+
+
+def set_tags(cfg: PipelineConfig, run_id: str, tags: dict[str, Any]) -> None:
+    client = MlflowClient(tracking_uri(cfg))
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+
+
+def log_artifacts(cfg: PipelineConfig, run_id: str, local: Path, artifact_path: str | None = None) -> None:
+    client = MlflowClient(tracking_uri(cfg))
+    if local.is_dir():
+        client.log_artifacts(run_id, str(local), artifact_path)
+    else:
+        client.log_artifact(run_id, str(local), artifact_path)
