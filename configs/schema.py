@@ -81,6 +81,9 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     resume: str = Field("auto", description="auto | never | path to a checkpoint directory")
+    stop_after_steps: int | None = Field(
+        None, ge=1, description="checkpoint and stop after this many steps of this invocation (time-sliced jobs)"
+    )
     nproc_per_node: int = Field(1, ge=1)
     device: str = "auto"
     log_every: int = Field(1, ge=1)

@@ -114,14 +114,16 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
                     else nullcontext())
         micro_bs, accum = t_cfg.batch_size, t_cfg.grad_accum
         global_bs = micro_bs * world * accum
+        end_step = t_cfg.max_steps
+        if t_cfg.stop_after_steps is not None:
+            end_step = min(end_step, start_step + t_cfg.stop_after_steps)
         losses: list[float] = []
         busy = 0.0
         rep = reporter()
         if rank == 0:
-            rep.start("train", t_cfg.max_steps - start_step)
+            rep.start("train", max(end_step - start_step, 0))
         last_ckpt = resume_from
-        step = start_step
-        for step in range(start_step, t_cfg.max_steps):
+        for step in range(start_step, end_step):
             t0 = time.perf_counter()
             data_wait = 0.0
             loss_sum = torch.zeros((), device=device)
@@ -163,7 +165,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
                         "perf/peak_memory_gb": peak_memory_bytes(device) / 2**30,
                     }, step=step + 1)
             done = step + 1
-            if done % t_cfg.checkpoint_every == 0 or done == t_cfg.max_steps:
+            if done % t_cfg.checkpoint_every == 0 or done == end_step:
                 if rank == 0:
                     last_ckpt = ckpt.save(train_dir, done, model, optimizer, lr_sched, position, cfg,
                                           t_cfg.keep_checkpoints)
@@ -172,14 +174,15 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
                     dist.barrier()
         if rank == 0:
             rep.finish("train")
+        # A time-sliced invocation that stops early leaves checkpoints only: `final/` means finished.
         final_dir = train_dir / "final"
-        if rank == 0:
+        if rank == 0 and end_step == t_cfg.max_steps:
             _export(family, cfg, model, final_dir)
         if world > 1:
             dist.barrier()
         last_ckpt = ckpt.latest(train_dir) or last_ckpt
         sps = global_bs * len(losses) / busy if busy else 0.0
-        result = TrainResult(str(final_dir), str(last_ckpt or ""), t_cfg.max_steps, start_step, losses, sps)
+        result = TrainResult(str(final_dir), str(last_ckpt or ""), end_step, start_step, losses, sps)
         if rank == 0:
             atomic_write_text(train_dir / "losses.json", json.dumps(result.as_dict(), indent=2))
         return result

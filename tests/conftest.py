@@ -1,0 +1,48 @@
+"""Shared fixtures: a small demo dataset and a prepped cache, made once per session.
+
+Environment first: these must be set before Prefect, MLflow or HF libraries are imported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="flowspeed-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+import pytest  # noqa: E402
+
+from configs import PipelineConfig, load_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from datasets_prep.demo import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), num_videos=6, num_images=2)
+
+
+def make_config(workdir: Path, manifest: Path, *overrides: str) -> PipelineConfig:
+    return load_config(QUICKSTART, [f"data.manifest={manifest}", *overrides], workdir=workdir)
+
+
+@pytest.fixture(scope="session")
+def prepped(tmp_path_factory: pytest.TempPathFactory, demo_manifest: Path) -> PipelineConfig:
+    """A workdir whose prep stage has run on the demo data (read-only for the tests that use it)."""
+    from datasets_prep.prep import run_prep
+
+    cfg = make_config(tmp_path_factory.mktemp("prepped"), demo_manifest, "train.max_steps=6",
+                      "train.checkpoint_every=3")
+    run_prep(cfg)
+    return cfg

@@ -1,0 +1,142 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasets_prep.cache import LatentCache
+from datasets_prep.io import read_jsonl
+from datasets_prep.mp4 import write_mp4
+from datasets_prep.prep import run_prep
+from engines.models import get_family
+from tests.conftest import REPO, make_config
+
+
+def _copy_dataset(src_manifest: Path, dst: Path) -> Path:
+    shutil.copytree(src_manifest.parent, dst)
+    return dst / "data.jsonl"
+
+
+def test_bad_inputs_are_recorded_and_the_rest_is_cached(tmp_path: Path, demo_manifest: Path) -> None:
+    manifest = _copy_dataset(demo_manifest, tmp_path / "data")
+    root = manifest.parent
+    good = read_jsonl(manifest)
+    (root / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(20_000))
+    full = (root / good[0]["file"]).read_bytes()
+    (root / "truncated.mp4").write_bytes(full[: len(full) // 3])
+    (root / "empty.mp4").write_bytes(b"")
+    write_mp4(root / "short.mp4", np.zeros((4, 64, 64, 3), np.uint8), 8)
+    write_mp4(root / "tiny.mp4", np.zeros((12, 16, 16, 3), np.uint8), 8)
+    (tmp_path / "outside.mp4").write_bytes(full)
+    lines = [json.dumps(r) for r in good]
+    lines += [json.dumps({"file": f, "captions": f"bad {f}"}) for f in
+              ("corrupt.mp4", "truncated.mp4", "empty.mp4", "missing.mp4", "short.mp4", "tiny.mp4", "../outside.mp4")]
+    lines += ["{not json", json.dumps({"captions": "no file"})]
+    manifest.write_text("\n".join(lines) + "\n")
+
+    res = run_prep(make_config(tmp_path / "w", manifest))
+
+    rejects = {Path(r["path"]).name: r for r in read_jsonl(Path(res.rejects))}
+    assert all(set(r) == {"path", "stage", "reason"} for r in rejects.values())
+    assert "unreadable" in rejects["corrupt.mp4"]["reason"]
+    assert "unreadable" in rejects["truncated.mp4"]["reason"] or "frames" in rejects["truncated.mp4"]["reason"]
+    assert rejects["empty.mp4"]["reason"] == "zero-length file"
+    assert rejects["missing.mp4"]["reason"] == "file not found"
+    assert "too short" in rejects["short.mp4"]["reason"]
+    assert "too small" in rejects["tiny.mp4"]["reason"]
+    assert "escapes" in rejects["outside.mp4"]["reason"]
+    manifest_rejects = [r for r in rejects.values() if r["stage"] == "manifest" and "line" in r["reason"]]
+    bad_json_line = len(good) + 8
+    assert any("not valid JSON" in r["reason"] and f"line {bad_json_line}" in r["reason"] for r in manifest_rejects)
+    assert any('no "file"' in r["reason"] for r in manifest_rejects)
+    assert res.num_rejected == 9
+    assert res.num_samples == res.num_encoded == len(good)
+    samples = read_jsonl(Path(res.samples))
+    cache = LatentCache(Path(res.prep_dir) / "cache")
+    t = cache.load(samples[0])
+    assert t["latent_params"].shape == (8, 3, 8, 8) and t["text_embeds"].shape == (128, 32)
+    assert {"source", "content_hash", "encoder", "prep_hash"} <= samples[0].keys()
+
+
+def test_second_run_encodes_nothing_and_changes_add_entries(
+    tmp_path: Path, demo_manifest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = _copy_dataset(demo_manifest, tmp_path / "data")
+    cfg = make_config(tmp_path / "w", manifest)
+    first = run_prep(cfg)
+    assert first.num_encoded == first.num_samples == 8 and first.encoder_calls > 0
+
+    family = get_family("cogvideox")
+    calls = {"n": 0}
+    real = type(family).encode_video
+
+    def counting(self, vae, frames):
+        calls["n"] += 1
+        return real(self, vae, frames)
+
+    monkeypatch.setattr(type(family), "encode_video", counting)
+    second = run_prep(cfg)
+    assert second.encoder_calls == 0 and calls["n"] == 0
+    assert second.num_cached == 8 and second.num_encoded == 0
+
+    # One changed file: one new entry; the old entry stays in the cache index.
+    clip = manifest.parent / read_jsonl(manifest)[0]["file"]
+    write_mp4(clip, np.full((48, 64, 96, 3), 200, np.uint8), 24)
+    third = run_prep(cfg)
+    assert third.num_encoded == 1 and third.num_cached == 7 and calls["n"] == 1
+    assert len(read_jsonl(Path(third.index))) == 9
+
+    # A changed prep config: every sample is new, and the earlier ones are still reusable.
+    fourth = run_prep(make_config(tmp_path / "w", manifest, "data.num_frames=5"))
+    assert fourth.num_encoded == 8 and len(read_jsonl(Path(fourth.index))) == 17
+
+
+def test_num_frames_the_vae_cannot_take_is_refused(tmp_path: Path, demo_manifest: Path) -> None:
+    with pytest.raises(ValueError, match="4k\\+1"):
+        run_prep(make_config(tmp_path, demo_manifest, "data.num_frames=8"))
+
+
+KILL_SCRIPT = """
+import sys
+from configs import load_config
+from datasets_prep.prep import run_prep
+run_prep(load_config(sys.argv[1], sys.argv[2:]))
+"""
+
+
+def test_sigkill_mid_prep_resumes_to_a_complete_duplicate_free_index(tmp_path: Path) -> None:
+    from datasets_prep.demo import make_demo_dataset
+
+    manifest = make_demo_dataset(tmp_path / "data", num_videos=16, num_images=4)
+    args = [str(REPO / "configs" / "quickstart.yaml"), f"data.manifest={manifest}", f"workdir={tmp_path / 'w'}",
+            "data.shard_size=1", "data.batch_size=1", "data.height=128", "data.width=128"]
+    shards = tmp_path / "w" / "prep" / "cache" / "shards"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if shards.is_dir() and len(list(shards.glob("*.safetensors"))) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    assert proc.wait() == -signal.SIGKILL, "prep finished before it could be killed"
+    written = len(list(shards.glob("*.safetensors")))
+    assert 2 <= written < 20
+
+    from configs import load_config
+
+    res = run_prep(load_config(args[0], args[1:]))
+    assert res.num_cached >= written - 1 and res.num_encoded == 20 - res.num_cached
+    index = read_jsonl(Path(res.index))
+    keys = [r["key"] for r in index]
+    assert len(keys) == len(set(keys)) == res.num_samples == 20
+    assert not list(shards.glob(".*.tmp"))
+    cache = LatentCache(tmp_path / "w" / "prep" / "cache")
+    for rec in index:  # every indexed sample is readable: no half-written shard is visible
+        assert cache.load(rec)["latent_params"].shape[0] == 8
