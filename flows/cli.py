@@ -120,8 +120,8 @@ def _summary(cfg: Any, out: dict[str, Any]) -> None:
     from engines.tracking import tracking_uri
 
     table = Table(title="flowspeed run", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")  # paths are for copying: fold, never truncate with an ellipsis
     if "mlflow_run_id" in out:
         table.add_row("MLflow run", out["mlflow_run_id"])
     for stage in ("prep", "train", "eval"):
@@ -129,8 +129,9 @@ def _summary(cfg: Any, out: dict[str, Any]) -> None:
             table.add_row(f"{stage} run", out[stage].get("mlflow_run_id", ""))
     if "prep" in out:
         p = out["prep"]
-        table.add_row("samples", f"{p['num_samples']} ({p['num_encoded']} encoded, {p['num_cached']} cached, "
-                                 f"{p['num_rejected']} rejected -> {p['rejects']})")
+        counts = (f"{p['num_samples']} ({p['num_encoded']} encoded, {p['num_cached']} cached, "
+                  f"{p['num_rejected']} rejected -> {p['rejects']})")
+        table.add_row("samples", counts)
     if "train" in out:
         t = out["train"]
         table.add_row("checkpoint", t["checkpoint"])
@@ -138,6 +139,9 @@ def _summary(cfg: Any, out: dict[str, Any]) -> None:
         if t.get("losses"):
             table.add_row("loss", f"{t['losses'][0]:.4f} -> {t['losses'][-1]:.4f} over {len(t['losses'])} steps")
             table.add_row("throughput", f"{t['samples_per_s']:.1f} samples/s")
+    reused = [s for s in ("prep", "train", "eval") if out.get(s, {}).get("cache_hit")]
+    if reused:
+        table.add_row("reused", f"{', '.join(reused)}: inputs unchanged and outputs present (Prefect cache)")
     if "eval" in out:
         for k, v in out["eval"]["metrics"].items():
             table.add_row(k, f"{v:.4f}")

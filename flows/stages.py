@@ -15,6 +15,7 @@ from prefect import flow
 from configs import PipelineConfig
 from engines.tracking import tracking_uri
 from tasks import tracking as tr
+from tasks.caching import run_cached
 from tasks.stages import evaluate_model, prep_latents, train_model
 
 
@@ -34,13 +35,14 @@ def prep(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any
     """Manifest -> latent cache, with rejects recorded and finished work skipped."""
 
     def body(run_id: str) -> dict[str, Any]:
-        res = prep_latents(cfg)
+        res = run_cached(prep_latents, cfg=cfg)
         tr.log_metrics(cfg, run_id, {f"prep/{k}": res[k] for k in
                                      ("num_samples", "num_rejected", "num_cached", "num_encoded", "encoder_calls", "seconds")})
         tr.log_dataset(cfg, run_id, Path(res["samples"]), context="prep")
         for name in ("rejects", "samples"):
             tr.log_artifacts(cfg, run_id, Path(res[name]), "prep")
-        tr.set_tags(cfg, run_id, {"prep_dir": Path(res["prep_dir"]).resolve(), "prep_hash": cfg.prep_hash()})
+        tr.set_tags(cfg, run_id, {"prep_dir": Path(res["prep_dir"]).resolve(), "prep_hash": cfg.prep_hash(),
+                                  "prefect_cache_hit": res["cache_hit"]})
         return res
 
     return in_stage_run(cfg, "prep", parent_run_id, body)
@@ -51,8 +53,8 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
     """Cached latents -> checkpoints and a diffusers export; per-step metrics go to this MLflow run."""
 
     def body(run_id: str) -> dict[str, Any]:
-        res = train_model(cfg, run_id, tracking_uri(cfg))
-        if res.get("run_id") != run_id:  # a Prefect cache hit: the metrics live in the producing run
+        res = run_cached(train_model, cfg=cfg, run_id=run_id, tracking_uri=tracking_uri(cfg))
+        if res["cache_hit"]:  # the per-step metrics live in the run that produced the model
             tr.set_tags(cfg, run_id, {"reused_from_run": res.get("run_id")})
         tr.log_dataset(cfg, run_id, cfg.prep_dir / "samples.jsonl", context="training")
         final = Path(res["final_dir"]).resolve()
@@ -69,7 +71,7 @@ def evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str,
     """Validation loss, sample videos and CLIP score for the exported model."""
 
     def body(run_id: str) -> dict[str, Any]:
-        res = evaluate_model(cfg)
+        res = run_cached(evaluate_model, cfg=cfg)
         tr.log_metrics(cfg, run_id, res["metrics"])
         tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / "videos", "videos")
         tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / "metrics.json")

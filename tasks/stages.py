@@ -20,6 +20,9 @@ from evaluation.run import run_eval
 from tasks.caching import files_policy
 
 
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
 def _cfg(inputs: dict[str, Any]) -> PipelineConfig:
     return inputs["cfg"]
 
@@ -38,11 +41,12 @@ def _prep_outputs(inputs: dict[str, Any]) -> list[Path]:
 
 def _train_outputs(inputs: dict[str, Any]) -> list[Path]:
     final = _cfg(inputs).train_dir / "final"
-    return [final / "model_index.json", final / "transformer" / "config.json", _cfg(inputs).train_dir / "losses.json"]
+    return [final / "model_index.json", final / "transformer" / WEIGHTS, _cfg(inputs).train_dir / "losses.json"]
 
 
 def _eval_outputs(inputs: dict[str, Any]) -> list[Path]:
-    return [_cfg(inputs).eval_dir / "metrics.json"]
+    d = _cfg(inputs).eval_dir
+    return [d / "metrics.json"] + [d / "videos" / f"sample_{i:02d}.mp4" for i in range(len(_cfg(inputs).eval.prompts))]
 
 
 @task(name="prep-latents", retries=1, retry_delay_seconds=5, persist_result=True,
@@ -63,7 +67,7 @@ def train_model(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | Non
 
 
 @task(name="evaluate-model", retries=1, retry_delay_seconds=5, persist_result=True,
-      cache_policy=files_policy(sources=lambda i: [_cfg(i).train_dir / "final" / "model_index.json"],
+      cache_policy=files_policy(sources=lambda i: [_cfg(i).train_dir / "final" / "transformer" / WEIGHTS],
                                 outputs=_eval_outputs))
 def evaluate_model(cfg: PipelineConfig) -> dict[str, Any]:
     return run_eval(cfg).as_dict()

@@ -1,0 +1,49 @@
+from pathlib import Path
+
+from prefect import task
+from prefect.testing.utilities import prefect_test_harness
+
+from configs import PipelineConfig
+from tasks.caching import files_policy, run_cached
+from tasks.stages import prep_latents
+
+
+def test_cache_key_follows_inputs_and_sources_not_run_ids(tmp_path: Path) -> None:
+    src = tmp_path / "src.txt"
+    src.write_text("a")
+    policy = files_policy(sources=lambda i: [src], exclude=("run_id",))
+    cfg = PipelineConfig(workdir=tmp_path)
+    key = policy.compute_key(None, {"cfg": cfg, "run_id": "r1"}, {})
+    assert policy.compute_key(None, {"cfg": cfg, "run_id": "r2"}, {}) == key  # run id does not matter
+    other = PipelineConfig(workdir=tmp_path, train={"max_steps": 99})
+    assert policy.compute_key(None, {"cfg": other, "run_id": "r1"}, {}) != key
+    src.write_text("a")  # rewritten with the same bytes: still the same source
+    assert policy.compute_key(None, {"cfg": cfg, "run_id": "r1"}, {}) == key
+    src.write_text("changed source")
+    assert policy.compute_key(None, {"cfg": cfg, "run_id": "r1"}, {}) != key
+
+
+def test_a_deleted_output_is_recomputed_not_replayed(tmp_path: Path) -> None:
+    out = tmp_path / "out.txt"
+    calls = []
+
+    @task(persist_result=True, cache_policy=files_policy(outputs=lambda i: [out]))
+    def produce(tag: str) -> dict:
+        calls.append(tag)
+        out.write_text(tag)
+        return {"path": str(out)}
+
+    with prefect_test_harness():
+        first = run_cached(produce, tag="x")
+        second = run_cached(produce, tag="x")
+        assert (first["cache_hit"], second["cache_hit"]) == (False, True) and calls == ["x"]
+        out.unlink()
+        third = run_cached(produce, tag="x")
+        assert third["cache_hit"] is False and calls == ["x", "x"] and out.read_text() == "x"
+
+
+def test_prep_task_logic_runs_without_an_orchestrator(tmp_path: Path, demo_manifest: Path) -> None:
+    from tests.conftest import make_config
+
+    res = prep_latents.fn(make_config(tmp_path, demo_manifest))
+    assert res["num_samples"] == 8 and Path(res["samples"]).is_file()

@@ -1,0 +1,101 @@
+"""The product's front door: the `flowspeed` CLI, the pipeline flow, MLflow and Prefect records."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO
+
+
+def _env(workdir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
+def flowspeed(*args: str, workdir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=_env(workdir),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_bad_config_key_fails_with_one_readable_paragraph(tmp_path: Path) -> None:
+    out = flowspeed("run", "configs/quickstart.yaml", "--workdir", str(tmp_path), "--set", "train.max_step=3",
+                    workdir=tmp_path)
+    assert out.returncode == 1
+    assert "unknown key `train.max_step`" in out.stderr and "max_steps" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path: Path) -> None:
+    data, work = tmp_path / "demo", tmp_path / "work"
+    made = flowspeed("demo-data", str(data), workdir=work)
+    assert made.returncode == 0, made.stderr
+    manifest = data / "data.jsonl"
+    assert len(manifest.read_text().splitlines()) == 20
+
+    run = flowspeed("run", "configs/quickstart.yaml", "--workdir", str(work), "--set", f"data.manifest={manifest}",
+                    workdir=work)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "MLflow run" in run.stdout and "mlflow ui --backend-store-uri" in run.stderr
+    assert "prefect server start" in run.stderr
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("flowspeed-quickstart")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("flowspeed.stage") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = {r.data.tags["flowspeed.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"prep", "train", "eval"}
+    assert all(r.info.status == "FINISHED" for r in [parent, *children.values()])
+    assert parent.data.params["train.max_steps"] == "30"
+
+    train_run = children["train"]
+    losses = client.get_metric_history(train_run.info.run_id, "train/loss")
+    assert sorted(m.step for m in losses) == list(range(1, 31))
+    for name in ("perf/samples_per_s", "perf/frames_per_s", "perf/tokens_per_s", "train/lr"):
+        assert len(client.get_metric_history(train_run.info.run_id, name)) == 30
+    ckpt = Path(train_run.data.tags["checkpoint_path"])
+    assert (ckpt / "model.safetensors").is_file() and ckpt.is_relative_to(work)
+    model_files = [f.path for f in client.list_artifacts(train_run.info.run_id, "model")]
+    assert "model/model_index.json" in model_files and "model/transformer" in model_files
+
+    prep_run = client.get_run(children["prep"].info.run_id)
+    assert prep_run.inputs.dataset_inputs, "the prep manifest is logged with log_input"
+    assert prep_run.data.metrics["prep/num_samples"] == 20
+
+    eval_run = children["eval"]
+    videos = [f.path for f in client.list_artifacts(eval_run.info.run_id, "videos")]
+    assert videos == ["videos/sample_00.mp4", "videos/sample_01.mp4"]
+    for key in ("eval/val_loss", "eval/clip_score"):
+        assert key in eval_run.data.metrics and key in parent.data.metrics
+    for path in ("prep/config.yaml", "train/config.yaml", "eval/config.yaml", "train/final/model_index.json"):
+        assert (work / path).is_file(), path
+
+    # The Prefect flow run behind the MLflow run, read back from the workdir's Prefect database.
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    check = (
+        "import sys\n"
+        "from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    fr = c.read_flow_run(sys.argv[1]); print(fr.state.type.value, fr.name)\n"
+    )
+    env = _env(work) | {"PREFECT_HOME": str(work / "prefect")}
+    state = subprocess.run([sys.executable, "-c", check, flow_run_id], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert state.stdout.split()[0] == "COMPLETED", state.stderr[-2000:]
+
+    # Run again: nothing new to encode or train; Prefect's cache (outputs still present) reuses the work.
+    again = flowspeed("run", "configs/quickstart.yaml", "--workdir", str(work), "--set",
+                      f"data.manifest={manifest}", workdir=work)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reused" in again.stdout and "prep, train, eval" in again.stdout
+    summary = json.loads((work / "prep" / "summary.json").read_text())
+    assert summary["num_encoded"] == 20  # untouched: the cached prep task did not run again
