@@ -98,9 +98,7 @@ class ClipConfig(Section):
 
 class EvalConfig(Section):
     output_dir: Path | None = Field(None, description="eval outputs; default <workdir>/eval")
-    prompts: list[str] = Field(
-        default_factory=lambda: ["a red circle moving from left to right on a black background"]
-    )
+    prompts: list[str] = Field(default_factory=lambda: ["a red circle moving from left to right on a black background"])
     num_inference_steps: int = Field(4, ge=1)
     guidance_scale: float = Field(6.0, ge=0)
     fps: int = Field(8, ge=1)

@@ -63,7 +63,9 @@ class LatentCache:
         return list(seen.values())
 
     def _next_shard_path(self) -> Path:
-        nums = [int(m.group(2)) for p in self.shards() if (m := SHARD_RE.match(p.name)) and int(m.group(1)) == self.rank]
+        nums = [
+            int(m.group(2)) for p in self.shards() if (m := SHARD_RE.match(p.name)) and int(m.group(1)) == self.rank
+        ]
         return self.shard_dir / f"r{self.rank:03d}-{(max(nums) + 1 if nums else 0):06d}.safetensors"
 
     def write_shard(self, samples: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]) -> Path:
@@ -82,6 +84,8 @@ class LatentCache:
     def write_index(self) -> Path:
         return write_jsonl(self.root / "index.jsonl", self.records())
 
-    def load(self, record: dict[str, Any], names: tuple[str, ...] = ("latent_params", "text_embeds")) -> dict[str, torch.Tensor]:
+    def load(
+        self, record: dict[str, Any], names: tuple[str, ...] = ("latent_params", "text_embeds")
+    ) -> dict[str, torch.Tensor]:
         with safe_open(str(self.shard_dir / record["shard"]), framework="pt") as fh:
             return {n: fh.get_tensor(f"{record['key']}/{n}") for n in names}

@@ -15,8 +15,14 @@ from PIL import Image, ImageDraw
 from datasets_prep.io import atomic_write, atomic_write_text
 from datasets_prep.mp4 import write_mp4
 
-COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 235), "yellow": (240, 220, 40),
-           "white": (245, 245, 245), "magenta": (220, 50, 200)}
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 235),
+    "yellow": (240, 220, 40),
+    "white": (245, 245, 245),
+    "magenta": (220, 50, 200),
+}
 BACKGROUNDS = {"black": (0, 0, 0), "grey": (110, 110, 110), "dark blue": (10, 20, 70)}
 SHAPES = ("circle", "square", "triangle")
 MOTIONS = {
@@ -27,8 +33,16 @@ MOTIONS = {
     "diagonally from top left to bottom right": ((0.15, 0.15), (0.85, 0.85)),
 }
 # (width, height, fps, seconds): landscape, portrait, square; 8 to 30 fps; 1.5 to 3 s.
-SIZES = [(96, 64, 24, 2.0), (64, 96, 30, 1.5), (80, 80, 12, 3.0), (128, 72, 25, 2.0), (72, 128, 8, 3.0),
-         (112, 64, 15, 2.0), (64, 64, 20, 2.5), (160, 96, 10, 3.0)]
+SIZES = [
+    (96, 64, 24, 2.0),
+    (64, 96, 30, 1.5),
+    (80, 80, 12, 3.0),
+    (128, 72, 25, 2.0),
+    (72, 128, 8, 3.0),
+    (112, 64, 15, 2.0),
+    (64, 64, 20, 2.5),
+    (160, 96, 10, 3.0),
+]
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour: tuple) -> None:

@@ -55,7 +55,7 @@ def read_manifest(manifest: Path) -> Iterator[Entry | Rejection]:
                 yield Rejection(where, "manifest", f"line {lineno} is not valid JSON: {exc.msg}")
                 continue
             if not isinstance(row, dict) or not isinstance(row.get("file"), str) or not row["file"]:
-                yield Rejection(where, "manifest", f"line {lineno} has no \"file\" string")
+                yield Rejection(where, "manifest", f'line {lineno} has no "file" string')
                 continue
             caption = _caption(row)
             if caption is None:

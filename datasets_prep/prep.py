@@ -80,14 +80,23 @@ def _plan(cfg: PipelineConfig, cached: set[str], rejects: list[Rejection]) -> tu
             key = text_digest(content, item.caption, prep_hash, encoder)
             if key in selected or key in pending:
                 continue  # the same file and caption listed twice: one sample
-            record = {"key": key, "source": path, "content_hash": content, "caption": item.caption,
-                      "prep_hash": prep_hash, "encoder": encoder, "manifest_line": item.line}
+            record = {
+                "key": key,
+                "source": path,
+                "content_hash": content,
+                "caption": item.caption,
+                "prep_hash": prep_hash,
+                "encoder": encoder,
+                "manifest_line": item.line,
+            }
             if key in cached:
                 selected[key] = record
                 continue
             info = probe(item.path)
             if min(info.width, info.height) < d.min_side:
-                raise ProbeError(f"too small: {info.width}x{info.height}, shorter side below data.min_side={d.min_side}")
+                raise ProbeError(
+                    f"too small: {info.width}x{info.height}, shorter side below data.min_side={d.min_side}"
+                )
             indices = sample_indices(info, d.num_frames, d.target_fps, d.stride)
             record.update(kind=info.kind, src_fps=info.fps, src_size=[info.width, info.height], frame_indices=indices)
             pending[key] = _Pending(item, info, indices, record)
@@ -97,7 +106,9 @@ def _plan(cfg: PipelineConfig, cached: set[str], rejects: list[Rejection]) -> tu
     return list(selected.values()), list(pending.values())
 
 
-def _decoded(cfg: PipelineConfig, pending: list[_Pending], rejects: list[Rejection]) -> Iterator[tuple[_Pending, torch.Tensor]]:
+def _decoded(
+    cfg: PipelineConfig, pending: list[_Pending], rejects: list[Rejection]
+) -> Iterator[tuple[_Pending, torch.Tensor]]:
     d = cfg.data
 
     def work(p: _Pending) -> tuple[_Pending, torch.Tensor | ProbeError]:
@@ -154,12 +165,18 @@ def run_prep(cfg: PipelineConfig) -> PrepResult:
             with torch.no_grad():
                 frames = torch.stack([f for _, f in batch])
                 latents = family.encode_video(vae, frames)
-                texts = family.encode_text(tokenizer, text_encoder, [p.entry.caption for p, _ in batch],
-                                           cfg.model.max_text_length)
+                texts = family.encode_text(
+                    tokenizer, text_encoder, [p.entry.caption for p, _ in batch], cfg.model.max_text_length
+                )
             encoder_calls += 1
             for (p, _), lat, txt in zip(batch, latents, texts, strict=True):
-                rec = {**p.record, "latent_shape": list(lat.shape), "text_shape": list(txt.shape),
-                       "scaling_factor": scaling, "num_frames": d.num_frames}
+                rec = {
+                    **p.record,
+                    "latent_shape": list(lat.shape),
+                    "text_shape": list(txt.shape),
+                    "scaling_factor": scaling,
+                    "num_frames": d.num_frames,
+                }
                 shard.append((rec, {"latent_params": lat.to(dtype), "text_embeds": txt.to(dtype)}))
             rep.advance("encode", len(batch))
             batch.clear()
@@ -185,9 +202,16 @@ def run_prep(cfg: PipelineConfig) -> PrepResult:
     samples = write_jsonl(out / "samples.jsonl", selected)
     rejects_path = write_jsonl(out / "rejects.jsonl", [r.as_row() for r in rejects])
     result = PrepResult(
-        prep_dir=str(out), samples=str(samples), rejects=str(rejects_path), index=str(index),
-        num_samples=len(selected), num_rejected=len(rejects), num_cached=len(done),
-        num_encoded=len(encoded), encoder_calls=encoder_calls, seconds=round(time.perf_counter() - t0, 3),
+        prep_dir=str(out),
+        samples=str(samples),
+        rejects=str(rejects_path),
+        index=str(index),
+        num_samples=len(selected),
+        num_rejected=len(rejects),
+        num_cached=len(done),
+        num_encoded=len(encoded),
+        encoder_calls=encoder_calls,
+        seconds=round(time.perf_counter() - t0, 3),
     )
     atomic_write_text(out / "summary.json", json.dumps(result.as_dict(), indent=2))
     if not selected:

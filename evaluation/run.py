@@ -54,7 +54,9 @@ def validation_loss(cfg: PipelineConfig, final_dir: Path, device: torch.device) 
     losses = []
     for rep in range(cfg.eval.val_batches):
         for start in range(0, len(data), bs):
-            batch = {k: v.to(device) for k, v in collate([data[i] for i in range(start, min(start + bs, len(data)))]).items()}
+            batch = {
+                k: v.to(device) for k, v in collate([data[i] for i in range(start, min(start + bs, len(data)))]).items()
+            }
             gen = torch.Generator().manual_seed(cfg.eval.seed * 1000 + rep * 100 + start)
             losses.append(family.training_loss(model, scheduler, batch, gen).item())
     return float(sum(losses) / len(losses)), len(val)
@@ -71,8 +73,17 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
     family = get_family(cfg.model.family)
     val_loss, n_val = validation_loss(cfg, final_dir, device)
     e, d = cfg.eval, cfg.data
-    videos = family.generate(final_dir, e.prompts, num_frames=d.num_frames, height=d.height, width=d.width,
-                             steps=e.num_inference_steps, guidance_scale=e.guidance_scale, seed=e.seed, device=device)
+    videos = family.generate(
+        final_dir,
+        e.prompts,
+        num_frames=d.num_frames,
+        height=d.height,
+        width=d.width,
+        steps=e.num_inference_steps,
+        guidance_scale=e.guidance_scale,
+        seed=e.seed,
+        device=device,
+    )
     paths = [str(write_mp4(out / "videos" / f"sample_{i:02d}.mp4", v, e.fps)) for i, v in enumerate(videos)]
     metrics = {"eval/val_loss": val_loss, "eval/val_samples": float(n_val)}
     metrics.update({f"eval/{k}": v for k, v in clip_score(videos, e.prompts, e.clip, device).items()})

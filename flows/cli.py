@@ -79,8 +79,14 @@ def _fail(command: str, exc: BaseException, debug: bool) -> None:
     if debug:
         console.print("".join(traceback.format_exception(exc)))
     msg = str(exc).strip() or repr(exc)
-    console.print(Panel(f"[bold]{type(exc).__name__}[/]: {msg}", title=f"flowspeed {command} failed",
-                        border_style="red", expand=False))
+    console.print(
+        Panel(
+            f"[bold]{type(exc).__name__}[/]: {msg}",
+            title=f"flowspeed {command} failed",
+            border_style="red",
+            expand=False,
+        )
+    )
     if not debug:
         console.print("Run again with --debug for the full traceback.")
     raise typer.Exit(1)
@@ -129,8 +135,10 @@ def _summary(cfg: Any, out: dict[str, Any]) -> None:
             table.add_row(f"{stage} run", out[stage].get("mlflow_run_id", ""))
     if "prep" in out:
         p = out["prep"]
-        counts = (f"{p['num_samples']} ({p['num_encoded']} encoded, {p['num_cached']} cached, "
-                  f"{p['num_rejected']} rejected -> {p['rejects']})")
+        counts = (
+            f"{p['num_samples']} ({p['num_encoded']} encoded, {p['num_cached']} cached, "
+            f"{p['num_rejected']} rejected -> {p['rejects']})"
+        )
         table.add_row("samples", counts)
     if "train" in out:
         t = out["train"]
@@ -157,14 +165,17 @@ def _summary(cfg: Any, out: dict[str, Any]) -> None:
     if "PREFECT_API_URL" in os.environ:
         console.print(f"  open {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
     elif prefect_home:
-        console.print(f"  PREFECT_HOME={prefect_home} prefect server start   # then open http://127.0.0.1:4200",
-                      soft_wrap=True)
+        console.print(
+            f"  PREFECT_HOME={prefect_home} prefect server start   # then open http://127.0.0.1:4200", soft_wrap=True
+        )
 
 
 @app.command("demo-data")
 def demo_data(
     out_dir: Annotated[Path, typer.Argument(help="folder to write clips, stills and data.jsonl into")],
-    num_videos: int = 16, num_images: int = 4, seed: int = 0,
+    num_videos: int = 16,
+    num_images: int = 4,
+    seed: int = 0,
 ) -> None:
     """Write a small dataset of moving coloured shapes with true captions (no downloads)."""
     from datasets_prep.demo import make_demo_dataset

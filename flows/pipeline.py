@@ -1,7 +1,7 @@
 """The whole chain as one flow: prep -> train -> evaluate, each a subflow with a nested MLflow run.
 
-    flowspeed run configs/quickstart.yaml
-    # or, deployed: prefect deploy --all (see prefect.yaml), then run `pipeline/flowspeed-pipeline`
+flowspeed run configs/quickstart.yaml
+# or, deployed: prefect deploy --all (see prefect.yaml), then run `pipeline/flowspeed-pipeline`
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 
 from configs import PipelineConfig
 from engines.tracking import tracking_uri
-from flows.stages import in_stage_run, evaluate, prep, train
+from flows.stages import evaluate, in_stage_run, prep, train
 from tasks import tracking as tr
 
 
@@ -26,8 +26,9 @@ def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         if losses:
             metrics["train/final_loss"] = losses[-1]
         tr.log_metrics(cfg, run_id, metrics)
-        tr.set_tags(cfg, run_id, {"checkpoint_path": out["train"]["checkpoint"],
-                                  "export_path": out["train"]["final_dir"]})
+        tr.set_tags(
+            cfg, run_id, {"checkpoint_path": out["train"]["checkpoint"], "export_path": out["train"]["final_dir"]}
+        )
         return out
 
     out = in_stage_run(cfg, "pipeline", None, body)

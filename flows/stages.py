@@ -19,7 +19,9 @@ from tasks.caching import run_cached
 from tasks.stages import evaluate_model, prep_latents, train_model
 
 
-def in_stage_run(cfg: PipelineConfig, stage: str, parent: str | None, body: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+def in_stage_run(
+    cfg: PipelineConfig, stage: str, parent: str | None, body: Callable[[str], dict[str, Any]]
+) -> dict[str, Any]:
     run_id = tr.start_run(cfg, stage, parent)
     try:
         out = body(run_id)
@@ -36,13 +38,26 @@ def prep(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any
 
     def body(run_id: str) -> dict[str, Any]:
         res = run_cached(prep_latents, cfg=cfg)
-        tr.log_metrics(cfg, run_id, {f"prep/{k}": res[k] for k in
-                                     ("num_samples", "num_rejected", "num_cached", "num_encoded", "encoder_calls", "seconds")})
+        tr.log_metrics(
+            cfg,
+            run_id,
+            {
+                f"prep/{k}": res[k]
+                for k in ("num_samples", "num_rejected", "num_cached", "num_encoded", "encoder_calls", "seconds")
+            },
+        )
         tr.log_dataset(cfg, run_id, Path(res["samples"]), context="prep")
         for name in ("rejects", "samples"):
             tr.log_artifacts(cfg, run_id, Path(res[name]), "prep")
-        tr.set_tags(cfg, run_id, {"prep_dir": Path(res["prep_dir"]).resolve(), "prep_hash": cfg.prep_hash(),
-                                  "prefect_cache_hit": res["cache_hit"]})
+        tr.set_tags(
+            cfg,
+            run_id,
+            {
+                "prep_dir": Path(res["prep_dir"]).resolve(),
+                "prep_hash": cfg.prep_hash(),
+                "prefect_cache_hit": res["cache_hit"],
+            },
+        )
         return res
 
     return in_stage_run(cfg, "prep", parent_run_id, body)
@@ -58,8 +73,11 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
             tr.set_tags(cfg, run_id, {"reused_from_run": res.get("run_id")})
         tr.log_dataset(cfg, run_id, cfg.prep_dir / "samples.jsonl", context="training")
         final = Path(res["final_dir"]).resolve()
-        tr.set_tags(cfg, run_id, {"checkpoint_path": Path(res["checkpoint"]).resolve() if res["checkpoint"] else "",
-                                  "export_path": final})
+        tr.set_tags(
+            cfg,
+            run_id,
+            {"checkpoint_path": Path(res["checkpoint"]).resolve() if res["checkpoint"] else "", "export_path": final},
+        )
         tr.log_artifacts(cfg, run_id, final, "model")
         return res
 

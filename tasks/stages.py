@@ -19,7 +19,6 @@ from engines.torch_engine.launch import launch
 from evaluation.run import run_eval
 from tasks.caching import files_policy
 
-
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -49,16 +48,29 @@ def _eval_outputs(inputs: dict[str, Any]) -> list[Path]:
     return [d / "metrics.json"] + [d / "videos" / f"sample_{i:02d}.mp4" for i in range(len(_cfg(inputs).eval.prompts))]
 
 
-@task(name="prep-latents", retries=1, retry_delay_seconds=5, persist_result=True,
-      cache_policy=files_policy(sources=_prep_sources, outputs=_prep_outputs))
+@task(
+    name="prep-latents",
+    retries=1,
+    retry_delay_seconds=5,
+    persist_result=True,
+    cache_policy=files_policy(sources=_prep_sources, outputs=_prep_outputs),
+)
 def prep_latents(cfg: PipelineConfig) -> dict[str, Any]:
     """Probe, decode and encode the manifest into the latent cache (skips what is cached)."""
     return run_prep(cfg).as_dict()
 
 
-@task(name="train-model", retries=1, retry_delay_seconds=5, persist_result=True,
-      cache_policy=files_policy(sources=lambda i: [_cfg(i).prep_dir / "samples.jsonl"], outputs=_train_outputs,
-                                exclude=("run_id", "tracking_uri")))
+@task(
+    name="train-model",
+    retries=1,
+    retry_delay_seconds=5,
+    persist_result=True,
+    cache_policy=files_policy(
+        sources=lambda i: [_cfg(i).prep_dir / "samples.jsonl"],
+        outputs=_train_outputs,
+        exclude=("run_id", "tracking_uri"),
+    ),
+)
 def train_model(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) -> dict[str, Any]:
     """Train (in process, or torchrun for nproc_per_node > 1); a retry resumes from the last checkpoint."""
     out = launch(cfg, run_id, tracking_uri).as_dict()
@@ -66,8 +78,14 @@ def train_model(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | Non
     return out
 
 
-@task(name="evaluate-model", retries=1, retry_delay_seconds=5, persist_result=True,
-      cache_policy=files_policy(sources=lambda i: [_cfg(i).train_dir / "final" / "transformer" / WEIGHTS],
-                                outputs=_eval_outputs))
+@task(
+    name="evaluate-model",
+    retries=1,
+    retry_delay_seconds=5,
+    persist_result=True,
+    cache_policy=files_policy(
+        sources=lambda i: [_cfg(i).train_dir / "final" / "transformer" / WEIGHTS], outputs=_eval_outputs
+    ),
+)
 def evaluate_model(cfg: PipelineConfig) -> dict[str, Any]:
     return run_eval(cfg).as_dict()

@@ -32,8 +32,11 @@ def start_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None)
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
     exp = ensure_experiment(client, cfg)
-    tags = {"flowspeed.stage": stage, "prefect.flow_run_id": str(flow_run.id or ""),
-            "prefect.flow_run_name": str(flow_run.name or "")}
+    tags = {
+        "flowspeed.stage": stage,
+        "prefect.flow_run_id": str(flow_run.id or ""),
+        "prefect.flow_run_name": str(flow_run.name or ""),
+    }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     name = f"{cfg.tracking.run_name or cfg.workdir.name}-{stage}"
@@ -45,8 +48,12 @@ def start_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None)
     cfg_dir = cfg.workdir / ".mlflow-config" / run_id
     client.log_artifact(run_id, str(save_config(cfg, cfg_dir)))
     if flow_run.id:
-        create_link_artifact(ui_link(uri, exp, run_id), link_text=f"MLflow run {run_id[:8]} ({stage})",
-                             key=f"mlflow-{stage}", description=f"MLflow run of the {stage} stage")
+        create_link_artifact(
+            ui_link(uri, exp, run_id),
+            link_text=f"MLflow run {run_id[:8]} ({stage})",
+            key=f"mlflow-{stage}",
+            description=f"MLflow run of the {stage} stage",
+        )
     return run_id
 
 
@@ -56,8 +63,9 @@ def end_run(cfg: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:
 
 
 def log_metrics(cfg: PipelineConfig, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    from mlflow.entities import Metric
     import time
+
+    from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
     MlflowClient(tracking_uri(cfg)).log_batch(
@@ -71,8 +79,11 @@ def log_dataset(cfg: PipelineConfig, run_id: str, samples_path: Path, context: s
 
     rows = pd.read_json(samples_path, lines=True) if samples_path.stat().st_size else pd.DataFrame()
     cols = [c for c in ("key", "source", "content_hash", "caption", "prep_hash", "encoder", "shard") if c in rows]
-    ds = mlflow.data.from_pandas(rows[cols], source=str(Path(cfg.data.manifest).resolve()),
-                                 name=f"{Path(cfg.data.manifest).parent.name}-{cfg.prep_hash()}")
+    ds = mlflow.data.from_pandas(
+        rows[cols],
+        source=str(Path(cfg.data.manifest).resolve()),
+        name=f"{Path(cfg.data.manifest).parent.name}-{cfg.prep_hash()}",
+    )
     MlflowClient(tracking_uri(cfg)).log_inputs(
         run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
     )

@@ -42,7 +42,8 @@ def prepped(tmp_path_factory: pytest.TempPathFactory, demo_manifest: Path) -> Pi
     """A workdir whose prep stage has run on the demo data (read-only for the tests that use it)."""
     from datasets_prep.prep import run_prep
 
-    cfg = make_config(tmp_path_factory.mktemp("prepped"), demo_manifest, "train.max_steps=6",
-                      "train.checkpoint_every=3")
+    cfg = make_config(
+        tmp_path_factory.mktemp("prepped"), demo_manifest, "train.max_steps=6", "train.checkpoint_every=3"
+    )
     run_prep(cfg)
     return cfg

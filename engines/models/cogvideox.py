@@ -29,26 +29,58 @@ from engines.models.tokenizer import byte_level_tokenizer
 VAE_PRESETS: dict[str, dict[str, Any]] = {
     # 4 blocks -> 8x spatial, 4x temporal compression, like the published 2B/5B VAE, at 1/32 the width.
     "tiny": dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
-        block_out_channels=(16, 16, 16, 16), temporal_compression_ratio=4,
-        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=4,
+        block_out_channels=(16, 16, 16, 16),
+        temporal_compression_ratio=4,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
     ),
 }
 TEXT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2),
 }
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_embed_dim=32,
-                 patch_size=2, sample_height=8, sample_width=8, sample_frames=9, temporal_compression_ratio=4),
+    "tiny": dict(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        time_embed_dim=32,
+        patch_size=2,
+        sample_height=8,
+        sample_width=8,
+        sample_frames=9,
+        temporal_compression_ratio=4,
+    ),
     # Published CogVideoX-2b shape, for users with a GPU who pretrain from scratch.
-    "2b": dict(num_attention_heads=30, attention_head_dim=64, num_layers=30, time_embed_dim=512,
-               patch_size=2, sample_height=60, sample_width=90, sample_frames=49, temporal_compression_ratio=4),
+    "2b": dict(
+        num_attention_heads=30,
+        attention_head_dim=64,
+        num_layers=30,
+        time_embed_dim=512,
+        patch_size=2,
+        sample_height=60,
+        sample_width=90,
+        sample_frames=49,
+        temporal_compression_ratio=4,
+    ),
 }
 # CogVideoX-2b's scheduler_config.json.
 SCHEDULER_CONFIG: dict[str, Any] = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
-    snr_shift_scale=3.0, steps_offset=0, timestep_spacing="trailing",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    set_alpha_to_one=True,
+    snr_shift_scale=3.0,
+    steps_offset=0,
+    timestep_spacing="trailing",
 )
 
 
@@ -86,9 +118,13 @@ class CogVideoX(ModelFamily):
         else:
             tokenizer = byte_level_tokenizer()
             preset = pick_preset(comp, TEXT_PRESETS, "text_encoder")
-            t5 = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-                          **preset)
+            t5 = T5Config(
+                vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                decoder_start_token_id=tokenizer.pad_token_id,
+                **preset,
+            )
             with seeded_init(cfg.seed + 2):
                 encoder = T5EncoderModel(t5)
         return tokenizer, encoder.eval().requires_grad_(False)
@@ -99,8 +135,11 @@ class CogVideoX(ModelFamily):
         preset = pick_preset(cfg.transformer, TRANSFORMER_PRESETS, "transformer")
         with seeded_init(cfg.seed + 3):
             return CogVideoXTransformer3DModel(
-                in_channels=latent_channels, out_channels=latent_channels, text_embed_dim=text_embed_dim,
-                max_text_seq_length=cfg.max_text_length, **preset,
+                in_channels=latent_channels,
+                out_channels=latent_channels,
+                text_embed_dim=text_embed_dim,
+                max_text_seq_length=cfg.max_text_length,
+                **preset,
             )
 
     def load_scheduler(self, cfg: ModelConfig) -> CogVideoXDDIMScheduler:
@@ -114,11 +153,13 @@ class CogVideoX(ModelFamily):
 
     def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> torch.Tensor:
         # A text-only pipeline: the prompt path is the pipeline's own, so train == inference.
-        pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None,
-                                 scheduler=None)
+        pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None, scheduler=None)
         embeds, _ = pipe.encode_prompt(
-            captions, do_classifier_free_guidance=False, max_sequence_length=max_length,
-            device=encoder.device, dtype=encoder.dtype,
+            captions,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_length,
+            device=encoder.device,
+            dtype=encoder.dtype,
         )
         return embeds  # (B, L, D)
 
@@ -140,8 +181,13 @@ class CogVideoX(ModelFamily):
         t = t.to(device)
         noisy = scheduler.add_noise(latents, noise, t)
         rotary = self._rotary(core, latents.shape, device)
-        pred_v = transformer(hidden_states=noisy, encoder_hidden_states=text.to(noisy.dtype), timestep=t,
-                             image_rotary_emb=rotary, return_dict=False)[0]
+        pred_v = transformer(
+            hidden_states=noisy,
+            encoder_hidden_states=text.to(noisy.dtype),
+            timestep=t,
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0]
         pred_x0 = scheduler.get_velocity(pred_v.float(), noisy, t)  # v -> x0 for a v-prediction model
         alpha_bar = scheduler.alphas_cumprod.to(device, torch.float32)[t]
         weight = (1.0 / (1.0 - alpha_bar)).view(-1, 1, 1, 1, 1)
@@ -164,24 +210,46 @@ class CogVideoX(ModelFamily):
     # ---- export and inference -------------------------------------------------------------------
     def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
         tokenizer, encoder = self.load_text_encoder(cfg)
-        pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=self.load_vae(cfg),
-                                 transformer=transformer, scheduler=self.load_scheduler(cfg))
+        pipe = CogVideoXPipeline(
+            tokenizer=tokenizer,
+            text_encoder=encoder,
+            vae=self.load_vae(cfg),
+            transformer=transformer,
+            scheduler=self.load_scheduler(cfg),
+        )
         pipe.save_pretrained(out_dir, safe_serialization=True)
         return out_dir
 
     def generate(
-        self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
-        steps: int, guidance_scale: float, seed: int, device: torch.device,
+        self,
+        pretrained_dir: Path,
+        prompts: list[str],
+        *,
+        num_frames: int,
+        height: int,
+        width: int,
+        steps: int,
+        guidance_scale: float,
+        seed: int,
+        device: torch.device,
     ) -> np.ndarray:
         pipe = CogVideoXPipeline.from_pretrained(pretrained_dir).to(device)
         pipe.set_progress_bar_config(disable=True)
         out = []
         for i, prompt in enumerate(prompts):
             gen = torch.Generator("cpu").manual_seed(seed + i)
-            video = pipe(prompt=prompt, num_frames=num_frames, height=height, width=width,
-                         num_inference_steps=steps, guidance_scale=guidance_scale, generator=gen,
-                         max_sequence_length=pipe.transformer.config.max_text_seq_length,
-                         output_type="np", use_dynamic_cfg=False).frames[0]  # (T, H, W, C) in [0, 1]
+            video = pipe(
+                prompt=prompt,
+                num_frames=num_frames,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=gen,
+                max_sequence_length=pipe.transformer.config.max_text_seq_length,
+                output_type="np",
+                use_dynamic_cfg=False,
+            ).frames[0]  # (T, H, W, C) in [0, 1]
             out.append((np.clip(video, 0, 1) * 255).round().astype(np.uint8))
         return np.stack(out)
 

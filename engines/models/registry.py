@@ -64,8 +64,17 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def generate(
-        self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
-        steps: int, guidance_scale: float, seed: int, device: torch.device,
+        self,
+        pretrained_dir: Path,
+        prompts: list[str],
+        *,
+        num_frames: int,
+        height: int,
+        width: int,
+        steps: int,
+        guidance_scale: float,
+        seed: int,
+        device: torch.device,
     ) -> np.ndarray:
         """(N, T, H, W, C) uint8 videos from an exported checkpoint."""
 
@@ -117,7 +126,7 @@ def from_pretrained(cls: Any, comp: ComponentConfig, what: str, **kwargs: Any) -
     extra = {"subfolder": comp.subfolder} if comp.subfolder else {}
     try:
         return cls.from_pretrained(comp.pretrained, **extra, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         where = comp.pretrained + (f" (subfolder {comp.subfolder})" if comp.subfolder else "")
         raise FileNotFoundError(
             f"could not load the {what} from {where}: {exc}. Set model.{what}.pretrained to a local "

@@ -29,5 +29,8 @@ def _tokenizer_json() -> str:
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-        pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=4096,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=4096,
     )

@@ -67,8 +67,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(
-    train_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    lr_scheduler: Any, position: int, cfg: PipelineConfig, keep: int,
+    train_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    position: int,
+    cfg: PipelineConfig,
+    keep: int,
 ) -> Path:
     root = checkpoint_dir(train_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -78,8 +84,13 @@ def save(
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         torch.save(
-            {"step": step, "position": position, "optimizer": optimizer.state_dict(),
-             "lr_scheduler": lr_scheduler.state_dict(), "rng": rng_state()},
+            {
+                "step": step,
+                "position": position,
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "rng": rng_state(),
+            },
             tmp / "trainer_state.pt",
         )
         save_config(cfg, tmp)

@@ -37,8 +37,17 @@ def launch(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) ->
     if nproc == 1 and "WORLD_SIZE" not in os.environ:
         return train(cfg, run_id, tracking_uri)
     cfg_path = save_config(cfg, cfg.train_dir, "launch_config.yaml")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "engines.torch_engine.trainer", "--config", str(cfg_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "engines.torch_engine.trainer",
+        "--config",
+        str(cfg_path),
+    ]
     if run_id:
         cmd += ["--run-id", run_id, "--tracking-uri", tracking_uri or ""]
     env = dict(os.environ)

@@ -13,9 +13,9 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -107,11 +107,13 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         if rank == 0:
             ckpt.clean_partial(train_dir)
             save_config(cfg, train_dir)
-            tracker.set_tags({"resumed_from_step": start_step, "world_size": world, "device": device.type,
-                              "n_params": n_params})
+            tracker.set_tags(
+                {"resumed_from_step": start_step, "world_size": world, "device": device.type, "n_params": n_params}
+            )
         ddp = DistributedDataParallel(model) if world > 1 else model
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if t_cfg.mixed_precision == "bf16"
-                    else nullcontext())
+        autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if t_cfg.mixed_precision == "bf16" else nullcontext()
+        )
         micro_bs, accum = t_cfg.batch_size, t_cfg.grad_accum
         global_bs = micro_bs * world * accum
         end_step = t_cfg.max_steps
@@ -155,20 +157,28 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
                 rep.advance("train")
                 if (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.max_steps:
                     sps = global_bs / dt
-                    tracker.log_metrics({
-                        "train/loss": step_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
-                        "perf/step_time_s": dt, "perf/data_wait_s": data_wait, "perf/samples_per_s": sps,
-                        "perf/frames_per_s": sps * first.get("num_frames", 1),
-                        "perf/tokens_per_s": sps * tokens_per_sample,
-                        # 6 * params * tokens: the usual dense-transformer estimate (attention excluded).
-                        "perf/model_tflops_per_s": 6 * n_params * sps * tokens_per_sample / 1e12,
-                        "perf/peak_memory_gb": peak_memory_bytes(device) / 2**30,
-                    }, step=step + 1)
+                    tracker.log_metrics(
+                        {
+                            "train/loss": step_loss,
+                            "train/lr": lr,
+                            "train/grad_norm": float(grad_norm),
+                            "perf/step_time_s": dt,
+                            "perf/data_wait_s": data_wait,
+                            "perf/samples_per_s": sps,
+                            "perf/frames_per_s": sps * first.get("num_frames", 1),
+                            "perf/tokens_per_s": sps * tokens_per_sample,
+                            # 6 * params * tokens: the usual dense-transformer estimate (attention excluded).
+                            "perf/model_tflops_per_s": 6 * n_params * sps * tokens_per_sample / 1e12,
+                            "perf/peak_memory_gb": peak_memory_bytes(device) / 2**30,
+                        },
+                        step=step + 1,
+                    )
             done = step + 1
             if done % t_cfg.checkpoint_every == 0 or done == end_step:
                 if rank == 0:
-                    last_ckpt = ckpt.save(train_dir, done, model, optimizer, lr_sched, position, cfg,
-                                          t_cfg.keep_checkpoints)
+                    last_ckpt = ckpt.save(
+                        train_dir, done, model, optimizer, lr_sched, position, cfg, t_cfg.keep_checkpoints
+                    )
                     tracker.set_tags({"checkpoint_path": str(last_ckpt.resolve()), "checkpoint_step": done})
                 if world > 1:
                     dist.barrier()

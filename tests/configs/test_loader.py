@@ -27,8 +27,7 @@ def test_unknown_top_level_section_lists_sections(tmp_path: Path) -> None:
 def test_set_overrides_beat_the_file() -> None:
     file_only = load_config(QUICKSTART)
     assert file_only.train.max_steps == 30
-    cfg = load_config(QUICKSTART, ["train.max_steps=20", "train.lr=1e-4", "data.decoder=pyav",
-                                   "eval.prompts=[a, b]"])
+    cfg = load_config(QUICKSTART, ["train.max_steps=20", "train.lr=1e-4", "data.decoder=pyav", "eval.prompts=[a, b]"])
     assert cfg.train.max_steps == 20
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.data.decoder == "pyav"

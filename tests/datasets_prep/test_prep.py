@@ -35,8 +35,10 @@ def test_bad_inputs_are_recorded_and_the_rest_is_cached(tmp_path: Path, demo_man
     write_mp4(root / "tiny.mp4", np.zeros((12, 16, 16, 3), np.uint8), 8)
     (tmp_path / "outside.mp4").write_bytes(full)
     lines = [json.dumps(r) for r in good]
-    lines += [json.dumps({"file": f, "captions": f"bad {f}"}) for f in
-              ("corrupt.mp4", "truncated.mp4", "empty.mp4", "missing.mp4", "short.mp4", "tiny.mp4", "../outside.mp4")]
+    lines += [
+        json.dumps({"file": f, "captions": f"bad {f}"})
+        for f in ("corrupt.mp4", "truncated.mp4", "empty.mp4", "missing.mp4", "short.mp4", "tiny.mp4", "../outside.mp4")
+    ]
     lines += ["{not json", json.dumps({"captions": "no file"})]
     manifest.write_text("\n".join(lines) + "\n")
 
@@ -114,11 +116,19 @@ def test_sigkill_mid_prep_resumes_to_a_complete_duplicate_free_index(tmp_path: P
     from datasets_prep.demo import make_demo_dataset
 
     manifest = make_demo_dataset(tmp_path / "data", num_videos=16, num_images=4)
-    args = [str(REPO / "configs" / "quickstart.yaml"), f"data.manifest={manifest}", f"workdir={tmp_path / 'w'}",
-            "data.shard_size=1", "data.batch_size=1", "data.height=128", "data.width=128"]
+    args = [
+        str(REPO / "configs" / "quickstart.yaml"),
+        f"data.manifest={manifest}",
+        f"workdir={tmp_path / 'w'}",
+        "data.shard_size=1",
+        "data.batch_size=1",
+        "data.height=128",
+        "data.width=128",
+    ]
     shards = tmp_path / "w" / "prep" / "cache" / "shards"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if shards.is_dir() and len(list(shards.glob("*.safetensors"))) >= 2:

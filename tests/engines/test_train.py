@@ -33,15 +33,17 @@ def _fixed_noise_loss(cfg: PipelineConfig, model: torch.nn.Module) -> float:
     batch = collate([data[i] for i in range(len(data))])
     with torch.no_grad():
         return statistics.mean(
-            family.training_loss(model.eval(), family.load_scheduler(cfg.model), batch,
-                                 torch.Generator().manual_seed(s)).item()
+            family.training_loss(
+                model.eval(), family.load_scheduler(cfg.model), batch, torch.Generator().manual_seed(s)
+            ).item()
             for s in range(8)
         )
 
 
 def test_loss_falls_on_a_fixed_tiny_batch(tmp_path: Path, two_clip_manifest: Path) -> None:
-    cfg = make_config(tmp_path, two_clip_manifest, "train.max_steps=30", "train.batch_size=2",
-                      "train.val_fraction=0", "train.lr=3e-3")
+    cfg = make_config(
+        tmp_path, two_clip_manifest, "train.max_steps=30", "train.batch_size=2", "train.val_fraction=0", "train.lr=3e-3"
+    )
     run_prep(cfg)
     family = get_family("cogvideox")
     before = _fixed_noise_loss(cfg, family.load_transformer(cfg.model, 32, 4))
@@ -57,12 +59,18 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path: Path, prepped:
     straight = make_config(tmp_path / "a", prepped.data.manifest, *common, f"data.output_dir={prepped.prep_dir}")
     full = launch(straight, None, None).losses
 
-    split = make_config(tmp_path / "b", prepped.data.manifest, *common, f"data.output_dir={prepped.prep_dir}",
-                        "train.stop_after_steps=5")
+    split = make_config(
+        tmp_path / "b",
+        prepped.data.manifest,
+        *common,
+        f"data.output_dir={prepped.prep_dir}",
+        "train.stop_after_steps=5",
+    )
     first = launch(split, None, None)
     assert first.steps == 5 and not Path(first.final_dir).exists()  # stopped early: no export yet
-    resumed = launch(split.model_copy(update={"train": split.train.model_copy(update={"stop_after_steps": None})}),
-                     None, None)
+    resumed = launch(
+        split.model_copy(update={"train": split.train.model_copy(update={"stop_after_steps": None})}), None, None
+    )
     assert resumed.resumed_from == 5
     assert first.losses + resumed.losses == full  # bit-identical on CPU
 
@@ -77,8 +85,14 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path: Path, prepped:
 
 
 def test_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path: Path, prepped: PipelineConfig) -> None:
-    cfg = make_config(tmp_path, prepped.data.manifest, f"data.output_dir={prepped.prep_dir}",
-                      "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2")
+    cfg = make_config(
+        tmp_path,
+        prepped.data.manifest,
+        f"data.output_dir={prepped.prep_dir}",
+        "train.max_steps=6",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=2",
+    )
     launch(cfg, None, None)
     assert [p.name for p in ckpt.list_checkpoints(cfg.train_dir)] == ["step-00000004", "step-00000006"]
     (ckpt.checkpoint_dir(cfg.train_dir) / ".step-00000008.partial").mkdir()  # a writer killed mid-way
@@ -88,9 +102,15 @@ def test_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path: Path, prepped
 
 @pytest.mark.slow
 def test_two_rank_ddp_run_completes_and_only_rank0_logs(tmp_path: Path, prepped: PipelineConfig) -> None:
-    cfg = make_config(tmp_path, prepped.data.manifest, f"data.output_dir={prepped.prep_dir}",
-                      "train.nproc_per_node=2", "train.max_steps=4", "train.checkpoint_every=2",
-                      "train.metrics_flush_every=1")
+    cfg = make_config(
+        tmp_path,
+        prepped.data.manifest,
+        f"data.output_dir={prepped.prep_dir}",
+        "train.nproc_per_node=2",
+        "train.max_steps=4",
+        "train.checkpoint_every=2",
+        "train.metrics_flush_every=1",
+    )
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
     run = client.create_run(ensure_experiment(client, cfg))
@@ -101,8 +121,16 @@ def test_two_rank_ddp_run_completes_and_only_rank0_logs(tmp_path: Path, prepped:
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(res.losses)
     assert client.get_run(run.info.run_id).data.tags["world_size"] == "2"
-    for name in ("perf/samples_per_s", "perf/frames_per_s", "perf/tokens_per_s", "perf/data_wait_s",
-                 "perf/step_time_s", "perf/peak_memory_gb", "train/lr", "train/grad_norm"):
+    for name in (
+        "perf/samples_per_s",
+        "perf/frames_per_s",
+        "perf/tokens_per_s",
+        "perf/data_wait_s",
+        "perf/step_time_s",
+        "perf/peak_memory_gb",
+        "train/lr",
+        "train/grad_norm",
+    ):
         assert len(client.get_metric_history(run.info.run_id, name)) == 4, name
     assert json.loads((cfg.train_dir / "losses.json").read_text())["losses"] == res.losses
     assert (cfg.train_dir / "final" / "model_index.json").is_file()
@@ -110,7 +138,12 @@ def test_two_rank_ddp_run_completes_and_only_rank0_logs(tmp_path: Path, prepped:
 
 @pytest.mark.slow
 def test_a_failing_rank_surfaces_its_error(tmp_path: Path, prepped: PipelineConfig) -> None:
-    cfg = make_config(tmp_path, prepped.data.manifest, f"data.output_dir={prepped.prep_dir}",
-                      "train.nproc_per_node=2", f"train.resume={tmp_path / 'no-such-checkpoint'}")
+    cfg = make_config(
+        tmp_path,
+        prepped.data.manifest,
+        f"data.output_dir={prepped.prep_dir}",
+        "train.nproc_per_node=2",
+        f"train.resume={tmp_path / 'no-such-checkpoint'}",
+    )
     with pytest.raises(TrainingFailed, match="not a checkpoint directory"):
         launch(cfg, None, None)

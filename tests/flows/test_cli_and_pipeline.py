@@ -19,13 +19,20 @@ def _env(workdir: Path) -> dict[str, str]:
 
 
 def flowspeed(*args: str, workdir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=_env(workdir),
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO,
+        env=_env(workdir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_bad_config_key_fails_with_one_readable_paragraph(tmp_path: Path) -> None:
-    out = flowspeed("run", "configs/quickstart.yaml", "--workdir", str(tmp_path), "--set", "train.max_step=3",
-                    workdir=tmp_path)
+    out = flowspeed(
+        "run", "configs/quickstart.yaml", "--workdir", str(tmp_path), "--set", "train.max_step=3", workdir=tmp_path
+    )
     assert out.returncode == 1
     assert "unknown key `train.max_step`" in out.stderr and "max_steps" in out.stderr
     assert "Traceback" not in out.stderr
@@ -39,8 +46,9 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     manifest = data / "data.jsonl"
     assert len(manifest.read_text().splitlines()) == 20
 
-    run = flowspeed("run", "configs/quickstart.yaml", "--workdir", str(work), "--set", f"data.manifest={manifest}",
-                    workdir=work)
+    run = flowspeed(
+        "run", "configs/quickstart.yaml", "--workdir", str(work), "--set", f"data.manifest={manifest}", workdir=work
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "MLflow run" in run.stdout and "mlflow ui --backend-store-uri" in run.stderr
     assert "prefect server start" in run.stderr
@@ -51,8 +59,9 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     parents = [r for r in runs if r.data.tags.get("flowspeed.stage") == "pipeline"]
     assert len(parents) == 1
     parent = parents[0]
-    children = {r.data.tags["flowspeed.stage"]: r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        r.data.tags["flowspeed.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert set(children) == {"prep", "train", "eval"}
     assert all(r.info.status == "FINISHED" for r in [parent, *children.values()])
     assert parent.data.params["train.max_steps"] == "30"
@@ -88,13 +97,15 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
         "    fr = c.read_flow_run(sys.argv[1]); print(fr.state.type.value, fr.name)\n"
     )
     env = _env(work) | {"PREFECT_HOME": str(work / "prefect")}
-    state = subprocess.run([sys.executable, "-c", check, flow_run_id], env=env, capture_output=True, text=True,
-                           timeout=300)
+    state = subprocess.run(
+        [sys.executable, "-c", check, flow_run_id], env=env, capture_output=True, text=True, timeout=300
+    )
     assert state.stdout.split()[0] == "COMPLETED", state.stderr[-2000:]
 
     # Run again: nothing new to encode or train; Prefect's cache (outputs still present) reuses the work.
-    again = flowspeed("run", "configs/quickstart.yaml", "--workdir", str(work), "--set",
-                      f"data.manifest={manifest}", workdir=work)
+    again = flowspeed(
+        "run", "configs/quickstart.yaml", "--workdir", str(work), "--set", f"data.manifest={manifest}", workdir=work
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reused" in again.stdout and "prep, train, eval" in again.stdout
     summary = json.loads((work / "prep" / "summary.json").read_text())
