@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from contextlib import nullcontext
@@ -45,6 +46,7 @@ class TrainResult:
     resumed_from: int
     losses: list[float]
     samples_per_s: float
+    median_step_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -120,7 +122,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         if t_cfg.stop_after_steps is not None:
             end_step = min(end_step, start_step + t_cfg.stop_after_steps)
         losses: list[float] = []
-        busy = 0.0
+        step_times: list[float] = []
         rep = reporter()
         if rank == 0:
             rep.start("train", max(end_step - start_step, 0))
@@ -151,7 +153,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
-            busy += dt
+            step_times.append(dt)
             losses.append(step_loss)
             if rank == 0:
                 rep.advance("train")
@@ -191,8 +193,10 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         if world > 1:
             dist.barrier()
         last_ckpt = ckpt.latest(train_dir) or last_ckpt
+        busy = sum(step_times)
         sps = global_bs * len(losses) / busy if busy else 0.0
-        result = TrainResult(str(final_dir), str(last_ckpt or ""), end_step, start_step, losses, sps)
+        median = statistics.median(step_times) if step_times else 0.0
+        result = TrainResult(str(final_dir), str(last_ckpt or ""), end_step, start_step, losses, sps, median)
         if rank == 0:
             atomic_write_text(train_dir / "losses.json", json.dumps(result.as_dict(), indent=2))
         return result
