@@ -58,9 +58,15 @@ def main() -> None:
     manifest = make_demo_dataset(work / "data", num_videos=8, num_images=0)
     cfg = load_config(
         REPO / "configs" / "quickstart.yaml",
-        [f"data.manifest={manifest}", f"data.height={args.height}", f"data.width={args.width}",
-         f"train.batch_size={args.batch_size}", "train.val_fraction=0", f"train.max_steps={args.steps}",
-         f"train.checkpoint_every={args.steps}"],
+        [
+            f"data.manifest={manifest}",
+            f"data.height={args.height}",
+            f"data.width={args.width}",
+            f"train.batch_size={args.batch_size}",
+            "train.val_fraction=0",
+            f"train.max_steps={args.steps}",
+            f"train.checkpoint_every={args.steps}",
+        ],
         workdir=work / "run",
     )
     run_prep(cfg)
@@ -90,11 +96,14 @@ def main() -> None:
 
     def on_the_fly_step(i: int) -> None:
         idx = [(i * bs + k) % len(records) for k in range(bs)]
-        frames = torch.stack([
-            resize_center_crop(decode(infos[j], records[j]["frame_indices"], cfg.data.decoder)[0],
-                               cfg.data.height, cfg.data.width)
-            for j in idx
-        ])
+        frames = torch.stack(
+            [
+                resize_center_crop(
+                    decode(infos[j], records[j]["frame_indices"], cfg.data.decoder)[0], cfg.data.height, cfg.data.width
+                )
+                for j in idx
+            ]
+        )
         with torch.no_grad():
             lat = family.encode_video(vae, frames)
             txt = family.encode_text(tok, enc, [records[j]["caption"] for j in idx], cfg.model.max_text_length)
@@ -123,8 +132,10 @@ def main() -> None:
     res = train(cfg)
     wall = time.perf_counter() - t0
     t_engine = res.median_step_s  # median, like the plain loop; metrics buffering included
-    print(f"[2] engine         : {bs / t_engine:8.1f} samples/s ({t_engine * 1e3:.1f} ms/step; "
-          f"{wall:.2f} s wall for {args.steps} steps incl. model build, checkpoint and export)")
+    print(
+        f"[2] engine         : {bs / t_engine:8.1f} samples/s ({t_engine * 1e3:.1f} ms/step; "
+        f"{wall:.2f} s wall for {args.steps} steps incl. model build, checkpoint and export)"
+    )
     print(f"[2] plain loop     : {bs / t_plain:8.1f} samples/s ({t_plain * 1e3:.1f} ms/step)")
     print(f"[2] ratio engine / plain step time: {t_engine / t_plain:.2f}x")
 

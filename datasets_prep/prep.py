@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -120,12 +122,25 @@ def _decoded(
         return p, resize_center_crop(frames, d.height, d.width)
 
     # decord and PyAV release the GIL while decoding: threads overlap decode with encode.
+    rep = reporter()
+    rep.start("decode", len(pending))
+    # A bounded window of in-flight decodes: pool.map would decode everything ahead of the encoder
+    # and hold every clip's frames in memory at once.
+    window = 2 * d.num_workers + d.batch_size
     with ThreadPoolExecutor(max_workers=d.num_workers) as pool:
-        for p, out in pool.map(work, pending):
+        todo, inflight = iter(pending), deque()
+        for p in islice(todo, window):
+            inflight.append(pool.submit(work, p))
+        while inflight:
+            p, out = inflight.popleft().result()
+            if (nxt := next(todo, None)) is not None:
+                inflight.append(pool.submit(work, nxt))
+            rep.advance("decode")
             if isinstance(out, ProbeError):
                 rejects.append(Rejection(str(p.entry.path), "decode", str(out)))
             else:
                 yield p, out
+    rep.finish("decode")
 
 
 def run_prep(cfg: PipelineConfig) -> PrepResult:

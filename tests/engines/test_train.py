@@ -147,3 +147,18 @@ def test_a_failing_rank_surfaces_its_error(tmp_path: Path, prepped: PipelineConf
     )
     with pytest.raises(TrainingFailed, match="not a checkpoint directory"):
         launch(cfg, None, None)
+
+
+def test_bf16_autocast_and_grad_accumulation_train(tmp_path: Path, prepped: PipelineConfig) -> None:
+    cfg = make_config(
+        tmp_path,
+        prepped.data.manifest,
+        f"data.output_dir={prepped.prep_dir}",
+        "train.mixed_precision=bf16",
+        "train.grad_accum=2",
+        "train.max_steps=3",
+    )
+    res = launch(cfg, None, None)
+    assert len(res.losses) == 3 and all(0 < x < 100 for x in res.losses)
+    state = torch.load(ckpt.latest(cfg.train_dir) / "trainer_state.pt", weights_only=True)
+    assert state["position"] == 3 * 2 * cfg.train.batch_size  # accumulation consumed 2 micro-batches a step

@@ -57,3 +57,23 @@ def test_eval_without_a_trained_model_explains(tmp_path: Path, prepped: Pipeline
     cfg = prepped.model_copy(update={"workdir": tmp_path})
     with pytest.raises(FileNotFoundError, match="flowspeed train"):
         run_eval(cfg, tmp_path / "nothing")
+
+
+def test_clip_pretrained_accepts_a_local_checkpoint_file(tmp_path: Path) -> None:
+    import torch
+
+    from evaluation.clip_score import load_clip
+
+    device = resolve_device("cpu")
+    model, _, _ = load_clip(ClipConfig(), device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # weights that no random init would give
+    path = tmp_path / "clip.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    loaded, _, _ = load_clip(ClipConfig(pretrained=str(path)), device)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
+    with pytest.raises(FileNotFoundError, match="eval.clip.pretrained"):
+        load_clip(ClipConfig(pretrained=str(tmp_path / "missing.pt")), device)

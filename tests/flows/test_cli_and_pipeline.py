@@ -95,12 +95,15 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
         "from prefect.client.orchestration import get_client\n"
         "with get_client(sync_client=True) as c:\n"
         "    fr = c.read_flow_run(sys.argv[1]); print(fr.state.type.value, fr.name)\n"
+        "    for a in c.read_artifacts(): print(a.key, a.data)\n"
     )
     env = _env(work) | {"PREFECT_HOME": str(work / "prefect")}
     state = subprocess.run(
         [sys.executable, "-c", check, flow_run_id], env=env, capture_output=True, text=True, timeout=300
     )
     assert state.stdout.split()[0] == "COMPLETED", state.stderr[-2000:]
+    links = [line for line in state.stdout.splitlines() if line.startswith("mlflow-pipeline ")]
+    assert links and parent.info.run_id in links[0]  # the MLflow run link is a Prefect artifact
 
     # Run again: nothing new to encode or train; Prefect's cache (outputs still present) reuses the work.
     again = flowspeed(

@@ -36,10 +36,19 @@ def _free_port() -> int:
 def test_deployment_runs_on_a_process_worker(tmp_path: Path, demo_manifest: Path) -> None:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([*PREFECT, "server", "start", "--port", str(port)], env=env, cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "HF_HUB_OFFLINE": "1",
+    }
+    server = subprocess.Popen(
+        [*PREFECT, "server", "start", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -51,16 +60,21 @@ def test_deployment_runs_on_a_process_worker(tmp_path: Path, demo_manifest: Path
                 time.sleep(0.5)
 
         def prefect(*args: str, timeout: int = 300) -> str:
-            out = subprocess.run([*PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True,
-                                 timeout=timeout)
+            out = subprocess.run([*PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
             assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
             return out.stdout
 
         prefect("work-pool", "create", "local", "--type", "process")
         prefect("--no-prompt", "deploy", "--all")
-        params = {"cfg": {"workdir": str(tmp_path / "work"), "data": {"manifest": str(demo_manifest)},
-                          "model": {"max_text_length": 32}, "train": {"max_steps": 3},
-                          "eval": {"prompts": ["a red circle"]}}}
+        params = {
+            "cfg": {
+                "workdir": str(tmp_path / "work"),
+                "data": {"manifest": str(demo_manifest)},
+                "model": {"max_text_length": 32},
+                "train": {"max_steps": 3},
+                "eval": {"prompts": ["a red circle"]},
+            }
+        }
         created = prefect("deployment", "run", "pipeline/flowspeed-pipeline", "--params", json.dumps(params))
         flow_run_id = created.split("UUID:")[1].split()[0]
         prefect("worker", "start", "--pool", "local", "--run-once")
