@@ -61,6 +61,7 @@ def prepare_environment(workdir: Path) -> None:
     # Model hubs are often unreachable on clusters: fail in seconds on a missing local file.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     import logging
     import warnings
 
@@ -124,6 +125,7 @@ def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list
 
 def _summary(cfg: Any, out: dict[str, Any]) -> None:
     from engines.tracking import tracking_uri
+    from tasks.tracking import ui_link
 
     table = Table(title="flowspeed run", show_header=False)
     table.add_column(style="bold", no_wrap=True)
@@ -157,17 +159,23 @@ def _summary(cfg: Any, out: dict[str, Any]) -> None:
     Console().print(table)
     uri = tracking_uri(cfg)
     prefect_home = os.environ.get("PREFECT_HOME")
+    run_id = out.get("mlflow_run_id") or next(iter(out.values())).get("mlflow_run_id", "")
+    flow_run_id = out.get("prefect_flow_run_id")
     console.print("\n[bold]See this run:[/]")
     if uri.startswith("sqlite"):
         console.print(f"  mlflow ui --backend-store-uri {uri}", soft_wrap=True)
-    else:
-        console.print(f"  open {uri}")
+    if run_id:
+        from mlflow import MlflowClient
+
+        exp_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+        console.print(f"  MLflow run:  {ui_link(uri, exp_id, run_id)}", soft_wrap=True)
+    prefect_ui = "http://127.0.0.1:4200"
     if "PREFECT_API_URL" in os.environ:
-        console.print(f"  open {os.environ['PREFECT_API_URL'].removesuffix('/api')}")
+        prefect_ui = os.environ["PREFECT_API_URL"].removesuffix("/").removesuffix("/api")
     elif prefect_home:
-        console.print(
-            f"  PREFECT_HOME={prefect_home} prefect server start   # then open http://127.0.0.1:4200", soft_wrap=True
-        )
+        console.print(f"  PREFECT_HOME={prefect_home} prefect server start", soft_wrap=True)
+    if flow_run_id:
+        console.print(f"  Prefect run: {prefect_ui}/runs/flow-run/{flow_run_id}", soft_wrap=True)
 
 
 @app.command("demo-data")

@@ -34,7 +34,8 @@ def root_cause(stderr_tail: str) -> str:
 
 def launch(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) -> TrainResult:
     nproc = cfg.train.nproc_per_node
-    if nproc == 1 and "WORLD_SIZE" not in os.environ:
+    if "WORLD_SIZE" in os.environ or nproc == 1:
+        # Already a rank of an outer launcher (torchrun, srun), or single process: train here.
         return train(cfg, run_id, tracking_uri)
     cfg_path = save_config(cfg, cfg.train_dir, "launch_config.yaml")
     cmd = [
