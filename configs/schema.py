@@ -111,6 +111,9 @@ class TrackingConfig(Section):
     tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI or sqlite under workdir")
     experiment: str = "flowspeed"
     run_name: str | None = None
+    log_model: Literal["auto", "always", "never"] = Field(
+        "auto", description="copy the exported model into MLflow artifacts; auto: only below 512 MiB"
+    )
 
 
 class PipelineConfig(Section):

@@ -100,7 +100,16 @@ def _plan(cfg: PipelineConfig, cached: set[str], rejects: list[Rejection]) -> tu
                     f"too small: {info.width}x{info.height}, shorter side below data.min_side={d.min_side}"
                 )
             indices = sample_indices(info, d.num_frames, d.target_fps, d.stride)
-            record.update(kind=info.kind, src_fps=info.fps, src_size=[info.width, info.height], frame_indices=indices)
+            record.update(
+                kind=info.kind,
+                src_fps=info.fps,
+                src_size=[info.width, info.height],
+                src_frames=info.num_frames,
+                duration=info.duration,
+                codec=info.codec,
+                rotation=info.rotation,
+                frame_indices=indices,
+            )
             pending[key] = _Pending(item, info, indices, record)
         except ProbeError as exc:
             rejects.append(Rejection(path, "probe", str(exc)))
@@ -123,7 +132,6 @@ def _decoded(
 
     # decord and PyAV release the GIL while decoding: threads overlap decode with encode.
     rep = reporter()
-    rep.start("decode", len(pending))
     # A bounded window of in-flight decodes: pool.map would decode everything ahead of the encoder
     # and hold every clip's frames in memory at once.
     window = 2 * d.num_workers + d.batch_size
@@ -171,6 +179,7 @@ def run_prep(cfg: PipelineConfig) -> PrepResult:
             vae, text_encoder = vae.to(dtype=dtype), text_encoder.to(dtype=dtype)
         scaling = float(getattr(vae.config, "scaling_factor", 1.0))
         rep = reporter()
+        rep.start("decode", len(pending))
         rep.start("encode", len(pending))
         shard: list[tuple[dict, dict[str, torch.Tensor]]] = []
         batch: list[tuple[_Pending, torch.Tensor]] = []

@@ -51,13 +51,17 @@ class RichReporter:
             self.progress.update(self.tasks[name], completed=self.progress.tasks[self.tasks[name]].total)
 
 
-def prepare_environment(workdir: Path) -> None:
+def prepare_environment(workdir: Path, debug: bool = False) -> None:
     """Settings that must exist before Prefect, MLflow or HF libraries are imported."""
     workdir.mkdir(parents=True, exist_ok=True)
     if "PREFECT_API_URL" not in os.environ:
         os.environ.setdefault("PREFECT_HOME", str((workdir / "prefect").resolve()))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Flow and task logs go to the Prefect API (the UI shows them); the terminal shows the progress
+    # bars and, on failure, one paragraph. --debug puts Prefect's console logs back.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    if not debug:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     # Model hubs are often unreachable on clusters: fail in seconds on a missing local file.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -100,7 +104,7 @@ def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list
         cfg = load_config(config, overrides or [], workdir)
     except (ConfigError, FileNotFoundError) as exc:
         _fail(command, exc, debug)
-    prepare_environment(cfg.workdir)
+    prepare_environment(cfg.workdir, debug)
     from datasets_prep.progress import use_reporter
 
     columns = (TextColumn("[bold]{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

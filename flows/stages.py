@@ -78,7 +78,8 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
             run_id,
             {"checkpoint_path": Path(res["checkpoint"]).resolve() if res["checkpoint"] else "", "export_path": final},
         )
-        tr.log_artifacts(cfg, run_id, final, "model")
+        if tr.should_log_model(cfg, final):
+            tr.log_artifacts(cfg, run_id, final, "model")
         return res
 
     return in_stage_run(cfg, "train", parent_run_id, body)

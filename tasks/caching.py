@@ -71,3 +71,18 @@ def run_cached(task: Any, **inputs: Any) -> dict[str, Any]:
     out = dict(state.result())
     out["cache_hit"] = state.name == "Cached"
     return out
+
+
+# Errors that say the input or config is wrong: retrying cannot fix them, only delay the message.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError, NotImplementedError)
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry I/O hiccups and crashed ranks, not a bad config."""
+    try:
+        state.result()
+    except USER_ERRORS:
+        return False
+    except BaseException:
+        return True
+    return True

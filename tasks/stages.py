@@ -17,7 +17,7 @@ from datasets_prep.manifest import Entry, read_manifest
 from datasets_prep.prep import run_prep
 from engines.torch_engine.launch import launch
 from evaluation.run import run_eval
-from tasks.caching import files_policy
+from tasks.caching import files_policy, retry_if_transient
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -51,6 +51,7 @@ def _eval_outputs(inputs: dict[str, Any]) -> list[Path]:
 @task(
     name="prep-latents",
     retries=1,
+    retry_condition_fn=retry_if_transient,
     retry_delay_seconds=5,
     persist_result=True,
     cache_policy=files_policy(sources=_prep_sources, outputs=_prep_outputs),
@@ -63,6 +64,7 @@ def prep_latents(cfg: PipelineConfig) -> dict[str, Any]:
 @task(
     name="train-model",
     retries=1,
+    retry_condition_fn=retry_if_transient,
     retry_delay_seconds=5,
     persist_result=True,
     cache_policy=files_policy(
@@ -81,6 +83,7 @@ def train_model(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | Non
 @task(
     name="evaluate-model",
     retries=1,
+    retry_condition_fn=retry_if_transient,
     retry_delay_seconds=5,
     persist_result=True,
     cache_policy=files_policy(

@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 
 from configs import PipelineConfig, flatten, save_config
 from engines.tracking import ensure_experiment, tracking_uri
+from tasks.caching import retry_if_transient
 
 
 def ui_link(uri: str, experiment_id: str, run_id: str) -> str:
@@ -26,7 +27,7 @@ def ui_link(uri: str, experiment_id: str, run_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-@task(name="start-mlflow-run", retries=2, retry_delay_seconds=2)
+@task(name="start-mlflow-run", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def start_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None) -> str:
     """Open the run, log the resolved config (params + artifact), tag the Prefect flow run."""
     uri = tracking_uri(cfg)
@@ -57,7 +58,7 @@ def start_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None)
     return run_id
 
 
-@task(name="end-mlflow-run", retries=2, retry_delay_seconds=2)
+@task(name="end-mlflow-run", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def end_run(cfg: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri(cfg)).set_terminated(run_id, status=status)
 
@@ -101,3 +102,12 @@ def log_artifacts(cfg: PipelineConfig, run_id: str, local: Path, artifact_path: 
         client.log_artifacts(run_id, str(local), artifact_path)
     else:
         client.log_artifact(run_id, str(local), artifact_path)
+
+
+def should_log_model(cfg: PipelineConfig, model_dir: Path, limit: int = 512 * 2**20) -> bool:
+    """Copying a 10 GB export into the artifact store doubles storage; past `limit` the
+    `export_path` tag is the record (auto), unless the config says always/never."""
+    mode = cfg.tracking.log_model
+    if mode != "auto":
+        return mode == "always"
+    return sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file()) < limit

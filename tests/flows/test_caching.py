@@ -1,11 +1,18 @@
 from pathlib import Path
 
+import pytest
 from prefect import task
 from prefect.testing.utilities import prefect_test_harness
 
 from configs import PipelineConfig
 from tasks.caching import files_policy, run_cached
 from tasks.stages import prep_latents
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness():
+        yield
 
 
 def test_cache_key_follows_inputs_and_sources_not_run_ids(tmp_path: Path) -> None:
@@ -23,7 +30,7 @@ def test_cache_key_follows_inputs_and_sources_not_run_ids(tmp_path: Path) -> Non
     assert policy.compute_key(None, {"cfg": cfg, "run_id": "r1"}, {}) != key
 
 
-def test_a_deleted_output_is_recomputed_not_replayed(tmp_path: Path) -> None:
+def test_a_deleted_output_is_recomputed_not_replayed(tmp_path: Path, harness: None) -> None:
     out = tmp_path / "out.txt"
     calls = []
 
@@ -33,13 +40,12 @@ def test_a_deleted_output_is_recomputed_not_replayed(tmp_path: Path) -> None:
         out.write_text(tag)
         return {"path": str(out)}
 
-    with prefect_test_harness():
-        first = run_cached(produce, tag="x")
-        second = run_cached(produce, tag="x")
-        assert (first["cache_hit"], second["cache_hit"]) == (False, True) and calls == ["x"]
-        out.unlink()
-        third = run_cached(produce, tag="x")
-        assert third["cache_hit"] is False and calls == ["x", "x"] and out.read_text() == "x"
+    first = run_cached(produce, tag="x")
+    second = run_cached(produce, tag="x")
+    assert (first["cache_hit"], second["cache_hit"]) == (False, True) and calls == ["x"]
+    out.unlink()
+    third = run_cached(produce, tag="x")
+    assert third["cache_hit"] is False and calls == ["x", "x"] and out.read_text() == "x"
 
 
 def test_prep_task_logic_runs_without_an_orchestrator(tmp_path: Path, demo_manifest: Path) -> None:
@@ -47,3 +53,31 @@ def test_prep_task_logic_runs_without_an_orchestrator(tmp_path: Path, demo_manif
 
     res = prep_latents.fn(make_config(tmp_path, demo_manifest))
     assert res["num_samples"] == 8 and Path(res["samples"]).is_file()
+
+
+def test_bad_input_fails_at_once_while_transient_errors_are_retried(harness: None) -> None:
+    from prefect import flow, task
+
+    from tasks.caching import retry_if_transient
+
+    attempts = {"user": 0, "io": 0}
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_if_transient)
+    def user_error() -> None:
+        attempts["user"] += 1
+        raise ValueError("data.num_frames must be 4k+1")
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_if_transient)
+    def flaky_io() -> str:
+        attempts["io"] += 1
+        if attempts["io"] < 3:
+            raise ConnectionError("tracking server busy")
+        return "ok"
+
+    @flow
+    def both() -> str:
+        assert user_error(return_state=True).is_failed()
+        return flaky_io()
+
+    assert both() == "ok"
+    assert attempts == {"user": 1, "io": 3}

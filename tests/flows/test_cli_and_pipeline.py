@@ -113,3 +113,11 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     assert "reused" in again.stdout and "prep, train, eval" in again.stdout
     summary = json.loads((work / "prep" / "summary.json").read_text())
     assert summary["num_encoded"] == 20  # untouched: the cached prep task did not run again
+
+
+@pytest.mark.slow
+def test_a_stage_failing_inside_its_flow_is_one_paragraph(tmp_path: Path) -> None:
+    out = flowspeed("train", "configs/quickstart.yaml", "--workdir", str(tmp_path), workdir=tmp_path)
+    assert out.returncode == 1
+    assert "flowspeed train failed" in out.stderr and "run `flowspeed prep` first" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
