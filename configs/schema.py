@@ -50,6 +50,8 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     manifest: Path = Path("data.jsonl")
+    manifest_format: str = Field("auto", description="auto, or one of datasets_prep.manifest.known_formats()")
+    roots: list[Path] = Field(default_factory=list, description="extra folders media paths may resolve into")
     output_dir: Path | None = Field(None, description="prep output; default <workdir>/prep")
     decoder: Literal["decord", "pyav"] = "decord"
     num_frames: int = Field(9, ge=1)

@@ -1,22 +1,61 @@
-"""Read a CogVideoX-style JSONL manifest (`{"file": ..., "captions": ...}` per line), streaming.
+"""Manifest ingest: one streaming reader per format, registered by name, auto-detected.
 
-A manifest of millions of lines must survive one bad line: malformed lines become recorded
-rejections with their line number, and the rest is read.
+Formats (``data.manifest_format``; ``auto`` detects from the path and the first record):
+    cogvideox      JSONL ``{"file": ..., "captions": str | [str]}`` (CogVideoX / finetrainers)
+    jsonl, json,   generic tables: a media column (file/path/video/image/audio) and a caption column
+    csv, parquet   (caption/captions/cap/text); other columns are kept as metadata
+    folder         a directory of media; captions from sidecar ``<name>.txt`` files
+    opensora_plan  ``data.txt`` of ``<root>,<annotation.json>`` lines; records carry ``path``, ``cap``,
+                   ``resolution``, ``fps``, ``num_frames``/``duration``, optional ``aes``, ``cut``
+    sharegpt       LLaVA/ShareGPT conversations (``messages`` or ``conversations``) with ``images`` /
+                   ``videos`` lists whose lengths must match the ``<image>``/``<video>`` placeholders
+    audio          speech: an ``audio`` (or file/path) column and ``text``/``transcript``/``sentence``
+
+A manifest of millions of lines must survive one bad line: malformed records become rejections
+with their record number and the rest is read. Every media path resolves under the manifest's root
+(or a declared root); one that escapes it (``..``, absolute elsewhere, a symlink out) is rejected
+unread.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+MEDIA_KEYS = ("file", "path", "video", "image", "media", "audio", "audio_filepath")
+CAPTION_KEYS = ("captions", "caption", "cap", "text", "transcript", "sentence")
+MEDIA_SUFFIXES = {
+    ".mp4",
+    ".mov",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".m4v",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".wav",
+    ".flac",
+    ".mp3",
+    ".ogg",
+    ".m4a",
+}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Entry:
-    line: int
-    path: Path
-    caption: str
+    line: int  # 1-based record number in its source file
+    path: Path  # the primary media file
+    caption: str | None
+    media: tuple[Path, ...] = ()  # every media file of the sample (conversations may have several)
+    meta: dict[str, Any] = field(default_factory=dict)  # format-specific: cut, aes, fps, messages, ...
 
 
 @dataclass(frozen=True)
@@ -29,41 +68,276 @@ class Rejection:
         return {"path": self.path, "stage": self.stage, "reason": self.reason}
 
 
-def _caption(row: dict) -> str | None:
-    caps = row.get("captions", row.get("caption", row.get("text")))
-    if isinstance(caps, list):
-        caps = next((c for c in caps if isinstance(c, str) and c.strip()), None)
-    return caps.strip() if isinstance(caps, str) and caps.strip() else None
+Item = Entry | Rejection
+Reader = Callable[[Path, tuple[Path, ...]], Iterator[Item]]
 
 
-def read_manifest(manifest: Path) -> Iterator[Entry | Rejection]:
+@dataclass(frozen=True)
+class Format:
+    name: str
+    read: Reader
+    detect: Callable[[Path, dict | None], bool]
+
+
+_FORMATS: dict[str, Format] = {}
+
+
+def register_format(name: str, detect: Callable[[Path, dict | None], bool]) -> Callable[[Reader], Reader]:
+    def deco(fn: Reader) -> Reader:
+        _FORMATS[name] = Format(name, fn, detect)
+        return fn
+
+    return deco
+
+
+def known_formats() -> list[str]:
+    return sorted(_FORMATS)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def resolve_under(raw: str, root: Path, extra_roots: tuple[Path, ...] = ()) -> Path | str:
+    """The resolved path, or the reason it is refused. Symlinks are followed before the check."""
+    if not raw or not isinstance(raw, str):
+        return "empty media path"
+    path = (root / raw).resolve()
+    for allowed in (root.resolve(), *(r.resolve() for r in extra_roots)):
+        if path.is_relative_to(allowed):
+            return path
+    return f"path escapes the manifest root {root.resolve()}"
+
+
+def caption_of(row: dict[str, Any], keys: Iterable[str] = CAPTION_KEYS) -> str | None:
+    for key in keys:
+        caps = row.get(key)
+        if isinstance(caps, list):
+            caps = next((c for c in caps if isinstance(c, str) and c.strip()), None)
+        if isinstance(caps, str) and caps.strip():
+            return caps.strip()
+    return None
+
+
+def _media_of(row: dict[str, Any]) -> str | None:
+    return next((row[k] for k in MEDIA_KEYS if isinstance(row.get(k), str) and row[k]), None)
+
+
+def _row_entry(row: Any, lineno: int, where: str, root: Path, roots: tuple[Path, ...]) -> Item:
+    if not isinstance(row, dict):
+        return Rejection(where, "manifest", f"record {lineno} is not an object")
+    raw = _media_of(row)
+    if raw is None:
+        return Rejection(where, "manifest", f'record {lineno} has no "file" (or {"/".join(MEDIA_KEYS[1:])}) string')
+    resolved = resolve_under(raw, root, roots)
+    if isinstance(resolved, str):
+        return Rejection(raw, "manifest", f"record {lineno}: {resolved}")
+    meta = {k: v for k, v in row.items() if k not in MEDIA_KEYS and k not in CAPTION_KEYS}
+    return Entry(lineno, resolved, caption_of(row), (resolved,), meta)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any | json.JSONDecodeError]]:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if raw.strip():
+                try:
+                    yield lineno, json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    yield lineno, exc
+
+
+def _first_record(path: Path) -> dict | None:
+    try:
+        if path.suffix == ".jsonl":
+            for _, row in _jsonl_rows(path):
+                return row if isinstance(row, dict) else None
+        elif path.suffix == ".json" and path.stat().st_size < 512 * 2**20:
+            data = json.loads(path.read_text())
+            return data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _table_rows(path: Path, root: Path, roots: tuple[Path, ...], rows: Iterable[tuple[int, Any]]) -> Iterator[Item]:
+    for lineno, row in rows:
+        if isinstance(row, json.JSONDecodeError):
+            yield Rejection(f"{path}:{lineno}", "manifest", f"line {lineno} is not valid JSON: {row.msg}")
+            continue
+        yield _row_entry(row, lineno, f"{path}:{lineno}", root, roots)
+
+
+# ---- readers ------------------------------------------------------------------------------------
+
+
+def _is_cogvideox(path: Path, first: dict | None) -> bool:
+    return path.suffix == ".jsonl" and bool(first) and "file" in first and "captions" in first
+
+
+@register_format("cogvideox", _is_cogvideox)
+def read_cogvideox(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
+    yield from _table_rows(path, path.resolve().parent, roots, _jsonl_rows(path))
+
+
+@register_format("jsonl", lambda p, first: p.suffix == ".jsonl")
+def read_jsonl_table(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
+    yield from _table_rows(path, path.resolve().parent, roots, _jsonl_rows(path))
+
+
+@register_format("json", lambda p, first: p.suffix == ".json")
+def read_json_table(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"manifest {path} is not valid JSON (line {exc.lineno}): {exc.msg}") from exc
+    if not isinstance(data, list):
+        raise ValueError(f"manifest {path} must hold a JSON list of records, not {type(data).__name__}")
+    yield from _table_rows(path, path.resolve().parent, roots, enumerate(data, start=1))
+
+
+@register_format("csv", lambda p, first: p.suffix in (".csv", ".tsv"))
+def read_csv_table(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        reader = csv.DictReader(fh, delimiter="\t" if path.suffix == ".tsv" else ",")
+        # Record numbers count data rows from 1, as the other readers do (the header is row 0).
+        yield from _table_rows(path, path.resolve().parent, roots, enumerate(reader, start=1))
+
+
+@register_format("parquet", lambda p, first: p.suffix == ".parquet")
+def read_parquet_table(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    def rows() -> Iterator[tuple[int, dict]]:
+        n = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):  # streaming, not the whole file
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row
+
+    yield from _table_rows(path, path.resolve().parent, roots, rows())
+
+
+@register_format("folder", lambda p, first: p.is_dir())
+def read_folder(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
+    root = path.resolve()
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in MEDIA_SUFFIXES)
+    for n, media in enumerate(files, start=1):
+        rel = str(media.relative_to(path))
+        resolved = resolve_under(rel, root, roots)
+        if isinstance(resolved, str):
+            yield Rejection(rel, "manifest", resolved)
+            continue
+        sidecar = media.with_suffix(".txt")
+        caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else None
+        yield Entry(n, resolved, caption or None, (resolved,), {})
+
+
+def _is_opensora_plan(path: Path, first: dict | None) -> bool:
+    if path.suffix != ".txt" or not path.is_file():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        line = fh.readline().strip()
+    return line.count(",") >= 1 and line.rsplit(",", 1)[1].strip().endswith(".json")
+
+
+@register_format("opensora_plan", _is_opensora_plan)
+def read_opensora_plan(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
+    base = path.resolve().parent
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if "," not in line:
+            yield Rejection(f"{path}:{lineno}", "manifest", f"line {lineno} is not `<root>,<annotation.json>`")
+            continue
+        root_s, ann_s = (s.strip() for s in line.rsplit(",", 1))
+        data_root, ann = (base / root_s).resolve(), (base / ann_s).resolve()
+        try:
+            records = json.loads(ann.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            yield Rejection(str(ann), "manifest", f"annotation file of line {lineno} unreadable: {exc}")
+            continue
+        for n, rec in enumerate(records if isinstance(records, list) else [], start=1):
+            item = _row_entry(rec, n, f"{ann}:{n}", data_root, roots)
+            if isinstance(item, Entry):
+                item.meta.setdefault("annotation", str(ann))
+            yield item
+
+
+def _is_sharegpt(path: Path, first: dict | None) -> bool:
+    return bool(first) and ("messages" in first or "conversations" in first)
+
+
+@register_format("sharegpt", _is_sharegpt)
+def read_sharegpt(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
+    root = path.resolve().parent
+    rows = _jsonl_rows(path) if path.suffix == ".jsonl" else enumerate(json.loads(path.read_text()), start=1)
+    for n, row in rows:
+        where = f"{path}:{n}"
+        if isinstance(row, json.JSONDecodeError):
+            yield Rejection(where, "manifest", f"line {n} is not valid JSON: {row.msg}")
+            continue
+        turns = row.get("messages", row.get("conversations")) if isinstance(row, dict) else None
+        if not isinstance(turns, list) or not turns:
+            yield Rejection(where, "manifest", f"record {n} has no messages/conversations list")
+            continue
+        text = " ".join(str(t.get("content", t.get("value", ""))) for t in turns if isinstance(t, dict))
+        media: list[Path] = []
+        bad = None
+        for kind in ("image", "video"):
+            files = row.get(f"{kind}s", []) or []
+            files = [files] if isinstance(files, str) else files
+            if text.count(f"<{kind}>") != len(files):
+                bad = f"record {n}: {text.count(f'<{kind}>')} <{kind}> placeholders but {len(files)} {kind}s"
+                break
+            for f in files:
+                resolved = resolve_under(f, root, roots)
+                if isinstance(resolved, str):
+                    bad = f"record {n}: {f}: {resolved}"
+                    break
+                media.append(resolved)
+            if bad:
+                break
+        if bad:
+            yield Rejection(where, "manifest", bad)
+            continue
+        first = media[0] if media else path.resolve()
+        yield Entry(n, first, None, tuple(media), {"messages": turns})
+
+
+def _is_audio(path: Path, first: dict | None) -> bool:
+    return bool(first) and ("audio" in first or "audio_filepath" in first)
+
+
+@register_format("audio", _is_audio)
+def read_audio(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
+    rows = _jsonl_rows(path) if path.suffix == ".jsonl" else enumerate(json.loads(path.read_text()), start=1)
+    yield from _table_rows(path, path.resolve().parent, roots, rows)
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+# Detection order: the specific conventions before the generic tables they are also valid as.
+_DETECT_ORDER = ("folder", "opensora_plan", "sharegpt", "audio", "cogvideox", "jsonl", "json", "csv", "parquet")
+
+
+def detect_format(manifest: Path) -> str:
+    first = _first_record(manifest) if manifest.is_file() else None
+    for name in _DETECT_ORDER:
+        if _FORMATS[name].detect(manifest, first):
+            return name
+    raise ValueError(
+        f"cannot tell the format of manifest {manifest}; set data.manifest_format to one of: "
+        f"{', '.join(known_formats())}"
+    )
+
+
+def read_manifest(manifest: Path, fmt: str = "auto", roots: Iterable[Path] = ()) -> Iterator[Item]:
     manifest = Path(manifest)
-    if not manifest.is_file():
+    if not manifest.exists():
         raise FileNotFoundError(
             f"manifest {manifest} does not exist; set data.manifest, or write a demo dataset with "
             "`flowspeed demo-data DIR`"
         )
-    root = manifest.resolve().parent
-    with open(manifest, encoding="utf-8", errors="replace") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            where = f"{manifest}:{lineno}"
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                yield Rejection(where, "manifest", f"line {lineno} is not valid JSON: {exc.msg}")
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("file"), str) or not row["file"]:
-                yield Rejection(where, "manifest", f'line {lineno} has no "file" string')
-                continue
-            caption = _caption(row)
-            if caption is None:
-                yield Rejection(row["file"], "manifest", f"line {lineno} has no non-empty caption")
-                continue
-            path = (root / row["file"]).resolve()
-            # Relative paths resolve under the manifest's folder; escaping it is refused unread.
-            if not path.is_relative_to(root):
-                yield Rejection(row["file"], "manifest", f"line {lineno}: path escapes the manifest folder {root}")
-                continue
-            yield Entry(lineno, path, caption)
+    name = detect_format(manifest) if fmt == "auto" else fmt
+    if name not in _FORMATS:
+        raise ValueError(f"unknown manifest format {name!r}; known formats: {', '.join(known_formats())}")
+    yield from _FORMATS[name].read(manifest, tuple(Path(r) for r in roots))

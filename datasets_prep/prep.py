@@ -66,7 +66,7 @@ def _plan(cfg: PipelineConfig, cached: set[str], rejects: list[Rejection]) -> tu
     prep_hash, encoder = cfg.prep_hash(), cfg.encoder_identity()
     selected: dict[str, dict] = {}
     pending: dict[str, _Pending] = {}
-    items = list(read_manifest(d.manifest))
+    items = list(read_manifest(d.manifest, d.manifest_format, d.roots))
     rep = reporter()
     rep.start("probe", len(items))
     for item in items:
@@ -75,6 +75,9 @@ def _plan(cfg: PipelineConfig, cached: set[str], rejects: list[Rejection]) -> tu
             rejects.append(item)
             continue
         path = str(item.path)
+        if not item.caption:
+            rejects.append(Rejection(path, "manifest", f"record {item.line} has no caption"))
+            continue
         try:
             if not item.path.is_file():
                 raise ProbeError("file not found")

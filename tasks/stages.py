@@ -27,10 +27,12 @@ def _cfg(inputs: dict[str, Any]) -> PipelineConfig:
 
 
 def _prep_sources(inputs: dict[str, Any]) -> list[Path]:
-    manifest = Path(_cfg(inputs).data.manifest)
-    if not manifest.is_file():
+    d = _cfg(inputs).data
+    manifest = Path(d.manifest)
+    if not manifest.exists():
         return [manifest]
-    return [manifest] + [e.path for e in read_manifest(manifest) if isinstance(e, Entry)]
+    media = [p for e in read_manifest(manifest, d.manifest_format, d.roots) if isinstance(e, Entry) for p in e.media]
+    return ([manifest] if manifest.is_file() else []) + media
 
 
 def _prep_outputs(inputs: dict[str, Any]) -> list[Path]:
