@@ -26,8 +26,9 @@ def sample_indices(info: MediaInfo, num_frames: int, target_fps: float | None, s
     if indices[-1] >= info.num_frames:
         need = indices[-1] + 1
         raise ProbeError(
+            "too_short",
             f"too short: {num_frames} frames at step {step:.2f} need {need} source frames, "
-            f"the clip has {info.num_frames}"
+            f"the clip has {info.num_frames}",
         )
     return indices
 
@@ -50,12 +51,15 @@ def _decode_pyav(path: Path, indices: list[int]) -> np.ndarray:
         stream.thread_type = "AUTO"
         for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
-                frames[i] = frame.to_ndarray(format="rgb24")
+                # decord applies the display rotation; PyAV hands back stored frames: match decord.
+                frames[i] = np.rot90(frame.to_ndarray(format="rgb24"), k=int(frame.rotation) // 90)
             if i >= last:
                 break
     missing = wanted - frames.keys()
     if missing:
-        raise ProbeError(f"decoded only {len(frames)} of the wanted frames; missing {sorted(missing)[:5]}")
+        raise ProbeError(
+            "decode_failed", f"decoded only {len(frames)} of the wanted frames; missing {sorted(missing)[:5]}"
+        )
     return np.stack([frames[i] for i in indices])
 
 
@@ -89,7 +93,7 @@ def decode(info: MediaInfo, indices: list[int], decoder: str) -> tuple[np.ndarra
             errors.append(f"{name}: {exc}")
         except Exception as exc:  # decoders raise library-specific types for corrupt streams
             errors.append(f"{name}: {type(exc).__name__}: {str(exc)[-200:]}")
-    raise ProbeError("failed to decode: " + "; ".join(errors))
+    raise ProbeError("decode_failed", "failed to decode: " + "; ".join(errors))
 
 
 def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:

@@ -63,9 +63,10 @@ class Rejection:
     path: str
     stage: str
     reason: str
+    code: str = "invalid"  # the reason's category, counted per code in the prep summary
 
     def as_row(self) -> dict[str, str]:
-        return {"path": self.path, "stage": self.stage, "reason": self.reason}
+        return {"path": self.path, "stage": self.stage, "reason": self.reason, "code": self.code}
 
 
 Item = Entry | Rejection
@@ -124,13 +125,15 @@ def _media_of(row: dict[str, Any]) -> str | None:
 
 def _row_entry(row: Any, lineno: int, where: str, root: Path, roots: tuple[Path, ...]) -> Item:
     if not isinstance(row, dict):
-        return Rejection(where, "manifest", f"record {lineno} is not an object")
+        return Rejection(where, "manifest", f"record {lineno} is not an object", "bad_record")
     raw = _media_of(row)
     if raw is None:
-        return Rejection(where, "manifest", f'record {lineno} has no "file" (or {"/".join(MEDIA_KEYS[1:])}) string')
+        return Rejection(
+            where, "manifest", f'record {lineno} has no "file" (or {"/".join(MEDIA_KEYS[1:])}) string', "no_media"
+        )
     resolved = resolve_under(raw, root, roots)
     if isinstance(resolved, str):
-        return Rejection(raw, "manifest", f"record {lineno}: {resolved}")
+        return Rejection(raw, "manifest", f"record {lineno}: {resolved}", "escapes_root")
     meta = {k: v for k, v in row.items() if k not in MEDIA_KEYS and k not in CAPTION_KEYS}
     return Entry(lineno, resolved, caption_of(row), (resolved,), meta)
 
@@ -161,7 +164,7 @@ def _first_record(path: Path) -> dict | None:
 def _table_rows(path: Path, root: Path, roots: tuple[Path, ...], rows: Iterable[tuple[int, Any]]) -> Iterator[Item]:
     for lineno, row in rows:
         if isinstance(row, json.JSONDecodeError):
-            yield Rejection(f"{path}:{lineno}", "manifest", f"line {lineno} is not valid JSON: {row.msg}")
+            yield Rejection(f"{path}:{lineno}", "manifest", f"line {lineno} is not valid JSON: {row.msg}", "bad_json")
             continue
         yield _row_entry(row, lineno, f"{path}:{lineno}", root, roots)
 
@@ -224,7 +227,7 @@ def read_folder(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
         rel = str(media.relative_to(path))
         resolved = resolve_under(rel, root, roots)
         if isinstance(resolved, str):
-            yield Rejection(rel, "manifest", resolved)
+            yield Rejection(rel, "manifest", resolved, "escapes_root")
             continue
         sidecar = media.with_suffix(".txt")
         caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else None
@@ -246,14 +249,16 @@ def read_opensora_plan(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Ite
         if not line.strip():
             continue
         if "," not in line:
-            yield Rejection(f"{path}:{lineno}", "manifest", f"line {lineno} is not `<root>,<annotation.json>`")
+            yield Rejection(
+                f"{path}:{lineno}", "manifest", f"line {lineno} is not `<root>,<annotation.json>`", "bad_record"
+            )
             continue
         root_s, ann_s = (s.strip() for s in line.rsplit(",", 1))
         data_root, ann = (base / root_s).resolve(), (base / ann_s).resolve()
         try:
             records = json.loads(ann.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            yield Rejection(str(ann), "manifest", f"annotation file of line {lineno} unreadable: {exc}")
+            yield Rejection(str(ann), "manifest", f"annotation file of line {lineno} unreadable: {exc}", "bad_record")
             continue
         for n, rec in enumerate(records if isinstance(records, list) else [], start=1):
             item = _row_entry(rec, n, f"{ann}:{n}", data_root, roots)
@@ -273,11 +278,11 @@ def read_sharegpt(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
     for n, row in rows:
         where = f"{path}:{n}"
         if isinstance(row, json.JSONDecodeError):
-            yield Rejection(where, "manifest", f"line {n} is not valid JSON: {row.msg}")
+            yield Rejection(where, "manifest", f"line {n} is not valid JSON: {row.msg}", "bad_json")
             continue
         turns = row.get("messages", row.get("conversations")) if isinstance(row, dict) else None
         if not isinstance(turns, list) or not turns:
-            yield Rejection(where, "manifest", f"record {n} has no messages/conversations list")
+            yield Rejection(where, "manifest", f"record {n} has no messages/conversations list", "bad_record")
             continue
         text = " ".join(str(t.get("content", t.get("value", ""))) for t in turns if isinstance(t, dict))
         media: list[Path] = []
@@ -297,7 +302,7 @@ def read_sharegpt(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
             if bad:
                 break
         if bad:
-            yield Rejection(where, "manifest", bad)
+            yield Rejection(where, "manifest", bad, "escapes_root" if "escapes" in bad else "placeholder_mismatch")
             continue
         first = media[0] if media else path.resolve()
         yield Entry(n, first, None, tuple(media), {"messages": turns})

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -47,6 +47,7 @@ class PrepResult:
     num_encoded: int
     encoder_calls: int
     seconds: float
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,11 +77,11 @@ def _plan(cfg: PipelineConfig, cached: set[str], rejects: list[Rejection]) -> tu
             continue
         path = str(item.path)
         if not item.caption:
-            rejects.append(Rejection(path, "manifest", f"record {item.line} has no caption"))
+            rejects.append(Rejection(path, "manifest", f"record {item.line} has no caption", "no_caption"))
             continue
         try:
             if not item.path.is_file():
-                raise ProbeError("file not found")
+                raise ProbeError("not_found", "file not found")
             content = file_digest(item.path)
             key = text_digest(content, item.caption, prep_hash, encoder)
             if key in selected or key in pending:
@@ -100,7 +101,7 @@ def _plan(cfg: PipelineConfig, cached: set[str], rejects: list[Rejection]) -> tu
             info = probe(item.path)
             if min(info.width, info.height) < d.min_side:
                 raise ProbeError(
-                    f"too small: {info.width}x{info.height}, shorter side below data.min_side={d.min_side}"
+                    "too_small", f"too small: {info.width}x{info.height}, shorter side below data.min_side={d.min_side}"
                 )
             indices = sample_indices(info, d.num_frames, d.target_fps, d.stride)
             record.update(
@@ -110,12 +111,14 @@ def _plan(cfg: PipelineConfig, cached: set[str], rejects: list[Rejection]) -> tu
                 src_frames=info.num_frames,
                 duration=info.duration,
                 codec=info.codec,
+                container=info.container,
                 rotation=info.rotation,
+                vfr=info.vfr,
                 frame_indices=indices,
             )
             pending[key] = _Pending(item, info, indices, record)
         except ProbeError as exc:
-            rejects.append(Rejection(path, "probe", str(exc)))
+            rejects.append(Rejection(path, "probe", str(exc), exc.code))
     rep.finish("probe")
     return list(selected.values()), list(pending.values())
 
@@ -148,7 +151,7 @@ def _decoded(
                 inflight.append(pool.submit(work, nxt))
             rep.advance("decode")
             if isinstance(out, ProbeError):
-                rejects.append(Rejection(str(p.entry.path), "decode", str(out)))
+                rejects.append(Rejection(str(p.entry.path), "decode", str(out), out.code))
             else:
                 yield p, out
     rep.finish("decode")
@@ -239,6 +242,7 @@ def run_prep(cfg: PipelineConfig) -> PrepResult:
         num_encoded=len(encoded),
         encoder_calls=encoder_calls,
         seconds=round(time.perf_counter() - t0, 3),
+        rejected_by_reason=dict(Counter(r.code for r in rejects).most_common()),
     )
     atomic_write_text(out / "summary.json", json.dumps(result.as_dict(), indent=2))
     if not selected:

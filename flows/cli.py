@@ -146,6 +146,8 @@ def _summary(cfg: Any, out: dict[str, Any]) -> None:
             f"{p['num_rejected']} rejected -> {p['rejects']})"
         )
         table.add_row("samples", counts)
+        if p.get("rejected_by_reason"):
+            table.add_row("rejected", ", ".join(f"{code}: {n}" for code, n in p["rejected_by_reason"].items()))
     if "train" in out:
         t = out["train"]
         table.add_row("checkpoint", t["checkpoint"])

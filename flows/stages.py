@@ -46,6 +46,7 @@ def prep(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any
                 for k in ("num_samples", "num_rejected", "num_cached", "num_encoded", "encoder_calls", "seconds")
             },
         )
+        tr.log_metrics(cfg, run_id, {f"prep/rejected/{code}": n for code, n in res["rejected_by_reason"].items()})
         tr.log_dataset(cfg, run_id, Path(res["samples"]), context="prep")
         for name in ("rejects", "samples"):
             tr.log_artifacts(cfg, run_id, Path(res[name]), "prep")

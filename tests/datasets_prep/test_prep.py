@@ -16,6 +16,7 @@ from datasets_prep.mp4 import write_mp4
 from datasets_prep.prep import run_prep
 from engines.models import get_family
 from tests.conftest import REPO, make_config
+from tests.datasets_prep.media import write_audio_only, write_rotated, write_vfr
 
 
 def _copy_dataset(src_manifest: Path, dst: Path) -> Path:
@@ -33,37 +34,74 @@ def test_bad_inputs_are_recorded_and_the_rest_is_cached(tmp_path: Path, demo_man
     (root / "empty.mp4").write_bytes(b"")
     write_mp4(root / "short.mp4", np.zeros((4, 64, 64, 3), np.uint8), 8)
     write_mp4(root / "tiny.mp4", np.zeros((12, 16, 16, 3), np.uint8), 8)
+    write_audio_only(root / "audio.mp4")
     (tmp_path / "outside.mp4").write_bytes(full)
+    # Usable but awkward: kept, with what the probe saw recorded.
+    write_rotated(root / "rotated.mp4")
+    write_vfr(root / "vfr.mp4")
     lines = [json.dumps(r) for r in good]
-    lines += [
-        json.dumps({"file": f, "captions": f"bad {f}"})
-        for f in ("corrupt.mp4", "truncated.mp4", "empty.mp4", "missing.mp4", "short.mp4", "tiny.mp4", "../outside.mp4")
-    ]
-    lines += ["{not json", json.dumps({"captions": "no file"})]
+    lines += [json.dumps({"file": f, "captions": f"clip {f}"}) for f in ("rotated.mp4", "vfr.mp4")]
+    bad = (
+        "corrupt.mp4",
+        "truncated.mp4",
+        "empty.mp4",
+        "missing.mp4",
+        "short.mp4",
+        "tiny.mp4",
+        "audio.mp4",
+        "../outside.mp4",
+    )
+    lines += [json.dumps({"file": f, "captions": f"bad {f}"}) for f in bad]
+    lines += ["{not json", json.dumps({"captions": "no file"}), json.dumps({"file": good[1]["file"]})]
     manifest.write_text("\n".join(lines) + "\n")
 
     res = run_prep(make_config(tmp_path / "w", manifest))
 
     rejects = {Path(r["path"]).name: r for r in read_jsonl(Path(res.rejects))}
-    assert all(set(r) == {"path", "stage", "reason"} for r in rejects.values())
-    assert "unreadable" in rejects["corrupt.mp4"]["reason"]
-    assert "unreadable" in rejects["truncated.mp4"]["reason"] or "frames" in rejects["truncated.mp4"]["reason"]
-    assert rejects["empty.mp4"]["reason"] == "zero-length file"
-    assert rejects["missing.mp4"]["reason"] == "file not found"
-    assert "too short" in rejects["short.mp4"]["reason"]
-    assert "too small" in rejects["tiny.mp4"]["reason"]
-    assert "escapes" in rejects["outside.mp4"]["reason"]
+    assert all(set(r) == {"path", "stage", "reason", "code"} for r in rejects.values())
+    expect = {
+        "corrupt.mp4": "unreadable",
+        "empty.mp4": "empty",
+        "missing.mp4": "not_found",
+        "short.mp4": "too_short",
+        "tiny.mp4": "too_small",
+        "audio.mp4": "no_video",
+        "outside.mp4": "escapes_root",
+    }
+    for name, code in expect.items():
+        assert rejects[name]["code"] == code, (name, rejects[name])
+    assert rejects["truncated.mp4"]["code"] in {"unreadable", "no_frames"}
+    assert "audio streams only" in rejects["audio.mp4"]["reason"]
+    assert "too short" in rejects["short.mp4"]["reason"] and "min_side" in rejects["tiny.mp4"]["reason"]
     manifest_rejects = [r for r in rejects.values() if r["stage"] == "manifest"]
-    bad_json_line = len(good) + 8
-    assert any("not valid JSON" in r["reason"] and f"line {bad_json_line}" in r["reason"] for r in manifest_rejects)
-    assert any(f'record {bad_json_line + 1} has no "file"' in r["reason"] for r in manifest_rejects)
-    assert res.num_rejected == 9
-    assert res.num_samples == res.num_encoded == len(good)
-    samples = read_jsonl(Path(res.samples))
+    bad_json_line = len(good) + 2 + len(bad) + 1
+    assert any(r["code"] == "bad_json" and f"line {bad_json_line}" in r["reason"] for r in manifest_rejects)
+    assert any(r["code"] == "no_media" and f"record {bad_json_line + 1}" in r["reason"] for r in manifest_rejects)
+    assert any(r["code"] == "no_caption" for r in manifest_rejects)
+    assert res.num_rejected == len(bad) + 3
+    assert res.rejected_by_reason["escapes_root"] == 1 and sum(res.rejected_by_reason.values()) == res.num_rejected
+    assert res.num_samples == res.num_encoded == len(good) + 2
+
+    samples = {Path(r["source"]).name: r for r in read_jsonl(Path(res.samples))}
+    assert samples["rotated.mp4"]["rotation"] == 90 and samples["rotated.mp4"]["src_size"] == [64, 96]
+    assert samples["vfr.mp4"]["vfr"] is True and samples[Path(good[0]["file"]).name]["vfr"] is False
     cache = LatentCache(Path(res.prep_dir) / "cache")
-    t = cache.load(samples[0])
+    t = cache.load(samples["rotated.mp4"])
     assert t["latent_params"].shape == (8, 3, 8, 8) and t["text_embeds"].shape == (128, 32)
-    assert {"source", "content_hash", "encoder", "prep_hash"} <= samples[0].keys()
+    assert {"source", "content_hash", "encoder", "prep_hash"} <= samples["rotated.mp4"].keys()
+
+
+def test_rotation_is_applied_the_same_by_both_decoders(tmp_path: Path) -> None:
+    from datasets_prep.decode import decode
+    from datasets_prep.probe import probe
+
+    info = probe(write_rotated(tmp_path / "r.mp4"))
+    assert (info.width, info.height, info.rotation) == (64, 96, 90)
+    frames = {name: decode(info, [0, 3], name)[0] for name in ("decord", "pyav")}
+    for arr in frames.values():
+        assert arr.shape == (2, 96, 64, 3)
+        assert arr[:, -8:].mean() > 200 and arr[:, :8].mean() < 30  # the bright stored left edge is now at the bottom
+    assert np.abs(frames["decord"].astype(int) - frames["pyav"]).mean() < 1
 
 
 def test_second_run_encodes_nothing_and_changes_add_entries(
