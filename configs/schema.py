@@ -48,6 +48,47 @@ class ModelConfig(Section):
     seed: int = Field(0, description="seed of random-init presets, so every stage builds the same weights")
 
 
+# Open-Sora's resolution names -> pixel area of their 16:9 base size; "<N>px" means N*N.
+RESOLUTION_AREA = {
+    "144p": 144 * 256,
+    "240p": 240 * 426,
+    "360p": 360 * 640,
+    "480p": 480 * 854,
+    "720p": 720 * 1280,
+    "1080p": 1080 * 1920,
+}
+
+
+def resolution_area(name: str) -> int:
+    if name in RESOLUTION_AREA:
+        return RESOLUTION_AREA[name]
+    if name.endswith("px") and name[:-2].isdigit():
+        return int(name[:-2]) ** 2
+    raise ValueError(f"unknown resolution {name!r}; use one of {', '.join(RESOLUTION_AREA)} or '<N>px'")
+
+
+class BucketsConfig(Section):
+    """How clips are shaped and grouped; see datasets_prep/buckets.py for the three modes."""
+
+    mode: Literal["fixed", "opensora", "dynamic"] = "fixed"
+    # Open-Sora style: {"240p": {17: [1.0, 4], 9: [0.5, 8]}} = resolution -> frames -> [keep_prob, batch_size]
+    bucket_config: dict[str, dict[int, tuple[float, int]]] = Field(default_factory=dict)
+    # Open-Sora-Plan style dynamic resolution
+    max_hxw: int = Field(64 * 64, ge=64, description="most pixels per frame")
+    max_frames: int = Field(17, ge=1)
+    aspect_threshold: float = Field(2.0, ge=1.0, description="refuse clips more elongated than this")
+    min_bucket_count: int = Field(1, ge=1, description="drop buckets with fewer clips (minority shapes)")
+    cp_degree: int = Field(1, ge=1, description="latent frames must divide by the context-parallel degree")
+
+    @model_validator(mode="after")
+    def _check(self) -> BucketsConfig:
+        if self.mode == "opensora" and not self.bucket_config:
+            raise ValueError("buckets.mode=opensora needs buckets.bucket_config")
+        for res in self.bucket_config:
+            resolution_area(res)
+        return self
+
+
 class DataConfig(Section):
     manifest: Path = Path("data.jsonl")
     manifest_format: str = Field("auto", description="auto, or one of datasets_prep.manifest.known_formats()")
@@ -61,11 +102,13 @@ class DataConfig(Section):
     width: int = Field(64, ge=8)
     min_side: int = Field(32, ge=1, description="reject media whose shorter side is below this")
     batch_size: int = Field(4, ge=1, description="clips per VAE/text-encoder call")
-    num_workers: int = Field(2, ge=1, description="decode threads")
+    num_workers: int = Field(2, ge=1, description="decode threads per rank")
+    nproc_per_node: int = Field(1, ge=1, description="prep ranks (torchrun); each takes a slice of the manifest")
     shard_size: int = Field(8, ge=1, description="samples per safetensors shard")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     max_samples: int | None = Field(None, ge=1)
+    buckets: BucketsConfig = BucketsConfig()
 
 
 class TrainConfig(Section):
@@ -143,6 +186,8 @@ class PipelineConfig(Section):
         """Hash of everything that changes what prep writes for a sample (not where it goes)."""
         keys = ("decoder", "num_frames", "target_fps", "stride", "height", "width", "dtype")
         payload: dict[str, Any] = {k: getattr(self.data, k) for k in keys}
+        if self.data.buckets.mode != "fixed":
+            payload["buckets"] = self.data.buckets.model_dump(mode="json")
         payload["max_text_length"] = self.model.max_text_length
         # decord and PyAV agree on indices but not bit-for-bit on pixels: keep them apart.
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

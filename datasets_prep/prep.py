@@ -1,21 +1,24 @@
-"""The prep stage: manifest -> probe -> decode -> VAE/text encode -> latent cache.
+"""The prep stage: manifest -> probe -> bucket -> decode -> VAE/text encode -> latent cache.
 
-    python -c "from configs import load_config; from datasets_prep.prep import run_prep; \
-               print(run_prep(load_config('configs/quickstart.yaml')))"
+    flowspeed prep configs/quickstart.yaml                      # one process
+    flowspeed prep configs/quickstart.yaml --set data.nproc_per_node=2   # torchrun, one slice per rank
 
 Idempotent: samples whose content key is already cached are neither decoded nor encoded, and the
-encoders are not even loaded when nothing is new. Outputs (under `cfg.prep_dir`):
+encoders are not even loaded when nothing is new. Under torchrun each rank takes the manifest
+records i with i % world == rank, writes its own shards (`r<rank>-*`) and a part file; rank 0
+merges the parts. Outputs (under `cfg.prep_dir`):
     cache/            the latent cache (see datasets_prep.cache)
     samples.jsonl     the records this run's manifest and config select: the training set
-    rejects.jsonl     {"path", "stage", "reason"} per unusable line or file
-    summary.json      counts; config.yaml the resolved config
+    rejects.jsonl     {"path", "stage", "reason", "code"} per unusable record or file
+    summary.json      counts (per rejection reason too); config.yaml the resolved config
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -23,16 +26,18 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from configs import PipelineConfig, save_config
+from datasets_prep.buckets import Bucket, assign, drop_minorities
 from datasets_prep.cache import LatentCache
 from datasets_prep.decode import decode, resize_center_crop, sample_indices
-from datasets_prep.io import atomic_write_text, file_digest, text_digest, write_jsonl
+from datasets_prep.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
 from datasets_prep.manifest import Entry, Rejection, read_manifest
 from datasets_prep.probe import MediaInfo, ProbeError, probe
 from datasets_prep.progress import reporter
 from engines.device import resolve_device, torch_dtype
-from engines.models import get_family
+from engines.models import ModelFamily, get_family
 
 
 @dataclass
@@ -48,6 +53,7 @@ class PrepResult:
     encoder_calls: int
     seconds: float
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    world_size: int = 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -57,17 +63,33 @@ class PrepResult:
 class _Pending:
     entry: Entry
     info: MediaInfo
+    bucket: Bucket
     indices: list[int]
     record: dict
 
 
-def _plan(cfg: PipelineConfig, cached: set[str], rejects: list[Rejection]) -> tuple[list[dict], list[_Pending]]:
-    """Split the manifest into records already cached and samples still to encode."""
+def _check(cfg: PipelineConfig, family: ModelFamily) -> None:
+    d = cfg.data
+    if d.buckets.mode == "fixed":
+        if err := family.frame_count_error(d.num_frames):
+            raise ValueError(f"data.num_frames: {err}")
+        for side, name in ((d.height, "height"), (d.width, "width")):
+            if side % family.size_multiple:
+                raise ValueError(f"data.{name}={side} must be a multiple of {family.size_multiple} for {family.name}")
+    for res, frames in d.buckets.bucket_config.items():
+        for n in frames:
+            if err := family.frame_count_error(int(n)):
+                raise ValueError(f"data.buckets.bucket_config[{res}]: {err}")
+
+
+def _plan(
+    cfg: PipelineConfig, family: ModelFamily, items: list, cached: dict[str, dict], rejects: list[Rejection]
+) -> tuple[list[dict], list[_Pending]]:
+    """Split manifest records into those already cached (their cache records) and those to encode."""
     d = cfg.data
     prep_hash, encoder = cfg.prep_hash(), cfg.encoder_identity()
     selected: dict[str, dict] = {}
     pending: dict[str, _Pending] = {}
-    items = list(read_manifest(d.manifest, d.manifest_format, d.roots))
     rep = reporter()
     rep.start("probe", len(items))
     for item in items:
@@ -86,41 +108,45 @@ def _plan(cfg: PipelineConfig, cached: set[str], rejects: list[Rejection]) -> tu
             key = text_digest(content, item.caption, prep_hash, encoder)
             if key in selected or key in pending:
                 continue  # the same file and caption listed twice: one sample
-            record = {
-                "key": key,
-                "source": path,
-                "content_hash": content,
-                "caption": item.caption,
-                "prep_hash": prep_hash,
-                "encoder": encoder,
-                "manifest_line": item.line,
-            }
             if key in cached:
-                selected[key] = record
+                selected[key] = cached[key]
                 continue
             info = probe(item.path)
             if min(info.width, info.height) < d.min_side:
                 raise ProbeError(
                     "too_small", f"too small: {info.width}x{info.height}, shorter side below data.min_side={d.min_side}"
                 )
-            indices = sample_indices(info, d.num_frames, d.target_fps, d.stride)
-            record.update(
-                kind=info.kind,
-                src_fps=info.fps,
-                src_size=[info.width, info.height],
-                src_frames=info.num_frames,
-                duration=info.duration,
-                codec=info.codec,
-                container=info.container,
-                rotation=info.rotation,
-                vfr=info.vfr,
-                frame_indices=indices,
-            )
-            pending[key] = _Pending(item, info, indices, record)
+            bucket = assign(info, key, d, family.temporal_compression, family.size_multiple, cfg.train.batch_size)
+            indices = sample_indices(info, bucket.frames, d.target_fps, d.stride)
+            record = {
+                "key": key, "source": path, "content_hash": content, "caption": item.caption,
+                "prep_hash": prep_hash, "encoder": encoder, "manifest_line": item.line,
+                "kind": info.kind, "src_fps": info.fps, "src_size": [info.width, info.height],
+                "src_frames": info.num_frames, "duration": info.duration, "codec": info.codec,
+                "container": info.container, "rotation": info.rotation, "vfr": info.vfr,
+                "frame_indices": indices, "bucket": list(bucket.shape), "bucket_batch_size": bucket.batch_size,
+                "num_frames": bucket.frames,
+            }  # fmt: skip
+            pending[key] = _Pending(item, info, bucket, indices, record)
         except ProbeError as exc:
             rejects.append(Rejection(path, "probe", str(exc), exc.code))
     rep.finish("probe")
     return list(selected.values()), list(pending.values())
+
+
+def _drop_minority_buckets(cfg: PipelineConfig, done: list[dict], pending: list[_Pending], rejects: list[Rejection]):
+    b = cfg.data.buckets
+    if b.mode == "fixed" or b.min_bucket_count <= 1:
+        return done, pending
+    shapes = {r["key"]: tuple(r["bucket"]) for r in done} | {p.record["key"]: p.bucket.shape for p in pending}
+    drop = drop_minorities(shapes, b.min_bucket_count)
+    for key in drop:
+        rejects.append(
+            Rejection(
+                key, "bucket", f"bucket {shapes[key]} has fewer than {b.min_bucket_count} clips", "minority_bucket"
+            )
+        )
+    return [r for r in done if r["key"] not in drop], [p for p in pending if p.record["key"] not in drop]
 
 
 def _decoded(
@@ -134,12 +160,12 @@ def _decoded(
         except ProbeError as exc:
             return p, exc
         p.record["decoder"] = used
-        return p, resize_center_crop(frames, d.height, d.width)
+        return p, resize_center_crop(frames, p.bucket.height, p.bucket.width)
 
-    # decord and PyAV release the GIL while decoding: threads overlap decode with encode.
+    # decord and PyAV release the GIL while decoding: threads overlap decode with encode. A bounded
+    # window of in-flight decodes: pool.map would decode everything ahead of the encoder and hold
+    # every clip's frames in memory at once.
     rep = reporter()
-    # A bounded window of in-flight decodes: pool.map would decode everything ahead of the encoder
-    # and hold every clip's frames in memory at once.
     window = 2 * d.num_workers + d.batch_size
     with ThreadPoolExecutor(max_workers=d.num_workers) as pool:
         todo, inflight = iter(pending), deque()
@@ -157,103 +183,174 @@ def _decoded(
     rep.finish("decode")
 
 
+def _encode(
+    cfg: PipelineConfig, family: ModelFamily, pending: list[_Pending], cache: LatentCache, rejects: list[Rejection]
+) -> tuple[list[dict], int]:
+    """Encode in same-shape batches, write shards of `shard_size`; returns (records written, encoder calls)."""
+    d = cfg.data
+    device, dtype = resolve_device(d.device), torch_dtype(d.dtype)
+    vae = family.load_vae(cfg.model).to(device)
+    tokenizer, text_encoder = family.load_text_encoder(cfg.model)
+    text_encoder = text_encoder.to(device)
+    if dtype != torch.float32:
+        vae, text_encoder = vae.to(dtype=dtype), text_encoder.to(dtype=dtype)
+    scaling = float(getattr(vae.config, "scaling_factor", 1.0))
+    rep = reporter()
+    rep.start("decode", len(pending))
+    rep.start("encode", len(pending))
+    shard: list[tuple[dict, dict[str, torch.Tensor]]] = []
+    written: list[dict] = []
+    by_shape: dict[tuple[int, int, int], list[tuple[_Pending, torch.Tensor]]] = defaultdict(list)
+    calls = 0
+
+    def flush(batch: list[tuple[_Pending, torch.Tensor]]) -> None:
+        nonlocal calls
+        with torch.no_grad():
+            latents = family.encode_video(vae, torch.stack([f for _, f in batch]))
+            texts = family.encode_text(
+                tokenizer, text_encoder, [p.entry.caption for p, _ in batch], cfg.model.max_text_length
+            )
+        calls += 1
+        for (p, _), lat, txt in zip(batch, latents, texts, strict=True):
+            rec = {
+                **p.record,
+                "latent_shape": list(lat.shape),
+                "text_shape": list(txt.shape),
+                "scaling_factor": scaling,
+            }
+            shard.append((rec, {"latent_params": lat.to(dtype), "text_embeds": txt.to(dtype)}))
+        rep.advance("encode", len(batch))
+        batch.clear()
+        while len(shard) >= d.shard_size:
+            write(d.shard_size)
+
+    def write(n: int) -> None:
+        cache.write_shard(shard[:n])
+        written.extend(r for r, _ in shard[:n])
+        del shard[:n]
+
+    for p, frames in _decoded(cfg, pending, rejects):
+        group = by_shape[p.bucket.shape]
+        group.append((p, frames))
+        if len(group) == d.batch_size:
+            flush(group)
+    for group in by_shape.values():
+        if group:
+            flush(group)
+    if shard:
+        write(len(shard))
+    rep.finish("encode")
+    return written, calls
+
+
+def _rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 def run_prep(cfg: PipelineConfig) -> PrepResult:
     t0 = time.perf_counter()
     d = cfg.data
     family = get_family(cfg.model.family)
-    if err := family.frame_count_error(d.num_frames):
-        raise ValueError(f"data.num_frames: {err}")
-    for side, name in ((d.height, "height"), (d.width, "width")):
-        if side % family.spatial_compression:
-            raise ValueError(f"data.{name}={side} must be a multiple of {family.spatial_compression} for {family.name}")
+    _check(cfg, family)
+    rank, world = _rank()
     out = cfg.prep_dir
-    cache = LatentCache(out / "cache")
+    cache = LatentCache(out / "cache", rank=rank)
     cache.clean_partial()
-    save_config(cfg, out)
+    if rank == 0:
+        save_config(cfg, out)
+    items = list(islice(read_manifest(d.manifest, d.manifest_format, d.roots), d.max_samples))
     rejects: list[Rejection] = []
-    done, pending = _plan(cfg, {r["key"] for r in cache.records()}, rejects)
-    if d.max_samples is not None:
-        pending = pending[: max(d.max_samples - len(done), 0)]
+    cached = {r["key"]: r for r in cache.records()}
+    done, pending = _plan(cfg, family, items[rank::world], cached, rejects)
+    done, pending = _drop_minority_buckets(cfg, done, pending, rejects)
+    encoded, calls = _encode(cfg, family, pending, cache, rejects) if pending else ([], 0)
+    part = {
+        "keys": [r["key"] for r in done + encoded],
+        "rejects": [r.as_row() for r in rejects],
+        "cached": len(done),
+        "encoded": len(encoded),
+        "calls": calls,
+    }
+    if world == 1:
+        return _finish(cfg, cache, [part], t0)
+    atomic_write_text(out / "parts" / f"rank{rank:03d}.json", json.dumps(part))
+    import torch.distributed as dist
 
-    encoder_calls, encoded = 0, []
-    if pending:
-        device, dtype = resolve_device(d.device), torch_dtype(d.dtype)
-        vae = family.load_vae(cfg.model).to(device)
-        tokenizer, text_encoder = family.load_text_encoder(cfg.model)
-        text_encoder = text_encoder.to(device)
-        if dtype != torch.float32:
-            vae, text_encoder = vae.to(dtype=dtype), text_encoder.to(dtype=dtype)
-        scaling = float(getattr(vae.config, "scaling_factor", 1.0))
-        rep = reporter()
-        rep.start("decode", len(pending))
-        rep.start("encode", len(pending))
-        shard: list[tuple[dict, dict[str, torch.Tensor]]] = []
-        batch: list[tuple[_Pending, torch.Tensor]] = []
+    dist.barrier()  # every rank's shards and part file are on disk
+    result = (
+        _finish(cfg, cache, [json.loads((out / "parts" / f"rank{r:03d}.json").read_text()) for r in range(world)], t0)
+        if rank == 0
+        else None
+    )
+    dist.barrier()
+    return result or _result_from_disk(out)
 
-        def flush_batch() -> None:
-            nonlocal encoder_calls
-            with torch.no_grad():
-                frames = torch.stack([f for _, f in batch])
-                latents = family.encode_video(vae, frames)
-                texts = family.encode_text(
-                    tokenizer, text_encoder, [p.entry.caption for p, _ in batch], cfg.model.max_text_length
-                )
-            encoder_calls += 1
-            for (p, _), lat, txt in zip(batch, latents, texts, strict=True):
-                rec = {
-                    **p.record,
-                    "latent_shape": list(lat.shape),
-                    "text_shape": list(txt.shape),
-                    "scaling_factor": scaling,
-                    "num_frames": d.num_frames,
-                }
-                shard.append((rec, {"latent_params": lat.to(dtype), "text_embeds": txt.to(dtype)}))
-            rep.advance("encode", len(batch))
-            batch.clear()
 
-        for item in _decoded(cfg, pending, rejects):
-            batch.append(item)
-            if len(batch) == d.batch_size:
-                flush_batch()
-            if len(shard) >= d.shard_size:
-                cache.write_shard(shard[: d.shard_size])
-                encoded.extend(r for r, _ in shard[: d.shard_size])
-                del shard[: d.shard_size]
-        if batch:
-            flush_batch()
-        if shard:
-            cache.write_shard(shard)
-            encoded.extend(r for r, _ in shard)
-        rep.finish("encode")
-
+def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], t0: float) -> PrepResult:
+    """Merge the ranks' parts: index, the selected samples (in manifest order), rejects, summary."""
+    out = cfg.prep_dir
     index = cache.write_index()
     by_key = {r["key"]: r for r in cache.records()}
-    selected = [by_key[r["key"]] for r in done + encoded]
+    keys = [k for p in parts for k in p["keys"]]
+    selected = sorted((by_key[k] for k in dict.fromkeys(keys)), key=lambda r: r["manifest_line"])
+    rejects = [r for p in parts for r in p["rejects"]]
     samples = write_jsonl(out / "samples.jsonl", selected)
-    rejects_path = write_jsonl(out / "rejects.jsonl", [r.as_row() for r in rejects])
+    rejects_path = write_jsonl(out / "rejects.jsonl", rejects)
     result = PrepResult(
-        prep_dir=str(out),
-        samples=str(samples),
-        rejects=str(rejects_path),
-        index=str(index),
-        num_samples=len(selected),
-        num_rejected=len(rejects),
-        num_cached=len(done),
-        num_encoded=len(encoded),
-        encoder_calls=encoder_calls,
+        prep_dir=str(out), samples=str(samples), rejects=str(rejects_path), index=str(index),
+        num_samples=len(selected), num_rejected=len(rejects), num_cached=sum(p["cached"] for p in parts),
+        num_encoded=sum(p["encoded"] for p in parts), encoder_calls=sum(p["calls"] for p in parts),
         seconds=round(time.perf_counter() - t0, 3),
-        rejected_by_reason=dict(Counter(r.code for r in rejects).most_common()),
-    )
+        rejected_by_reason=dict(Counter(r["code"] for r in rejects).most_common()), world_size=len(parts),
+    )  # fmt: skip
     atomic_write_text(out / "summary.json", json.dumps(result.as_dict(), indent=2))
     if not selected:
         raise ValueError(
-            f"prep produced no usable samples from {d.manifest}: see {rejects_path} for why each was rejected"
+            f"prep produced no usable samples from {cfg.data.manifest}: see {rejects_path} for why each was rejected"
         )
     return result
+
+
+def _result_from_disk(prep_dir: Path) -> PrepResult:
+    return PrepResult(**json.loads((Path(prep_dir) / "summary.json").read_text()))
+
+
+def launch_prep(cfg: PipelineConfig) -> PrepResult:
+    """In this process, or as a torchrun job of `data.nproc_per_node` ranks."""
+    from engines.torchrun import in_distributed_job, run_torchrun
+
+    if in_distributed_job() or cfg.data.nproc_per_node == 1:
+        return run_prep(cfg)
+    cfg_path = save_config(cfg, cfg.prep_dir, "launch_config.yaml")
+    run_torchrun("datasets_prep.prep", ["--config", str(cfg_path)], cfg.data.nproc_per_node)
+    return _result_from_disk(cfg.prep_dir)
+
+
+@record
+def main() -> None:
+    import argparse
+
+    import torch.distributed as dist
+
+    from configs import load_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path)
+    cfg = load_config(parser.parse_args().config)
+    # Ranks only meet at barriers: gloo serves them on every device, and the encoders keep the GPU.
+    dist.init_process_group("gloo")
+    try:
+        run_prep(cfg)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
 
 
 def load_samples(prep_dir: Path) -> list[dict]:
     path = Path(prep_dir) / "samples.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `flowspeed prep` first")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)

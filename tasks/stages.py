@@ -14,7 +14,7 @@ from prefect import task
 
 from configs import PipelineConfig
 from datasets_prep.manifest import Entry, read_manifest
-from datasets_prep.prep import run_prep
+from datasets_prep.prep import launch_prep
 from engines.torch_engine.launch import launch
 from evaluation.run import run_eval
 from tasks.caching import files_policy, retry_if_transient
@@ -60,7 +60,7 @@ def _eval_outputs(inputs: dict[str, Any]) -> list[Path]:
 )
 def prep_latents(cfg: PipelineConfig) -> dict[str, Any]:
     """Probe, decode and encode the manifest into the latent cache (skips what is cached)."""
-    return run_prep(cfg).as_dict()
+    return launch_prep(cfg).as_dict()
 
 
 @task(

@@ -88,6 +88,7 @@ class CogVideoX(ModelFamily):
     name = "cogvideox"
     temporal_compression = 4
     spatial_compression = 8
+    size_multiple = 16  # 8x VAE, 2x2 patches
 
     def frame_count_error(self, num_frames: int) -> str | None:
         if (num_frames - 1) % self.temporal_compression:

@@ -24,6 +24,8 @@ class ModelFamily(ABC):
     #: pixel frames per latent frame and pixels per latent pixel; prep validates sizes against these.
     temporal_compression: int = 1
     spatial_compression: int = 1
+    #: pixel sizes must be multiples of this (VAE downsampling x transformer patch size)
+    size_multiple: int = 1
 
     @abstractmethod
     def frame_count_error(self, num_frames: int) -> str | None:

@@ -17,7 +17,9 @@ from transformers import PreTrainedTokenizerFast
 def _tokenizer_json() -> str:
     specials = ["<pad>", "</s>", "<unk>"]
     vocab = {tok: i for i, tok in enumerate(specials)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    # alphabet() comes back in set order, which changes from process to process: sort it, or token
+    # ids (and every cached text embedding) would differ between prep, training and inference.
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

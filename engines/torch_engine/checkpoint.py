@@ -2,7 +2,7 @@
 
     <train_dir>/checkpoints/step-00000010/
         model.safetensors     the denoiser (unwrapped from DDP)
-        trainer_state.pt      optimizer, LR scheduler, step, data position, RNG states
+        trainer_state.pt      optimizer, LR scheduler, step, sampler state, RNG states
         config.yaml           the resolved config that made it
 
 A checkpoint directory is written under a temp name and renamed: `latest()` never sees half of one.
@@ -72,7 +72,7 @@ def save(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
-    position: int,
+    data_state: dict[str, int],
     cfg: PipelineConfig,
     keep: int,
 ) -> Path:
@@ -86,7 +86,7 @@ def save(
         torch.save(
             {
                 "step": step,
-                "position": position,
+                "data": data_state,
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(),
                 "rng": rng_state(),
@@ -106,13 +106,13 @@ def save(
 
 
 def load(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> dict[str, Any]:
-    """Restore in place; returns {"step", "position"}. Never unpickles code (weights_only=True)."""
+    """Restore in place; returns {"step", "data", "samples_seen"}. Never unpickles code (weights_only=True)."""
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     set_rng_state(state["rng"])
-    return {"step": int(state["step"]), "position": int(state["position"])}
+    return {"step": int(state["step"]), "data": state["data"], "samples_seen": int(state["data"]["samples_seen"])}
 
 
 def clean_partial(train_dir: Path) -> None:

@@ -1,8 +1,4 @@
-"""Cached-latent dataset, the train/validation split and an exactly resumable sample order.
-
-The order is a pure function of (seed, global sample position): resuming at position p replays
-exactly the samples an uninterrupted run would have seen, on any number of ranks.
-"""
+"""Cached-latent dataset and the train/validation split (sample order: engines.torch_engine.sampler)."""
 
 from __future__ import annotations
 
@@ -54,21 +50,3 @@ class CachedLatents(torch.utils.data.Dataset):
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
-
-
-def indices_at(position: int, count: int, n: int, seed: int) -> list[int]:
-    """Dataset indices for global sample positions [position, position + count)."""
-    out: list[int] = []
-    perms: dict[int, list[int]] = {}
-    for p in range(position, position + count):
-        epoch, offset = divmod(p, n)
-        if epoch not in perms:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            perms[epoch] = torch.randperm(n, generator=g).tolist()
-        out.append(perms[epoch][offset])
-    return out
-
-
-def micro_batch(position: int, micro_bs: int, rank: int, world: int, n: int, seed: int) -> list[int]:
-    """Rank `rank`'s slice of the global micro-batch that starts at `position`."""
-    return indices_at(position + rank * micro_bs, micro_bs, n, seed)

@@ -34,7 +34,8 @@ from datasets_prep.progress import reporter
 from engines.device import dist_backend, peak_memory_bytes, resolve_device
 from engines.models import get_family
 from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.data import CachedLatents, collate, micro_batch, split_records
+from engines.torch_engine.data import CachedLatents, collate, split_records
+from engines.torch_engine.sampler import BucketBatchSampler
 from engines.tracking import make_tracker
 
 
@@ -93,17 +94,18 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         model = family.load_transformer(cfg.model, first["text_shape"][-1], latent_channels).to(device)
         model.train()
         scheduler = family.load_scheduler(cfg.model)
-        tokens_per_sample = family.latent_tokens(model.config, tuple(first["latent_shape"]))
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         optimizer = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
         lr_sched = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(t_cfg.warmup_steps, t_cfg.max_steps, t_cfg.min_lr_ratio)
         )
-        start_step, position = 0, 0
+        sampler = make_sampler(cfg, records, rank, world)
+        start_step, samples_seen = 0, 0
         resume_from = _resume_path(cfg)
         if resume_from is not None:
             state = ckpt.load(resume_from, model, optimizer, lr_sched)
-            start_step, position = state["step"], state["position"]
+            start_step, samples_seen = state["step"], state["samples_seen"]
+            sampler.load_state_dict(state["data"])
         else:
             torch.manual_seed(t_cfg.seed)
         if rank == 0:
@@ -116,8 +118,9 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if t_cfg.mixed_precision == "bf16" else nullcontext()
         )
-        micro_bs, accum = t_cfg.batch_size, t_cfg.grad_accum
-        global_bs = micro_bs * world * accum
+        accum = t_cfg.grad_accum
+        batches = iter(sampler)
+        state_samples = samples_seen
         end_step = t_cfg.max_steps
         if t_cfg.stop_after_steps is not None:
             end_step = min(end_step, start_step + t_cfg.stop_after_steps)
@@ -130,26 +133,34 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         for step in range(start_step, end_step):
             t0 = time.perf_counter()
             data_wait = 0.0
-            loss_sum = torch.zeros((), device=device)
+            loss_acc = torch.zeros((), device=device)
+            counts = [0, 0, 0]  # samples, frames, latent tokens of this rank's micro-batches
             for micro in range(accum):
                 tw = time.perf_counter()
-                idx = micro_batch(position, micro_bs, rank, world, len(dataset), t_cfg.seed)
+                idx = next(batches)
                 batch = {k: v.to(device) for k, v in collate([dataset[i] for i in idx]).items()}
-                position += micro_bs * world
+                rec = records[idx[0]]
+                tokens = family.latent_tokens(model.config, tuple(rec["latent_shape"]))
                 data_wait += time.perf_counter() - tw
                 sync = nullcontext() if (world == 1 or micro == accum - 1) else ddp.no_sync()
                 with sync, autocast:
                     loss = family.training_loss(ddp, scheduler, batch, step_generator(t_cfg.seed, step, micro, rank))
                 (loss / accum).backward()
-                loss_sum += loss.detach().float()
+                loss_acc += loss.detach().float()  # stays on device: no sync per micro-batch
+                n = len(idx)
+                counts = [counts[0] + n, counts[1] + n * rec["num_frames"], counts[2] + n * tokens]
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
+            # [loss sum, samples, frames, tokens], summed over ranks in one collective
+            totals = torch.cat([loss_acc.double().view(1), torch.tensor(counts, dtype=torch.float64, device=device)])
             if world > 1:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-            step_loss = loss_sum.item() / (accum * world)
+                dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+            loss_total, n_samples, n_frames, n_tokens = totals.tolist()
+            step_loss = loss_total / (accum * world)
+            samples_seen += int(n_samples)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
@@ -158,7 +169,6 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
             if rank == 0:
                 rep.advance("train")
                 if (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.max_steps:
-                    sps = global_bs / dt
                     tracker.log_metrics(
                         {
                             "train/loss": step_loss,
@@ -166,11 +176,11 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
                             "train/grad_norm": float(grad_norm),
                             "perf/step_time_s": dt,
                             "perf/data_wait_s": data_wait,
-                            "perf/samples_per_s": sps,
-                            "perf/frames_per_s": sps * first.get("num_frames", 1),
-                            "perf/tokens_per_s": sps * tokens_per_sample,
+                            "perf/samples_per_s": n_samples / dt,
+                            "perf/frames_per_s": n_frames / dt,
+                            "perf/tokens_per_s": n_tokens / dt,
                             # 6 * params * tokens: the usual dense-transformer estimate (attention excluded).
-                            "perf/model_tflops_per_s": 6 * n_params * sps * tokens_per_sample / 1e12,
+                            "perf/model_tflops_per_s": 6 * n_params * n_tokens / dt / 1e12,
                             "perf/peak_memory_gb": peak_memory_bytes(device) / 2**30,
                         },
                         step=step + 1,
@@ -178,8 +188,9 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
             done = step + 1
             if done % t_cfg.checkpoint_every == 0 or done == end_step:
                 if rank == 0:
+                    data_state = {**sampler.state_dict(), "samples_seen": samples_seen}
                     last_ckpt = ckpt.save(
-                        train_dir, done, model, optimizer, lr_sched, position, cfg, t_cfg.keep_checkpoints
+                        train_dir, done, model, optimizer, lr_sched, data_state, cfg, t_cfg.keep_checkpoints
                     )
                     tracker.set_tags({"checkpoint_path": str(last_ckpt.resolve()), "checkpoint_step": done})
                 if world > 1:
@@ -194,7 +205,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
             dist.barrier()
         last_ckpt = ckpt.latest(train_dir) or last_ckpt
         busy = sum(step_times)
-        sps = global_bs * len(losses) / busy if busy else 0.0
+        sps = (samples_seen - state_samples) / busy if busy else 0.0
         median = statistics.median(step_times) if step_times else 0.0
         result = TrainResult(str(final_dir), str(last_ckpt or ""), end_step, start_step, losses, sps, median)
         if rank == 0:
@@ -202,6 +213,16 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         return result
     finally:
         tracker.close()
+
+
+def make_sampler(cfg: PipelineConfig, records: list[dict], rank: int, world: int) -> BucketBatchSampler:
+    """Batches never mix shapes: the bucket is the cached latent shape. Open-Sora bucket configs
+    carry their own batch size per bucket; otherwise every bucket uses train.batch_size."""
+    shapes = [tuple(r["latent_shape"]) for r in records]
+    bs: int | dict = cfg.train.batch_size
+    if cfg.data.buckets.mode == "opensora":
+        bs = {tuple(r["latent_shape"]): int(r["bucket_batch_size"]) for r in records}
+    return BucketBatchSampler(shapes, bs, seed=cfg.train.seed, rank=rank, world=world)
 
 
 def _resume_path(cfg: PipelineConfig) -> Path | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from datasets_prep.cache import LatentCache
 from datasets_prep.io import read_jsonl
@@ -188,3 +189,27 @@ def test_sigkill_mid_prep_resumes_to_a_complete_duplicate_free_index(tmp_path: P
     cache = LatentCache(tmp_path / "w" / "prep" / "cache")
     for rec in index:  # every indexed sample is readable: no half-written shard is visible
         assert cache.load(rec)["latent_params"].shape[0] == 8
+
+
+@pytest.mark.slow
+def test_two_rank_extraction_gives_the_same_index_as_one_rank(tmp_path: Path, demo_manifest: Path) -> None:
+    from datasets_prep.prep import launch_prep
+
+    one = launch_prep(make_config(tmp_path / "one", demo_manifest))
+    two = launch_prep(make_config(tmp_path / "two", demo_manifest, "data.nproc_per_node=2"))
+    assert two.world_size == 2 and one.world_size == 1
+    assert (two.num_samples, two.num_encoded, two.num_rejected) == (one.num_samples, one.num_encoded, one.num_rejected)
+
+    def content(res) -> dict:
+        return {r["key"]: {k: v for k, v in r.items() if k != "shard"} for r in read_jsonl(Path(res.index))}
+
+    assert content(one) == content(two)
+    shards = sorted(p.name for p in (Path(two.prep_dir) / "cache" / "shards").glob("*.safetensors"))
+    assert any(s.startswith("r000-") for s in shards) and any(s.startswith("r001-") for s in shards)
+    c1, c2 = LatentCache(Path(one.prep_dir) / "cache"), LatentCache(Path(two.prep_dir) / "cache")
+    by_key = {r["key"]: r for r in read_jsonl(Path(two.index))}
+    for rec in read_jsonl(Path(one.index)):
+        a, b = c1.load(rec), c2.load(by_key[rec["key"]])
+        assert torch.allclose(a["latent_params"], b["latent_params"], atol=1e-5)
+        assert torch.equal(a["text_embeds"], b["text_embeds"])
+    assert [r["key"] for r in read_jsonl(Path(one.samples))] == [r["key"] for r in read_jsonl(Path(two.samples))]

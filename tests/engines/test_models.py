@@ -69,3 +69,17 @@ def test_missing_pretrained_directory_says_which_key_to_fix(tmp_path: Path) -> N
     cfg = ModelConfig(vae=ComponentConfig(pretrained=str(tmp_path / "nope"), subfolder="vae"))
     with pytest.raises(FileNotFoundError, match="model.vae.pretrained"):
         get_family("cogvideox").load_vae(cfg)
+
+
+def test_tiny_tokenizer_ids_are_the_same_in_every_process() -> None:
+    """Token ids must not depend on hash randomisation: prep, training and inference run apart."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from engines.models.tokenizer import byte_level_tokenizer as t; print(t()('a red circle').input_ids)"
+    outs = set()
+    for seed in (1, 2):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        outs.add(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout)
+    assert len(outs) == 1 and outs.pop().strip().startswith("[")

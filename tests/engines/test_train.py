@@ -12,7 +12,8 @@ from datasets_prep.prep import run_prep
 from engines.models import get_family
 from engines.torch_engine import checkpoint as ckpt
 from engines.torch_engine.data import CachedLatents, collate
-from engines.torch_engine.launch import TrainingFailed, launch
+from engines.torch_engine.launch import launch
+from engines.torchrun import DistributedJobFailed
 from engines.tracking import ensure_experiment, tracking_uri
 from evaluation.run import _trained_transformer
 from tests.conftest import make_config
@@ -77,7 +78,8 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path: Path, prepped:
     latest = ckpt.latest(split.train_dir)
     assert latest is not None and latest.name == "step-00000010"
     state = torch.load(latest / "trainer_state.pt", weights_only=True)  # no pickled code
-    assert state["step"] == 10 and state["position"] == 10 * 2 * 2
+    assert state["step"] == 10 and state["data"]["consumed"] == 10 * 2  # micro-batches: 10 steps x accum 2
+    assert state["data"]["samples_seen"] == 10 * 2 * split.train.batch_size
     assert set(state) >= {"optimizer", "lr_scheduler", "rng"}
     weights = load_file(str(latest / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
@@ -145,7 +147,7 @@ def test_a_failing_rank_surfaces_its_error(tmp_path: Path, prepped: PipelineConf
         "train.nproc_per_node=2",
         f"train.resume={tmp_path / 'no-such-checkpoint'}",
     )
-    with pytest.raises(TrainingFailed, match="not a checkpoint directory"):
+    with pytest.raises(DistributedJobFailed, match="not a checkpoint directory"):
         launch(cfg, None, None)
 
 
@@ -161,4 +163,4 @@ def test_bf16_autocast_and_grad_accumulation_train(tmp_path: Path, prepped: Pipe
     res = launch(cfg, None, None)
     assert len(res.losses) == 3 and all(0 < x < 100 for x in res.losses)
     state = torch.load(ckpt.latest(cfg.train_dir) / "trainer_state.pt", weights_only=True)
-    assert state["position"] == 3 * 2 * cfg.train.batch_size  # accumulation consumed 2 micro-batches a step
+    assert state["data"]["consumed"] == 3 * 2  # accumulation consumed 2 micro-batches a step
