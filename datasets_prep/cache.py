@@ -13,8 +13,10 @@ file or config adds entries, and old ones stay reusable by the runs that made th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +76,10 @@ class LatentCache:
         records = []
         target = self._next_shard_path()
         for rec, ts in samples:
-            rec = {**rec, "shard": target.name}
+            ts = {name: t.detach().cpu().contiguous() for name, t in ts.items()}
+            rec = {**rec, "shard": target.name, "digest": tensor_digest(ts)}
             for name, t in ts.items():
-                tensors[f"{rec['key']}/{name}"] = t.detach().cpu().contiguous()
+                tensors[f"{rec['key']}/{name}"] = t
             records.append(rec)
         meta = {RECORDS_KEY: json.dumps(records, sort_keys=True)}
         return atomic_write(target, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
@@ -89,3 +92,74 @@ class LatentCache:
     ) -> dict[str, torch.Tensor]:
         with safe_open(str(self.shard_dir / record["shard"]), framework="pt") as fh:
             return {n: fh.get_tensor(f"{record['key']}/{n}") for n in names}
+
+    # ---- maintenance: `flowspeed cache list | verify | prune` ---------------------------------------
+    def summary(self) -> dict[str, Any]:
+        recs = self.records()
+        groups = Counter((r.get("prep_hash", "?"), r.get("encoder", "?")) for r in recs)
+        return {
+            "root": str(self.root), "shards": len(self.shards()), "samples": len(recs),
+            "bytes": sum(p.stat().st_size for p in self.shards()),
+            "groups": [{"prep_hash": h, "encoder": e, "samples": n} for (h, e), n in groups.most_common()],
+        }  # fmt: skip
+
+    def verify(self) -> list[dict[str, str]]:
+        """Re-read every tensor and compare it with the digest its record was written with."""
+        problems = []
+        for shard in self.shards():
+            try:
+                recs = self.read_records(shard)
+                with safe_open(str(shard), framework="pt") as fh:
+                    for rec in recs:
+                        ts = {n: fh.get_tensor(f"{rec['key']}/{n}") for n in TENSOR_NAMES}
+                        if "digest" in rec and tensor_digest(ts) != rec["digest"]:
+                            problems.append({"shard": shard.name, "key": rec["key"], "problem": "checksum mismatch"})
+                        elif list(ts["latent_params"].shape) != rec.get(
+                            "latent_shape", list(ts["latent_params"].shape)
+                        ):
+                            problems.append({"shard": shard.name, "key": rec["key"], "problem": "shape mismatch"})
+            except Exception as exc:  # a truncated or overwritten file fails inside safetensors
+                problems.append(
+                    {"shard": shard.name, "key": "*", "problem": f"unreadable: {type(exc).__name__}: {exc}"}
+                )
+        return problems
+
+    def remove_shards(self, names: set[str]) -> None:
+        for name in names:
+            (self.shard_dir / name).unlink(missing_ok=True)
+        self.write_index()
+
+    def prune(self, keep: set[str], dry_run: bool = False) -> dict[str, int]:
+        """Drop every record whose key is not in `keep`; shards are rewritten atomically or deleted."""
+        removed = rewritten = deleted = 0
+        for shard in self.shards():
+            recs = self.read_records(shard)
+            kept = [r for r in recs if r["key"] in keep]
+            removed += len(recs) - len(kept)
+            if len(kept) == len(recs) or dry_run:
+                continue
+            if not kept:
+                shard.unlink()
+                deleted += 1
+                continue
+            with safe_open(str(shard), framework="pt") as fh:
+                tensors = {f"{r['key']}/{n}": fh.get_tensor(f"{r['key']}/{n}") for r in kept for n in TENSOR_NAMES}
+            meta = {RECORDS_KEY: json.dumps(kept, sort_keys=True)}
+            atomic_write(shard, lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), metadata=m))
+            rewritten += 1
+        if not dry_run:
+            self.write_index()
+        return {"removed_samples": removed, "rewritten_shards": rewritten, "deleted_shards": deleted}
+
+
+TENSOR_NAMES = ("latent_params", "text_embeds")
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

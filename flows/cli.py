@@ -222,6 +222,82 @@ def eval_(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, de
     _run_stage("eval", config, workdir, set_, debug)
 
 
+cache_app = typer.Typer(help="Inspect, verify and prune the latent cache of a config's prep stage.")
+app.add_typer(cache_app, name="cache")
+
+
+def _cache_for(config: Path, workdir: Path | None, overrides: list[str] | None):
+    from configs import ConfigError, load_config
+    from datasets_prep.cache import LatentCache
+
+    try:
+        cfg = load_config(config, overrides or [], workdir)
+    except (ConfigError, FileNotFoundError) as exc:
+        _fail("cache", exc, False)
+    cache = LatentCache(cfg.prep_dir / "cache")
+    if not cache.shards():
+        _fail("cache", FileNotFoundError(f"no latent cache under {cache.root}: run `flowspeed prep` first"), False)
+    return cfg, cache
+
+
+@cache_app.command("list")
+def cache_list(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None) -> None:
+    """Samples, shards and size, grouped by prep settings and encoder."""
+    _, cache = _cache_for(config, workdir, set_)
+    info = cache.summary()
+    table = Table(title=f"latent cache {info['root']}")
+    for col in ("prep hash", "encoder", "samples"):
+        table.add_column(col, overflow="fold")
+    for g in info["groups"]:
+        table.add_row(g["prep_hash"], g["encoder"], str(g["samples"]))
+    Console().print(table)
+    Console().print(f"{info['samples']} samples in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB")
+
+
+@cache_app.command("verify")
+def cache_verify(
+    config: ConfigArg,
+    workdir: WorkdirOpt = None,
+    set_: SetOpt = None,
+    fix: Annotated[bool, typer.Option(help="delete damaged shards; the next prep re-encodes them")] = False,
+) -> None:
+    """Re-read every cached tensor and check it against its recorded checksum."""
+    _, cache = _cache_for(config, workdir, set_)
+    problems = cache.verify()
+    for p in problems:
+        console.print(f"[red]{p['shard']}[/] {p['key']}: {p['problem']}")
+    if not problems:
+        Console().print(f"all {cache.summary()['samples']} cached samples verified")
+        return
+    if fix:
+        cache.remove_shards({p["shard"] for p in problems})
+        console.print(
+            f"removed {len({p['shard'] for p in problems})} damaged shards; run `flowspeed prep` to re-encode"
+        )
+        return
+    raise typer.Exit(1)
+
+
+@cache_app.command("prune")
+def cache_prune(
+    config: ConfigArg,
+    workdir: WorkdirOpt = None,
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option(help="report what would go, change nothing")] = False,
+) -> None:
+    """Keep only the samples this config's last prep selected; drop the rest (other settings, old files)."""
+    from datasets_prep.prep import load_samples
+
+    cfg, cache = _cache_for(config, workdir, set_)
+    keep = {r["key"] for r in load_samples(cfg.prep_dir)}
+    out = cache.prune(keep, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    Console().print(
+        f"{verb} {out['removed_samples']} samples ({out['rewritten_shards']} shards rewritten, "
+        f"{out['deleted_shards']} deleted); kept {len(keep)}"
+    )
+
+
 def main() -> None:
     app(prog_name="flowspeed")
 
