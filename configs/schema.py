@@ -89,6 +89,51 @@ class BucketsConfig(Section):
         return self
 
 
+class ClipConfig(Section):
+    model: str = Field("flowspeed-tiny-clip", description="open_clip model name")
+    pretrained: str | None = Field(None, description="open_clip tag or local checkpoint file")
+
+
+class SceneSplitConfig(Section):
+    enabled: bool = False
+    threshold: float = Field(27.0, gt=0, description="PySceneDetect ContentDetector threshold")
+    min_scene_frames: int = Field(8, ge=1)
+
+
+class AestheticConfig(Section):
+    enabled: bool = False
+    clip: ClipConfig = Field(default_factory=lambda: ClipConfig())
+    head: str | None = Field(None, description="linear/MLP head weights (.safetensors/.pt); None: seeded random init")
+    min_score: float | None = None
+
+
+class MotionConfig(Section):
+    enabled: bool = False
+    method: Literal["farneback", "diff"] = "farneback"
+    min_score: float | None = Field(None, description="drop near-static clips")
+    max_score: float | None = Field(None, description="drop clips with chaotic motion or cuts")
+
+
+class DedupConfig(Section):
+    enabled: bool = False
+    threshold: float = Field(0.98, gt=0, le=1, description="CLIP cosine above which a clip is a near duplicate")
+
+
+class CurateConfig(Section):
+    """Optional curation between probing and encoding; every drop is a recorded rejection."""
+
+    scene_split: SceneSplitConfig = SceneSplitConfig()
+    min_duration: float = Field(0.0, ge=0, description="seconds")
+    max_aspect: float | None = Field(None, ge=1, description="drop clips more elongated than this")
+    sample_frames: int = Field(4, ge=2, description="frames per clip the scorers look at")
+    aesthetic: AestheticConfig = AestheticConfig()
+    motion: MotionConfig = MotionConfig()
+    dedup: DedupConfig = DedupConfig()
+
+    def scoring(self) -> bool:
+        return self.aesthetic.enabled or self.motion.enabled or self.dedup.enabled
+
+
 class DataConfig(Section):
     manifest: Path = Path("data.jsonl")
     manifest_format: str = Field("auto", description="auto, or one of datasets_prep.manifest.known_formats()")
@@ -109,6 +154,7 @@ class DataConfig(Section):
     device: str = "auto"
     max_samples: int | None = Field(None, ge=1)
     buckets: BucketsConfig = BucketsConfig()
+    curate: CurateConfig = CurateConfig()
 
 
 class TrainConfig(Section):
@@ -134,11 +180,6 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1)
     metrics_flush_every: int = Field(20, ge=1, description="steps per MLflow log_batch")
     val_fraction: float = Field(0.125, ge=0, lt=1, description="cached samples held out for eval")
-
-
-class ClipConfig(Section):
-    model: str = Field("flowspeed-tiny-clip", description="open_clip model name")
-    pretrained: str | None = Field(None, description="open_clip tag or local checkpoint file")
 
 
 class EvalConfig(Section):
@@ -188,6 +229,8 @@ class PipelineConfig(Section):
         payload: dict[str, Any] = {k: getattr(self.data, k) for k in keys}
         if self.data.buckets.mode != "fixed":
             payload["buckets"] = self.data.buckets.model_dump(mode="json")
+        if self.data.curate.scene_split.enabled:  # changes which frame ranges exist
+            payload["scene_split"] = self.data.curate.scene_split.model_dump(mode="json")
         payload["max_text_length"] = self.model.max_text_length
         # decord and PyAV agree on indices but not bit-for-bit on pixels: keep them apart.
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -24,17 +24,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from configs import PipelineConfig, save_config
+from configs import DataConfig, PipelineConfig, save_config
 from datasets_prep.buckets import Bucket, assign, drop_minorities
 from datasets_prep.cache import LatentCache
+from datasets_prep.curate import ClipScorer, SceneCache, ScoreCache, clip_view, motion_score, near_duplicates
 from datasets_prep.decode import decode, resize_center_crop, sample_indices
 from datasets_prep.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
 from datasets_prep.manifest import Entry, Rejection, read_manifest
-from datasets_prep.probe import MediaInfo, ProbeError, probe
+from datasets_prep.probe import IMAGE_SUFFIXES, MediaInfo, ProbeError, probe
 from datasets_prep.progress import reporter
 from engines.device import resolve_device, torch_dtype
 from engines.models import ModelFamily, get_family
@@ -86,8 +89,9 @@ def _plan(
     cfg: PipelineConfig, family: ModelFamily, items: list, cached: dict[str, dict], rejects: list[Rejection]
 ) -> tuple[list[dict], list[_Pending]]:
     """Split manifest records into those already cached (their cache records) and those to encode."""
-    d = cfg.data
+    d, cur = cfg.data, cfg.data.curate
     prep_hash, encoder = cfg.prep_hash(), cfg.encoder_identity()
+    scenes = SceneCache(cfg.prep_dir / "curation", cur.scene_split) if cur.scene_split.enabled else None
     selected: dict[str, dict] = {}
     pending: dict[str, _Pending] = {}
     rep = reporter()
@@ -105,33 +109,137 @@ def _plan(
             if not item.path.is_file():
                 raise ProbeError("not_found", "file not found")
             content = file_digest(item.path)
-            key = text_digest(content, item.caption, prep_hash, encoder)
-            if key in selected or key in pending:
-                continue  # the same file and caption listed twice: one sample
-            if key in cached:
-                selected[key] = cached[key]
-                continue
-            info = probe(item.path)
-            if min(info.width, info.height) < d.min_side:
-                raise ProbeError(
-                    "too_small", f"too small: {info.width}x{info.height}, shorter side below data.min_side={d.min_side}"
-                )
-            bucket = assign(info, key, d, family.temporal_compression, family.size_multiple, cfg.train.batch_size)
-            indices = sample_indices(info, bucket.frames, d.target_fps, d.stride)
-            record = {
-                "key": key, "source": path, "content_hash": content, "caption": item.caption,
-                "prep_hash": prep_hash, "encoder": encoder, "manifest_line": item.line,
-                "kind": info.kind, "src_fps": info.fps, "src_size": [info.width, info.height],
-                "src_frames": info.num_frames, "duration": info.duration, "codec": info.codec,
-                "container": info.container, "rotation": info.rotation, "vfr": info.vfr,
-                "frame_indices": indices, "bucket": list(bucket.shape), "bucket_batch_size": bucket.batch_size,
-                "num_frames": bucket.frames,
-            }  # fmt: skip
-            pending[key] = _Pending(item, info, bucket, indices, record)
+            info: MediaInfo | None = None
+            ranges: list[tuple[int, int] | None] = [None]
+            if scenes is not None and item.path.suffix.lower() not in IMAGE_SUFFIXES:
+                ranges = scenes.get(content, item.path)
+            for rng in ranges:
+                where = f"{path}[{rng[0]}:{rng[1]}]" if rng else path
+                parts = [content, item.caption, prep_hash, encoder] + ([f"{rng[0]}:{rng[1]}"] if rng else [])
+                key = text_digest(*parts)
+                if key in selected or key in pending:
+                    continue  # the same file and caption listed twice: one sample
+                if key in cached:
+                    selected[key] = cached[key]
+                    continue
+                try:
+                    info = info or probe(item.path)
+                    view = clip_view(info, *rng) if rng else info
+                    _check_clip(view, d)
+                    bucket = assign(
+                        view, key, d, family.temporal_compression, family.size_multiple, cfg.train.batch_size
+                    )
+                    start = rng[0] if rng else 0
+                    indices = [start + i for i in sample_indices(view, bucket.frames, d.target_fps, d.stride)]
+                except ProbeError as exc:
+                    rejects.append(Rejection(where, "probe", str(exc), exc.code))
+                    continue
+                record = {
+                    "key": key, "source": path, "content_hash": content, "caption": item.caption,
+                    "prep_hash": prep_hash, "encoder": encoder, "manifest_line": item.line,
+                    "clip_range": list(rng) if rng else None,
+                    "kind": info.kind, "src_fps": info.fps, "src_size": [info.width, info.height],
+                    "src_frames": info.num_frames, "duration": view.duration, "codec": info.codec,
+                    "container": info.container, "rotation": info.rotation, "vfr": info.vfr,
+                    "frame_indices": indices, "bucket": list(bucket.shape), "bucket_batch_size": bucket.batch_size,
+                    "num_frames": bucket.frames,
+                }  # fmt: skip
+                pending[key] = _Pending(item, info, bucket, indices, record)
         except ProbeError as exc:
             rejects.append(Rejection(path, "probe", str(exc), exc.code))
+    if scenes is not None:
+        scenes.save()
     rep.finish("probe")
     return list(selected.values()), list(pending.values())
+
+
+def _check_clip(info: MediaInfo, d: DataConfig) -> None:
+    if min(info.width, info.height) < d.min_side:
+        raise ProbeError(
+            "too_small", f"too small: {info.width}x{info.height}, shorter side below data.min_side={d.min_side}"
+        )
+    cur = d.curate
+    if info.kind == "video" and info.duration < cur.min_duration:
+        raise ProbeError(
+            "too_short", f"too short: {info.duration:.2f}s below data.curate.min_duration={cur.min_duration}"
+        )
+    aspect = max(info.width, info.height) / min(info.width, info.height)
+    if cur.max_aspect is not None and aspect > cur.max_aspect:
+        raise ProbeError("aspect", f"aspect ratio {aspect:.2f} above data.curate.max_aspect={cur.max_aspect}")
+
+
+def _score_all(cfg: PipelineConfig, cands: list[tuple[str, dict]]) -> ScoreCache:
+    """Motion, aesthetic and CLIP embedding for every candidate not scored under these settings."""
+    cur = cfg.data.curate
+    cache = ScoreCache(cfg.prep_dir / "curation", cur)
+
+    def missing(key: str) -> bool:  # scores made with other scorers enabled may lack a field
+        sc = cache.scores.get(key)
+        if sc is None:
+            return True
+        if "error" in sc:
+            return False
+        return ((cur.motion.enabled and "motion" not in sc) or (cur.aesthetic.enabled and "aesthetic" not in sc)
+                or (cur.dedup.enabled and key not in cache.emb))  # fmt: skip
+
+    todo = [(k, r) for k, r in cands if missing(k)]
+    needs_clip = cur.aesthetic.enabled or cur.dedup.enabled
+    scorer = ClipScorer(cur.aesthetic, resolve_device(cfg.data.device)) if todo and needs_clip else None
+    rep = reporter()
+    rep.start("score", len(todo))
+    for key, rec in todo:
+        rep.advance("score")
+        idx = rec["frame_indices"]
+        n = cur.sample_frames
+        pick = sorted({idx[round(i * (len(idx) - 1) / (n - 1))] for i in range(n)})
+        try:
+            frames, _ = decode(probe(Path(rec["source"])), pick, cfg.data.decoder)
+        except ProbeError as exc:
+            cache.scores[key] = {"key": key, "error": str(exc)}
+            continue
+        scores: dict[str, Any] = {**cache.scores.get(key, {}), "key": key}
+        if cur.motion.enabled:
+            scores["motion"] = motion_score(frames, cur.motion.method)
+        if scorer is not None:
+            emb, aesthetic = scorer(frames)
+            cache.emb[key] = emb
+            if cur.aesthetic.enabled:
+                scores["aesthetic"] = aesthetic
+        cache.scores[key] = scores
+    rep.finish("score")
+    cache.save()
+    return cache
+
+
+def _curate(cfg: PipelineConfig, done: list[dict], pending: list[_Pending], rejects: list[Rejection]):
+    """Score every candidate (cached scores reused), then drop by threshold and near-duplicate."""
+    cur = cfg.data.curate
+    if not cur.scoring():
+        return done, pending, {}
+    cands = [(r["key"], r) for r in done] + [(p.record["key"], p.record) for p in pending]
+    cache = _score_all(cfg, cands)
+    drop: dict[str, tuple[str, str]] = {}
+    for key, _ in cands:
+        sc = cache.scores.get(key, {})
+        if "error" in sc:
+            drop[key] = ("score_failed", sc["error"])
+        elif cur.aesthetic.min_score is not None and sc.get("aesthetic", np.inf) < cur.aesthetic.min_score:
+            drop[key] = ("low_aesthetic", f"aesthetic {sc['aesthetic']:.3f} below {cur.aesthetic.min_score}")
+        elif cur.motion.min_score is not None and sc.get("motion", np.inf) < cur.motion.min_score:
+            drop[key] = ("low_motion", f"motion {sc['motion']:.3f} below {cur.motion.min_score}")
+        elif cur.motion.max_score is not None and sc.get("motion", -np.inf) > cur.motion.max_score:
+            drop[key] = ("high_motion", f"motion {sc['motion']:.3f} above {cur.motion.max_score}")
+    if cur.dedup.enabled:
+        alive = [k for k, _ in cands if k not in drop]
+        for k, original in near_duplicates(alive, cache.emb, cur.dedup.threshold).items():
+            drop[k] = ("duplicate", f"near duplicate (CLIP cosine >= {cur.dedup.threshold}) of sample {original}")
+    by_key = dict(cands)
+    for key, (code, reason) in drop.items():
+        rec, rng = by_key[key], by_key[key].get("clip_range")
+        rejects.append(Rejection(rec["source"] + (f"[{rng[0]}:{rng[1]}]" if rng else ""), "curate", reason, code))
+    scores = {k: {n: v for n, v in cache.scores[k].items() if n != "key"} for k, _ in cands if k in cache.scores}
+    kept_pending = [p for p in pending if p.record["key"] not in drop]
+    return [r for r in done if r["key"] not in drop], kept_pending, scores
 
 
 def _drop_minority_buckets(cfg: PipelineConfig, done: list[dict], pending: list[_Pending], rejects: list[Rejection]):
@@ -263,6 +371,7 @@ def run_prep(cfg: PipelineConfig) -> PrepResult:
     cached = {r["key"]: r for r in cache.records()}
     done, pending = _plan(cfg, family, items[rank::world], cached, rejects)
     done, pending = _drop_minority_buckets(cfg, done, pending, rejects)
+    done, pending, scores = _curate(cfg, done, pending, rejects)
     encoded, calls = _encode(cfg, family, pending, cache, rejects) if pending else ([], 0)
     part = {
         "keys": [r["key"] for r in done + encoded],
@@ -270,6 +379,7 @@ def run_prep(cfg: PipelineConfig) -> PrepResult:
         "cached": len(done),
         "encoded": len(encoded),
         "calls": calls,
+        "scores": scores,
     }
     if world == 1:
         return _finish(cfg, cache, [part], t0)
@@ -292,7 +402,12 @@ def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], t0: floa
     index = cache.write_index()
     by_key = {r["key"]: r for r in cache.records()}
     keys = [k for p in parts for k in p["keys"]]
-    selected = sorted((by_key[k] for k in dict.fromkeys(keys)), key=lambda r: r["manifest_line"])
+    scores = {k: v for p in parts for k, v in p.get("scores", {}).items()}
+    # Curation scores go into the training manifest (they are not part of the cached record).
+    selected = sorted(
+        ({**by_key[k], **scores.get(k, {})} for k in dict.fromkeys(keys)),
+        key=lambda r: (r["manifest_line"], r.get("clip_range") or [0]),
+    )
     rejects = [r for p in parts for r in p["rejects"]]
     samples = write_jsonl(out / "samples.jsonl", selected)
     rejects_path = write_jsonl(out / "rejects.jsonl", rejects)

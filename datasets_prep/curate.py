@@ -1,0 +1,173 @@
+"""Curation: scene splitting, aesthetic and motion scores, near-duplicate removal.
+
+    scenes      PySceneDetect's ContentDetector over PyAV: frame ranges [start, end), no re-encode
+    aesthetic   open_clip image embedding -> a LAION-style linear/MLP head loaded from a local file
+    motion      mean Farneback optical-flow magnitude (OpenCV), or mean absolute frame difference
+    dedup       cosine of the clips' mean CLIP embeddings; the first of a near-duplicate group stays
+
+Scores are written into each sample record, and cached per (sample key, curation settings) under
+`<prep>/curation/`, so re-running with other thresholds rescores nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from configs.schema import AestheticConfig, CurateConfig, SceneSplitConfig
+from datasets_prep.io import atomic_write, atomic_write_text, read_jsonl, write_jsonl
+from datasets_prep.probe import MediaInfo, ProbeError
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---- scenes -------------------------------------------------------------------------------------
+
+
+def detect_scenes(path: Path, cfg: SceneSplitConfig) -> list[tuple[int, int]]:
+    from scenedetect import ContentDetector, detect
+
+    try:
+        scenes = detect(str(path), ContentDetector(threshold=cfg.threshold, min_scene_len=cfg.min_scene_frames),
+                        backend="pyav")  # fmt: skip
+    except Exception as exc:  # scenedetect wraps decoder errors in its own types
+        raise ProbeError("scene_detect_failed", f"scene detection failed: {type(exc).__name__}: {exc}") from exc
+    return [(int(s.frame_num), int(e.frame_num)) for s, e in scenes]
+
+
+def clip_view(info: MediaInfo, start: int, end: int) -> MediaInfo:
+    """The MediaInfo of frames [start, end) of a video, for sampling and bucketing within a scene."""
+    n = end - start
+    return replace(info, num_frames=n, duration=n / info.fps if info.fps else 0.0)
+
+
+class SceneCache:
+    """Scenes per (file content, scene settings): a re-run detects nothing again."""
+
+    def __init__(self, root: Path, cfg: SceneSplitConfig) -> None:
+        self.path = Path(root) / f"scenes-{config_hash(cfg)}.json"
+        self.cfg = cfg
+        self.data: dict[str, list[list[int]]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.dirty = False
+
+    def get(self, content_hash: str, path: Path) -> list[tuple[int, int]]:
+        if content_hash not in self.data:
+            self.data[content_hash] = [list(r) for r in detect_scenes(path, self.cfg)]
+            self.dirty = True
+        return [tuple(r) for r in self.data[content_hash]]
+
+    def save(self) -> None:
+        if self.dirty:
+            atomic_write_text(self.path, json.dumps(self.data))
+
+
+# ---- scores -------------------------------------------------------------------------------------
+
+
+def motion_score(frames: np.ndarray, method: str = "farneback") -> float:
+    """(T, H, W, C) uint8 -> mean motion between consecutive frames, in pixels (flow) or grey levels (diff)."""
+    import cv2
+
+    grey = [cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames]
+    if len(grey) < 2:
+        return 0.0
+    vals = []
+    for a, b in zip(grey, grey[1:], strict=False):
+        if method == "diff":
+            vals.append(float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()))
+        else:
+            flow = cv2.calcOpticalFlowFarneback(a, b, None, 0.5, 3, 15, 3, 5, 1.2, 0)
+            vals.append(float(np.linalg.norm(flow, axis=-1).mean()))
+    return float(np.mean(vals))
+
+
+def load_head(path: str | None, dim: int, seed: int = 0) -> torch.nn.Sequential:
+    """A chain of Linear layers rebuilt from a state dict, in key order.
+
+    LAION's improved aesthetic predictor is exactly that (5 Linear layers; its Dropouts hold no
+    weights and do nothing at inference), and a linear probe is the 1-layer case.
+    """
+    if path is None:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(dim, 1)).eval()
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"data.curate.aesthetic.head={path} does not exist")
+    state = load_file(str(file)) if file.suffix == ".safetensors" else torch.load(file, weights_only=True)
+    state = state.get("state_dict", state)
+    weights = [k for k in state if k.endswith("weight") and state[k].ndim == 2]
+    layers = [torch.nn.Linear(state[k].shape[1], state[k].shape[0]) for k in weights]
+    for layer, k in zip(layers, weights, strict=True):
+        layer.weight.data.copy_(state[k])
+        layer.bias.data.copy_(state[k[: -len("weight")] + "bias"])
+    if not layers or layers[0].in_features != dim or layers[-1].out_features != 1:
+        maps = f"{layers[0].in_features} -> {layers[-1].out_features}" if layers else "nothing"
+        raise ValueError(f"aesthetic head {path} maps {maps}; the CLIP model gives {dim}-dim embeddings: {dim} -> 1")
+    return torch.nn.Sequential(*layers).eval()
+
+
+class ClipScorer:
+    """CLIP embeddings (for dedup) and aesthetic scores from the same forward pass."""
+
+    def __init__(self, cfg: AestheticConfig, device: torch.device) -> None:
+        from evaluation.clip_score import load_clip
+
+        self.model, self.preprocess, _ = load_clip(cfg.clip, device)
+        self.device = device
+        dim = self.model.visual.output_dim if hasattr(self.model.visual, "output_dim") else None
+        if dim is None:
+            dim = int(self.model.encode_image(torch.zeros(1, 3, 224, 224, device=device)).shape[-1])
+        self.head = load_head(cfg.head, dim).to(device)
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray) -> tuple[torch.Tensor, float]:
+        images = torch.stack([self.preprocess(Image.fromarray(f)) for f in frames]).to(self.device)
+        emb = torch.nn.functional.normalize(self.model.encode_image(images).float(), dim=-1)  # (T, D)
+        score = float(self.head(emb).mean())
+        return torch.nn.functional.normalize(emb.mean(0), dim=0).cpu(), score
+
+
+class ScoreCache:
+    """Scores and embeddings per sample key under one set of curation settings."""
+
+    def __init__(self, root: Path, cfg: CurateConfig) -> None:
+        # Thresholds are not in the tag: re-running with other thresholds rescores nothing.
+        what = {"frames": cfg.sample_frames, "clip": cfg.aesthetic.clip.model_dump(), "head": cfg.aesthetic.head,
+                "motion": cfg.motion.method}  # fmt: skip
+        tag = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+        self.scores_path = Path(root) / f"scores-{tag}.jsonl"
+        self.emb_path = Path(root) / f"embeddings-{tag}.safetensors"
+        self.scores = {r["key"]: r for r in read_jsonl(self.scores_path)}
+        self.emb = load_file(str(self.emb_path)) if self.emb_path.is_file() else {}
+
+    def save(self) -> None:
+        write_jsonl(self.scores_path, self.scores.values())
+        if self.emb:
+            atomic_write(self.emb_path, lambda tmp: save_file(dict(self.emb), str(tmp)))
+
+
+def near_duplicates(keys: list[str], emb: dict[str, torch.Tensor], threshold: float) -> dict[str, str]:
+    """{dropped key: the kept key it duplicates}; order decides which of a group is kept."""
+    kept: list[str] = []
+    dropped: dict[str, str] = {}
+    for key in keys:
+        if key not in emb:
+            continue
+        if kept:
+            sims = torch.stack([emb[k] for k in kept]) @ emb[key]
+            j = int(sims.argmax())
+            if float(sims[j]) >= threshold:
+                dropped[key] = kept[j]
+                continue
+        kept.append(key)
+    return dropped
