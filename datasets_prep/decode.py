@@ -33,14 +33,15 @@ def sample_indices(info: MediaInfo, num_frames: int, target_fps: float | None, s
     return indices
 
 
-def _decode_decord(path: Path, indices: list[int]) -> np.ndarray:
+def _decode_decord(path: Path, indices: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
     import decord
 
-    vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    hw = {"height": size[0], "width": size[1]} if size else {}
+    vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, **hw)
     return vr.get_batch(indices).asnumpy()
 
 
-def _decode_pyav(path: Path, indices: list[int]) -> np.ndarray:
+def _decode_pyav(path: Path, indices: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
     import av
 
     wanted = set(indices)
@@ -52,7 +53,9 @@ def _decode_pyav(path: Path, indices: list[int]) -> np.ndarray:
         for i, frame in enumerate(container.decode(stream)):
             if i in wanted:
                 # decord applies the display rotation; PyAV hands back stored frames: match decord.
-                frames[i] = np.rot90(frame.to_ndarray(format="rgb24"), k=int(frame.rotation) // 90)
+                # Scaling in swscale, bicubic like ffmpeg's scale filter that decord uses.
+                hw = {"height": size[0], "width": size[1], "interpolation": "BICUBIC"} if size else {}
+                frames[i] = np.rot90(frame.to_ndarray(format="rgb24", **hw), k=int(frame.rotation) // 90)
             if i >= last:
                 break
     missing = wanted - frames.keys()
@@ -71,11 +74,23 @@ def _decode_image(path: Path, indices: list[int]) -> np.ndarray:
     return np.repeat(arr[None], len(indices), axis=0)
 
 
-DECODERS: dict[str, Callable[[Path, list[int]], np.ndarray]] = {"decord": _decode_decord, "pyav": _decode_pyav}
+DECODERS: dict[str, Callable[..., np.ndarray]] = {"decord": _decode_decord, "pyav": _decode_pyav}
 
 
-def decode(info: MediaInfo, indices: list[int], decoder: str) -> tuple[np.ndarray, str]:
+def cover_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """The smallest (h, w) with the source's aspect ratio that covers (height, width)."""
+    scale = max(height / h, width / w)
+    return max(height, round(h * scale)), max(width, round(w * scale))
+
+
+def decode(
+    info: MediaInfo, indices: list[int], decoder: str, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, str]:
     """Frames and the name of the decoder that produced them.
+
+    `size` (h, w) scales inside the decoder (swscale, on the way out of the codec): much cheaper
+    than decoding full frames and resizing them after. Rotated clips are scaled afterwards, since
+    decoders disagree on whether the size means before or after rotation.
 
     decord 0.6 fails on some frame widths (72 px, for one) with a buffer-size check; the probe has
     already shown the file is sound, so PyAV, which returns the same frames, takes over.
@@ -84,11 +99,13 @@ def decode(info: MediaInfo, indices: list[int], decoder: str) -> tuple[np.ndarra
         return _decode_image(Path(info.path), indices), "pil"
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; known decoders: {', '.join(sorted(DECODERS))}")
+    if size == (info.height, info.width) or info.rotation != 0:
+        size = None  # nothing to scale (a scaler would only add a copy), or sizes ambiguous under rotation
     order = [decoder] + [d for d in DECODERS if d != decoder]
     errors = []
     for name in order:
         try:
-            return DECODERS[name](Path(info.path), indices), name
+            return DECODERS[name](Path(info.path), indices, size), name
         except ProbeError as exc:
             errors.append(f"{name}: {exc}")
         except Exception as exc:  # decoders raise library-specific types for corrupt streams
@@ -98,11 +115,11 @@ def decode(info: MediaInfo, indices: list[int], decoder: str) -> tuple[np.ndarra
 
 def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     """(T, H, W, C) uint8 -> (T, height, width, C) uint8: scale to cover, then crop the centre."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, C, H, W)
-    h, w = x.shape[-2:]
-    scale = max(height / h, width / w)
-    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
-    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    h, w = frames.shape[1:3]
+    nh, nw = cover_size(h, w, height, width)
+    if (nh, nw) != (h, w):  # frames the decoder already scaled skip straight to the crop
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, C, H, W)
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     top, left = (nh - height) // 2, (nw - width) // 2
-    x = x[:, :, top : top + height, left : left + width]
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(frames[:, top : top + height, left : left + width]))

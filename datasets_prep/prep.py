@@ -34,7 +34,7 @@ from configs import DataConfig, PipelineConfig, save_config
 from datasets_prep.buckets import Bucket, assign, drop_minorities
 from datasets_prep.cache import LatentCache
 from datasets_prep.curate import ClipScorer, SceneCache, ScoreCache, clip_view, motion_score, near_duplicates
-from datasets_prep.decode import decode, resize_center_crop, sample_indices
+from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
 from datasets_prep.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
 from datasets_prep.manifest import Entry, Rejection, read_manifest
 from datasets_prep.probe import IMAGE_SUFFIXES, MediaInfo, ProbeError, probe
@@ -264,7 +264,8 @@ def _decoded(
 
     def work(p: _Pending) -> tuple[_Pending, torch.Tensor | ProbeError]:
         try:
-            frames, used = decode(p.info, p.indices, d.decoder)
+            size = cover_size(p.info.height, p.info.width, p.bucket.height, p.bucket.width)
+            frames, used = decode(p.info, p.indices, d.decoder, size)
         except ProbeError as exc:
             return p, exc
         p.record["decoder"] = used
