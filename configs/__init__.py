@@ -2,7 +2,10 @@
 
 from configs.loader import ConfigError, dump_config, flatten, load_config, save_config
 from configs.schema import (
+    BucketsConfig,
+    CaptionConfig,
     ClipConfig,
+    CurateConfig,
     ComponentConfig,
     DataConfig,
     EvalConfig,
@@ -13,7 +16,10 @@ from configs.schema import (
 )
 
 __all__ = [
+    "BucketsConfig",
+    "CaptionConfig",
     "ClipConfig",
+    "CurateConfig",
     "ComponentConfig",
     "ConfigError",
     "DataConfig",

@@ -134,6 +134,23 @@ class CurateConfig(Section):
         return self.aesthetic.enabled or self.motion.enabled or self.dedup.enabled
 
 
+class CaptionConfig(Section):
+    """Captions written by a VLM (datasets_prep/caption.py) for records that have none."""
+
+    enabled: bool = False
+    model: str = Field("qwen2_vl", description="captioner registry name: qwen2_vl, llava, internvl")
+    preset: str | None = Field("tiny", description="random-init config (tests: nonsense text, real pipeline)")
+    pretrained: str | None = Field(None, description="local directory or hub id (AutoModelForImageTextToText)")
+    prompt: str = "Describe this video in one sentence: the subjects, how they move, and the background."
+    frames: int = Field(4, ge=1, description="frames per clip shown to the model")
+    batch_size: int = Field(4, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    recaption: bool = Field(False, description="replace captions the manifest already has")
+
+    def identity(self) -> str:
+        return f"{self.model}:" + (f"pretrained:{self.pretrained}" if self.pretrained else f"preset:{self.preset}")
+
+
 class DataConfig(Section):
     manifest: Path = Path("data.jsonl")
     manifest_format: str = Field("auto", description="auto, or one of datasets_prep.manifest.known_formats()")
@@ -155,6 +172,7 @@ class DataConfig(Section):
     max_samples: int | None = Field(None, ge=1)
     buckets: BucketsConfig = BucketsConfig()
     curate: CurateConfig = CurateConfig()
+    caption: CaptionConfig = CaptionConfig()
 
 
 class TrainConfig(Section):

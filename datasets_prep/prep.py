@@ -33,6 +33,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from configs import DataConfig, PipelineConfig, save_config
 from datasets_prep.buckets import Bucket, assign, drop_minorities
 from datasets_prep.cache import LatentCache
+from datasets_prep.caption import CaptionCache, load_captioner, to_images
 from datasets_prep.curate import ClipScorer, SceneCache, ScoreCache, clip_view, motion_score, near_duplicates
 from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
 from datasets_prep.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
@@ -103,12 +104,14 @@ def _plan(
             continue
         path = str(item.path)
         if not item.caption:
-            rejects.append(Rejection(path, "manifest", f"record {item.line} has no caption", "no_caption"))
+            why = item.meta.get("caption_error", "")
+            why = f"record {item.line} has no caption" + (f" (captioning failed: {why})" if why else "")
+            rejects.append(Rejection(path, "manifest", why, "no_caption"))
             continue
         try:
             if not item.path.is_file():
                 raise ProbeError("not_found", "file not found")
-            content = file_digest(item.path)
+            content = item.meta.get("content_hash") or file_digest(item.path)
             info: MediaInfo | None = None
             ranges: list[tuple[int, int] | None] = [None]
             if scenes is not None and item.path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -138,6 +141,7 @@ def _plan(
                     "key": key, "source": path, "content_hash": content, "caption": item.caption,
                     "prep_hash": prep_hash, "encoder": encoder, "manifest_line": item.line,
                     "clip_range": list(rng) if rng else None,
+                    "caption_model": item.meta.get("caption_model", "manifest"),
                     "kind": info.kind, "src_fps": info.fps, "src_size": [info.width, info.height],
                     "src_frames": info.num_frames, "duration": view.duration, "codec": info.codec,
                     "container": info.container, "rotation": info.rotation, "vfr": info.vfr,
@@ -151,6 +155,49 @@ def _plan(
         scenes.save()
     rep.finish("probe")
     return list(selected.values()), list(pending.values())
+
+
+def _caption_items(cfg: PipelineConfig, items: list) -> list:
+    """Fill in captions (missing ones, or all with `recaption`) with the configured VLM captioner."""
+    c = cfg.data.caption
+    if not c.enabled:
+        return items
+    cache = CaptionCache(cfg.prep_dir / "curation", c)
+    todo = []
+    for e in items:
+        if not isinstance(e, Entry) or (e.caption and not c.recaption) or not e.path.is_file():
+            continue
+        e.meta["content_hash"] = h = file_digest(e.path)
+        if h in cache.rows:
+            e.caption, e.meta["caption_model"] = cache.rows[h]["caption"], cache.rows[h]["caption_model"]
+        else:
+            todo.append(e)
+    captioner = load_captioner(c, resolve_device(cfg.data.device)) if todo else None
+    rep = reporter()
+    rep.start("caption", len(todo))
+    for start in range(0, len(todo), c.batch_size):
+        batch, clips = [], []
+        for e in todo[start : start + c.batch_size]:
+            try:
+                info = probe(e.path)
+                idx = sorted({int(round(i * (info.num_frames - 1) / max(c.frames - 1, 1))) for i in range(c.frames)})
+                big = min(info.height, info.width) > 448  # the processor resizes anyway: decode smaller
+                frames, _ = decode(
+                    info, idx, cfg.data.decoder, cover_size(info.height, info.width, 448, 448) if big else None
+                )
+            except ProbeError as exc:
+                e.meta["caption_error"] = str(exc)
+                continue
+            batch.append(e)
+            clips.append(to_images(frames))
+        for e, text in zip(batch, captioner(clips) if clips else [], strict=True):
+            e.caption, e.meta["caption_model"] = text or None, captioner.identity
+            cache.rows[e.meta["content_hash"]] = {"content_hash": e.meta["content_hash"], "caption": text,
+                                                  "caption_model": captioner.identity}  # fmt: skip
+        rep.advance("caption", len(todo[start : start + c.batch_size]))
+    rep.finish("caption")
+    cache.save()
+    return items
 
 
 def _check_clip(info: MediaInfo, d: DataConfig) -> None:
@@ -370,7 +417,7 @@ def run_prep(cfg: PipelineConfig) -> PrepResult:
     items = list(islice(read_manifest(d.manifest, d.manifest_format, d.roots), d.max_samples))
     rejects: list[Rejection] = []
     cached = {r["key"]: r for r in cache.records()}
-    done, pending = _plan(cfg, family, items[rank::world], cached, rejects)
+    done, pending = _plan(cfg, family, _caption_items(cfg, items[rank::world]), cached, rejects)
     done, pending = _drop_minority_buckets(cfg, done, pending, rejects)
     done, pending, scores = _curate(cfg, done, pending, rejects)
     encoded, calls = _encode(cfg, family, pending, cache, rejects) if pending else ([], 0)
