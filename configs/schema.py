@@ -166,6 +166,11 @@ class DataConfig(Section):
     batch_size: int = Field(4, ge=1, description="clips per VAE/text-encoder call")
     num_workers: int = Field(2, ge=1, description="decode threads per rank")
     nproc_per_node: int = Field(1, ge=1, description="prep ranks (torchrun); each takes a slice of the manifest")
+    slices: int = Field(1, ge=1, description="Prefect tasks the prep flow maps the manifest over")
+    task_runner: Literal["thread", "process", "dask", "ray"] = Field(
+        "thread", description="where the slice tasks run: threads, processes, a Dask or a Ray cluster"
+    )
+    cluster_address: str | None = Field(None, description="dask scheduler / ray address; None starts a local one")
     shard_size: int = Field(8, ge=1, description="samples per safetensors shard")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"

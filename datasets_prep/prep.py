@@ -289,19 +289,18 @@ def _curate(cfg: PipelineConfig, done: list[dict], pending: list[_Pending], reje
     return [r for r in done if r["key"] not in drop], kept_pending, scores
 
 
-def _drop_minority_buckets(cfg: PipelineConfig, done: list[dict], pending: list[_Pending], rejects: list[Rejection]):
+def _drop_minority_buckets(cfg: PipelineConfig, selected: list[dict], rejects: list[dict]) -> list[dict]:
+    """At merge time, so a bucket's count covers every slice's clips."""
     b = cfg.data.buckets
     if b.mode == "fixed" or b.min_bucket_count <= 1:
-        return done, pending
-    shapes = {r["key"]: tuple(r["bucket"]) for r in done} | {p.record["key"]: p.bucket.shape for p in pending}
+        return selected
+    shapes = {r["key"]: tuple(r["bucket"]) for r in selected}
     drop = drop_minorities(shapes, b.min_bucket_count)
-    for key in drop:
-        rejects.append(
-            Rejection(
-                key, "bucket", f"bucket {shapes[key]} has fewer than {b.min_bucket_count} clips", "minority_bucket"
-            )
-        )
-    return [r for r in done if r["key"] not in drop], [p for p in pending if p.record["key"] not in drop]
+    for r in selected:
+        if r["key"] in drop:
+            why = f"bucket {shapes[r['key']]} has fewer than {b.min_bucket_count} clips"
+            rejects.append(Rejection(r["source"], "bucket", why, "minority_bucket").as_row())
+    return [r for r in selected if r["key"] not in drop]
 
 
 def _decoded(
@@ -403,49 +402,59 @@ def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def run_prep(cfg: PipelineConfig) -> PrepResult:
+def prep_slice(cfg: PipelineConfig, index: int = 0, count: int = 1) -> dict[str, Any]:
+    """Prep records i with i % count == index: their own shards (`r<index>-*`) and a part summary.
+
+    One slice per torchrun rank, or per Prefect task when the flow maps slices over a task runner.
+    """
     t0 = time.perf_counter()
     d = cfg.data
     family = get_family(cfg.model.family)
     _check(cfg, family)
-    rank, world = _rank()
-    out = cfg.prep_dir
-    cache = LatentCache(out / "cache", rank=rank)
+    cache = LatentCache(cfg.prep_dir / "cache", rank=index)
     cache.clean_partial()
-    if rank == 0:
-        save_config(cfg, out)
     items = list(islice(read_manifest(d.manifest, d.manifest_format, d.roots), d.max_samples))
     rejects: list[Rejection] = []
     cached = {r["key"]: r for r in cache.records()}
-    done, pending = _plan(cfg, family, _caption_items(cfg, items[rank::world]), cached, rejects)
-    done, pending = _drop_minority_buckets(cfg, done, pending, rejects)
+    done, pending = _plan(cfg, family, _caption_items(cfg, items[index::count]), cached, rejects)
     done, pending, scores = _curate(cfg, done, pending, rejects)
     encoded, calls = _encode(cfg, family, pending, cache, rejects) if pending else ([], 0)
-    part = {
-        "keys": [r["key"] for r in done + encoded],
-        "rejects": [r.as_row() for r in rejects],
-        "cached": len(done),
-        "encoded": len(encoded),
-        "calls": calls,
-        "scores": scores,
-    }
+    part = {"slice": index, "keys": [r["key"] for r in done + encoded], "rejects": [r.as_row() for r in rejects],
+            "cached": len(done), "encoded": len(encoded), "calls": calls, "scores": scores,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+    atomic_write_text(part_path(cfg, index), json.dumps(part))
+    return part
+
+
+def part_path(cfg: PipelineConfig, index: int) -> Path:
+    return cfg.prep_dir / "parts" / f"slice{index:03d}.json"
+
+
+def merge_slices(cfg: PipelineConfig, count: int, t0: float | None = None) -> PrepResult:
+    parts = [json.loads(part_path(cfg, i).read_text()) for i in range(count)]
+    seconds = (time.perf_counter() - t0) if t0 is not None else max(p["seconds"] for p in parts)
+    return _finish(cfg, LatentCache(cfg.prep_dir / "cache"), parts, seconds)
+
+
+def run_prep(cfg: PipelineConfig) -> PrepResult:
+    """The whole stage in this process, or this rank's slice of it under torchrun (rank 0 merges)."""
+    t0 = time.perf_counter()
+    rank, world = _rank()
+    if rank == 0:
+        save_config(cfg, cfg.prep_dir)
+    prep_slice(cfg, rank, world)
     if world == 1:
-        return _finish(cfg, cache, [part], t0)
-    atomic_write_text(out / "parts" / f"rank{rank:03d}.json", json.dumps(part))
+        return merge_slices(cfg, 1, t0)
     import torch.distributed as dist
 
     dist.barrier()  # every rank's shards and part file are on disk
-    result = (
-        _finish(cfg, cache, [json.loads((out / "parts" / f"rank{r:03d}.json").read_text()) for r in range(world)], t0)
-        if rank == 0
-        else None
-    )
+    result = merge_slices(cfg, world, t0) if rank == 0 else None
     dist.barrier()
-    return result or _result_from_disk(out)
+    return result or _result_from_disk(cfg.prep_dir)
 
 
-def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], t0: float) -> PrepResult:
-    """Merge the ranks' parts: index, the selected samples (in manifest order), rejects, summary."""
+def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], seconds: float) -> PrepResult:
+    """Merge the slices' parts: index, the selected samples (in manifest order), rejects, summary."""
     out = cfg.prep_dir
     index = cache.write_index()
     by_key = {r["key"]: r for r in cache.records()}
@@ -457,13 +466,14 @@ def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], t0: floa
         key=lambda r: (r["manifest_line"], r.get("clip_range") or [0]),
     )
     rejects = [r for p in parts for r in p["rejects"]]
+    selected = _drop_minority_buckets(cfg, selected, rejects)
     samples = write_jsonl(out / "samples.jsonl", selected)
     rejects_path = write_jsonl(out / "rejects.jsonl", rejects)
     result = PrepResult(
         prep_dir=str(out), samples=str(samples), rejects=str(rejects_path), index=str(index),
         num_samples=len(selected), num_rejected=len(rejects), num_cached=sum(p["cached"] for p in parts),
         num_encoded=sum(p["encoded"] for p in parts), encoder_calls=sum(p["calls"] for p in parts),
-        seconds=round(time.perf_counter() - t0, 3),
+        seconds=round(seconds, 3),
         rejected_by_reason=dict(Counter(r["code"] for r in rejects).most_common()), world_size=len(parts),
     )  # fmt: skip
     atomic_write_text(out / "summary.json", json.dumps(result.as_dict(), indent=2))

@@ -10,13 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, unmapped
 
-from configs import PipelineConfig
+from configs import PipelineConfig, save_config
 from engines.tracking import tracking_uri
 from tasks import tracking as tr
 from tasks.caching import run_cached
-from tasks.stages import evaluate_model, prep_latents, train_model
+from tasks.stages import evaluate_model, make_task_runner, merge_prep_task, prep_latents, prep_slice_task, train_model
 
 
 def in_stage_run(
@@ -32,12 +32,32 @@ def in_stage_run(
     return {**out, "mlflow_run_id": run_id}
 
 
+@flow(name="prep-slices", log_prints=True)
+def prep_slices(cfg: PipelineConfig) -> dict[str, Any]:
+    """Map the manifest's slices over the configured task runner, then merge them into one index."""
+    save_config(cfg, cfg.prep_dir)
+    n = cfg.data.slices
+    futures = prep_slice_task.map(unmapped(cfg), range(n), unmapped(n))
+    states = [f.wait() or f.state for f in futures]
+    for state in states:
+        state.result()  # raises the first slice's error
+    out = merge_prep_task(cfg, n)
+    out["cache_hit"] = all(state.name == "Cached" for state in states)
+    return out
+
+
+def _prep_result(cfg: PipelineConfig) -> dict[str, Any]:
+    if cfg.data.slices > 1 and cfg.data.nproc_per_node == 1:
+        return prep_slices.with_options(task_runner=make_task_runner(cfg))(cfg)
+    return run_cached(prep_latents, cfg=cfg)
+
+
 @flow(name="prep", log_prints=True)
 def prep(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Manifest -> latent cache, with rejects recorded and finished work skipped."""
 
     def body(run_id: str) -> dict[str, Any]:
-        res = run_cached(prep_latents, cfg=cfg)
+        res = _prep_result(cfg)
         tr.log_metrics(
             cfg,
             run_id,

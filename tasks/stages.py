@@ -14,7 +14,7 @@ from prefect import task
 
 from configs import PipelineConfig
 from datasets_prep.manifest import Entry, read_manifest
-from datasets_prep.prep import launch_prep
+from datasets_prep.prep import launch_prep, merge_slices, part_path, prep_slice
 from engines.torch_engine.launch import launch
 from evaluation.run import run_eval
 from tasks.caching import files_policy, retry_if_transient
@@ -61,6 +61,50 @@ def _eval_outputs(inputs: dict[str, Any]) -> list[Path]:
 def prep_latents(cfg: PipelineConfig) -> dict[str, Any]:
     """Probe, decode and encode the manifest into the latent cache (skips what is cached)."""
     return launch_prep(cfg).as_dict()
+
+
+@task(
+    name="prep-slice",
+    retries=1,
+    retry_condition_fn=retry_if_transient,
+    retry_delay_seconds=5,
+    persist_result=True,
+    cache_policy=files_policy(sources=_prep_sources, outputs=lambda i: [part_path(i["cfg"], i["index"])]),
+)
+def prep_slice_task(cfg: PipelineConfig, index: int, count: int) -> dict[str, Any]:
+    """One slice of the manifest (records i with i % count == index), on whatever worker runs it."""
+    return prep_slice(cfg, index, count)
+
+
+@task(name="merge-prep-slices", retries=1, retry_condition_fn=retry_if_transient)
+def merge_prep_task(cfg: PipelineConfig, count: int) -> dict[str, Any]:
+    return merge_slices(cfg, count).as_dict()
+
+
+def make_task_runner(cfg: PipelineConfig) -> Any:
+    """The Prefect task runner `data.task_runner` names; cluster runners are optional installs."""
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    d = cfg.data
+    if d.task_runner == "thread":
+        return ThreadPoolTaskRunner(max_workers=d.slices)
+    if d.task_runner == "process":
+        return ProcessPoolTaskRunner(max_workers=d.slices)
+    try:
+        if d.task_runner == "dask":
+            from prefect_dask import DaskTaskRunner
+
+            if d.cluster_address:
+                return DaskTaskRunner(address=d.cluster_address)
+            return DaskTaskRunner(cluster_kwargs={"n_workers": d.slices, "threads_per_worker": 1, "processes": True})
+        from prefect_ray import RayTaskRunner
+
+        return RayTaskRunner(address=d.cluster_address) if d.cluster_address else RayTaskRunner()
+    except ImportError as exc:
+        extra = "dask" if d.task_runner == "dask" else "ray"
+        raise ValueError(
+            f"data.task_runner={d.task_runner} needs prefect-{extra}: pip install 'flowspeed[{extra}]'"
+        ) from exc
 
 
 @task(

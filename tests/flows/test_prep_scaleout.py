@@ -1,0 +1,61 @@
+"""The prep flow mapped over manifest slices on Prefect task runners: same index as one process."""
+
+from pathlib import Path
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from datasets_prep.io import read_jsonl
+from datasets_prep.prep import run_prep
+from tests.conftest import make_config
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness():
+        yield
+
+
+def _content(prep_dir: Path) -> dict:
+    # The digest covers float bits, which change with how clips were batched through the VAE.
+    return {
+        r["key"]: {k: v for k, v in r.items() if k not in ("shard", "digest")}
+        for r in read_jsonl(prep_dir / "samples.jsonl")
+    }
+
+
+def test_thread_slices_match_one_process_and_rerun_is_cached(tmp_path: Path, demo_manifest: Path, harness) -> None:
+    from flows.stages import prep
+
+    single = make_config(tmp_path / "one", demo_manifest)
+    run_prep(single)
+    cfg = make_config(tmp_path / "sliced", demo_manifest, "data.slices=3", "data.task_runner=thread")
+    first = prep(cfg)
+    assert first["num_samples"] == 8 and first["cache_hit"] is False and first["world_size"] == 3
+    assert _content(cfg.prep_dir) == _content(single.prep_dir)
+    names = {p.name[:4] for p in (cfg.prep_dir / "cache" / "shards").glob("*.safetensors")}
+    assert names == {"r000", "r001", "r002"}
+    again = prep(cfg)
+    assert again["cache_hit"] is True and again["num_samples"] == 8
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_runs_the_slices(tmp_path: Path, demo_manifest: Path, harness) -> None:
+    from flows.stages import prep_slices
+    from tasks.stages import make_task_runner
+
+    single = make_config(tmp_path / "one", demo_manifest)
+    run_prep(single)
+    cfg = make_config(tmp_path / "dask", demo_manifest, "data.slices=2", "data.task_runner=dask")
+    runner = make_task_runner(cfg)
+    assert type(runner).__name__ == "DaskTaskRunner"
+    out = prep_slices.with_options(task_runner=runner)(cfg)
+    assert out["num_samples"] == 8 and out["world_size"] == 2
+    assert _content(cfg.prep_dir) == _content(single.prep_dir)
+
+
+def test_a_missing_cluster_runner_says_what_to_install(tmp_path: Path, demo_manifest: Path) -> None:
+    from tasks.stages import make_task_runner
+
+    with pytest.raises(ValueError, match=r"pip install 'flowspeed\[ray\]'"):
+        make_task_runner(make_config(tmp_path, demo_manifest, "data.slices=2", "data.task_runner=ray"))
