@@ -58,9 +58,17 @@ class PrepResult:
     seconds: float
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     world_size: int = 1
+    num_records: int = 0  # manifest records read (in); num_samples are kept, num_rejected dropped
+    encoded_frames: int = 0
+
+    @property
+    def throughput(self) -> dict[str, float]:
+        """Encoded clips and frames per second of stage time (cached samples excluded)."""
+        s = max(self.seconds, 1e-9)
+        return {"clips_per_s": self.num_encoded / s, "frames_per_s": self.encoded_frames / s}
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), **self.throughput}
 
 
 @dataclass
@@ -421,6 +429,7 @@ def prep_slice(cfg: PipelineConfig, index: int = 0, count: int = 1) -> dict[str,
     encoded, calls = _encode(cfg, family, pending, cache, rejects) if pending else ([], 0)
     part = {"slice": index, "keys": [r["key"] for r in done + encoded], "rejects": [r.as_row() for r in rejects],
             "cached": len(done), "encoded": len(encoded), "calls": calls, "scores": scores,
+            "records": len(items[index::count]), "frames": sum(r["num_frames"] for r in encoded),
             "seconds": time.perf_counter() - t0}  # fmt: skip
     atomic_write_text(part_path(cfg, index), json.dumps(part))
     return part
@@ -475,6 +484,8 @@ def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], seconds:
         num_encoded=sum(p["encoded"] for p in parts), encoder_calls=sum(p["calls"] for p in parts),
         seconds=round(seconds, 3),
         rejected_by_reason=dict(Counter(r["code"] for r in rejects).most_common()), world_size=len(parts),
+        num_records=sum(p["records"] for p in parts),
+        encoded_frames=sum(p["frames"] for p in parts),
     )  # fmt: skip
     atomic_write_text(out / "summary.json", json.dumps(result.as_dict(), indent=2))
     if not selected:
@@ -485,7 +496,8 @@ def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], seconds:
 
 
 def _result_from_disk(prep_dir: Path) -> PrepResult:
-    return PrepResult(**json.loads((Path(prep_dir) / "summary.json").read_text()))
+    data = json.loads((Path(prep_dir) / "summary.json").read_text())
+    return PrepResult(**{k: v for k, v in data.items() if k in PrepResult.__dataclass_fields__})
 
 
 def launch_prep(cfg: PipelineConfig) -> PrepResult:

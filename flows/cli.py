@@ -148,6 +148,8 @@ def _summary(cfg: Any, out: dict[str, Any]) -> None:
         table.add_row("samples", counts)
         if p.get("rejected_by_reason"):
             table.add_row("rejected", ", ".join(f"{code}: {n}" for code, n in p["rejected_by_reason"].items()))
+        if p.get("num_encoded"):
+            table.add_row("prep speed", f"{p['clips_per_s']:.1f} clips/s, {p['frames_per_s']:.0f} frames/s")
     if "train" in out:
         t = out["train"]
         table.add_row("checkpoint", t["checkpoint"])

@@ -58,15 +58,11 @@ def prep(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any
 
     def body(run_id: str) -> dict[str, Any]:
         res = _prep_result(cfg)
-        tr.log_metrics(
-            cfg,
-            run_id,
-            {
-                f"prep/{k}": res[k]
-                for k in ("num_samples", "num_rejected", "num_cached", "num_encoded", "encoder_calls", "seconds")
-            },
-        )
-        tr.log_metrics(cfg, run_id, {f"prep/rejected/{code}": n for code, n in res["rejected_by_reason"].items()})
+        counts = ("num_records", "num_samples", "num_rejected", "num_cached", "num_encoded", "encoder_calls")
+        speed = ("seconds", "clips_per_s", "frames_per_s")
+        metrics = {f"prep/{k}": res[k] for k in counts + speed}
+        metrics |= {f"prep/rejected/{code}": n for code, n in res["rejected_by_reason"].items()}
+        tr.log_metrics(cfg, run_id, metrics)
         tr.log_dataset(cfg, run_id, Path(res["samples"]), context="prep")
         for name in ("rejects", "samples"):
             tr.log_artifacts(cfg, run_id, Path(res[name]), "prep")
