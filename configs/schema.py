@@ -156,6 +156,9 @@ class DataConfig(Section):
     manifest_format: str = Field("auto", description="auto, or one of datasets_prep.manifest.known_formats()")
     roots: list[Path] = Field(default_factory=list, description="extra folders media paths may resolve into")
     output_dir: Path | None = Field(None, description="prep output; default <workdir>/prep")
+    cache_dir: Path | None = Field(
+        None, description="latent cache; default <prep dir>/cache. Point runs and experiments at one shared folder"
+    )
     decoder: Literal["decord", "pyav"] = "decord"
     num_frames: int = Field(9, ge=1)
     target_fps: float | None = Field(8.0, gt=0, description="sample at this fps; None uses `stride`")
@@ -237,6 +240,11 @@ class PipelineConfig(Section):
     @property
     def prep_dir(self) -> Path:
         return self.data.output_dir or self.workdir / "prep"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Content-addressed, so any number of workdirs can share one."""
+        return self.data.cache_dir or self.prep_dir / "cache"
 
     @property
     def train_dir(self) -> Path:

@@ -13,9 +13,12 @@ file or config adds entries, and old ones stay reusable by the runs that made th
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import re
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -26,29 +29,70 @@ from safetensors.torch import save_file
 
 from datasets_prep.io import atomic_write, write_jsonl
 
-SHARD_RE = re.compile(r"^r(\d{3})-(\d{6})\.safetensors$")
+# r<rank>-<seq>-<writer>.safetensors: the writer token keeps two runs sharing one cache from ever
+# picking the same name (the old r<rank>-<seq> form is still read).
+SHARD_RE = re.compile(r"^r(\d{3})-(\d{6})(?:-([0-9a-f]{8}))?\.safetensors$")
+TMP_RE = re.compile(r"^\.r\d{3}-\d{6}(?:-([0-9a-f]{8}))?\.safetensors\..*\.tmp$")
 RECORDS_KEY = "flowspeed.records"
 
 
 class LatentCache:
+    """One cache directory; safe to share between runs, experiments and concurrent writers.
+
+    A writer holds an exclusive flock on `shards/.locks/<token>.lock` for its lifetime; the kernel
+    drops it when the process dies, even by SIGKILL, so `clean_partial` can tell a dead writer's
+    temp files from a live one's.
+    """
+
     def __init__(self, root: Path, rank: int = 0) -> None:
         self.root = Path(root)
         self.shard_dir = self.root / "shards"
         self.rank = rank
+        self.token = uuid.uuid4().hex[:8]
+        self._lock_fd: int | None = None
 
     def shards(self) -> list[Path]:
         if not self.shard_dir.is_dir():
             return []
         return sorted(p for p in self.shard_dir.iterdir() if SHARD_RE.match(p.name))
 
+    def _lock_path(self, token: str) -> Path:
+        return self.shard_dir / ".locks" / f"{token}.lock"
+
+    def _hold_writer_lock(self) -> None:
+        if self._lock_fd is None:
+            path = self._lock_path(self.token)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(path, os.O_CREAT | os.O_RDWR)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _writer_alive(self, token: str | None) -> bool:
+        if token is None or token == self.token:
+            return token == self.token
+        path = self._lock_path(token)
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True  # its owner still runs
+        finally:
+            os.close(fd)
+        path.unlink(missing_ok=True)
+        return False
+
     def clean_partial(self) -> int:
-        """Remove temp files a killed writer left; they were never visible as shards."""
+        """Remove temp files that dead writers left; they were never visible as shards."""
         if not self.shard_dir.is_dir():
             return 0
-        stale = [p for p in self.shard_dir.glob(f".r{self.rank:03d}-*.tmp")]
-        for p in stale:
-            p.unlink(missing_ok=True)
-        return len(stale)
+        removed = 0
+        for p in self.shard_dir.iterdir():
+            m = TMP_RE.match(p.name)
+            if m and not self._writer_alive(m.group(1)):
+                p.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     @staticmethod
     def read_records(shard: Path) -> list[dict[str, Any]]:
@@ -68,10 +112,11 @@ class LatentCache:
         nums = [
             int(m.group(2)) for p in self.shards() if (m := SHARD_RE.match(p.name)) and int(m.group(1)) == self.rank
         ]
-        return self.shard_dir / f"r{self.rank:03d}-{(max(nums) + 1 if nums else 0):06d}.safetensors"
+        return self.shard_dir / f"r{self.rank:03d}-{(max(nums) + 1 if nums else 0):06d}-{self.token}.safetensors"
 
     def write_shard(self, samples: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]) -> Path:
         """samples: (record, {"latent_params": t, "text_embeds": t}) pairs."""
+        self._hold_writer_lock()
         tensors: dict[str, torch.Tensor] = {}
         records = []
         target = self._next_shard_path()

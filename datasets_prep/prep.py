@@ -419,7 +419,7 @@ def prep_slice(cfg: PipelineConfig, index: int = 0, count: int = 1) -> dict[str,
     d = cfg.data
     family = get_family(cfg.model.family)
     _check(cfg, family)
-    cache = LatentCache(cfg.prep_dir / "cache", rank=index)
+    cache = LatentCache(cfg.cache_dir, rank=index)
     cache.clean_partial()
     items = list(islice(read_manifest(d.manifest, d.manifest_format, d.roots), d.max_samples))
     rejects: list[Rejection] = []
@@ -442,7 +442,7 @@ def part_path(cfg: PipelineConfig, index: int) -> Path:
 def merge_slices(cfg: PipelineConfig, count: int, t0: float | None = None) -> PrepResult:
     parts = [json.loads(part_path(cfg, i).read_text()) for i in range(count)]
     seconds = (time.perf_counter() - t0) if t0 is not None else max(p["seconds"] for p in parts)
-    return _finish(cfg, LatentCache(cfg.prep_dir / "cache"), parts, seconds)
+    return _finish(cfg, LatentCache(cfg.cache_dir), parts, seconds)
 
 
 def run_prep(cfg: PipelineConfig) -> PrepResult:

@@ -49,7 +49,7 @@ def validation_loss(cfg: PipelineConfig, final_dir: Path, device: torch.device) 
         return float("nan"), 0
     model = _trained_transformer(cfg, final_dir).to(device).eval()
     scheduler = family.load_scheduler(cfg.model)
-    data = CachedLatents(cfg.prep_dir / "cache", val)
+    data = CachedLatents(cfg.cache_dir, val)
     bs = cfg.train.batch_size
     losses = []
     for rep in range(cfg.eval.val_batches):

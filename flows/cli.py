@@ -236,7 +236,7 @@ def _cache_for(config: Path, workdir: Path | None, overrides: list[str] | None):
         cfg = load_config(config, overrides or [], workdir)
     except (ConfigError, FileNotFoundError) as exc:
         _fail("cache", exc, False)
-    cache = LatentCache(cfg.prep_dir / "cache")
+    cache = LatentCache(cfg.cache_dir)
     if not cache.shards():
         _fail("cache", FileNotFoundError(f"no latent cache under {cache.root}: run `flowspeed prep` first"), False)
     return cfg, cache
@@ -267,7 +267,7 @@ def cache_verify(
     _, cache = _cache_for(config, workdir, set_)
     problems = cache.verify()
     for p in problems:
-        console.print(f"[red]{p['shard']}[/] {p['key']}: {p['problem']}")
+        console.print(f"[red]{p['shard']}[/] {p['key']}: {p['problem']}", soft_wrap=True)
     if not problems:
         Console().print(f"all {cache.summary()['samples']} cached samples verified")
         return

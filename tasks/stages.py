@@ -36,8 +36,8 @@ def _prep_sources(inputs: dict[str, Any]) -> list[Path]:
 
 
 def _prep_outputs(inputs: dict[str, Any]) -> list[Path]:
-    d = _cfg(inputs).prep_dir
-    return [d / "samples.jsonl", d / "cache" / "index.jsonl", d / "summary.json"]
+    cfg = _cfg(inputs)
+    return [cfg.prep_dir / "samples.jsonl", cfg.cache_dir / "index.jsonl", cfg.prep_dir / "summary.json"]
 
 
 def _train_outputs(inputs: dict[str, Any]) -> list[Path]:

@@ -88,7 +88,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
     tracker = make_tracker(tracking_uri, run_id, rank, t_cfg.metrics_flush_every)
     try:
         records, _ = split_records(load_samples(cfg.prep_dir), t_cfg.val_fraction)
-        dataset = CachedLatents(cfg.prep_dir / "cache", records)
+        dataset = CachedLatents(cfg.cache_dir, records)
         first = records[0]
         latent_channels = first["latent_shape"][0] // 2
         model = family.load_transformer(cfg.model, first["text_shape"][-1], latent_channels).to(device)

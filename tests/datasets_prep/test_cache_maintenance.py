@@ -53,3 +53,27 @@ def test_prune_keeps_only_what_the_config_selects(tmp_path: Path, demo_manifest:
         r["key"] for r in read_jsonl(cfg.prep_dir / "samples.jsonl")
     }
     assert run_prep(cfg).encoder_calls == 0  # what the config uses survived the prune
+
+
+def test_experiments_share_one_cache_and_live_writers_keep_their_temp_files(
+    tmp_path: Path, demo_manifest: Path
+) -> None:
+    shared = tmp_path / "shared-cache"
+    first = run_prep(make_config(tmp_path / "exp-a", demo_manifest, f"data.cache_dir={shared}"))
+    assert first.num_encoded == 8
+    other = run_prep(make_config(tmp_path / "exp-b", demo_manifest, f"data.cache_dir={shared}", "train.lr=5e-4"))
+    assert other.encoder_calls == 0 and other.num_cached == 8  # another experiment, same prep settings
+
+    # A live writer's temp file survives clean_partial; a dead writer's does not.
+    code = (
+        "import sys, time; from datasets_prep.cache import LatentCache\n"
+        "c = LatentCache(sys.argv[1]); c._hold_writer_lock(); print(c.token, flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(shared)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    token = proc.stdout.readline().strip()
+    tmp = shared / "shards" / f".r000-000099-{token}.safetensors.x1.tmp"
+    tmp.write_bytes(b"half a shard")
+    assert LatentCache(shared).clean_partial() == 0 and tmp.exists()
+    proc.kill()
+    proc.wait()
+    assert LatentCache(shared).clean_partial() == 1 and not tmp.exists()
