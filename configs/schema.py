@@ -98,6 +98,7 @@ class SceneSplitConfig(Section):
     enabled: bool = False
     threshold: float = Field(27.0, gt=0, description="PySceneDetect ContentDetector threshold")
     min_scene_frames: int = Field(8, ge=1)
+    reencode: bool = Field(False, description="also write each scene as its own H.264 mp4 under <prep>/clips")
 
 
 class AestheticConfig(Section):

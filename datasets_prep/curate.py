@@ -51,6 +51,19 @@ def clip_view(info: MediaInfo, start: int, end: int) -> MediaInfo:
     return replace(info, num_frames=n, duration=n / info.fps if info.fps else 0.0)
 
 
+def write_scene_clip(path: Path, info: MediaInfo, start: int, end: int, out_dir: Path, content_hash: str) -> Path:
+    """Frames [start, end) as their own mp4 (for tools that want files, not ranges); idempotent."""
+    from datasets_prep.decode import DECODERS
+    from datasets_prep.mp4 import write_mp4
+
+    target = Path(out_dir) / f"{content_hash}_{start:06d}_{end:06d}.mp4"
+    if not target.exists():
+        frames = DECODERS["pyav"](Path(path), list(range(start, end)))
+        h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2  # 4:2:0 needs even sides
+        write_mp4(target, np.ascontiguousarray(frames[:, :h, :w]), info.fps or 24.0)
+    return target
+
+
 class SceneCache:
     """Scenes per (file content, scene settings): a re-run detects nothing again."""
 

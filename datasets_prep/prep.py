@@ -34,7 +34,15 @@ from configs import DataConfig, PipelineConfig, save_config
 from datasets_prep.buckets import Bucket, assign, drop_minorities
 from datasets_prep.cache import LatentCache
 from datasets_prep.caption import CaptionCache, load_captioner, to_images
-from datasets_prep.curate import ClipScorer, SceneCache, ScoreCache, clip_view, motion_score, near_duplicates
+from datasets_prep.curate import (
+    ClipScorer,
+    SceneCache,
+    ScoreCache,
+    clip_view,
+    motion_score,
+    near_duplicates,
+    write_scene_clip,
+)
 from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
 from datasets_prep.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
 from datasets_prep.manifest import Entry, Rejection, read_manifest
@@ -156,6 +164,9 @@ def _plan(
                     "frame_indices": indices, "bucket": list(bucket.shape), "bucket_batch_size": bucket.batch_size,
                     "num_frames": bucket.frames,
                 }  # fmt: skip
+                if rng and cur.scene_split.reencode:
+                    clip = write_scene_clip(item.path, info, *rng, cfg.prep_dir / "clips", content)
+                    record["clip_path"] = str(clip)
                 pending[key] = _Pending(item, info, bucket, indices, record)
         except ProbeError as exc:
             rejects.append(Rejection(path, "probe", str(exc), exc.code))

@@ -42,6 +42,17 @@ def test_scene_split_finds_the_cuts_and_caches_each_scene(tmp_path: Path) -> Non
     again = run_prep(cfg)
     assert again.num_cached == 3 and again.encoder_calls == 0
 
+    import av
+
+    cut = run_prep(
+        make_config(
+            tmp_path / "w2", manifest, "data.curate.scene_split.enabled=true", "data.curate.scene_split.reencode=true"
+        )
+    )
+    for s in read_jsonl(Path(cut.samples)):
+        with av.open(s["clip_path"]) as c:
+            assert sum(1 for _ in c.decode(video=0)) == s["clip_range"][1] - s["clip_range"][0]
+
 
 def test_motion_separates_static_from_moving_and_filters(tmp_path: Path) -> None:
     moving = render_clip("circle", "red", "black", "from left to right", 96, 64, 48)
