@@ -24,8 +24,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from configs.schema import CaptionConfig
-from datasets_prep.io import read_jsonl, write_jsonl
+from configs.schema import CaptionConfig, PipelineConfig
+from datasets_prep.decode import cover_size, decode
+from datasets_prep.io import file_digest, read_jsonl, write_jsonl
+from datasets_prep.manifest import Entry
+from datasets_prep.probe import ProbeError, probe
+from datasets_prep.progress import reporter
+from engines.device import resolve_device
 from engines.models.registry import seeded_init
 
 SINGLE_IMAGE = {"llava"}
@@ -165,3 +170,46 @@ class CaptionCache:
 
 def to_images(frames: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
+
+
+def caption_items(cfg: PipelineConfig, items: list) -> list:
+    """Fill in captions (missing ones, or all with `recaption`) with the configured VLM captioner."""
+    c = cfg.data.caption
+    if not c.enabled:
+        return items
+    cache = CaptionCache(cfg.prep_dir / "curation", c)
+    todo = []
+    for e in items:
+        if not isinstance(e, Entry) or (e.caption and not c.recaption) or not e.path.is_file():
+            continue
+        e.meta["content_hash"] = h = file_digest(e.path)
+        if h in cache.rows:
+            e.caption, e.meta["caption_model"] = cache.rows[h]["caption"], cache.rows[h]["caption_model"]
+        else:
+            todo.append(e)
+    captioner = load_captioner(c, resolve_device(cfg.data.device)) if todo else None
+    rep = reporter()
+    rep.start("caption", len(todo))
+    for start in range(0, len(todo), c.batch_size):
+        batch, clips = [], []
+        for e in todo[start : start + c.batch_size]:
+            try:
+                info = probe(e.path)
+                idx = sorted({int(round(i * (info.num_frames - 1) / max(c.frames - 1, 1))) for i in range(c.frames)})
+                big = min(info.height, info.width) > 448  # the processor resizes anyway: decode smaller
+                frames, _ = decode(
+                    info, idx, cfg.data.decoder, cover_size(info.height, info.width, 448, 448) if big else None
+                )
+            except ProbeError as exc:
+                e.meta["caption_error"] = str(exc)
+                continue
+            batch.append(e)
+            clips.append(to_images(frames))
+        for e, text in zip(batch, captioner(clips) if clips else [], strict=True):
+            e.caption, e.meta["caption_model"] = text or None, captioner.identity
+            cache.rows[e.meta["content_hash"]] = {"content_hash": e.meta["content_hash"], "caption": text,
+                                                  "caption_model": captioner.identity}  # fmt: skip
+        rep.advance("caption", len(todo[start : start + c.batch_size]))
+    rep.finish("caption")
+    cache.save()
+    return items

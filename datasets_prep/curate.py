@@ -22,9 +22,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from configs.schema import AestheticConfig, CurateConfig, SceneSplitConfig
+from configs.schema import AestheticConfig, CurateConfig, PipelineConfig, SceneSplitConfig
+from datasets_prep.decode import decode
 from datasets_prep.io import atomic_write, atomic_write_text, read_jsonl, write_jsonl
-from datasets_prep.probe import MediaInfo, ProbeError
+from datasets_prep.probe import MediaInfo, ProbeError, probe
+from datasets_prep.progress import reporter
+from engines.device import resolve_device
 
 
 def config_hash(obj: Any) -> str:
@@ -184,3 +187,69 @@ def near_duplicates(keys: list[str], emb: dict[str, torch.Tensor], threshold: fl
                 continue
         kept.append(key)
     return dropped
+
+
+def score_all(cfg: PipelineConfig, cands: list[tuple[str, dict]]) -> ScoreCache:
+    """Motion, aesthetic and CLIP embedding for every candidate not scored under these settings."""
+    cur = cfg.data.curate
+    cache = ScoreCache(cfg.prep_dir / "curation", cur)
+
+    def missing(key: str) -> bool:  # scores made with other scorers enabled may lack a field
+        sc = cache.scores.get(key)
+        if sc is None:
+            return True
+        if "error" in sc:
+            return False
+        return ((cur.motion.enabled and "motion" not in sc) or (cur.aesthetic.enabled and "aesthetic" not in sc)
+                or (cur.dedup.enabled and key not in cache.emb))  # fmt: skip
+
+    todo = [(k, r) for k, r in cands if missing(k)]
+    needs_clip = cur.aesthetic.enabled or cur.dedup.enabled
+    scorer = ClipScorer(cur.aesthetic, resolve_device(cfg.data.device)) if todo and needs_clip else None
+    rep = reporter()
+    rep.start("score", len(todo))
+    for key, rec in todo:
+        rep.advance("score")
+        idx = rec["frame_indices"]
+        n = cur.sample_frames
+        pick = sorted({idx[round(i * (len(idx) - 1) / (n - 1))] for i in range(n)})
+        try:
+            frames, _ = decode(probe(Path(rec["source"])), pick, cfg.data.decoder)
+        except ProbeError as exc:
+            cache.scores[key] = {"key": key, "error": str(exc)}
+            continue
+        scores: dict[str, Any] = {**cache.scores.get(key, {}), "key": key}
+        if cur.motion.enabled:
+            scores["motion"] = motion_score(frames, cur.motion.method)
+        if scorer is not None:
+            emb, aesthetic = scorer(frames)
+            cache.emb[key] = emb
+            if cur.aesthetic.enabled:
+                scores["aesthetic"] = aesthetic
+        cache.scores[key] = scores
+    rep.finish("score")
+    cache.save()
+    return cache
+
+
+def curate(cfg: PipelineConfig, cands: list[tuple[str, dict]]) -> tuple[dict[str, tuple[str, str]], dict]:
+    """Score candidates (key, record) and decide drops: ({key: (code, reason)}, {key: scores})."""
+    cur = cfg.data.curate
+    cache = score_all(cfg, cands)
+    drop: dict[str, tuple[str, str]] = {}
+    for key, _ in cands:
+        sc = cache.scores.get(key, {})
+        if "error" in sc:
+            drop[key] = ("score_failed", sc["error"])
+        elif cur.aesthetic.min_score is not None and sc.get("aesthetic", np.inf) < cur.aesthetic.min_score:
+            drop[key] = ("low_aesthetic", f"aesthetic {sc['aesthetic']:.3f} below {cur.aesthetic.min_score}")
+        elif cur.motion.min_score is not None and sc.get("motion", np.inf) < cur.motion.min_score:
+            drop[key] = ("low_motion", f"motion {sc['motion']:.3f} below {cur.motion.min_score}")
+        elif cur.motion.max_score is not None and sc.get("motion", -np.inf) > cur.motion.max_score:
+            drop[key] = ("high_motion", f"motion {sc['motion']:.3f} above {cur.motion.max_score}")
+    if cur.dedup.enabled:
+        alive = [k for k, _ in cands if k not in drop]
+        for k, original in near_duplicates(alive, cache.emb, cur.dedup.threshold).items():
+            drop[k] = ("duplicate", f"near duplicate (CLIP cosine >= {cur.dedup.threshold}) of sample {original}")
+    scores = {k: {n: v for n, v in cache.scores[k].items() if n != "key"} for k, _ in cands if k in cache.scores}
+    return drop, scores

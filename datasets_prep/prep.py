@@ -26,23 +26,14 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from configs import DataConfig, PipelineConfig, save_config
 from datasets_prep.buckets import Bucket, assign, drop_minorities
 from datasets_prep.cache import LatentCache
-from datasets_prep.caption import CaptionCache, load_captioner, to_images
-from datasets_prep.curate import (
-    ClipScorer,
-    SceneCache,
-    ScoreCache,
-    clip_view,
-    motion_score,
-    near_duplicates,
-    write_scene_clip,
-)
+from datasets_prep.caption import caption_items
+from datasets_prep.curate import SceneCache, clip_view, curate, write_scene_clip
 from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
 from datasets_prep.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
 from datasets_prep.manifest import Entry, Rejection, read_manifest
@@ -176,49 +167,6 @@ def _plan(
     return list(selected.values()), list(pending.values())
 
 
-def _caption_items(cfg: PipelineConfig, items: list) -> list:
-    """Fill in captions (missing ones, or all with `recaption`) with the configured VLM captioner."""
-    c = cfg.data.caption
-    if not c.enabled:
-        return items
-    cache = CaptionCache(cfg.prep_dir / "curation", c)
-    todo = []
-    for e in items:
-        if not isinstance(e, Entry) or (e.caption and not c.recaption) or not e.path.is_file():
-            continue
-        e.meta["content_hash"] = h = file_digest(e.path)
-        if h in cache.rows:
-            e.caption, e.meta["caption_model"] = cache.rows[h]["caption"], cache.rows[h]["caption_model"]
-        else:
-            todo.append(e)
-    captioner = load_captioner(c, resolve_device(cfg.data.device)) if todo else None
-    rep = reporter()
-    rep.start("caption", len(todo))
-    for start in range(0, len(todo), c.batch_size):
-        batch, clips = [], []
-        for e in todo[start : start + c.batch_size]:
-            try:
-                info = probe(e.path)
-                idx = sorted({int(round(i * (info.num_frames - 1) / max(c.frames - 1, 1))) for i in range(c.frames)})
-                big = min(info.height, info.width) > 448  # the processor resizes anyway: decode smaller
-                frames, _ = decode(
-                    info, idx, cfg.data.decoder, cover_size(info.height, info.width, 448, 448) if big else None
-                )
-            except ProbeError as exc:
-                e.meta["caption_error"] = str(exc)
-                continue
-            batch.append(e)
-            clips.append(to_images(frames))
-        for e, text in zip(batch, captioner(clips) if clips else [], strict=True):
-            e.caption, e.meta["caption_model"] = text or None, captioner.identity
-            cache.rows[e.meta["content_hash"]] = {"content_hash": e.meta["content_hash"], "caption": text,
-                                                  "caption_model": captioner.identity}  # fmt: skip
-        rep.advance("caption", len(todo[start : start + c.batch_size]))
-    rep.finish("caption")
-    cache.save()
-    return items
-
-
 def _check_clip(info: MediaInfo, d: DataConfig) -> None:
     if min(info.width, info.height) < d.min_side:
         raise ProbeError(
@@ -234,78 +182,17 @@ def _check_clip(info: MediaInfo, d: DataConfig) -> None:
         raise ProbeError("aspect", f"aspect ratio {aspect:.2f} above data.curate.max_aspect={cur.max_aspect}")
 
 
-def _score_all(cfg: PipelineConfig, cands: list[tuple[str, dict]]) -> ScoreCache:
-    """Motion, aesthetic and CLIP embedding for every candidate not scored under these settings."""
-    cur = cfg.data.curate
-    cache = ScoreCache(cfg.prep_dir / "curation", cur)
-
-    def missing(key: str) -> bool:  # scores made with other scorers enabled may lack a field
-        sc = cache.scores.get(key)
-        if sc is None:
-            return True
-        if "error" in sc:
-            return False
-        return ((cur.motion.enabled and "motion" not in sc) or (cur.aesthetic.enabled and "aesthetic" not in sc)
-                or (cur.dedup.enabled and key not in cache.emb))  # fmt: skip
-
-    todo = [(k, r) for k, r in cands if missing(k)]
-    needs_clip = cur.aesthetic.enabled or cur.dedup.enabled
-    scorer = ClipScorer(cur.aesthetic, resolve_device(cfg.data.device)) if todo and needs_clip else None
-    rep = reporter()
-    rep.start("score", len(todo))
-    for key, rec in todo:
-        rep.advance("score")
-        idx = rec["frame_indices"]
-        n = cur.sample_frames
-        pick = sorted({idx[round(i * (len(idx) - 1) / (n - 1))] for i in range(n)})
-        try:
-            frames, _ = decode(probe(Path(rec["source"])), pick, cfg.data.decoder)
-        except ProbeError as exc:
-            cache.scores[key] = {"key": key, "error": str(exc)}
-            continue
-        scores: dict[str, Any] = {**cache.scores.get(key, {}), "key": key}
-        if cur.motion.enabled:
-            scores["motion"] = motion_score(frames, cur.motion.method)
-        if scorer is not None:
-            emb, aesthetic = scorer(frames)
-            cache.emb[key] = emb
-            if cur.aesthetic.enabled:
-                scores["aesthetic"] = aesthetic
-        cache.scores[key] = scores
-    rep.finish("score")
-    cache.save()
-    return cache
-
-
 def _curate(cfg: PipelineConfig, done: list[dict], pending: list[_Pending], rejects: list[Rejection]):
-    """Score every candidate (cached scores reused), then drop by threshold and near-duplicate."""
-    cur = cfg.data.curate
-    if not cur.scoring():
+    """Drop what curation refuses (recorded as rejections); scores go into the samples manifest."""
+    if not cfg.data.curate.scoring():
         return done, pending, {}
     cands = [(r["key"], r) for r in done] + [(p.record["key"], p.record) for p in pending]
-    cache = _score_all(cfg, cands)
-    drop: dict[str, tuple[str, str]] = {}
-    for key, _ in cands:
-        sc = cache.scores.get(key, {})
-        if "error" in sc:
-            drop[key] = ("score_failed", sc["error"])
-        elif cur.aesthetic.min_score is not None and sc.get("aesthetic", np.inf) < cur.aesthetic.min_score:
-            drop[key] = ("low_aesthetic", f"aesthetic {sc['aesthetic']:.3f} below {cur.aesthetic.min_score}")
-        elif cur.motion.min_score is not None and sc.get("motion", np.inf) < cur.motion.min_score:
-            drop[key] = ("low_motion", f"motion {sc['motion']:.3f} below {cur.motion.min_score}")
-        elif cur.motion.max_score is not None and sc.get("motion", -np.inf) > cur.motion.max_score:
-            drop[key] = ("high_motion", f"motion {sc['motion']:.3f} above {cur.motion.max_score}")
-    if cur.dedup.enabled:
-        alive = [k for k, _ in cands if k not in drop]
-        for k, original in near_duplicates(alive, cache.emb, cur.dedup.threshold).items():
-            drop[k] = ("duplicate", f"near duplicate (CLIP cosine >= {cur.dedup.threshold}) of sample {original}")
+    drop, scores = curate(cfg, cands)
     by_key = dict(cands)
     for key, (code, reason) in drop.items():
         rec, rng = by_key[key], by_key[key].get("clip_range")
         rejects.append(Rejection(rec["source"] + (f"[{rng[0]}:{rng[1]}]" if rng else ""), "curate", reason, code))
-    scores = {k: {n: v for n, v in cache.scores[k].items() if n != "key"} for k, _ in cands if k in cache.scores}
-    kept_pending = [p for p in pending if p.record["key"] not in drop]
-    return [r for r in done if r["key"] not in drop], kept_pending, scores
+    return [r for r in done if r["key"] not in drop], [p for p in pending if p.record["key"] not in drop], scores
 
 
 def _drop_minority_buckets(cfg: PipelineConfig, selected: list[dict], rejects: list[dict]) -> list[dict]:
@@ -435,7 +322,7 @@ def prep_slice(cfg: PipelineConfig, index: int = 0, count: int = 1) -> dict[str,
     items = list(islice(read_manifest(d.manifest, d.manifest_format, d.roots), d.max_samples))
     rejects: list[Rejection] = []
     cached = {r["key"]: r for r in cache.records()}
-    done, pending = _plan(cfg, family, _caption_items(cfg, items[index::count]), cached, rejects)
+    done, pending = _plan(cfg, family, caption_items(cfg, items[index::count]), cached, rejects)
     done, pending, scores = _curate(cfg, done, pending, rejects)
     encoded, calls = _encode(cfg, family, pending, cache, rejects) if pending else ([], 0)
     part = {"slice": index, "keys": [r["key"] for r in done + encoded], "rejects": [r.as_row() for r in rejects],

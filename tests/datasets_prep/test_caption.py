@@ -29,9 +29,9 @@ def test_tiny_qwen2_vl_captions_every_clip_and_records_the_model(
     assert samples[0]["caption"] == keep and all(s["caption"] for s in samples)
 
     # A re-run reuses the captions: no captioner is even built.
-    import datasets_prep.prep as prep_mod
+    import datasets_prep.caption as mod
 
-    monkeypatch.setattr(prep_mod, "load_captioner", None)
+    monkeypatch.setattr(mod, "load_captioner", None)
     again = run_prep(cfg)
     assert again.num_cached == 8 and again.encoder_calls == 0
 

@@ -107,9 +107,9 @@ def test_aesthetic_head_from_a_file_scores_and_near_duplicates_are_dropped(
     assert len(samples) == 8 and all(np.isfinite(s["aesthetic"]) for s in samples)
 
     # New thresholds: nothing is rescored, the scores decide.
-    import datasets_prep.prep as prep_mod
+    import datasets_prep.curate as mod
 
-    monkeypatch.setattr(prep_mod, "ClipScorer", None)  # would fail if anything were scored again
+    monkeypatch.setattr(mod, "ClipScorer", None)  # would fail if anything were scored again
     median = float(np.median([s["aesthetic"] for s in samples]))
     res2 = run_prep(
         make_config(tmp_path / "w", data / "data.jsonl", *args, f"data.curate.aesthetic.min_score={median}")
