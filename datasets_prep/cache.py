@@ -1,7 +1,7 @@
 """The latent cache: sharded safetensors whose metadata carries the index records.
 
 Layout under the cache root:
-    shards/r000-000000.safetensors   tensors `<key>/latent_params`, `<key>/text_embeds`; metadata
+    shards/r000-000000.safetensors   tensors `<key>/<name>` (names listed in the record's "tensors"); metadata
                                      "flowspeed.records" = JSON list of per-sample records
     index.jsonl                      every record of every shard (rebuilt from the shards)
 
@@ -115,14 +115,14 @@ class LatentCache:
         return self.shard_dir / f"r{self.rank:03d}-{(max(nums) + 1 if nums else 0):06d}-{self.token}.safetensors"
 
     def write_shard(self, samples: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]) -> Path:
-        """samples: (record, {"latent_params": t, "text_embeds": t}) pairs."""
+        """samples: (record, {name: tensor}) pairs; a family stores whatever it trains on."""
         self._hold_writer_lock()
         tensors: dict[str, torch.Tensor] = {}
         records = []
         target = self._next_shard_path()
         for rec, ts in samples:
             ts = {name: t.detach().cpu().contiguous() for name, t in ts.items()}
-            rec = {**rec, "shard": target.name, "digest": tensor_digest(ts)}
+            rec = {**rec, "shard": target.name, "digest": tensor_digest(ts), "tensors": sorted(ts)}
             for name, t in ts.items():
                 tensors[f"{rec['key']}/{name}"] = t
             records.append(rec)
@@ -132,11 +132,9 @@ class LatentCache:
     def write_index(self) -> Path:
         return write_jsonl(self.root / "index.jsonl", self.records())
 
-    def load(
-        self, record: dict[str, Any], names: tuple[str, ...] = ("latent_params", "text_embeds")
-    ) -> dict[str, torch.Tensor]:
+    def load(self, record: dict[str, Any], names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         with safe_open(str(self.shard_dir / record["shard"]), framework="pt") as fh:
-            return {n: fh.get_tensor(f"{record['key']}/{n}") for n in names}
+            return {n: fh.get_tensor(f"{record['key']}/{n}") for n in names or tensor_names(record)}
 
     # ---- maintenance: `flowspeed cache list | verify | prune` ---------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -156,7 +154,7 @@ class LatentCache:
                 recs = self.read_records(shard)
                 with safe_open(str(shard), framework="pt") as fh:
                     for rec in recs:
-                        ts = {n: fh.get_tensor(f"{rec['key']}/{n}") for n in TENSOR_NAMES}
+                        ts = {n: fh.get_tensor(f"{rec['key']}/{n}") for n in tensor_names(rec)}
                         if "digest" in rec and tensor_digest(ts) != rec["digest"]:
                             problems.append({"shard": shard.name, "key": rec["key"], "problem": "checksum mismatch"})
                         elif list(ts["latent_params"].shape) != rec.get(
@@ -188,7 +186,7 @@ class LatentCache:
                 deleted += 1
                 continue
             with safe_open(str(shard), framework="pt") as fh:
-                tensors = {f"{r['key']}/{n}": fh.get_tensor(f"{r['key']}/{n}") for r in kept for n in TENSOR_NAMES}
+                tensors = {f"{r['key']}/{n}": fh.get_tensor(f"{r['key']}/{n}") for r in kept for n in tensor_names(r)}
             meta = {RECORDS_KEY: json.dumps(kept, sort_keys=True)}
             atomic_write(shard, lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), metadata=m))
             rewritten += 1
@@ -197,7 +195,9 @@ class LatentCache:
         return {"removed_samples": removed, "rewritten_shards": rewritten, "deleted_shards": deleted}
 
 
-TENSOR_NAMES = ("latent_params", "text_embeds")
+def tensor_names(record: dict[str, Any]) -> list[str]:
+    """What a record stored; records written before "tensors" existed hold the CogVideoX pair."""
+    return record.get("tensors", ["latent_params", "text_embeds"])
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -272,14 +272,16 @@ def _encode(
                 tokenizer, text_encoder, [p.entry.caption for p, _ in batch], cfg.model.max_text_length
             )
         calls += 1
+        if isinstance(texts, dict):  # {name: (B, ...)} -> one {name: (...)} per sample
+            texts = [{name: t[i] for name, t in texts.items()} for i in range(len(batch))]
         for (p, _), lat, txt in zip(batch, latents, texts, strict=True):
             rec = {
                 **p.record,
                 "latent_shape": list(lat.shape),
-                "text_shape": list(txt.shape),
+                "text_shape": list((txt.get("text_embeds") if isinstance(txt, dict) else txt).shape),
                 "scaling_factor": scaling,
             }
-            shard.append((rec, {"latent_params": lat.to(dtype), "text_embeds": txt.to(dtype)}))
+            shard.append((rec, {"latent_params": lat.to(dtype), **_text_tensors(txt, dtype)}))
         rep.advance("encode", len(batch))
         batch.clear()
         while len(shard) >= d.shard_size:
@@ -302,6 +304,13 @@ def _encode(
         write(len(shard))
     rep.finish("encode")
     return written, calls
+
+
+def _text_tensors(txt: torch.Tensor | dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A family's text encoding: one tensor (CogVideoX's T5 states) or several (pooled + per-token)."""
+    if isinstance(txt, dict):
+        return {name: t.to(dtype) for name, t in txt.items()}
+    return {"text_embeds": txt.to(dtype)}
 
 
 def _rank() -> tuple[int, int]:

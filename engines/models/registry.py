@@ -48,8 +48,14 @@ class ModelFamily(ABC):
         """uint8 (B, T, H, W, C) -> per-sample latent distribution parameters, cached as-is."""
 
     @abstractmethod
-    def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> torch.Tensor:
-        """Captions -> (B, L, D) embeddings exactly as the inference pipeline computes them."""
+    def encode_text(
+        self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Captions -> embeddings exactly as the inference pipeline computes them.
+
+        One (B, L, D) tensor is cached as `text_embeds`; a family with several text outputs (SD3's
+        pooled + per-token states) returns {name: (B, ...)} and every name is cached and batched.
+        """
 
     @abstractmethod
     def training_loss(

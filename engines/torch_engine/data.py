@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-TENSORS = ("latent_params", "text_embeds")
+from datasets_prep.cache import tensor_names
 
 
 def split_records(records: list[dict[str, Any]], val_fraction: float) -> tuple[list[dict], list[dict]]:
@@ -43,7 +43,7 @@ class CachedLatents(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rec = self.records[i]
         fh = self._handle(rec["shard"])
-        out = {n: fh.get_tensor(f"{rec['key']}/{n}") for n in TENSORS}
+        out = {n: fh.get_tensor(f"{rec['key']}/{n}") for n in tensor_names(rec)}
         out["scaling_factor"] = torch.tensor(float(rec.get("scaling_factor", 1.0)))
         return out
 

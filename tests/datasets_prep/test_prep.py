@@ -216,3 +216,27 @@ def test_two_rank_extraction_gives_the_same_index_as_one_rank(tmp_path: Path, de
         assert torch.allclose(a["latent_params"], b["latent_params"], atol=1e-5)
         assert torch.equal(a["text_embeds"], b["text_embeds"])
     assert [r["key"] for r in read_jsonl(Path(one.samples))] == [r["key"] for r in read_jsonl(Path(two.samples))]
+
+
+def test_a_family_with_several_text_outputs_caches_and_batches_them_all(
+    tmp_path: Path, demo_manifest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The extension point image families (pooled + per-token text states) rely on."""
+    from engines.torch_engine.data import CachedLatents, collate
+
+    family = get_family("cogvideox")
+    real = type(family).encode_text
+
+    def two_outputs(self, tokenizer, encoder, captions, max_length):
+        states = real(self, tokenizer, encoder, captions, max_length)
+        return {"text_embeds": states, "pooled_embeds": states.mean(dim=1)}
+
+    monkeypatch.setattr(type(family), "encode_text", two_outputs)
+    res = run_prep(make_config(tmp_path, demo_manifest))
+    samples = read_jsonl(Path(res.samples))
+    assert samples[0]["tensors"] == ["latent_params", "pooled_embeds", "text_embeds"]
+    assert samples[0]["text_shape"] == [128, 32]
+    batch = collate([CachedLatents(Path(res.prep_dir) / "cache", samples)[i] for i in range(2)])
+    assert batch["pooled_embeds"].shape == (2, 32)
+    assert torch.allclose(batch["pooled_embeds"], batch["text_embeds"].mean(dim=1), atol=1e-6)
+    assert LatentCache(Path(res.prep_dir) / "cache").verify() == []
