@@ -26,7 +26,7 @@ from PIL import Image
 
 from configs.schema import CaptionConfig, PipelineConfig
 from datasets_prep.decode import cover_size, decode
-from datasets_prep.io import file_digest, read_jsonl, write_jsonl
+from datasets_prep.io import RecordStore, file_digest
 from datasets_prep.manifest import Entry
 from datasets_prep.probe import ProbeError, probe
 from datasets_prep.progress import reporter
@@ -158,33 +158,33 @@ def load_captioner(cfg: CaptionConfig, device: torch.device) -> VLMCaptioner:
 
 
 class CaptionCache:
-    def __init__(self, root: Path, cfg: CaptionConfig) -> None:
+    def __init__(self, root: Path, cfg: CaptionConfig, writer: int = 0) -> None:
         what = {"id": cfg.identity(), "prompt": cfg.prompt, "frames": cfg.frames, "max": cfg.max_new_tokens}
         tag = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
-        self.path = Path(root) / f"captions-{tag}.jsonl"
-        self.rows = {r["content_hash"]: r for r in read_jsonl(self.path)}
+        self.rows = RecordStore(root, f"captions-{tag}", "content_hash", writer)
 
     def save(self) -> None:
-        write_jsonl(self.path, self.rows.values())
+        self.rows.save()
 
 
 def to_images(frames: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(f)) for f in frames]
 
 
-def caption_items(cfg: PipelineConfig, items: list) -> list:
+def caption_items(cfg: PipelineConfig, items: list, writer: int = 0) -> list:
     """Fill in captions (missing ones, or all with `recaption`) with the configured VLM captioner."""
     c = cfg.data.caption
     if not c.enabled:
         return items
-    cache = CaptionCache(cfg.prep_dir / "curation", c)
+    cache = CaptionCache(cfg.prep_dir / "curation", c, writer)
     todo = []
     for e in items:
         if not isinstance(e, Entry) or (e.caption and not c.recaption) or not e.path.is_file():
             continue
         e.meta["content_hash"] = h = file_digest(e.path)
         if h in cache.rows:
-            e.caption, e.meta["caption_model"] = cache.rows[h]["caption"], cache.rows[h]["caption_model"]
+            row = cache.rows.get(h)
+            e.caption, e.meta["caption_model"] = row["caption"], row["caption_model"]
         else:
             todo.append(e)
     captioner = load_captioner(c, resolve_device(cfg.data.device)) if todo else None
@@ -207,8 +207,8 @@ def caption_items(cfg: PipelineConfig, items: list) -> list:
             clips.append(to_images(frames))
         for e, text in zip(batch, captioner(clips) if clips else [], strict=True):
             e.caption, e.meta["caption_model"] = text or None, captioner.identity
-            cache.rows[e.meta["content_hash"]] = {"content_hash": e.meta["content_hash"], "caption": text,
-                                                  "caption_model": captioner.identity}  # fmt: skip
+            cache.rows.put({"content_hash": e.meta["content_hash"], "caption": text,
+                            "caption_model": captioner.identity})  # fmt: skip
         rep.advance("caption", len(todo[start : start + c.batch_size]))
     rep.finish("caption")
     cache.save()

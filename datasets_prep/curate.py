@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from configs.schema import AestheticConfig, CurateConfig, PipelineConfig, SceneSplitConfig
 from datasets_prep.decode import decode
-from datasets_prep.io import atomic_write, atomic_write_text, read_jsonl, write_jsonl
+from datasets_prep.io import RecordStore, atomic_write
 from datasets_prep.probe import MediaInfo, ProbeError, probe
 from datasets_prep.progress import reporter
 from engines.device import resolve_device
@@ -70,21 +70,18 @@ def write_scene_clip(path: Path, info: MediaInfo, start: int, end: int, out_dir:
 class SceneCache:
     """Scenes per (file content, scene settings): a re-run detects nothing again."""
 
-    def __init__(self, root: Path, cfg: SceneSplitConfig) -> None:
-        self.path = Path(root) / f"scenes-{config_hash(cfg)}.json"
+    def __init__(self, root: Path, cfg: SceneSplitConfig, writer: int = 0) -> None:
+        self.store = RecordStore(root, f"scenes-{config_hash(cfg)}", "content_hash", writer)
         self.cfg = cfg
-        self.data: dict[str, list[list[int]]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.dirty = False
 
     def get(self, content_hash: str, path: Path) -> list[tuple[int, int]]:
-        if content_hash not in self.data:
-            self.data[content_hash] = [list(r) for r in detect_scenes(path, self.cfg)]
-            self.dirty = True
-        return [tuple(r) for r in self.data[content_hash]]
+        if content_hash not in self.store:
+            scenes = [list(r) for r in detect_scenes(path, self.cfg)]
+            self.store.put({"content_hash": content_hash, "scenes": scenes})
+        return [tuple(r) for r in self.store.get(content_hash)["scenes"]]
 
     def save(self) -> None:
-        if self.dirty:
-            atomic_write_text(self.path, json.dumps(self.data))
+        self.store.save()
 
 
 # ---- scores -------------------------------------------------------------------------------------
@@ -154,22 +151,27 @@ class ClipScorer:
 
 
 class ScoreCache:
-    """Scores and embeddings per sample key under one set of curation settings."""
+    """Scores and CLIP embeddings per sample key under one set of scorers, one file pair per writer."""
 
-    def __init__(self, root: Path, cfg: CurateConfig) -> None:
+    def __init__(self, root: Path, cfg: CurateConfig, writer: int = 0) -> None:
         # Thresholds are not in the tag: re-running with other thresholds rescores nothing.
         what = {"frames": cfg.sample_frames, "clip": cfg.aesthetic.clip.model_dump(), "head": cfg.aesthetic.head,
                 "motion": cfg.motion.method}  # fmt: skip
         tag = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
-        self.scores_path = Path(root) / f"scores-{tag}.jsonl"
-        self.emb_path = Path(root) / f"embeddings-{tag}.safetensors"
-        self.scores = {r["key"]: r for r in read_jsonl(self.scores_path)}
-        self.emb = load_file(str(self.emb_path)) if self.emb_path.is_file() else {}
+        self.scores = RecordStore(root, f"scores-{tag}", "key", writer)
+        self.emb_path = Path(root) / f"embeddings-{tag}-w{writer:03d}.safetensors"
+        self.emb: dict[str, torch.Tensor] = {}
+        for path in sorted(Path(root).glob(f"embeddings-{tag}-w*.safetensors")):
+            self.emb.update(load_file(str(path)))
+        self._own_emb = load_file(str(self.emb_path)) if self.emb_path.is_file() else {}
+
+    def put_embedding(self, key: str, emb: torch.Tensor) -> None:
+        self.emb[key] = self._own_emb[key] = emb
 
     def save(self) -> None:
-        write_jsonl(self.scores_path, self.scores.values())
-        if self.emb:
-            atomic_write(self.emb_path, lambda tmp: save_file(dict(self.emb), str(tmp)))
+        self.scores.save()
+        if self._own_emb:
+            atomic_write(self.emb_path, lambda tmp: save_file(dict(self._own_emb), str(tmp)))
 
 
 def near_duplicates(keys: list[str], emb: dict[str, torch.Tensor], threshold: float) -> dict[str, str]:
@@ -189,10 +191,10 @@ def near_duplicates(keys: list[str], emb: dict[str, torch.Tensor], threshold: fl
     return dropped
 
 
-def score_all(cfg: PipelineConfig, cands: list[tuple[str, dict]]) -> ScoreCache:
+def score_all(cfg: PipelineConfig, cands: list[tuple[str, dict]], writer: int = 0) -> ScoreCache:
     """Motion, aesthetic and CLIP embedding for every candidate not scored under these settings."""
     cur = cfg.data.curate
-    cache = ScoreCache(cfg.prep_dir / "curation", cur)
+    cache = ScoreCache(cfg.prep_dir / "curation", cur, writer)
 
     def missing(key: str) -> bool:  # scores made with other scorers enabled may lack a field
         sc = cache.scores.get(key)
@@ -216,26 +218,31 @@ def score_all(cfg: PipelineConfig, cands: list[tuple[str, dict]]) -> ScoreCache:
         try:
             frames, _ = decode(probe(Path(rec["source"])), pick, cfg.data.decoder)
         except ProbeError as exc:
-            cache.scores[key] = {"key": key, "error": str(exc)}
+            cache.scores.put({"key": key, "error": str(exc)})
             continue
         scores: dict[str, Any] = {**cache.scores.get(key, {}), "key": key}
         if cur.motion.enabled:
             scores["motion"] = motion_score(frames, cur.motion.method)
         if scorer is not None:
             emb, aesthetic = scorer(frames)
-            cache.emb[key] = emb
+            cache.put_embedding(key, emb)
             if cur.aesthetic.enabled:
                 scores["aesthetic"] = aesthetic
-        cache.scores[key] = scores
+        cache.scores.put(scores)
     rep.finish("score")
     cache.save()
     return cache
 
 
-def curate(cfg: PipelineConfig, cands: list[tuple[str, dict]]) -> tuple[dict[str, tuple[str, str]], dict]:
-    """Score candidates (key, record) and decide drops: ({key: (code, reason)}, {key: scores})."""
+def curate(
+    cfg: PipelineConfig, cands: list[tuple[str, dict]], writer: int = 0
+) -> tuple[dict[str, tuple[str, str]], dict]:
+    """Score candidates (key, record) and apply thresholds: ({key: (code, reason)}, {key: scores}).
+
+    Near-duplicates are decided later, by `dedup`, over every slice's survivors at once.
+    """
     cur = cfg.data.curate
-    cache = score_all(cfg, cands)
+    cache = score_all(cfg, cands, writer)
     drop: dict[str, tuple[str, str]] = {}
     for key, _ in cands:
         sc = cache.scores.get(key, {})
@@ -247,9 +254,16 @@ def curate(cfg: PipelineConfig, cands: list[tuple[str, dict]]) -> tuple[dict[str
             drop[key] = ("low_motion", f"motion {sc['motion']:.3f} below {cur.motion.min_score}")
         elif cur.motion.max_score is not None and sc.get("motion", -np.inf) > cur.motion.max_score:
             drop[key] = ("high_motion", f"motion {sc['motion']:.3f} above {cur.motion.max_score}")
-    if cur.dedup.enabled:
-        alive = [k for k, _ in cands if k not in drop]
-        for k, original in near_duplicates(alive, cache.emb, cur.dedup.threshold).items():
-            drop[k] = ("duplicate", f"near duplicate (CLIP cosine >= {cur.dedup.threshold}) of sample {original}")
-    scores = {k: {n: v for n, v in cache.scores[k].items() if n != "key"} for k, _ in cands if k in cache.scores}
+    scores = {k: {n: v for n, v in cache.scores.get(k).items() if n != "key"} for k, _ in cands if k in cache.scores}
     return drop, scores
+
+
+def dedup(cfg: PipelineConfig, keys: list[str]) -> dict[str, tuple[str, str]]:
+    """Near-duplicates among `keys` (manifest order: the first of a group stays), across all slices."""
+    cur = cfg.data.curate
+    if not cur.dedup.enabled:
+        return {}
+    emb = ScoreCache(cfg.prep_dir / "curation", cur).emb
+    found = near_duplicates(keys, emb, cur.dedup.threshold)
+    return {k: ("duplicate", f"near duplicate (CLIP cosine >= {cur.dedup.threshold}) of sample {o}")
+            for k, o in found.items()}  # fmt: skip

@@ -52,3 +52,36 @@ def text_digest(*parts: str) -> str:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+class RecordStore:
+    """Key -> JSON row, one file per writer (a prep slice or rank), merged on read.
+
+    Slices running at once on threads, processes or other hosts never write the same file, so no
+    slice's rows are lost to another's rename; each file holds the rows its writer produced.
+    """
+
+    def __init__(self, root: Path, stem: str, key: str, writer: int = 0) -> None:
+        self.root, self.stem, self.key = Path(root), stem, key
+        self.own = self.root / f"{stem}-w{writer:03d}.jsonl"
+        self.rows: dict[str, dict[str, Any]] = {}
+        for path in sorted(self.root.glob(f"{stem}-w*.jsonl")):
+            for row in read_jsonl(path):
+                self.rows.setdefault(row[key], row)
+        self._mine = {row[key] for row in read_jsonl(self.own)}
+        self._dirty = False
+
+    def __contains__(self, k: str) -> bool:
+        return k in self.rows
+
+    def get(self, k: str, default: Any = None) -> Any:
+        return self.rows.get(k, default)
+
+    def put(self, row: dict[str, Any]) -> None:
+        self.rows[row[self.key]] = row
+        self._mine.add(row[self.key])
+        self._dirty = True
+
+    def save(self) -> None:
+        if self._dirty:
+            write_jsonl(self.own, [self.rows[k] for k in sorted(self._mine)])

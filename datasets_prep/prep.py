@@ -33,7 +33,7 @@ from configs import DataConfig, PipelineConfig, save_config
 from datasets_prep.buckets import Bucket, assign, drop_minorities
 from datasets_prep.cache import LatentCache
 from datasets_prep.caption import caption_items
-from datasets_prep.curate import SceneCache, clip_view, curate, write_scene_clip
+from datasets_prep.curate import SceneCache, clip_view, curate, dedup, write_scene_clip
 from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
 from datasets_prep.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
 from datasets_prep.manifest import Entry, Rejection, read_manifest
@@ -94,12 +94,17 @@ def _check(cfg: PipelineConfig, family: ModelFamily) -> None:
 
 
 def _plan(
-    cfg: PipelineConfig, family: ModelFamily, items: list, cached: dict[str, dict], rejects: list[Rejection]
+    cfg: PipelineConfig,
+    family: ModelFamily,
+    items: list,
+    cached: dict[str, dict],
+    rejects: list[Rejection],
+    writer: int = 0,
 ) -> tuple[list[dict], list[_Pending]]:
     """Split manifest records into those already cached (their cache records) and those to encode."""
     d, cur = cfg.data, cfg.data.curate
     prep_hash, encoder = cfg.prep_hash(), cfg.encoder_identity()
-    scenes = SceneCache(cfg.prep_dir / "curation", cur.scene_split) if cur.scene_split.enabled else None
+    scenes = SceneCache(cfg.prep_dir / "curation", cur.scene_split, writer) if cur.scene_split.enabled else None
     selected: dict[str, dict] = {}
     pending: dict[str, _Pending] = {}
     rep = reporter()
@@ -182,12 +187,12 @@ def _check_clip(info: MediaInfo, d: DataConfig) -> None:
         raise ProbeError("aspect", f"aspect ratio {aspect:.2f} above data.curate.max_aspect={cur.max_aspect}")
 
 
-def _curate(cfg: PipelineConfig, done: list[dict], pending: list[_Pending], rejects: list[Rejection]):
+def _curate(cfg: PipelineConfig, done: list[dict], pending: list[_Pending], rejects: list[Rejection], writer: int = 0):
     """Drop what curation refuses (recorded as rejections); scores go into the samples manifest."""
     if not cfg.data.curate.scoring():
         return done, pending, {}
     cands = [(r["key"], r) for r in done] + [(p.record["key"], p.record) for p in pending]
-    drop, scores = curate(cfg, cands)
+    drop, scores = curate(cfg, cands, writer)
     by_key = dict(cands)
     for key, (code, reason) in drop.items():
         rec, rng = by_key[key], by_key[key].get("clip_range")
@@ -331,8 +336,8 @@ def prep_slice(cfg: PipelineConfig, index: int = 0, count: int = 1) -> dict[str,
     items = list(islice(read_manifest(d.manifest, d.manifest_format, d.roots), d.max_samples))
     rejects: list[Rejection] = []
     cached = {r["key"]: r for r in cache.records()}
-    done, pending = _plan(cfg, family, caption_items(cfg, items[index::count]), cached, rejects)
-    done, pending, scores = _curate(cfg, done, pending, rejects)
+    done, pending = _plan(cfg, family, caption_items(cfg, items[index::count], index), cached, rejects, index)
+    done, pending, scores = _curate(cfg, done, pending, rejects, index)
     encoded, calls = _encode(cfg, family, pending, cache, rejects) if pending else ([], 0)
     part = {"slice": index, "keys": [r["key"] for r in done + encoded], "rejects": [r.as_row() for r in rejects],
             "cached": len(done), "encoded": len(encoded), "calls": calls, "scores": scores,
@@ -383,6 +388,13 @@ def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], seconds:
     )
     rejects = [r for p in parts for r in p["rejects"]]
     selected = _drop_minority_buckets(cfg, selected, rejects)
+    dups = dedup(cfg, [r["key"] for r in selected])
+    for r in selected:
+        if r["key"] in dups:
+            rng = r.get("clip_range")
+            where = r["source"] + (f"[{rng[0]}:{rng[1]}]" if rng else "")
+            rejects.append(Rejection(where, "curate", dups[r["key"]][1], "duplicate").as_row())
+    selected = [r for r in selected if r["key"] not in dups]
     samples = write_jsonl(out / "samples.jsonl", selected)
     rejects_path = write_jsonl(out / "rejects.jsonl", rejects)
     result = PrepResult(

@@ -117,3 +117,31 @@ def test_aesthetic_head_from_a_file_scores_and_near_duplicates_are_dropped(
     kept = read_jsonl(Path(res2.samples))
     assert 0 < len(kept) < 8 and all(s["aesthetic"] >= median for s in kept)
     assert res2.num_rejected == 9 - len(kept) and res2.rejected_by_reason["low_aesthetic"] >= 8 - len(kept)
+
+
+def test_slices_keep_every_score_and_dedup_sees_across_slices(tmp_path: Path, demo_manifest: Path) -> None:
+    from datasets_prep.curate import ScoreCache
+    from datasets_prep.prep import merge_slices, prep_slice
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_manifest.parent, data)
+    rows = read_jsonl(data / "data.jsonl")
+    shutil.copy(data / rows[0]["file"], data / "copy.mp4")  # record 8: slice 2 of 3; its original is in slice 0
+    rows.append({"file": "copy.mp4", "captions": "the same clip, captioned again"})
+    write_jsonl(data / "data.jsonl", rows)
+    cfg = make_config(
+        tmp_path / "w",
+        data / "data.jsonl",
+        "data.curate.dedup.enabled=true",
+        "data.curate.dedup.threshold=0.99999",
+        "data.curate.motion.enabled=true",
+    )
+    for i in range(3):  # what three concurrent slice tasks do, each with its own score files
+        prep_slice(cfg, i, 3)
+    res = merge_slices(cfg, 3)
+    assert [r["code"] for r in read_jsonl(Path(res.rejects))] == ["duplicate"]
+    assert res.num_samples == 8
+    files = sorted(p.name for p in (cfg.prep_dir / "curation").glob("scores-*.jsonl"))
+    assert len(files) == 3
+    cache = ScoreCache(cfg.prep_dir / "curation", cfg.data.curate)
+    assert len(cache.scores.rows) == 9 and len(cache.emb) == 9  # no slice's scores were lost
