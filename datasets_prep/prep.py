@@ -260,7 +260,8 @@ def _encode(
     text_encoder = text_encoder.to(device)
     if dtype != torch.float32:
         vae, text_encoder = vae.to(dtype=dtype), text_encoder.to(dtype=dtype)
-    scaling = float(getattr(vae.config, "scaling_factor", 1.0))
+    scaling = float(getattr(vae.config, "scaling_factor", None) or 1.0)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     rep = reporter()
     rep.start("decode", len(pending))
     rep.start("encode", len(pending))
@@ -285,6 +286,7 @@ def _encode(
                 "latent_shape": list(lat.shape),
                 "text_shape": list((txt.get("text_embeds") if isinstance(txt, dict) else txt).shape),
                 "scaling_factor": scaling,
+                "shift_factor": shift,
             }
             shard.append((rec, {"latent_params": lat.to(dtype), **_text_tensors(txt, dtype)}))
         rep.advance("encode", len(batch))

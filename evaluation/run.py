@@ -10,10 +10,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from configs import ComponentConfig, PipelineConfig, save_config
-from datasets_prep.io import atomic_write_text
+from datasets_prep.io import atomic_write, atomic_write_text
 from datasets_prep.mp4 import write_mp4
 from datasets_prep.prep import load_samples
 from engines.device import resolve_device
@@ -62,6 +63,17 @@ def validation_loss(cfg: PipelineConfig, final_dir: Path, device: torch.device) 
     return float(sum(losses) / len(losses)), len(val)
 
 
+def _write_sample(folder: Path, i: int, frames: np.ndarray, fps: int) -> Path:
+    """A video as mp4; a one-frame sample (image families) as png."""
+    if len(frames) == 1:
+        from PIL import Image
+
+        path = folder / f"sample_{i:02d}.png"
+        atomic_write(path, lambda tmp: Image.fromarray(frames[0]).save(tmp, format="PNG"))
+        return path
+    return write_mp4(folder / f"sample_{i:02d}.mp4", frames, fps)
+
+
 def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
     t0 = time.perf_counter()
     final_dir = Path(final_dir or cfg.train_dir / "final")
@@ -84,7 +96,7 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
         seed=e.seed,
         device=device,
     )
-    paths = [str(write_mp4(out / "videos" / f"sample_{i:02d}.mp4", v, e.fps)) for i, v in enumerate(videos)]
+    paths = [str(_write_sample(out / "videos", i, v, e.fps)) for i, v in enumerate(videos)]
     metrics = {"eval/val_loss": val_loss, "eval/val_samples": float(n_val)}
     metrics.update({f"eval/{k}": v for k, v in clip_score(videos, e.prompts, e.clip, device).items()})
     metrics["eval/seconds"] = time.perf_counter() - t0

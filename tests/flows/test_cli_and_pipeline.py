@@ -121,3 +121,16 @@ def test_a_stage_failing_inside_its_flow_is_one_paragraph(tmp_path: Path) -> Non
     assert out.returncode == 1
     assert "flowspeed train failed" in out.stderr and "run `flowspeed prep` first" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
+
+
+@pytest.mark.slow
+def test_sd3_quickstart_runs_through_the_same_pipeline(tmp_path: Path, demo_manifest: Path) -> None:
+    work = tmp_path / "sd3"
+    run = flowspeed("run", "configs/sd3-quickstart.yaml", "--workdir", str(work), "--set",
+                    f"data.manifest={demo_manifest}", "--set", "train.max_steps=5", workdir=work)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("flowspeed-sd3-quickstart")
+    (eval_run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("flowspeed.stage") == "eval"]
+    assert [f.path for f in client.list_artifacts(eval_run.info.run_id, "videos")][0].endswith(".png")
+    assert (work / "train" / "final" / "model_index.json").read_text().count("StableDiffusion3Pipeline") == 1
