@@ -14,35 +14,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-from configs.schema import ComponentConfig, ModelConfig
+from configs.schema import ModelConfig
+from engines.models.encoders import CLIP_MAX, CLIP_PRESETS, load_image_vae, load_text_encoders
 from engines.models.registry import ModelFamily, from_pretrained, pick_preset, register_family, seeded_init
-from engines.models.tokenizer import byte_level_tokenizer
 
-VAE_PRESETS: dict[str, dict[str, Any]] = {
-    # 4 blocks -> 8x spatial compression like the published VAE (16 latent channels there, 4 here).
-    "tiny": dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
-        block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, shift_factor=0.0609, scaling_factor=1.5035,
-        use_quant_conv=False, use_post_quant_conv=False,
-    ),
-}  # fmt: skip
-CLIP_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
-                 max_position_embeddings=77),
-}  # fmt: skip
-T5_PRESETS: dict[str, dict[str, Any]] = {"tiny": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=2)}
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(sample_size=8, patch_size=2, num_layers=2, attention_head_dim=16, num_attention_heads=2,
                  caption_projection_dim=32, pos_embed_max_size=32),
 }  # fmt: skip
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)  # SD3-medium's scheduler_config.json
-CLIP_MAX = 77
+TEXT_PARTS = [("text_encoder", "tokenizer", CLIPTextModelWithProjection),
+              ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection),
+              ("text_encoder_3", "tokenizer_3", T5EncoderModel)]  # fmt: skip
 
 
 class SD3(ModelFamily):
@@ -55,47 +43,11 @@ class SD3(ModelFamily):
         return None if num_frames == 1 else f"SD3 is an image model: set data.num_frames: 1 (got {num_frames})"
 
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
-        if cfg.vae.pretrained:
-            vae = from_pretrained(AutoencoderKL, cfg.vae, "vae")
-        else:
-            with seeded_init(cfg.seed + 1):
-                vae = AutoencoderKL(**pick_preset(cfg.vae, VAE_PRESETS, "vae"))
-        return vae.eval().requires_grad_(False)
+        return load_image_vae(cfg, scaling_factor=1.5035, shift_factor=0.0609)  # SD3's VAE config
 
     def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]:
         """((clip_l_tok, clip_g_tok, t5_tok), ModuleList([clip_l, clip_g, t5]))."""
-        comp = cfg.text_encoder
-        if comp.pretrained:
-            parts = [("text_encoder", "tokenizer", CLIPTextModelWithProjection),
-                     ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection),
-                     ("text_encoder_3", "tokenizer_3", T5EncoderModel)]  # fmt: skip
-            toks, encs = [], []
-            for enc_sub, tok_sub, cls in parts:
-                toks.append(
-                    from_pretrained(
-                        AutoTokenizer, ComponentConfig(pretrained=comp.pretrained, subfolder=tok_sub), "text_encoder"
-                    )
-                )
-                encs.append(from_pretrained(cls, ComponentConfig(pretrained=comp.pretrained, subfolder=enc_sub),
-                                            "text_encoder"))  # fmt: skip
-            return tuple(toks), nn.ModuleList(encs).eval().requires_grad_(False)
-        clip_tok = byte_level_tokenizer()
-        clip_tok.model_max_length = CLIP_MAX  # the pipeline pads CLIP prompts to model_max_length
-        t5_tok = byte_level_tokenizer()
-        ids = dict(vocab_size=len(clip_tok), pad_token_id=clip_tok.pad_token_id, eos_token_id=clip_tok.eos_token_id,
-                   bos_token_id=clip_tok.pad_token_id)  # fmt: skip
-        clip = CLIPTextConfig(**ids, **pick_preset(comp, CLIP_PRESETS, "text_encoder"))
-        t5 = T5Config(
-            vocab_size=len(t5_tok),
-            pad_token_id=t5_tok.pad_token_id,
-            eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=t5_tok.pad_token_id,
-            **pick_preset(comp, T5_PRESETS, "text_encoder"),
-        )
-        with seeded_init(cfg.seed + 2):
-            encs = nn.ModuleList([CLIPTextModelWithProjection(clip), CLIPTextModelWithProjection(clip),
-                                  T5EncoderModel(t5)])  # fmt: skip
-        return (clip_tok, clip_tok, t5_tok), encs.eval().requires_grad_(False)
+        return load_text_encoders(cfg, TEXT_PARTS, [CLIP_MAX, CLIP_MAX, cfg.max_text_length])
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
         if cfg.transformer.pretrained:
@@ -178,7 +130,6 @@ class SD3(ModelFamily):
 
     def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
         toks, encs = self.load_text_encoder(cfg)
-        toks[2].model_max_length = cfg.max_text_length  # generation reads the T5 length back from here
         pipe = self._text_pipe(toks, encs)
         pipe.register_modules(transformer=transformer, vae=self.load_vae(cfg), scheduler=self.load_scheduler(cfg))
         pipe.save_pretrained(out_dir, safe_serialization=True)

@@ -1,4 +1,4 @@
-"""The SD3 image family: the same prep, engine and eval as CogVideoX, with SD3's own encoders."""
+"""The image families (SD3, Flux): the same prep, engine and eval as CogVideoX, with their own encoders."""
 
 import statistics
 from pathlib import Path
@@ -16,14 +16,17 @@ from engines.torch_engine.launch import launch
 from evaluation.run import _trained_transformer, run_eval
 from tests.conftest import REPO
 
+# family -> (its quickstart, per-token text width, the cached text tensor shape)
+FAMILIES = {"sd3": ("sd3-quickstart.yaml", 64, [77 + 64, 64]), "flux": ("flux-quickstart.yaml", 64, [64, 64])}
 
-def sd3_config(workdir: Path, manifest: Path, *overrides: str) -> PipelineConfig:
-    return load_config(REPO / "configs" / "sd3-quickstart.yaml", [f"data.manifest={manifest}", *overrides],
+
+def family_config(family: str, workdir: Path, manifest: Path, *overrides: str) -> PipelineConfig:
+    return load_config(REPO / "configs" / FAMILIES[family][0], [f"data.manifest={manifest}", *overrides],
                        workdir=workdir)  # fmt: skip
 
 
 def _fixed_noise_loss(cfg: PipelineConfig, model: torch.nn.Module) -> float:
-    fam = get_family("sd3")
+    fam = get_family(cfg.model.family)
     samples = read_jsonl(cfg.prep_dir / "samples.jsonl")
     batch = collate([CachedLatents(cfg.cache_dir, samples)[i] for i in range(len(samples))])
     with torch.no_grad():
@@ -33,8 +36,10 @@ def _fixed_noise_loss(cfg: PipelineConfig, model: torch.nn.Module) -> float:
         )  # fmt: skip
 
 
-def test_sd3_prep_train_eval(tmp_path: Path, demo_manifest: Path) -> None:
-    cfg = sd3_config(
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_image_family_prep_train_eval(family: str, tmp_path: Path, demo_manifest: Path) -> None:
+    cfg = family_config(
+        family,
         tmp_path,
         demo_manifest,
         "train.max_steps=80",
@@ -47,10 +52,10 @@ def test_sd3_prep_train_eval(tmp_path: Path, demo_manifest: Path) -> None:
     res = run_prep(cfg)
     rec = read_jsonl(Path(res.samples))[0]
     assert rec["tensors"] == ["latent_params", "pooled_embeds", "text_embeds"]
-    assert rec["latent_shape"] == [8, 8, 8] and rec["text_shape"] == [77 + 64, 64]
-    assert rec["shift_factor"] == pytest.approx(0.0609)
-    fam = get_family("sd3")
-    before = _fixed_noise_loss(cfg, fam.load_transformer(cfg.model, 64, 4))
+    assert rec["latent_shape"] == [8, 8, 8] and rec["text_shape"] == FAMILIES[family][2]
+    assert rec["shift_factor"] == pytest.approx({"sd3": 0.0609, "flux": 0.1159}[family])
+    fam = get_family(family)
+    before = _fixed_noise_loss(cfg, fam.load_transformer(cfg.model, FAMILIES[family][1], 4))
     out = launch(cfg, None, None)
     after = _fixed_noise_loss(cfg, _trained_transformer(cfg, Path(out.final_dir)))
     assert after < 0.9 * before
@@ -60,12 +65,13 @@ def test_sd3_prep_train_eval(tmp_path: Path, demo_manifest: Path) -> None:
         assert img.size == (64, 64)
 
 
-def test_sd3_loads_what_it_saved_and_refuses_video_frame_counts(tmp_path: Path) -> None:
-    fam = get_family("sd3")
-    cfg = PipelineConfig().model.model_copy(update={"family": "sd3", "max_text_length": 16})
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_image_family_loads_what_it_saved_and_refuses_video_frame_counts(family: str, tmp_path: Path) -> None:
+    fam = get_family(family)
+    cfg = PipelineConfig().model.model_copy(update={"family": family, "max_text_length": 16})
     tr = fam.load_transformer(cfg, 64, 4)
-    fam.save_pretrained(tmp_path / "sd3", cfg, tr)
-    root = str(tmp_path / "sd3")
+    fam.save_pretrained(tmp_path / family, cfg, tr)
+    root = str(tmp_path / family)
     loaded = cfg.model_copy(
         update={
             "vae": ComponentConfig(pretrained=root, subfolder="vae"),

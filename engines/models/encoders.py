@@ -1,0 +1,72 @@
+"""Text encoders and image VAEs shared by the image families (SD3, Flux): tiny presets and loading.
+
+Tiny CLIP and T5 encoders use the byte-level tokenizer; pretrained ones load from a diffusers
+layout's `text_encoder*/` and `tokenizer*/` subfolders.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import AutoencoderKL
+from torch import nn
+from transformers import AutoTokenizer, CLIPTextConfig, T5Config, T5EncoderModel
+
+from configs.schema import ComponentConfig, ModelConfig
+from engines.models.registry import from_pretrained, pick_preset, seeded_init
+from engines.models.tokenizer import byte_level_tokenizer
+
+CLIP_MAX = 77
+CLIP_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
+                 max_position_embeddings=CLIP_MAX),
+}  # fmt: skip
+T5_PRESETS: dict[str, dict[str, Any]] = {"tiny": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=2)}
+# 4 blocks -> 8x spatial compression like the published image VAEs (16 latent channels there, 4 here).
+IMAGE_VAE_TINY: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+    block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
+)  # fmt: skip
+
+
+def load_image_vae(cfg: ModelConfig, scaling_factor: float, shift_factor: float) -> nn.Module:
+    if cfg.vae.pretrained:
+        vae = from_pretrained(AutoencoderKL, cfg.vae, "vae")
+    else:
+        preset = pick_preset(cfg.vae, {"tiny": IMAGE_VAE_TINY}, "vae")
+        with seeded_init(cfg.seed + 1):
+            vae = AutoencoderKL(**preset, scaling_factor=scaling_factor, shift_factor=shift_factor)
+    return vae.eval().requires_grad_(False)
+
+
+def load_text_encoders(
+    cfg: ModelConfig, parts: list[tuple[str, str, type]], max_lengths: list[int]
+) -> tuple[tuple[Any, ...], nn.ModuleList]:
+    """((tokenizers...), ModuleList(encoders...)) for `parts` = [(encoder subfolder, tokenizer subfolder, class)].
+
+    Tiny presets build each class from CLIP_PRESETS or T5_PRESETS (by class), seeded per position.
+    """
+    comp = cfg.text_encoder
+    toks: list[Any] = []
+    encs: list[nn.Module] = []
+    for i, ((enc_sub, tok_sub, cls), max_len) in enumerate(zip(parts, max_lengths, strict=True)):
+        if comp.pretrained:
+            toks.append(from_pretrained(AutoTokenizer, ComponentConfig(pretrained=comp.pretrained, subfolder=tok_sub),
+                                        "text_encoder"))  # fmt: skip
+            encs.append(from_pretrained(cls, ComponentConfig(pretrained=comp.pretrained, subfolder=enc_sub),
+                                        "text_encoder"))  # fmt: skip
+            continue
+        tok = byte_level_tokenizer()
+        tok.model_max_length = max_len  # pipelines pad CLIP prompts to model_max_length
+        ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        if cls is T5EncoderModel:
+            config: Any = T5Config(decoder_start_token_id=tok.pad_token_id, **ids,
+                                   **pick_preset(comp, T5_PRESETS, "text_encoder"))  # fmt: skip
+        else:
+            config = CLIPTextConfig(bos_token_id=tok.pad_token_id, **ids,
+                                    **pick_preset(comp, CLIP_PRESETS, "text_encoder"))  # fmt: skip
+        with seeded_init(cfg.seed + 2 + i):
+            encs.append(cls(config))
+        toks.append(tok)
+    return tuple(toks), nn.ModuleList(encs).eval().requires_grad_(False)
