@@ -35,9 +35,8 @@ class EvalResult:
 
 def _trained_transformer(cfg: PipelineConfig, final_dir: Path) -> torch.nn.Module:
     family = get_family(cfg.model.family)
-    model_cfg = cfg.model.model_copy(
-        update={"transformer": ComponentConfig(preset=None, pretrained=str(final_dir), subfolder="transformer")}
-    )
+    trained = ComponentConfig(preset=None, pretrained=str(final_dir), subfolder=family.denoiser_subfolder)
+    model_cfg = cfg.model.model_copy(update={"transformer": trained})
     return family.load_transformer(model_cfg, 0, 0)
 
 

@@ -15,11 +15,16 @@ from prefect import task
 from configs import PipelineConfig
 from datasets_prep.manifest import Entry, read_manifest
 from datasets_prep.prep import launch_prep, merge_slices, part_path, prep_slice
+from engines.models import get_family
 from engines.torch_engine.launch import launch
 from evaluation.run import run_eval
 from tasks.caching import files_policy, retry_if_transient
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _denoiser_weights(cfg: PipelineConfig) -> Path:
+    return cfg.train_dir / "final" / get_family(cfg.model.family).denoiser_subfolder / WEIGHTS
 
 
 def _cfg(inputs: dict[str, Any]) -> PipelineConfig:
@@ -42,7 +47,7 @@ def _prep_outputs(inputs: dict[str, Any]) -> list[Path]:
 
 def _train_outputs(inputs: dict[str, Any]) -> list[Path]:
     final = _cfg(inputs).train_dir / "final"
-    return [final / "model_index.json", final / "transformer" / WEIGHTS, _cfg(inputs).train_dir / "losses.json"]
+    return [final / "model_index.json", _denoiser_weights(_cfg(inputs)), _cfg(inputs).train_dir / "losses.json"]
 
 
 def _eval_outputs(inputs: dict[str, Any]) -> list[Path]:
@@ -132,9 +137,7 @@ def train_model(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | Non
     retry_condition_fn=retry_if_transient,
     retry_delay_seconds=5,
     persist_result=True,
-    cache_policy=files_policy(
-        sources=lambda i: [_cfg(i).train_dir / "final" / "transformer" / WEIGHTS], outputs=_eval_outputs
-    ),
+    cache_policy=files_policy(sources=lambda i: [_denoiser_weights(_cfg(i))], outputs=_eval_outputs),
 )
 def evaluate_model(cfg: PipelineConfig) -> dict[str, Any]:
     return run_eval(cfg).as_dict()

@@ -26,6 +26,8 @@ class ModelFamily(ABC):
     spatial_compression: int = 1
     #: pixel sizes must be multiples of this (VAE downsampling x transformer patch size)
     size_multiple: int = 1
+    #: where the exported pipeline keeps the trained denoiser ("unet" for UNet families)
+    denoiser_subfolder: str = "transformer"
 
     @abstractmethod
     def frame_count_error(self, num_frames: int) -> str | None:

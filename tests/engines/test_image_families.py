@@ -1,4 +1,4 @@
-"""The image families (SD3, Flux): the same prep, engine and eval as CogVideoX, with their own encoders."""
+"""The image families (SD3, Flux, SDXL): the same prep, engine and eval as CogVideoX, with their own encoders."""
 
 import statistics
 from pathlib import Path
@@ -17,7 +17,11 @@ from evaluation.run import _trained_transformer, run_eval
 from tests.conftest import REPO
 
 # family -> (its quickstart, per-token text width, the cached text tensor shape)
-FAMILIES = {"sd3": ("sd3-quickstart.yaml", 64, [77 + 64, 64]), "flux": ("flux-quickstart.yaml", 64, [64, 64])}
+FAMILIES = {
+    "sd3": ("sd3-quickstart.yaml", 64, [77 + 64, 64]),
+    "flux": ("flux-quickstart.yaml", 64, [64, 64]),
+    "sdxl": ("sdxl-quickstart.yaml", 64, [77, 64]),
+}
 
 
 def family_config(family: str, workdir: Path, manifest: Path, *overrides: str) -> PipelineConfig:
@@ -53,7 +57,7 @@ def test_image_family_prep_train_eval(family: str, tmp_path: Path, demo_manifest
     rec = read_jsonl(Path(res.samples))[0]
     assert rec["tensors"] == ["latent_params", "pooled_embeds", "text_embeds"]
     assert rec["latent_shape"] == [8, 8, 8] and rec["text_shape"] == FAMILIES[family][2]
-    assert rec["shift_factor"] == pytest.approx({"sd3": 0.0609, "flux": 0.1159}[family])
+    assert rec["shift_factor"] == pytest.approx({"sd3": 0.0609, "flux": 0.1159, "sdxl": 0.0}[family])
     fam = get_family(family)
     before = _fixed_noise_loss(cfg, fam.load_transformer(cfg.model, FAMILIES[family][1], 4))
     out = launch(cfg, None, None)
@@ -76,7 +80,7 @@ def test_image_family_loads_what_it_saved_and_refuses_video_frame_counts(family:
         update={
             "vae": ComponentConfig(pretrained=root, subfolder="vae"),
             "text_encoder": ComponentConfig(pretrained=root),
-            "transformer": ComponentConfig(pretrained=root, subfolder="transformer"),
+            "transformer": ComponentConfig(pretrained=root, subfolder=fam.denoiser_subfolder),
         }
     )
     a_tok, a_enc = fam.load_text_encoder(cfg)

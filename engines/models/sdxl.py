@@ -1,0 +1,142 @@
+"""Stable Diffusion XL text-to-image: diffusers' UNet2DConditionModel, AutoencoderKL, DDPM training
+scheduler and pipeline; CLIP-L (hidden states) and CLIP-G with projection (hidden states + pooled).
+
+Prompt embeddings come from `StableDiffusionXLPipeline.encode_prompt` and the size conditioning
+from the pipeline's `_get_add_time_ids`, so the UNet is conditioned in training as in inference.
+Epsilon prediction, as SDXL base was trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from configs.schema import ModelConfig
+from engines.models.encoders import CLIP_MAX, CLIP_PRESETS, load_image_vae, load_text_encoders
+from engines.models.registry import ModelFamily, from_pretrained, pick_preset, register_family, seeded_init
+
+TIME_EMBED = 8  # addition_time_embed_dim of the tiny UNet (256 in the published one)
+UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # diffusers' own tiny SDXL test UNet: 2 blocks, cross-attention in the second.
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED,
+                 transformer_layers_per_block=(1, 2)),
+}  # fmt: skip
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json (Euler for sampling, DDPM for training)
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")  # fmt: skip
+TEXT_PARTS = [("text_encoder", "tokenizer", CLIPTextModel),
+              ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)]  # fmt: skip
+
+
+class SDXL(ModelFamily):
+    name = "sdxl"
+    temporal_compression = 1
+    spatial_compression = 8
+    size_multiple = 16  # 8x VAE; the tiny UNet halves the latent once more
+    denoiser_subfolder = "unet"
+
+    def frame_count_error(self, num_frames: int) -> str | None:
+        return None if num_frames == 1 else f"SDXL is an image model: set data.num_frames: 1 (got {num_frames})"
+
+    def load_vae(self, cfg: ModelConfig) -> nn.Module:
+        return load_image_vae(cfg, scaling_factor=0.13025, shift_factor=0.0)  # SDXL's VAE config
+
+    def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]:
+        return load_text_encoders(cfg, TEXT_PARTS, [CLIP_MAX, CLIP_MAX])
+
+    def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
+        if cfg.transformer.pretrained:
+            return from_pretrained(UNet2DConditionModel, cfg.transformer, "transformer")
+        pooled = CLIP_PRESETS["tiny"]["projection_dim"]
+        with seeded_init(cfg.seed + 3):
+            return UNet2DConditionModel(
+                in_channels=latent_channels, out_channels=latent_channels, cross_attention_dim=text_embed_dim,
+                projection_class_embeddings_input_dim=pooled + 6 * TIME_EMBED,  # pooled ++ 6 size ids
+                **pick_preset(cfg.transformer, UNET_PRESETS, "transformer"),
+            )  # fmt: skip
+
+    def load_scheduler(self, cfg: ModelConfig) -> DDPMScheduler:
+        return DDPMScheduler(**SCHEDULER_CONFIG)
+
+    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+        x = frames[:, 0].permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1.0
+        return vae.encode(x).latent_dist.parameters  # (B, 2*Cz, H', W')
+
+    def _text_pipe(self, tokenizers: Any, encoders: nn.Module) -> StableDiffusionXLPipeline:
+        (t1, t2), (e1, e2) = tokenizers, encoders
+        return StableDiffusionXLPipeline(vae=None, text_encoder=e1, text_encoder_2=e2, tokenizer=t1, tokenizer_2=t2,
+                                         unet=None, scheduler=None)  # fmt: skip
+
+    def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> dict:
+        device = next(encoder.parameters()).device
+        embeds, _, pooled, _ = self._text_pipe(tokenizer, encoder).encode_prompt(
+            captions, captions, device=device, do_classifier_free_guidance=False
+        )
+        return {"text_embeds": embeds, "pooled_embeds": pooled}  # (B, 77, D_l + D_g), (B, proj)
+
+    def training_loss(
+        self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        params = batch["latent_params"]
+        device = params.device
+        eps = torch.randn(params[:, : params.shape[1] // 2].shape, generator=generator).to(device)
+        dist = DiagonalGaussianDistribution(params.float())
+        x0 = (dist.mean + dist.std * eps) * batch["scaling_factor"].view(-1, 1, 1, 1)
+        b, _, h, w = x0.shape
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+        noisy = scheduler.add_noise(x0, noise, t)
+        size = (h * self.spatial_compression, w * self.spatial_compression)
+        pooled = batch["pooled_embeds"].float()
+        # (orig h, orig w, crop top, crop left, target h, target w): clips are resized whole, no crop offset
+        time_ids = StableDiffusionXLPipeline._get_add_time_ids(
+            SimpleNamespace(unet=getattr(transformer, "module", transformer), text_encoder_2=None),
+            size, (0, 0), size, dtype=torch.float32, text_encoder_projection_dim=pooled.shape[-1],
+        ).to(device).repeat(b, 1)  # fmt: skip
+        pred = transformer(
+            noisy,
+            t,
+            encoder_hidden_states=batch["text_embeds"].float(),
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+            return_dict=False,
+        )[0]
+        return ((pred.float() - noise) ** 2).mean()
+
+    def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
+        _, h, w = latent_shape[-3:]
+        return h * w
+
+    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
+        pipe = self._text_pipe(*self.load_text_encoder(cfg))
+        pipe.register_modules(unet=transformer, vae=self.load_vae(cfg),
+                              scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG))  # fmt: skip
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+        return out_dir
+
+    def generate(
+        self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
+        steps: int, guidance_scale: float, seed: int, device: torch.device,
+    ) -> np.ndarray:  # fmt: skip
+        pipe = StableDiffusionXLPipeline.from_pretrained(pretrained_dir).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        out = []
+        for i, prompt in enumerate(prompts):
+            gen = torch.Generator("cpu").manual_seed(seed + i)
+            image = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, generator=gen, output_type="np").images[0]  # fmt: skip
+            out.append((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[None])
+        return np.stack(out)
+
+
+register_family(SDXL())
