@@ -81,6 +81,31 @@ def main() -> None:
     print(f"[1] raw decord get_batch     : {best['raw decord']:8.1f} frames/s")
     print(f"[1] ratio ours / raw: {best['ours'] / best['raw decord']:.2f} ({len(plans)} clips both can read)")
 
+    # ---- 2a. the CPU-bound decode stage: 1 vs 2 decode workers (what data.num_workers sets) -------------
+    from concurrent.futures import ThreadPoolExecutor
+
+    all_plans = [(p, i, sample_indices(i, 9, 8.0, 1))
+                 for p, i in zip(clips, infos, strict=True)]  # fmt: skip
+
+    def decode_stage(workers: int) -> float:
+        def one(plan: tuple) -> int:
+            _, info, idx = plan
+            frames, _ = decode(info, idx, "decord", cover_size(info.height, info.width, args.size, args.size))
+            return len(resize_center_crop(frames, args.size, args.size))
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            n = sum(pool.map(one, all_plans))
+        return n / (time.perf_counter() - t0)
+
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a decode worker's resize runs on its own core
+    rates = {w: max(decode_stage(w) for _ in range(args.repeat)) for w in (1, 2)}
+    torch.set_num_threads(torch_threads)
+    print(f"[2a] decode stage, 1 worker : {rates[1]:8.1f} frames/s")
+    print(f"[2a] decode stage, 2 workers: {rates[2]:8.1f} frames/s")
+    print(f"[2a] ratio 2 / 1 workers: {rates[2] / rates[1]:.2f}x")
+
     # ---- 2. one rank vs two ranks ------------------------------------------------------------------
     common = [
         f"data.manifest={manifest}",
