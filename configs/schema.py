@@ -184,6 +184,16 @@ class DataConfig(Section):
     caption: CaptionConfig = CaptionConfig()
 
 
+class LoraConfig(Section):
+    """LoRA adapters (peft) on the denoiser's attention projections; the base weights stay frozen."""
+
+    enabled: bool = False
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(8.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="None: the family's default targets")
+
+
 class TrainConfig(Section):
     output_dir: Path | None = Field(None, description="checkpoints; default <workdir>/train")
     max_steps: int = Field(30, ge=1)
@@ -207,6 +217,7 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1)
     metrics_flush_every: int = Field(20, ge=1, description="steps per MLflow log_batch")
     val_fraction: float = Field(0.125, ge=0, lt=1, description="cached samples held out for eval")
+    lora: LoraConfig = LoraConfig()
 
 
 class EvalConfig(Section):

@@ -28,6 +28,8 @@ class ModelFamily(ABC):
     size_multiple: int = 1
     #: where the exported pipeline keeps the trained denoiser ("unet" for UNet families)
     denoiser_subfolder: str = "transformer"
+    #: modules LoRA adapts by default: the attention projections, in diffusers' naming
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
     @abstractmethod
     def frame_count_error(self, num_frames: int) -> str | None:

@@ -35,6 +35,7 @@ from engines.device import dist_backend, peak_memory_bytes, resolve_device
 from engines.models import get_family
 from engines.torch_engine import checkpoint as ckpt
 from engines.torch_engine.data import CachedLatents, collate, split_records
+from engines.torch_engine.lora import apply_lora, merge, save_adapter
 from engines.torch_engine.sampler import BucketBatchSampler
 from engines.tracking import make_tracker
 
@@ -92,10 +93,13 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         first = records[0]
         latent_channels = first["latent_shape"][0] // 2
         model = family.load_transformer(cfg.model, first["text_shape"][-1], latent_channels).to(device)
+        if t_cfg.lora.enabled:
+            apply_lora(model, t_cfg.lora, family.lora_targets)
         model.train()
         scheduler = family.load_scheduler(cfg.model)
-        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        n_params = sum(p.numel() for p in trainable)
+        optimizer = torch.optim.AdamW(trainable, lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
         lr_sched = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(t_cfg.warmup_steps, t_cfg.max_steps, t_cfg.min_lr_ratio)
         )
@@ -149,7 +153,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
                 loss_acc += loss.detach().float()  # stays on device: no sync per micro-batch
                 n = len(idx)
                 counts = [counts[0] + n, counts[1] + n * rec["num_frames"], counts[2] + n * tokens]
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t_cfg.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             lr_sched.step()
@@ -242,7 +246,11 @@ def _export(family, cfg: PipelineConfig, model: torch.nn.Module, final_dir: Path
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=final_dir.parent))
     try:
-        family.save_pretrained(tmp, cfg.model, model.to("cpu"))
+        model = model.to("cpu")
+        if cfg.train.lora.enabled:  # the adapter alone, then a plain pipeline with it merged in
+            save_adapter(model, tmp / "lora", cfg.train.lora, family.lora_targets)
+            merge(model)
+        family.save_pretrained(tmp, cfg.model, model)
         save_config(cfg, tmp)
         if final_dir.exists():
             shutil.rmtree(final_dir)

@@ -92,3 +92,17 @@ def test_image_family_loads_what_it_saved_and_refuses_video_frame_counts(family:
     t2 = fam.load_transformer(loaded, 0, 0)
     assert all(torch.equal(x, y) for x, y in zip(tr.state_dict().values(), t2.state_dict().values(), strict=True))
     assert fam.frame_count_error(9) and fam.frame_count_error(1) is None
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_image_family_lora_exports_adapter_and_merged_model(family: str, tmp_path: Path, demo_manifest: Path) -> None:
+    cfg = family_config(family, tmp_path, demo_manifest, "train.max_steps=3", "data.max_samples=2",
+                        "train.val_fraction=0", "train.lora.enabled=true", "train.lora.rank=2")  # fmt: skip
+    run_prep(cfg)
+    final = Path(launch(cfg, None, None).final_dir)
+    assert (final / "lora" / "adapter_model.safetensors").is_file()
+    fam = get_family(family)
+    merged = cfg.model.model_copy(
+        update={"transformer": ComponentConfig(pretrained=str(final), subfolder=fam.denoiser_subfolder)}
+    )
+    assert not any("lora" in k for k in fam.load_transformer(merged, 0, 0).state_dict())

@@ -1,0 +1,54 @@
+"""LoRA applied to a denoiser from outside it (peft through diffusers' adapter API).
+
+    train.lora: {enabled: true, rank: 16, alpha: 16}
+
+`apply_lora` freezes the base weights and adds trainable adapters; `save_adapter` writes only the
+adapter tensors (safetensors); `load_adapter` puts them back into a model with the same adapters;
+`merge` folds them into the base weights and removes the adapter layers, for a plain export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from configs.schema import LoraConfig
+from datasets_prep.io import atomic_write, atomic_write_text
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig, default_targets: tuple[str, ...]) -> nn.Module:
+    targets = list(cfg.target_modules or default_targets)
+    missing = [t for t in targets if not any(name.endswith(t) for name, _ in model.named_modules())]
+    if missing:
+        raise ValueError(f"train.lora.target_modules {missing} match no module of {type(model).__name__}")
+    model.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                     target_modules=targets, init_lora_weights=True))  # fmt: skip
+    return model
+
+
+def save_adapter(model: nn.Module, out_dir: Path, cfg: LoraConfig, default_targets: tuple[str, ...]) -> Path:
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {**cfg.model_dump(), "target_modules": list(cfg.target_modules or default_targets)}
+    atomic_write_text(out_dir / "adapter_config.json", json.dumps(meta, indent=2))
+    return atomic_write(out_dir / ADAPTER_FILE, lambda tmp: save_file(state, str(tmp)))
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    result = set_peft_model_state_dict(model, load_file(str(Path(adapter_dir) / ADAPTER_FILE)))
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"adapter {adapter_dir} does not fit this model: unexpected {result.unexpected_keys[:5]}")
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    model.fuse_lora()
+    model.unload_lora()  # the fused weights stay; the adapter layers go
+    return model
