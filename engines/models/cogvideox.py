@@ -18,12 +18,18 @@ from diffusers import (
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
 )
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, T5Config, T5EncoderModel
 
 from configs.schema import ModelConfig
-from engines.models.registry import ModelFamily, from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.registry import (
+    ModelFamily,
+    from_pretrained,
+    pick_preset,
+    register_family,
+    sample_latents,
+    seeded_init,
+)
 from engines.models.tokenizer import byte_level_tokenizer
 
 VAE_PRESETS: dict[str, dict[str, Any]] = {
@@ -172,11 +178,9 @@ class CogVideoX(ModelFamily):
         core = getattr(transformer, "module", transformer)
         params, text = batch["latent_params"], batch["text_embeds"]
         device = params.device
-        # Draw on a CPU generator so the same seed gives the same noise on any device.
-        eps = torch.randn(params[:, : params.shape[1] // 2].shape, generator=generator).to(device)
-        dist = DiagonalGaussianDistribution(params.float())
-        latents = (dist.mean + dist.std * eps) * batch["scaling_factor"].view(-1, 1, 1, 1, 1)
-        latents = latents.permute(0, 2, 1, 3, 4)  # (B, T', C, H', W') as the transformer takes it
+        latents = sample_latents(batch, generator).permute(
+            0, 2, 1, 3, 4
+        )  # (B, T', C, H', W') as the transformer takes it
         noise = torch.randn(latents.shape, generator=generator).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
         t = t.to(device)

@@ -6,14 +6,17 @@ layout's `text_encoder*/` and `tokenizer*/` subfolders.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from diffusers import AutoencoderKL
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, T5Config, T5EncoderModel
 
 from configs.schema import ComponentConfig, ModelConfig
-from engines.models.registry import from_pretrained, pick_preset, seeded_init
+from engines.models.registry import ModelFamily, from_pretrained, pick_preset, seeded_init
 from engines.models.tokenizer import byte_level_tokenizer
 
 CLIP_MAX = 77
@@ -70,3 +73,59 @@ def load_text_encoders(
             encs.append(cls(config))
         toks.append(tok)
     return tuple(toks), nn.ModuleList(encs).eval().requires_grad_(False)
+
+
+class ImageFamily(ModelFamily):
+    """What SD3, Flux and SDXL share: one frame per sample, an 8x AutoencoderKL, a text-only pipeline
+    for prompt encoding, and export/generation through the family's diffusers pipeline."""
+
+    temporal_compression = 1
+    spatial_compression = 8
+    size_multiple = 16
+    pipeline_cls: type
+    #: extra pipeline-call kwargs read from the loaded pipeline (e.g. the T5 sequence length)
+    max_sequence_tokenizer: str | None = None
+
+    def frame_count_error(self, num_frames: int) -> str | None:
+        if num_frames == 1:
+            return None
+        return f"{self.name} is an image model: set data.num_frames: 1 (got {num_frames})"
+
+    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+        x = frames[:, 0].permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1.0  # (B, C, H, W) in [-1, 1]
+        return vae.encode(x).latent_dist.parameters  # (B, 2*Cz, H', W')
+
+    def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
+        _, h, w = latent_shape[-3:]
+        p = getattr(transformer_config, "patch_size", None) or 1
+        return (h // p) * (w // p)
+
+    def _text_pipe(self, tokenizers: Any, encoders: nn.Module) -> Any:
+        raise NotImplementedError
+
+    def export_scheduler(self, cfg: ModelConfig) -> Any:
+        return self.load_scheduler(cfg)
+
+    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
+        pipe = self._text_pipe(*self.load_text_encoder(cfg))
+        pipe.register_modules(**{self.denoiser_subfolder: transformer}, vae=self.load_vae(cfg),
+                              scheduler=self.export_scheduler(cfg))  # fmt: skip
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+        return out_dir
+
+    def generate(
+        self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
+        steps: int, guidance_scale: float, seed: int, device: torch.device,
+    ) -> np.ndarray:  # fmt: skip
+        pipe = self.pipeline_cls.from_pretrained(pretrained_dir).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        extra = {}
+        if self.max_sequence_tokenizer:
+            extra["max_sequence_length"] = getattr(pipe, self.max_sequence_tokenizer).model_max_length
+        out = []
+        for i, prompt in enumerate(prompts):
+            gen = torch.Generator("cpu").manual_seed(seed + i)
+            image = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, generator=gen, output_type="np", **extra).images[0]  # fmt: skip
+            out.append((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[None])  # (1, H, W, C)
+        return np.stack(out)

@@ -8,19 +8,16 @@ transformer sees in training what it sees in inference. Rectified flow, as for S
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 from transformers import CLIPTextModel, T5EncoderModel
 
 from configs.schema import ModelConfig
-from engines.models.encoders import CLIP_MAX, CLIP_PRESETS, load_image_vae, load_text_encoders
-from engines.models.registry import ModelFamily, from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.encoders import CLIP_MAX, CLIP_PRESETS, ImageFamily, load_image_vae, load_text_encoders
+from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
@@ -32,14 +29,10 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shiftin
 TEXT_PARTS = [("text_encoder", "tokenizer", CLIPTextModel), ("text_encoder_2", "tokenizer_2", T5EncoderModel)]
 
 
-class Flux(ModelFamily):
+class Flux(ImageFamily):
     name = "flux"
-    temporal_compression = 1
-    spatial_compression = 8
-    size_multiple = 16  # 8x VAE, 2x2 latent packing
-
-    def frame_count_error(self, num_frames: int) -> str | None:
-        return None if num_frames == 1 else f"Flux is an image model: set data.num_frames: 1 (got {num_frames})"
+    pipeline_cls = FluxPipeline
+    max_sequence_tokenizer = "tokenizer_2"
 
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
         return load_image_vae(cfg, scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE config
@@ -60,10 +53,6 @@ class Flux(ModelFamily):
     def load_scheduler(self, cfg: ModelConfig) -> FlowMatchEulerDiscreteScheduler:
         return FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
 
-    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
-        x = frames[:, 0].permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1.0
-        return vae.encode(x).latent_dist.parameters  # (B, 2*Cz, H', W')
-
     def _text_pipe(self, tokenizers: Any, encoders: nn.Module) -> FluxPipeline:
         (t1, t2), (e1, e2) = tokenizers, encoders
         return FluxPipeline(scheduler=None, vae=None, text_encoder=e1, tokenizer=t1, text_encoder_2=e2,
@@ -82,11 +71,7 @@ class Flux(ModelFamily):
         core = getattr(transformer, "module", transformer)
         params = batch["latent_params"]
         device = params.device
-        eps = torch.randn(params[:, : params.shape[1] // 2].shape, generator=generator).to(device)
-        dist = DiagonalGaussianDistribution(params.float())
-        x0 = (dist.mean + dist.std * eps - batch["shift_factor"].view(-1, 1, 1, 1)) * batch["scaling_factor"].view(
-            -1, 1, 1, 1
-        )
+        x0 = sample_latents(batch, generator)
         b, c, h, w = x0.shape
         noise = torch.randn(x0.shape, generator=generator).to(device)
         sigma = torch.sigmoid(torch.randn(b, generator=generator)).to(device).view(-1, 1, 1, 1)  # logit-normal
@@ -103,28 +88,7 @@ class Flux(ModelFamily):
 
     def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
         _, h, w = latent_shape[-3:]
-        return (h // 2) * (w // 2)
-
-    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
-        pipe = self._text_pipe(*self.load_text_encoder(cfg))
-        pipe.register_modules(transformer=transformer, vae=self.load_vae(cfg), scheduler=self.load_scheduler(cfg))
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-        return out_dir
-
-    def generate(
-        self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
-        steps: int, guidance_scale: float, seed: int, device: torch.device,
-    ) -> np.ndarray:  # fmt: skip
-        pipe = FluxPipeline.from_pretrained(pretrained_dir).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        out = []
-        for i, prompt in enumerate(prompts):
-            gen = torch.Generator("cpu").manual_seed(seed + i)
-            image = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, generator=gen, output_type="np",
-                         max_sequence_length=pipe.tokenizer_2.model_max_length).images[0]  # fmt: skip
-            out.append((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[None])
-        return np.stack(out)
+        return (h // 2) * (w // 2)  # 2x2 packing
 
 
 register_family(Flux())

@@ -126,6 +126,21 @@ def seeded_init(seed: int):
         yield
 
 
+def sample_latents(batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """x0 drawn from the cached VAE posterior and put in the denoiser's units: (z - shift) * scale.
+
+    The noise comes from a CPU generator, so the same seed gives the same draw on any device.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    params = batch["latent_params"]
+    eps = torch.randn(params[:, : params.shape[1] // 2].shape, generator=generator).to(params.device)
+    dist = DiagonalGaussianDistribution(params.float())
+    view = (-1,) + (1,) * (params.ndim - 1)
+    shift = batch["shift_factor"].view(view) if "shift_factor" in batch else 0.0
+    return (dist.mean + dist.std * eps - shift) * batch["scaling_factor"].view(view)
+
+
 def pick_preset(comp: ComponentConfig, presets: dict[str, dict[str, Any]], what: str) -> dict[str, Any]:
     if comp.preset not in presets:
         raise ValueError(f"unknown {what} preset {comp.preset!r}; known presets: {', '.join(sorted(presets))}")

@@ -9,19 +9,16 @@ target eps - x0, with SD3's logit-normal draw of s.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
 from configs.schema import ModelConfig
-from engines.models.encoders import CLIP_MAX, CLIP_PRESETS, load_image_vae, load_text_encoders
-from engines.models.registry import ModelFamily, from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.encoders import CLIP_MAX, CLIP_PRESETS, ImageFamily, load_image_vae, load_text_encoders
+from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(sample_size=8, patch_size=2, num_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -33,14 +30,10 @@ TEXT_PARTS = [("text_encoder", "tokenizer", CLIPTextModelWithProjection),
               ("text_encoder_3", "tokenizer_3", T5EncoderModel)]  # fmt: skip
 
 
-class SD3(ModelFamily):
+class SD3(ImageFamily):
     name = "sd3"
-    temporal_compression = 1
-    spatial_compression = 8
-    size_multiple = 16  # 8x VAE, 2x2 patches
-
-    def frame_count_error(self, num_frames: int) -> str | None:
-        return None if num_frames == 1 else f"SD3 is an image model: set data.num_frames: 1 (got {num_frames})"
+    pipeline_cls = StableDiffusion3Pipeline
+    max_sequence_tokenizer = "tokenizer_3"
 
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
         return load_image_vae(cfg, scaling_factor=1.5035, shift_factor=0.0609)  # SD3's VAE config
@@ -65,11 +58,6 @@ class SD3(ModelFamily):
 
     def load_scheduler(self, cfg: ModelConfig) -> FlowMatchEulerDiscreteScheduler:
         return FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
-
-    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
-        # (B, 1, H, W, C) uint8 -> (B, C, H, W) in [-1, 1]; one frame per sample
-        x = frames[:, 0].permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1.0
-        return vae.encode(x).latent_dist.parameters  # (B, 2*Cz, H', W')
 
     def _text_pipe(self, tokenizers: Any, encoders: nn.Module) -> StableDiffusion3Pipeline:
         t1, t2, t3 = tokenizers
@@ -103,10 +91,7 @@ class SD3(ModelFamily):
     ) -> torch.Tensor:
         params = batch["latent_params"]
         device = params.device
-        eps = torch.randn(params[:, : params.shape[1] // 2].shape, generator=generator).to(device)
-        dist = DiagonalGaussianDistribution(params.float())
-        shift = batch.get("shift_factor", torch.zeros(params.shape[0], device=device)).view(-1, 1, 1, 1)
-        x0 = (dist.mean + dist.std * eps - shift) * batch["scaling_factor"].view(-1, 1, 1, 1)
+        x0 = sample_latents(batch, generator)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         # SD3's logit-normal draw of the noise level, on the scheduler's (shifted) sigma grid.
         u = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
@@ -122,33 +107,6 @@ class SD3(ModelFamily):
             return_dict=False,
         )[0]
         return ((pred.float() - (noise - x0)) ** 2).mean()
-
-    def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
-        _, h, w = latent_shape[-3:]
-        p = transformer_config.patch_size
-        return (h // p) * (w // p)
-
-    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
-        toks, encs = self.load_text_encoder(cfg)
-        pipe = self._text_pipe(toks, encs)
-        pipe.register_modules(transformer=transformer, vae=self.load_vae(cfg), scheduler=self.load_scheduler(cfg))
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-        return out_dir
-
-    def generate(
-        self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
-        steps: int, guidance_scale: float, seed: int, device: torch.device,
-    ) -> np.ndarray:  # fmt: skip
-        pipe = StableDiffusion3Pipeline.from_pretrained(pretrained_dir).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        out = []
-        for i, prompt in enumerate(prompts):
-            gen = torch.Generator("cpu").manual_seed(seed + i)
-            image = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, generator=gen, output_type="np",
-                         max_sequence_length=pipe.tokenizer_3.model_max_length).images[0]  # fmt: skip
-            out.append((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[None])  # (1, H, W, C)
-        return np.stack(out)
 
 
 register_family(SD3())

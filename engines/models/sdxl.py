@@ -8,20 +8,17 @@ Epsilon prediction, as SDXL base was trained.
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from configs.schema import ModelConfig
-from engines.models.encoders import CLIP_MAX, CLIP_PRESETS, load_image_vae, load_text_encoders
-from engines.models.registry import ModelFamily, from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.encoders import CLIP_MAX, CLIP_PRESETS, ImageFamily, load_image_vae, load_text_encoders
+from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
 
 TIME_EMBED = 8  # addition_time_embed_dim of the tiny UNet (256 in the published one)
 UNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -39,15 +36,10 @@ TEXT_PARTS = [("text_encoder", "tokenizer", CLIPTextModel),
               ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)]  # fmt: skip
 
 
-class SDXL(ModelFamily):
+class SDXL(ImageFamily):
     name = "sdxl"
-    temporal_compression = 1
-    spatial_compression = 8
-    size_multiple = 16  # 8x VAE; the tiny UNet halves the latent once more
+    pipeline_cls = StableDiffusionXLPipeline
     denoiser_subfolder = "unet"
-
-    def frame_count_error(self, num_frames: int) -> str | None:
-        return None if num_frames == 1 else f"SDXL is an image model: set data.num_frames: 1 (got {num_frames})"
 
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
         return load_image_vae(cfg, scaling_factor=0.13025, shift_factor=0.0)  # SDXL's VAE config
@@ -69,10 +61,6 @@ class SDXL(ModelFamily):
     def load_scheduler(self, cfg: ModelConfig) -> DDPMScheduler:
         return DDPMScheduler(**SCHEDULER_CONFIG)
 
-    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
-        x = frames[:, 0].permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1.0
-        return vae.encode(x).latent_dist.parameters  # (B, 2*Cz, H', W')
-
     def _text_pipe(self, tokenizers: Any, encoders: nn.Module) -> StableDiffusionXLPipeline:
         (t1, t2), (e1, e2) = tokenizers, encoders
         return StableDiffusionXLPipeline(vae=None, text_encoder=e1, text_encoder_2=e2, tokenizer=t1, tokenizer_2=t2,
@@ -90,9 +78,7 @@ class SDXL(ModelFamily):
     ) -> torch.Tensor:
         params = batch["latent_params"]
         device = params.device
-        eps = torch.randn(params[:, : params.shape[1] // 2].shape, generator=generator).to(device)
-        dist = DiagonalGaussianDistribution(params.float())
-        x0 = (dist.mean + dist.std * eps) * batch["scaling_factor"].view(-1, 1, 1, 1)
+        x0 = sample_latents(batch, generator)
         b, _, h, w = x0.shape
         noise = torch.randn(x0.shape, generator=generator).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
@@ -113,30 +99,8 @@ class SDXL(ModelFamily):
         )[0]
         return ((pred.float() - noise) ** 2).mean()
 
-    def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
-        _, h, w = latent_shape[-3:]
-        return h * w
-
-    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
-        pipe = self._text_pipe(*self.load_text_encoder(cfg))
-        pipe.register_modules(unet=transformer, vae=self.load_vae(cfg),
-                              scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG))  # fmt: skip
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-        return out_dir
-
-    def generate(
-        self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
-        steps: int, guidance_scale: float, seed: int, device: torch.device,
-    ) -> np.ndarray:  # fmt: skip
-        pipe = StableDiffusionXLPipeline.from_pretrained(pretrained_dir).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        out = []
-        for i, prompt in enumerate(prompts):
-            gen = torch.Generator("cpu").manual_seed(seed + i)
-            image = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, generator=gen, output_type="np").images[0]  # fmt: skip
-            out.append((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[None])
-        return np.stack(out)
+    def export_scheduler(self, cfg: ModelConfig) -> EulerDiscreteScheduler:
+        return EulerDiscreteScheduler(**SCHEDULER_CONFIG)  # SDXL samples with Euler; it trains with DDPM
 
 
 register_family(SDXL())
