@@ -66,8 +66,11 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
-    def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+    def log_artifacts(self, local: Path, artifact_path: str | None = None) -> None:
+        if Path(local).is_dir():
+            self.client.log_artifacts(self.run_id, str(local), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(local), artifact_path)
 
     def close(self) -> None:
         self.flush()
@@ -88,7 +91,7 @@ class NullTracker(Tracker):
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
-    def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
+    def log_artifacts(self, local: Path, artifact_path: str | None = None) -> None:
         pass
 
 

@@ -17,7 +17,7 @@ from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 
 from configs import PipelineConfig, flatten, save_config
-from engines.tracking import ensure_experiment, tracking_uri
+from engines.tracking import Tracker, ensure_experiment, tracking_uri
 from tasks.caching import retry_if_transient
 
 
@@ -63,15 +63,14 @@ def end_run(cfg: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri(cfg)).set_terminated(run_id, status=status)
 
 
+def _tracker(cfg: PipelineConfig, run_id: str) -> Tracker:
+    return Tracker(tracking_uri(cfg), run_id)
+
+
 def log_metrics(cfg: PipelineConfig, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    import time
-
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    MlflowClient(tracking_uri(cfg)).log_batch(
-        run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()]
-    )
+    tracker = _tracker(cfg, run_id)
+    tracker.log_metrics(metrics, step)
+    tracker.flush()
 
 
 def log_dataset(cfg: PipelineConfig, run_id: str, samples_path: Path, context: str) -> None:
@@ -91,17 +90,11 @@ def log_dataset(cfg: PipelineConfig, run_id: str, samples_path: Path, context: s
 
 
 def set_tags(cfg: PipelineConfig, run_id: str, tags: dict[str, Any]) -> None:
-    client = MlflowClient(tracking_uri(cfg))
-    for k, v in tags.items():
-        client.set_tag(run_id, k, str(v))
+    _tracker(cfg, run_id).set_tags(tags)
 
 
 def log_artifacts(cfg: PipelineConfig, run_id: str, local: Path, artifact_path: str | None = None) -> None:
-    client = MlflowClient(tracking_uri(cfg))
-    if local.is_dir():
-        client.log_artifacts(run_id, str(local), artifact_path)
-    else:
-        client.log_artifact(run_id, str(local), artifact_path)
+    _tracker(cfg, run_id).log_artifacts(local, artifact_path)
 
 
 def should_log_model(cfg: PipelineConfig, model_dir: Path, limit: int = 512 * 2**20) -> bool:

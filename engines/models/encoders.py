@@ -100,8 +100,22 @@ class ImageFamily(ModelFamily):
         p = getattr(transformer_config, "patch_size", None) or 1
         return (h // p) * (w // p)
 
+    #: [(encoder component, tokenizer component, encoder class)] in the pipeline's order
+    text_parts: list[tuple[str, str, type]]
+
+    def text_max_lengths(self, cfg: ModelConfig) -> list[int]:
+        """Padded length per text encoder: CLIP's 77, T5's configured length."""
+        return [cfg.max_text_length if cls is T5EncoderModel else CLIP_MAX for _, _, cls in self.text_parts]
+
+    def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]:
+        return load_text_encoders(cfg, self.text_parts, self.text_max_lengths(cfg))
+
     def _text_pipe(self, tokenizers: Any, encoders: nn.Module) -> Any:
-        raise NotImplementedError
+        """The family's pipeline holding only its text side: `encode_prompt` is then the pipeline's own."""
+        text = {}
+        for (enc_name, tok_name, _), tok, enc in zip(self.text_parts, tokenizers, encoders, strict=True):
+            text[enc_name], text[tok_name] = enc, tok
+        return self.pipeline_cls(**text, **{self.denoiser_subfolder: None, "vae": None, "scheduler": None})
 
     def export_scheduler(self, cfg: ModelConfig) -> Any:
         return self.load_scheduler(cfg)

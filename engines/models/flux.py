@@ -16,7 +16,7 @@ from torch import nn
 from transformers import CLIPTextModel, T5EncoderModel
 
 from configs.schema import ModelConfig
-from engines.models.encoders import CLIP_MAX, CLIP_PRESETS, ImageFamily, load_image_vae, load_text_encoders
+from engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
 from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
@@ -26,19 +26,20 @@ TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
 # FLUX.1-schnell's scheduler_config.json
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
                         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
-TEXT_PARTS = [("text_encoder", "tokenizer", CLIPTextModel), ("text_encoder_2", "tokenizer_2", T5EncoderModel)]
+TEXT_PARTS: list[tuple[str, str, type]] = [
+    ("text_encoder", "tokenizer", CLIPTextModel),
+    ("text_encoder_2", "tokenizer_2", T5EncoderModel),
+]
 
 
 class Flux(ImageFamily):
     name = "flux"
+    text_parts = TEXT_PARTS
     pipeline_cls = FluxPipeline
     max_sequence_tokenizer = "tokenizer_2"
 
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
         return load_image_vae(cfg, scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's VAE config
-
-    def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]:
-        return load_text_encoders(cfg, TEXT_PARTS, [CLIP_MAX, cfg.max_text_length])
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
         if cfg.transformer.pretrained:
@@ -52,11 +53,6 @@ class Flux(ImageFamily):
 
     def load_scheduler(self, cfg: ModelConfig) -> FlowMatchEulerDiscreteScheduler:
         return FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
-
-    def _text_pipe(self, tokenizers: Any, encoders: nn.Module) -> FluxPipeline:
-        (t1, t2), (e1, e2) = tokenizers, encoders
-        return FluxPipeline(scheduler=None, vae=None, text_encoder=e1, tokenizer=t1, text_encoder_2=e2,
-                            tokenizer_2=t2, transformer=None)  # fmt: skip
 
     def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> dict:
         device = next(encoder.parameters()).device

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
 from configs.schema import ModelConfig
-from engines.models.encoders import CLIP_MAX, CLIP_PRESETS, ImageFamily, load_image_vae, load_text_encoders
+from engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
 from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
@@ -25,22 +25,19 @@ TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
                  caption_projection_dim=32, pos_embed_max_size=32),
 }  # fmt: skip
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)  # SD3-medium's scheduler_config.json
-TEXT_PARTS = [("text_encoder", "tokenizer", CLIPTextModelWithProjection),
+TEXT_PARTS: list[tuple[str, str, type]] = [("text_encoder", "tokenizer", CLIPTextModelWithProjection),
               ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection),
               ("text_encoder_3", "tokenizer_3", T5EncoderModel)]  # fmt: skip
 
 
 class SD3(ImageFamily):
     name = "sd3"
+    text_parts = TEXT_PARTS
     pipeline_cls = StableDiffusion3Pipeline
     max_sequence_tokenizer = "tokenizer_3"
 
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
         return load_image_vae(cfg, scaling_factor=1.5035, shift_factor=0.0609)  # SD3's VAE config
-
-    def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]:
-        """((clip_l_tok, clip_g_tok, t5_tok), ModuleList([clip_l, clip_g, t5]))."""
-        return load_text_encoders(cfg, TEXT_PARTS, [CLIP_MAX, CLIP_MAX, cfg.max_text_length])
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
         if cfg.transformer.pretrained:
@@ -58,21 +55,6 @@ class SD3(ImageFamily):
 
     def load_scheduler(self, cfg: ModelConfig) -> FlowMatchEulerDiscreteScheduler:
         return FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
-
-    def _text_pipe(self, tokenizers: Any, encoders: nn.Module) -> StableDiffusion3Pipeline:
-        t1, t2, t3 = tokenizers
-        e1, e2, e3 = encoders
-        return StableDiffusion3Pipeline(
-            transformer=None,
-            scheduler=None,
-            vae=None,
-            text_encoder=e1,
-            tokenizer=t1,
-            text_encoder_2=e2,
-            tokenizer_2=t2,
-            text_encoder_3=e3,
-            tokenizer_3=t3,
-        )
 
     def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> dict:
         device = next(encoder.parameters()).device

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from configs.schema import ModelConfig
-from engines.models.encoders import CLIP_MAX, CLIP_PRESETS, ImageFamily, load_image_vae, load_text_encoders
+from engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
 from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
 
 TIME_EMBED = 8  # addition_time_embed_dim of the tiny UNet (256 in the published one)
@@ -32,20 +32,18 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 # stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json (Euler for sampling, DDPM for training)
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")  # fmt: skip
-TEXT_PARTS = [("text_encoder", "tokenizer", CLIPTextModel),
+TEXT_PARTS: list[tuple[str, str, type]] = [("text_encoder", "tokenizer", CLIPTextModel),
               ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)]  # fmt: skip
 
 
 class SDXL(ImageFamily):
     name = "sdxl"
+    text_parts = TEXT_PARTS
     pipeline_cls = StableDiffusionXLPipeline
     denoiser_subfolder = "unet"
 
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
         return load_image_vae(cfg, scaling_factor=0.13025, shift_factor=0.0)  # SDXL's VAE config
-
-    def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]:
-        return load_text_encoders(cfg, TEXT_PARTS, [CLIP_MAX, CLIP_MAX])
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
         if cfg.transformer.pretrained:
@@ -60,11 +58,6 @@ class SDXL(ImageFamily):
 
     def load_scheduler(self, cfg: ModelConfig) -> DDPMScheduler:
         return DDPMScheduler(**SCHEDULER_CONFIG)
-
-    def _text_pipe(self, tokenizers: Any, encoders: nn.Module) -> StableDiffusionXLPipeline:
-        (t1, t2), (e1, e2) = tokenizers, encoders
-        return StableDiffusionXLPipeline(vae=None, text_encoder=e1, text_encoder_2=e2, tokenizer=t1, tokenizer_2=t2,
-                                         unet=None, scheduler=None)  # fmt: skip
 
     def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> dict:
         device = next(encoder.parameters()).device
