@@ -184,6 +184,48 @@ class DataConfig(Section):
     caption: CaptionConfig = CaptionConfig()
 
 
+class ParallelConfig(Section):
+    """How ranks split the work. The degrees multiply to the world size (nnodes x nproc_per_node).
+
+    dp_shard > 1 is FSDP2; dp_replicate > 1 alone is DDP; both is HSDP. -1 on dp_shard takes the rest.
+    """
+
+    dp_replicate: int = Field(1, ge=1, description="replicas of the model (DDP, or HSDP's outer dim)")
+    dp_shard: int = Field(-1, ge=-1, description="FSDP2 shard group size; -1: whatever the other degrees leave")
+    tp: int = Field(1, ge=1, description="tensor parallel degree (DTensor plans per model class)")
+    sequence_parallel: bool = Field(False, description="with tp > 1: shard norm/dropout activations too")
+    cp: int = Field(1, ge=1, description="context parallel degree: the token sequence split across ranks")
+    cp_mode: Literal["ulysses", "ring"] = "ulysses"
+    pp: int = Field(1, ge=1, description="pipeline stages (transformers language backbones)")
+    pp_schedule: Literal["1f1b", "interleaved_1f1b"] = "1f1b"
+    pp_virtual_stages: int = Field(1, ge=1, description="stages per rank; >= 2 with interleaved_1f1b")
+    pp_microbatches: int | None = Field(None, ge=1, description="default: pp x virtual stages")
+
+
+class FsdpConfig(Section):
+    """FSDP2's MixedPrecisionPolicy: compute in param_dtype, reduce gradients in reduce_dtype."""
+
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    reshard_after_forward: bool = Field(True, description="free gathered params after forward (ZeRO-3 style)")
+
+
+class ProfileConfig(Section):
+    """A torch.profiler (torch_npu.profiler on NPU) trace of a step window, logged to MLflow."""
+
+    enabled: bool = False
+    start_step: int = Field(2, ge=0, description="steps to skip before warm-up")
+    warmup_steps: int = Field(1, ge=0)
+    active_steps: int = Field(2, ge=1)
+    record_shapes: bool = False
+    profile_memory: bool = False
+
+
+class EmaConfig(Section):
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0, lt=1)
+
+
 class LoraConfig(Section):
     """LoRA adapters (peft) on the denoiser's attention projections; the base weights stay frozen."""
 
@@ -218,6 +260,25 @@ class TrainConfig(Section):
     metrics_flush_every: int = Field(20, ge=1, description="steps per MLflow log_batch")
     val_fraction: float = Field(0.125, ge=0, lt=1, description="cached samples held out for eval")
     lora: LoraConfig = LoraConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    fsdp: FsdpConfig = FsdpConfig()
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="recompute each block's activations in backward: all of them, or all but matmuls/attention"
+    )
+    compile: bool = Field(False, description="torch.compile each transformer block (regional compile)")
+    compile_cache_dir: Path | None = Field(
+        None, description="persistent inductor cache; default <workdir>/.cache/inductor"
+    )
+    ema: EmaConfig = EmaConfig()
+    profile: ProfileConfig = ProfileConfig()
+    peak_tflops: float | None = Field(
+        None, gt=0, description="device peak dense TFLOPS for MFU; default: looked up from the device name"
+    )
+    collective_timeout_s: int = Field(600, ge=10, description="a rank stuck this long in a collective fails the job")
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous (multi-node)")
+    rdzv_id: str = "flowspeed"
 
 
 class EvalConfig(Section):

@@ -55,3 +55,64 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so a timer around a region measures the region (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)  # type: ignore[attr-defined]
+
+
+def set_current(device: torch.device) -> None:
+    """Bind this process to its accelerator before the process group or any kernel touches it."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif device.type == "npu":
+        torch.npu.set_device(device)  # type: ignore[attr-defined]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "npu":
+        return torch.npu.get_device_name(device)  # type: ignore[attr-defined]
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def profiler_module(device: torch.device):  # noqa: ANN201
+    """torch.profiler, or torch_npu.profiler on Ascend (it records the NPU's own activities)."""
+    if device.type == "npu":
+        import torch_npu
+
+        return torch_npu.profiler
+    return torch.profiler
+
+
+def profiler_activities(device: torch.device) -> list:
+    prof = profiler_module(device)
+    acts = [prof.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(prof.ProfilerActivity.CUDA)
+    elif device.type == "npu":
+        acts.append(prof.ProfilerActivity.NPU)
+    return acts
+
+
+def accelerator_rng_state() -> list[torch.Tensor] | None:
+    """Every local accelerator's RNG state (for exact resume of dropout/noise drawn on device)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_rng_state_all()
+    if npu_available():
+        return torch.npu.get_rng_state_all()  # type: ignore[attr-defined]
+    return None
+
+
+def set_accelerator_rng_state(states: list[torch.Tensor]) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states)
+    elif npu_available():
+        torch.npu.set_rng_state_all(states)  # type: ignore[attr-defined]

@@ -31,9 +31,18 @@ def in_distributed_job() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def run_torchrun(module: str, args: list[str], nproc: int) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", module, *args]  # fmt: skip
+def torchrun_command(module: str, args: list[str], nproc: int, rdzv: dict | None = None) -> list[str]:
+    """`--standalone` on one node; on several, a c10d rendezvous every node's launcher joins."""
+    if rdzv is None:
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={rdzv['nnodes']}", f"--node_rank={rdzv['node_rank']}", "--rdzv_backend=c10d",
+                 f"--rdzv_endpoint={rdzv['endpoint']}", f"--rdzv_id={rdzv['id']}"]  # fmt: skip
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}", "-m", module, *args]
+
+
+def run_torchrun(module: str, args: list[str], nproc: int, rdzv: dict | None = None) -> None:
+    cmd = torchrun_command(module, args, nproc, rdzv)
     env = dict(os.environ)
     # CPU ranks share the machine's cores; one thread each keeps gloo ranks from oversubscribing.
     env.setdefault("OMP_NUM_THREADS", "1")

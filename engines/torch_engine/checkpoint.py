@@ -1,11 +1,15 @@
-"""Atomic, self-describing checkpoints: safetensors weights + a weights_only-loadable trainer state.
+"""Sharded, atomic, self-describing checkpoints with torch.distributed.checkpoint (DCP).
 
     <train_dir>/checkpoints/step-00000010/
-        model.safetensors     the denoiser (unwrapped from DDP)
-        trainer_state.pt      optimizer, LR scheduler, step, sampler state, RNG states
+        state/                DCP: model + optimizer (+ EMA), each rank writing its own shards
+        trainer_state.pt      step, LR schedule, sampler position, layout, model args (weights_only)
+        rng/rank-00000.pt     every rank's RNG states
         config.yaml           the resolved config that made it
 
-A checkpoint directory is written under a temp name and renamed: `latest()` never sees half of one.
+DCP stores tensors by fully qualified name with their global shapes, so a checkpoint written by 2
+FSDP ranks loads into 1 process, or into a TP layout, and DCP reshards on read. All ranks write
+into one temp directory whose name rank 0 chose; rank 0 renames it after a barrier, so `latest()`
+never sees half a checkpoint, even when a rank dies mid-write.
 """
 
 from __future__ import annotations
@@ -20,9 +24,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from configs import PipelineConfig, save_config
+from engines.device import accelerator_rng_state, set_accelerator_rng_state
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 
@@ -51,8 +64,9 @@ def rng_state() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    acc = accelerator_rng_state()
+    if acc is not None:
+        state["accelerator"] = acc
     return state
 
 
@@ -62,8 +76,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "accelerator" in state:
+        set_accelerator_rng_state(state["accelerator"])
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shared_tmp(root: Path, name: str) -> Path:
+    """One temp directory for all ranks: rank 0 makes it and tells the others its name."""
+    rank, world = _rank_world()
+    holder = [str(tempfile.mkdtemp(prefix=f".{name}.", dir=root)) if rank == 0 else ""]
+    if world > 1:
+        dist.broadcast_object_list(holder, src=0)
+    return Path(holder[0])
+
+
+def app_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dict | None) -> dict[str, Any]:
+    """What DCP saves: keyed by unwrapped parameter names, sharded tensors as DTensors."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+    if ema is not None:
+        state["ema"] = ema
+    return state
 
 
 def save(
@@ -72,47 +110,103 @@ def save(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
-    data_state: dict[str, int],
+    data_state: dict[str, Any],
     cfg: PipelineConfig,
     keep: int,
+    *,
+    extra: dict[str, Any] | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
+    """Collective: every rank calls it. Returns the published checkpoint directory."""
+    rank, world = _rank_world()
     root = checkpoint_dir(train_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = _shared_tmp(root, final.name)
+    ok = torch.ones(1)
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        torch.save(
-            {
-                "step": step,
-                "data": data_state,
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
-                "rng": rng_state(),
-            },
-            tmp / "trainer_state.pt",
-        )
-        save_config(cfg, tmp)
-        if final.exists():  # a re-run of the same step: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        dcp.save(app_state(model, optimizer, ema), checkpoint_id=str(tmp / "state"), no_dist=world == 1)
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
+        if rank == 0:
+            torch.save(
+                {
+                    "step": step,
+                    "data": data_state,
+                    "lr_scheduler": lr_scheduler.state_dict(),
+                    "world_size": world,
+                    **(extra or {}),
+                },
+                tmp / "trainer_state.pt",
+            )
+            save_config(cfg, tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        ok.zero_()
         raise
-    for old in list_checkpoints(train_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if world > 1:  # publish only if every rank wrote its part
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if rank == 0:
+            if ok.item() == 1:
+                if final.exists():  # a re-run of the same step: replace it whole
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                for old in list_checkpoints(train_dir)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+    if ok.item() != 1:
+        raise RuntimeError(f"another rank failed while writing checkpoint {final}; nothing was published")
     return final
 
 
-def load(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any) -> dict[str, Any]:
-    """Restore in place; returns {"step", "data", "samples_seen"}. Never unpickles code (weights_only=True)."""
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+def load(
+    ckpt: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    ema: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Restore in place into whatever layout the model has now; returns the trainer state.
+
+    RNG states come back only when the layout has as many ranks as the one that saved: a resumed
+    run on another layout continues correctly but not bit-for-bit.
+    """
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(state["optimizer"])
+    target = app_state(model, optimizer, ema)
+    dcp.load(target, checkpoint_id=str(ckpt / "state"), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
-    set_rng_state(state["rng"])
-    return {"step": int(state["step"]), "data": state["data"], "samples_seen": int(state["data"]["samples_seen"])}
+    rank, world = _rank_world()
+    rng_file = ckpt / "rng" / f"rank-{rank:05d}.pt"
+    if world == state.get("world_size", 1) and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return {**state, "step": int(state["step"]), "samples_seen": int(state["data"]["samples_seen"])}
+
+
+def load_model_weights(ckpt: Path, model: torch.nn.Module, *, ema: bool = False) -> None:
+    """Only the weights of a checkpoint, into a model of any layout (collective when distributed).
+
+    With `ema`, the EMA copies replace the trained weights they shadow (all of them, or only the
+    adapters of a LoRA run); other weights keep the checkpoint's values.
+    """
+    sd = get_model_state_dict(model)
+    dcp.load({"model": sd}, checkpoint_id=str(ckpt / "state"), no_dist=not dist.is_initialized())
+    if ema:
+        meta = dcp.FileSystemReader(str(ckpt / "state")).read_metadata().state_dict_metadata
+        names = [k[len("ema.") :] for k in meta if k.startswith("ema.")]
+        if not names:
+            raise ValueError(f"{ckpt} holds no EMA weights (train.ema.enabled was off when it was written)")
+        dcp.load(
+            {"ema": {n: sd[n] for n in names}}, checkpoint_id=str(ckpt / "state"), no_dist=not dist.is_initialized()
+        )
+    set_model_state_dict(model, sd)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Collective: the unsharded weights on rank 0's CPU (empty on other ranks), for export."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def clean_partial(train_dir: Path) -> None:

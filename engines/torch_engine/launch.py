@@ -1,4 +1,9 @@
-"""Run training in this process, or as a torchrun job when `train.nproc_per_node` > 1."""
+"""Run training in this process, or as a torchrun job when the layout spans several ranks.
+
+One node: `torchrun --standalone`. Several nodes: the same command on every node with
+`train.nnodes`, `train.node_rank` and `train.rdzv_endpoint` (c10d rendezvous), e.g. one Prefect task
+per node from a work pool whose workers sit on those nodes (see README, "Multi-node training").
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,37 @@ import json
 from pathlib import Path
 
 from configs import PipelineConfig, save_config
+from engines.torch_engine.parallel_dims import ParallelDims
 from engines.torch_engine.trainer import TrainResult, train
 from engines.torchrun import in_distributed_job, run_torchrun
 
 
+def validate_layout(cfg: PipelineConfig) -> ParallelDims:
+    """Fail in milliseconds, before any process starts or model loads, on a layout the ranks can't form."""
+    t = cfg.train
+    p = t.parallel
+    if t.nnodes > 1 and not t.rdzv_endpoint:
+        raise ValueError(f"train.nnodes={t.nnodes} needs train.rdzv_endpoint (host:port reachable from every node)")
+    if t.node_rank >= t.nnodes:
+        raise ValueError(f"train.node_rank={t.node_rank} must be below train.nnodes={t.nnodes}")
+    if p.pp_schedule == "interleaved_1f1b" and p.pp_virtual_stages < 2:
+        raise ValueError("train.parallel.pp_schedule=interleaved_1f1b needs pp_virtual_stages >= 2")
+    return ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, t.nnodes * t.nproc_per_node)
+
+
 def launch(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) -> TrainResult:
-    nproc = cfg.train.nproc_per_node
-    if in_distributed_job() or nproc == 1:
+    t = cfg.train
+    if in_distributed_job():
+        return train(cfg, run_id, tracking_uri)
+    validate_layout(cfg)
+    if t.nproc_per_node * t.nnodes == 1:
         return train(cfg, run_id, tracking_uri)
     cfg_path = save_config(cfg, cfg.train_dir, "launch_config.yaml")
     args = ["--config", str(cfg_path)]
     if run_id:
         args += ["--run-id", run_id, "--tracking-uri", tracking_uri or ""]
-    run_torchrun("engines.torch_engine.trainer", args, nproc)
+    rdzv = None
+    if t.nnodes > 1:
+        rdzv = {"nnodes": t.nnodes, "node_rank": t.node_rank, "endpoint": t.rdzv_endpoint, "id": t.rdzv_id}
+    run_torchrun("engines.torch_engine.trainer", args, t.nproc_per_node, rdzv=rdzv)
     return TrainResult(**json.loads((Path(cfg.train_dir) / "losses.json").read_text()))

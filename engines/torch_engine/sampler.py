@@ -77,9 +77,17 @@ class BucketBatchSampler:
         return {"consumed": self.consumed, "seed": self.seed, "world": self.world}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["seed"] != self.seed or state["world"] != self.world:
+        """Continue where the saved sampler stopped. Another data-parallel size continues at the same
+        global batch (batches are dealt round-robin), which is exact within the epoch."""
+        if state["seed"] != self.seed:
             raise ValueError(
-                f"the checkpoint's sample order was made with seed={state['seed']}, world={state['world']}; "
-                f"this run has seed={self.seed}, world={self.world}: keep both to resume exactly"
+                f"the checkpoint's sample order was made with seed={state['seed']}; this run has "
+                f"seed={self.seed}: keep train.seed to resume"
             )
-        self.consumed = int(state["consumed"])
+        drawn = int(state["consumed"]) * int(state["world"])  # global micro-batches drawn
+        if drawn % self.world:
+            raise ValueError(
+                f"the checkpoint stopped after {drawn} global micro-batches, which {self.world} data-parallel "
+                f"ranks cannot split evenly; resume with a data-parallel size that divides {drawn}"
+            )
+        self.consumed = drawn // self.world

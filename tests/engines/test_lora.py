@@ -26,7 +26,9 @@ def test_lora_trains_adapters_only_and_reloads_and_merges(tmp_path: Path, preppe
     out = launch(cfg, None, None)
     assert len(out.losses) == 5
 
-    weights = load_file(str(ckpt.latest(cfg.train_dir) / "model.safetensors"))
+    in_ckpt = apply_lora(fam.load_transformer(cfg.model, 32, 4), cfg.train.lora, fam.lora_targets)
+    ckpt.load_model_weights(ckpt.latest(cfg.train_dir), in_ckpt)
+    weights = in_ckpt.state_dict()
     q = "transformer_blocks.0.attn1.to_q"
     assert torch.equal(weights[f"{q}.base_layer.weight"], base.state_dict()[f"{q}.weight"])  # base frozen
     assert weights[f"{q}.lora_B.default.weight"].abs().sum() > 0  # adapters trained (B starts at zero)

@@ -38,9 +38,19 @@ def test_ranks_split_each_epoch_without_overlap() -> None:
     assert not set(e0) & set(e1) and len(set(e0)) == len(e0) == 10
 
 
-def test_resuming_with_another_world_size_is_refused_and_empty_buckets_explained() -> None:
-    state = BucketBatchSampler(BUCKETS, 2, seed=1, world=1).state_dict()
-    with pytest.raises(ValueError, match="world=1"):
-        BucketBatchSampler(BUCKETS, 2, seed=1, world=2).load_state_dict(state)
+def test_resuming_with_another_world_size_continues_at_the_same_global_batch() -> None:
+    one = BucketBatchSampler(BUCKETS, 2, seed=1, world=1)
+    _take(one, 4)
+    ranks = [BucketBatchSampler(BUCKETS, 2, seed=1, rank=r, world=2) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(one.state_dict())
+    # the single process's next two batches are what ranks 0 and 1 draw next
+    assert [next(iter(r)) for r in ranks] == _take(one, 2)
+    odd = BucketBatchSampler(BUCKETS, 2, seed=1, world=1)
+    _take(odd, 3)
+    with pytest.raises(ValueError, match="cannot split evenly"):
+        BucketBatchSampler(BUCKETS, 2, seed=1, world=2).load_state_dict(odd.state_dict())
+    with pytest.raises(ValueError, match="seed=1"):
+        BucketBatchSampler(BUCKETS, 2, seed=2, world=1).load_state_dict(one.state_dict())
     with pytest.raises(ValueError, match="no bucket has a full batch"):
         BucketBatchSampler(["a", "b"], 4)

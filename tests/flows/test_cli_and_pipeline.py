@@ -72,7 +72,7 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     for name in ("perf/samples_per_s", "perf/frames_per_s", "perf/tokens_per_s", "train/lr"):
         assert len(client.get_metric_history(train_run.info.run_id, name)) == 30
     ckpt = Path(train_run.data.tags["checkpoint_path"])
-    assert (ckpt / "model.safetensors").is_file() and ckpt.is_relative_to(work)
+    assert (ckpt / "state" / ".metadata").is_file() and ckpt.is_relative_to(work)
     model_files = [f.path for f in client.list_artifacts(train_run.info.run_id, "model")]
     assert "model/model_index.json" in model_files and "model/transformer" in model_files
 

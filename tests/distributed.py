@@ -1,0 +1,53 @@
+"""Run a function on N real CPU ranks (gloo) and collect what each returns.
+
+    results = run_ranks(fn, 2, arg1, arg2)   # fn(rank, world, *args) on every rank; [ret0, ret1]
+
+The function must be importable (module level) because ranks are spawned processes. Collectives are
+real: each rank joins a gloo process group through a TCP store on a free local port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, out: str, fn: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    # A rank that dies must not leave its peer waiting forever in a collective.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=180))
+    try:
+        result: Any = ("ok", fn(rank, world, *args))
+    except BaseException as exc:  # the parent re-raises it with the rank's traceback
+        result = ("error", f"rank {rank}: {exc!r}\n{traceback.format_exc()}")
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_entry, args=(world, _free_port(), out, fn, args), nprocs=world, start_method="spawn")
+        results = [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    errors = [msg for kind, msg in results if kind == "error"]
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [value for _, value in results]
