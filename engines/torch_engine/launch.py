@@ -26,6 +26,11 @@ def validate_layout(cfg: PipelineConfig) -> ParallelDims:
         raise ValueError(f"train.node_rank={t.node_rank} must be below train.nnodes={t.nnodes}")
     if p.pp_schedule == "interleaved_1f1b" and p.pp_virtual_stages < 2:
         raise ValueError("train.parallel.pp_schedule=interleaved_1f1b needs pp_virtual_stages >= 2")
+    if t.lora.enabled and p.tp > 1:
+        raise ValueError(
+            "train.lora with train.parallel.tp > 1 is not supported: the TP plans shard the very projections "
+            "LoRA wraps; shard a LoRA run with FSDP (parallel.dp_shard) instead"
+        )
     return ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, t.nnodes * t.nproc_per_node)
 
 

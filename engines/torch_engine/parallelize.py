@@ -86,13 +86,18 @@ def apply_ac(model: nn.Module, mode: str) -> None:
                 blocks[i] = checkpoint_wrapper(block, context_fn=ctx, preserve_rng_state=True)
 
 
-def compile_cache(cache_dir: Path) -> None:
+def compile_cache(cache_dir: Path | None, default: Path) -> Path:
     """Inductor's on-disk caches survive the process, so the second run of a job skips most of the
-    first compile (15-40 s per block type on CPU here, minutes for large models on GPU)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+    first compile (15-40 s per block type on CPU here, minutes for large models on GPU).
+
+    A configured directory wins; otherwise an inherited TORCHINDUCTOR_CACHE_DIR, else `default`.
+    """
+    chosen = cache_dir or Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default)
+    chosen.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(chosen.resolve())
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return chosen
 
 
 def apply_compile(model: nn.Module) -> None:

@@ -62,7 +62,7 @@ def build_model(family: ModelFamily, cfg: PipelineConfig, model_args: dict[str, 
     rank 0's weights. Only rank 0 ever holds the whole model, and only in host memory."""
     t = cfg.train
     if t.compile:
-        compile_cache(Path(t.compile_cache_dir or cfg.workdir / ".cache" / "inductor"))
+        compile_cache(t.compile_cache_dir, cfg.workdir / ".cache" / "inductor")
     full = family.load_transformer(cfg.model, **model_args) if env.rank == 0 else None
     if full is not None and t.lora.enabled:
         with seeded_init(t.seed):  # the adapters' random init is the same on every layout
