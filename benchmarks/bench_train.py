@@ -1,6 +1,6 @@
 """Side-by-side training benchmarks on the tiny CogVideoX preset (same model, batch and input).
 
-    python benchmarks/bench_train.py [--steps 40] [--height 64 --width 64]
+    python benchmarks/bench_train.py [--steps 40] [--height 64 --width 64] [--layers 4 --heads 4 --head-dim 32]
 
 1. cached vs on-the-fly: a training step on the prep stage's cached latents against a step that
    decodes the clips and runs the VAE and text encoder first (what a trainer without a cache does).
@@ -52,7 +52,18 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=64)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=0, help="0: the tiny preset; else a wider denoiser with this depth")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=32)
     args = ap.parse_args()
+    overrides = []
+    if args.layers:
+        # A bigger denoiser than the tiny preset, so a step costs what per-step bookkeeping is measured against.
+        from engines.models import cogvideox
+
+        dims = dict(num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim)
+        cogvideox.TRANSFORMER_PRESETS["bench"] = {**cogvideox.TRANSFORMER_PRESETS["tiny"], **dims}
+        overrides.append("model.transformer.preset=bench")
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="flowspeed-bench-"))
     manifest = make_demo_dataset(work / "data", num_videos=8, num_images=0)
@@ -66,6 +77,7 @@ def main() -> None:
             "train.val_fraction=0",
             f"train.max_steps={args.steps}",
             f"train.checkpoint_every={args.steps}",
+            *overrides,
         ],
         workdir=work / "run",
     )
@@ -80,7 +92,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train_on(batch: dict[str, torch.Tensor], i: int) -> None:
-        loss = family.training_loss(model, sched, batch, step_generator(0, i, 0, 0))
+        loss = family.training_loss(model, sched, batch, step_generator(0, i, 0))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -122,7 +134,7 @@ def main() -> None:
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-3)
 
     def plain_step(i: int) -> None:
-        loss = family.training_loss(plain_model, sched, fixed, step_generator(0, i, 0, 0))
+        loss = family.training_loss(plain_model, sched, fixed, step_generator(0, i, 0))
         loss.backward()
         plain_opt.step()
         plain_opt.zero_grad(set_to_none=True)

@@ -224,6 +224,23 @@ def eval_(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, de
     _run_stage("eval", config, workdir, set_, debug)
 
 
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint directory: <workdir>/train/checkpoints/step-N")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder to write the release model into")],
+    ema: Annotated[bool, typer.Option(help="export the EMA weights (train.ema) instead of the raw ones")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Turn a sharded training checkpoint (any parallel layout) into the family's native release folder."""
+    try:
+        from engines.torch_engine.trainer import export_checkpoint
+
+        final = export_checkpoint(checkpoint, out, use_ema=ema)
+    except Exception as exc:  # noqa: BLE001  (shown as one paragraph; --debug for the traceback)
+        _fail("export", exc, debug)
+    console.print(f"exported [bold]{checkpoint}[/] -> [bold]{final}[/]")
+
+
 cache_app = typer.Typer(help="Inspect, verify and prune the latent cache of a config's prep stage.")
 app.add_typer(cache_app, name="cache")
 

@@ -43,20 +43,25 @@ def _weights(cfg: PipelineConfig, final_dir: str) -> dict[str, torch.Tensor]:
     return _trained_transformer(cfg, Path(final_dir)).state_dict()
 
 
-@pytest.mark.parametrize(
-    "layout",
-    [
-        ["train.parallel.dp_replicate=2", "train.parallel.dp_shard=1"],  # DDP
-        ["train.parallel.dp_shard=2"],  # FSDP2
-    ],
-    ids=["ddp", "fsdp2"],
-)
-def test_data_parallel_matches_one_process(
-    layout: list[str], tmp_path: Path, prepped: PipelineConfig, baselines: dict[int, list[float]]
+LAYOUTS = {
+    # name: (overrides, one-process accumulation it must match)
+    "ddp": (["train.parallel.dp_replicate=2", "train.parallel.dp_shard=1"], 2),
+    "fsdp2": (["train.parallel.dp_shard=2"], 2),
+    "tp2": (["train.parallel.tp=2", "train.parallel.dp_shard=1"], 1),
+    "tp2-sp": (["train.parallel.tp=2", "train.parallel.dp_shard=1", "train.parallel.sequence_parallel=true"], 1),
+    "cp2-ulysses": (["train.parallel.cp=2", "train.parallel.dp_shard=1"], 1),
+    "cp2-ring": (["train.parallel.cp=2", "train.parallel.dp_shard=1", "train.parallel.cp_mode=ring"], 1),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_every_layout_matches_one_process(
+    name: str, tmp_path: Path, prepped: PipelineConfig, baselines: dict[int, list[float]]
 ) -> None:
-    cfg = _cfg(tmp_path, prepped, "train.nproc_per_node=2", *layout)
-    res = launch(cfg, None, None)
-    assert res.losses == pytest.approx(baselines[1 * 2], abs=1e-5)
+    overrides, accum = LAYOUTS[name]
+    res = launch(_cfg(tmp_path, prepped, "train.nproc_per_node=2", *overrides), None, None)
+    assert len(res.losses) == STEPS
+    assert res.losses == pytest.approx(baselines[accum], abs=1e-5)
 
 
 def test_fsdp_resume_is_exact_and_its_checkpoint_loads_in_one_process(tmp_path: Path, prepped: PipelineConfig) -> None:

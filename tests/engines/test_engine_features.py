@@ -107,3 +107,16 @@ def _hsdp_vs_single(rank: int, world: int) -> list[float]:
 def test_hsdp_on_a_2d_mesh_matches_one_process() -> None:
     for diffs in run_ranks(_hsdp_vs_single, 2):
         assert max(diffs) < 1e-6
+
+
+@pytest.mark.slow
+def test_a_hanging_rank_fails_the_job_after_the_collective_timeout() -> None:
+    import time
+
+    from engines.torchrun import DistributedJobFailed, run_torchrun
+
+    t0 = time.monotonic()
+    with pytest.raises(DistributedJobFailed) as err:
+        run_torchrun("tests.engines.hang_job", ["10"], 2)
+    assert time.monotonic() - t0 < 120  # the timeout, not rank 1's 600 s sleep, ended it
+    assert "rank: 0" in str(err.value) and "timed out" in str(err.value).lower()

@@ -105,6 +105,13 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     links = [line for line in state.stdout.splitlines() if line.startswith("mlflow-pipeline ")]
     assert links and parent.info.run_id in links[0]  # the MLflow run link is a Prefect artifact
 
+    # The sharded checkpoint becomes a release folder; a wrong path is one readable paragraph.
+    exported = flowspeed("export", str(ckpt), "--out", str(tmp_path / "release"), workdir=work)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (tmp_path / "release" / "model_index.json").is_file()
+    bad = flowspeed("export", str(tmp_path), "--out", str(tmp_path / "x"), workdir=work)
+    assert bad.returncode == 1 and "not a checkpoint directory" in bad.stderr and "Traceback" not in bad.stderr
+
     # Run again: nothing new to encode or train; Prefect's cache (outputs still present) reuses the work.
     again = flowspeed(
         "run", "configs/quickstart.yaml", "--workdir", str(work), "--set", f"data.manifest={manifest}", workdir=work
