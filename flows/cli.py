@@ -317,6 +317,83 @@ def cache_prune(
     )
 
 
+models_app = typer.Typer(help="Model families, their named real variants and parameter counts (no weights needed).")
+app.add_typer(models_app, name="models")
+
+
+def _quiet_model_libraries() -> None:
+    """Building on the meta device needs no workdir or hub; keep library chatter off stdout."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    for lib in (dlog, tlog):
+        lib.set_verbosity_error()
+
+
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M" if n >= 1e5 else f"{n:,}"
+
+
+@models_app.command("list")
+def models_list(debug: DebugOpt = False) -> None:
+    """Families, the variants `models inspect` builds (tiny = the training preset) and what each trains for."""
+    _quiet_model_libraries()
+    try:
+        from engines.models import known_families
+        from engines.models.variants import family_summary
+
+        rows = [family_summary(f) for f in known_families()]
+    except Exception as exc:  # noqa: BLE001  (one paragraph; --debug for the traceback)
+        _fail("models list", exc, debug)
+    table = Table(title="model families")
+    for col in ("family", "denoiser", "variants", "tasks"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["family"], r["denoiser"], ", ".join(r["variants"]), ", ".join(r["tasks"]))
+    Console().print(table)
+
+
+@models_app.command("inspect")
+def models_inspect(
+    family: Annotated[str, typer.Argument(help="model family, e.g. cogvideox (see `flowspeed models list`)")],
+    variant: Annotated[str, typer.Option("--variant", "-v", help="named variant, e.g. cogvideox-5b")] = "tiny",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Build a variant on the meta device (no memory, no weights) and print its parameter counts."""
+    _quiet_model_libraries()
+    try:
+        from engines.models.variants import parameter_counts
+
+        counts = parameter_counts(family, variant)
+    except Exception as exc:  # noqa: BLE001  (unknown family/variant: one paragraph listing the known ones)
+        _fail("models inspect", exc, debug)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(counts))
+        return
+    table = Table(title=f"{family} / {variant}")
+    table.add_column("component", style="bold")
+    table.add_column("parameters", justify="right")
+    for part, n in counts["components"].items():
+        table.add_row(part, f"{_billions(n)}  ({n:,})")
+    table.add_row(f"trainable {counts['denoiser']}", f"{_billions(counts['parameters'])}  ({counts['parameters']:,})")
+    if counts["published"]:
+        off = 100 * (counts["parameters"] - counts["published"]) / counts["published"]
+        stated = f"{_billions(counts['published'])} ({off:+.2f}%), stated as {counts['published_as']}"
+        table.add_row("published", stated)
+        from rich.markup import escape
+
+        table.add_row("source", escape(counts["source"]))  # "FLUX.1 [dev]" is not markup
+    Console().print(table)
+
+
 def main() -> None:
     app(prog_name="flowspeed")
 

@@ -37,7 +37,7 @@ class SD3(ImageFamily):
     max_sequence_tokenizer = "tokenizer_3"
 
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
-        return load_image_vae(cfg, scaling_factor=1.5035, shift_factor=0.0609)  # SD3's VAE config
+        return load_image_vae(cfg, scaling_factor=1.5305, shift_factor=0.0609)  # SD3's VAE config
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
         if cfg.transformer.pretrained:

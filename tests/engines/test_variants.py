@@ -1,0 +1,56 @@
+"""Named real variants: built on the meta device, each denoiser within 1% of its published count.
+
+The published figures and their sources live beside each variant in engines/models/variants.py:
+CogVideoX-2b 1,693,783,872 (released weights; the card only says "2B"), CogVideoX-5b 5,570,283,072
+(finetrainers' full-finetune log), SD3 Medium 2,028,328,000 (released weights; card "2B"),
+SD3.5 Large 8.1B (Stability AI announcement), FLUX.1 dev 11,901,408,320 / schnell 11,891,178,560
+(released weights; cards "12B"), SDXL base UNet 2,567,463,684 (released weights; SDXL paper "2.6B").
+"""
+
+import pytest
+
+from engines.models import known_families
+from engines.models.variants import TINY, build_on_meta, family_summary, get_variant, known_variants, parameter_counts
+
+REAL = [(f, n) for f in known_families() for n in known_variants(f) if n != TINY]
+
+
+def test_every_family_has_tiny_and_the_required_variants() -> None:
+    assert {n for _, n in REAL} >= {"cogvideox-2b", "cogvideox-5b", "sd3-medium", "flux.1-dev", "sdxl-base-1.0"}
+    assert all(known_variants(f)[0] == TINY for f in known_families())
+
+
+@pytest.mark.parametrize(("family", "name"), REAL)
+def test_variant_builds_on_meta_within_one_percent_of_published(family: str, name: str) -> None:
+    counts = parameter_counts(family, name)
+    published = get_variant(family, name).published
+    assert published and counts["parameters"] == pytest.approx(published, rel=0.01), counts
+    assert set(counts["components"]) >= {"vae", "text_encoder"}
+    assert counts["components"][next(iter(counts["components"]))] == counts["parameters"]  # denoiser first
+
+
+def test_meta_build_allocates_nothing() -> None:
+    parts = build_on_meta("flux", "flux.1-dev")  # 17B parameters in all
+    assert all(p.is_meta for m in parts.values() for p in m.parameters())
+
+
+def test_tiny_counts_what_preset_tiny_trains() -> None:
+    from configs import ModelConfig
+    from engines.models import get_family
+
+    fam, cfg = get_family("cogvideox"), ModelConfig()
+    _, enc = fam.load_text_encoder(cfg)
+    real = fam.load_transformer(cfg, enc.config.d_model, fam.load_vae(cfg).config.latent_channels)
+    assert parameter_counts("cogvideox", TINY)["parameters"] == sum(p.numel() for p in real.parameters())
+
+
+def test_tasks_are_read_off_the_family() -> None:
+    assert family_summary("cogvideox")["tasks"][0] == "t2v"
+    assert family_summary("sdxl")["tasks"] == ["t2i", "pretrain", "finetune", "lora"]
+
+
+def test_unknown_names_list_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="known variants: tiny, cogvideox-2b, cogvideox-5b"):
+        get_variant("cogvideox", "cogvideox-50b")
+    with pytest.raises(ValueError, match="known families: cogvideox"):
+        known_variants("sora")
