@@ -35,9 +35,7 @@ def peak_tflops(device: torch.device, dtype: str, override: float | None = None)
     """The device's peak for the training dtype; None on CPU or an unknown device (MFU is n/a)."""
     if override is not None:
         return override
-    if device.type == "cpu":
-        return None
-    name = device_name(device)
+    name = device_name(device)  # a CPU's name matches no entry
     for key, peaks in PEAK_TFLOPS.items():
         if key in name:
             return peaks[dtype]
