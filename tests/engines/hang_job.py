@@ -1,6 +1,6 @@
 """A 2-rank job whose rank 1 hangs before a collective (run by test_engine_features via torchrun).
 
-    python -m torch.distributed.run --nproc_per_node 2 -m tests.engines.hang_job TIMEOUT_S
+python -m torch.distributed.run --nproc_per_node 2 -m tests.engines.hang_job TIMEOUT_S
 """
 
 from __future__ import annotations
