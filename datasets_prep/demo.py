@@ -93,4 +93,61 @@ def make_demo_dataset(out_dir: Path, num_videos: int = 16, num_images: int = 4, 
         rows.append({"file": name, "captions": f"a still {colour} {shape} in the centre of a {background} background"})
     manifest = out_dir / "data.jsonl"
     atomic_write_text(manifest, "".join(json.dumps(r) + "\n" for r in rows))
+    write_conversations(out_dir, rows)
+    return manifest
+
+
+def write_conversations(out_dir: Path, rows: list[dict]) -> Path:
+    """`conversations.jsonl`: LLaVA/ShareGPT-style questions about the same clips and stills, whose
+    answers the captions make true (the understanding families' demo data)."""
+    convs = []
+    for r in rows:
+        kind = "image" if r["file"].startswith("images/") else "video"
+        words = r["captions"].split()
+        colour, shape = (words[2], words[3]) if words[1] == "still" else (words[1], words[2])
+        convs.append({
+            f"{kind}s": [r["file"]],
+            "conversations": [
+                {"from": "human", "value": f"<{kind}>\nWhat shape is shown?"},
+                {"from": "gpt", "value": f"A {shape}."},
+                {"from": "human", "value": "What colour is it?"},
+                {"from": "gpt", "value": f"It is {colour}."},
+            ],
+        })  # fmt: skip
+    path = Path(out_dir) / "conversations.jsonl"
+    atomic_write_text(path, "".join(json.dumps(c) + "\n" for c in convs))
+    return path
+
+
+TONES = {"a low tone": 220.0, "a middle tone": 440.0, "a high tone": 880.0}
+
+
+def make_demo_audio(out_dir: Path, num_clips: int = 12, seconds: float = 1.0, rate: int = 22050) -> Path:
+    """Sine tones (stereo, 22.05 kHz, so loading resamples) named by their pitch, and `audio.jsonl`
+    with the name as transcript: the speech families' demo data."""
+    import av
+
+    out_dir = Path(out_dir)
+    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(num_clips):
+        text, freq = list(TONES.items())[i % len(TONES)]
+        t = np.arange(int(seconds * rate)) / rate
+        wave = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype(np.int16)
+        name = f"audio/tone_{i:03d}.wav"
+
+        def encode(tmp: Path, wave: np.ndarray = wave) -> None:
+            with av.open(str(tmp), "w", format="wav") as out:
+                stream = out.add_stream("pcm_s16le", rate=rate, layout="stereo")
+                frame = av.AudioFrame.from_ndarray(np.stack([wave, wave]).reshape(1, -1), format="s16", layout="stereo")
+                frame.sample_rate = rate
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+                for packet in stream.encode(None):
+                    out.mux(packet)
+
+        atomic_write(out_dir / name, encode)
+        rows.append({"audio": name, "text": text})
+    manifest = out_dir / "audio.jsonl"
+    atomic_write_text(manifest, "".join(json.dumps(r) + "\n" for r in rows))
     return manifest

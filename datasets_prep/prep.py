@@ -39,8 +39,10 @@ from datasets_prep.io import atomic_write_text, file_digest, read_jsonl, text_di
 from datasets_prep.manifest import Entry, Rejection, read_manifest
 from datasets_prep.probe import IMAGE_SUFFIXES, MediaInfo, ProbeError, probe
 from datasets_prep.progress import reporter
+from datasets_prep.sequence_prep import sequence_slice
 from engines.device import resolve_device, torch_dtype
 from engines.models import ModelFamily, get_family
+from engines.models.sequence import SequenceFamily
 
 
 @dataclass
@@ -338,9 +340,13 @@ def prep_slice(cfg: PipelineConfig, index: int = 0, count: int = 1) -> dict[str,
     items = list(islice(read_manifest(d.manifest, d.manifest_format, d.roots), d.max_samples))
     rejects: list[Rejection] = []
     cached = {r["key"]: r for r in cache.records()}
-    done, pending = _plan(cfg, family, caption_items(cfg, items[index::count], index), cached, rejects, index)
-    done, pending, scores = _curate(cfg, done, pending, rejects, index)
-    encoded, calls = _encode(cfg, family, pending, cache, rejects) if pending else ([], 0)
+    if isinstance(family, SequenceFamily):  # VLM / speech: the family's processor instead of a VAE
+        done, encoded, calls = sequence_slice(cfg, family, items[index::count], cached, cache, rejects)
+        scores: dict = {}
+    else:
+        done, pending = _plan(cfg, family, caption_items(cfg, items[index::count], index), cached, rejects, index)
+        done, pending, scores = _curate(cfg, done, pending, rejects, index)
+        encoded, calls = _encode(cfg, family, pending, cache, rejects) if pending else ([], 0)
     part = {"slice": index, "keys": [r["key"] for r in done + encoded], "rejects": [r.as_row() for r in rejects],
             "cached": len(done), "encoded": len(encoded), "calls": calls, "scores": scores,
             "records": len(items[index::count]), "frames": sum(r["num_frames"] for r in encoded),

@@ -19,8 +19,10 @@ from datasets_prep.mp4 import write_mp4
 from datasets_prep.prep import load_samples
 from engines.device import resolve_device
 from engines.models import get_family
-from engines.torch_engine.data import CachedLatents, collate, split_records
+from engines.models.sequence import SequenceFamily
+from engines.torch_engine.data import CachedLatents, split_records
 from evaluation.clip_score import clip_score
+from evaluation.sequence_eval import run_sequence_eval
 
 
 @dataclass
@@ -55,7 +57,8 @@ def validation_loss(cfg: PipelineConfig, final_dir: Path, device: torch.device) 
     for rep in range(cfg.eval.val_batches):
         for start in range(0, len(data), bs):
             batch = {
-                k: v.to(device) for k, v in collate([data[i] for i in range(start, min(start + bs, len(data)))]).items()
+                k: v.to(device)
+                for k, v in family.collate([data[i] for i in range(start, min(start + bs, len(data)))]).items()
             }
             gen = torch.Generator().manual_seed(cfg.eval.seed * 1000 + rep * 100 + start)
             losses.append(family.training_loss(model, scheduler, batch, gen).item())
@@ -76,12 +79,18 @@ def _write_sample(folder: Path, i: int, frames: np.ndarray, fps: int) -> Path:
 def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
     t0 = time.perf_counter()
     final_dir = Path(final_dir or cfg.train_dir / "final")
-    if not (final_dir / "model_index.json").is_file():
+    family = get_family(cfg.model.family)
+    if not family.export_files(final_dir)[0].is_file():
         raise FileNotFoundError(f"no exported model at {final_dir}: run `flowspeed train` first")
     out = cfg.eval_dir
     save_config(cfg, out)
     device = resolve_device(cfg.train.device)
-    family = get_family(cfg.model.family)
+    if isinstance(family, SequenceFamily):  # text out: held-out loss and answers, no media metrics
+        res = run_sequence_eval(cfg, family, final_dir, device)
+        res["metrics"]["eval/seconds"] = time.perf_counter() - t0
+        result = EvalResult(str(out), res["metrics"], res["paths"])
+        atomic_write_text(out / "metrics.json", json.dumps(result.as_dict(), indent=2))
+        return result
     val_loss, n_val = validation_loss(cfg, final_dir, device)
     e, d = cfg.eval, cfg.data
     videos = family.generate(

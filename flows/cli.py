@@ -194,10 +194,13 @@ def demo_data(
     seed: int = 0,
 ) -> None:
     """Write a small dataset of moving coloured shapes with true captions (no downloads)."""
-    from datasets_prep.demo import make_demo_dataset
+    from datasets_prep.demo import make_demo_audio, make_demo_dataset
 
     manifest = make_demo_dataset(out_dir, num_videos, num_images, seed)
+    audio = make_demo_audio(out_dir)
     console.print(f"wrote {num_videos} clips and {num_images} stills; manifest: [bold]{manifest}[/]")
+    console.print(f"  the same clips as conversations: [bold]{manifest.parent / 'conversations.jsonl'}[/]")
+    console.print(f"  spoken-tone clips with transcripts: [bold]{audio}[/]")
 
 
 @app.command()

@@ -109,7 +109,9 @@ def evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str,
     def body(run_id: str) -> dict[str, Any]:
         res = run_cached(evaluate_model, cfg=cfg)
         tr.log_metrics(cfg, run_id, res["metrics"])
-        tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / "videos", "videos")
+        for kind in ("videos", "samples"):  # generated media, or a text family's answers
+            if (Path(res["eval_dir"]) / kind).is_dir():
+                tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / kind, kind)
         tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / "metrics.json")
         return res
 

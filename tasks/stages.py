@@ -7,6 +7,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +47,16 @@ def _prep_outputs(inputs: dict[str, Any]) -> list[Path]:
 
 
 def _train_outputs(inputs: dict[str, Any]) -> list[Path]:
-    final = _cfg(inputs).train_dir / "final"
-    return [final / "model_index.json", _denoiser_weights(_cfg(inputs)), _cfg(inputs).train_dir / "losses.json"]
+    cfg = _cfg(inputs)
+    return [*get_family(cfg.model.family).export_files(cfg.train_dir / "final"), cfg.train_dir / "losses.json"]
 
 
 def _eval_outputs(inputs: dict[str, Any]) -> list[Path]:
-    d = _cfg(inputs).eval_dir
-    return [d / "metrics.json"] + [d / "videos" / f"sample_{i:02d}.mp4" for i in range(len(_cfg(inputs).eval.prompts))]
+    """metrics.json lists the samples it wrote: all of them must still be there to reuse a result."""
+    metrics = _cfg(inputs).eval_dir / "metrics.json"
+    if not metrics.is_file():
+        return [metrics]
+    return [metrics, *(Path(p) for p in json.loads(metrics.read_text()).get("videos", []))]
 
 
 @task(

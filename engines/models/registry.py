@@ -70,6 +70,30 @@ class ModelFamily(ABC):
     def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
         """Tokens the denoiser sees per sample, for tokens/s and MFU."""
 
+    # ---- how the engine reads this family's cache (overridden by the token-loss families) ----------
+    def model_args(self, record: dict[str, Any]) -> dict[str, int]:
+        """Arguments `load_transformer` needs that only the cached data knows."""
+        return {"text_embed_dim": record["text_shape"][-1], "latent_channels": record["latent_shape"][0] // 2}
+
+    def bucket_key(self, record: dict[str, Any]) -> Any:
+        return tuple(record["latent_shape"])
+
+    def sample_tokens(self, transformer_config: Any, record: dict[str, Any]) -> int:
+        return self.latent_tokens(transformer_config, tuple(record["latent_shape"]))
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Same-bucket samples stack as they are."""
+        from engines.torch_engine.data import collate
+
+        return collate(items)
+
+    def export_files(self, final_dir: Path) -> list[Path]:
+        """Files whose presence means an export is whole (Prefect's cache checks them)."""
+        return [
+            final_dir / "model_index.json",
+            final_dir / self.denoiser_subfolder / "diffusion_pytorch_model.safetensors",
+        ]
+
     @abstractmethod
     def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
         """Export the trained model in the family's native (diffusers) layout."""

@@ -44,8 +44,9 @@ class CachedLatents(torch.utils.data.Dataset):
         rec = self.records[i]
         fh = self._handle(rec["shard"])
         out = {n: fh.get_tensor(f"{rec['key']}/{n}") for n in tensor_names(rec)}
-        out["scaling_factor"] = torch.tensor(float(rec.get("scaling_factor", 1.0)))
-        out["shift_factor"] = torch.tensor(float(rec.get("shift_factor", 0.0)))
+        if "latent_shape" in rec:  # generation families: the VAE's latent normalisation travels with the sample
+            out["scaling_factor"] = torch.tensor(float(rec.get("scaling_factor", 1.0)))
+            out["shift_factor"] = torch.tensor(float(rec.get("shift_factor", 0.0)))
         return out
 
 

@@ -49,6 +49,19 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    model.fuse_lora()
-    model.unload_lora()  # the fused weights stay; the adapter layers go
+    """Fold the adapters into the base weights and put the plain layers back."""
+    if hasattr(model, "fuse_lora"):  # diffusers models
+        model.fuse_lora()
+        model.unload_lora()  # the fused weights stay; the adapter layers go
+        return model
+    # transformers models (peft through add_adapter): merge each LoRA layer, then swap in its base layer
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    model.peft_config = {}
+    model._hf_peft_config_loaded = False
     return model

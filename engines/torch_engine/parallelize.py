@@ -30,8 +30,13 @@ from configs.schema import TrainConfig
 from engines.device import torch_dtype
 from engines.torch_engine.parallel_dims import Meshes, ParallelDims
 
-# Where each library keeps its repeated blocks: diffusers DiTs, diffusers UNets, transformers decoders.
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "down_blocks", "up_blocks", "model.layers", "layers")
+# Where each library keeps its repeated blocks: diffusers DiTs and UNets; transformers decoders,
+# VLM language models and vision towers, encoder-decoder (Whisper) stacks.
+BLOCK_LISTS = (
+    "transformer_blocks", "single_transformer_blocks", "down_blocks", "up_blocks",
+    "model.layers", "layers", "model.language_model.layers", "model.visual.blocks", "visual.blocks",
+    "model.encoder.layers", "model.decoder.layers", "model.vision_tower.vision_model.encoder.layers",
+)  # fmt: skip
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:

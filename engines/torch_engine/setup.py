@@ -73,8 +73,8 @@ def build_model(family: ModelFamily, cfg: PipelineConfig, model_args: dict[str, 
     spec = [(type(full), full.config) if full is not None else None]
     dist.broadcast_object_list(spec, src=0)
     cls, config = spec[0]
-    with torch.device("meta"):
-        model = cls.from_config(config)
+    with torch.device("meta"):  # diffusers: from_config; transformers: _from_config
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
         if t.lora.enabled:
             apply_lora(model, t.lora, family.lora_targets)
     parallelize(model, env.mesh, env.dims, t)

@@ -37,7 +37,7 @@ from datasets_prep.progress import reporter
 from engines.device import device_name, peak_memory_bytes, synchronize
 from engines.models import get_family
 from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.data import CachedLatents, collate, split_records
+from engines.torch_engine.data import CachedLatents, split_records
 from engines.torch_engine.flops import mfu, peak_tflops, train_flops
 from engines.torch_engine.lora import apply_lora, merge, save_adapter
 from engines.torch_engine.sampler import BucketBatchSampler
@@ -94,7 +94,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         records, _ = split_records(load_samples(cfg.prep_dir), t_cfg.val_fraction)
         dataset = CachedLatents(cfg.cache_dir, records)
         first = records[0]
-        model_args = {"text_embed_dim": first["text_shape"][-1], "latent_channels": first["latent_shape"][0] // 2}
+        model_args = family.model_args(first)
         model = build_model(family, cfg, model_args, env)
         core = unwrap(model)
         model.train()
@@ -158,9 +158,9 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
                 for micro in range(accum):
                     tw = time.perf_counter()
                     idx = next(batches)
-                    batch = {k: v.to(device) for k, v in collate([dataset[i] for i in idx]).items()}
+                    batch = {k: v.to(device) for k, v in family.collate([dataset[i] for i in idx]).items()}
                     rec = records[idx[0]]
-                    tokens = family.latent_tokens(core.config, tuple(rec["latent_shape"]))
+                    tokens = family.sample_tokens(core.config, rec)
                     data_wait += time.perf_counter() - tw
                     # Global micro-batch index: dp ranks x accumulation covers the same batches (and the
                     # same noise) as one process accumulating dp x as many micro-batches.
@@ -170,7 +170,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
                     (loss / accum).backward()
                     loss_acc += loss.detach().float()  # stays on device: no sync per micro-batch
                     n = len(idx)
-                    counts = [counts[0] + n, counts[1] + n * rec["num_frames"], counts[2] + n * tokens]
+                    counts = [counts[0] + n, counts[1] + n * rec.get("num_frames", 0), counts[2] + n * tokens]
                 if dims.cp > 1:  # each CP rank's weight gradients cover only its part of the sequence
                     from engines.torch_engine.context_parallel import reduce_cp_grads
 
@@ -272,10 +272,11 @@ def _compute_dtype(cfg: PipelineConfig) -> str:
 def make_sampler(cfg: PipelineConfig, records: list[dict], rank: int, world: int) -> BucketBatchSampler:
     """Batches never mix shapes: the bucket is the cached latent shape. Open-Sora bucket configs
     carry their own batch size per bucket; otherwise every bucket uses train.batch_size."""
-    shapes = [tuple(r["latent_shape"]) for r in records]
+    family = get_family(cfg.model.family)
+    shapes = [family.bucket_key(r) for r in records]
     bs: int | dict = cfg.train.batch_size
-    if cfg.data.buckets.mode == "opensora":
-        bs = {tuple(r["latent_shape"]): int(r["bucket_batch_size"]) for r in records}
+    if cfg.data.buckets.mode == "opensora" and all("bucket_batch_size" in r for r in records):
+        bs = {family.bucket_key(r): int(r["bucket_batch_size"]) for r in records}
     return BucketBatchSampler(shapes, bs, seed=cfg.train.seed, rank=rank, world=world)
 
 

@@ -1,0 +1,154 @@
+"""Prep for the token-loss families (VLMs, speech): manifest -> decoded media -> processor tensors.
+
+The same cache, keys, slices, rejections and summary as the generation prep; only the encoding
+differs. Each sample goes through its family's own processor (chat template, image/video patches
+or log-mel features) once, and the result (`input_ids`, `labels`, media tensors) is cached, so
+training never tokenizes or decodes. Sources it accepts:
+
+- LLaVA/ShareGPT conversations (`messages` / `conversations` with `images` / `videos`);
+- audio + transcript tables, for speech families;
+- any captioned image/video manifest (the generation families' data): each clip becomes a
+  one-turn conversation "describe this" -> its caption, i.e. captioning SFT on the same data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from configs import PipelineConfig
+from datasets_prep.cache import LatentCache
+from datasets_prep.decode import decode, resize_center_crop
+from datasets_prep.io import file_digest, text_digest
+from datasets_prep.manifest import Entry, Rejection
+from datasets_prep.probe import IMAGE_SUFFIXES, ProbeError, probe
+from datasets_prep.progress import reporter
+from engines.models.sequence import SequenceFamily, SequenceSample
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+         "system": "system"}  # fmt: skip
+DESCRIBE = {"image": "Describe this image.", "video": "Describe this video."}
+
+
+def encoder_identity(cfg: PipelineConfig) -> str:
+    """What makes cached tensors comparable: the family and the processor's (model's) source."""
+    m = cfg.model
+    seed = f"|seed={m.seed}" if m.transformer.pretrained is None else ""
+    return f"{m.family}|processor={m.transformer.identity()}{seed}"
+
+
+def messages_of(entry: Entry) -> list[dict[str, str]]:
+    """Conversation turns in {"role", "content"} form; media placeholders are the family's business."""
+    turns = entry.meta.get("messages")
+    if turns is None:  # a captioned clip: captioning SFT
+        kind = "image" if entry.path.suffix.lower() in IMAGE_SUFFIXES else "video"
+        return [{"role": "user", "content": DESCRIBE[kind]}, {"role": "assistant", "content": entry.caption or ""}]
+    out = []
+    for t in turns:
+        role = ROLES.get(str(t.get("role", t.get("from", ""))).lower())
+        if role is None:
+            raise ValueError(f"unknown conversation role {t.get('role', t.get('from'))!r}; use user/assistant/system")
+        text = str(t.get("content", t.get("value", "")))
+        out.append({"role": role, "content": text.replace("<image>", "").replace("<video>", "").strip()})
+    return out
+
+
+def load_sample(entry: Entry, family: SequenceFamily, cfg: PipelineConfig) -> SequenceSample:
+    """Decode what the family reads: images as (H, W, C), videos as (T, H, W, C) uint8, audio as 16 kHz mono."""
+    d = cfg.data
+    if "audio" in family.media:
+        from datasets_prep.audio import load_audio
+
+        if not entry.caption:
+            raise ValueError("no transcript (text/transcript/sentence column)")
+        return SequenceSample(audio=load_audio(entry.path, 16000), sampling_rate=16000, text=entry.caption)
+    sample = SequenceSample(messages=messages_of(entry))
+    for path in entry.media or (entry.path,):
+        info = probe(path)
+        if info.kind == "image":
+            if "image" not in family.media:
+                raise ValueError(f"{family.name} takes no images")
+            frames, _ = decode(info, [0], d.decoder)
+            sample.images.append(resize_center_crop(frames, d.height, d.width)[0].numpy())
+        else:
+            if "video" not in family.media:
+                raise ValueError(f"{family.name} takes no videos")
+            n = min(d.num_frames, max(info.num_frames, 1))
+            idx = np.linspace(0, max(info.num_frames - 1, 0), n).round().astype(int).tolist()
+            frames, _ = decode(info, idx, d.decoder)
+            sample.videos.append(resize_center_crop(frames, d.height, d.width).numpy())
+    return sample
+
+
+def sequence_slice(
+    cfg: PipelineConfig,
+    family: SequenceFamily,
+    items: list,
+    cached: dict[str, dict],
+    cache: LatentCache,
+    rejects: list[Rejection],
+) -> tuple[list[dict], list[dict], int]:
+    """(records already cached, records written now, processor calls) for this slice's items."""
+    prep_hash, encoder = cfg.prep_hash(), encoder_identity(cfg)
+    processor = family.load_processor(cfg.model)
+    done: list[dict] = []
+    written: list[dict] = []
+    shard: list[tuple[dict, dict[str, Any]]] = []
+    calls = 0
+    rep = reporter()
+    rep.start("encode", len(items))
+    for item in items:
+        rep.advance("encode")
+        if isinstance(item, Rejection):
+            rejects.append(item)
+            continue
+        where = str(item.path)
+        try:
+            media = item.media or (item.path,)
+            missing = [str(p) for p in media if not Path(p).is_file()]
+            if missing:
+                raise ProbeError("not_found", f"file not found: {', '.join(missing)}")
+            payload = repr(item.meta.get("messages")) + (item.caption or "")
+            key = text_digest(*(file_digest(Path(p)) for p in media), payload, prep_hash, encoder)
+            if key in cached:
+                done.append(cached[key])
+                continue
+            sample = load_sample(item, family, cfg)
+            tensors = family.encode_sample(processor, sample, cfg.model.max_text_length)
+            calls += 1
+        except ProbeError as exc:
+            rejects.append(Rejection(where, "probe", str(exc), exc.code))
+            continue
+        except (ValueError, OSError) as exc:
+            rejects.append(Rejection(where, "encode", f"record {item.line}: {exc}", "unusable"))
+            continue
+        record = {
+            "key": key, "source": where, "media": [str(p) for p in media], "manifest_line": item.line,
+            "prep_hash": prep_hash, "encoder": encoder, "kind": family.kind, "clip_range": None,
+            "messages": sample.messages, "text": sample.text, "caption": item.caption,
+            "num_frames": sum(len(v) for v in sample.videos) + len(sample.images),
+            "shapes": {n: list(t.shape) for n, t in tensors.items()},
+        }  # fmt: skip
+        shard.append((record, tensors))
+        if len(shard) >= cfg.data.shard_size:
+            cache.write_shard(shard)
+            written.extend(r for r, _ in shard)
+            shard.clear()
+    if shard:
+        cache.write_shard(shard)
+        written.extend(r for r, _ in shard)
+    rep.finish("encode")
+    return done, written, calls
+
+
+def sample_of(record: dict[str, Any], family: SequenceFamily, cfg: PipelineConfig) -> SequenceSample:
+    """Rebuild a cached record's sample (eval prompts the model with held-out ones)."""
+    media = tuple(Path(p) for p in record["media"])
+    meta = {"messages": record["messages"]} if record.get("messages") else {}
+    entry = Entry(record["manifest_line"], media[0], record.get("caption") or record.get("text"), media, meta)
+    sample = load_sample(entry, family, cfg)
+    if record.get("messages"):
+        sample.messages = record["messages"]
+    return sample
