@@ -163,7 +163,7 @@ def _summary(cfg: Any, out: dict[str, Any]) -> None:
     if "eval" in out:
         for k, v in out["eval"]["metrics"].items():
             table.add_row(k, f"{v:.4f}")
-        table.add_row("videos", ", ".join(out["eval"]["videos"]))
+        table.add_row("samples", ", ".join(out["eval"]["videos"]))  # media, or a text family's answers
     Console().print(table)
     uri = tracking_uri(cfg)
     prefect_home = os.environ.get("PREFECT_HOME")
