@@ -269,6 +269,9 @@ class TrainConfig(Section):
     compile_cache_dir: Path | None = Field(
         None, description="persistent inductor cache; default <workdir>/.cache/inductor"
     )
+    async_checkpoint: bool = Field(
+        False, description="write checkpoint shards in the background (DCP async_save) while training continues"
+    )
     ema: EmaConfig = EmaConfig()
     profile: ProfileConfig = ProfileConfig()
     peak_tflops: float | None = Field(

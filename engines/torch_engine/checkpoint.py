@@ -104,6 +104,46 @@ def app_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: dic
     return state
 
 
+class PendingCheckpoint:
+    """A checkpoint whose shards may still be on their way to disk (async save).
+
+    `wait()` is collective: every rank confirms its part, then rank 0 publishes the directory with
+    one rename (or deletes it if any rank failed) and prunes old checkpoints.
+    """
+
+    def __init__(self, tmp: Path, final: Path, keep: int, device: torch.device, future: Any = None) -> None:
+        self.tmp, self.final, self.keep, self.device, self.future = tmp, final, keep, device, future
+        self.error: BaseException | None = None
+
+    def wait(self) -> Path:
+        rank, world = _rank_world()
+        ok = torch.ones(1, device=self.device)  # on the device: NCCL/HCCL reduce device tensors only
+        if self.future is not None and self.error is None:
+            try:
+                self.future.result()
+            except BaseException as exc:  # reported after the ranks agree, so none waits forever
+                self.error = exc
+        if self.error is not None:
+            ok.zero_()
+        if world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        published = ok.item() == 1
+        if rank == 0:
+            if published:
+                if self.final.exists():  # a re-run of the same step: replace it whole
+                    shutil.rmtree(self.final)
+                os.replace(self.tmp, self.final)
+                for old in list_checkpoints(self.final.parent.parent)[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.error is not None:
+            raise self.error
+        if not published:
+            raise RuntimeError(f"another rank failed while writing checkpoint {self.final}; nothing was published")
+        return self.final
+
+
 def save(
     train_dir: Path,
     step: int,
@@ -116,17 +156,29 @@ def save(
     *,
     extra: dict[str, Any] | None = None,
     ema: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Collective: every rank calls it. Returns the published checkpoint directory."""
+    async_save: bool = False,
+    group: Any = None,
+) -> PendingCheckpoint:
+    """Collective: every rank calls it, then `.wait()` on the result: at once, or later with
+    `async_save`, where DCP writes in the background (over `group`, a gloo group of its own) while
+    training goes on. The state is staged to host memory before this returns, so later steps cannot
+    change what is written."""
     rank, world = _rank_world()
     root = checkpoint_dir(train_dir)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = _shared_tmp(root, final.name)
-    ok = torch.ones(1)
+    device = next(model.parameters()).device
+    pending = PendingCheckpoint(tmp, final, keep, device)
     try:
-        dcp.save(app_state(model, optimizer, ema), checkpoint_id=str(tmp / "state"), no_dist=world == 1)
+        state = app_state(model, optimizer, ema)
+        if async_save:
+            pending.future = dcp.async_save(
+                state, checkpoint_id=str(tmp / "state"), process_group=group, no_dist=world == 1
+            )
+        else:
+            dcp.save(state, checkpoint_id=str(tmp / "state"), no_dist=world == 1)
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
         if rank == 0:
@@ -141,24 +193,9 @@ def save(
                 tmp / "trainer_state.pt",
             )
             save_config(cfg, tmp)
-    except BaseException:
-        ok.zero_()
-        raise
-    finally:
-        if world > 1:  # publish only if every rank wrote its part
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if rank == 0:
-            if ok.item() == 1:
-                if final.exists():  # a re-run of the same step: replace it whole
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                for old in list_checkpoints(train_dir)[:-keep]:
-                    shutil.rmtree(old, ignore_errors=True)
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-    if ok.item() != 1:
-        raise RuntimeError(f"another rank failed while writing checkpoint {final}; nothing was published")
-    return final
+    except BaseException as exc:
+        pending.error = exc
+    return pending
 
 
 def load(

@@ -149,6 +149,9 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
             rep.start("train", max(end_step - start_step, 0))
         last_ckpt = resume_from
         profiler = step_profiler(t_cfg.profile, device, train_dir / "profile", rank)
+        pending: ckpt.PendingCheckpoint | None = None
+        # Async saves talk over a gloo group of their own, so they never queue behind training collectives.
+        async_group = dist.new_group(backend="gloo") if t_cfg.async_checkpoint and env.world > 1 else None
         with profiler as prof:
             for step in range(start_step, end_step):
                 t0 = time.perf_counter()
@@ -225,12 +228,18 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
                 if done % t_cfg.checkpoint_every == 0 or done == end_step:
                     data_state = {**sampler.state_dict(), "samples_seen": samples_seen}
                     extra = {"model_args": model_args, "layout": dims.describe()}
-                    last_ckpt = ckpt.save(
+                    if pending is not None:  # the previous async save must land before the next starts
+                        _published(pending.wait(), tracker, rank)
+                    pending = ckpt.save(
                         train_dir, done, model, optimizer, lr_sched, data_state, cfg, t_cfg.keep_checkpoints,
-                        extra=extra, ema=ema.shadow if ema else None,
+                        extra=extra, ema=ema.shadow if ema else None, async_save=t_cfg.async_checkpoint,
+                        group=async_group,
                     )  # fmt: skip
-                    if rank == 0:
-                        tracker.set_tags({"checkpoint_path": str(last_ckpt.resolve()), "checkpoint_step": done})
+                    if not t_cfg.async_checkpoint:
+                        last_ckpt = _published(pending.wait(), tracker, rank)
+                        pending = None
+        if pending is not None:
+            last_ckpt = _published(pending.wait(), tracker, rank)
         if rank == 0:
             rep.finish("train")
             if t_cfg.profile.enabled and (train_dir / "profile").is_dir():
@@ -257,6 +266,13 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         return result
     finally:
         tracker.close()
+
+
+def _published(path: Path, tracker, rank: int) -> Path:  # noqa: ANN001
+    if rank == 0:
+        step = int(ckpt.STEP_RE.match(path.name).group(1))
+        tracker.set_tags({"checkpoint_path": str(path.resolve()), "checkpoint_step": step})
+    return path
 
 
 def _numel(p: torch.Tensor) -> int:

@@ -65,7 +65,8 @@ def test_every_layout_matches_one_process(
 
 
 def test_fsdp_resume_is_exact_and_its_checkpoint_loads_in_one_process(tmp_path: Path, prepped: PipelineConfig) -> None:
-    two = ["train.nproc_per_node=2", "train.parallel.dp_shard=2", "train.checkpoint_every=2", "train.ema.enabled=true"]
+    two = ["train.nproc_per_node=2", "train.parallel.dp_shard=2", "train.checkpoint_every=2", "train.ema.enabled=true",
+           "train.async_checkpoint=true"]  # fmt: skip
     straight = launch(_cfg(tmp_path / "a", prepped, *two), None, None)
     split = _cfg(tmp_path / "b", prepped, *two, "train.stop_after_steps=2")
     first = launch(split, None, None)

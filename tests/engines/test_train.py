@@ -65,6 +65,7 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path: Path, prepped:
         *common,
         f"data.output_dir={prepped.prep_dir}",
         "train.stop_after_steps=5",
+        "train.async_checkpoint=true",  # written in the background: the same checkpoint, the same resume
     )
     first = launch(split, None, None)
     assert first.steps == 5 and not Path(first.final_dir).exists()  # stopped early: no export yet
