@@ -31,8 +31,7 @@ def load_audio(path: Path, sampling_rate: int = 16000) -> np.ndarray:
             if not container.streams.audio:
                 kinds = ", ".join(s.type for s in container.streams) or "no streams"
                 raise ValueError(
-                    f"{path} has no audio stream ({kinds}); point the manifest at a file with sound, "
-                    "or drop this row"
+                    f"{path} has no audio stream ({kinds}); point the manifest at a file with sound, or drop this row"
                 )
             stream = container.streams.audio[0]
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sampling_rate)
