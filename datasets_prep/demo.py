@@ -139,7 +139,8 @@ def make_demo_audio(out_dir: Path, num_clips: int = 12, seconds: float = 1.0, ra
         def encode(tmp: Path, wave: np.ndarray = wave) -> None:
             with av.open(str(tmp), "w", format="wav") as out:
                 stream = out.add_stream("pcm_s16le", rate=rate, layout="stereo")
-                frame = av.AudioFrame.from_ndarray(np.stack([wave, wave]).reshape(1, -1), format="s16", layout="stereo")
+                packed = np.stack([wave, wave], axis=1).reshape(1, -1)  # packed s16: L R L R ...
+                frame = av.AudioFrame.from_ndarray(packed, format="s16", layout="stereo")
                 frame.sample_rate = rate
                 for packet in stream.encode(frame):
                     out.mux(packet)

@@ -39,11 +39,18 @@ def encoder_identity(cfg: PipelineConfig) -> str:
     return f"{m.family}|processor={m.transformer.identity()}{seed}"
 
 
-def messages_of(entry: Entry) -> list[dict[str, str]]:
+def _as_image(entry: Entry, family: SequenceFamily) -> bool:
+    """A captioned clip for an image-only family is captioned from its middle frame."""
+    return entry.path.suffix.lower() in IMAGE_SUFFIXES or "video" not in family.media
+
+
+def messages_of(entry: Entry, family: SequenceFamily) -> list[dict[str, str]]:
     """Conversation turns in {"role", "content"} form; media placeholders are the family's business."""
     turns = entry.meta.get("messages")
     if turns is None:  # a captioned clip: captioning SFT
-        kind = "image" if entry.path.suffix.lower() in IMAGE_SUFFIXES else "video"
+        if not entry.caption:
+            raise ValueError("no caption to learn (a captions/text column), and no conversation")
+        kind = "image" if _as_image(entry, family) else "video"
         return [{"role": "user", "content": DESCRIBE[kind]}, {"role": "assistant", "content": entry.caption or ""}]
     out = []
     for t in turns:
@@ -64,13 +71,15 @@ def load_sample(entry: Entry, family: SequenceFamily, cfg: PipelineConfig) -> Se
         if not entry.caption:
             raise ValueError("no transcript (text/transcript/sentence column)")
         return SequenceSample(audio=load_audio(entry.path, 16000), sampling_rate=16000, text=entry.caption)
-    sample = SequenceSample(messages=messages_of(entry))
+    sample = SequenceSample(messages=messages_of(entry, family))
+    captioned = entry.meta.get("messages") is None
     for path in entry.media or (entry.path,):
         info = probe(path)
-        if info.kind == "image":
+        if info.kind == "image" or (captioned and _as_image(entry, family)):
+            middle = [max(info.num_frames - 1, 0) // 2]  # a still's only frame, or a clip's middle one
             if "image" not in family.media:
                 raise ValueError(f"{family.name} takes no images")
-            frames, _ = decode(info, [0], d.decoder)
+            frames, _ = decode(info, middle, d.decoder)
             sample.images.append(resize_center_crop(frames, d.height, d.width)[0].numpy())
         else:
             if "video" not in family.media:
@@ -128,6 +137,7 @@ def sequence_slice(
             "key": key, "source": where, "media": [str(p) for p in media], "manifest_line": item.line,
             "prep_hash": prep_hash, "encoder": encoder, "kind": family.kind, "clip_range": None,
             "messages": sample.messages, "text": sample.text, "caption": item.caption,
+            "captioned": "messages" not in item.meta,
             "num_frames": sum(len(v) for v in sample.videos) + len(sample.images),
             "shapes": {n: list(t.shape) for n, t in tensors.items()},
         }  # fmt: skip
@@ -146,7 +156,7 @@ def sequence_slice(
 def sample_of(record: dict[str, Any], family: SequenceFamily, cfg: PipelineConfig) -> SequenceSample:
     """Rebuild a cached record's sample (eval prompts the model with held-out ones)."""
     media = tuple(Path(p) for p in record["media"])
-    meta = {"messages": record["messages"]} if record.get("messages") else {}
+    meta = {} if record.get("captioned", True) else {"messages": record["messages"]}
     entry = Entry(record["manifest_line"], media[0], record.get("caption") or record.get("text"), media, meta)
     sample = load_sample(entry, family, cfg)
     if record.get("messages"):

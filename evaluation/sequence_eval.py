@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from configs import PipelineConfig
+from configs import ComponentConfig, PipelineConfig
 from datasets_prep.io import write_jsonl
 from datasets_prep.prep import load_samples
 from datasets_prep.sequence_prep import sample_of
@@ -28,7 +28,7 @@ def held_out_loss(cfg: PipelineConfig, family: SequenceFamily, final_dir: Path, 
     _, val = split_records(load_samples(cfg.prep_dir), cfg.train.val_fraction)
     if not val:
         return float("nan"), 0, []
-    model_cfg = cfg.model.model_copy(update={"transformer": {"pretrained": str(final_dir), "preset": None}})
+    model_cfg = cfg.model.model_copy(update={"transformer": ComponentConfig(pretrained=str(final_dir), preset=None)})
     model = family.load_model(model_cfg).to(device).eval()
     data = CachedLatents(cfg.cache_dir, val)
     losses = [family.training_loss(model, None, {k: v.to(device) for k, v in family.collate([data[i]]).items()}, None)

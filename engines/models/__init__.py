@@ -1,6 +1,14 @@
 """Model families (diffusers/transformers classes behind one interface), registered by name."""
 
-from engines.models import cogvideox, flux, sd3, sdxl  # noqa: F401  (register the built-in families)
+from engines.models import (  # noqa: F401  (register the built-in families)
+    cogvideox,
+    flux,
+    llava,
+    qwen2_vl,
+    sd3,
+    sdxl,
+    whisper,
+)
 from engines.models.registry import ModelFamily, get_family, known_families, register_family
 
 __all__ = ["ModelFamily", "get_family", "known_families", "register_family"]

@@ -30,6 +30,8 @@ class ModelFamily(ABC):
     denoiser_subfolder: str = "transformer"
     #: modules LoRA adapts by default: the attention projections, in diffusers' naming
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    #: a regex of modules LoRA must leave alone though their names match (a VLM's vision tower)
+    lora_exclude: str | None = None
 
     @abstractmethod
     def frame_count_error(self, num_frames: int) -> str | None:

@@ -26,12 +26,22 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from torch import nn
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel, T5EncoderModel
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    LlavaForConditionalGeneration,
+    PreTrainedModel,
+    Qwen2VLForConditionalGeneration,
+    T5EncoderModel,
+    WhisperForConditionalGeneration,
+)
 
 from configs.schema import ModelConfig
 from engines.models.registry import get_family, known_families
+from engines.models.sequence import SequenceFamily
 
 TINY = "tiny"
+MODEL = "model"  # a token-loss family's one component
 
 
 @dataclass(frozen=True)
@@ -176,6 +186,53 @@ for _v in (
 ):  # fmt: skip
     register_variant(_v)
 
+# ---- understanding and speech families: one transformers model each ------------------------------
+_QWEN2_VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_size=14, spatial_merge_size=2,
+                     temporal_patch_size=2, in_channels=3)  # fmt: skip
+
+
+def _qwen2_vl(vocab: int, hidden: int, ffn: int, heads: int, kv: int, tied: bool) -> Component:
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=28,
+                num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
+                rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})  # fmt: skip
+    return Component(Qwen2VLForConditionalGeneration, dict(
+        text_config=text, vision_config=dict(_QWEN2_VISION, hidden_size=hidden), tie_word_embeddings=tied))  # fmt: skip
+
+
+def _whisper(vocab: int, mels: int, width: int, layers: int, heads: int) -> Component:
+    return Component(WhisperForConditionalGeneration, dict(
+        vocab_size=vocab, num_mel_bins=mels, d_model=width, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=4 * width,
+        decoder_ffn_dim=4 * width, max_source_positions=1500, max_target_positions=448))  # fmt: skip
+
+
+# Exact counts: the safetensors parameter totals the Hugging Face Hub shows for each released checkpoint
+# (the cards round them: "7B", "2B", "large"); each build here reproduces them to the parameter.
+for _v in (
+    # Qwen/Qwen2-VL-7B-Instruct: Hub "8.29B params" (8,291,375,616); the name says 7B (the language model).
+    Variant("qwen2_vl", "qwen2-vl-7b", {MODEL: _qwen2_vl(152064, 3584, 18944, 28, 4, tied=False)},
+            8_291_375_616, "7B (model name)", "Qwen/Qwen2-VL-7B-Instruct on the HF Hub: 8.29B params"),
+    # Qwen/Qwen2-VL-2B-Instruct: Hub "2.21B params" (2,208,985,600), tied embeddings.
+    Variant("qwen2_vl", "qwen2-vl-2b", {MODEL: _qwen2_vl(151936, 1536, 8960, 12, 2, tied=True)},
+            2_208_985_600, "2B (model name)", "Qwen/Qwen2-VL-2B-Instruct on the HF Hub: 2.21B params"),
+    # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px + Vicuna-7B + 2-layer MLP projector; Hub "7.06B".
+    Variant("llava", "llava-1.5-7b", {MODEL: Component(LlavaForConditionalGeneration, dict(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
+                           projection_dim=768),
+        text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=32, num_attention_heads=32),
+        image_token_index=32000, vision_feature_layer=-2))},
+        7_063_427_072, "7B (model name)", "llava-hf/llava-1.5-7b-hf on the HF Hub: 7.06B params"),
+    # openai/whisper-large-v3: 128 mel bins, 51866 tokens; Hub "1.54B params" (the paper's large: 1550M).
+    Variant("whisper", "whisper-large-v3", {MODEL: _whisper(51866, 128, 1280, 32, 20)},
+            1_543_490_560, "1550M (paper, large)", "openai/whisper-large-v3 on the HF Hub: 1.54B params"),
+    # openai/whisper-small: Hub "242M params" (the paper's small: 244M).
+    Variant("whisper", "whisper-small", {MODEL: _whisper(51865, 80, 768, 12, 12)},
+            241_734_912, "244M (paper, small)", "openai/whisper-small on the HF Hub: 242M params"),
+):  # fmt: skip
+    register_variant(_v)
+
 
 def known_variants(family: str | None = None) -> list[str]:
     """Names `get_variant` takes: "tiny" (every family's preset) then the family's real variants;
@@ -206,6 +263,8 @@ def _build_tiny(family: str) -> dict[str, nn.Module]:
     """`preset: tiny` through the family's own loaders; the denoiser's text width is measured by
     encoding a caption (shapes only, on meta), the way the trainer reads it off the cached embeddings."""
     fam, cfg = get_family(family), ModelConfig(family=family)
+    if isinstance(fam, SequenceFamily):  # one transformers model: vision/audio tower and decoder inside
+        return {MODEL: fam.load_model(cfg)}
     vae = fam.load_vae(cfg)
     tokenizer, encoder = fam.load_text_encoder(cfg)
     text = fam.encode_text(tokenizer, encoder, ["a"], 8)
@@ -225,7 +284,7 @@ def parameter_counts(family: str, name: str) -> dict[str, Any]:
     plus the published figure and its source for real variants."""
     parts = build_on_meta(family, name)
     variant = get_variant(family, name)
-    denoiser = parts[get_family(family).denoiser_subfolder]
+    denoiser = parts[_trained_part(family)]
     return {
         "family": family,
         "variant": name,
@@ -245,7 +304,11 @@ def family_summary(family: str) -> dict[str, Any]:
     fam = get_family(family)
     denoiser = _build_tiny_denoiser(family)
     modules = [n for n, _ in denoiser.named_modules()]
-    tasks = ["t2v" if fam.frame_count_error(fam.temporal_compression + 1) is None else "t2i", "pretrain"]
+    if isinstance(fam, SequenceFamily):  # what its data is: conversations about media, or speech
+        kind = "asr" if fam.kind == "speech" else "sft(" + "+".join(fam.media) + ")"
+        tasks = [kind, "pretrain"]
+    else:
+        tasks = ["t2v" if fam.frame_count_error(fam.temporal_compression + 1) is None else "t2i", "pretrain"]
     if hasattr(type(denoiser), "from_pretrained"):
         tasks.append("finetune")
     if fam.lora_targets and hasattr(denoiser, "add_adapter"):
@@ -255,4 +318,9 @@ def family_summary(family: str) -> dict[str, Any]:
 
 
 def _build_tiny_denoiser(family: str) -> nn.Module:
-    return build_on_meta(family, TINY)[get_family(family).denoiser_subfolder]
+    return build_on_meta(family, TINY)[_trained_part(family)]
+
+
+def _trained_part(family: str) -> str:
+    """The component a run trains: the denoiser's pipeline subfolder, or the whole model."""
+    return get_family(family).denoiser_subfolder or MODEL

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -23,13 +23,22 @@ from datasets_prep.io import atomic_write, atomic_write_text
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig, default_targets: tuple[str, ...]) -> nn.Module:
+def apply_lora(
+    model: nn.Module, cfg: LoraConfig, default_targets: tuple[str, ...], exclude: str | None = None
+) -> nn.Module:
+    """`exclude`: a regex of modules the targets must not reach (a VLM's vision tower shares names)."""
     targets = list(cfg.target_modules or default_targets)
     missing = [t for t in targets if not any(name.endswith(t) for name, _ in model.named_modules())]
     if missing:
         raise ValueError(f"train.lora.target_modules {missing} match no module of {type(model).__name__}")
-    model.add_adapter(PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                     target_modules=targets, init_lora_weights=True))  # fmt: skip
+    config = PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                            init_lora_weights=True, exclude_modules=exclude)  # fmt: skip
+    if hasattr(model, "fuse_lora"):  # diffusers models: their own adapter API
+        model.add_adapter(config)
+    else:
+        # transformers 5's add_adapter demands a newer peft than PyPI has; peft's injection is what it wraps.
+        inject_adapter_in_model(config, model, adapter_name="default")  # freezes the base, adapters trainable
+        model.peft_config = {"default": config}  # what get/set_peft_model_state_dict read
     return model
 
 
@@ -54,14 +63,13 @@ def merge(model: nn.Module) -> nn.Module:
         model.fuse_lora()
         model.unload_lora()  # the fused weights stay; the adapter layers go
         return model
-    # transformers models (peft through add_adapter): merge each LoRA layer, then swap in its base layer
-    from peft.tuners.lora import LoraLayer
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
             module.merge(safe_merge=True)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
-    model.peft_config = {}
-    model._hf_peft_config_loaded = False
+    recurse_remove_peft_layers(model)
+    if hasattr(model, "peft_config"):
+        del model.peft_config
     return model

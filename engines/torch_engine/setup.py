@@ -66,7 +66,7 @@ def build_model(family: ModelFamily, cfg: PipelineConfig, model_args: dict[str, 
     full = family.load_transformer(cfg.model, **model_args) if env.rank == 0 else None
     if full is not None and t.lora.enabled:
         with seeded_init(t.seed):  # the adapters' random init is the same on every layout
-            apply_lora(full, t.lora, family.lora_targets)
+            apply_lora(full, t.lora, family.lora_targets, family.lora_exclude)
     if env.world == 1:
         parallelize(full, None, env.dims, t)
         return full.to(env.device)
@@ -76,7 +76,7 @@ def build_model(family: ModelFamily, cfg: PipelineConfig, model_args: dict[str, 
     with torch.device("meta"):  # diffusers: from_config; transformers: _from_config
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
         if t.lora.enabled:
-            apply_lora(model, t.lora, family.lora_targets)
+            apply_lora(model, t.lora, family.lora_targets, family.lora_exclude)
     parallelize(model, env.mesh, env.dims, t)
     materialize(model, full, env.device)
     del full

@@ -312,7 +312,7 @@ def plain_model(family, cfg: PipelineConfig, model_args: dict[str, int]) -> torc
     """The family's model as one process builds it (with adapters when LoRA is on), on CPU."""
     model = family.load_transformer(cfg.model, **model_args)
     if cfg.train.lora.enabled:
-        apply_lora(model, cfg.train.lora, family.lora_targets)
+        apply_lora(model, cfg.train.lora, family.lora_targets, family.lora_exclude)
     return model
 
 

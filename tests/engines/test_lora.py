@@ -8,7 +8,7 @@ from configs import ComponentConfig, PipelineConfig
 from engines.models import get_family
 from engines.torch_engine import checkpoint as ckpt
 from engines.torch_engine.launch import launch
-from engines.torch_engine.lora import apply_lora, load_adapter
+from engines.torch_engine.lora import apply_lora, load_adapter, merge, save_adapter
 from tests.conftest import make_config
 
 
@@ -60,3 +60,30 @@ def test_lora_targets_that_match_nothing_are_refused() -> None:
     model = fam.load_transformer(PipelineConfig().model, 32, 4)
     with pytest.raises(ValueError, match="match no module"):
         apply_lora(model, LoraConfig(enabled=True, target_modules=["qkv_proj"]), fam.lora_targets)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "llava"])
+def test_lora_on_transformers_vlms_adapts_the_language_model_and_merges(name: str, tmp_path: Path) -> None:
+    from configs import LoraConfig
+    from configs.schema import ModelConfig
+
+    fam = get_family(name)
+    lora = LoraConfig(enabled=True, rank=4)
+    model = apply_lora(fam.load_model(ModelConfig(family=name)), lora, fam.lora_targets, fam.lora_exclude)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("vision" in n or "visual" in n for n in trainable)  # the vision tower stays untouched
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # B starts at zero: give the adapters an effect to check
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(10, 200, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    save_adapter(model, tmp_path / "lora", lora, fam.lora_targets)
+    again = apply_lora(fam.load_model(ModelConfig(family=name)), lora, fam.lora_targets, fam.lora_exclude)
+    load_adapter(again, tmp_path / "lora")
+    merged = merge(model)
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, adapted)
+        assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
+    assert not any("lora" in k for k in merged.state_dict())

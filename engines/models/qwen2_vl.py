@@ -1,0 +1,255 @@
+"""Qwen2-VL image/video understanding: transformers' `Qwen2VLForConditionalGeneration` and processor.
+
+The tiny preset is the real architecture (M-RoPE, 14-px patches merged 2x2, 2-frame temporal
+patches) at toy width, with the real processor classes and a byte-level tokenizer that carries
+Qwen2-VL's special tokens and ChatML template, so prep, training and inference run the code path a
+downloaded checkpoint runs, offline. Media go in the first user turn, images then videos then the
+text, as in Qwen2-VL's own examples.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers import (
+    AutoProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+from configs.schema import ModelConfig
+from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.sequence import IGNORE_INDEX, SequenceFamily, SequenceSample
+
+# In Qwen2-VL's vocabulary order (after the regular tokens); pad is <|endoftext|>, eos <|im_end|>.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+# Renders what Qwen2-VL-Instruct's chat_template renders for string or typed-part content: ChatML,
+# a default system turn, each image/video as one <|vision_start|><|*_pad|><|vision_end|> that the
+# processor then expands to one pad per merged patch.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# 28*28 .. 56*56 px: an image is 1-4 merged tokens (4-16 patches of 14 px), a 2-frame video clip the same.
+TINY_PIXELS = {"min_pixels": 28 * 28, "max_pixels": 56 * 56}
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            # head_dim 16 -> 8 rotary frequencies split over (time, height, width) like 7B's (16, 24, 24) of 64
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision=dict(
+            depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2
+        ),
+    ),
+}
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    # Sorted byte alphabet: alphabet() comes back in set order, which differs between processes.
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({tok: len(vocab) + i for i, tok in enumerate(SPECIAL_TOKENS)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok.to_str()  # no post-processor: like Qwen2's, the tokenizer adds no BOS/EOS
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """263 ids: 256 bytes then Qwen2-VL's specials; the same ids in every process."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_processor() -> Qwen2VLProcessor:
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**TINY_PIXELS),
+        video_processor=Qwen2VLVideoProcessor(**TINY_PIXELS, cap_pixels_per_frame=False),
+        tokenizer=tiny_tokenizer(),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def to_chat(sample: SequenceSample) -> list[dict[str, Any]]:
+    """SequenceSample.messages with its media as typed parts of the first user turn."""
+    media = [{"type": "image"}] * len(sample.images) + [{"type": "video"}] * len(sample.videos)
+    out, placed = [], not media
+    for m in sample.messages:
+        if m["role"] == "user" and not placed:
+            out.append({"role": "user", "content": [*media, {"type": "text", "text": m["content"]}]})
+            placed = True
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    if not placed:
+        raise ValueError("the sample has images or videos but no user turn to show them in")
+    return out
+
+
+class Qwen2VL(SequenceFamily):
+    name = "qwen2_vl"
+    media = ("image", "video")
+    # The language model's attention; the vision tower names its own qkv/proj, so it stays frozen.
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def load_model(self, cfg: ModelConfig) -> nn.Module:
+        if cfg.transformer.pretrained:
+            return from_pretrained(Qwen2VLForConditionalGeneration, cfg.transformer, "transformer")
+        preset = pick_preset(cfg.transformer, PRESETS, "transformer")
+        tok = tiny_tokenizer()
+        ids = dict(zip(SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)), strict=True))
+        config = Qwen2VLConfig(
+            text_config=dict(
+                vocab_size=len(tok),
+                bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"],
+                **preset["text"],
+            ),
+            vision_config=dict(hidden_size=preset["text"]["hidden_size"], **preset["vision"]),  # merger -> text width
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+        with seeded_init(cfg.seed):
+            model = Qwen2VLForConditionalGeneration(config)
+        # Qwen2-VL-Instruct's generation_config: stop at <|im_end|> (or <|endoftext|>), pad with <|endoftext|>.
+        model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+        model.generation_config.pad_token_id = ids["<|endoftext|>"]
+        return model
+
+    def load_processor(self, cfg: ModelConfig) -> Qwen2VLProcessor:
+        if cfg.transformer.pretrained:
+            return from_pretrained(AutoProcessor, cfg.transformer, "transformer")
+        pick_preset(cfg.transformer, PRESETS, "transformer")
+        return tiny_processor()
+
+    # ---- prep -----------------------------------------------------------------------------------
+    def encode_sample(self, processor: Any, sample: SequenceSample, max_length: int) -> dict[str, torch.Tensor]:
+        roles = [m["role"] for m in sample.messages]
+        if "assistant" not in roles:
+            raise ValueError("the conversation has no assistant turn: nothing to train on")
+        text = processor.apply_chat_template(to_chat(sample), tokenize=False)
+        enc = processor(text=[text], images=sample.images or None, videos=sample.videos or None, return_tensors="pt")
+        ids = enc["input_ids"][0]  # (L,)
+        if len(ids) > max_length:
+            raise ValueError(
+                f"the sample is {len(ids)} tokens (text + vision pads), over model.max_text_length={max_length}: "
+                "raise model.max_text_length, or shorten the conversation or the media"
+            )
+        out = {k: v[0] for k, v in enc.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        out["labels"] = answer_labels(processor.tokenizer, ids, roles)
+        # (patches, C*temporal_patch*patch*patch) and (media, 3): already flat, the model's own layout
+        out.update({k: v for k, v in enc.items() if k.startswith("pixel_values") or k.endswith("grid_thw")})
+        return out
+
+    # ---- training -------------------------------------------------------------------------------
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad the token rows; concatenate patches and grids, which is how Qwen2-VL batches media.
+
+        Padding ids are 0, a byte token: attention_mask 0 and IGNORE_INDEX labels hide them, and 0 is
+        never an image/video placeholder id (the model counts those to place patch features).
+        """
+        pad = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0}
+        batch: dict[str, torch.Tensor] = {}
+        for key, value in pad.items():
+            if key in items[0]:
+                batch[key] = pad_sequence([it[key] for it in items], batch_first=True, padding_value=value)  # (B, L)
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            parts = [it[key] for it in items if key in it]
+            if parts:
+                batch[key] = torch.cat(parts, dim=0)  # (sum of patches, D) / (sum of media, 3)
+        return batch
+
+    # ---- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def respond(
+        self, pretrained_dir: Path, samples: list[SequenceSample], *, max_new_tokens: int, device: torch.device
+    ) -> list[str]:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(pretrained_dir).to(device).eval()
+        processor = AutoProcessor.from_pretrained(pretrained_dir)
+        processor.tokenizer.padding_side = "left"  # generation continues from the right edge
+        texts, images, videos = [], [], []
+        for s in samples:
+            # An eval sample ends with its reference answer: the prompt is everything before it.
+            msgs = s.messages[:-1] if s.messages and s.messages[-1]["role"] == "assistant" else s.messages
+            prompt = SequenceSample(messages=msgs, images=s.images, videos=s.videos)
+            texts.append(processor.apply_chat_template(to_chat(prompt), tokenize=False, add_generation_prompt=True))
+            images += s.images
+            videos += s.videos
+        enc = processor(text=texts, images=images or None, videos=videos or None, padding=True, return_tensors="pt")
+        out = model.generate(**enc.to(device), max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, enc["input_ids"].shape[1] :]  # (B, new tokens)
+        return processor.batch_decode(new, skip_special_tokens=True)
+
+
+def answer_labels(tokenizer: Any, ids: torch.Tensor, roles: list[str]) -> torch.Tensor:
+    """IGNORE_INDEX but on each assistant answer and its <|im_end|>, located in token space.
+
+    ChatML gives every message one <|im_start|> ... <|im_end|> pair (special tokens, so they are
+    single ids with any tokenizer); the last len(roles) pairs are the messages, earlier ones a
+    default system turn. The answer starts after the `<|im_start|>assistant\\n` header.
+    """
+    start_id, end_id = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    starts = (ids == start_id).nonzero().flatten().tolist()
+    ends = (ids == end_id).nonzero().flatten().tolist()
+    if len(starts) != len(ends) or len(starts) < len(roles):
+        raise ValueError(
+            f"the chat template made {len(starts)} <|im_start|> and {len(ends)} <|im_end|> tokens for "
+            f"{len(roles)} messages: a message text must not contain ChatML tokens"
+        )
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    skip = len(starts) - len(roles)
+    for role, s, e in zip(roles, starts[skip:], ends[skip:], strict=True):
+        if role != "assistant":
+            continue
+        if ids[s : s + len(header)].tolist() != header:
+            raise ValueError("an assistant turn does not start with <|im_start|>assistant\\n: unexpected chat template")
+        labels[s + len(header) : e + 1] = ids[s + len(header) : e + 1]
+    return labels
+
+
+register_family(Qwen2VL())
