@@ -87,3 +87,30 @@ def test_lora_on_transformers_vlms_adapts_the_language_model_and_merges(name: st
         assert torch.equal(again(input_ids=ids).logits, adapted)
         assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
     assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_lora_on_whisper_reloads_and_merges(tmp_path: Path) -> None:
+    from configs import LoraConfig
+    from configs.schema import ModelConfig
+
+    fam = get_family("whisper")
+    lora = LoraConfig(enabled=True, rank=4)
+    model = apply_lora(fam.load_model(ModelConfig(family="whisper")), lora, fam.lora_targets, fam.lora_exclude)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    frames = 2 * model.config.max_source_positions  # the encoder's fixed input length
+    inputs = dict(input_features=torch.randn(1, model.config.num_mel_bins, frames, generator=g),
+                  decoder_input_ids=torch.randint(0, 200, (1, 6), generator=g))  # fmt: skip
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+    save_adapter(model, tmp_path / "lora", lora, fam.lora_targets)
+    again = load_adapter(apply_lora(fam.load_model(ModelConfig(family="whisper")), lora, fam.lora_targets),
+                         tmp_path / "lora")  # fmt: skip
+    merged = merge(model)
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, adapted)
+        assert torch.allclose(merged(**inputs).logits, adapted, atol=1e-5)
+    assert not any("lora" in k for k in merged.state_dict())
