@@ -2,7 +2,12 @@
 
 from engines.models import (  # noqa: F401  (register the built-in families)
     cogvideox,
+    cogvideox15,
+    cogvideox_i2v,
     flux,
+    hunyuandit,
+    internvl,
+    kolors,
     llava,
     qwen2_vl,
     sd3,

@@ -150,6 +150,13 @@ class CogVideoX(ModelFamily):
             )
 
     def load_scheduler(self, cfg: ModelConfig) -> CogVideoXDDIMScheduler:
+        """A pretrained transformer trains on its own release's noise schedule (2b and 5b differ:
+        `snr_shift_scale` 3.0 vs 1.0), read from the `scheduler/` folder beside it; presets use 2b's."""
+        comp = cfg.transformer
+        if comp.pretrained and comp.subfolder:
+            local = Path(comp.pretrained) / "scheduler" / "scheduler_config.json"
+            if local.is_file() or not Path(comp.pretrained).exists():  # a local release, or a hub id
+                return CogVideoXDDIMScheduler.from_pretrained(comp.pretrained, subfolder="scheduler")
         return CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
 
     # ---- encoding (prep) ------------------------------------------------------------------------
@@ -174,23 +181,38 @@ class CogVideoX(ModelFamily):
     def training_loss(
         self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
-        """CogVideoX's objective: v-prediction turned into an x0 estimate, MSE weighted by 1/(1-alpha_bar)."""
-        core = getattr(transformer, "module", transformer)
-        params, text = batch["latent_params"], batch["text_embeds"]
-        device = params.device
         latents = sample_latents(batch, generator).permute(
             0, 2, 1, 3, 4
         )  # (B, T', C, H', W') as the transformer takes it
+        return self.x0_loss(transformer, scheduler, latents, batch["text_embeds"], generator)
+
+    def x0_loss(
+        self,
+        transformer: nn.Module,
+        scheduler: Any,
+        latents: torch.Tensor,
+        text: torch.Tensor,
+        generator: torch.Generator,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """CogVideoX's objective on latents (B, F, C, H', W'): v-prediction turned into an x0 estimate,
+        MSE weighted by 1/(1-alpha_bar). `condition` (B, F, C', H', W') is concatenated to the noisy
+        latents on channels (image-to-video); 1.5 I2V's ofs embedding gets the pipeline's 2.0."""
+        core = getattr(transformer, "module", transformer)
+        device = latents.device
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-        t = t.to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
         noisy = scheduler.add_noise(latents, noise, t)
-        rotary = self._rotary(core, latents.shape, device)
+        inputs = (
+            noisy if condition is None else torch.cat([noisy, condition.to(noisy.dtype)], dim=2)
+        )  # (B, F, C+C', ..)
+        ofs = None if core.config.ofs_embed_dim is None else noisy.new_full((1,), 2.0)
         pred_v = transformer(
-            hidden_states=noisy,
+            hidden_states=inputs,
             encoder_hidden_states=text.to(noisy.dtype),
             timestep=t,
-            image_rotary_emb=rotary,
+            ofs=ofs,
+            image_rotary_emb=self._rotary(core, latents.shape, device),
             return_dict=False,
         )[0]
         pred_x0 = scheduler.get_velocity(pred_v.float(), noisy, t)  # v -> x0 for a v-prediction model

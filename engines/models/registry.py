@@ -32,6 +32,8 @@ class ModelFamily(ABC):
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     #: a regex of modules LoRA must leave alone though their names match (a VLM's vision tower)
     lora_exclude: str | None = None
+    #: what a generation is conditioned on besides text: None, or "image" (image-to-video)
+    conditioning: str | None = None
 
     @abstractmethod
     def frame_count_error(self, num_frames: int) -> str | None:

@@ -22,13 +22,17 @@ from diffusers import (
     AutoencoderKLCogVideoX,
     CogVideoXTransformer3DModel,
     FluxTransformer2DModel,
+    HunyuanDiT2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
 )
+from diffusers.pipelines.kolors import ChatGLMModel
 from torch import nn
 from transformers import (
+    BertModel,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    InternVLForConditionalGeneration,
     LlavaForConditionalGeneration,
     PreTrainedModel,
     Qwen2VLForConditionalGeneration,
@@ -307,11 +311,13 @@ def family_summary(family: str) -> dict[str, Any]:
     if isinstance(fam, SequenceFamily):  # what its data is: conversations about media, or speech
         kind = "asr" if fam.kind == "speech" else "sft(" + "+".join(fam.media) + ")"
         tasks = [kind, "pretrain"]
+    elif fam.conditioning == "image":  # image-to-video: a first frame conditions the clip
+        tasks = ["i2v", "pretrain"]
     else:
         tasks = ["t2v" if fam.frame_count_error(fam.temporal_compression + 1) is None else "t2i", "pretrain"]
     if hasattr(type(denoiser), "from_pretrained"):
         tasks.append("finetune")
-    if fam.lora_targets and hasattr(denoiser, "add_adapter"):
+    if fam.lora_targets:  # apply_lora adapts any torch module (peft injection where no adapter API exists)
         if all(any(n.endswith(t) for n in modules) for t in fam.lora_targets):
             tasks.append("lora")
     return {"family": family, "denoiser": type(denoiser).__name__, "tasks": tasks, "variants": known_variants(family)}
@@ -324,3 +330,109 @@ def _build_tiny_denoiser(family: str) -> nn.Module:
 def _trained_part(family: str) -> str:
     """The component a run trains: the denoiser's pipeline subfolder, or the whole model."""
     return get_family(family).denoiser_subfolder or MODEL
+
+
+# ---- InternVL (transformers-native OpenGVLab `-hf` conversions) ----------------------------------
+
+for _v in (
+    # OpenGVLab/InternVL3-1B-hf config.json: InternViT-300M-448px-V2.5 (qkv bias, layer scale, LayerNorm) +
+    # pixel shuffle 0.5 + MLP projector + Qwen2.5-0.5B (vocab 151674 with InternVL's tokens), lm_head kept
+    # separate from the embeddings. The build gives 938,193,024. Published figure, rounded (the test allows 1%):
+    # the Hub shows "938M params" for OpenGVLab/InternVL2-1B (a copy of its weights), the same shapes but a
+    # few vocabulary rows fewer; InternVL3-1B-hf's own count could not be read here, but its 1.88 GB BF16
+    # model.safetensors (Hub file listing) fits 938M (a tied lm_head would be 802M, 1.60 GB). Card: "1B".
+    Variant("internvl", "internvl3-1b", {MODEL: Component(InternVLForConditionalGeneration, dict(
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=448, patch_size=14, attention_bias=True, use_qk_norm=False,
+                           norm_type="layer_norm", layer_scale_init_value=0.1, use_mean_pooling=True),
+        text_config=dict(model_type="qwen2", vocab_size=151674, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=151643,
+                         eos_token_id=151645),
+        image_token_id=151667, image_seq_length=256, downsample_ratio=0.5, tie_word_embeddings=False))},
+        938_000_000, "1B (model name)",
+        "938M: the Hub's rounded count for InternVL2-1B (same shapes); InternVL3-1B-hf weights: 1.88 GB BF16"),
+):  # fmt: skip
+    register_variant(_v)
+
+# ---- CogVideoX image-to-video and 1.5 (engines/models/cogvideox_i2v.py, cogvideox15.py) ------------
+# CogVideoX-5B's transformer with what the I2V and 1.5 transformer/config.json files change: 32 input
+# channels (noisy + image latents), 5B-I2V's learned positional table, 1.5's temporal patches of 2
+# without patch bias (RoPE sliced from a 300x300 latent grid) and 1.5 I2V's 512-wide ofs embedding.
+_COGVIDEOX15 = dict(patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300, sample_frames=81)
+_COGVIDEOX_5B_REST = {"text_encoder": T5_XXL, "vae": _cogvideox_vae(0.7)}  # T5-XXL; the 1.5 VAE is 5B's
+
+
+def _cogvideox_5b(in_channels: int, **changes: Any) -> Component:
+    return Component(CogVideoXTransformer3DModel, {**_cogvideox(48, 42, rotary=True).kwargs,
+                                                   "in_channels": in_channels, **changes})  # fmt: skip
+
+
+# No exact counts are published; the cards say "5B". `published` is read off the released transformer
+# shards on the Hugging Face Hub (bf16, 2 bytes a tensor element; sizes in GB shown to 3 digits, so
+# +-7.5M elements).
+for _v in (
+    # THUDM/CogVideoX-5b-I2V: 4.99 + 4.99 + 1.27 GB = 5.625B elements, of which 1 x (226 + 13*30*45) x 3072 =
+    # 54,607,872 are the learned positional table diffusers keeps as a buffer: 5.570B parameters.
+    Variant("cogvideox_i2v", "cogvideox-5b-i2v",
+            {"transformer": _cogvideox_5b(32, use_learned_positional_embeddings=True), **_COGVIDEOX_5B_REST},
+            5_570_000_000, "5B (model name)",
+            "THUDM/CogVideoX-5b-I2V transformer shards (11.25 GB bf16) less the positional table"),
+    # THUDM/CogVideoX1.5-5B and CogVideoX1.5-5B-I2V: 4.98 + 4.95 + 1.22 GB = 5.575B elements each (the
+    # CogVideoX1.5-5B-SAT card: the VAE is unchanged from CogVideoX-5B).
+    Variant("cogvideox1.5", "cogvideox1.5-5b", {"transformer": _cogvideox_5b(16, **_COGVIDEOX15), **_COGVIDEOX_5B_REST},
+            5_575_000_000, "5B (model name)",
+            "THUDM/CogVideoX1.5-5B transformer shards (11.15 GB bf16)"),
+    Variant("cogvideox_i2v", "cogvideox1.5-5b-i2v",
+            {"transformer": _cogvideox_5b(32, ofs_embed_dim=512, **_COGVIDEOX15), **_COGVIDEOX_5B_REST},
+            5_575_000_000, "5B (model name)",
+            "THUDM/CogVideoX1.5-5B-I2V transformer shards (11.15 GB bf16)"),
+):  # fmt: skip
+    register_variant(_v)
+
+# ---- Hunyuan-DiT and Kolors (engines/models/hunyuandit.py, kolors.py) -------------------------------
+
+
+class _ChatGLMOnMeta(ChatGLMModel):
+    """ChatGLMModel's default `empty_init` builds through torch.nn.utils.skip_init, which materialises every
+    weight on the CPU (25 GB for ChatGLM3-6B) even under the meta device; `default_init` stays on meta."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config, empty_init=False)
+
+
+for _v in (
+    # Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers transformer/config.json (DiT-g/2: 40 blocks, 1408 wide, 16 x 88
+    # heads, mlp 4.3637, learned sigma; v1.2 drops the size/style conditions). The Tencent/HunyuanDiT README
+    # model table gives "1.5B" for v1.0-v1.2 (no exact count found); the build gives 1,499,952,032.
+    # Text towers sized as the README's table: bilingual CLIP as BertModel (1024 wide, 24 layers, vocab 47020:
+    # 352M, "350M") and the mT5-XL encoder loaded as T5EncoderModel (1.67B, "1.6B"); VAE sdxl-vae-fp16-fix.
+    Variant("hunyuandit", "hunyuandit-v1.2", {"transformer": Component(HunyuanDiT2DModel, dict(
+        in_channels=4, patch_size=2, sample_size=128, hidden_size=1408, num_layers=40, num_attention_heads=16,
+        attention_head_dim=88, mlp_ratio=4.3637, learn_sigma=True, activation_fn="gelu-approximate",
+        norm_type="layer_norm", cross_attention_dim=1024, cross_attention_dim_t5=2048, pooled_projection_dim=1024,
+        text_len=77, text_len_t5=256, use_style_cond_and_image_meta_size=False)),
+        "text_encoder": Component(BertModel, dict(vocab_size=47020, hidden_size=1024, num_hidden_layers=24,
+                                                  num_attention_heads=16, intermediate_size=4096,
+                                                  max_position_embeddings=512, type_vocab_size=2)),
+        "text_encoder_2": Component(T5EncoderModel, dict(
+            vocab_size=250112, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+        "vae": SDXL_VAE},
+        1_500_000_000, "1.5B", "Tencent/HunyuanDiT README model table (Hunyuan-DiT-v1.2: 1.5B)"),
+    # Kwai-Kolors/Kolors-diffusers: SDXL's UNet (the Kolors report keeps SDXL's U-Net) with a text_proj from
+    # ChatGLM3's 4096 to the 2048-wide cross-attention and a pooled input of 4096 + 6 x 256 = 5632. No count
+    # is published for it; SDXL's U-Net is "2.6B" (SDXL paper), and SDXL's released 2,567,463,684 plus the
+    # text_proj (8,390,656) and the wider add_embedding (+3,604,480) is 2,579,458,820, what the build gives
+    # (0.8% under 2.6B). Text encoder: ChatGLM3-6B-base's config.json (6,243,584,000); VAE: SDXL's.
+    Variant("kolors", "kolors", {"unet": Component(UNet2DConditionModel, dict(
+        SDXL_UNET.kwargs, encoder_hid_dim=4096, encoder_hid_dim_type="text_proj",
+        projection_class_embeddings_input_dim=5632)),
+        "text_encoder": Component(_ChatGLMOnMeta, dict(
+            num_layers=28, padded_vocab_size=65024, hidden_size=4096, ffn_hidden_size=13696, kv_channels=128,
+            num_attention_heads=32, seq_length=32768, multi_query_attention=True, multi_query_group_num=2,
+            add_bias_linear=False, add_qkv_bias=True, rmsnorm=True, post_layer_norm=True, original_rope=True)),
+        "vae": SDXL_VAE},
+        2_600_000_000, "2.6B (SDXL's U-Net)", "SDXL paper Table 1 (2.6B U-Net), which Kolors keeps"),
+):  # fmt: skip
+    register_variant(_v)

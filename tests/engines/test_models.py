@@ -83,3 +83,15 @@ def test_tiny_tokenizer_ids_are_the_same_in_every_process() -> None:
         env = {**os.environ, "PYTHONHASHSEED": str(seed)}
         outs.add(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout)
     assert len(outs) == 1 and outs.pop().strip().startswith("[")
+
+
+def test_a_pretrained_cogvideox_trains_on_its_own_releases_noise_schedule(tmp_path: Path) -> None:
+    from diffusers import CogVideoXDDIMScheduler
+
+    from engines.models.cogvideox import SCHEDULER_CONFIG
+
+    CogVideoXDDIMScheduler(**{**SCHEDULER_CONFIG, "snr_shift_scale": 1.0}).save_pretrained(tmp_path / "scheduler")
+    fam = get_family("cogvideox")
+    released = ModelConfig(transformer=ComponentConfig(pretrained=str(tmp_path), subfolder="transformer"))
+    assert fam.load_scheduler(released).config.snr_shift_scale == 1.0  # CogVideoX-5b's, not 2b's 3.0
+    assert fam.load_scheduler(ModelConfig()).config.snr_shift_scale == SCHEDULER_CONFIG["snr_shift_scale"]

@@ -1,0 +1,189 @@
+"""Hunyuan-DiT text-to-image: diffusers' HunyuanDiT2DModel, AutoencoderKL, DDPM and HunyuanDiTPipeline; a
+bilingual CLIP text tower shipped as a `BertModel` (77 tokens) and an mT5 encoder loaded as `T5EncoderModel`
+(256 tokens), both per-token states with attention masks, as `HunyuanDiTPipeline.encode_prompt` returns them.
+
+The objective is the released one (Tencent/HunyuanDiT hydit/train.sh, hydit/constants.py): DDPM, scaled-linear
+betas 0.00085..0.03, v-prediction. The transformer has learned sigma: it outputs 2 x C channels, the v-prediction
+then the variance. We train the first half with MSE: that is the original code's `mse` term; its training also
+adds the improved-DDPM variational-bound term (`vb`) for the variance half, which is left out here because
+diffusers' pipeline discards that half (`noise_pred, _ = noise_pred.chunk(2, dim=1)`) and samples with the
+scheduler's fixed variance. So the variance channels get no gradient in this family.
+
+Conditioning is built as the pipeline builds it: 2D rotary embeddings from `get_resize_crop_region_for_grid` +
+`get_2d_rotary_pos_embed`, image size `(original h, w, target h, w, crop top, left)` and `style` 0. Size and
+style only enter models with `use_style_cond_and_image_meta_size` (v1.0/v1.1 and the tiny preset; v1.2 drops
+them). Generation turns the pipeline's resolution binning off: it would map every size to a 1024-px bucket.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
+from diffusers.models.embeddings import get_2d_rotary_pos_embed
+from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+from torch import nn
+from transformers import BertConfig, BertModel, T5Config, T5EncoderModel
+
+from configs.schema import ModelConfig
+from engines.models.encoders import T5_PRESETS, ImageFamily, load_image_vae, load_text_encoders
+from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
+from engines.models.tokenizer import byte_level_tokenizer
+
+# The pipeline pads CLIP prompts to 77 and mT5 prompts to 256 tokens whatever the config says, and the
+# transformer's learned padding embedding (text_len + text_len_t5 rows) is sized for exactly these.
+TEXT_LENGTHS = (77, 256)
+TEXT_PARTS: list[tuple[str, str, type]] = [("text_encoder", "tokenizer", BertModel),
+              ("text_encoder_2", "tokenizer_2", T5EncoderModel)]  # fmt: skip
+BERT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=TEXT_LENGTHS[0]),
+}  # fmt: skip
+TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
+    # 4 blocks so the long skips (block 0 -> block 3) are exercised; hidden = heads x head dim; size/style on.
+    "tiny": dict(num_layers=4, num_attention_heads=2, attention_head_dim=16, hidden_size=32, patch_size=2,
+                 sample_size=8, mlp_ratio=2.0, pooled_projection_dim=32, use_style_cond_and_image_meta_size=True),
+}  # fmt: skip
+# Tencent/HunyuanDiT hydit/constants.py SAMPLER_FACTORY["ddpm"] and train.sh (1000 steps, create_diffusion's).
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.03, beta_schedule="scaled_linear",
+                        prediction_type="v_prediction", steps_offset=1, clip_sample=False)  # fmt: skip
+# The pipeline computes rotary embeddings on a grid cropped out of a 512-px base (512 // 8 // patch_size).
+ROPE_BASE_PIXELS = 512
+
+
+def rotary_embedding(transformer: HunyuanDiT2DModel, h: int, w: int, device: torch.device) -> tuple:
+    """(cos, sin), each (h/p * w/p, head_dim): `HunyuanDiTPipeline.__call__` step 7, on latent sizes h, w."""
+    p = transformer.config.patch_size
+    grid = (h // p, w // p)
+    crop = get_resize_crop_region_for_grid(grid, ROPE_BASE_PIXELS // 8 // p)
+    head_dim = transformer.inner_dim // transformer.num_heads
+    return get_2d_rotary_pos_embed(head_dim, crop, grid, device=device, output_type="pt")
+
+
+class HunyuanDiT(ImageFamily):
+    name = "hunyuandit"
+    text_parts = TEXT_PARTS
+    pipeline_cls = HunyuanDiTPipeline
+
+    def load_vae(self, cfg: ModelConfig) -> nn.Module:
+        return load_image_vae(cfg, scaling_factor=0.13025, shift_factor=0.0)  # sdxl-vae-fp16-fix, as released
+
+    def text_max_lengths(self, cfg: ModelConfig) -> list[int]:
+        return list(TEXT_LENGTHS)  # fixed by the pipeline; model.max_text_length does not apply
+
+    def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]:
+        """Pretrained: the pipeline's BertTokenizer/BertModel and mT5 tokenizer/T5EncoderModel subfolders.
+        Tiny: byte-level tokenizers (no vocabulary file ships offline) and random BERT / T5 encoders."""
+        if cfg.text_encoder.pretrained:
+            return load_text_encoders(cfg, TEXT_PARTS, list(TEXT_LENGTHS))
+        toks, encs = [], []
+        for i, max_len in enumerate(TEXT_LENGTHS):
+            tok = byte_level_tokenizer()
+            tok.model_max_length = max_len
+            ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            if i == 0:
+                config: Any = BertConfig(**ids, **pick_preset(cfg.text_encoder, BERT_PRESETS, "text_encoder"))
+                cls: type = BertModel
+            else:
+                config = T5Config(decoder_start_token_id=tok.pad_token_id, **ids,
+                                  **pick_preset(cfg.text_encoder, T5_PRESETS, "text_encoder"))  # fmt: skip
+                cls = T5EncoderModel
+            with seeded_init(cfg.seed + 2 + i):
+                encs.append(cls(config))
+            toks.append(tok)
+        return tuple(toks), nn.ModuleList(encs).eval().requires_grad_(False)
+
+    def _text_pipe(self, tokenizers: Any, encoders: nn.Module) -> HunyuanDiTPipeline:
+        """The pipeline with only its text side (it takes no default for the safety checker)."""
+        text = {}
+        for (enc_name, tok_name, _), tok, enc in zip(TEXT_PARTS, tokenizers, encoders, strict=True):
+            text[enc_name], text[tok_name] = enc, tok
+        return HunyuanDiTPipeline(**text, transformer=None, vae=None, scheduler=None, safety_checker=None,
+                                  feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+
+    def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
+        if cfg.transformer.pretrained:
+            return from_pretrained(HunyuanDiT2DModel, cfg.transformer, "transformer")
+        with seeded_init(cfg.seed + 3):
+            # cross_attention_dim: the CLIP width (cached text_embeds); the mT5 width is the tiny T5's.
+            return HunyuanDiT2DModel(
+                in_channels=latent_channels, cross_attention_dim=text_embed_dim, learn_sigma=True,
+                cross_attention_dim_t5=T5_PRESETS["tiny"]["d_model"], text_len=TEXT_LENGTHS[0],
+                text_len_t5=TEXT_LENGTHS[1], **pick_preset(cfg.transformer, TRANSFORMER_PRESETS, "transformer"),
+            )  # fmt: skip
+
+    def load_scheduler(self, cfg: ModelConfig) -> DDPMScheduler:
+        return DDPMScheduler(**SCHEDULER_CONFIG)
+
+    def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> dict:
+        """CLIP (B, 77, D_clip) and mT5 (B, 256, D_t5) states with their (B, L) masks; `max_length` is unused:
+        the pipeline's lengths are fixed."""
+        device = next(encoder.parameters()).device
+        if device.type == "meta":  # a variant's shape-only build: BERT's padding-mask check reads values
+            b, (clip, t5) = len(captions), encoder
+            return {"text_embeds": torch.empty(b, TEXT_LENGTHS[0], clip.config.hidden_size, device=device),
+                    "text_mask": torch.ones(b, TEXT_LENGTHS[0], dtype=torch.long, device=device),
+                    "text_embeds_t5": torch.empty(b, TEXT_LENGTHS[1], t5.config.d_model, device=device),
+                    "text_mask_t5": torch.ones(b, TEXT_LENGTHS[1], dtype=torch.long, device=device)}  # fmt: skip
+        pipe = self._text_pipe(tokenizer, encoder)
+        out = {}
+        for index, suffix in enumerate(("", "_t5")):
+            embeds, _, mask, _ = pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=False,
+                                                    max_sequence_length=TEXT_LENGTHS[index],
+                                                    text_encoder_index=index)  # fmt: skip
+            out[f"text_embeds{suffix}"], out[f"text_mask{suffix}"] = embeds, mask
+        return out
+
+    def training_loss(
+        self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        core = getattr(transformer, "module", transformer)
+        params = batch["latent_params"]
+        device = params.device
+        x0 = sample_latents(batch, generator)
+        b, c, h, w = x0.shape
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+        noisy = scheduler.add_noise(x0, noise, t)
+        size = (h * self.spatial_compression, w * self.spatial_compression)
+        # (original h, w, target h, w, crop top, left): clips are resized whole, never cropped
+        meta = torch.tensor([size + size + (0, 0)], dtype=torch.float32, device=device).repeat(b, 1)
+        pred = transformer(
+            noisy,
+            t.float(),  # the pipeline passes float timesteps; the size/time embedders take their dtype
+            encoder_hidden_states=batch["text_embeds"].float(),
+            text_embedding_mask=batch["text_mask"],
+            encoder_hidden_states_t5=batch["text_embeds_t5"].float(),
+            text_embedding_mask_t5=batch["text_mask_t5"],
+            image_meta_size=meta,
+            style=torch.zeros(b, dtype=torch.long, device=device),
+            image_rotary_emb=rotary_embedding(core, h, w, device),
+            return_dict=False,
+        )[0][:, :c]  # (B, 2C, h, w) -> the prediction half; the learned-variance half is not trained
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(x0, noise, t)
+        else:
+            target = noise
+        return ((pred.float() - target) ** 2).mean()
+
+    def generate(
+        self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
+        steps: int, guidance_scale: float, seed: int, device: torch.device,
+    ) -> np.ndarray:  # fmt: skip
+        """As `ImageFamily.generate`, with resolution binning off and the size conditioning of training."""
+        pipe = HunyuanDiTPipeline.from_pretrained(pretrained_dir).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        out = []
+        for i, prompt in enumerate(prompts):
+            gen = torch.Generator("cpu").manual_seed(seed + i)
+            image = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, generator=gen, output_type="np",
+                         use_resolution_binning=False, original_size=(height, width)).images[0]  # fmt: skip
+            out.append((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[None])  # (1, H, W, C)
+        return np.stack(out)
+
+
+register_family(HunyuanDiT())

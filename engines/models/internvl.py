@@ -1,0 +1,300 @@
+"""InternVL image/video understanding: transformers' `InternVLForConditionalGeneration` and processor.
+
+The tiny preset is InternVL's shape at toy width: an InternViT tower (14-px patches, CLS token,
+layer scale), a pixel-shuffle (0.5) + 2-layer MLP projector and a Qwen2 decoder, with the real
+`InternVLProcessor` (a `GotOcr2ImageProcessor` that tiles images, an `InternVLVideoProcessor` that
+makes each frame one tile) and an offline byte-level tokenizer carrying InternVL's `<img>`,
+`</img>`, `<IMG_CONTEXT>`, `<video>` and ChatML tokens. Its chat template renders what the
+OpenGVLab `-hf` checkpoints' template renders: no default system turn, each image as
+`<IMG_CONTEXT>\\n` and each video as `<video>\\n`, which the processor expands to
+`<img>` + one `<IMG_CONTEXT>` per token of every tile + `</img>` (a video: one such block per frame).
+
+Only transformers-native checkpoints load (`OpenGVLab/InternVL3-*-hf`). The original OpenGVLab
+releases (InternVL2-*, InternVL2_5-*, InternVL3-* without `-hf`) ship their own modelling code;
+flowspeed never runs a checkpoint's code and refuses them with the conversion to do instead.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from transformers import (
+    AutoProcessor,
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVideoProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from configs.schema import ComponentConfig, ModelConfig
+from engines.models.qwen2_vl import answer_labels  # ChatML answers located in token space, shared
+from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.sequence import IGNORE_INDEX, SequenceFamily, SequenceSample
+
+# Qwen2's specials first, then InternVL's (in the same relative order as InternVL3-hf's vocabulary).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+# The names InternVLProcessor reads off its tokenizer (tokenizer.start_image_token, ..._id).
+MM_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
+    "{% elif part['type'] == 'video' %}<video>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        # 56-px tiles / 14 -> 4x4 patches, pixel-shuffled 0.5 -> 2x2 = 4 tokens a tile (InternVL3: 448 -> 256)
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            attention_bias=True,
+            layer_scale_init_value=0.1,
+        ),
+        text=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+        ),
+        max_tiles=4,  # an image is 1 tile, or up to 4 tiles + a thumbnail (InternVL3: 12)
+    ),
+}
+
+
+def tokens_per_tile(vision: dict[str, Any], downsample_ratio: float = 0.5) -> int:
+    """<IMG_CONTEXT> tokens per tile: the patch grid after pixel shuffle (processor and config must agree)."""
+    return int((vision["image_size"] // vision["patch_size"]) ** 2 * downsample_ratio**2)
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    # Sorted byte alphabet: alphabet() comes back in set order, which differs between processes.
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({tok: len(vocab) + i for i, tok in enumerate(SPECIAL_TOKENS)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok.to_str()  # no post-processor: like Qwen2's, the tokenizer adds no BOS/EOS
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """263 ids: 256 bytes then the specials; the same ids in every process."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=MM_TOKENS,
+        model_max_length=8192,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_processor() -> InternVLProcessor:
+    preset = PRESETS["tiny"]
+    side = {"height": preset["vision"]["image_size"], "width": preset["vision"]["image_size"]}
+    return InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=side, crop_to_patches=True, max_patches=preset["max_tiles"]),
+        video_processor=InternVLVideoProcessor(size=side),
+        tokenizer=tiny_tokenizer(),
+        image_seq_length=tokens_per_tile(preset["vision"]),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def to_chat(sample: SequenceSample) -> list[dict[str, Any]]:
+    """SequenceSample.messages with its media as typed parts of the first user turn, images then videos."""
+    if len({v.shape[0] for v in sample.videos}) > 1:
+        raise ValueError(
+            "InternVLProcessor stacks a sample's videos: give them the same frame count (data.num_frames), "
+            f"not {[v.shape[0] for v in sample.videos]}"
+        )
+    media = [{"type": "image"}] * len(sample.images) + [{"type": "video"}] * len(sample.videos)
+    out, placed = [], not media
+    for m in sample.messages:
+        if m["role"] == "user" and not placed:
+            out.append({"role": "user", "content": [*media, {"type": "text", "text": m["content"]}]})
+            placed = True
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    if not placed:
+        raise ValueError("the sample has images or videos but no user turn to show them in")
+    return out
+
+
+def refuse_remote_code(comp: ComponentConfig) -> None:
+    """Stop before from_pretrained on an original (custom-code) InternVL checkpoint.
+
+    Those directories declare `auto_map` (their own Python modules) and model_type `internvl_chat`;
+    loading them needs trust_remote_code, i.e. running code that came with the weights, and their
+    weight names are not the native class's. flowspeed trains the transformers-native classes only,
+    so the fix is a one-time conversion. Hub ids are judged by name: OpenGVLab publishes its native
+    conversions as `*-hf`.
+    """
+    if not comp.pretrained:
+        return
+    config = Path(comp.pretrained, comp.subfolder or "", "config.json")
+    if config.is_file():
+        meta = json.loads(config.read_text())
+        if "auto_map" not in meta or meta.get("model_type") == "internvl":
+            return
+        kind = meta.get("model_type")
+        what = f"{config.parent} is an original InternVL checkpoint (model_type {kind!r} with auto_map"
+    elif comp.pretrained.startswith("OpenGVLab/") and not comp.pretrained.lower().endswith("-hf"):
+        what = f"{comp.pretrained} is an original OpenGVLab release (no -hf suffix"
+    else:
+        return  # another hub id or a missing directory: from_pretrained reports it
+    raise ValueError(
+        f"{what}: it ships its own modelling code, which flowspeed does not execute). flowspeed trains "
+        "transformers' native InternVLForConditionalGeneration. Use a converted release, e.g. "
+        "OpenGVLab/InternVL3-1B-hf, OpenGVLab/InternVL3-2B-hf or OpenGVLab/InternVL3-8B-hf, or convert the "
+        "checkpoint once with transformers' src/transformers/models/internvl/convert_internvl_weights_to_hf.py "
+        "(--input_dir <hub id> --output_dir <dir>; it knows the InternVL2.5-MPO and InternVL3 releases, "
+        "InternVL2 is not in its table), then set model.transformer.pretrained to the converted directory."
+    )
+
+
+class InternVL(SequenceFamily):
+    name = "internvl"
+    media = ("image", "video")
+    # Qwen2's attention. The InternViT tower names its projections q/k/v_proj too: without the
+    # exclude pattern these suffixes would also adapt the vision tower.
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_exclude = r".*vision_tower.*"
+
+    def load_model(self, cfg: ModelConfig) -> nn.Module:
+        if cfg.transformer.pretrained:
+            refuse_remote_code(cfg.transformer)
+            return from_pretrained(InternVLForConditionalGeneration, cfg.transformer, "transformer")
+        preset = pick_preset(cfg.transformer, PRESETS, "transformer")
+        tok = tiny_tokenizer()
+        ids = dict(zip(SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)), strict=True))
+        config = InternVLConfig(
+            vision_config=dict(**preset["vision"]),
+            text_config=dict(
+                model_type="qwen2",
+                vocab_size=len(tok),
+                bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"],
+                tie_word_embeddings=False,  # InternVL3-1B keeps a separate lm_head
+                **preset["text"],
+            ),
+            image_token_id=ids["<IMG_CONTEXT>"],
+            image_seq_length=tokens_per_tile(preset["vision"]),
+            downsample_ratio=0.5,
+            tie_word_embeddings=False,
+        )
+        with seeded_init(cfg.seed):
+            model = InternVLForConditionalGeneration(config)
+        # InternVL3-hf's generation_config: stop at <|im_end|>; pad with <|endoftext|>.
+        model.generation_config.eos_token_id = ids["<|im_end|>"]
+        model.generation_config.pad_token_id = ids["<|endoftext|>"]
+        return model
+
+    def load_processor(self, cfg: ModelConfig) -> InternVLProcessor:
+        if cfg.transformer.pretrained:
+            refuse_remote_code(cfg.transformer)
+            return from_pretrained(AutoProcessor, cfg.transformer, "transformer")
+        pick_preset(cfg.transformer, PRESETS, "transformer")
+        return tiny_processor()
+
+    # ---- prep -----------------------------------------------------------------------------------
+    def encode_sample(self, processor: Any, sample: SequenceSample, max_length: int) -> dict[str, torch.Tensor]:
+        roles = [m["role"] for m in sample.messages]
+        if "assistant" not in roles:
+            raise ValueError("the conversation has no assistant turn: nothing to train on")
+        enc = _encode(processor, processor.apply_chat_template(to_chat(sample), tokenize=False), sample)
+        ids = enc["input_ids"][0]  # (L,)
+        if len(ids) > max_length:
+            raise ValueError(
+                f"the sample is {len(ids)} tokens (text + image tiles/frames x tokens per tile), over "
+                f"model.max_text_length={max_length}: raise model.max_text_length, or shorten the conversation, "
+                "the video (data.num_frames) or the images' tiling"
+            )
+        labels = answer_labels(processor.tokenizer, ids, roles)
+        out = {"input_ids": ids, "attention_mask": enc["attention_mask"][0], "labels": labels}
+        if "pixel_values" in enc:
+            out["pixel_values"] = enc["pixel_values"]  # (tiles and frames in token order, 3, H, W)
+        return out
+
+    # ---- training -------------------------------------------------------------------------------
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad the token rows; concatenate tiles, which is how InternVL batches media.
+
+        Padding ids are 0, a byte token: attention_mask 0 and IGNORE_INDEX labels hide them, and 0 is
+        never <IMG_CONTEXT> (the model scatters tile features onto those ids in row-major order).
+        """
+        pad = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0}
+        batch = {k: pad_sequence([it[k] for it in items], batch_first=True, padding_value=v) for k, v in pad.items()}
+        tiles = [it["pixel_values"] for it in items if "pixel_values" in it]
+        if tiles:
+            batch["pixel_values"] = torch.cat(tiles, dim=0)  # (all tiles, 3, H, W)
+        return batch
+
+    # ---- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def respond(
+        self, pretrained_dir: Path, samples: list[SequenceSample], *, max_new_tokens: int, device: torch.device
+    ) -> list[str]:
+        """Greedy answers for a batch, each prompt encoded alone then left-padded.
+
+        One processor call per sample: InternVLProcessor stacks all videos of a call, so a batch of
+        clips with different frame counts would not encode together.
+        """
+        model = InternVLForConditionalGeneration.from_pretrained(pretrained_dir).to(device).eval()
+        processor = AutoProcessor.from_pretrained(pretrained_dir)
+        rows, tiles = [], []
+        for s in samples:
+            # An eval sample ends with its reference answer: the prompt is everything before it.
+            msgs = s.messages[:-1] if s.messages and s.messages[-1]["role"] == "assistant" else s.messages
+            prompt = SequenceSample(messages=msgs, images=s.images, videos=s.videos)
+            text = processor.apply_chat_template(to_chat(prompt), tokenize=False, add_generation_prompt=True)
+            enc = _encode(processor, text, prompt)
+            rows.append(enc["input_ids"][0])
+            if "pixel_values" in enc:
+                tiles.append(enc["pixel_values"])
+        width = max(len(r) for r in rows)
+        pad_id = processor.tokenizer.pad_token_id
+        input_ids = torch.stack([torch.cat([r.new_full((width - len(r),), pad_id), r]) for r in rows])  # (B, L)
+        attention_mask = torch.stack([torch.arange(width) >= width - len(r) for r in rows]).long()
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if tiles:
+            inputs["pixel_values"] = torch.cat(tiles, dim=0)
+        out = model.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens,
+                             do_sample=False)  # fmt: skip
+        return processor.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def _encode(processor: Any, text: str, sample: SequenceSample) -> Any:
+    return processor(text=[text], images=sample.images or None, videos=sample.videos or None, return_tensors="pt")
+
+
+register_family(InternVL())
