@@ -3,15 +3,19 @@ text encoder (pooled vector) and a T5 encoder (per-token states).
 
 Prompt embeddings come from `FluxPipeline.encode_prompt`; latents are packed into 2x2 patches and
 given position ids with the pipeline's own `_pack_latents` / `_prepare_latent_image_ids`, so the
-transformer sees in training what it sees in inference. Rectified flow, as for SD3.
+transformer sees in training what it sees in inference. Rectified flow, as for SD3, with FLUX's
+resolution-dependent timestep shift; dev-style presets feed the guidance embedding (3.5), schnell-style
+ones have none.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 from transformers import CLIPTextModel, T5EncoderModel
 
@@ -20,8 +24,12 @@ from engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
 from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
+    # schnell-style: timestep-distilled, no guidance embedding
     "tiny": dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                  axes_dims_rope=(4, 6, 6), guidance_embeds=False),
+    # dev-style: guidance-distilled, the guidance scale is an input embedding (trained at 3.5)
+    "tiny-dev": dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                     axes_dims_rope=(4, 6, 6), guidance_embeds=True),
 }  # fmt: skip
 # FLUX.1-schnell's scheduler_config.json
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
@@ -70,7 +78,11 @@ class Flux(ImageFamily):
         x0 = sample_latents(batch, generator)
         b, c, h, w = x0.shape
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        sigma = torch.sigmoid(torch.randn(b, generator=generator)).to(device).view(-1, 1, 1, 1)  # logit-normal
+        sigma = torch.sigmoid(torch.randn(b, generator=generator))  # logit-normal
+        # FLUX's resolution-dependent shift: more noise for longer token sequences, with the same
+        # mu the pipeline uses at inference (0.5 at 256 tokens .. 1.15 at 4096).
+        mu = math.exp(calculate_shift((h // 2) * (w // 2)))
+        sigma = (mu / (mu + (1.0 / sigma - 1.0))).to(device).view(-1, 1, 1, 1)
         noisy = FluxPipeline._pack_latents((1.0 - sigma) * x0 + sigma * noise, b, c, h, w)  # (B, h*w/4, 4c)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, x0.dtype)
         text = batch["text_embeds"].float()

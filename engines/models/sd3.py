@@ -23,6 +23,11 @@ from engines.models.registry import from_pretrained, pick_preset, register_famil
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(sample_size=8, patch_size=2, num_layers=2, attention_head_dim=16, num_attention_heads=2,
                  caption_projection_dim=32, pos_embed_max_size=32),
+    # SD3.5's architecture: RMS qk-norm in every block (3.5 Large/Medium) and, in the first blocks,
+    # MMDiT-X's second self-attention over the image tokens (3.5 Medium's dual_attention_layers).
+    "tiny-3.5": dict(sample_size=8, patch_size=2, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+                     caption_projection_dim=32, pos_embed_max_size=32, qk_norm="rms_norm",
+                     dual_attention_layers=(0,)),
 }  # fmt: skip
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)  # SD3-medium's scheduler_config.json
 TEXT_PARTS: list[tuple[str, str, type]] = [("text_encoder", "tokenizer", CLIPTextModelWithProjection),

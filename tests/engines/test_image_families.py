@@ -106,3 +106,38 @@ def test_image_family_lora_exports_adapter_and_merged_model(family: str, tmp_pat
         update={"transformer": ComponentConfig(pretrained=str(final), subfolder=fam.denoiser_subfolder)}
     )
     assert not any("lora" in k for k in fam.load_transformer(merged, 0, 0).state_dict())
+
+
+@pytest.mark.parametrize(("family", "preset"), [("sd3", "tiny-3.5"), ("flux", "tiny-dev")])
+def test_architecture_presets_train_save_and_reload(family: str, preset: str, tmp_path: Path) -> None:
+    """SD3.5's qk-norm + MMDiT-X dual attention; FLUX dev's guidance embedding."""
+    fam = get_family(family)
+    cfg = PipelineConfig().model.model_copy(
+        update={"family": family, "transformer": ComponentConfig(preset=preset), "max_text_length": 16}
+    )
+    model = fam.load_transformer(cfg, 64, 4)
+    if family == "sd3":
+        assert model.transformer_blocks[0].attn2 is not None and model.transformer_blocks[1].attn2 is None
+        assert model.transformer_blocks[0].attn.norm_q is not None  # qk-norm
+    else:
+        assert model.config.guidance_embeds
+    g = torch.Generator().manual_seed(0)
+    tokens = (77 if family == "sd3" else 0) + 16  # SD3 prepends CLIP's 77 tokens to T5's
+    batch = {"latent_params": torch.randn(2, 8, 8, 8, generator=g), "scaling_factor": torch.ones(2),
+             "shift_factor": torch.zeros(2), "text_embeds": torch.randn(2, tokens, 64, generator=g),
+             "pooled_embeds": torch.randn(2, model.config.pooled_projection_dim, generator=g)}  # fmt: skip
+    sched = fam.load_scheduler(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(20):
+        loss = fam.training_loss(model, sched, batch, torch.Generator().manual_seed(step % 2))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert statistics.mean(losses[-4:]) < 0.8 * statistics.mean(losses[:4])
+    fam.save_pretrained(tmp_path, cfg, model)
+    again = fam.load_transformer(
+        cfg.model_copy(update={"transformer": ComponentConfig(pretrained=str(tmp_path), subfolder="transformer")}), 0, 0
+    )
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
