@@ -91,6 +91,15 @@ class ModelFamily(ABC):
 
         return collate(items)
 
+    def parallel_plans(self, model: nn.Module) -> dict[str, bool]:
+        """Which of the engine's registered plans cover this family's trained model: tensor parallel
+        (engines/torch_engine/tensor_parallel.py) and context parallel (context_parallel.py)."""
+        from engines.torch_engine.context_parallel import supported_cp_models
+        from engines.torch_engine.tensor_parallel import supported_tp_models
+
+        names = {c.__name__ for c in type(model).__mro__}
+        return {"tp": bool(names & set(supported_tp_models())), "cp": bool(names & set(supported_cp_models()))}
+
     def export_files(self, final_dir: Path) -> list[Path]:
         """Files whose presence means an export is whole (Prefect's cache checks them)."""
         return [

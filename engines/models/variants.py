@@ -295,6 +295,7 @@ def parameter_counts(family: str, name: str) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in denoiser.parameters() if p.requires_grad),
         "components": {part: sum(p.numel() for p in m.parameters()) for part, m in parts.items()},
         "denoiser": type(denoiser).__name__,
+        "parallel_plans": get_family(family).parallel_plans(denoiser),
         "published": variant.published,
         "published_as": variant.published_as,
         "source": variant.source,

@@ -64,3 +64,9 @@ def test_unknown_names_list_the_known_ones() -> None:
         get_variant("cogvideox", "cogvideox-50b")
     with pytest.raises(ValueError, match="known families: cogvideox"):
         known_variants("sora")
+
+
+def test_the_spec_names_the_parallel_plans_that_cover_each_family() -> None:
+    plans = {f: parameter_counts(f, TINY)["parallel_plans"] for f in ("cogvideox", "flux", "sdxl")}
+    assert plans == {"cogvideox": {"tp": True, "cp": True}, "flux": {"tp": False, "cp": True},
+                     "sdxl": {"tp": False, "cp": False}}  # fmt: skip
