@@ -25,6 +25,9 @@ class ComponentConfig(Section):
     preset: str | None = Field("tiny", description="named random-init config of the family")
     pretrained: str | None = Field(None, description="local directory or hub id for from_pretrained")
     subfolder: str | None = None
+    trust_remote_code: bool = Field(
+        False, description="run modeling code shipped inside a LOCAL checkpoint directory (InternVL2 originals)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ComponentConfig:
