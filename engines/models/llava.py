@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     AutoProcessor,
     CLIPImageProcessor,
@@ -213,15 +212,6 @@ class Llava(SequenceFamily):
         return processor(text=[text], images=images, return_tensors="pt")
 
     # ---- training -------------------------------------------------------------------------------
-    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Right-pad token rows (0 is <unk>: hidden by the mask and labels, never <image>); stack images."""
-        pad = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0}
-        batch = {k: pad_sequence([it[k] for it in items], batch_first=True, padding_value=v) for k, v in pad.items()}
-        images = [it["pixel_values"] for it in items if "pixel_values" in it]
-        if images:
-            batch["pixel_values"] = torch.cat(images, dim=0)  # (all images, 3, H, W), in token order
-        return batch
-
     # ---- inference ------------------------------------------------------------------------------
     @torch.no_grad()
     def respond(

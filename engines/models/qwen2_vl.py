@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     AutoProcessor,
     PreTrainedTokenizerFast,
@@ -132,6 +131,9 @@ class Qwen2VL(SequenceFamily):
     media = ("image", "video")
     # The language model's attention; the vision tower names its own qkv/proj, so it stays frozen.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # transformers 5 wants mm_token_type_ids beside media; patches and (t, h, w) grids concatenate.
+    pad_values = {**SequenceFamily.pad_values, "mm_token_type_ids": 0}
+    concat_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
     def load_model(self, cfg: ModelConfig) -> nn.Module:
         if cfg.transformer.pretrained:
@@ -186,23 +188,6 @@ class Qwen2VL(SequenceFamily):
         return out
 
     # ---- training -------------------------------------------------------------------------------
-    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Right-pad the token rows; concatenate patches and grids, which is how Qwen2-VL batches media.
-
-        Padding ids are 0, a byte token: attention_mask 0 and IGNORE_INDEX labels hide them, and 0 is
-        never an image/video placeholder id (the model counts those to place patch features).
-        """
-        pad = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0, "mm_token_type_ids": 0}
-        batch: dict[str, torch.Tensor] = {}
-        for key, value in pad.items():
-            if key in items[0]:
-                batch[key] = pad_sequence([it[key] for it in items], batch_first=True, padding_value=value)  # (B, L)
-        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-            parts = [it[key] for it in items if key in it]
-            if parts:
-                batch[key] = torch.cat(parts, dim=0)  # (sum of patches, D) / (sum of media, 3)
-        return batch
-
     # ---- inference ------------------------------------------------------------------------------
     @torch.no_grad()
     def respond(

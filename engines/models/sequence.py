@@ -93,6 +93,25 @@ class SequenceFamily(ModelFamily):
     def sample_tokens(self, transformer_config: Any, record: dict[str, Any]) -> int:
         return int(record["shapes"]["input_ids"][0])
 
+    #: token rows right-padded to the longest, with these values. Pad ids are 0 (a byte token):
+    #: the attention mask and IGNORE_INDEX labels hide them, and 0 is never a media placeholder id.
+    pad_values: dict[str, int] = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0}
+    #: media tensors concatenated on dim 0 (patches, tiles, grids): how these VLMs batch media
+    concat_keys: tuple[str, ...] = ("pixel_values",)
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        from torch.nn.utils.rnn import pad_sequence
+
+        batch: dict[str, torch.Tensor] = {}
+        for key, value in self.pad_values.items():
+            if key in items[0]:
+                batch[key] = pad_sequence([it[key] for it in items], batch_first=True, padding_value=value)  # (B, L)
+        for key in self.concat_keys:
+            parts = [it[key] for it in items if key in it]
+            if parts:
+                batch[key] = torch.cat(parts, dim=0)  # (sum over the batch, ...) in token order
+        return batch
+
     def training_loss(
         self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
