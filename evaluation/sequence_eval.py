@@ -28,7 +28,11 @@ def held_out_loss(cfg: PipelineConfig, family: SequenceFamily, final_dir: Path, 
     _, val = split_records(load_samples(cfg.prep_dir), cfg.train.val_fraction)
     if not val:
         return float("nan"), 0, []
-    model_cfg = cfg.model.model_copy(update={"transformer": ComponentConfig(pretrained=str(final_dir), preset=None)})
+    # The export keeps an opted-in checkpoint's own modeling code: the opt-in carries over to it.
+    export = ComponentConfig(
+        pretrained=str(final_dir), preset=None, trust_remote_code=cfg.model.transformer.trust_remote_code
+    )
+    model_cfg = cfg.model.model_copy(update={"transformer": export})
     model = family.load_model(model_cfg).to(device).eval()
     data = CachedLatents(cfg.cache_dir, val)
     losses = [family.training_loss(model, None, {k: v.to(device) for k, v in family.collate([data[i]]).items()}, None)

@@ -9,9 +9,11 @@ OpenGVLab `-hf` checkpoints' template renders: no default system turn, each imag
 `<IMG_CONTEXT>\\n` and each video as `<video>\\n`, which the processor expands to
 `<img>` + one `<IMG_CONTEXT>` per token of every tile + `</img>` (a video: one such block per frame).
 
-Only transformers-native checkpoints load (`OpenGVLab/InternVL3-*-hf`). The original OpenGVLab
-releases (InternVL2-*, InternVL2_5-*, InternVL3-* without `-hf`) ship their own modelling code;
-flowspeed never runs a checkpoint's code and refuses them with the conversion to do instead.
+Transformers-native checkpoints (`OpenGVLab/InternVL3-*-hf`) load by default. The original OpenGVLab
+releases (InternVL2-*, InternVL2_5-*, InternVL3-* without `-hf`) ship their own modelling code:
+they are refused with the conversion to do, unless `model.transformer.trust_remote_code: true` and
+`pretrained` is a LOCAL copy; then internvl_remote.py loads them with that code and encodes samples
+in the original layout. Code from a hub id is never executed.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import Any
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     AutoProcessor,
     GotOcr2ImageProcessor,
@@ -36,9 +37,18 @@ from transformers import (
 )
 
 from configs.schema import ComponentConfig, ModelConfig
+from engines.models.internvl_remote import (
+    MARKER,
+    RemoteInternVLProcessor,
+    encode_remote,
+    load_remote_model,
+    load_remote_processor,
+    remote_config,
+    respond_remote,
+)
 from engines.models.qwen2_vl import answer_labels  # ChatML answers located in token space, shared
 from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
-from engines.models.sequence import IGNORE_INDEX, SequenceFamily, SequenceSample
+from engines.models.sequence import SequenceFamily, SequenceSample
 
 # Qwen2's specials first, then InternVL's (in the same relative order as InternVL3-hf's vocabulary).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
@@ -149,35 +159,41 @@ def to_chat(sample: SequenceSample) -> list[dict[str, Any]]:
     return out
 
 
-def refuse_remote_code(comp: ComponentConfig) -> None:
-    """Stop before from_pretrained on an original (custom-code) InternVL checkpoint.
+def refuse_remote_code(comp: ComponentConfig) -> dict[str, Any] | None:
+    """Stop before from_pretrained on an original (custom-code) InternVL checkpoint, unless opted in.
 
     Those directories declare `auto_map` (their own Python modules) and model_type `internvl_chat`;
     loading them needs trust_remote_code, i.e. running code that came with the weights, and their
-    weight names are not the native class's. flowspeed trains the transformers-native classes only,
-    so the fix is a one-time conversion. Hub ids are judged by name: OpenGVLab publishes its native
-    conversions as `*-hf`.
+    weight names are not the native class's. The default fix is a one-time conversion; the opt-in
+    (`trust_remote_code: true`) is honoured for a local directory only. Hub ids are judged by name:
+    OpenGVLab publishes its native conversions as `*-hf`. Returns the opted-in checkpoint's config.
     """
     if not comp.pretrained:
-        return
+        return None
     config = Path(comp.pretrained, comp.subfolder or "", "config.json")
     if config.is_file():
-        meta = json.loads(config.read_text())
-        if "auto_map" not in meta or meta.get("model_type") == "internvl":
-            return
+        meta = remote_config(comp)
+        if meta is None:
+            return None
+        if comp.trust_remote_code:
+            return meta
         kind = meta.get("model_type")
         what = f"{config.parent} is an original InternVL checkpoint (model_type {kind!r} with auto_map"
     elif comp.pretrained.startswith("OpenGVLab/") and not comp.pretrained.lower().endswith("-hf"):
         what = f"{comp.pretrained} is an original OpenGVLab release (no -hf suffix"
     else:
-        return  # another hub id or a missing directory: from_pretrained reports it
+        return None  # another hub id or a missing directory: from_pretrained reports it
+    hub = " (trust_remote_code applies to local directories only)" if comp.trust_remote_code else ""
     raise ValueError(
-        f"{what}: it ships its own modelling code, which flowspeed does not execute). flowspeed trains "
-        "transformers' native InternVLForConditionalGeneration. Use a converted release, e.g. "
+        f"{what}: it ships its own modelling code, which flowspeed does not execute by default){hub}. flowspeed "
+        "trains transformers' native InternVLForConditionalGeneration. Use a converted release, e.g. "
         "OpenGVLab/InternVL3-1B-hf, OpenGVLab/InternVL3-2B-hf or OpenGVLab/InternVL3-8B-hf, or convert the "
         "checkpoint once with transformers' src/transformers/models/internvl/convert_internvl_weights_to_hf.py "
         "(--input_dir <hub id> --output_dir <dir>; it knows the InternVL2.5-MPO and InternVL3 releases, "
-        "InternVL2 is not in its table), then set model.transformer.pretrained to the converted directory."
+        "InternVL2 is not in its table), then set model.transformer.pretrained to the converted directory. "
+        "Or, to run the checkpoint's own code: download it to a local directory you trust, set "
+        "model.transformer.pretrained to that directory and model.transformer.trust_remote_code: true "
+        "(code from a hub id is never executed)."
     )
 
 
@@ -188,10 +204,14 @@ class InternVL(SequenceFamily):
     # exclude pattern these suffixes would also adapt the vision tower.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_exclude = r".*vision_tower.*"
+    # tiles concatenate (the model scatters their features onto <IMG_CONTEXT> ids in row-major order);
+    # original checkpoints also take image_flags, 1 per tile and 0 for a text-only sample's blank one
+    concat_keys = ("pixel_values", "image_flags")
 
     def load_model(self, cfg: ModelConfig) -> nn.Module:
         if cfg.transformer.pretrained:
-            refuse_remote_code(cfg.transformer)
+            if refuse_remote_code(cfg.transformer) is not None:
+                return load_remote_model(cfg.transformer)  # opted in: the checkpoint's InternVLChatModel
             return from_pretrained(InternVLForConditionalGeneration, cfg.transformer, "transformer")
         preset = pick_preset(cfg.transformer, PRESETS, "transformer")
         tok = tiny_tokenizer()
@@ -219,9 +239,11 @@ class InternVL(SequenceFamily):
         model.generation_config.pad_token_id = ids["<|endoftext|>"]
         return model
 
-    def load_processor(self, cfg: ModelConfig) -> InternVLProcessor:
+    def load_processor(self, cfg: ModelConfig) -> InternVLProcessor | RemoteInternVLProcessor:
         if cfg.transformer.pretrained:
-            refuse_remote_code(cfg.transformer)
+            meta = refuse_remote_code(cfg.transformer)
+            if meta is not None:
+                return load_remote_processor(cfg.transformer, meta)
             return from_pretrained(AutoProcessor, cfg.transformer, "transformer")
         pick_preset(cfg.transformer, PRESETS, "transformer")
         return tiny_processor()
@@ -231,14 +253,13 @@ class InternVL(SequenceFamily):
         roles = [m["role"] for m in sample.messages]
         if "assistant" not in roles:
             raise ValueError("the conversation has no assistant turn: nothing to train on")
+        if isinstance(processor, RemoteInternVLProcessor):
+            out = encode_remote(processor, sample)
+            _check_length(len(out["input_ids"]), max_length)
+            return out
         enc = _encode(processor, processor.apply_chat_template(to_chat(sample), tokenize=False), sample)
         ids = enc["input_ids"][0]  # (L,)
-        if len(ids) > max_length:
-            raise ValueError(
-                f"the sample is {len(ids)} tokens (text + image tiles/frames x tokens per tile), over "
-                f"model.max_text_length={max_length}: raise model.max_text_length, or shorten the conversation, "
-                "the video (data.num_frames) or the images' tiling"
-            )
+        _check_length(len(ids), max_length)
         labels = answer_labels(processor.tokenizer, ids, roles)
         out = {"input_ids": ids, "attention_mask": enc["attention_mask"][0], "labels": labels}
         if "pixel_values" in enc:
@@ -246,18 +267,14 @@ class InternVL(SequenceFamily):
         return out
 
     # ---- training -------------------------------------------------------------------------------
-    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Right-pad the token rows; concatenate tiles, which is how InternVL batches media.
 
-        Padding ids are 0, a byte token: attention_mask 0 and IGNORE_INDEX labels hide them, and 0 is
-        never <IMG_CONTEXT> (the model scatters tile features onto those ids in row-major order).
-        """
-        pad = {"input_ids": 0, "labels": IGNORE_INDEX, "attention_mask": 0}
-        batch = {k: pad_sequence([it[k] for it in items], batch_first=True, padding_value=v) for k, v in pad.items()}
-        tiles = [it["pixel_values"] for it in items if "pixel_values" in it]
-        if tiles:
-            batch["pixel_values"] = torch.cat(tiles, dim=0)  # (all tiles, 3, H, W)
-        return batch
+    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
+        """The native export; for an opted-in original checkpoint also the marker `respond` asks for
+        (transformers copies the checkpoint's code files next to the weights)."""
+        super().save_pretrained(out_dir, cfg, transformer)
+        if remote_config(cfg.transformer) is not None and cfg.transformer.trust_remote_code:
+            (out_dir / MARKER).write_text(json.dumps({"trust_remote_code": True, "source": cfg.transformer.pretrained}))
+        return out_dir
 
     # ---- inference ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -267,8 +284,11 @@ class InternVL(SequenceFamily):
         """Greedy answers for a batch, each prompt encoded alone then left-padded.
 
         One processor call per sample: InternVLProcessor stacks all videos of a call, so a batch of
-        clips with different frame counts would not encode together.
+        clips with different frame counts would not encode together. An export of an opted-in original
+        checkpoint answers through its own `generate` (internvl_remote.respond_remote).
         """
+        if remote_config(ComponentConfig(pretrained=str(pretrained_dir), preset=None)) is not None:
+            return respond_remote(pretrained_dir, samples, max_new_tokens=max_new_tokens, device=device)
         model = InternVLForConditionalGeneration.from_pretrained(pretrained_dir).to(device).eval()
         processor = AutoProcessor.from_pretrained(pretrained_dir)
         rows, tiles = [], []
@@ -291,6 +311,15 @@ class InternVL(SequenceFamily):
         out = model.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=max_new_tokens,
                              do_sample=False)  # fmt: skip
         return processor.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def _check_length(n: int, max_length: int) -> None:
+    if n > max_length:
+        raise ValueError(
+            f"the sample is {n} tokens (text + image tiles/frames x tokens per tile), over "
+            f"model.max_text_length={max_length}: raise model.max_text_length, or shorten the conversation, "
+            "the video (data.num_frames) or the images' tiling"
+        )
 
 
 def _encode(processor: Any, text: str, sample: SequenceSample) -> Any:
