@@ -129,7 +129,7 @@ def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list
 
 def _summary(cfg: Any, out: dict[str, Any]) -> None:
     from engines.tracking import tracking_uri
-    from tasks.tracking import ui_link
+    from tasks.tracking import prefect_run_url, ui_link
 
     table = Table(title="flowspeed run", show_header=False)
     table.add_column(style="bold", no_wrap=True)
@@ -177,13 +177,10 @@ def _summary(cfg: Any, out: dict[str, Any]) -> None:
 
         exp_id = MlflowClient(uri).get_run(run_id).info.experiment_id
         console.print(f"  MLflow run:  {ui_link(uri, exp_id, run_id)}", soft_wrap=True)
-    prefect_ui = "http://127.0.0.1:4200"
-    if "PREFECT_API_URL" in os.environ:
-        prefect_ui = os.environ["PREFECT_API_URL"].removesuffix("/").removesuffix("/api")
-    elif prefect_home:
+    if "PREFECT_API_URL" not in os.environ and prefect_home:
         console.print(f"  PREFECT_HOME={prefect_home} prefect server start", soft_wrap=True)
     if flow_run_id:
-        console.print(f"  Prefect run: {prefect_ui}/runs/flow-run/{flow_run_id}", soft_wrap=True)
+        console.print(f"  Prefect run: {prefect_run_url(flow_run_id)}", soft_wrap=True)
 
 
 @app.command("demo-data")
@@ -242,6 +239,41 @@ def export(
     except Exception as exc:  # noqa: BLE001  (shown as one paragraph; --debug for the traceback)
         _fail("export", exc, debug)
     console.print(f"exported [bold]{checkpoint}[/] -> [bold]{final}[/]")
+
+
+@app.command()
+def compare(
+    experiment: Annotated[str, typer.Argument(help="MLflow experiment name (tracking.experiment)")],
+    workdir: Annotated[Path | None, typer.Option(help="the runs' workdir: its sqlite MLflow store")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="an MLflow server or store URI instead")] = None,
+    last: Annotated[int, typer.Option(min=1, help="how many of the newest pipeline runs")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="print the rows as JSON")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The last N pipeline runs of an experiment side by side: what they trained, loss, eval, throughput."""
+    import json as _json
+
+    from engines.compare import COLUMNS, compare_runs
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        uri = f"sqlite:///{(workdir or Path.cwd()).resolve() / 'mlflow.db'}"
+    try:
+        rows = compare_runs(uri, experiment, last)
+    except Exception as exc:  # noqa: BLE001  (one paragraph; --debug for the traceback)
+        _fail("compare", exc, debug)
+    if as_json:
+        print(_json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{experiment}: last {len(rows)} runs ({uri})")
+    shown = [c for c in COLUMNS if any(c in r for r in rows)]
+    for col in ("name", "started", "status", "model", "layout", *shown):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        values = [f"{r[c]:.4g}" if c in r else "" for c in shown]
+        table.add_row(r["name"], r["started"], r["status"], r["model"], r["layout"], *values)
+    console.print(table)
+    console.print("In the MLflow UI: open the experiment, tick these runs, press Compare.")
 
 
 cache_app = typer.Typer(help="Inspect, verify and prune the latent cache of a config's prep stage.")

@@ -6,12 +6,14 @@ flowspeed run configs/quickstart.yaml
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
 
 from configs import PipelineConfig
+from datasets_prep.io import file_digest
 from engines.tracking import tracking_uri
 from flows.stages import evaluate, in_stage_run, prep, train
 from tasks import tracking as tr
@@ -26,9 +28,9 @@ def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         if losses:
             metrics["train/final_loss"] = losses[-1]
         tr.log_metrics(cfg, run_id, metrics)
-        tr.set_tags(
-            cfg, run_id, {"checkpoint_path": out["train"]["checkpoint"], "export_path": out["train"]["final_dir"]}
-        )
+        tags = {"checkpoint_path": out["train"]["checkpoint"], "export_path": out["train"]["final_dir"],
+                "flowspeed.dataset_digest": file_digest(Path(out["prep"]["samples"]))}  # fmt: skip
+        tr.set_tags(cfg, run_id, tags)
         return out
 
     out = in_stage_run(cfg, "pipeline", None, body)

@@ -13,6 +13,7 @@ from typing import Any
 from prefect import flow, unmapped
 
 from configs import PipelineConfig, save_config
+from datasets_prep.io import file_digest
 from engines.tracking import tracking_uri
 from tasks import tracking as tr
 from tasks.caching import run_cached
@@ -73,6 +74,7 @@ def prep(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any
                 "prep_dir": Path(res["prep_dir"]).resolve(),
                 "prep_hash": cfg.prep_hash(),
                 "prefect_cache_hit": res["cache_hit"],
+                "flowspeed.dataset_digest": file_digest(Path(res["samples"])),
             },
         )
         return res

@@ -6,6 +6,11 @@ because Prefect may run tasks on other threads than the flow.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,68 @@ def ui_link(uri: str, experiment_id: str, run_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def prefect_run_url(flow_run_id: str) -> str:
+    """The flow run in the Prefect UI: the configured UI, the API server's, or `prefect server start`'s
+    default (where the ephemeral API's database, under the workdir, can be browsed afterwards)."""
+    ui = os.environ.get("PREFECT_UI_URL")
+    if not ui and os.environ.get("PREFECT_API_URL"):
+        ui = os.environ["PREFECT_API_URL"].rstrip("/").removesuffix("/api")
+    return f"{(ui or 'http://127.0.0.1:4200').rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    """Runs with the same hash trained the same recipe (paths included), whatever their names."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_source(cfg: PipelineConfig) -> str:
+    t = cfg.model.transformer
+    return Path(t.pretrained).name if t.pretrained else str(t.preset)
+
+
+def run_label(cfg: PipelineConfig) -> str:
+    """`tracking.run_name`, else what tells runs apart in a list: workdir, family, model, lr, steps."""
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    lora = "-lora" if cfg.train.lora.enabled else ""
+    return (f"{cfg.workdir.name}-{cfg.model.family}-{_model_source(cfg)}{lora}"
+            f"-lr{cfg.train.lr:g}-{cfg.train.max_steps}steps")  # fmt: skip
+
+
+def run_tags(cfg: PipelineConfig) -> dict[str, str]:
+    """What a run is, searchable in MLflow: `tags.flowspeed.family = 'flux'`, same config hash, commit."""
+    p, t = cfg.train.parallel, cfg.train
+    layout = (f"nnodes={t.nnodes} nproc={t.nproc_per_node} dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} "
+              f"tp={p.tp} cp={p.cp} pp={p.pp}")  # fmt: skip
+    tags = {
+        "flowspeed.config_hash": config_hash(cfg),
+        "flowspeed.family": cfg.model.family,
+        "flowspeed.model": _model_source(cfg),
+        "flowspeed.engine": "torch",
+        "flowspeed.parallel_layout": layout,
+        "flowspeed.device": t.device,
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit  # the MLflow UI shows this one on the run page
+    return tags
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The checkout's commit (+"-dirty" with uncommitted changes), or None outside a git checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 @task(name="start-mlflow-run", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def start_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None) -> str:
     """Open the run, log the resolved config (params + artifact), tag the Prefect flow run."""
@@ -37,10 +104,13 @@ def start_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None)
         "flowspeed.stage": stage,
         "prefect.flow_run_id": str(flow_run.id or ""),
         "prefect.flow_run_name": str(flow_run.name or ""),
+        **run_tags(cfg),
     }
+    if flow_run.id:
+        tags["prefect.flow_run_url"] = prefect_run_url(str(flow_run.id))
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    name = f"{cfg.tracking.run_name or cfg.workdir.name}-{stage}"
+    name = f"{run_label(cfg)}-{stage}"
     run = client.create_run(exp, run_name=name, tags=tags)
     run_id = run.info.run_id
     params = [Param(k, v) for k, v in flatten(cfg).items()]

@@ -121,6 +121,21 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     summary = json.loads((work / "prep" / "summary.json").read_text())
     assert summary["num_encoded"] == 20  # untouched: the cached prep task did not run again
 
+    # What a run is, searchable: family, model, layout, config hash, dataset digest, commit, Prefect link.
+    tags = client.get_run(parent.info.run_id).data.tags
+    assert tags["flowspeed.family"] == "cogvideox" and tags["flowspeed.model"] == "tiny"
+    assert len(tags["flowspeed.config_hash"]) == 16 and len(tags["flowspeed.dataset_digest"]) >= 16
+    assert "tp=1" in tags["flowspeed.parallel_layout"] and tags["prefect.flow_run_url"].endswith(flow_run_id)
+    assert tags["mlflow.source.git.commit"]
+    assert "cogvideox-tiny" in parent.info.run_name
+    # Both pipeline runs side by side, newest first.
+    cmp = flowspeed("compare", "flowspeed-quickstart", "--workdir", str(work), "--json", workdir=work)
+    assert cmp.returncode == 0, cmp.stderr[-2000:]
+    rows = json.loads(cmp.stdout)
+    assert len(rows) == 2 and rows[1]["run_id"] == parent.info.run_id
+    assert rows[1]["eval/val_loss"] == pytest.approx(parent.data.metrics["eval/val_loss"])
+    assert rows[1]["perf/samples_per_s"] > 0
+
 
 @pytest.mark.slow
 def test_a_stage_failing_inside_its_flow_is_one_paragraph(tmp_path: Path) -> None:
