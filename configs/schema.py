@@ -298,6 +298,25 @@ class EvalConfig(Section):
     clip: ClipConfig = ClipConfig()
 
 
+class GateConfig(Section):
+    """A candidate must beat the champion on `metric` by `min_improvement` (0: not worse)."""
+
+    metric: str = Field(description="an eval metric of the pipeline run, e.g. eval/val_loss")
+    direction: Literal["lower", "higher"] = Field(description="which way is better")
+    min_improvement: float = Field(0.0, description="absolute margin over the champion's value")
+
+
+class RegistryConfig(Section):
+    """MLflow model registry: every pipeline run registers a version; the gates decide its alias."""
+
+    enabled: bool = False
+    model_name: str | None = Field(None, description="registered model name; default: tracking.experiment")
+    gates: list[GateConfig] = Field(
+        default_factory=lambda: [GateConfig(metric="eval/val_loss", direction="lower")],
+        description="all must pass for the new version to become `champion`; otherwise `challenger`",
+    )
+
+
 class TrackingConfig(Section):
     tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI or sqlite under workdir")
     experiment: str = "flowspeed"
@@ -305,6 +324,7 @@ class TrackingConfig(Section):
     log_model: Literal["auto", "always", "never"] = Field(
         "auto", description="copy the exported model into MLflow artifacts; auto: only below 512 MiB"
     )
+    registry: RegistryConfig = RegistryConfig()
 
 
 class PipelineConfig(Section):

@@ -17,6 +17,7 @@ from datasets_prep.io import file_digest
 from engines.tracking import tracking_uri
 from flows.stages import evaluate, in_stage_run, prep, train
 from tasks import tracking as tr
+from tasks.registry import register_model
 
 
 @flow(name="pipeline", log_prints=True)
@@ -31,6 +32,10 @@ def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         tags = {"checkpoint_path": out["train"]["checkpoint"], "export_path": out["train"]["final_dir"],
                 "flowspeed.dataset_digest": file_digest(Path(out["prep"]["samples"]))}  # fmt: skip
         tr.set_tags(cfg, run_id, tags)
+        if cfg.tracking.registry.enabled:  # a new version; `champion` moves only if the gates pass
+            out["registry"] = register_model(
+                cfg, run_id, out["train"].get("mlflow_run_id"), out["train"]["final_dir"], metrics
+            )
         return out
 
     out = in_stage_run(cfg, "pipeline", None, body)

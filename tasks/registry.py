@@ -1,0 +1,48 @@
+"""The registry stage: register the pipeline's export as a model version and apply the gates.
+
+The decision (alias, reasons) goes on the MLflow run as tags, on the model version as tags, and to
+Prefect as a markdown artifact, so it is readable from either UI without opening logs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from configs import PipelineConfig
+from engines.model_registry import register_and_promote
+from engines.tracking import tracking_uri
+from tasks.caching import retry_if_transient
+
+
+def model_source(client: MlflowClient, train_run_id: str | None, export_dir: Path) -> str:
+    """The model's copy in the artifact store when the train stage logged it, else the export folder."""
+    if train_run_id and client.list_artifacts(train_run_id, "model"):
+        return client.get_run(train_run_id).info.artifact_uri.rstrip("/") + "/model"
+    return Path(export_dir).resolve().as_uri()
+
+
+@task(name="register-model", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
+def register_model(
+    cfg: PipelineConfig, run_id: str, train_run_id: str | None, export_dir: str, metrics: dict[str, float]
+) -> dict[str, Any]:
+    reg = cfg.tracking.registry
+    name = reg.model_name or cfg.tracking.experiment
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    source = model_source(client, train_run_id, Path(export_dir))
+    decision = register_and_promote(uri, name, source, run_id, metrics, reg.gates)
+    client.set_tag(run_id, "flowspeed.registry.model", name)
+    client.set_tag(run_id, "flowspeed.registry.version", decision.version)
+    client.set_tag(run_id, "flowspeed.registry.alias", decision.alias)
+    client.set_tag(run_id, "flowspeed.registry.reasons", "; ".join(decision.reasons)[:4900])
+    if flow_run.id:
+        create_markdown_artifact(decision.markdown(), key="registry-decision",
+                                 description=f"{name} v{decision.version}: {decision.alias}")  # fmt: skip
+    return {"model": name, "version": decision.version, "alias": decision.alias, "reasons": decision.reasons,
+            "champion_before": decision.champion_before, "source": source}  # fmt: skip

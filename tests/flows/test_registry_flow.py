@@ -1,0 +1,41 @@
+"""The pipeline registers each run's export; the gates pick the alias; the decision is on both UIs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import make_config
+
+
+@pytest.mark.slow
+def test_pipeline_registers_versions_and_gates_the_champion(tmp_path: Path, demo_manifest: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.pipeline import pipeline
+
+    common = [f"data.output_dir={tmp_path / 'prep'}", "train.max_steps=3", "train.checkpoint_every=3",
+              "tracking.registry.enabled=true", "tracking.registry.model_name=quick",
+              f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    first = pipeline(make_config(tmp_path / "a", demo_manifest, *common))
+    assert first["registry"]["alias"] == "champion" and first["registry"]["version"] == "1"
+    # A gate no run can pass (an improvement of 1e9 in held-out loss): the new version is a challenger.
+    impossible = 'tracking.registry.gates=[{"metric": "eval/val_loss", "direction": "lower", "min_improvement": 1e9}]'
+    second = pipeline(make_config(tmp_path / "b", demo_manifest, *common, impossible))
+    assert second["registry"]["alias"] == "challenger" and second["registry"]["champion_before"] == "1"
+    assert "fails" in second["registry"]["reasons"][0]
+
+    client = MlflowClient(second["tracking_uri"])
+    assert str(client.get_model_version_by_alias("quick", "champion").version) == "1"
+    run = client.get_run(second["mlflow_run_id"])
+    assert run.data.tags["flowspeed.registry.alias"] == "challenger"
+    assert "min_improvement" not in run.data.tags["flowspeed.registry.reasons"]  # the reason, in words
+    assert "required 1e+09" in run.data.tags["flowspeed.registry.reasons"]
+    version = client.get_model_version("quick", "2")
+    assert float(version.tags["metric.eval/val_loss"]) == pytest.approx(run.data.metrics["eval/val_loss"])
+    with get_client(sync_client=True) as prefect:
+        arts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["registry-decision"])))
+    assert any("challenger" in (a.data or "") for a in arts)
