@@ -157,6 +157,9 @@ class CaptionConfig(Section):
 
 class DataConfig(Section):
     manifest: Path = Path("data.jsonl")
+    incoming: Path | None = Field(
+        None, description="a folder of new media (+ .txt captions) every run also ingests; cached ones are free"
+    )
     manifest_format: str = Field("auto", description="auto, or one of datasets_prep.manifest.known_formats()")
     roots: list[Path] = Field(default_factory=list, description="extra folders media paths may resolve into")
     output_dir: Path | None = Field(None, description="prep output; default <workdir>/prep")
@@ -263,6 +266,11 @@ class TrainConfig(Section):
     metrics_flush_every: int = Field(20, ge=1, description="steps per MLflow log_batch")
     val_fraction: float = Field(0.125, ge=0, lt=1, description="cached samples held out for eval")
     lora: LoraConfig = LoraConfig()
+    init_from: Literal["config", "champion"] = Field(
+        "config",
+        description="champion: start from the registry's champion version (tracking.registry), the configured "
+        "model when there is none yet; config: the model section as written",
+    )
     parallel: ParallelConfig = ParallelConfig()
     fsdp: FsdpConfig = FsdpConfig()
     activation_checkpointing: Literal["none", "full", "selective"] = Field(

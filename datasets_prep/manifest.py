@@ -20,6 +20,7 @@ unread.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -346,3 +347,20 @@ def read_manifest(manifest: Path, fmt: str = "auto", roots: Iterable[Path] = ())
     if name not in _FORMATS:
         raise ValueError(f"unknown manifest format {name!r}; known formats: {', '.join(known_formats())}")
     yield from _FORMATS[name].read(manifest, tuple(Path(r) for r in roots))
+
+
+def read_sources(manifest: Path, fmt: str = "auto", roots: Iterable[Path] = (), incoming: Path | None = None):
+    """The manifest's items, then those of `incoming`: a folder that scheduled runs pick new files up
+    from (media + `.txt` captions beside them). Incoming items are numbered after the manifest's, so
+    sample order stays stable as files arrive; the prep cache makes the files seen before free."""
+    last = 0
+    for item in read_manifest(manifest, fmt, roots):
+        if isinstance(item, Entry):
+            last = max(last, item.line)
+        yield item
+    if incoming is None:
+        return
+    if not Path(incoming).is_dir():
+        raise FileNotFoundError(f"data.incoming={incoming} is not a folder; create it or unset data.incoming")
+    for item in read_manifest(Path(incoming), "folder", roots):
+        yield dataclasses.replace(item, line=last + item.line) if isinstance(item, Entry) else item

@@ -36,7 +36,7 @@ from datasets_prep.caption import caption_items
 from datasets_prep.curate import SceneCache, clip_view, curate, dedup, write_scene_clip
 from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
 from datasets_prep.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
-from datasets_prep.manifest import Entry, Rejection, read_manifest
+from datasets_prep.manifest import Entry, Rejection, read_sources
 from datasets_prep.probe import IMAGE_SUFFIXES, MediaInfo, ProbeError, probe
 from datasets_prep.progress import reporter
 from datasets_prep.sequence_prep import sequence_slice
@@ -337,7 +337,7 @@ def prep_slice(cfg: PipelineConfig, index: int = 0, count: int = 1) -> dict[str,
     _check(cfg, family)
     cache = LatentCache(cfg.cache_dir, rank=index)
     cache.clean_partial()
-    items = list(islice(read_manifest(d.manifest, d.manifest_format, d.roots), d.max_samples))
+    items = list(islice(read_sources(d.manifest, d.manifest_format, d.roots, d.incoming), d.max_samples))
     rejects: list[Rejection] = []
     cached = {r["key"]: r for r in cache.records()}
     if isinstance(family, SequenceFamily):  # VLM / speech: the family's processor instead of a VAE

@@ -11,7 +11,10 @@ finetune that got worse leaves production where it was, with the reasons on the 
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
@@ -93,3 +96,24 @@ def register_and_promote(
     client.set_model_version_tag(name, mv.version, "flowspeed.gate", "passed" if passed else "failed")
     client.set_model_version_tag(name, mv.version, "flowspeed.gate_reasons", "; ".join(reasons)[:4900])
     return Decision(name, str(mv.version), alias, reasons, before)
+
+
+def fetch_champion(uri: str, name: str, dst: Path) -> tuple[str, Path] | None:
+    """(version, local folder) of the champion, copied under `dst/v<version>` once (a workdir's
+    `final/` is replaced by every run, so the champion must not be read in place); None if none."""
+    import mlflow.artifacts
+
+    client = MlflowClient(uri)
+    version = champion_version(client, name)
+    if version is None:
+        return None
+    local = dst / f"v{version}"
+    if not (local / ".complete").is_file():
+        source = client.get_model_version(name, version).source
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst / f".v{version}.tmp"),
+                                                       tracking_uri=uri))  # fmt: skip
+        shutil.rmtree(local, ignore_errors=True)
+        os.replace(got, local)
+        shutil.rmtree(dst / f".v{version}.tmp", ignore_errors=True)
+        (local / ".complete").write_text(source)
+    return version, local

@@ -17,13 +17,16 @@ from datasets_prep.io import file_digest
 from engines.tracking import tracking_uri
 from flows.stages import evaluate, in_stage_run, prep, train
 from tasks import tracking as tr
-from tasks.registry import register_model
+from tasks.registry import register_model, resolve_init_model
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     def body(run_id: str) -> dict[str, Any]:
-        out = {"prep": prep(cfg, run_id), "train": train(cfg, run_id), "eval": evaluate(cfg, run_id)}
+        out = {"prep": prep(cfg, run_id)}
+        run_cfg, init_from = resolve_init_model(cfg)  # after prep: the training dir is keyed by champion and data
+        tr.set_tags(cfg, run_id, {"flowspeed.init_from": init_from})
+        out |= {"train": train(run_cfg, run_id), "eval": evaluate(run_cfg, run_id)}
         metrics = dict(out["eval"]["metrics"])
         losses = out["train"].get("losses") or []
         if losses:

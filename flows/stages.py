@@ -17,6 +17,7 @@ from datasets_prep.io import file_digest
 from engines.tracking import tracking_uri
 from tasks import tracking as tr
 from tasks.caching import run_cached
+from tasks.registry import resolve_init_model
 from tasks.stages import evaluate_model, make_task_runner, merge_prep_task, prep_latents, prep_slice_task, train_model
 
 
@@ -82,12 +83,23 @@ def prep(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any
     return in_stage_run(cfg, "prep", parent_run_id, body)
 
 
+def _init_source(cfg: PipelineConfig, resolved: str) -> str:
+    t = cfg.model.transformer
+    return (
+        resolved if resolved != "config" else (f"pretrained:{t.pretrained}" if t.pretrained else f"preset:{t.preset}")
+    )
+
+
 @flow(name="train", log_prints=True)
 def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Cached latents -> checkpoints and a diffusers export; per-step metrics go to this MLflow run."""
 
     def body(run_id: str) -> dict[str, Any]:
-        res = run_cached(train_model, cfg=cfg, run_id=run_id, tracking_uri=tracking_uri(cfg))
+        # Resolved before the cached task: a new champion is a new input, so it retrains. (The pipeline
+        # resolves before calling this flow; then this is a no-op and the tag says where it started.)
+        start_cfg, init_from = resolve_init_model(cfg)
+        tr.set_tags(cfg, run_id, {"flowspeed.init_from": _init_source(start_cfg, init_from)})
+        res = run_cached(train_model, cfg=start_cfg, run_id=run_id, tracking_uri=tracking_uri(cfg))
         if res["cache_hit"]:  # the per-step metrics live in the run that produced the model
             tr.set_tags(cfg, run_id, {"reused_from_run": res.get("run_id")})
         tr.log_dataset(cfg, run_id, cfg.prep_dir / "samples.jsonl", context="training")

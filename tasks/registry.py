@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from configs import PipelineConfig
+from datasets_prep.io import file_digest
 from engines.model_registry import register_and_promote
 from engines.tracking import tracking_uri
 from tasks.caching import retry_if_transient
@@ -46,3 +47,32 @@ def register_model(
                                  description=f"{name} v{decision.version}: {decision.alias}")  # fmt: skip
     return {"model": name, "version": decision.version, "alias": decision.alias, "reasons": decision.reasons,
             "champion_before": decision.champion_before, "source": source}  # fmt: skip
+
+
+@task(name="resolve-init-model", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
+def resolve_init_model(cfg: PipelineConfig) -> tuple[PipelineConfig, str]:
+    """`train.init_from: champion` -> the config with model.transformer pointing at the champion's
+    weights, and where they came from. No champion yet: the configured model, said so."""
+    if cfg.train.init_from != "champion":
+        return cfg, "config"
+    from configs import ComponentConfig
+    from engines.model_registry import fetch_champion
+    from engines.models import get_family
+
+    name = cfg.tracking.registry.model_name or cfg.tracking.experiment
+    found = fetch_champion(tracking_uri(cfg), name, cfg.workdir / ".champion" / name)
+    if found is None:
+        return cfg, f"config (no champion of {name} yet)"
+    version, local = found
+    subfolder = get_family(cfg.model.family).denoiser_subfolder or None
+    champion = ComponentConfig(pretrained=str(local), subfolder=subfolder, preset=None,
+                               trust_remote_code=cfg.model.transformer.trust_remote_code)  # fmt: skip
+    model = cfg.model.model_copy(update={"transformer": champion})
+    # A training dir per (champion, data): a rerun of the same finetune resumes in it, a new champion
+    # or new data starts fresh instead of "resuming" the last night's finished run.
+    samples = cfg.prep_dir / "samples.jsonl"
+    data = file_digest(samples)[:8] if samples.is_file() else "nodata"
+    out = cfg.train_dir / f"from-{name}-v{version}-{data}"
+    train = cfg.train.model_copy(update={"init_from": "config", "output_dir": out})
+    resolved = cfg.model_copy(update={"model": model, "train": train})
+    return resolved, f"models:/{name}@champion (version {version})"

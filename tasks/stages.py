@@ -14,7 +14,7 @@ from typing import Any
 from prefect import task
 
 from configs import PipelineConfig
-from datasets_prep.manifest import Entry, read_manifest
+from datasets_prep.manifest import Entry, read_sources
 from datasets_prep.prep import launch_prep, merge_slices, part_path, prep_slice
 from engines.models import get_family
 from engines.torch_engine.launch import launch
@@ -37,7 +37,8 @@ def _prep_sources(inputs: dict[str, Any]) -> list[Path]:
     manifest = Path(d.manifest)
     if not manifest.exists():
         return [manifest]
-    media = [p for e in read_manifest(manifest, d.manifest_format, d.roots) if isinstance(e, Entry) for p in e.media]
+    items = read_sources(manifest, d.manifest_format, d.roots, d.incoming)
+    media = [p for e in items if isinstance(e, Entry) for p in e.media]  # new incoming files change the key
     return ([manifest] if manifest.is_file() else []) + media
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,21 @@ def test_pipeline_registers_versions_and_gates_the_champion(tmp_path: Path, demo
     with get_client(sync_client=True) as prefect:
         arts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["registry-decision"])))
     assert any("challenger" in (a.data or "") for a in arts)
+
+    # The nightly finetune: new files land in data.incoming; the run encodes only those and starts
+    # from the champion's weights, in a training dir of its own (not the last run's finished one).
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    clip = next(demo_manifest.parent.glob("videos/*.mp4"))
+    shutil.copy(clip, incoming / "new.mp4")
+    (incoming / "new.txt").write_text("a brand new clip for tonight's finetune")
+    nightly = pipeline(make_config(tmp_path / "c", demo_manifest, *common, "train.init_from=champion",
+                                   f"data.incoming={incoming}"))  # fmt: skip
+    assert nightly["prep"]["num_encoded"] == 1 and nightly["prep"]["num_cached"] == first["prep"]["num_samples"]
+    parent = client.get_run(nightly["mlflow_run_id"])
+    assert parent.data.tags["flowspeed.init_from"] == "models:/quick@champion (version 1)"
+    final = Path(nightly["train"]["final_dir"])
+    assert final.parent.name.startswith("from-quick-v1-") and len(nightly["train"]["losses"]) == 3
+    champion_weights = (tmp_path / "c" / ".champion" / "quick" / "v1" / "transformer").glob("*.safetensors")
+    assert next(champion_weights).stat().st_size > 0
+    assert nightly["registry"]["version"] == "3"
