@@ -18,12 +18,23 @@ from tests.conftest import REPO
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
-def test_prefect_yaml_parameters_are_a_valid_pipeline_config() -> None:
+def test_every_deployment_has_a_valid_config_and_the_nightly_one_is_paused() -> None:
+    import importlib
+
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    (dep,) = spec["deployments"]
-    assert dep["entrypoint"] == "flows/pipeline.py:pipeline"
-    cfg = PipelineConfig.model_validate(dep["parameters"]["cfg"])
-    assert cfg.model.family == "cogvideox"
+    deps = {d["name"]: d for d in spec["deployments"]}
+    assert set(deps) == {"flowspeed-pipeline", "flowspeed-prep", "flowspeed-train", "flowspeed-evaluate",
+                         "flowspeed-nightly-finetune"}  # fmt: skip
+    for dep in deps.values():
+        module, func = dep["entrypoint"].removesuffix(".py").replace("/", ".").split(":")
+        assert hasattr(importlib.import_module(module.replace(".py", "")), func), dep["entrypoint"]
+        cfg = PipelineConfig.model_validate(dep["parameters"]["cfg"])  # the run form's defaults validate
+        assert cfg.model.family == "cogvideox" and dep["work_pool"]["name"] == "local"
+    nightly = deps["flowspeed-nightly-finetune"]
+    (schedule,) = nightly["schedules"]
+    assert schedule["cron"] == "0 2 * * *" and schedule["active"] is False
+    cfg = PipelineConfig.model_validate(nightly["parameters"]["cfg"])
+    assert cfg.train.init_from == "champion" and cfg.tracking.registry.enabled and cfg.data.incoming
 
 
 def _free_port() -> int:
@@ -66,6 +77,10 @@ def test_deployment_runs_on_a_process_worker(tmp_path: Path, demo_manifest: Path
 
         prefect("work-pool", "create", "local", "--type", "process")
         prefect("--no-prompt", "deploy", "--all")
+        for name in ("prep/flowspeed-prep", "train/flowspeed-train", "evaluate/flowspeed-evaluate"):
+            assert "local" in prefect("deployment", "inspect", name)  # registered, on the process pool
+        schedules = prefect("deployment", "schedule", "ls", "pipeline/flowspeed-nightly-finetune")
+        assert "0 2 * * *" in schedules and "False" in schedules  # deployed paused
         params = {
             "cfg": {
                 "workdir": str(tmp_path / "work"),
