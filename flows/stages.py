@@ -6,6 +6,7 @@ calls its task, logs what the stage produced, and closes the run as FINISHED or 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,15 @@ def evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str,
             if (Path(res["eval_dir"]) / kind).is_dir():
                 tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / kind, kind)
         tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / "metrics.json")
+        tr.log_table(cfg, run_id, _eval_rows(cfg, res), "eval_samples.json")
         return res
 
     return in_stage_run(cfg, "eval", parent_run_id, body)
+
+
+def _eval_rows(cfg: PipelineConfig, res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per eval sample, for MLflow's table view: prompt -> generated file, or the answers."""
+    answers = Path(res["eval_dir"]) / "samples" / "responses.jsonl"
+    if answers.is_file():
+        return [json.loads(line) for line in answers.read_text().splitlines() if line.strip()]
+    return [{"prompt": p, "sample": Path(v).name} for p, v in zip(cfg.eval.prompts, res["videos"], strict=False)]

@@ -163,6 +163,15 @@ def set_tags(cfg: PipelineConfig, run_id: str, tags: dict[str, Any]) -> None:
     _tracker(cfg, run_id).set_tags(tags)
 
 
+def log_table(cfg: PipelineConfig, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """Rows as an MLflow table artifact: the UI's evaluation view lists and compares them across runs."""
+    if not rows:
+        return
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    data = {c: [r.get(c) for r in rows] for c in columns}
+    MlflowClient(tracking_uri(cfg)).log_table(run_id, data=data, artifact_file=artifact_file)
+
+
 def log_artifacts(cfg: PipelineConfig, run_id: str, local: Path, artifact_path: str | None = None) -> None:
     _tracker(cfg, run_id).log_artifacts(local, artifact_path)
 

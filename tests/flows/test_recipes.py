@@ -61,6 +61,10 @@ def test_recipe_runs_end_to_end(recipe: Path, demo: Path, tmp_path: Path) -> Non
         rows = [json.loads(line) for line in (cfg.eval_dir / "samples" / "responses.jsonl").read_text().splitlines()]
         assert rows and all(isinstance(r["response"], str) and r["reference"] for r in rows)
     client = MlflowClient(out["tracking_uri"])
-    stages = {r.data.tags.get("flowspeed.stage") for r in client.search_runs(
-        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])}  # fmt: skip
-    assert {"pipeline", "prep", "train", "eval"} <= stages
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    by_stage = {r.data.tags.get("flowspeed.stage"): r for r in runs}
+    assert {"pipeline", "prep", "train", "eval"} <= set(by_stage)
+    # Per-sample eval rows as an MLflow table: answers for text families, generated files otherwise.
+    table = client.download_artifacts(by_stage["eval"].info.run_id, "eval_samples.json", str(tmp_path))
+    columns = json.loads(Path(table).read_text())["columns"]
+    assert ("response" if isinstance(family, SequenceFamily) else "sample") in columns
