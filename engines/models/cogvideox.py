@@ -95,6 +95,7 @@ class CogVideoX(ModelFamily):
     temporal_compression = 4
     spatial_compression = 8
     size_multiple = 16  # 8x VAE, 2x2 patches
+    pipeline_cls: type = CogVideoXPipeline  # what the export is (image-to-video subclasses change it)
 
     def frame_count_error(self, num_frames: int) -> str | None:
         if (num_frames - 1) % self.temporal_compression:
@@ -237,7 +238,7 @@ class CogVideoX(ModelFamily):
     # ---- export and inference -------------------------------------------------------------------
     def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
         tokenizer, encoder = self.load_text_encoder(cfg)
-        pipe = CogVideoXPipeline(
+        pipe = self.pipeline_cls(
             tokenizer=tokenizer,
             text_encoder=encoder,
             vae=self.load_vae(cfg),

@@ -45,6 +45,7 @@ GREY = 128  # the default conditioning frame's value when a caller gives no imag
 class CogVideoXI2V(CogVideoX):
     name = "cogvideox_i2v"
     conditioning = "image"
+    pipeline_cls = CogVideoXImageToVideoPipeline
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
         model = build_transformer(cfg, TRANSFORMER_PRESETS, text_embed_dim, 2 * latent_channels, latent_channels)
@@ -86,18 +87,6 @@ class CogVideoXI2V(CogVideoX):
         return patch_tokens(transformer_config, t - 1, h, w)
 
     # ---- export and inference -------------------------------------------------------------------
-    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
-        tokenizer, encoder = self.load_text_encoder(cfg)
-        pipe = CogVideoXImageToVideoPipeline(
-            tokenizer=tokenizer,
-            text_encoder=encoder,
-            vae=self.load_vae(cfg),
-            transformer=transformer,
-            scheduler=self.load_scheduler(cfg),
-        )
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-        return out_dir
-
     def generate(
         self,
         pretrained_dir: Path,

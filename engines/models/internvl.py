@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer
 from torch import nn
 from transformers import (
     AutoProcessor,
@@ -49,6 +49,7 @@ from engines.models.internvl_remote import (
 from engines.models.qwen2_vl import answer_labels  # ChatML answers located in token space, shared
 from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
 from engines.models.sequence import SequenceFamily, SequenceSample
+from engines.models.tokenizer import byte_level_bpe
 
 # Qwen2's specials first, then InternVL's (in the same relative order as InternVL3-hf's vocabulary).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
@@ -104,14 +105,7 @@ def tokens_per_tile(vision: dict[str, Any], downsample_ratio: float = 0.5) -> in
 
 @lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
-    # Sorted byte alphabet: alphabet() comes back in set order, which differs between processes.
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab.update({tok: len(vocab) + i for i, tok in enumerate(SPECIAL_TOKENS)})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return tok.to_str()  # no post-processor: like Qwen2's, the tokenizer adds no BOS/EOS
+    return byte_level_bpe(tail=SPECIAL_TOKENS).to_str()  # no post-processor: like Qwen2's, no BOS/EOS added
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

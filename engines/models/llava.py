@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, processors
 from torch import nn
 from transformers import (
     AutoProcessor,
@@ -31,6 +31,7 @@ from transformers import (
 from configs.schema import ModelConfig
 from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
 from engines.models.sequence import IGNORE_INDEX, SequenceFamily, SequenceSample
+from engines.models.tokenizer import byte_level_bpe
 
 # Llama's <unk>=0, <s>=1, </s>=2 first; LLaVA adds <image> and <pad> after the vocabulary.
 HEAD_SPECIALS = ("<unk>", "<s>", "</s>")
@@ -72,17 +73,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
-    vocab = {tok: i for i, tok in enumerate(HEAD_SPECIALS)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # sorted: set order changes between processes
-        vocab[ch] = len(vocab)
-    vocab.update({tok: len(vocab) + i for i, tok in enumerate(TAIL_SPECIALS)})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in HEAD_SPECIALS + TAIL_SPECIALS])
+    tok = byte_level_bpe(HEAD_SPECIALS, TAIL_SPECIALS, unk="<unk>")
+    bos = tok.token_to_id("<s>")
     # Llama prepends <s> and appends nothing
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
     return tok.to_str()
 

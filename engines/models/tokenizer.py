@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 
@@ -36,3 +36,24 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         model_max_length=4096,
     )
+
+
+def byte_vocab(head: tuple[str, ...] = (), tail: tuple[str, ...] = ()) -> dict[str, int]:
+    """`head` specials, the 256 byte tokens in sorted order, then `tail` specials: the same ids in
+    every process (alphabet() comes back in set order, which changes from process to process)."""
+    vocab = {tok: i for i, tok in enumerate(head)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    for tok in tail:
+        vocab.setdefault(tok, len(vocab))
+    return vocab
+
+
+def byte_level_bpe(head: tuple[str, ...] = (), tail: tuple[str, ...] = (), unk: str | None = None) -> Tokenizer:
+    """A vocabulary-file-free byte-level tokenizer with the given specials registered as special
+    tokens and no post-processor (callers add their model's BOS/EOS convention)."""
+    tok = Tokenizer(models.BPE(vocab=byte_vocab(head, tail), merges=[], unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in head + tail])
+    return tok

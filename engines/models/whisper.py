@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import pre_tokenizers
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import (
@@ -34,6 +33,7 @@ from transformers.models.whisper.tokenization_whisper import LANGUAGES, TASK_IDS
 from configs.schema import ModelConfig
 from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
 from engines.models.sequence import IGNORE_INDEX, SequenceFamily, SequenceSample
+from engines.models.tokenizer import byte_vocab
 
 SAMPLING_RATE = 16000  # every Whisper checkpoint's feature extractor
 HOP_LENGTH = 160  # 10 ms mel frames; the encoder's two convolutions halve them: 2 frames per position
@@ -71,10 +71,7 @@ def byte_level_whisper_tokenizer(max_length: int = 448) -> WhisperTokenizer:
     transformers 5 builds `WhisperTokenizer` from an in-memory vocab, so it is the real class (prefix
     tokens, decode, save/load) with an empty merge list: every byte is one token.
     """
-    # alphabet() comes back in set order, which differs between processes: sort it (see tokenizer.py).
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for tok in SPECIALS:
-        vocab[tok] = len(vocab)
+    vocab = byte_vocab(tail=SPECIALS)  # bytes, then Whisper's specials in Whisper's order
     return WhisperTokenizer(
         vocab=vocab,
         merges=[],
