@@ -242,6 +242,22 @@ class LoraConfig(Section):
     target_modules: list[str] | None = Field(None, description="None: the family's default targets")
 
 
+class GpuSlotsConfig(Section):
+    """A Prefect global concurrency limit that training runs take slots of, so two scheduled finetunes
+    on one node (or GPU pool) queue instead of fighting over the same devices."""
+
+    enabled: bool = True
+    name: str | None = Field(None, description="the limit's name; default gpu-<hostname>, one per node")
+    size: int | None = Field(
+        None,
+        ge=1,
+        description="slots in the limit; default when flowspeed creates it: the node's accelerator count (1 on "
+        "CPU). Unset, an existing limit keeps the size an operator gave it (UI or `prefect gcl update`)",
+    )
+    occupy: int | None = Field(None, ge=1, description="slots one training run holds; default train.nproc_per_node")
+    timeout_s: float | None = Field(None, gt=0, description="give up waiting for slots after this long; default never")
+
+
 class TrainConfig(Section):
     output_dir: Path | None = Field(None, description="checkpoints; default <workdir>/train")
     max_steps: int = Field(30, ge=1)
@@ -272,6 +288,7 @@ class TrainConfig(Section):
         "model when there is none yet; config: the model section as written",
     )
     parallel: ParallelConfig = ParallelConfig()
+    gpu_slots: GpuSlotsConfig = GpuSlotsConfig()
     fsdp: FsdpConfig = FsdpConfig()
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none", description="recompute each block's activations in backward: all of them, or all but matmuls/attention"
@@ -333,6 +350,16 @@ class TrackingConfig(Section):
         "auto", description="copy the exported model into MLflow artifacts; auto: only below 512 MiB"
     )
     registry: RegistryConfig = RegistryConfig()
+    outage_grace_s: float = Field(
+        300.0,
+        ge=0,
+        description="at the end of training, how long to wait for an unreachable MLflow server before the "
+        "buffered metrics go to <train_dir>/mlflow-undelivered/ (`flowspeed sync-metrics` sends them)",
+    )
+    system_metrics: bool = Field(
+        False, description="CPU, memory, disk, network (psutil) and GPU (nvidia-ml-py) as system/* metrics"
+    )
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="seconds between system metric samples")
 
 
 class PipelineConfig(Section):

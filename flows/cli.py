@@ -57,6 +57,8 @@ def prepare_environment(workdir: Path, debug: bool = False) -> None:
     if "PREFECT_API_URL" not in os.environ:
         os.environ.setdefault("PREFECT_HOME", str((workdir / "prefect").resolve()))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A first run creates the ephemeral API's database; on a busy 2-core machine that can pass 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Flow and task logs go to the Prefect API (the UI shows them); the terminal shows the progress
     # bars and, on failure, one paragraph. --debug puts Prefect's console logs back.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
@@ -274,6 +276,25 @@ def compare(
         table.add_row(r["name"], r["started"], r["status"], r["model"], r["layout"], *values)
     console.print(table)
     console.print("In the MLflow UI: open the experiment, tick these runs, press Compare.")
+
+
+@app.command("sync-metrics")
+def sync_metrics(
+    folder: Annotated[Path, typer.Argument(help="a training dir's mlflow-undelivered/ folder, or the training dir")],
+    debug: DebugOpt = False,
+) -> None:
+    """Deliver metrics that training kept locally because the MLflow server was away when it ended."""
+    from engines.tracking import UNDELIVERED_DIR, replay_undelivered
+
+    if (folder / UNDELIVERED_DIR).is_dir():
+        folder = folder / UNDELIVERED_DIR
+    if not folder.is_dir():
+        typer.echo(f"nothing to send: {folder} does not exist")
+        return
+    delivered, waiting = replay_undelivered(folder)
+    typer.echo(f"delivered {delivered} metrics/tags; {waiting} still waiting (server unreachable)")
+    if waiting:
+        raise typer.Exit(1)
 
 
 cache_app = typer.Typer(help="Inspect, verify and prune the latent cache of a config's prep stage.")

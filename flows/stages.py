@@ -15,7 +15,8 @@ from prefect import flow, unmapped
 
 from configs import PipelineConfig, save_config
 from datasets_prep.io import file_digest
-from engines.tracking import tracking_uri
+from engines.serving import write_mlmodel, write_pointer_model
+from engines.tracking import UNDELIVERED_DIR, replay_undelivered, tracking_uri
 from tasks import tracking as tr
 from tasks.caching import run_cached
 from tasks.registry import resolve_init_model
@@ -101,10 +102,15 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
         start_cfg, init_from = resolve_init_model(cfg)
         tr.set_tags(cfg, run_id, {"flowspeed.init_from": _init_source(start_cfg, init_from)})
         res = run_cached(train_model, cfg=start_cfg, run_id=run_id, tracking_uri=tracking_uri(cfg))
+        # Metrics that training could not deliver while MLflow was away (the server is back if we got here).
+        delivered, waiting = replay_undelivered(start_cfg.train_dir / UNDELIVERED_DIR)
+        if delivered or waiting:
+            print(f"metrics kept locally during an MLflow outage: {delivered} delivered now, {waiting} still waiting")
         if res["cache_hit"]:  # the per-step metrics live in the run that produced the model
             tr.set_tags(cfg, run_id, {"reused_from_run": res.get("run_id")})
         tr.log_dataset(cfg, run_id, cfg.prep_dir / "samples.jsonl", context="training")
         final = Path(res["final_dir"]).resolve()
+        write_mlmodel(final, start_cfg)  # the export is also an MLflow pyfunc model with a signature
         tr.set_tags(
             cfg,
             run_id,
@@ -112,6 +118,8 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
         )
         if tr.should_log_model(cfg, final):
             tr.log_artifacts(cfg, run_id, final, "model")
+        else:  # too big to copy: a pointer model (MLmodel + where the weights are) is what gets registered
+            tr.log_artifacts(cfg, run_id, write_pointer_model(final, cfg.workdir / ".pointer-model" / run_id), "model")
         return res
 
     return in_stage_run(cfg, "train", parent_run_id, body)

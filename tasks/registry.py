@@ -21,11 +21,13 @@ from engines.tracking import tracking_uri
 from tasks.caching import retry_if_transient
 
 
-def model_source(client: MlflowClient, train_run_id: str | None, export_dir: Path) -> str:
-    """The model's copy in the artifact store when the train stage logged it, else the export folder."""
+def model_source(client: MlflowClient, train_run_id: str | None, export_dir: Path) -> tuple[str, str | None]:
+    """(source, the run that holds it): the model's copy in the train run's artifacts when that stage
+    logged it, else the export folder (a path the registry's readers must share) and no run; a
+    tracking server accepts a version's source only inside the artifacts of the run it names."""
     if train_run_id and client.list_artifacts(train_run_id, "model"):
-        return client.get_run(train_run_id).info.artifact_uri.rstrip("/") + "/model"
-    return Path(export_dir).resolve().as_uri()
+        return client.get_run(train_run_id).info.artifact_uri.rstrip("/") + "/model", train_run_id
+    return Path(export_dir).resolve().as_uri(), None
 
 
 @task(name="register-model", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
@@ -36,8 +38,9 @@ def register_model(
     name = reg.model_name or cfg.tracking.experiment
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
-    source = model_source(client, train_run_id, Path(export_dir))
-    decision = register_and_promote(uri, name, source, run_id, metrics, reg.gates)
+    source, source_run = model_source(client, train_run_id, Path(export_dir))
+    decision = register_and_promote(uri, name, source, source_run, metrics, reg.gates)
+    client.set_model_version_tag(name, decision.version, "flowspeed.pipeline_run_id", run_id)
     client.set_tag(run_id, "flowspeed.registry.model", name)
     client.set_tag(run_id, "flowspeed.registry.version", decision.version)
     client.set_tag(run_id, "flowspeed.registry.alias", decision.alias)
@@ -58,12 +61,14 @@ def resolve_init_model(cfg: PipelineConfig) -> tuple[PipelineConfig, str]:
     from configs import ComponentConfig
     from engines.model_registry import fetch_champion
     from engines.models import get_family
+    from engines.serving import weights_dir
 
     name = cfg.tracking.registry.model_name or cfg.tracking.experiment
     found = fetch_champion(tracking_uri(cfg), name, cfg.workdir / ".champion" / name)
     if found is None:
         return cfg, f"config (no champion of {name} yet)"
     version, local = found
+    local = weights_dir(local)  # a pointer model's weights stay where its training wrote them
     subfolder = get_family(cfg.model.family).denoiser_subfolder or None
     champion = ComponentConfig(pretrained=str(local), subfolder=subfolder, preset=None,
                                trust_remote_code=cfg.model.transformer.trust_remote_code)  # fmt: skip

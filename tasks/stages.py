@@ -20,6 +20,7 @@ from engines.models import get_family
 from engines.torch_engine.launch import launch
 from evaluation.run import run_eval
 from tasks.caching import files_policy, retry_if_transient
+from tasks.gpu_slots import gpu_slots
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -130,8 +131,11 @@ def make_task_runner(cfg: PipelineConfig) -> Any:
     ),
 )
 def train_model(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) -> dict[str, Any]:
-    """Train (in process, or torchrun for nproc_per_node > 1); a retry resumes from the last checkpoint."""
-    out = launch(cfg, run_id, tracking_uri).as_dict()
+    """Train (in process, or torchrun for nproc_per_node > 1) while holding the node's GPU slots;
+    a retry resumes from the last checkpoint."""
+    with gpu_slots(cfg) as slots:
+        out = launch(cfg, run_id, tracking_uri).as_dict()
+    out["gpu_slots"] = slots
     out["run_id"] = run_id
     return out
 

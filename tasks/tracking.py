@@ -11,18 +11,19 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Param
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from prefect import task
 from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 
 from configs import PipelineConfig, flatten, save_config
-from engines.tracking import Tracker, ensure_experiment, tracking_uri
+from engines.tracking import ensure_experiment, tracking_uri
 from tasks.caching import retry_if_transient
 
 
@@ -133,14 +134,12 @@ def end_run(cfg: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri(cfg)).set_terminated(run_id, status=status)
 
 
-def _tracker(cfg: PipelineConfig, run_id: str) -> Tracker:
-    return Tracker(tracking_uri(cfg), run_id)
-
-
 def log_metrics(cfg: PipelineConfig, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    tracker = _tracker(cfg, run_id)
-    tracker.log_metrics(metrics, step)
-    tracker.flush()
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+    client = MlflowClient(tracking_uri(cfg))
+    for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics per call
+        client.log_batch(run_id, metrics=batch[i : i + 1000])
 
 
 def log_dataset(cfg: PipelineConfig, run_id: str, samples_path: Path, context: str) -> None:
@@ -160,7 +159,7 @@ def log_dataset(cfg: PipelineConfig, run_id: str, samples_path: Path, context: s
 
 
 def set_tags(cfg: PipelineConfig, run_id: str, tags: dict[str, Any]) -> None:
-    _tracker(cfg, run_id).set_tags(tags)
+    MlflowClient(tracking_uri(cfg)).log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
 
 def log_table(cfg: PipelineConfig, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
@@ -173,7 +172,11 @@ def log_table(cfg: PipelineConfig, run_id: str, rows: list[dict[str, Any]], arti
 
 
 def log_artifacts(cfg: PipelineConfig, run_id: str, local: Path, artifact_path: str | None = None) -> None:
-    _tracker(cfg, run_id).log_artifacts(local, artifact_path)
+    client = MlflowClient(tracking_uri(cfg))
+    if Path(local).is_dir():
+        client.log_artifacts(run_id, str(local), artifact_path)
+    else:
+        client.log_artifact(run_id, str(local), artifact_path)
 
 
 def should_log_model(cfg: PipelineConfig, model_dir: Path, limit: int = 512 * 2**20) -> bool:

@@ -42,7 +42,7 @@ from engines.torch_engine.flops import mfu, peak_tflops, train_flops
 from engines.torch_engine.lora import apply_lora, merge, save_adapter
 from engines.torch_engine.sampler import BucketBatchSampler
 from engines.torch_engine.setup import Ema, build_model, full_value, grad_sync, init_distributed, step_profiler, unwrap
-from engines.tracking import make_tracker
+from engines.tracking import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
 
 
 @dataclass
@@ -89,7 +89,10 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         )
     family = get_family(cfg.model.family)
     train_dir = cfg.train_dir
-    tracker = make_tracker(tracking_uri, run_id, rank, t_cfg.metrics_flush_every)
+    undelivered = train_dir / UNDELIVERED_DIR
+    tracker = make_tracker(tracking_uri, run_id, rank, t_cfg.metrics_flush_every, undelivered_dir=undelivered,
+                           grace_s=cfg.tracking.outage_grace_s)  # fmt: skip
+    monitor = start_system_metrics(cfg, tracking_uri, run_id)
     try:
         records, _ = split_records(load_samples(cfg.prep_dir), t_cfg.val_fraction)
         dataset = CachedLatents(cfg.cache_dir, records)
@@ -265,6 +268,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
             atomic_write_text(train_dir / "losses.json", json.dumps(result.as_dict(), indent=2))
         return result
     finally:
+        stop_system_metrics(monitor)
         tracker.close()
 
 
