@@ -76,9 +76,21 @@ def _write_sample(folder: Path, i: int, frames: np.ndarray, fps: int) -> Path:
     return write_mp4(folder / f"sample_{i:02d}.mp4", frames, fps)
 
 
+def trained_export(cfg: PipelineConfig) -> Path:
+    """The export an eval of this config reads. `<train_dir>/final`, except after `train.init_from:
+    champion`, whose runs train in `<train_dir>/from-<model>-v<N>-<data>/` (one per champion and
+    data): then the newest of those, so `flowspeed eval` alone finds what the last finetune made."""
+    final = cfg.train_dir / "final"
+    if cfg.train.init_from != "champion":
+        return final
+    family = get_family(cfg.model.family)
+    done = [d / "final" for d in cfg.train_dir.glob("from-*") if family.export_files(d / "final")[0].is_file()]
+    return max(done, key=lambda p: family.export_files(p)[0].stat().st_mtime) if done else final
+
+
 def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
     t0 = time.perf_counter()
-    final_dir = Path(final_dir or cfg.train_dir / "final")
+    final_dir = Path(final_dir or trained_export(cfg))
     family = get_family(cfg.model.family)
     if not family.export_files(final_dir)[0].is_file():
         raise FileNotFoundError(f"no exported model at {final_dir}: run `flowspeed train` first")

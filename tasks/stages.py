@@ -18,7 +18,7 @@ from datasets_prep.manifest import Entry, read_sources
 from datasets_prep.prep import launch_prep, merge_slices, part_path, prep_slice
 from engines.models import get_family
 from engines.torch_engine.launch import launch
-from evaluation.run import run_eval
+from evaluation.run import run_eval, trained_export
 from tasks.caching import files_policy, retry_if_transient
 from tasks.gpu_slots import gpu_slots
 
@@ -26,7 +26,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def _denoiser_weights(cfg: PipelineConfig) -> Path:
-    return cfg.train_dir / "final" / get_family(cfg.model.family).denoiser_subfolder / WEIGHTS
+    return trained_export(cfg) / get_family(cfg.model.family).denoiser_subfolder / WEIGHTS
 
 
 def _cfg(inputs: dict[str, Any]) -> PipelineConfig:

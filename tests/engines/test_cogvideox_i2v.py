@@ -156,8 +156,11 @@ def test_save_reload_gives_identical_outputs(family: str, preset: str, tmp_path:
         update={"transformer": ComponentConfig(preset=None, pretrained=str(tmp_path / "ckpt"), subfolder="transformer")}
     )
     again = fam.load_transformer(loaded, 0, 0).eval()
-    with torch.no_grad():
-        assert torch.equal(model(**_inputs(model), return_dict=False)[0], again(**_inputs(model), return_dict=False)[0])
+    reloaded = again.state_dict()
+    assert all(torch.equal(v, reloaded[k]) for k, v in model.state_dict().items())  # every weight, bit for bit
+    with torch.no_grad():  # the same weights; kernels may still sum in another order (seen: 3.6e-7)
+        torch.testing.assert_close(model(**_inputs(model), return_dict=False)[0],
+                                   again(**_inputs(model), return_dict=False)[0], atol=1e-6, rtol=1e-6)  # fmt: skip
     if family == "cogvideox1.5":  # a text-to-video transformer is refused by the I2V family, with the fix
         with pytest.raises(ValueError, match="not an image-to-video transformer"):
             get_family("cogvideox_i2v").load_transformer(loaded, 0, 0)

@@ -81,3 +81,23 @@ def test_bad_input_fails_at_once_while_transient_errors_are_retried(harness: Non
 
     assert both() == "ok"
     assert attempts == {"user": 1, "io": 3}
+
+
+@pytest.mark.slow
+def test_a_rerun_after_a_failed_stage_does_only_that_stage(tmp_path: Path, demo_manifest: Path) -> None:
+    """Eval fails (its output path is taken by a file: a full or broken disk looks the same); prep and
+    train finished. Running the flow again, as a Prefect retry of the flow run does, reuses both."""
+    from flows.pipeline import pipeline
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path / "w", demo_manifest, "train.max_steps=2", "train.checkpoint_every=2",
+                      "model.max_text_length=32", 'eval.prompts=["a red circle"]')  # fmt: skip
+    cfg.workdir.mkdir(parents=True)
+    cfg.eval_dir.write_text("not a folder")
+    with pytest.raises(Exception, match="eval"):
+        pipeline(cfg)
+    assert (cfg.train_dir / "final" / "model_index.json").is_file()
+    cfg.eval_dir.unlink()
+    out = pipeline(cfg)
+    assert out["prep"]["cache_hit"] and out["train"]["cache_hit"]
+    assert not out["eval"]["cache_hit"] and (cfg.eval_dir / "metrics.json").is_file()

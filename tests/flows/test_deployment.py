@@ -21,6 +21,7 @@ def test_every_deployment_has_a_valid_config_and_the_nightly_one_is_paused() -> 
         assert hasattr(importlib.import_module(module.replace(".py", "")), func), dep["entrypoint"]
         cfg = PipelineConfig.model_validate(dep["parameters"]["cfg"])  # the run form's defaults validate
         assert cfg.model.family == "cogvideox" and dep["work_pool"]["name"] == "local"
+        assert dep["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_DEFAULT_RETRIES"] == "1"
     nightly = deps["flowspeed-nightly-finetune"]
     (schedule,) = nightly["schedules"]
     assert schedule["cron"] == "0 2 * * *" and schedule["active"] is False

@@ -107,6 +107,7 @@ def _runs(team: Team, experiment: str) -> dict[str, Any]:
 
 def test_deployed_pipeline_runs_on_a_worker_into_the_mlflow_server(team: Team, deployed: dict[str, Any]) -> None:
     assert "COMPLETED" in deployed["state"]
+    assert "retries=1" in deployed["state"]  # the work pool's job variables gave the flow run its retry
     for name in ("prep/flowspeed-prep", "train/flowspeed-train", "evaluate/flowspeed-evaluate"):
         assert "local" in team.prefect("deployment", "inspect", name)
     schedules = team.prefect("deployment", "schedule", "ls", "pipeline/flowspeed-nightly-finetune")
