@@ -62,4 +62,12 @@ def run_sequence_eval(cfg: PipelineConfig, family: SequenceFamily, final_dir: Pa
     metrics = {"eval/val_loss": loss, "eval/val_samples": float(n_val)}
     if rows:
         metrics["eval/exact_match"] = sum(r["exact_match"] for r in rows) / len(rows)
+    if rows and family.kind == "speech":  # published ASR numbers: WER/CER after Whisper's normaliser
+        from evaluation.speech_metrics import score_transcripts
+
+        scored = score_transcripts([r["reference"] for r in rows], [r["response"] for r in rows])
+        metrics |= {"eval/wer": scored["wer"], "eval/cer": scored["cer"]}
+        for r, s in zip(rows, scored["rows"], strict=True):
+            r |= {"wer": s["wer"], "cer": s["cer"]}
+        write_jsonl(out / "responses.jsonl", rows)
     return {"metrics": metrics, "paths": [str(out / "responses.jsonl")]}

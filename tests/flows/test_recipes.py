@@ -60,6 +60,13 @@ def test_recipe_runs_end_to_end(recipe: Path, demo: Path, tmp_path: Path) -> Non
     if isinstance(family, SequenceFamily):  # answers (or transcripts) of held-out samples, as text
         rows = [json.loads(line) for line in (cfg.eval_dir / "samples" / "responses.jsonl").read_text().splitlines()]
         assert rows and all(isinstance(r["response"], str) and r["reference"] for r in rows)
+        if family.kind == "speech":  # corpus WER after Whisper's normaliser, recomputed from the logged rows
+            from evaluation.speech_metrics import wer
+
+            assert metrics["eval/wer"] == pytest.approx(
+                wer([r["reference"] for r in rows], [r["response"] for r in rows])
+            )
+            assert all(0 <= r["cer"] for r in rows) and "eval/cer" in metrics
     client = MlflowClient(out["tracking_uri"])
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     by_stage = {r.data.tags.get("flowspeed.stage"): r for r in runs}
