@@ -327,8 +327,24 @@ class GateConfig(Section):
     """A candidate must beat the champion on `metric` by `min_improvement` (0: not worse)."""
 
     metric: str = Field(description="an eval metric of the pipeline run, e.g. eval/val_loss")
-    direction: Literal["lower", "higher"] = Field(description="which way is better")
+    direction: Literal["lower", "higher"] | None = Field(
+        None, description="which way is better; default: the metric's declared direction (evaluation/directions.py)"
+    )
     min_improvement: float = Field(0.0, description="absolute margin over the champion's value")
+
+    @model_validator(mode="after")
+    def _known_direction(self) -> GateConfig:
+        if self.direction is None:
+            from evaluation.directions import DIRECTIONS, direction_of
+
+            found = direction_of(self.metric)
+            if found is None:
+                raise ValueError(
+                    f"gate on {self.metric}: no declared direction for this metric; add direction: lower|higher "
+                    f"(declared: {', '.join(sorted(DIRECTIONS))})"
+                )
+            self.direction = found  # type: ignore[assignment]
+        return self
 
 
 class RegistryConfig(Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from configs.schema import GateConfig
@@ -39,3 +40,12 @@ def test_a_candidate_without_the_metric_fails_and_a_champion_without_it_passes()
     assert not ok and "no value" in reasons[0]
     ok, reasons = check_gates({"eval/val_loss": 1.0}, {}, GATES[:1])
     assert ok and "champion has no value" in reasons[0]
+
+
+def test_a_gate_takes_its_metric_s_declared_direction_or_asks_for_one() -> None:
+
+    assert GateConfig(metric="eval/wer").direction == "lower"
+    assert GateConfig(metric="eval/ai2d/accuracy").direction == "higher"
+    assert GateConfig(metric="eval/my_score", direction="higher").direction == "higher"
+    with pytest.raises(ValueError, match="no declared direction.*add direction: lower\\|higher"):
+        GateConfig(metric="eval/my_score")
