@@ -312,8 +312,20 @@ class TrainConfig(Section):
     rdzv_id: str = "flowspeed"
 
 
+class BenchmarkConfig(Section):
+    """An understanding benchmark in VLMEvalKit's TSV layout (evaluation/benchmarks.py)."""
+
+    name: str = Field(description="mmmu | ai2d | chartqa | docvqa | infovqa")
+    tsv: Path = Field(description="the benchmark's TSV file (base64 images, question, options, answer, category)")
+    limit: int | None = Field(None, ge=1, description="score only the first N items (a quick check)")
+    template: str | None = Field(None, description="prompt template; default: the family's, else `default`")
+
+
 class EvalConfig(Section):
     output_dir: Path | None = Field(None, description="eval outputs; default <workdir>/eval")
+    benchmarks: list[BenchmarkConfig] = Field(
+        default_factory=list, description="understanding families: benchmarks scored on the exported model"
+    )
     prompts: list[str] = Field(default_factory=lambda: ["a red circle moving from left to right on a black background"])
     num_inference_steps: int = Field(4, ge=1)
     guidance_scale: float = Field(6.0, ge=0)

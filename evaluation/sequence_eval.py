@@ -70,4 +70,12 @@ def run_sequence_eval(cfg: PipelineConfig, family: SequenceFamily, final_dir: Pa
         for r, s in zip(rows, scored["rows"], strict=True):
             r |= {"wer": s["wer"], "cer": s["cer"]}
         write_jsonl(out / "responses.jsonl", rows)
-    return {"metrics": metrics, "paths": [str(out / "responses.jsonl")]}
+    paths = [str(out / "responses.jsonl")]
+    if cfg.eval.benchmarks and family.kind != "speech":
+        from evaluation.benchmark_eval import run_benchmark
+
+        for bench in cfg.eval.benchmarks:
+            scores, path = run_benchmark(cfg, bench, family, final_dir, device)
+            metrics |= scores
+            paths.append(str(path))
+    return {"metrics": metrics, "paths": paths}

@@ -137,6 +137,9 @@ def evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str,
                 tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / kind, kind)
         tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / "metrics.json")
         tr.log_table(cfg, run_id, _eval_rows(cfg, res), "eval_samples.json")
+        for path in sorted((Path(res["eval_dir"]) / "samples").glob("benchmark_*.jsonl")):  # one table per benchmark
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            tr.log_table(cfg, run_id, rows, f"eval_{path.stem}.json")
         return res
 
     return in_stage_run(cfg, "eval", parent_run_id, body)

@@ -13,6 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from configs import load_config
+from configs.schema import BenchmarkConfig
 from engines.models import get_family
 from engines.models.sequence import SequenceFamily
 from tests.conftest import REPO
@@ -29,6 +30,25 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_demo_dataset(root, num_videos=6, num_images=2)
     make_demo_audio(root, num_clips=6)
     return root
+
+
+def _ai2d_tsv(path: Path) -> Path:
+    """Four AI2D-style items in VLMEvalKit's layout: base64 PNGs, options A-D, answer letter, category."""
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    rows = []
+    for i, (colour, answer) in enumerate([("red", "A"), ("green", "B"), ("blue", "C"), ("red", "A")]):
+        png = io.BytesIO()
+        Image.new("RGB", (32, 32), colour).save(png, format="PNG")
+        rows.append({"index": i, "image": base64.b64encode(png.getvalue()).decode(), "question": "Which colour?",
+                     "A": "red", "B": "green", "C": "blue", "D": "black", "answer": answer,
+                     "category": "shapes" if i < 2 else "colours"})  # fmt: skip
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
 
 
 def test_every_family_has_a_recipe() -> None:
@@ -48,6 +68,9 @@ def test_recipe_runs_end_to_end(recipe: Path, demo: Path, tmp_path: Path) -> Non
     family = get_family(cfg.model.family)
     manifest = Path(cfg.data.manifest).name  # data.jsonl, conversations.jsonl or audio.jsonl of the demo
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": demo / manifest})})
+    if recipe.stem == "qwen2_vl-sft":  # and a benchmark: an AI2D-style TSV scored on the export
+        bench = [BenchmarkConfig(name="ai2d", tsv=_ai2d_tsv(tmp_path / "ai2d.tsv"))]
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"benchmarks": bench})})
     out = pipeline(cfg)
     assert out["prep"]["num_samples"] > 0
     assert len(out["train"]["losses"]) == 4 and all(math.isfinite(x) for x in out["train"]["losses"])
@@ -75,3 +98,10 @@ def test_recipe_runs_end_to_end(recipe: Path, demo: Path, tmp_path: Path) -> Non
     table = client.download_artifacts(by_stage["eval"].info.run_id, "eval_samples.json", str(tmp_path))
     columns = json.loads(Path(table).read_text())["columns"]
     assert ("response" if isinstance(family, SequenceFamily) else "sample") in columns
+    if cfg.eval.benchmarks:  # accuracy as logged == accuracy recomputed from the logged per-item table
+        table = json.loads(Path(client.download_artifacts(by_stage["eval"].info.run_id, "eval_benchmark_ai2d.json",
+                                                          str(tmp_path))).read_text())  # fmt: skip
+        scores = [row[table["columns"].index("score")] for row in table["data"]]
+        assert len(scores) == 4
+        assert by_stage["eval"].data.metrics["eval/ai2d/accuracy"] == pytest.approx(sum(scores) / len(scores))
+        assert "eval/ai2d/category/shapes" in by_stage["eval"].data.metrics

@@ -1,0 +1,61 @@
+"""Scoring an understanding model on the benchmarks `eval.benchmarks` lists (VLMEvalKit TSV files).
+
+Each item becomes a one-turn conversation (the family's prompt template, its image(s) resized to
+the training size `data.height` x `data.width`, as prep hands images to the model) answered with
+the family's own `respond`. Scores follow each benchmark's definition (evaluation/benchmarks.py).
+Outputs: metrics `eval/<bench>/<metric>` and `eval/<bench>/category/<name>`, and one row per item
+in `samples/benchmark_<bench>.jsonl` (what the MLflow table shows), so every number can be
+recomputed from the logged rows.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from configs import PipelineConfig
+from configs.schema import BenchmarkConfig
+from datasets_prep.io import write_jsonl
+from engines.models.sequence import SequenceFamily, SequenceSample
+from evaluation.benchmarks import (
+    PROMPT_TEMPLATES,
+    BenchmarkItem,
+    build_prompt,
+    get_spec,
+    load_benchmark,
+    score_benchmark,
+)
+
+
+def _sample(item: BenchmarkItem, prompt: str, cfg: PipelineConfig) -> SequenceSample:
+    size = (cfg.data.width, cfg.data.height)
+    images = [np.asarray(im.convert("RGB").resize(size)) for im in item.pil_images()]
+    return SequenceSample(messages=[{"role": "user", "content": prompt}], images=images)
+
+
+def _metric_key(text: str) -> str:
+    """MLflow metric names allow letters, digits and _-./ and spaces only."""
+    return re.sub(r"[^\w\-. /]", "_", text)
+
+
+def run_benchmark(
+    cfg: PipelineConfig, bench: BenchmarkConfig, family: SequenceFamily, final_dir: Path, device: torch.device
+) -> tuple[dict[str, float], Path]:
+    spec = get_spec(bench.name)
+    items = load_benchmark(bench.name, bench.tsv)[: bench.limit]
+    template = bench.template or (cfg.model.family if cfg.model.family in PROMPT_TEMPLATES else "default")
+    prompts = [build_prompt(item, spec, template) for item in items]
+    samples = [_sample(item, prompt, cfg) for item, prompt in zip(items, prompts, strict=True)]
+    answers = family.respond(final_dir, samples, max_new_tokens=cfg.model.max_text_length // 4 or 16, device=device)
+    score = score_benchmark(spec.name, items, answers)
+    metrics = {f"eval/{k}": v for k, v in score.metrics().items()}
+    for category, (value, _) in score.per_category.items():
+        metrics[_metric_key(f"eval/{spec.name}/category/{category}")] = value
+    rows: list[dict[str, Any]] = [{**row, "prompt": prompt} for row, prompt in zip(score.rows, prompts, strict=True)]
+    path = cfg.eval_dir / "samples" / f"benchmark_{spec.name}.jsonl"
+    write_jsonl(path, rows)
+    return metrics, path
