@@ -323,6 +323,11 @@ class BenchmarkConfig(Section):
 
 class EvalConfig(Section):
     output_dir: Path | None = Field(None, description="eval outputs; default <workdir>/eval")
+    model: str | None = Field(
+        None,
+        description="what to evaluate: models:/NAME/VERSION or models:/NAME@ALIAS (the registry), a training "
+        "checkpoint folder (step-N), or an export folder; default: this config's training export",
+    )
     benchmarks: list[BenchmarkConfig] = Field(
         default_factory=list, description="understanding families: benchmarks scored on the exported model"
     )

@@ -98,22 +98,45 @@ def register_and_promote(
     return Decision(name, str(mv.version), alias, reasons, before)
 
 
-def fetch_champion(uri: str, name: str, dst: Path) -> tuple[str, Path] | None:
-    """(version, local folder) of the champion, copied under `dst/v<version>` once (a workdir's
-    `final/` is replaced by every run, so the champion must not be read in place); None if none."""
+def resolve_version(uri: str, model_uri: str) -> tuple[str, str]:
+    """`models:/NAME/VERSION` or `models:/NAME@ALIAS` -> (name, version): an alias is pinned to the
+    version it points at now, so a result (and a cache key) names what was actually read."""
+    if not model_uri.startswith("models:/"):
+        raise ValueError(f"{model_uri!r} is not a registry URI: use models:/NAME/VERSION or models:/NAME@ALIAS")
+    ref = model_uri[len("models:/") :]
+    client = MlflowClient(uri)
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, _, version = ref.rpartition("/")
+        if not name or not version.isdigit():
+            raise ValueError(f"{model_uri!r}: use models:/NAME/VERSION or models:/NAME@ALIAS")
+        return name, str(client.get_model_version(name, version).version)
+    except MlflowException as exc:
+        raise ValueError(f"{model_uri}: not in the registry at {uri} ({exc.message})") from exc
+
+
+def fetch_version(uri: str, name: str, version: str, dst: Path) -> Path:
+    """A version's files, copied under `dst/v<version>` once (a workdir's `final/` is replaced by every
+    run, so a registered model must not be read in place)."""
     import mlflow.artifacts
 
-    client = MlflowClient(uri)
-    version = champion_version(client, name)
-    if version is None:
-        return None
     local = dst / f"v{version}"
     if not (local / ".complete").is_file():
-        source = client.get_model_version(name, version).source
-        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst / f".v{version}.tmp"),
-                                                       tracking_uri=uri))  # fmt: skip
+        source = MlflowClient(uri).get_model_version(name, version).source
+        tmp = dst / f".v{version}.tmp"
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=uri))
         shutil.rmtree(local, ignore_errors=True)
         os.replace(got, local)
-        shutil.rmtree(dst / f".v{version}.tmp", ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         (local / ".complete").write_text(source)
-    return version, local
+    return local
+
+
+def fetch_champion(uri: str, name: str, dst: Path) -> tuple[str, Path] | None:
+    """(version, local folder) of the champion; None if there is none yet."""
+    version = champion_version(MlflowClient(uri), name)
+    if version is None:
+        return None
+    return version, fetch_version(uri, name, version, dst)

@@ -222,7 +222,7 @@ def train(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, de
 
 @app.command("eval")
 def eval_(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
-    """Evaluate the exported model: validation loss, sample videos, CLIP score."""
+    """Evaluate the exported model (or eval.model: a registry version, checkpoint or export folder)."""
     _run_stage("eval", config, workdir, set_, debug)
 
 

@@ -125,12 +125,27 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
     return in_stage_run(cfg, "train", parent_run_id, body)
 
 
+def pin_eval_model(cfg: PipelineConfig) -> PipelineConfig:
+    """`eval.model: models:/NAME@ALIAS` -> `models:/NAME/<its version now>`: the result (and the eval
+    cache key) names the version read, and a moved alias is a new input, not a cache hit."""
+    model = cfg.eval.model
+    if not model or not model.startswith("models:/") or "@" not in model:
+        return cfg
+    from engines.model_registry import resolve_version
+
+    name, version = resolve_version(tracking_uri(cfg), model)
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"model": f"models:/{name}/{version}"})})
+
+
 @flow(name="evaluate", log_prints=True)
 def evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Validation loss, sample videos and CLIP score for the exported model."""
 
     def body(run_id: str) -> dict[str, Any]:
-        res = run_cached(evaluate_model, cfg=cfg)
+        cfg_ = pin_eval_model(cfg)
+        if cfg_.eval.model:
+            tr.set_tags(cfg, run_id, {"flowspeed.eval_model": cfg_.eval.model})
+        res = run_cached(evaluate_model, cfg=cfg_)
         tr.log_metrics(cfg, run_id, res["metrics"])
         for kind in ("videos", "samples"):  # generated media, or a text family's answers
             if (Path(res["eval_dir"]) / kind).is_dir():

@@ -63,3 +63,16 @@ def test_pipeline_registers_versions_and_gates_the_champion(tmp_path: Path, demo
 
     nightly_cfg = make_config(tmp_path / "c", demo_manifest, *common, "train.init_from=champion")
     assert trained_export(nightly_cfg) == final
+
+    # Any registered version (an alias pinned to its version) or a training checkpoint, evaluated alone.
+    from flows.stages import evaluate
+
+    champion = str(client.get_model_version_by_alias("quick", "champion").version)
+    by_alias = evaluate(make_config(tmp_path / "e", demo_manifest, *common, "eval.model=models:/quick@champion"))
+    assert client.get_run(by_alias["mlflow_run_id"]).data.tags["flowspeed.eval_model"] == f"models:/quick/{champion}"
+    assert (tmp_path / "e" / ".registry" / "quick" / f"v{champion}" / "MLmodel").is_file()
+    checkpoint = first["train"]["checkpoint"]
+    from_ckpt = evaluate(make_config(tmp_path / "f", demo_manifest, *common, f"eval.model={checkpoint}"))
+    assert from_ckpt["metrics"]["eval/val_loss"] > 0 and from_ckpt["videos"]
+    with pytest.raises(Exception, match="not in the registry"):
+        evaluate(make_config(tmp_path / "g", demo_manifest, *common, "eval.model=models:/quick/99"))
