@@ -25,6 +25,8 @@ from typing import Literal
 import pandas as pd
 from PIL import Image
 
+from evaluation.directions import DIRECTIONS
+
 MetricName = Literal["accuracy", "relaxed_accuracy", "anls"]
 TaskKind = Literal["multiple_choice", "open", "mixed"]
 
@@ -72,9 +74,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 
 # Every benchmark metric here is higher-is-better; keys cover the bare metric and "<benchmark>/<metric>",
 # the names `BenchmarkScore.metrics()` logs under.
-METRIC_DIRECTIONS: dict[str, str] = {
-    **{m: "higher" for m in ("accuracy", "relaxed_accuracy", "anls")},
-    **{f"{s.name}/{s.metric}": "higher" for s in BENCHMARKS.values()},
+METRIC_DIRECTIONS: dict[str, str] = {  # one table: evaluation/directions.py
+    **{m: DIRECTIONS[m] for m in ("accuracy", "relaxed_accuracy", "anls")},
+    **{f"{s.name}/{s.metric}": DIRECTIONS[s.metric] for s in BENCHMARKS.values()},
 }
 
 

@@ -29,19 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evaluation.directions import DIRECTIONS
+
 try:  # scipy is what the reference FID implementations use; it arrives with mlflow but is not a declared dependency
     import scipy.linalg as _scipy_linalg
 except ImportError:  # pragma: no cover - exercised only without scipy
     _scipy_linalg = None
 
-METRIC_DIRECTIONS: dict[str, str] = {
-    "fid": "lower",
-    "fvd": "lower",
-    "temporal_flickering": "higher",
-    "motion_smoothness": "higher",
-    "subject_consistency": "higher",
-    "background_consistency": "higher",
-}
+_METRICS = ("fid", "fvd", "temporal_flickering", "motion_smoothness", "subject_consistency", "background_consistency")
+METRIC_DIRECTIONS: dict[str, str] = {m: DIRECTIONS[m] for m in _METRICS}  # one table: evaluation/directions.py
 
 RANDOM_INIT = "random-init"
 # Three temporal stride-2 stages (Conv3d_1a, MaxPool3d_4a, MaxPool3d_5a) take T frames to ceil(T / 8) steps, and

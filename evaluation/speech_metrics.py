@@ -32,7 +32,9 @@ from pathlib import Path
 import jiwer
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
-METRIC_DIRECTIONS: dict[str, str] = {"wer": "lower", "cer": "lower"}
+from evaluation.directions import DIRECTIONS
+
+METRIC_DIRECTIONS: dict[str, str] = {m: DIRECTIONS[m] for m in ("wer", "cer")}  # one table: evaluation/directions.py
 _ENGLISH = {"en", "eng", "english"}
 
 SpellingMapping = Mapping[str, str] | str | Path | None
