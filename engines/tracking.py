@@ -26,6 +26,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
 
 from configs import PipelineConfig
 
@@ -54,6 +55,12 @@ def ensure_experiment(client: MlflowClient, cfg: PipelineConfig) -> str:
     return client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
 
 
+def _refused(exc: MlflowException) -> bool:
+    """A 4xx answer other than 429: the request itself is wrong, not the server away."""
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status != 429
+
+
 class Tracker:
     """Buffered, outage-tolerant logging into one existing MLflow run (see the module docstring)."""
 
@@ -79,7 +86,6 @@ class Tracker:
         self._pending: deque[tuple[list[Metric], list[RunTag]]] = deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._in_flight = 0
         self._current: list[tuple[list[Metric], list[RunTag]]] = []
         self._abandoned = False
         self._outage_since: float | None = None
@@ -130,7 +136,7 @@ class Tracker:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            while (self._pending or self._in_flight) and time.monotonic() < deadline:
+            while (self._pending or self._current) and time.monotonic() < deadline:
                 self._cond.wait(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             # What is still queued, plus a batch hanging in HTTP retries (a copy: the stores dedupe).
             left = list(self._current) + list(self._pending)
@@ -152,21 +158,27 @@ class Tracker:
                     return
                 self._current = list(self._pending)
                 self._pending.clear()
-                self._in_flight = len(self._current)
             try:
                 while self._current:
                     metrics, tags = self._current[0]
-                    self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
+                    try:
+                        self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
+                    except MlflowException as exc:
+                        if not _refused(exc):
+                            raise
+                        # The server answered "no" (deleted run, a value it rejects): resending cannot
+                        # help, and holding the batch would stall everything queued behind it.
+                        log.error("MLflow refused %d metrics/tags of run %s, dropped: %s",
+                                  len(metrics) + len(tags), self.run_id, exc.message)  # fmt: skip
                     with self._cond:
                         self._current = self._current[1:]
-                        self._in_flight = len(self._current)
                         self._cond.notify_all()
             except Exception as exc:  # noqa: BLE001 - connection refused, timeouts, 5xx: all "try later"
                 with self._cond:
                     if self._abandoned:  # close() gave up and wrote these to the undelivered file
                         return
                     self._pending.extendleft(reversed(self._current))  # keep the order
-                    self._current, self._in_flight = [], 0
+                    self._current = []
                     if self._outage_since is None:
                         self._outage_since = time.monotonic()
                         log.warning("MLflow at %s unreachable (%s); buffering metrics and retrying", self.uri, exc)

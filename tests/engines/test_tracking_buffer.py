@@ -134,3 +134,29 @@ def test_sync_keeps_the_file_while_the_server_is_still_away(tmp_path: Path) -> N
         mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         assert replay_undelivered(folder) == (0, 1)
     assert (folder / "r.jsonl").is_file()
+
+
+def test_a_batch_the_server_refuses_is_dropped_without_stalling_the_rest(tmp_path: Path) -> None:
+    """A 4xx answer is not an outage: resending cannot help, so that batch goes and the queue moves on."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    uri, run_id = _store(tmp_path)
+    tracker = Tracker(uri, run_id, flush_every=100, undelivered_dir=tmp_path / "undelivered", grace_s=30)
+    real = tracker.client.log_batch
+
+    def refuse_tags(run_id: str, metrics=(), tags=()):  # noqa: ANN001, ANN202
+        if tags:
+            raise MlflowException("tag refused", error_code=INVALID_PARAMETER_VALUE)
+        return real(run_id, metrics=metrics, tags=tags)
+
+    tracker.client.log_batch = refuse_tags  # type: ignore[method-assign]
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.flush()
+    tracker.set_tags({"bad": "x"})
+    for step in range(2, 5):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    assert tracker.close() == 0  # nothing left for the undelivered file, and close did not wait out the grace
+    assert _steps(uri, run_id, "train/loss") == [1, 2, 3, 4]
+    assert "bad" not in MlflowClient(uri).get_run(run_id).data.tags
+    assert not (tmp_path / "undelivered").exists()
