@@ -321,6 +321,31 @@ class BenchmarkConfig(Section):
     template: str | None = Field(None, description="prompt template; default: the family's, else `default`")
 
 
+class GenerationMetricsConfig(Section):
+    """FID/FVD against a reference set and the VBench-style video dimensions (evaluation/generation_metrics.py).
+
+    Without weight files the Inception / I3D extractors are seeded random init: their distances rank
+    models within one setup but are no published FID/FVD, and the eval says so (tag `features`).
+    """
+
+    reference: str | None = Field(
+        None,
+        description="real media to compare against: held_out (the prepared held-out clips) or a folder of "
+        "videos/images; unset: no FID/FVD",
+    )
+    fid: bool = Field(True, description="FID on frames (images, or every frame of a video) when a reference is set")
+    fvd: bool = Field(True, description="FVD on clips (video families) when a reference is set")
+    inception_weights: Path | None = Field(None, description="torchvision Inception-v3 state dict; unset: random init")
+    i3d_weights: Path | None = Field(None, description="Kinetics-400 RGB I3D state dict; unset: random init")
+    fid_size: int = Field(299, ge=75, description="Inception input size (299 is the standard)")
+    fvd_size: int = Field(224, ge=32, description="I3D input size (224 is the standard)")
+    fvd_layer: Literal["pool", "logits"] = Field("pool", description="logits: the original FVD's 400-d features")
+    vbench: bool = Field(True, description="temporal flickering, motion smoothness, background consistency (CLIP)")
+    dino: str | None = Field(
+        None, description="a local transformers DINO/ViT folder: subject consistency on its features (VBench)"
+    )
+
+
 class EvalConfig(Section):
     output_dir: Path | None = Field(None, description="eval outputs; default <workdir>/eval")
     model: str | None = Field(
@@ -338,6 +363,10 @@ class EvalConfig(Section):
     seed: int = 1234
     val_batches: int = Field(4, ge=1, description="fixed-noise passes over the held-out set")
     clip: ClipConfig = ClipConfig()
+    generation: GenerationMetricsConfig = GenerationMetricsConfig()
+    samples_per_prompt: int = Field(1, ge=1, description="generated samples per prompt (seeds seed, seed+1, ...)")
+    batch_size: int = Field(4, ge=1, description="samples generated or items answered per model call")
+    nproc_per_node: int = Field(1, ge=1, description="eval ranks (torchrun): samples and items split across them")
 
 
 class GateConfig(Section):

@@ -29,6 +29,7 @@ from evaluation.benchmarks import (
     load_benchmark,
     score_benchmark,
 )
+from evaluation.sharded import Ranks, run_sharded, task_folder
 
 
 def _sample(item: BenchmarkItem, prompt: str, cfg: PipelineConfig) -> SequenceSample:
@@ -43,19 +44,40 @@ def _metric_key(text: str) -> str:
 
 
 def run_benchmark(
-    cfg: PipelineConfig, bench: BenchmarkConfig, family: SequenceFamily, final_dir: Path, device: torch.device
+    cfg: PipelineConfig,
+    bench: BenchmarkConfig,
+    family: SequenceFamily,
+    final_dir: Path,
+    device: torch.device,
+    ranks: Ranks | None = None,
 ) -> tuple[dict[str, float], Path]:
+    """Items answered in batches across the ranks (resumable), scored on rank 0; ({}, path) elsewhere."""
+    from evaluation.sequence_eval import max_new_tokens
+
+    ranks = ranks or Ranks()
     spec = get_spec(bench.name)
     items = load_benchmark(bench.name, bench.tsv)[: bench.limit]
     template = bench.template or (cfg.model.family if cfg.model.family in PROMPT_TEMPLATES else "default")
     prompts = [build_prompt(item, spec, template) for item in items]
-    samples = [_sample(item, prompt, cfg) for item, prompt in zip(items, prompts, strict=True)]
-    answers = family.respond(final_dir, samples, max_new_tokens=cfg.model.max_text_length // 4 or 16, device=device)
-    score = score_benchmark(spec.name, items, answers)
+
+    def work(batch: list[int]) -> list[dict[str, Any]]:
+        samples = [_sample(items[i], prompts[i], cfg) for i in batch]
+        answers = family.respond(final_dir, samples, max_new_tokens=max_new_tokens(cfg), device=device)
+        return [{"answer": a} for a in answers]
+
+    tsv = Path(bench.tsv)
+    settings = {"tsv": f"{tsv.resolve()}:{tsv.stat().st_size}:{tsv.stat().st_mtime_ns}", "limit": bench.limit,
+                "template": template, "size": [cfg.data.height, cfg.data.width],
+                "max_new_tokens": max_new_tokens(cfg)}  # fmt: skip
+    folder = task_folder(cfg.eval_dir, f"benchmark-{spec.name}", family.export_files(final_dir), settings)
+    answered = run_sharded(folder, len(items), work, ranks, cfg.eval.batch_size, f"{spec.name} items")
+    path = cfg.eval_dir / "samples" / f"benchmark_{spec.name}.jsonl"
+    if not ranks.main:
+        return {}, path
+    score = score_benchmark(spec.name, items, [r["answer"] for r in answered])
     metrics = {f"eval/{k}": v for k, v in score.metrics().items()}
     for category, (value, _) in score.per_category.items():
         metrics[_metric_key(f"eval/{spec.name}/category/{category}")] = value
     rows: list[dict[str, Any]] = [{**row, "prompt": prompt} for row, prompt in zip(score.rows, prompts, strict=True)]
-    path = cfg.eval_dir / "samples" / f"benchmark_{spec.name}.jsonl"
     write_jsonl(path, rows)
     return metrics, path

@@ -34,19 +34,30 @@ def load_clip(cfg: ClipConfig, device: torch.device) -> tuple[torch.nn.Module, o
 
 
 @torch.no_grad()
+def video_clip_score(clip: tuple, video: np.ndarray, prompt: str, device: torch.device) -> tuple[float, float]:
+    """(CLIP score, mean cosine) of one video's frames against its prompt, with a `load_clip` result."""
+    model, preprocess, tokenizer = clip
+    images = torch.stack([preprocess(Image.fromarray(frame)) for frame in video]).to(device)
+    img = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
+    txt = torch.nn.functional.normalize(model.encode_text(tokenizer([prompt]).to(device)).float(), dim=-1)
+    cos = (img @ txt.T).squeeze(-1)  # (frames,)
+    return (100 * cos.clamp(min=0)).mean().item(), cos.mean().item()
+
+
+@torch.no_grad()
+def clip_image_features(clip: tuple, video: np.ndarray, device: torch.device) -> np.ndarray:
+    """(T, D) CLIP image features of a (T, H, W, 3) uint8 video: VBench's background-consistency encoder."""
+    model, preprocess, _ = clip
+    images = torch.stack([preprocess(Image.fromarray(frame)) for frame in video]).to(device)
+    return model.encode_image(images).float().cpu().numpy()
+
+
 def clip_score(videos: np.ndarray, prompts: list[str], cfg: ClipConfig, device: torch.device) -> dict[str, float]:
     """CLIP score (mean of 100 * max(cos, 0), torchmetrics' definition) and the raw mean cosine.
 
     The raw cosine is kept because a weak or random-init CLIP often scores below zero, where the
     clamped score reads 0 for every model and says nothing.
     """
-    model, preprocess, tokenizer = load_clip(cfg, device)
-    scores, cosines = [], []
-    for video, prompt in zip(videos, prompts, strict=True):
-        images = torch.stack([preprocess(Image.fromarray(frame)) for frame in video]).to(device)
-        img = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
-        txt = torch.nn.functional.normalize(model.encode_text(tokenizer([prompt]).to(device)).float(), dim=-1)
-        cos = (img @ txt.T).squeeze(-1)  # (frames,)
-        scores.append((100 * cos.clamp(min=0)).mean().item())
-        cosines.append(cos.mean().item())
-    return {"clip_score": float(np.mean(scores)), "clip_cosine": float(np.mean(cosines))}
+    clip = load_clip(cfg, device)
+    pairs = [video_clip_score(clip, video, prompt, device) for video, prompt in zip(videos, prompts, strict=True)]
+    return {"clip_score": float(np.mean([s for s, _ in pairs])), "clip_cosine": float(np.mean([c for _, c in pairs]))}

@@ -1,28 +1,40 @@
-"""The eval stage: validation loss, generated videos and CLIP score for a trained checkpoint.
+"""The eval stage: held-out loss, then generated samples and their metrics (or a text family's answers
+and benchmark scores) for a trained export, a checkpoint or a registered version.
 
-Outputs under `cfg.eval_dir`: videos/sample_XX.mp4, metrics.json, config.yaml.
+With `eval.nproc_per_node > 1` it runs as a torchrun job (`python -m evaluation.run`): samples and
+benchmark items are split across the ranks and gathered on rank 0 (evaluation/sharded.py), which
+writes the outputs. Every task keeps per-item rows as it goes, so a killed eval resumes.
+
+Outputs under `cfg.eval_dir`: videos/sample_XX.mp4 (generation), samples/*.jsonl (one row per sample
+or item), metrics.json, config.yaml.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
-from configs import ComponentConfig, PipelineConfig, save_config
-from datasets_prep.io import atomic_write, atomic_write_text
-from datasets_prep.mp4 import write_mp4
+from configs import ComponentConfig, PipelineConfig, load_config, save_config
+from datasets_prep.io import atomic_write_text, write_jsonl
 from datasets_prep.prep import load_samples
 from engines.device import resolve_device
 from engines.models import get_family
+from engines.models.registry import keep_loaded
 from engines.models.sequence import SequenceFamily
 from engines.torch_engine.data import CachedLatents, split_records
-from evaluation.clip_score import clip_score
+from engines.torchrun import in_distributed_job, run_torchrun
+from evaluation.generation_eval import generate_and_score
 from evaluation.sequence_eval import run_sequence_eval
+from evaluation.sharded import join
 
 
 @dataclass
@@ -30,6 +42,7 @@ class EvalResult:
     eval_dir: str
     metrics: dict[str, float]
     videos: list[str] = field(default_factory=list)
+    info: dict[str, str] = field(default_factory=dict)  # labels for the run's tags, e.g. fid_features
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -46,7 +59,7 @@ def _trained_transformer(cfg: PipelineConfig, final_dir: Path) -> torch.nn.Modul
 def validation_loss(cfg: PipelineConfig, final_dir: Path, device: torch.device) -> tuple[float, int]:
     """Mean training loss over the held-out set with fixed noise and timesteps: deterministic."""
     family = get_family(cfg.model.family)
-    _, val = split_records(load_samples(cfg.prep_dir), cfg.train.val_fraction)
+    val = held_out_records(cfg)
     if not val:
         return float("nan"), 0
     model = _trained_transformer(cfg, final_dir).to(device).eval()
@@ -65,15 +78,13 @@ def validation_loss(cfg: PipelineConfig, final_dir: Path, device: torch.device) 
     return float(sum(losses) / len(losses)), len(val)
 
 
-def _write_sample(folder: Path, i: int, frames: np.ndarray, fps: int) -> Path:
-    """A video as mp4; a one-frame sample (image families) as png."""
-    if len(frames) == 1:
-        from PIL import Image
-
-        path = folder / f"sample_{i:02d}.png"
-        atomic_write(path, lambda tmp: Image.fromarray(frames[0]).save(tmp, format="PNG"))
-        return path
-    return write_mp4(folder / f"sample_{i:02d}.mp4", frames, fps)
+def held_out_records(cfg: PipelineConfig) -> list[dict]:
+    """The held-out split of the prepared data; none when an eval of `eval.model` runs where nothing
+    was prepared (an eval preset on a registered model): then only the benchmarks and samples count."""
+    if cfg.eval.model and not (cfg.prep_dir / "samples.jsonl").is_file():
+        logging.getLogger(__name__).info("no prepared data under %s: held-out loss skipped", cfg.prep_dir)
+        return []
+    return split_records(load_samples(cfg.prep_dir), cfg.train.val_fraction)[1]
 
 
 def trained_export(cfg: PipelineConfig) -> Path:
@@ -128,31 +139,53 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
     if not family.export_files(final_dir)[0].is_file():
         raise FileNotFoundError(f"no exported model at {final_dir}: run `flowspeed train` first")
     out = cfg.eval_dir
-    save_config(cfg, out)
+    if cfg.eval.nproc_per_node > 1 and not in_distributed_job():
+        (out / "metrics.json").unlink(missing_ok=True)  # never read a previous eval's result as this one's
+        path = save_config(cfg, out, "launch_config.yaml")
+        run_torchrun("evaluation.run", ["--config", str(path), "--final-dir", str(final_dir)],
+                     cfg.eval.nproc_per_node)  # fmt: skip
+        return EvalResult(**json.loads((out / "metrics.json").read_text()))
     device = resolve_device(cfg.train.device)
-    if isinstance(family, SequenceFamily):  # text out: held-out loss and answers, no media metrics
-        res = run_sequence_eval(cfg, family, final_dir, device)
-        res["metrics"]["eval/seconds"] = time.perf_counter() - t0
-        result = EvalResult(str(out), res["metrics"], res["paths"])
-        atomic_write_text(out / "metrics.json", json.dumps(result.as_dict(), indent=2))
-        return result
-    val_loss, n_val = validation_loss(cfg, final_dir, device)
-    e, d = cfg.eval, cfg.data
-    videos = family.generate(
-        final_dir,
-        e.prompts,
-        num_frames=d.num_frames,
-        height=d.height,
-        width=d.width,
-        steps=e.num_inference_steps,
-        guidance_scale=e.guidance_scale,
-        seed=e.seed,
-        device=device,
-    )
-    paths = [str(_write_sample(out / "videos", i, v, e.fps)) for i, v in enumerate(videos)]
-    metrics = {"eval/val_loss": val_loss, "eval/val_samples": float(n_val)}
-    metrics.update({f"eval/{k}": v for k, v in clip_score(videos, e.prompts, e.clip, device).items()})
+    ranks = join(device)
+    with keep_loaded():  # each export, CLIP and feature extractor loads once for all batches
+        if isinstance(family, SequenceFamily):  # text out: held-out loss and answers, no media metrics
+            res = run_sequence_eval(cfg, family, final_dir, device, ranks)
+            metrics, paths, info = res["metrics"], res["paths"], {}
+        else:
+            metrics, paths, info = _generation_eval(cfg, family, final_dir, device, ranks)
+    if not ranks.main:
+        return EvalResult(str(out), {}, [])
+    save_config(cfg, out)
     metrics["eval/seconds"] = time.perf_counter() - t0
-    result = EvalResult(str(out), metrics, paths)
+    result = EvalResult(str(out), metrics, paths, info)
     atomic_write_text(out / "metrics.json", json.dumps(result.as_dict(), indent=2))
+    shutil.rmtree(out / ".partial", ignore_errors=True)  # done: the per-item shards served their purpose
     return result
+
+
+def _generation_eval(cfg: PipelineConfig, family, final_dir: Path, device: torch.device, ranks) -> tuple:  # noqa: ANN001
+    val_loss, n_val = validation_loss(cfg, final_dir, device) if ranks.main else (float("nan"), 0)
+    scores, rows, info = generate_and_score(cfg, family, final_dir, device, ranks)
+    if not ranks.main:
+        return {}, [], {}
+    write_jsonl(cfg.eval_dir / "samples" / "generation.jsonl", rows)
+    metrics = {"eval/val_loss": val_loss, "eval/val_samples": float(n_val), **scores}
+    return metrics, [str(cfg.eval_dir / "videos" / r["sample"]) for r in rows], info
+
+
+@record
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one rank of a distributed eval (launched by the eval stage)")
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--final-dir", required=True, type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run_eval(load_config(args.config), args.final_dir)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

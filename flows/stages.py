@@ -147,6 +147,8 @@ def evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str,
             tr.set_tags(cfg, run_id, {"flowspeed.eval_model": cfg_.eval.model})
         res = run_cached(evaluate_model, cfg=cfg_)
         tr.log_metrics(cfg, run_id, res["metrics"])
+        if res.get("info"):  # e.g. which weights FID/FVD features came from: random-init is never a real FID
+            tr.set_tags(cfg, run_id, {f"flowspeed.eval.{k}": v for k, v in res["info"].items()})
         for kind in ("videos", "samples"):  # generated media, or a text family's answers
             if (Path(res["eval_dir"]) / kind).is_dir():
                 tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / kind, kind)
@@ -162,7 +164,8 @@ def evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str,
 
 def _eval_rows(cfg: PipelineConfig, res: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per eval sample, for MLflow's table view: prompt -> generated file, or the answers."""
-    answers = Path(res["eval_dir"]) / "samples" / "responses.jsonl"
-    if answers.is_file():
-        return [json.loads(line) for line in answers.read_text().splitlines() if line.strip()]
+    for name in ("responses.jsonl", "generation.jsonl"):
+        rows = Path(res["eval_dir"]) / "samples" / name
+        if rows.is_file():
+            return [json.loads(line) for line in rows.read_text().splitlines() if line.strip()]
     return [{"prompt": p, "sample": Path(v).name} for p, v in zip(cfg.eval.prompts, res["videos"], strict=False)]

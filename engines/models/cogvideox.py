@@ -25,6 +25,7 @@ from configs.schema import ModelConfig
 from engines.models.registry import (
     ModelFamily,
     from_pretrained,
+    loaded,
     pick_preset,
     register_family,
     sample_latents,
@@ -261,7 +262,7 @@ class CogVideoX(ModelFamily):
         seed: int,
         device: torch.device,
     ) -> np.ndarray:
-        pipe = CogVideoXPipeline.from_pretrained(pretrained_dir).to(device)
+        pipe = loaded(lambda: CogVideoXPipeline.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
         pipe.set_progress_bar_config(disable=True)
         out = []
         for i, prompt in enumerate(prompts):

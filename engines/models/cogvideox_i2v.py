@@ -32,7 +32,7 @@ from configs.schema import ModelConfig
 from engines.models.cogvideox import TRANSFORMER_PRESETS as T2V_PRESETS
 from engines.models.cogvideox import CogVideoX
 from engines.models.cogvideox15 import TINY_15, build_transformer, pad_frames, patch_tokens
-from engines.models.registry import register_family, sample_latents
+from engines.models.registry import loaded, register_family, sample_latents
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": T2V_PRESETS["tiny"],  # 1.0 layout
@@ -114,7 +114,9 @@ class CogVideoXI2V(CogVideoX):
         for img in images:
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
                 raise ValueError(f"generate: images must be (H, W, 3) uint8 arrays, got {img.dtype} {img.shape}")
-        pipe = CogVideoXImageToVideoPipeline.from_pretrained(pretrained_dir).to(device)
+        pipe = loaded(
+            lambda: CogVideoXImageToVideoPipeline.from_pretrained(pretrained_dir).to(device), pretrained_dir, device
+        )
         pipe.set_progress_bar_config(disable=True)
         out = []
         for i, (prompt, img) in enumerate(zip(prompts, images, strict=True)):

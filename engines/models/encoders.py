@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, T5Config, T5EncoderModel
 
 from configs.schema import ComponentConfig, ModelConfig
-from engines.models.registry import ModelFamily, from_pretrained, pick_preset, seeded_init
+from engines.models.registry import ModelFamily, from_pretrained, loaded, pick_preset, seeded_init
 from engines.models.tokenizer import byte_level_tokenizer
 
 CLIP_MAX = 77
@@ -131,7 +131,7 @@ class ImageFamily(ModelFamily):
         self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
         steps: int, guidance_scale: float, seed: int, device: torch.device,
     ) -> np.ndarray:  # fmt: skip
-        pipe = self.pipeline_cls.from_pretrained(pretrained_dir).to(device)
+        pipe = loaded(lambda: self.pipeline_cls.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
         pipe.set_progress_bar_config(disable=True)
         extra = {}
         if self.max_sequence_tokenizer:

@@ -30,7 +30,7 @@ from transformers import BertConfig, BertModel, T5Config, T5EncoderModel
 
 from configs.schema import ModelConfig
 from engines.models.encoders import T5_PRESETS, ImageFamily, load_image_vae, load_text_encoders
-from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
+from engines.models.registry import from_pretrained, loaded, pick_preset, register_family, sample_latents, seeded_init
 from engines.models.tokenizer import byte_level_tokenizer
 
 # The pipeline pads CLIP prompts to 77 and mT5 prompts to 256 tokens whatever the config says, and the
@@ -174,7 +174,7 @@ class HunyuanDiT(ImageFamily):
         steps: int, guidance_scale: float, seed: int, device: torch.device,
     ) -> np.ndarray:  # fmt: skip
         """As `ImageFamily.generate`, with resolution binning off and the size conditioning of training."""
-        pipe = HunyuanDiTPipeline.from_pretrained(pretrained_dir).to(device)
+        pipe = loaded(lambda: HunyuanDiTPipeline.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
         pipe.set_progress_bar_config(disable=True)
         out = []
         for i, prompt in enumerate(prompts):

@@ -47,7 +47,7 @@ from engines.models.internvl_remote import (
     respond_remote,
 )
 from engines.models.qwen2_vl import answer_labels  # ChatML answers located in token space, shared
-from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.registry import from_pretrained, loaded, pick_preset, register_family, seeded_init
 from engines.models.sequence import SequenceFamily, SequenceSample
 from engines.models.tokenizer import byte_level_bpe
 
@@ -283,8 +283,9 @@ class InternVL(SequenceFamily):
         """
         if remote_config(ComponentConfig(pretrained=str(pretrained_dir), preset=None)) is not None:
             return respond_remote(pretrained_dir, samples, max_new_tokens=max_new_tokens, device=device)
-        model = InternVLForConditionalGeneration.from_pretrained(pretrained_dir).to(device).eval()
-        processor = AutoProcessor.from_pretrained(pretrained_dir)
+        model = loaded(lambda: InternVLForConditionalGeneration.from_pretrained(pretrained_dir).to(device).eval(),
+                       pretrained_dir, device)  # fmt: skip
+        processor = loaded(lambda: AutoProcessor.from_pretrained(pretrained_dir), pretrained_dir, "processor")
         rows, tiles = [], []
         for s in samples:
             # An eval sample ends with its reference answer: the prompt is everything before it.

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 
 from configs.schema import ComponentConfig
-from engines.models.registry import from_pretrained
+from engines.models.registry import from_pretrained, loaded
 from engines.models.sequence import IGNORE_INDEX, SequenceSample
 
 MARKER = "flowspeed_trust_remote_code.json"
@@ -251,8 +251,8 @@ def respond_remote(pretrained_dir: Path, samples: list[SequenceSample], *, max_n
         )
     comp = ComponentConfig(pretrained=str(pretrained_dir), preset=None, trust_remote_code=True)
     meta = json.loads((pretrained_dir / "config.json").read_text())
-    model = load_remote_model(comp).to(device).eval()
-    proc = load_remote_processor(comp, meta)
+    model = loaded(lambda: load_remote_model(comp).to(device).eval(), pretrained_dir, device)
+    proc = loaded(lambda: load_remote_processor(comp, meta), pretrained_dir, "processor")
     tok = proc.tokenizer
     dtype = next(model.parameters()).dtype
     rows, tiles = [], []

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from configs.schema import ModelConfig
-from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.registry import from_pretrained, loaded, pick_preset, register_family, seeded_init
 from engines.models.sequence import IGNORE_INDEX, SequenceFamily, SequenceSample
 from engines.models.tokenizer import byte_level_bpe
 
@@ -212,8 +212,9 @@ class Llava(SequenceFamily):
     def respond(
         self, pretrained_dir: Path, samples: list[SequenceSample], *, max_new_tokens: int, device: torch.device
     ) -> list[str]:
-        model = LlavaForConditionalGeneration.from_pretrained(pretrained_dir).to(device).eval()
-        processor = AutoProcessor.from_pretrained(pretrained_dir)
+        model = loaded(lambda: LlavaForConditionalGeneration.from_pretrained(pretrained_dir).to(device).eval(),
+                       pretrained_dir, device)  # fmt: skip
+        processor = loaded(lambda: AutoProcessor.from_pretrained(pretrained_dir), pretrained_dir, "processor")
         processor.tokenizer.padding_side = "left"  # generation continues from the right edge
         texts, images = [], []
         for s in samples:

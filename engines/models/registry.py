@@ -8,15 +8,18 @@ plus one `register_family` call, never an edit to the stages.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from configs.schema import ComponentConfig, ModelConfig
+
+T = TypeVar("T")
 
 
 class ModelFamily(ABC):
@@ -153,6 +156,32 @@ def known_families() -> list[str]:
     import engines.models  # noqa: F401
 
     return sorted(_FAMILIES)
+
+
+_KEPT: dict[tuple[str, ...], Any] | None = None
+
+
+@contextmanager
+def keep_loaded() -> Iterator[None]:
+    """Inside, `loaded` hands back what it loaded before for the same key. An eval asks a family to
+    generate or answer batch by batch (so work can be split across ranks and resumed), and must not
+    reload a multi-GB export for every batch; outside an eval nothing is kept alive."""
+    global _KEPT
+    outer, _KEPT = _KEPT, {}
+    try:
+        yield
+    finally:
+        _KEPT = outer
+
+
+def loaded(load: Callable[[], T], *key: Any) -> T:
+    """`load()`, or inside `keep_loaded` the object loaded earlier under the same key."""
+    if _KEPT is None:
+        return load()
+    k = tuple(str(part) for part in key)
+    if k not in _KEPT:
+        _KEPT[k] = load()
+    return _KEPT[k]
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from transformers import (
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TASK_IDS
 
 from configs.schema import ModelConfig
-from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.registry import from_pretrained, loaded, pick_preset, register_family, seeded_init
 from engines.models.sequence import IGNORE_INDEX, SequenceFamily, SequenceSample
 from engines.models.tokenizer import byte_vocab
 
@@ -240,8 +240,9 @@ class Whisper(SequenceFamily):
         self, pretrained_dir: Path, samples: list[SequenceSample], *, max_new_tokens: int, device: torch.device
     ) -> list[str]:
         """Greedy transcripts, prompted as in training (the tokenizer's language and task)."""
-        processor = WhisperProcessor.from_pretrained(pretrained_dir)
-        model = WhisperForConditionalGeneration.from_pretrained(pretrained_dir).to(device).eval()
+        processor = loaded(lambda: WhisperProcessor.from_pretrained(pretrained_dir), pretrained_dir, "processor")
+        model = loaded(lambda: WhisperForConditionalGeneration.from_pretrained(pretrained_dir).to(device).eval(),
+                       pretrained_dir, device)  # fmt: skip
         tok = processor.tokenizer
         prompt = {k: v for k, v in (("language", tok.language), ("task", tok.task)) if v is not None}
         # generate refuses prompt + new tokens beyond the decoder's positions

@@ -1,3 +1,4 @@
+import json
 import math
 from pathlib import Path
 
@@ -77,3 +78,121 @@ def test_clip_pretrained_accepts_a_local_checkpoint_file(tmp_path: Path) -> None
     )
     with pytest.raises(FileNotFoundError, match="eval.clip.pretrained"):
         load_clip(ClipConfig(pretrained=str(tmp_path / "missing.pt")), device)
+
+
+def _with_eval(cfg: PipelineConfig, out: Path, **eval_updates: object) -> PipelineConfig:
+    gen = eval_updates.pop("generation", {})
+    e = cfg.eval.model_copy(update={"output_dir": out, **eval_updates})
+    return cfg.model_copy(update={"eval": e.model_copy(update={"generation": e.generation.model_copy(update=gen)})})
+
+
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init DINOv2 saved as a local folder: what eval.generation.dino points at."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    path = tmp_path_factory.mktemp("dino")
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          image_size=28, patch_size=14)  # fmt: skip
+    Dinov2Model(config).save_pretrained(path)
+    BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def metric_settings(trained: PipelineConfig, demo_manifest: Path, tiny_dino: Path) -> dict:
+    """FID/FVD against the demo folder (6 clips, 2 stills) with small extractor inputs, and every VBench
+    dimension: 2 prompts x 2 samples."""
+    gen = {"reference": str(demo_manifest.parent), "fid_size": 75, "fvd_size": 32, "dino": str(tiny_dino)}
+    return {"samples_per_prompt": 2, "batch_size": 2, "generation": gen}
+
+
+def _frames(path: str) -> np.ndarray:
+    with av.open(path) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def _rows(res) -> list[dict]:  # noqa: ANN001
+    path = Path(res.eval_dir) / "samples" / "generation.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_generation_metrics_in_the_eval(trained: PipelineConfig, metric_settings: dict, tmp_path: Path) -> None:
+    res = run_eval(_with_eval(trained, tmp_path / "eval", **metric_settings))
+    m, rows = res.metrics, _rows(res)
+    assert len(res.videos) == len(rows) == 4 and [r["seed"] for r in rows] == [1234, 1235, 1236, 1237]
+    assert [r["prompt"] for r in rows] == [trained.eval.prompts[0]] * 2 + [trained.eval.prompts[1]] * 2
+    for key in ("fid", "fvd", "temporal_flickering", "motion_smoothness", "subject_consistency",
+                "background_consistency"):  # fmt: skip
+        assert math.isfinite(m[f"eval/{key}"]), key
+    assert m["eval/fid"] > 0 and m["eval/fvd"] > 0
+    # each overall number is the mean of the per-sample rows that MLflow shows as a table
+    for key in ("clip_score", "temporal_flickering", "subject_consistency"):
+        assert m[f"eval/{key}"] == pytest.approx(sum(r[key] for r in rows) / 4)
+    # a random-init extractor is labelled as such, with the sample counts behind the number
+    assert res.info["fid_features"] == res.info["fvd_features"] == "random-init"
+    assert res.info["fvd_samples"] == "4 generated vs 8 reference clips"
+    assert not (Path(res.eval_dir) / ".partial").exists()  # per-item shards are gone once the eval is done
+
+
+def test_fvd_with_one_sample_is_refused_before_generating(trained: PipelineConfig, tmp_path: Path) -> None:
+    cfg = _with_eval(trained, tmp_path / "eval", prompts=["one"], generation={"reference": "held_out"})
+    with pytest.raises(ValueError, match="FVD needs at least 2 generated videos"):
+        run_eval(cfg)
+    assert not (tmp_path / "eval" / "videos").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_eval_matches_one_rank(trained: PipelineConfig, metric_settings: dict, tmp_path: Path) -> None:
+    """torchrun with 2 gloo ranks: each generates and scores its half, rank 0 gathers and reduces."""
+    one = run_eval(_with_eval(trained, tmp_path / "one", **metric_settings))
+    two = run_eval(_with_eval(trained, tmp_path / "two", nproc_per_node=2, **metric_settings))
+    assert set(one.metrics) == set(two.metrics)
+    for key, value in one.metrics.items():
+        if key != "eval/seconds":
+            assert two.metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    # Per-sample scores are computed on the raw frames, so equal rows mean equal samples. The mp4s are
+    # not compared: x264 at crf 18 on a random-init model's noise-like frames is far from lossless.
+    assert _rows(one) == _rows(two)
+    for a, b in zip(one.videos, two.videos, strict=True):
+        assert Path(a).name == Path(b).name and _frames(a).shape == _frames(b).shape
+
+
+def test_a_killed_eval_resumes_where_it_stopped(trained: PipelineConfig, tmp_path: Path) -> None:
+    """SIGKILL mid-eval, run again: finished samples are reused (not regenerated) and the result equals
+    an uninterrupted eval's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from configs import save_config
+
+    settings = {"samples_per_prompt": 12, "batch_size": 1}
+    cfg = _with_eval(trained, tmp_path / "killed", **settings)
+    path = save_config(cfg, tmp_path, "eval.yaml")
+    final = trained.train_dir / "final"
+    proc = subprocess.Popen([sys.executable, "-m", "evaluation.run", "--config", str(path), "--final-dir", str(final)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    partial = cfg.eval_dir / ".partial"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        shards = list(partial.glob("generate-*/rank*.jsonl"))
+        if shards and len(shards[0].read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cfg.eval_dir / "metrics.json").exists(), "the eval finished before it could be killed"
+    done = len(next(partial.glob("generate-*/rank*.jsonl")).read_text().splitlines())
+    assert 3 <= done < 24
+    first = cfg.eval_dir / "videos" / "sample_00.mp4"
+    stamp = first.stat().st_mtime_ns
+    resumed = run_eval(cfg)
+    assert first.stat().st_mtime_ns == stamp  # reused, not generated again
+    clean = run_eval(_with_eval(trained, tmp_path / "clean", **settings))
+    assert _rows(resumed) == _rows(clean)
+    assert {k: v for k, v in resumed.metrics.items() if k != "eval/seconds"} == pytest.approx(
+        {k: v for k, v in clean.metrics.items() if k != "eval/seconds"}
+    )

@@ -1,0 +1,257 @@
+"""The generation side of the eval stage: samples generated across ranks, scored, and compared with real media.
+
+Each sample (prompt p, repeat j; item i = p * samples_per_prompt + j, seed `eval.seed + i`, so any world size
+makes the same samples) is generated, written to `videos/sample_XX.mp4` (or .png), and scored where it was
+made: CLIP score against its prompt, the VBench-style dimensions, and its Inception (per frame) and I3D (per
+clip) features, kept beside the shard rows so a resumed eval needs no regeneration. Rank 0 then reduces: mean
+per-sample scores, and FID / FVD of all samples' features against the reference set's
+(`eval.generation.reference`), whose features are computed once and cached under `<eval_dir>/.reference`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from configs import PipelineConfig
+from datasets_prep.io import atomic_write, text_digest
+from datasets_prep.mp4 import write_mp4
+from engines.models.registry import ModelFamily, loaded
+from evaluation import generation_metrics as gm
+from evaluation.clip_score import clip_image_features, load_clip, video_clip_score
+from evaluation.sharded import Ranks, run_sharded, task_folder
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif"}
+
+
+def write_sample(folder: Path, i: int, frames: np.ndarray, fps: int) -> Path:
+    """A video as mp4; a one-frame sample (image families) as png."""
+    if len(frames) == 1:
+        from PIL import Image
+
+        path = folder / f"sample_{i:02d}.png"
+        atomic_write(path, lambda tmp: Image.fromarray(frames[0]).save(tmp, format="PNG"))
+        return path
+    return write_mp4(folder / f"sample_{i:02d}.mp4", frames, fps)
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))  # noqa: SIM115 - np.savez closes it
+
+
+# --------------------------------------------------------------------------- feature extractors
+
+
+def _inception(cfg: PipelineConfig, device: torch.device) -> gm.InceptionFeatures:
+    g = cfg.eval.generation
+    return loaded(lambda: gm.load_inception(g.inception_weights, image_size=g.fid_size).to(device),
+                  "inception", g.inception_weights, g.fid_size, device)  # fmt: skip
+
+
+def _i3d(cfg: PipelineConfig, device: torch.device) -> gm.I3DFeatures:
+    g = cfg.eval.generation
+    return loaded(lambda: gm.load_i3d(g.i3d_weights, input_size=g.fvd_size, layer=g.fvd_layer).to(device),
+                  "i3d", g.i3d_weights, g.fvd_size, g.fvd_layer, device)  # fmt: skip
+
+
+def _dino(path: str, device: torch.device) -> Any:
+    """Per-frame CLS features from a local transformers DINO/ViT folder: VBench's subject encoder."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"eval.generation.dino={path} is not a folder (a transformers DINO/ViT checkpoint)")
+    model = AutoModel.from_pretrained(path).to(device).eval()
+    processor = AutoImageProcessor.from_pretrained(path)
+
+    @torch.no_grad()
+    def encode(video: np.ndarray) -> np.ndarray:
+        pixels = processor(images=list(video), return_tensors="pt")["pixel_values"].to(device)
+        return model(pixel_values=pixels).last_hidden_state[:, 0].float().cpu().numpy()  # (T, D)
+
+    return encode
+
+
+def _fvd_applies(cfg: PipelineConfig) -> bool:
+    g = cfg.eval.generation
+    return bool(g.reference and g.fvd and cfg.data.num_frames > 1)
+
+
+# --------------------------------------------------------------------------- the reference set
+
+
+def _reference_sources(cfg: PipelineConfig) -> list[tuple[Path, list[int] | None]]:
+    """(file, frame indices or None = sample them as prep would) for every reference clip."""
+    ref = cfg.eval.generation.reference
+    assert ref is not None
+    if ref == "held_out":
+        from datasets_prep.prep import load_samples
+        from engines.torch_engine.data import split_records
+
+        _, val = split_records(load_samples(cfg.prep_dir), cfg.train.val_fraction)
+        return [(Path(r["source"]), list(r["frame_indices"])) for r in val]
+    folder = Path(ref)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"eval.generation.reference={ref}: not a folder of videos/images (or held_out)")
+    from datasets_prep.probe import IMAGE_SUFFIXES
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES | IMAGE_SUFFIXES)
+    return [(p, None) for p in files]
+
+
+def reference_videos(cfg: PipelineConfig) -> list[np.ndarray]:
+    """The reference clips as the model's samples look: (T, H, W, 3) uint8 at data.num_frames x height x
+    width, decoded and cropped the way prep treats training clips. Unreadable or too-short files are
+    skipped with a warning naming them."""
+    from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
+    from datasets_prep.probe import ProbeError, probe
+
+    d = cfg.data
+    out, skipped = [], []
+    for path, indices in _reference_sources(cfg):
+        try:
+            info = probe(path)
+            idx = indices or sample_indices(info, d.num_frames, d.target_fps, d.stride)
+            frames, _ = decode(info, idx, d.decoder, cover_size(info.height, info.width, d.height, d.width))
+        except (ProbeError, FileNotFoundError) as exc:
+            skipped.append(f"{path.name} ({exc})")
+            continue
+        out.append(resize_center_crop(frames, d.height, d.width).numpy())
+    if skipped:
+        log.warning("reference set: skipped %d file(s): %s", len(skipped), "; ".join(skipped[:5]))
+    return out
+
+
+def reference_features(cfg: PipelineConfig, device: torch.device) -> dict[str, np.ndarray]:
+    """Inception features of every reference frame and I3D features of every reference clip, cached by
+    the reference files, the extractors and the sample shape: a recurring eval pays for them once."""
+    g, d = cfg.eval.generation, cfg.data
+    sources = _reference_sources(cfg)
+    stamps = [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}:{i}" for p, i in sources if p.exists()]
+    settings = [g.fid, _fvd_applies(cfg), g.inception_weights, g.i3d_weights, g.fid_size, g.fvd_size, g.fvd_layer,
+                d.num_frames, d.height, d.width, d.target_fps, d.stride]  # fmt: skip
+    cache = cfg.eval_dir / ".reference" / f"{text_digest(*stamps, *map(str, settings))[:16]}.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            return dict(z)
+    videos = reference_videos(cfg)
+    feats: dict[str, np.ndarray] = {}
+    if g.fid:
+        frames = [frame for v in videos for frame in v]
+        feats["frames"] = gm.extract_image_features(frames, _inception(cfg, device))
+    if _fvd_applies(cfg):
+        feats["clips"] = gm.extract_video_features(videos, _i3d(cfg, device))
+    _save_npz(cache, **feats)
+    return feats
+
+
+# --------------------------------------------------------------------------- generate and score
+
+
+def _check_counts(cfg: PipelineConfig, n: int) -> None:
+    """Fréchet distances need two samples a side: fail before generating anything, not after."""
+    if _fvd_applies(cfg) and n < 2:
+        raise ValueError(
+            f"eval.generation: FVD needs at least 2 generated videos, this eval makes {n}: add eval.prompts or "
+            "raise eval.samples_per_prompt (or set eval.generation.fvd: false)"
+        )
+
+
+def _score(cfg: PipelineConfig, video: np.ndarray, prompt: str, device: torch.device, feat_path: Path) -> dict:
+    e, g = cfg.eval, cfg.eval.generation
+    clip = loaded(lambda: load_clip(e.clip, device), "clip", e.clip.model, e.clip.pretrained, device)
+    score, cosine = video_clip_score(clip, video, prompt, device)
+    row: dict[str, Any] = {"clip_score": score, "clip_cosine": cosine}
+    if g.vbench and len(video) >= 3:
+        row["temporal_flickering"] = gm.temporal_flickering(video)
+        row["motion_smoothness"] = gm.motion_smoothness(video)
+        row["background_consistency"] = gm.background_consistency(video, lambda v: clip_image_features(clip, v, device))
+        if g.dino:
+            row["subject_consistency"] = gm.subject_consistency(video, loaded(lambda: _dino(g.dino, device), g.dino))
+    feats: dict[str, np.ndarray] = {}
+    if g.reference and g.fid:
+        feats["frames"] = gm.extract_image_features(list(video), _inception(cfg, device))
+    if _fvd_applies(cfg):
+        feats["clips"] = gm.extract_video_features([video], _i3d(cfg, device))
+    if feats:
+        _save_npz(feat_path, **feats)
+    return row
+
+
+def generate_and_score(
+    cfg: PipelineConfig, family: ModelFamily, final_dir: Path, device: torch.device, ranks: Ranks
+) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, str]]:
+    """(metrics, one row per sample, labels such as which features FID/FVD used); rank 0 only, else empty."""
+    e, d, g = cfg.eval, cfg.data, cfg.eval.generation
+    n = len(e.prompts) * e.samples_per_prompt
+    _check_counts(cfg, n)
+    settings = {"eval": e.model_dump(exclude={"nproc_per_node", "batch_size", "benchmarks", "output_dir"}),
+                "shape": [d.num_frames, d.height, d.width]}  # fmt: skip
+    folder = task_folder(cfg.eval_dir, "generate", family.export_files(final_dir), settings)
+    out = cfg.eval_dir / "videos"
+
+    def work(batch: list[int]) -> list[dict[str, Any]]:
+        prompts = [e.prompts[i // e.samples_per_prompt] for i in batch]
+        videos = family.generate(
+            final_dir,
+            prompts,
+            num_frames=d.num_frames,
+            height=d.height,
+            width=d.width,
+            steps=e.num_inference_steps,
+            guidance_scale=e.guidance_scale,
+            seed=e.seed + batch[0],
+            device=device,
+        )  # fmt: skip  (batches are contiguous)
+        rows = []
+        for i, prompt, video in zip(batch, prompts, videos, strict=True):
+            path = write_sample(out, i, video, e.fps)
+            row = _score(cfg, video, prompt, device, folder / f"features-{i:05d}.npz")
+            rows.append({"prompt": prompt, "seed": e.seed + i, "sample": path.name, **row})
+        return rows
+
+    rows = run_sharded(folder, n, work, ranks, e.batch_size, "samples")
+    if not ranks.main:
+        return {}, [], {}
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    metrics = {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in keys}
+    info: dict[str, str] = {}
+    if g.reference and (g.fid or _fvd_applies(cfg)):
+        metrics, info = _frechet(cfg, device, folder, n, metrics)
+    return metrics, rows, info
+
+
+def _frechet(
+    cfg: PipelineConfig, device: torch.device, folder: Path, n: int, metrics: dict[str, float]
+) -> tuple[dict[str, float], dict[str, str]]:
+    g = cfg.eval.generation
+    ref = reference_features(cfg, device)
+    parts: dict[str, list[np.ndarray]] = {"frames": [], "clips": []}
+    for i in range(n):
+        with np.load(folder / f"features-{i:05d}.npz") as z:
+            for k in z.files:
+                parts[k].append(z[k])
+    info = {}
+    for key, name, extractor, source in (
+        ("frames", "fid", g.fid, g.inception_weights),
+        ("clips", "fvd", _fvd_applies(cfg), g.i3d_weights),
+    ):
+        if not extractor:
+            continue
+        ours = np.concatenate(parts[key])
+        if len(ref.get(key, ())) < 2 or len(ours) < 2:
+            raise ValueError(
+                f"eval.generation: {name.upper()} needs at least 2 {key} a side, got {len(ours)} generated and "
+                f"{len(ref.get(key, ()))} in the reference set ({g.reference})"
+            )
+        mu_a, s_a = gm.feature_stats(ours)
+        mu_b, s_b = gm.feature_stats(ref[key])
+        metrics[f"eval/{name}"] = gm.frechet_distance(mu_a, s_a, mu_b, s_b)
+        info[f"{name}_features"] = Path(source).name if source else gm.RANDOM_INIT
+        info[f"{name}_samples"] = f"{len(ours)} generated vs {len(ref[key])} reference {key}"
+    return metrics, info

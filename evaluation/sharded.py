@@ -1,0 +1,158 @@
+"""Eval work split across ranks, gathered on rank 0, and resumable after a crash.
+
+Every eval task (generating samples, answering held-out conversations, scoring a benchmark) is a list
+of N items processed by `run_sharded`:
+
+- rank r of W takes a contiguous block of the items (contiguous so a batch of neighbours is the same
+  batch on any world size that puts them on one rank, and per-item seeds follow the global index);
+- it works through its block in batches of `batch_size`, appending one JSON row per item to its own
+  shard file in `folder` (flushed and fsynced per batch), after the batch's media files are written;
+- a rerun first reads every shard in `folder`, whatever world size wrote it, and skips the items that
+  already have a row: a killed eval continues where it stopped, on the same or another world size;
+- each rank's rows (read back or new) go to rank 0 with `gather_object`; rank 0 returns all N rows in
+  item order, the other ranks return [].
+
+`folder` must identify the model and settings being evaluated (callers name it by a digest of both):
+rows of a different model are never reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from datasets_prep.progress import reporter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def join(device: torch.device, timeout_s: int = 1800) -> Ranks:
+    """This process's place in a torchrun eval job (joining its process group), or a lone rank 0."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        from engines.device import dist_backend, set_current
+
+        set_current(device)
+        dist.init_process_group(backend=dist_backend(device), timeout=timedelta(seconds=timeout_s))
+    if dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
+def block(n: int, ranks: Ranks) -> range:
+    """Rank r's contiguous share of n items; sizes differ by at most one."""
+    base, extra = divmod(n, ranks.world)
+    start = ranks.rank * base + min(ranks.rank, extra)
+    return range(start, start + base + (1 if ranks.rank < extra else 0))
+
+
+def contiguous_batches(indices: list[int], batch_size: int) -> Iterator[list[int]]:
+    """Runs of consecutive indices, at most batch_size long (a resumed gap starts a new batch)."""
+    run: list[int] = []
+    for i in indices:
+        if run and (i != run[-1] + 1 or len(run) == batch_size):
+            yield run
+            run = []
+        run.append(i)
+    if run:
+        yield run
+
+
+def task_folder(eval_dir: Path, name: str, export_files: list[Path], settings: dict[str, Any]) -> Path:
+    """Where one eval task keeps its shards: named by the evaluated export (path, size and mtime of its
+    files) and the settings that change its rows, so a rerun reuses rows only of the same work. The
+    world size and batch size are left out on purpose: a crashed eval may resume on other ranks."""
+    from datasets_prep.io import text_digest
+
+    stamps = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in export_files if f.exists()]
+    return (
+        eval_dir / ".partial" / f"{name}-{text_digest(*stamps, json.dumps(settings, sort_keys=True, default=str))[:16]}"
+    )
+
+
+def read_rows(folder: Path) -> dict[int, dict[str, Any]]:
+    """Every complete row of every shard; a line cut short by a crash is skipped."""
+    rows: dict[int, dict[str, Any]] = {}
+    for shard in sorted(folder.glob("rank*.jsonl")):
+        for line in shard.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("index"), int):
+                rows[row["index"]] = row
+    return rows
+
+
+def _append(shard: Path, rows: list[dict[str, Any]]) -> None:
+    with open(shard, "ab") as f:
+        if f.tell() and shard.read_bytes()[-1:] != b"\n":
+            f.write(b"\n")  # a crash left half a line: start on a fresh one
+        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_sharded(
+    folder: Path,
+    n: int,
+    work: Callable[[list[int]], list[dict[str, Any]]],
+    ranks: Ranks,
+    batch_size: int = 1,
+    what: str = "items",
+) -> list[dict[str, Any]]:
+    """`work(indices)` returns one JSON-able row per index, in order; rows gain their "index".
+
+    Returns all n rows in order on rank 0, [] elsewhere.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = block(n, ranks)
+    done = read_rows(folder)
+    rows = {i: done[i] for i in mine if i in done}
+    todo = [i for i in mine if i not in done]
+    if rows:
+        log.info("%s: rank %d reuses %d of its %d %s from an earlier run", folder.name, ranks.rank, len(rows),
+                 len(mine), what)  # fmt: skip
+    shard = folder / f"rank{ranks.rank:03d}-of{ranks.world:03d}.jsonl"
+    rep = reporter()
+    rep.start(what, len(todo))
+    for batch in contiguous_batches(todo, batch_size):
+        out = work(batch)
+        if len(out) != len(batch):
+            raise RuntimeError(f"eval work returned {len(out)} rows for {len(batch)} {what}")
+        new = [{**row, "index": i} for i, row in zip(batch, out, strict=True)]
+        _append(shard, new)
+        rows.update((r["index"], r) for r in new)
+        rep.advance(what, len(batch))
+    rep.finish(what)
+    local = [rows[i] for i in mine]
+    if ranks.world == 1:
+        return local
+    parts: list[list[dict[str, Any]]] | None = [[] for _ in range(ranks.world)] if ranks.main else None
+    dist.gather_object(local, parts, dst=0)
+    if not ranks.main:
+        return []
+    assert parts is not None
+    merged = sorted((r for part in parts for r in part), key=lambda r: r["index"])
+    if [r["index"] for r in merged] != list(range(n)):
+        raise RuntimeError(f"gathered {len(merged)} rows for {n} {what}: a rank lost its share")
+    return merged
