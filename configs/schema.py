@@ -366,6 +366,13 @@ class EvalConfig(Section):
     generation: GenerationMetricsConfig = GenerationMetricsConfig()
     samples_per_prompt: int = Field(1, ge=1, description="generated samples per prompt (seeds seed, seed+1, ...)")
     batch_size: int = Field(4, ge=1, description="samples generated or items answered per model call")
+    split: Literal["held_out", "all"] = Field(
+        "held_out", description="prepared samples to score: the held-out split, or all (a test-set workdir)"
+    )
+    max_answers: int | None = Field(
+        8, ge=1, description="text families: prepared samples answered (exact match, WER); null: every one"
+    )
+    max_new_tokens: int | None = Field(None, ge=1, description="text answers: new tokens; default max_text_length/4")
     nproc_per_node: int = Field(1, ge=1, description="eval ranks (torchrun): samples and items split across them")
 
 

@@ -79,12 +79,14 @@ def validation_loss(cfg: PipelineConfig, final_dir: Path, device: torch.device) 
 
 
 def held_out_records(cfg: PipelineConfig) -> list[dict]:
-    """The held-out split of the prepared data; none when an eval of `eval.model` runs where nothing
-    was prepared (an eval preset on a registered model): then only the benchmarks and samples count."""
+    """The held-out split of the prepared data (all of it with `eval.split: all`); none when an eval of
+    `eval.model` runs where nothing was prepared (an eval preset on a registered model): then only the
+    benchmarks and samples count."""
     if cfg.eval.model and not (cfg.prep_dir / "samples.jsonl").is_file():
         logging.getLogger(__name__).info("no prepared data under %s: held-out loss skipped", cfg.prep_dir)
         return []
-    return split_records(load_samples(cfg.prep_dir), cfg.train.val_fraction)[1]
+    records = load_samples(cfg.prep_dir)
+    return records if cfg.eval.split == "all" else split_records(records, cfg.train.val_fraction)[1]
 
 
 def trained_export(cfg: PipelineConfig) -> Path:
@@ -137,7 +139,10 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
     final_dir = Path(final_dir or trained_export(cfg))
     family = get_family(cfg.model.family)
     if not family.export_files(final_dir)[0].is_file():
-        raise FileNotFoundError(f"no exported model at {final_dir}: run `flowspeed train` first")
+        raise FileNotFoundError(
+            f"no exported model at {final_dir}: run `flowspeed train` first, or set eval.model (a models:/ URI, "
+            "a training checkpoint or an export folder)"
+        )
     out = cfg.eval_dir
     if cfg.eval.nproc_per_node > 1 and not in_distributed_job():
         (out / "metrics.json").unlink(missing_ok=True)  # never read a previous eval's result as this one's
@@ -169,7 +174,8 @@ def _generation_eval(cfg: PipelineConfig, family, final_dir: Path, device: torch
     if not ranks.main:
         return {}, [], {}
     write_jsonl(cfg.eval_dir / "samples" / "generation.jsonl", rows)
-    metrics = {"eval/val_loss": val_loss, "eval/val_samples": float(n_val), **scores}
+    metrics = {"eval/val_loss": val_loss, "eval/val_samples": float(n_val)} if n_val or not cfg.eval.model else {}
+    metrics |= scores
     return metrics, [str(cfg.eval_dir / "videos" / r["sample"]) for r in rows], info
 
 

@@ -19,8 +19,6 @@ from engines.models.sequence import SequenceFamily
 from engines.torch_engine.data import CachedLatents
 from evaluation.sharded import Ranks, run_sharded, task_folder
 
-MAX_RESPONSES = 8  # held-out samples answered per eval: enough to read, cheap on a CPU
-
 
 @torch.no_grad()
 def held_out_loss(cfg: PipelineConfig, family: SequenceFamily, final_dir: Path, device: torch.device) -> tuple:
@@ -43,14 +41,14 @@ def held_out_loss(cfg: PipelineConfig, family: SequenceFamily, final_dir: Path, 
 
 
 def max_new_tokens(cfg: PipelineConfig) -> int:
-    return cfg.model.max_text_length // 4 or 16
+    return cfg.eval.max_new_tokens or cfg.model.max_text_length // 4 or 16
 
 
 def answer_held_out(
     cfg: PipelineConfig, family: SequenceFamily, final_dir: Path, val: list[dict], device: torch.device, ranks: Ranks
 ) -> list[dict]:
     """Prompt with each held-out conversation up to its last answer (or the audio), compare answers."""
-    picked = val[:MAX_RESPONSES]
+    picked = val[: cfg.eval.max_answers]
 
     def work(batch: list[int]) -> list[dict]:
         samples = [sample_of(picked[i], family, cfg) for i in batch]
@@ -90,7 +88,7 @@ def run_sequence_eval(
     if not ranks.main:
         return {"metrics": {}, "paths": []}
     out = cfg.eval_dir / "samples"
-    metrics = {"eval/val_loss": loss, "eval/val_samples": float(n_val)}
+    metrics = {"eval/val_loss": loss, "eval/val_samples": float(n_val)} if n_val or not cfg.eval.model else {}
     if rows:
         metrics["eval/exact_match"] = sum(r["exact_match"] for r in rows) / len(rows)
     if rows and family.kind == "speech":  # published ASR numbers: WER/CER after Whisper's normaliser

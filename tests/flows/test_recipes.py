@@ -32,8 +32,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _ai2d_tsv(path: Path) -> Path:
-    """Four AI2D-style items in VLMEvalKit's layout: base64 PNGs, options A-D, answer letter, category."""
+def _ai2d_tsv(path: Path, repeat: int = 1) -> Path:
+    """Four AI2D-style items (x repeat) in VLMEvalKit's layout: base64 PNGs, options A-D, answer letter, category."""
     import base64
     import io
 
@@ -41,12 +41,12 @@ def _ai2d_tsv(path: Path) -> Path:
     from PIL import Image
 
     rows = []
-    for i, (colour, answer) in enumerate([("red", "A"), ("green", "B"), ("blue", "C"), ("red", "A")]):
+    for i, (colour, answer) in enumerate([("red", "A"), ("green", "B"), ("blue", "C"), ("red", "A")] * repeat):
         png = io.BytesIO()
         Image.new("RGB", (32, 32), colour).save(png, format="PNG")
         rows.append({"index": i, "image": base64.b64encode(png.getvalue()).decode(), "question": "Which colour?",
                      "A": "red", "B": "green", "C": "blue", "D": "black", "answer": answer,
-                     "category": "shapes" if i < 2 else "colours"})  # fmt: skip
+                     "category": "shapes" if i % 4 < 2 else "colours"})  # fmt: skip
     pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
     return path
 
