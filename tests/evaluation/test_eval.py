@@ -112,6 +112,16 @@ def _frames(path: str) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
 
 
+def _same_rows(a: list[dict], b: list[dict]) -> None:
+    """Equal rows, floats to 1e-6: CLIP features are float32 sums whose order follows the thread count
+    (a torchrun rank runs 1 thread, the test process may run more)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert y[k] == (pytest.approx(x[k], rel=1e-6) if isinstance(x[k], float) else x[k]), (x["index"], k)
+
+
 def _rows(res) -> list[dict]:  # noqa: ANN001
     path = Path(res.eval_dir) / "samples" / "generation.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -150,10 +160,10 @@ def test_two_rank_eval_matches_one_rank(trained: PipelineConfig, metric_settings
     assert set(one.metrics) == set(two.metrics)
     for key, value in one.metrics.items():
         if key != "eval/seconds":
-            assert two.metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+            assert two.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key  # float32 sum order, as below
     # Per-sample scores are computed on the raw frames, so equal rows mean equal samples. The mp4s are
     # not compared: x264 at crf 18 on a random-init model's noise-like frames is far from lossless.
-    assert _rows(one) == _rows(two)
+    _same_rows(_rows(one), _rows(two))
     for a, b in zip(one.videos, two.videos, strict=True):
         assert Path(a).name == Path(b).name and _frames(a).shape == _frames(b).shape
 
@@ -192,7 +202,7 @@ def test_a_killed_eval_resumes_where_it_stopped(trained: PipelineConfig, tmp_pat
     resumed = run_eval(cfg)
     assert first.stat().st_mtime_ns == stamp  # reused, not generated again
     clean = run_eval(_with_eval(trained, tmp_path / "clean", **settings))
-    assert _rows(resumed) == _rows(clean)
+    _same_rows(_rows(resumed), _rows(clean))
     assert {k: v for k, v in resumed.metrics.items() if k != "eval/seconds"} == pytest.approx(
-        {k: v for k, v in clean.metrics.items() if k != "eval/seconds"}
+        {k: v for k, v in clean.metrics.items() if k != "eval/seconds"}, rel=1e-5
     )
