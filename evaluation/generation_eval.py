@@ -42,7 +42,11 @@ def write_sample(folder: Path, i: int, frames: np.ndarray, fps: int) -> Path:
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))  # noqa: SIM115 - np.savez closes it
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: given a path, np.savez would append ".npz" to the temp name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------- feature extractors
@@ -218,7 +222,7 @@ def generate_and_score(
     rows = run_sharded(folder, n, work, ranks, e.batch_size, "samples")
     if not ranks.main:
         return {}, [], {}
-    keys = [k for k in rows[0] if isinstance(rows[0][k], float)]
+    keys = [k for k in rows[0] if isinstance(rows[0][k], float)] if rows else []
     metrics = {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in keys}
     info: dict[str, str] = {}
     if g.reference and (g.fid or _fvd_applies(cfg)):

@@ -80,7 +80,7 @@ def run_sequence_eval(
         dist.broadcast_object_list(box, src=0)
         val = box[0]
     rows = answer_held_out(cfg, family, final_dir, val, device, ranks) if val else []
-    paths = []
+    scored = []
     if cfg.eval.benchmarks and family.kind != "speech":
         from evaluation.benchmark_eval import run_benchmark
 
@@ -99,9 +99,8 @@ def run_sequence_eval(
         for r, s in zip(rows, scores["rows"], strict=True):
             r |= {"wer": s["wer"], "cer": s["cer"]}
     write_jsonl(out / "responses.jsonl", rows)
-    paths.append(str(out / "responses.jsonl"))
-    if cfg.eval.benchmarks and family.kind != "speech":
-        for scores, path in scored:
-            metrics |= scores
-            paths.append(str(path))
+    paths = [str(out / "responses.jsonl")]
+    for scores, path in scored:
+        metrics |= scores
+        paths.append(str(path))
     return {"metrics": metrics, "paths": paths}

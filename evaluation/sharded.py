@@ -103,10 +103,18 @@ def read_rows(folder: Path) -> dict[int, dict[str, Any]]:
     return rows
 
 
+def _end_cut_line(shard: Path) -> None:
+    """A crash may have left half a line at the end: later rows start on a fresh one."""
+    if not shard.is_file() or shard.stat().st_size == 0:
+        return
+    with open(shard, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+
+
 def _append(shard: Path, rows: list[dict[str, Any]]) -> None:
     with open(shard, "ab") as f:
-        if f.tell() and shard.read_bytes()[-1:] != b"\n":
-            f.write(b"\n")  # a crash left half a line: start on a fresh one
         f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
         f.flush()
         os.fsync(f.fileno())
@@ -133,6 +141,7 @@ def run_sharded(
         log.info("%s: rank %d reuses %d of its %d %s from an earlier run", folder.name, ranks.rank, len(rows),
                  len(mine), what)  # fmt: skip
     shard = folder / f"rank{ranks.rank:03d}-of{ranks.world:03d}.jsonl"
+    _end_cut_line(shard)
     rep = reporter()
     rep.start(what, len(todo))
     for batch in contiguous_batches(todo, batch_size):

@@ -91,7 +91,7 @@ def hf_to_megatron(
     if last:
         out["decoder.final_layernorm.weight"] = hf[f"{p}norm.weight"].clone()
         if not shape.tied_embeddings:
-            head = hf.get("lm_head.weight", hf.get(f"{p.removesuffix('model.')}lm_head.weight"))
+            head = next((hf[k] for k in ("lm_head.weight", "language_model.lm_head.weight") if k in hf), None)
             if head is None:
                 raise ValueError("the HF state dict has no lm_head.weight and the config does not tie embeddings")
             out["output_layer.weight"] = col(head)
