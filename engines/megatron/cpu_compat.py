@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+import importlib
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -73,6 +76,125 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
 
 
+def _cpu_device(device: object) -> object:
+    if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+        return "cpu"
+    return device
+
+
+def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(factory)
+    def make(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return factory(*args, **kwargs)
+
+    return make
+
+
+class _NoStream(contextlib.nullcontext):
+    """Stands for a CUDA stream: CPU collectives are synchronous, so ordering between streams is moot."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def wait_stream(self, other: object) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_CUDA = types.SimpleNamespace(
+    current_device=lambda: "cpu",
+    synchronize=lambda *a, **k: None,
+    empty_cache=lambda: None,
+    is_available=lambda: False,
+    Stream=_NoStream,
+    stream=lambda s=None: contextlib.nullcontext(),
+    current_stream=lambda *a, **k: _NoStream(),
+    default_stream=lambda *a, **k: _NoStream(),
+    nvtx=types.SimpleNamespace(range_push=lambda *a, **k: None, range_pop=lambda *a, **k: None),
+)
+
+
+class _CpuTorch(types.ModuleType):
+    """The `torch` a megatron-core module sees on CPU ranks: tensor factories given device="cuda" make CPU
+    tensors, and `torch.cuda.*` queries answer for the CPU. Everything else is torch itself."""
+
+    _FACTORIES = ("zeros", "ones", "empty", "tensor", "full", "arange", "randn", "rand", "zeros_like",
+                  "empty_like", "ones_like")  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        for name in self._FACTORIES:
+            setattr(self, name, _on_cpu(getattr(torch, name)))
+        self.cuda = _CPU_CUDA
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+# Modules whose functions write `device="cuda"`, `torch.cuda.current_device()`, `torch.cuda.synchronize()`
+# or CUDA streams inline (megatron-core 0.16.1):
+# - pipeline_parallel/schedules.py: `total_num_tokens = torch.zeros([], ..., device="cuda")` in every schedule;
+# - pipeline_parallel/p2p_communication.py: shape exchange and receive buffers on
+#   `torch.cuda.current_device()`, `torch.cuda.synchronize()` after batched isend/irecv;
+# - distributed/distributed_data_parallel.py: `torch.cuda.Stream` for overlapped communication;
+# - distributed/param_and_grad_buffer.py: `torch.cuda.stream`/`default_stream` around bucket reductions and
+#   `torch.zeros(..., device="cuda")` buffers;
+# - distributed/finalize_model_grads.py: the token-count and embedding-grad reductions;
+# - optimizer/clip_grads.py: `torch.tensor([...], device='cuda')` norms and the overflow buffer;
+# - optimizer/optimizer.py, optimizer/distrib_optimizer.py: found-inf / grad-norm tensors on CUDA;
+# - tensor_parallel/data.py: `broadcast_data` buffers;
+# - utils.py: `local_multi_tensor_l2_norm` / `local_multi_tensor_scale` (the no-Apex grad-norm and clip path)
+#   put their results on `device="cuda"`.
+_DEVICE_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.utils",
+)
+
+
+@contextlib.contextmanager
+def _cuda_type_names() -> Iterator[None]:
+    """optimizer/distrib_optimizer.py (`model_param.type() == 'torch.cuda.FloatTensor'`, lines ~361-436 and
+    ~582) and optimizer/clip_grads.py (`assert param.grad.type() == 'torch.cuda.FloatTensor'`, line ~167)
+    classify parameters by their CUDA type name; inside this context a CPU tensor reports the CUDA name
+    of its dtype."""
+    original = torch.Tensor.type
+
+    def type_(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        name = original(self, *args, **kwargs)
+        plain = not args and not kwargs and isinstance(name, str) and name.startswith("torch.")
+        if plain and self.device.type == "cpu":
+            return name.replace("torch.", "torch.cuda.", 1)
+        return name
+
+    torch.Tensor.type = type_  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
+
+
+def _with_cuda_type_names(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def apply() -> None:
     """Install the patches once per process; a no-op where CUDA is available."""
     global _APPLIED
@@ -95,4 +217,22 @@ def apply() -> None:
     tp_random.CudaRNGStatesTracker = CpuRNGStatesTracker  # type: ignore[misc]
     tp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # tensor_parallel/random.py `_get_cuda_rng_state` / `_set_cuda_rng_state` (lines ~41-110), which full
+    # recomputation (`CheckpointFunction`, `_get_all_rng_states`) uses to replay a layer's forward with the
+    # same random draws: on CPU the only generator is the CPU one.
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    cpu_torch = _CpuTorch()
+    for name in _DEVICE_MODULES:
+        importlib.import_module(name).torch = cpu_torch
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
+
+    dist_opt = distrib_optimizer.DistributedOptimizer
+    dist_opt.__init__ = _with_cuda_type_names(dist_opt.__init__)
+    clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    import megatron.core.optimizer.optimizer as optimizer_mod  # imports the function by name
+
+    if hasattr(optimizer_mod, "clip_grad_by_total_norm_fp32"):
+        optimizer_mod.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
     _APPLIED = True

@@ -34,6 +34,8 @@ class DecoderShape:
     rope_theta: float
     norm_eps: float
     max_positions: int
+    #: Qwen2-VL's multimodal RoPE: rotary frequency pairs per (time, height, width) position id
+    mrope_section: tuple[int, ...] | None = None
 
     @classmethod
     def from_hf(cls, config: Any) -> DecoderShape:
@@ -42,10 +44,11 @@ class DecoderShape:
         kind = config.model_type.removesuffix("_text")
         if kind not in SUPPORTED:
             raise ValueError(f"the megatron engine converts {', '.join(SUPPORTED)} decoders, not {config.model_type!r}")
-        if getattr(config, "rope_scaling", None) and config.rope_scaling.get("rope_type", "default") != "default":
-            raise ValueError(f"rope_scaling {config.rope_scaling} is not supported by the megatron engine yet")
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope scaling {rope} is not supported by the megatron engine yet")
+        mrope = rope.get("mrope_section")
         heads = config.num_attention_heads
-        rope = getattr(config, "rope_parameters", None) or {}
         return cls(
             model_type=kind,
             num_layers=config.num_hidden_layers,
@@ -60,6 +63,7 @@ class DecoderShape:
             rope_theta=float(rope.get("rope_theta") or getattr(config, "rope_theta", 10000.0)),
             norm_eps=float(config.rms_norm_eps),
             max_positions=int(config.max_position_embeddings),
+            mrope_section=tuple(int(n) for n in mrope) if mrope else None,
         )
 
 
@@ -94,8 +98,39 @@ def transformer_config(shape: DecoderShape, **parallel: Any) -> Any:
         "use_cpu_initialization": True,
         "params_dtype": torch.float32,
     }
+    if shape.mrope_section:
+        fields["mrope_section"] = list(shape.mrope_section)
     fields.update(parallel)
     return TransformerConfig(**fields)
+
+
+class TorchNorm:
+    """The local spec's norm (torch RMSNorm / LayerNorm) that also serves sequence parallelism.
+
+    megatron-core's `WrappedTorchNorm` refuses `sequence_parallel` because, under SP, each TP rank sees
+    only its slice of the sequence, so a norm weight's gradient is a partial sum. Tagging the parameters
+    `sequence_parallel=True` is how megatron marks exactly that: `finalize_model_grads` all-reduces such
+    gradients across the TP group (what Transformer Engine's and Apex's norms get by the same tag).
+    """
+
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **_: Any) -> torch.nn.Module:
+        kind = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = kind(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def local_block_spec(config: Any, vp_stage: int | None = None) -> Any:
+    """The local layer spec for this stage's layers, with `TorchNorm` in every norm (final one included)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = get_gpt_layer_local_spec(normalization=config.normalization)
+    layer.submodules.input_layernorm = TorchNorm
+    layer.submodules.pre_mlp_layernorm = TorchNorm
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=TorchNorm)
 
 
 def build_gpt(
@@ -110,15 +145,12 @@ def build_gpt(
 ) -> Any:
     """One pipeline stage (or the whole model) of the decoder, on this rank's TP shard."""
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     if layer_spec == "te":
         spec = get_gpt_layer_with_transformer_engine_spec()
     else:
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = local_block_spec(config, vp_stage)
     return GPTModel(
         config,
         spec,
@@ -128,7 +160,7 @@ def build_gpt(
         post_process=post_process,
         parallel_output=parallel_output,
         share_embeddings_and_output_weights=shape.tied_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="mrope" if shape.mrope_section else "rope",
         rotary_base=int(shape.rope_theta),
         vp_stage=vp_stage,
     )

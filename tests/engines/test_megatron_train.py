@@ -1,0 +1,118 @@
+"""megatron-core training on 2 gloo CPU ranks: TP, TP+SP, PP (1F1B), PP+VPP (interleaved 1F1B) and DP with the
+distributed optimizer each reproduce the single-process losses over 5 optimizer steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engines.megatron.training import Layout
+from tests.distributed import run_ranks
+from tests.engines.test_megatron_convert import _hf_model
+
+LAYOUTS: dict[str, dict] = {
+    "tp2": {"tp": 2},
+    "tp2+sp": {"tp": 2, "sequence_parallel": True},
+    "pp2": {"pp": 2},
+    "pp2+vpp2": {"pp": 2, "vpp": 2},
+    "dp2+distributed_optimizer": {"distributed_optimizer": True},
+    "tp2+full_recompute": {"tp": 2, "recompute": "full"},
+}
+STEPS, MICRO, MBS, SEQ = 5, 4, 2, 16
+
+
+def _global_batch(seed: int) -> list[dict[str, torch.Tensor]]:
+    """MICRO micro-batches of next-token data; the first quarter of each row is unlabelled (a prompt). The
+    tests train on the same batch every step, so the loss falls."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(MICRO):
+        ids = torch.randint(0, 128, (MBS, SEQ + 1), generator=g)
+        mask = torch.ones(MBS, SEQ, dtype=torch.long)
+        mask[:, : SEQ // 4] = 0
+        out.append({"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": mask,
+                    "position_ids": torch.arange(SEQ).expand(MBS, SEQ)})  # fmt: skip
+    return out
+
+
+def _train(layout: Layout) -> list[float]:
+    """STEPS steps of the tiny Qwen2 (converted from the same HF weights) on this rank's share of the batch."""
+    from megatron.core import parallel_state as ps
+
+    from engines.megatron.convert import hf_to_megatron
+    from engines.megatron.gpt import DecoderShape, build_gpt, transformer_config
+    from engines.megatron.setup import init_model_parallel
+    from engines.megatron.training import build_chunks, make_optimizer, train_step
+
+    hf = _hf_model("qwen2", layers=4)
+    shape = DecoderShape.from_hf(hf.config)
+    layout.check(torch.distributed.get_world_size(), shape.num_layers, MICRO)
+    init_model_parallel(tp=layout.tp, pp=layout.pp, vpp=layout.vpp)
+    config = transformer_config(shape, **layout.config_fields())
+    state = hf.state_dict()
+    stages = layout.pp * (layout.vpp or 1)
+
+    def make(pre: bool, post: bool, vp: int | None) -> torch.nn.Module:
+        model = build_gpt(shape, config, pre_process=pre, post_process=post, vp_stage=vp)
+        stage = (vp or 0) * layout.pp + ps.get_pipeline_model_parallel_rank()  # megatron's virtual stage order
+        part = hf_to_megatron(state, shape, layout.tp, ps.get_tensor_model_parallel_rank(), stages, stage)
+        missing, unexpected = model.load_state_dict(part, strict=False)
+        assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
+        return model
+
+    chunks = build_chunks(make, config, layout, torch.device("cpu"))
+    optimizer = make_optimizer(chunks, layout, lr=1e-2, weight_decay=0.01, clip_grad=1.0)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per = MICRO // dp
+    losses = []
+    for _ in range(STEPS):
+        mine = _global_batch(0)[dp_rank * per : (dp_rank + 1) * per]
+        result = train_step(chunks, optimizer, mine, seq_length=SEQ, micro_batch_size=MBS)
+        assert not result.skipped and result.tokens == MICRO * MBS * (SEQ - SEQ // 4)
+        losses.append(result.loss)
+    ps.destroy_model_parallel()
+    return losses
+
+
+def _layouts(rank: int, world: int, names: list[str]) -> dict[str, list[float]]:
+    """Every layout in one pair of processes (megatron's parallel state is torn down in between), which keeps
+    the test at one spawn instead of one per layout."""
+    return {name: _train(Layout(**LAYOUTS[name])) for name in names}
+
+
+@pytest.mark.parametrize("names", [list(LAYOUTS)], ids=["all-layouts"])
+def test_parallel_layouts_reproduce_the_single_process_losses(names: list[str]) -> None:
+    single = run_ranks(_train_one, 1)[0]
+    assert single[-1] < single[0], f"the tiny model did not learn: {single}"
+    for rank_losses in run_ranks(_layouts, 2, names):
+        for name in names:
+            got = rank_losses[name]
+            assert len(got) == STEPS
+            diff = max(abs(a - b) for a, b in zip(got, single, strict=True))
+            assert diff < 1e-5, f"{name}: losses {got} differ from the single process's {single} by {diff:.2e}"
+
+
+def _train_one(rank: int, world: int) -> list[float]:
+    return _train(Layout())
+
+
+@pytest.mark.parametrize(
+    ("layout", "world", "layers", "micro", "message"),
+    [
+        (Layout(tp=2, pp=2), 2, 4, 4, "does not divide the 2 ranks"),
+        (Layout(pp=2), 2, 3, 4, "3 layers do not split"),
+        (Layout(pp=2, vpp=2), 2, 4, 3, "multiple of pp=2"),
+        (Layout(sequence_parallel=True), 2, 4, 4, "needs tp > 1"),
+    ],
+)
+def test_impossible_layouts_are_refused_with_the_numbers(
+    layout: Layout, world: int, layers: int, micro: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        layout.check(world, layers, micro)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for processes without CUDA")
+def test_context_parallel_on_cpu_says_it_needs_transformer_engine() -> None:
+    with pytest.raises(ValueError, match="Transformer Engine"):
+        Layout(cp=2).check(2, 4, 4)
