@@ -258,7 +258,22 @@ class GpuSlotsConfig(Section):
     timeout_s: float | None = Field(None, gt=0, description="give up waiting for slots after this long; default never")
 
 
+class MegatronConfig(Section):
+    """megatron-core engine settings beyond the layout (train.parallel: tp, pp, sequence_parallel, cp,
+    pp_virtual_stages, pp_microbatches; train.activation_checkpointing: recomputation)."""
+
+    distributed_optimizer: bool = Field(
+        False, description="shard the optimizer state (and fp32 main weights) across the data-parallel ranks"
+    )
+
+
 class TrainConfig(Section):
+    engine: Literal["torch", "megatron"] = Field(
+        "torch",
+        description="torch: FSDP2/DTensor TP/CP/pipelining (every family); megatron: megatron-core TP/SP/PP/VPP and "
+        "distributed optimizer (qwen2_vl)",
+    )
+    megatron: MegatronConfig = MegatronConfig()
     output_dir: Path | None = Field(None, description="checkpoints; default <workdir>/train")
     max_steps: int = Field(30, ge=1)
     batch_size: int = Field(2, ge=1, description="micro-batch per rank")

@@ -148,7 +148,10 @@ class _CpuTorch(types.ModuleType):
 # - optimizer/optimizer.py, optimizer/distrib_optimizer.py: found-inf / grad-norm tensors on CUDA;
 # - tensor_parallel/data.py: `broadcast_data` buffers;
 # - utils.py: `local_multi_tensor_l2_norm` / `local_multi_tensor_scale` (the no-Apex grad-norm and clip path)
-#   put their results on `device="cuda"`.
+#   put their results on `device="cuda"`;
+# - dist_checkpointing/strategies/{filesystem_async,state_dict_saver,async_utils}.py and exchange_utils.py:
+#   `torch.cuda.synchronize()` before writing, result/verification flags on CUDA, exchange buffers with
+#   `device="cuda"`.
 _DEVICE_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
@@ -161,6 +164,10 @@ _DEVICE_MODULES = (
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.tensor_parallel.data",
     "megatron.core.utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.exchange_utils",
 )
 
 
@@ -230,6 +237,42 @@ def apply() -> None:
 
     dist_opt = distrib_optimizer.DistributedOptimizer
     dist_opt.__init__ = _with_cuda_type_names(dist_opt.__init__)
+    # optimizer/distrib_optimizer.py `get_parameter_state_dp_zero` (line ~1089): the reshardable checkpoint
+    # format gathers optimizer state with `use_gloo_comm=False`, i.e. `send_tensor.cuda()`; on CPU ranks
+    # the gloo path is the only one.
+    gather_state = dist_opt.get_parameter_state_dp_zero
+
+    def get_parameter_state_dp_zero(self: Any, use_gloo_comm: bool = True, **kwargs: Any) -> Any:
+        return gather_state(self, use_gloo_comm=True, **kwargs)
+
+    dist_opt.get_parameter_state_dp_zero = get_parameter_state_dp_zero
+    # optimizer/distrib_optimizer.py `_set_main_param_and_optimizer_states` (line ~940) copies every key of the
+    # optimizer's per-parameter state from the loaded tensors, but `load_parameter_state_from_fully_reshardable`
+    # (line ~2101) leaves out torch Adam's per-parameter "step" (restored from the common state instead):
+    # with torch's AdamW, the optimizer used where neither Apex nor Transformer Engine is, that is a KeyError.
+    set_states = dist_opt._set_main_param_and_optimizer_states
+
+    def _set_main_param_and_optimizer_states(self: Any, model_param: Any, tensors: dict) -> None:
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group, order = self.model_param_group_index_map[model_param]
+            own = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
+            if "step" in own:
+                tensors = {**tensors, "step": own["step"]}  # copied onto itself: left as the common state set it
+        set_states(self, model_param, tensors)
+
+    dist_opt._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    # optimizer/distrib_optimizer.py `load_state_dict` (lines ~818-825), the same torch-AdamW path: every
+    # parameter's "step" is set to ONE shared tensor, which torch's Adam then increments in place once per
+    # parameter per step, so bias correction runs far ahead after a resume. Each parameter gets its own copy.
+    load_state = dist_opt.load_state_dict
+
+    def load_state_dict(self: Any, state_dict: dict) -> None:
+        load_state(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    dist_opt.load_state_dict = load_state_dict
     clip_grads.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
     import megatron.core.optimizer.optimizer as optimizer_mod  # imports the function by name
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("llama", "qwen2", "mistral")
+SUPPORTED = ("llama", "qwen2", "mistral", "qwen2_vl")  # qwen2_vl: its text decoder
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class DecoderShape:
             num_query_groups=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             vocab_size=config.vocab_size,
-            qkv_bias=kind == "qwen2" or bool(getattr(config, "attention_bias", False)),
+            qkv_bias=kind in ("qwen2", "qwen2_vl") or bool(getattr(config, "attention_bias", False)),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             rope_theta=float(rope.get("rope_theta") or getattr(config, "rope_theta", 10000.0)),
             norm_eps=float(config.rms_norm_eps),

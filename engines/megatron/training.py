@@ -35,15 +35,16 @@ class Layout:
     def dp(self, world: int) -> int:
         return world // (self.tp * self.pp * self.cp)
 
-    def check(self, world: int, num_layers: int, num_microbatches: int) -> None:
-        """Refuse, before anything is built, a layout the ranks or the model cannot form."""
+    def check(self, world: int, num_layers: int | None, num_microbatches: int) -> None:
+        """Refuse, before anything is built, a layout the ranks or the model cannot form (the layer split
+        is checked where the model's depth is known)."""
         if world % (self.tp * self.pp * self.cp):
             raise ValueError(
                 f"tp={self.tp} x pp={self.pp} x cp={self.cp} = {self.tp * self.pp * self.cp} does not divide "
                 f"the {world} ranks"
             )
         chunks = self.pp * (self.vpp or 1)
-        if num_layers % chunks:
+        if num_layers is not None and num_layers % chunks:
             raise ValueError(
                 f"{num_layers} layers do not split into pp={self.pp} x vpp={self.vpp or 1} = {chunks} equal stages"
             )
@@ -209,3 +210,48 @@ def _global_loss(outputs: Iterable[dict], parallel_state: Any) -> tuple[float, i
         torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     loss_sum, tokens = totals.tolist()
     return loss_sum / max(tokens, 1.0), int(tokens)
+
+
+def _sharded_state(chunks: list[Any], optimizer: Any, loading: bool) -> dict[str, Any]:
+    state: dict[str, Any] = (
+        {"model": chunks[0].sharded_state_dict()}
+        if len(chunks) == 1
+        else {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+    )
+    # The distributed optimizer's fully reshardable form: its state stored per parameter, so a checkpoint
+    # loads into another TP/PP/DP layout (the default form reshards only along data parallel).
+    state["optimizer"] = optimizer.sharded_state_dict(
+        state, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+    )
+    return state
+
+
+def save_state(chunks: list[Any], optimizer: Any, directory: str) -> None:
+    """Collective: model and optimizer as a megatron dist checkpoint (tensors stored by global name and shape)."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(_sharded_state(chunks, optimizer, loading=False), directory)
+
+
+def load_state(chunks: list[Any], optimizer: Any, directory: str) -> None:
+    """Collective: restore `save_state`'s checkpoint into this job's layout, whatever layout wrote it."""
+    from megatron.core import dist_checkpointing
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        # megatron's distributed optimizer without Apex/TE can describe its state only once it has some: one
+        # zero-gradient step at lr 0 creates it (no weight decay either); the loaded values replace it.
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values") and not inner.optimizer.state:
+            lrs = [g["lr"] for g in inner.optimizer.param_groups]
+            for g in inner.optimizer.param_groups:
+                g["lr"] = 0.0
+            inner._init_optimizer_states_with_dummy_values()
+            for g, lr in zip(inner.optimizer.param_groups, lrs, strict=True):
+                g["lr"] = lr
+    loaded = dist_checkpointing.load(_sharded_state(chunks, optimizer, loading=True), directory)
+    for i, chunk in enumerate(chunks):
+        # keys as the DDP wrapper names them ("module.<name>"), the way `sharded_state_dict` gave them
+        part = loaded["model" if len(chunks) == 1 else f"model{i}"]
+        missing, unexpected = torch.nn.Module.load_state_dict(chunk, part, strict=False)  # DDP's returns None
+        if unexpected or any(not k.endswith("_extra_state") for k in missing):
+            raise ValueError(f"{directory} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    optimizer.load_state_dict(loaded["optimizer"])

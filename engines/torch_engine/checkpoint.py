@@ -86,7 +86,7 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _shared_tmp(root: Path, name: str) -> Path:
+def shared_tmp(root: Path, name: str) -> Path:
     """One temp directory for all ranks: rank 0 makes it and tells the others its name."""
     rank, world = _rank_world()
     holder = [str(tempfile.mkdtemp(prefix=f".{name}.", dir=root)) if rank == 0 else ""]
@@ -168,7 +168,7 @@ def save(
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = _shared_tmp(root, final.name)
+    tmp = shared_tmp(root, final.name)
     device = next(model.parameters()).device
     pending = PendingCheckpoint(tmp, final, keep, device)
     try:

@@ -36,10 +36,21 @@ def validate_layout(cfg: PipelineConfig) -> ParallelDims:
 
 def launch(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) -> TrainResult:
     t = cfg.train
-    if in_distributed_job():
+    megatron = t.engine == "megatron"
+    if megatron:
+        # megatron-core keeps its parallel state in module globals (and, on CPU, patches them): always a
+        # torchrun job of its own, never inside this (possibly long-lived) worker process.
+        from engines.megatron.trainer import train as train_megatron
+        from engines.megatron.trainer import validate
+
+        validate(cfg)
+        if in_distributed_job():  # already a rank of a torchrun job (a multi-node task): train here
+            return train_megatron(cfg, run_id, tracking_uri)
+    elif in_distributed_job():
         return train(cfg, run_id, tracking_uri)
-    validate_layout(cfg)
-    if t.nproc_per_node * t.nnodes == 1:
+    else:
+        validate_layout(cfg)
+    if t.nproc_per_node * t.nnodes == 1 and not megatron:
         return train(cfg, run_id, tracking_uri)
     cfg_path = save_config(cfg, cfg.train_dir, "launch_config.yaml")
     args = ["--config", str(cfg_path)]
@@ -48,5 +59,6 @@ def launch(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) ->
     rdzv = None
     if t.nnodes > 1:
         rdzv = {"nnodes": t.nnodes, "node_rank": t.node_rank, "endpoint": t.rdzv_endpoint, "id": t.rdzv_id}
-    run_torchrun("engines.torch_engine.trainer", args, t.nproc_per_node, rdzv=rdzv)
+    module = "engines.megatron.trainer" if megatron else "engines.torch_engine.trainer"
+    run_torchrun(module, args, t.nproc_per_node, rdzv=rdzv)
     return TrainResult(**json.loads((Path(cfg.train_dir) / "losses.json").read_text()))
