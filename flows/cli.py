@@ -450,6 +450,84 @@ def models_inspect(
     Console().print(table)
 
 
+convert_app = typer.Typer(help="Hugging Face decoder folders <-> megatron-core TP/PP shards, and resharding.")
+app.add_typer(convert_app, name="convert")
+TpOpt = Annotated[int, typer.Option("--tp", min=1, help="tensor parallel size")]
+PpOpt = Annotated[int, typer.Option("--pp", min=1, help="pipeline parallel size")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output folder")]
+
+
+def _convert(command: str, debug: bool, do: Any) -> Any:
+    """Quiet libraries, run one conversion, turn its failure into one paragraph and exit 1."""
+    _quiet_model_libraries()
+    try:
+        return do()
+    except Exception as exc:  # noqa: BLE001  (one paragraph; --debug for the traceback)
+        _fail(f"convert {command}", exc, debug)
+
+
+def _megatron_written(out: Path) -> None:
+    from engines.megatron.checkpoint_io import read_meta
+
+    meta = read_meta(out)
+    Console().print(
+        f"wrote {meta.tp * meta.pp} shards (tp={meta.tp}, pp={meta.pp}) of a {meta.shape.model_type} decoder, "
+        f"{_billions(meta.parameters)} parameters ({meta.parameters:,}) -> [bold]{out}[/]",
+        soft_wrap=True,
+    )
+
+
+@convert_app.command("hf-to-megatron")
+def convert_hf_to_megatron(
+    hf_dir: Annotated[Path, typer.Argument(help="a HF model folder: config.json + safetensors weights")],
+    out_dir: Annotated[Path, typer.Argument(help="the megatron folder to write")],
+    tp: TpOpt = 1,
+    pp: PpOpt = 1,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Split a Llama/Qwen2/Mistral (or Qwen2-VL) HF folder into megatron-core shards at (tp, pp)."""
+    from engines.megatron.checkpoint_io import save_megatron
+
+    out = _convert("hf-to-megatron", debug, lambda: save_megatron(hf_dir, out_dir, tp, pp, overwrite=overwrite))
+    _megatron_written(out)
+
+
+@convert_app.command("megatron-to-hf")
+def convert_megatron_to_hf(
+    megatron_dir: Annotated[Path, typer.Argument(help="a folder written by `flowspeed convert hf-to-megatron`")],
+    out_dir: Annotated[Path, typer.Argument(help="the HF folder to write (model.safetensors + configs)")],
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Join megatron shards back into a HF folder that from_pretrained loads, with the original key names."""
+    from engines.megatron.checkpoint_io import HF_WEIGHTS, read_meta, save_hf
+
+    out = _convert("megatron-to-hf", debug, lambda: save_hf(megatron_dir, out_dir, overwrite=overwrite))
+    meta = read_meta(megatron_dir)
+    Console().print(
+        f"joined {meta.tp * meta.pp} shards (tp={meta.tp}, pp={meta.pp}) into {HF_WEIGHTS}, "
+        f"{_billions(meta.parameters)} parameters ({meta.parameters:,}) -> [bold]{out}[/]",
+        soft_wrap=True,
+    )
+
+
+@convert_app.command("reshard")
+def convert_reshard(
+    megatron_dir: Annotated[Path, typer.Argument(help="a folder written by `flowspeed convert`")],
+    out_dir: Annotated[Path, typer.Argument(help="the megatron folder to write at the new layout")],
+    tp: TpOpt = 1,
+    pp: PpOpt = 1,
+    overwrite: OverwriteOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Rewrite megatron shards at another (tp, pp) layout."""
+    from engines.megatron.checkpoint_io import reshard
+
+    out = _convert("reshard", debug, lambda: reshard(megatron_dir, out_dir, tp, pp, overwrite=overwrite))
+    _megatron_written(out)
+
+
 def main() -> None:
     app(prog_name="flowspeed")
 
