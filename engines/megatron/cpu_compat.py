@@ -278,4 +278,8 @@ def apply() -> None:
 
     if hasattr(optimizer_mod, "clip_grad_by_total_norm_fp32"):
         optimizer_mod.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
+    # optimizer/optimizer.py `Float16OptimizerWithFloat16Params.__init__` (lines ~671-700, bf16 training):
+    # the same CUDA type-name classification of parameters.
+    fp16_opt = optimizer_mod.Float16OptimizerWithFloat16Params
+    fp16_opt.__init__ = _with_cuda_type_names(fp16_opt.__init__)
     _APPLIED = True

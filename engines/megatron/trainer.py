@@ -45,6 +45,7 @@ from engines.megatron.training import (
     save_state,
     token_loss,
     train_step,
+    unwrap,
 )
 from engines.models import get_family
 from engines.models.sequence import IGNORE_INDEX
@@ -71,6 +72,7 @@ def layout_of(cfg: PipelineConfig) -> Layout:
         sequence_parallel=p.sequence_parallel,
         distributed_optimizer=cfg.train.megatron.distributed_optimizer,
         recompute=cfg.train.activation_checkpointing,
+        bf16=cfg.train.mixed_precision == "bf16",
     )
 
 
@@ -97,7 +99,7 @@ def validate(cfg: PipelineConfig) -> None:
         "train.ema.enabled": t.ema.enabled,
         "train.compile": t.compile,
         "train.async_checkpoint": t.async_checkpoint,
-        "train.mixed_precision=bf16": t.mixed_precision != "no",
+        "train.fsdp.param_dtype=bfloat16 (use train.mixed_precision=bf16)": t.fsdp.param_dtype != "float32",
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
@@ -199,7 +201,8 @@ class Chunks:
         mine: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         if ps.get_data_parallel_rank(with_context_parallel=True) == 0:
             for stage, model in zip(self.stage_ids, self.models, strict=True):
-                state = {k: v.detach().cpu() for k, v in model.module.state_dict().items() if "_extra_state" not in k}
+                state = {k: v.detach().float().cpu() for k, v in unwrap(model).state_dict().items()
+                         if "_extra_state" not in k}  # fmt: skip
                 mine[(stage, self.tp_rank)] = state
         gathered: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None  # type: ignore[assignment]
         dist.gather_object(mine, gathered, dst=0)
@@ -292,7 +295,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
             state = load_checkpoint(resume_from, chunks, optimizer)
             start_step, samples_seen = state["step"], state["samples_seen"]
             sampler.load_state_dict(state["data"])
-        peak = peak_tflops(device, "float32", t_cfg.peak_tflops)
+        peak = peak_tflops(device, "bfloat16" if layout.bf16 else "float32", t_cfg.peak_tflops)
         if rank == 0:
             ckpt.clean_partial(train_dir)
             save_config(cfg, train_dir)

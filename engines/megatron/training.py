@@ -31,6 +31,7 @@ class Layout:
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     recompute: Literal["none", "full", "selective"] = "none"
+    bf16: bool = False  # bf16 weights and activations, fp32 main weights in the optimizer
 
     def dp(self, world: int) -> int:
         return world // (self.tp * self.pp * self.cp)
@@ -72,8 +73,10 @@ class Layout:
             "context_parallel_size": self.cp,
             "sequence_parallel": self.sequence_parallel,
             "calculate_per_token_loss": True,
-            "pipeline_dtype": torch.float32,
+            "pipeline_dtype": torch.bfloat16 if self.bf16 else torch.float32,
         }
+        if self.bf16:
+            fields.update(bf16=True, params_dtype=torch.bfloat16)
         if self.vpp and self.vpp > 1:
             # Unbatched p2p, as Megatron-LM runs interleaved schedules by default: its even/odd ordering keeps
             # the forward activation and the backward gradient that two stages swap in one exchange (same
@@ -106,7 +109,12 @@ def build_chunks(
         vp = i if n > 1 else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
-        chunks.append(make_chunk(pre, post, vp).to(device))
+        chunk = make_chunk(pre, post, vp).to(device)
+        if config.bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            chunk = Float16Module(config, chunk)  # bf16 copy; fp32 in on the first stage, fp32 out on the last
+        chunks.append(chunk)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -133,10 +141,17 @@ def make_optimizer(chunks: list[Any], layout: Layout, *, lr: float, weight_decay
         adam_eps=1e-8,
         clip_grad=clip_grad,
         use_distributed_optimizer=layout.distributed_optimizer,
-        bf16=False,
+        bf16=layout.bf16,
         fp16=False,
     )
     return get_megatron_optimizer(config, chunks)
+
+
+def unwrap(chunk: Any) -> torch.nn.Module:
+    """The model inside megatron's DDP (and Float16Module) wrappers."""
+    while type(chunk).__name__ in ("DistributedDataParallel", "Float16Module"):
+        chunk = chunk.module
+    return chunk
 
 
 def token_loss(loss_mask: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:

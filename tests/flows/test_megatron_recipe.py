@@ -58,3 +58,13 @@ def test_megatron_recipe_trains_exports_and_logs_the_torch_engine_metrics(demo: 
     ckpts = sorted((cfg.train_dir / "checkpoints").glob("step-*"))
     assert [p.name for p in ckpts] == ["step-00000002", "step-00000004"]
     assert (ckpts[-1] / "megatron" / "metadata.json").is_file()
+
+    # Resume from step 2's checkpoint in a fresh output folder: steps 3-4 repeat the uninterrupted run's losses
+    # (model, optimizer moments and sampler position all restored).
+    from engines.torch_engine.launch import launch
+
+    resumed = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"output_dir": tmp_path / "resumed", "resume": str(ckpts[0])})})  # fmt: skip
+    again = launch(resumed, None, None)
+    assert again.resumed_from == 2
+    assert again.losses == pytest.approx(losses[2:], rel=1e-5, abs=1e-6)
