@@ -271,7 +271,7 @@ class TrainConfig(Section):
     engine: Literal["torch", "megatron"] = Field(
         "torch",
         description="torch: FSDP2/DTensor TP/CP/pipelining (every family); megatron: megatron-core TP/SP/PP/VPP and "
-        "distributed optimizer (qwen2_vl)",
+        "distributed optimizer (qwen2_vl, llava)",
     )
     megatron: MegatronConfig = MegatronConfig()
     output_dir: Path | None = Field(None, description="checkpoints; default <workdir>/train")

@@ -47,6 +47,7 @@ from engines.megatron.training import (
     train_step,
     unwrap,
 )
+from engines.megatron.vlm import MODELS, join_hf_state, split_hf_state
 from engines.models import get_family
 from engines.models.sequence import IGNORE_INDEX
 from engines.torch_engine import checkpoint as ckpt
@@ -57,8 +58,8 @@ from engines.tracking import UNDELIVERED_DIR, make_tracker, start_system_metrics
 
 log = logging.getLogger(__name__)
 
-#: families whose model the megatron engine builds, and how (engines/megatron/vlm.py)
-FAMILIES = ("qwen2_vl",)
+#: families whose model the megatron engine builds (engines/megatron/vlm.py)
+FAMILIES = tuple(MODELS)
 MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
@@ -126,11 +127,9 @@ def _init(cfg: PipelineConfig) -> tuple[int, int, torch.device]:
 def megatron_batch(
     family: Any, hf_config: Any, items: list[dict[str, torch.Tensor]], multiple: int
 ) -> dict[str, torch.Tensor]:
-    """A collated family batch -> what `Qwen2VLMegatron` takes: labels shifted left (megatron scores
-    position t against token t+1), a loss mask, 3-D positions, and the sequence padded to `multiple`
-    (the TP size under sequence parallelism)."""
-    from engines.megatron.vlm import mrope_position_ids
-
+    """A collated family batch -> what the family's megatron chunk takes: labels shifted left (megatron
+    scores position t against token t+1), a loss mask, positions as the HF model computes them (3-D for
+    Qwen2-VL), and the sequence padded to `multiple` (the TP size under sequence parallelism)."""
     batch = family.collate(items)
     length = batch["input_ids"].shape[1]
     pad = -length % multiple
@@ -142,7 +141,7 @@ def megatron_batch(
     labels[:, :-1] = batch["labels"][:, 1:]
     out = {
         "input_ids": batch["input_ids"],
-        "position_ids": mrope_position_ids(hf_config, batch),
+        "position_ids": MODELS[family.name].positions(hf_config, batch),
         "labels": labels.clamp(min=0),
         "loss_mask": (labels != IGNORE_INDEX).long(),
     }
@@ -165,8 +164,6 @@ class Chunks:
     def __init__(self, cfg: PipelineConfig, hf: torch.nn.Module, layout: Layout, device: torch.device) -> None:
         from megatron.core import parallel_state as ps
 
-        from engines.megatron.vlm import Qwen2VLMegatron, split_hf_state
-
         self.shape = DecoderShape.from_hf(hf.config)
         self.hf_config = hf.config
         self.config = transformer_config(self.shape, **layout.config_fields())
@@ -175,17 +172,18 @@ class Chunks:
         self.layout = layout
         self.stages = layout.pp * (layout.vpp or 1)
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-        decoder, visual = split_hf_state(hf.state_dict())
+        self.model_class = MODELS[cfg.model.family]
+        decoder, vision = split_hf_state(hf.state_dict(), self.model_class.vision_prefixes)
         self.stage_ids: list[int] = []
 
         def make(pre: bool, post: bool, vp: int | None) -> torch.nn.Module:
             stage = (vp or 0) * layout.pp + self.pp_rank
             self.stage_ids.append(stage)
-            model = Qwen2VLMegatron(self.hf_config, self.config, pre_process=pre, post_process=post, vp_stage=vp)
+            model = self.model_class(self.hf_config, self.config, pre_process=pre, post_process=post, vp_stage=vp)
             part = hf_to_megatron(decoder, self.shape, layout.tp, self.tp_rank, self.stages, stage)
             state = {f"language_model.{k}": v for k, v in part.items()}
             if pre:
-                state.update({f"visual.{k}": v for k, v in visual.items()})
+                state.update(vision)
             missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or any(not k.endswith("_extra_state") for k in missing):
                 raise ValueError(f"converted weights do not fit the megatron model: missing {missing[:5]}, "
@@ -218,8 +216,8 @@ class Chunks:
             for s in range(self.stages)
         ]  # fmt: skip
         hf = megatron_to_hf(shards, self.shape, prefix="model.language_model.")
-        visual = {k.removeprefix("visual."): v for k, v in parts[(0, 0)].items() if k.startswith("visual.")}
-        hf.update({f"model.visual.{k}": v for k, v in visual.items()})
+        vision = {k: v for k, v in parts[(0, 0)].items() if not k.startswith(lm_prefix)}
+        hf.update(join_hf_state(vision, self.model_class.vision_prefixes))
         return hf
 
 

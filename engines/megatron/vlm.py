@@ -1,5 +1,6 @@
-"""Qwen2-VL on the megatron engine: the HF vision tower kept in torch, the language model a megatron-core
-`GPTModel` with multimodal RoPE.
+"""Vision-language models on the megatron engine: the HF vision tower (and projector) kept in torch, the
+language model a megatron-core `GPTModel`. Qwen2-VL (multimodal RoPE) and LLaVA (a CLIP tower, an MLP
+projector, a Llama decoder).
 
 Why this split: the vision tower is small (~0.6B of 72B) and data-dependent (variable patch grids), so it
 stays transformers' own module, replicated on the TP ranks of the first pipeline stage; the decoder,
@@ -21,8 +22,6 @@ from typing import Any
 import torch
 
 from engines.megatron.gpt import DecoderShape, build_gpt
-
-VISUAL_PREFIX = "model.visual."
 
 
 def mrope_position_ids(hf_config: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -48,8 +47,8 @@ def mrope_position_ids(hf_config: Any, batch: dict[str, torch.Tensor]) -> torch.
     return positions
 
 
-class Qwen2VLMegatron(torch.nn.Module):
-    """One pipeline chunk of Qwen2-VL: the vision tower (first stage only) and this chunk's decoder part.
+class VisionLanguageMegatron(torch.nn.Module):
+    """One pipeline chunk of a VLM: the vision parts (first stage only) and this chunk's decoder part.
 
     Exposes the attributes megatron's DDP and `finalize_model_grads` look up on a model chunk
     (`pre_process`, `post_process`, `share_embeddings_and_output_weights`, `set_input_tensor`, ...)
@@ -74,13 +73,28 @@ class Qwen2VLMegatron(torch.nn.Module):
             self.shape, config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
             parallel_output=parallel_output,
         )  # fmt: skip
-        self.visual = None
         if pre_process:
-            from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+            self.build_vision(hf_config)
+            for name, param in self.named_parameters():
+                if not name.startswith("language_model."):
+                    param.sequence_parallel = config.sequence_parallel
 
-            self.visual = Qwen2VisionTransformerPretrainedModel._from_config(hf_config.vision_config)
-            for param in self.visual.parameters():
-                param.sequence_parallel = config.sequence_parallel
+    # ---- what a model implements ------------------------------------------------------------------
+    #: HF state-dict prefixes of the vision parts -> this chunk's attribute prefixes
+    vision_prefixes: dict[str, str] = {}
+
+    def build_vision(self, hf_config: Any) -> None:
+        raise NotImplementedError
+
+    def media_features(self, media: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, int]]:
+        """(media key, features [tokens, hidden], placeholder token id) for each medium in the batch."""
+        raise NotImplementedError
+
+    @staticmethod
+    def positions(hf_config: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Position ids as the HF model computes them: plain RoPE ignores them beyond their shape."""
+        ids = batch["input_ids"]
+        return torch.arange(ids.shape[1]).expand_as(ids)
 
     # ---- what megatron's wrappers and schedules ask a chunk ----------------------------------------
     @property
@@ -111,9 +125,10 @@ class Qwen2VLMegatron(torch.nn.Module):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
         state = self.language_model.sharded_state_dict(f"{prefix}language_model.", sharded_offsets, metadata)
-        if self.visual is not None:
-            local = {k: v for k, v in self.visual.state_dict(keep_vars=True).items()}
-            state.update(make_sharded_tensors_for_checkpoint(local, f"{prefix}visual.", {}, sharded_offsets))
+        for name, module in self.named_children():
+            if name != "language_model":
+                local = dict(module.state_dict(keep_vars=True))
+                state.update(make_sharded_tensors_for_checkpoint(local, f"{prefix}{name}.", {}, sharded_offsets))
         return state
 
     # ---- forward ----------------------------------------------------------------------------------
@@ -126,13 +141,7 @@ class Qwen2VLMegatron(torch.nn.Module):
         s_full = input_ids.shape[1]
         full = None
         mask = torch.zeros(s_full, input_ids.shape[0], 1, dtype=torch.bool, device=emb.device)
-        for pixels, grid, token in (
-            ("pixel_values", "image_grid_thw", self.hf_config.image_token_id),
-            ("pixel_values_videos", "video_grid_thw", self.hf_config.video_token_id),
-        ):
-            if media.get(pixels) is None:
-                continue
-            feats = self.visual(media[pixels].to(emb.dtype), grid_thw=media[grid]).pooler_output
+        for pixels, feats, token in self.media_features(media):
             where = (input_ids == token).unsqueeze(-1)  # [B, S, 1]: features fill rows in batch-major order
             if int(where.sum()) != feats.shape[0]:
                 raise ValueError(
@@ -167,8 +176,77 @@ class Qwen2VLMegatron(torch.nn.Module):
         )  # fmt: skip
 
 
-def split_hf_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(decoder tensors as HF names them, the vision tower's tensors renamed to the chunk's `visual.` keys)."""
-    visual = {k.removeprefix(VISUAL_PREFIX): v for k, v in state.items() if k.startswith(VISUAL_PREFIX)}
-    decoder = {k: v for k, v in state.items() if not k.startswith(VISUAL_PREFIX)}
-    return decoder, visual
+class Qwen2VLMegatron(VisionLanguageMegatron):
+    """Qwen2-VL: transformers' vision tower (patch merger included) and multimodal RoPE positions."""
+
+    vision_prefixes = {"model.visual.": "visual."}
+
+    def build_vision(self, hf_config: Any) -> None:
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+        self.visual = Qwen2VisionTransformerPretrainedModel._from_config(hf_config.vision_config)
+
+    def media_features(self, media: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, int]]:
+        out = []
+        dtype = next(self.visual.parameters()).dtype
+        for pixels, grid, token in (
+            ("pixel_values", "image_grid_thw", self.hf_config.image_token_id),
+            ("pixel_values_videos", "video_grid_thw", self.hf_config.video_token_id),
+        ):
+            if media.get(pixels) is not None:
+                out.append((pixels, self.visual(media[pixels].to(dtype), grid_thw=media[grid]).pooler_output, token))
+        return out
+
+    positions = staticmethod(mrope_position_ids)
+
+
+class LlavaMegatron(VisionLanguageMegatron):
+    """LLaVA: transformers' vision tower (CLIP) and multimodal projector; features from
+    `vision_feature_layer`, the CLS token dropped under the "default" strategy, as LlavaModel does."""
+
+    vision_prefixes = {"model.vision_tower.": "vision_tower.", "model.multi_modal_projector.": "multi_modal_projector."}
+
+    def build_vision(self, hf_config: Any) -> None:
+        from transformers import AutoModel
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        self.vision_tower = AutoModel.from_config(hf_config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(hf_config)
+
+    def media_features(self, media: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, int]]:
+        if media.get("pixel_values") is None:
+            return []
+        cfg = self.hf_config
+        dtype = next(self.vision_tower.parameters()).dtype
+        hidden = self.vision_tower(media["pixel_values"].to(dtype), output_hidden_states=True).hidden_states
+        layers = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else cfg.vision_feature_layer
+        picked = [hidden[i][:, 1:] if cfg.vision_feature_select_strategy == "default" else hidden[i] for i in layers]
+        feats = self.multi_modal_projector(torch.cat(picked, dim=-1))
+        return [("pixel_values", feats.flatten(0, 1), cfg.image_token_index)]
+
+
+#: families the megatron engine trains, and the chunk class that builds each
+MODELS: dict[str, type[VisionLanguageMegatron]] = {"qwen2_vl": Qwen2VLMegatron, "llava": LlavaMegatron}
+
+
+def split_hf_state(
+    state: dict[str, torch.Tensor], prefixes: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(decoder tensors as HF names them, the vision parts' tensors under the chunk's names)."""
+    vision, decoder = {}, {}
+    for key, value in state.items():
+        hf = next((p for p in prefixes if key.startswith(p)), None)
+        if hf is None:
+            decoder[key] = value
+        else:
+            vision[prefixes[hf] + key[len(hf) :]] = value
+    return decoder, vision
+
+
+def join_hf_state(vision: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The way back: chunk names of the vision parts -> HF names."""
+    out = {}
+    for key, value in vision.items():
+        hf, ours = next((h, o) for h, o in prefixes.items() if key.startswith(o))
+        out[hf + key[len(ours) :]] = value
+    return out

@@ -1,5 +1,6 @@
-"""Qwen2-VL on the megatron engine: the HF vision tower feeding a megatron GPTModel with multimodal RoPE gives
-transformers' logits, on 1 rank and on 2 tensor-parallel gloo ranks with and without sequence parallelism."""
+"""VLMs on the megatron engine: the HF vision tower feeding a megatron GPTModel gives transformers' logits, on 1
+rank and on 2 tensor-parallel gloo ranks with and without sequence parallelism: Qwen2-VL (multimodal RoPE) and
+LLaVA (CLIP tower, projector, Llama decoder)."""
 
 from __future__ import annotations
 
@@ -56,39 +57,79 @@ def vlm_batch() -> dict[str, torch.Tensor]:
     }
 
 
-def _megatron_logits(rank: int, world: int, sp: bool) -> torch.Tensor:
+def tiny_llava() -> torch.nn.Module:
+    """LLaVA-1.5's shape at toy width: a 56-px CLIP with 14-px patches (16 features per image), Llama decoder."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=56, patch_size=14),
+        text_config=dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+        image_token_index=IMAGE_TOKEN, image_seq_length=16, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def llava_batch() -> dict[str, torch.Tensor]:
+    """Two rows, each with one 56-px image (16 placeholder tokens), the second right-padded."""
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.cat([torch.randint(0, 240, (2,), generator=g), torch.full((16,), IMAGE_TOKEN),
+                       torch.randint(0, 240, (n,), generator=g)]) for n in (6, 3)]  # fmt: skip
+    ids = torch.zeros(2, 24, dtype=torch.long)
+    mask = torch.zeros(2, 24, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = r, 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 56, 56, generator=g)}
+
+
+CASES = {"qwen2_vl": (tiny_qwen2_vl, vlm_batch), "llava": (tiny_llava, llava_batch)}
+
+
+def _megatron_logits(rank: int, world: int, sp: bool, family: str = "qwen2_vl") -> torch.Tensor:
     from megatron.core import parallel_state as ps
 
     from engines.megatron.convert import hf_to_megatron
     from engines.megatron.gpt import DecoderShape, transformer_config
     from engines.megatron.setup import init_model_parallel
-    from engines.megatron.vlm import Qwen2VLMegatron, mrope_position_ids, split_hf_state
+    from engines.megatron.vlm import MODELS, split_hf_state
 
-    hf = tiny_qwen2_vl()
+    make_model, make_batch = CASES[family]
+    hf = make_model()
+    cls = MODELS[family]
     shape = DecoderShape.from_hf(hf.config)
     init_model_parallel(tp=world)
     config = transformer_config(shape, tensor_model_parallel_size=world, sequence_parallel=sp)
-    model = Qwen2VLMegatron(hf.config, config, parallel_output=False)
-    decoder, visual = split_hf_state(hf.state_dict())
+    model = cls(hf.config, config, parallel_output=False)
+    decoder, vision = split_hf_state(hf.state_dict(), cls.vision_prefixes)
     part = {f"language_model.{k}": v for k, v in hf_to_megatron(decoder, shape, tp=world, tp_rank=rank).items()}
-    part.update({f"visual.{k}": v for k, v in visual.items()})
+    part.update(vision)
     missing, unexpected = model.load_state_dict(part, strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
-    batch = vlm_batch()
-    media = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
+    batch = make_batch()
+    media = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
     with torch.no_grad():
-        logits = model(batch["input_ids"], mrope_position_ids(hf.config, batch), **media)
+        logits = model(batch["input_ids"], cls.positions(hf.config, batch), **media)
     ps.destroy_model_parallel()
     return logits
 
 
+@pytest.mark.parametrize("family", list(CASES))
 @pytest.mark.parametrize(("tp", "sp"), [(1, False), (2, False), (2, True)], ids=["tp1", "tp2", "tp2+sp"])
-def test_megatron_qwen2_vl_gives_the_transformers_logits(tp: int, sp: bool) -> None:
-    hf = tiny_qwen2_vl()
-    batch = vlm_batch()
+def test_megatron_vlm_gives_the_transformers_logits(family: str, tp: int, sp: bool) -> None:
+    make_model, make_batch = CASES[family]
+    hf = make_model()
+    batch = make_batch()
     with torch.no_grad():
         expected = hf(**batch).logits
     mask = batch["attention_mask"].bool()  # padded positions are nobody's prediction
-    for logits in run_ranks(_megatron_logits, tp, sp):
+    for logits in run_ranks(_megatron_logits, tp, sp, family):
         assert logits.shape == expected.shape
         torch.testing.assert_close(logits[mask], expected[mask], atol=1e-4, rtol=1e-4)
