@@ -100,6 +100,7 @@ def validate(cfg: PipelineConfig) -> None:
         "train.ema.enabled": t.ema.enabled,
         "train.compile": t.compile,
         "train.async_checkpoint": t.async_checkpoint,
+        "train.profile.enabled": t.profile.enabled,
         "train.fsdp.param_dtype=bfloat16 (use train.mixed_precision=bf16)": t.fsdp.param_dtype != "float32",
     }
     bad = [k for k, v in unsupported.items() if v]

@@ -68,3 +68,23 @@ def test_megatron_recipe_trains_exports_and_logs_the_torch_engine_metrics(demo: 
     again = launch(resumed, None, None)
     assert again.resumed_from == 2
     assert again.losses == pytest.approx(losses[2:], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lora.enabled=true"], "train.lora is not supported on the megatron engine"),
+        (["model.family=whisper"], "train.engine=megatron trains qwen2_vl, llava; 'whisper' trains on the torch"),
+        (["train.parallel.pp_virtual_stages=2", "train.grad_accum=3"], "multiple of pp=2"),
+        (["train.ema.enabled=true"], "train.ema.enabled: not available on the megatron engine"),
+        (["train.parallel.tp=3"], "does not divide the 2 ranks"),
+    ],
+)
+def test_megatron_settings_it_cannot_honour_are_refused_before_launch(
+    overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    from engines.torch_engine.launch import launch
+
+    cfg = load_config(RECIPE, overrides, workdir=tmp_path)
+    with pytest.raises(ValueError, match=message):
+        launch(cfg, None, None)
