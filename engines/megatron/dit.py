@@ -157,6 +157,8 @@ def transformer_config(shape: CogVideoXShape, **parallel: Any) -> Any:
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from engines.megatron.gpt import NO_CUDA_FUSIONS
+
     _check_tp(shape.num_heads, shape.ffn_hidden_size, int(parallel.get("tensor_model_parallel_size", 1)))
     fields: dict[str, Any] = {
         "num_layers": shape.num_layers,
@@ -173,16 +175,8 @@ def transformer_config(shape: CogVideoXShape, **parallel: Any) -> Any:
         "add_bias_linear": True,
         "add_qkv_bias": True,
         "rotary_interleaved": True,  # CogVideoX rotates adjacent pairs (x0, x1), (x2, x3), ...
-        "attention_dropout": 0.0,
-        "hidden_dropout": 0.0,
         "bias_activation_fusion": False,
-        "bias_dropout_fusion": False,
-        "apply_rope_fusion": False,
-        "masked_softmax_fusion": False,
-        "gradient_accumulation_fusion": False,
-        "persist_layer_norm": False,
-        "use_cpu_initialization": True,
-        "params_dtype": torch.float32,
+        **NO_CUDA_FUSIONS,
     }
     fields.update(parallel)
     return TransformerConfig(**fields)

@@ -67,6 +67,21 @@ class DecoderShape:
         )
 
 
+#: TransformerConfig fields every model here starts from: no dropout, and none of the fusions that need CUDA
+#: kernels (speed-ups, not semantics), so one config builds on CPU ranks and GPUs alike.
+NO_CUDA_FUSIONS: dict[str, Any] = {
+    "attention_dropout": 0.0,
+    "hidden_dropout": 0.0,
+    "bias_dropout_fusion": False,
+    "apply_rope_fusion": False,
+    "masked_softmax_fusion": False,
+    "gradient_accumulation_fusion": False,
+    "persist_layer_norm": False,
+    "use_cpu_initialization": True,
+    "params_dtype": torch.float32,
+}
+
+
 def transformer_config(shape: DecoderShape, **parallel: Any) -> Any:
     """megatron-core's TransformerConfig for this decoder; `parallel` adds TP/PP/SP/recompute fields.
 
@@ -88,15 +103,7 @@ def transformer_config(shape: DecoderShape, **parallel: Any) -> Any:
         "activation_func": F.silu,
         "add_bias_linear": False,
         "add_qkv_bias": shape.qkv_bias,
-        "attention_dropout": 0.0,
-        "hidden_dropout": 0.0,
-        "bias_dropout_fusion": False,
-        "apply_rope_fusion": False,
-        "masked_softmax_fusion": False,
-        "gradient_accumulation_fusion": False,
-        "persist_layer_norm": False,
-        "use_cpu_initialization": True,
-        "params_dtype": torch.float32,
+        **NO_CUDA_FUSIONS,
     }
     if shape.mrope_section:
         fields["mrope_section"] = list(shape.mrope_section)

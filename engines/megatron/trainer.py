@@ -53,10 +53,8 @@ from engines.models.sequence import IGNORE_INDEX
 from engines.torch_engine import checkpoint as ckpt
 from engines.torch_engine.data import CachedLatents, split_records
 from engines.torch_engine.flops import mfu, peak_tflops, train_flops
-from engines.torch_engine.trainer import TrainResult, export_weights, lr_lambda, make_sampler
+from engines.torch_engine.trainer import TrainResult, export_weights, lr_lambda, make_sampler, resume_path
 from engines.tracking import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
-
-log = logging.getLogger(__name__)
 
 #: families whose model the megatron engine builds (engines/megatron/vlm.py)
 FAMILIES = tuple(MODELS)
@@ -289,7 +287,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         dataset = CachedLatents(cfg.cache_dir, records)
         sampler = make_sampler(cfg, records, dp_rank, dp_world)
         start_step, samples_seen = 0, 0
-        resume_from = _resume_path(cfg)
+        resume_from = resume_path(cfg)
         if resume_from is not None:
             state = load_checkpoint(resume_from, chunks, optimizer)
             start_step, samples_seen = state["step"], state["samples_seen"]
@@ -395,18 +393,6 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
     finally:
         stop_system_metrics(monitor)
         tracker.close()
-
-
-def _resume_path(cfg: PipelineConfig) -> Path | None:
-    mode = cfg.train.resume
-    if mode == "never":
-        return None
-    if mode == "auto":
-        return ckpt.latest(cfg.train_dir)
-    path = Path(mode)
-    if not (path / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"train.resume={mode} is not a checkpoint directory (no trainer_state.pt)")
-    return path
 
 
 @record

@@ -112,7 +112,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
         ema = Ema(model, t_cfg.ema.decay) if t_cfg.ema.enabled else None
         sampler = make_sampler(cfg, records, env.dp_rank, env.dp_world)
         start_step, samples_seen = 0, 0
-        resume_from = _resume_path(cfg)
+        resume_from = resume_path(cfg)
         if resume_from is not None:
             state = ckpt.load(resume_from, model, optimizer, lr_sched, ema.shadow if ema else None)
             start_step, samples_seen = state["step"], state["samples_seen"]
@@ -300,7 +300,7 @@ def make_sampler(cfg: PipelineConfig, records: list[dict], rank: int, world: int
     return BucketBatchSampler(shapes, bs, seed=cfg.train.seed, rank=rank, world=world)
 
 
-def _resume_path(cfg: PipelineConfig) -> Path | None:
+def resume_path(cfg: PipelineConfig) -> Path | None:
     mode = cfg.train.resume
     if mode == "never":
         return None
