@@ -356,8 +356,8 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
                         "train/grad_norm": result.grad_norm,
                         "perf/step_time_s": dt,
                         "perf/data_wait_s": data_wait,
-                        "perf/fwd_bwd_s": dt - data_wait,
-                        "perf/optimizer_s": 0.0,  # inside megatron's step; fwd_bwd_s includes it
+                        "perf/fwd_bwd_s": dt - data_wait - result.optimizer_s,
+                        "perf/optimizer_s": result.optimizer_s,
                         "perf/samples_per_s": n_samples / dt,
                         "perf/frames_per_s": frames / dt,
                         "perf/tokens_per_s": tokens / dt,

@@ -10,6 +10,7 @@ same gradient as one process over the same global batch, which is what the layou
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -175,6 +176,7 @@ class StepResult:
     tokens: int  # labelled tokens in the global batch
     grad_norm: float
     skipped: bool
+    optimizer_s: float = 0.0  # megatron's optimizer step: grad norm, clipping, the update (and its all-gather)
 
 
 def train_step(
@@ -208,8 +210,10 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    t_opt = time.perf_counter()
     ok, grad_norm, _ = optimizer.step()
-    return StepResult(*_global_loss(outputs, parallel_state), float(grad_norm or 0.0), not ok)
+    optimizer_s = time.perf_counter() - t_opt
+    return StepResult(*_global_loss(outputs, parallel_state), float(grad_norm or 0.0), not ok, optimizer_s)
 
 
 def _global_loss(outputs: Iterable[dict], parallel_state: Any) -> tuple[float, int]:
