@@ -23,8 +23,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 # Keys under which training scripts nest the weights, in the order they are preferred: an EMA copy is what the
-# authors release for sampling, so it wins over the raw training weights when a checkpoint holds both.
-_NESTED = ("ema", "ema_state_dict", "model", "state_dict", "module", "model_state_dict")
+# authors release for sampling, so it wins over the raw training weights when a checkpoint holds both. "gen_model"
+# is OpenSoraPlan's VAE trainer (the generator, next to its discriminator).
+_NESTED = ("ema", "ema_state_dict", "gen_model", "model", "state_dict", "module", "model_state_dict")
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -89,7 +90,8 @@ def _unnest(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if obj and all(torch.is_tensor(v) for v in obj.values()):
         return dict(obj)
     for key in _NESTED:
-        if isinstance(obj.get(key), Mapping):
+        # a trainer that ran without EMA still writes `"ema_state_dict": {}`; the weights are under the next key
+        if isinstance(obj.get(key), Mapping) and obj[key]:
             return _unnest(obj[key], path)
     raise ValueError(f"{path}: no tensors found at the top level or under any of {', '.join(_NESTED)}")
 
