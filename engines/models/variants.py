@@ -273,7 +273,8 @@ def _build_tiny(family: str) -> dict[str, nn.Module]:
     tokenizer, encoder = fam.load_text_encoder(cfg)
     text = fam.encode_text(tokenizer, encoder, ["a"], 8)
     text = text["text_embeds"] if isinstance(text, dict) else text
-    denoiser = fam.load_transformer(cfg, text.shape[-1], vae.config.latent_channels)
+    channels = getattr(vae.config, "latent_channels", None) or vae.latent_channels  # OpenSoraPlan's VAEs: attribute
+    denoiser = fam.load_transformer(cfg, text.shape[-1], channels)
     parts: dict[str, nn.Module] = {fam.denoiser_subfolder: denoiser}
     if isinstance(encoder, nn.ModuleList):  # image families: one encoder per pipeline text part
         parts.update({p[0]: enc for p, enc in zip(fam.text_parts, encoder, strict=True)})
@@ -436,4 +437,54 @@ for _v in (
         "vae": SDXL_VAE},
         2_600_000_000, "2.6B (SDXL's U-Net)", "SDXL paper Table 1 (2.6B U-Net), which Kolors keeps"),
 ):  # fmt: skip
+    register_variant(_v)
+
+
+# ---- the video DiTs flowspeed defines (engines/models/dits; families in opensora.py, opensoraplan.py,
+# qihoo_t2x.py). Each `published` figure and its source sit beside the model's PRESETS in its dits module; where the
+# authors' stated size is rounded or disagrees with their own module tree, that module says so. ----------------------
+def _dits_variants() -> list[Variant]:
+    from engines.models.dits import causalvae, opensora_vae, opensoraplan, pt_dit, stdit, stdit3, wfvae
+    from engines.models.opensora import SD_VAE
+
+    # google/mt5-xxl, encoder only (OpenSoraPlan's text encoder)
+    mt5_xxl = Component(
+        T5EncoderModel,
+        dict(
+            vocab_size=250112,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=24,
+            num_heads=64,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+        ),
+    )
+    wf = Component(wfvae.WFVAEModel, wfvae.PRESETS["wfvae-v1.3"])
+    causal = Component(causalvae.CausalVAEModel, causalvae.PRESETS["causalvae-v1.2-488"])
+
+    def dit(family: str, name: str, module: Any, preset: str, cls: type, text: Component, vae: Component) -> Variant:
+        count, source = module.PUBLISHED[preset]
+        return Variant(family, name, {"transformer": Component(cls, module.PRESETS[preset]), "text_encoder": text,
+                                      "vae": vae}, count, preset, source)  # fmt: skip
+
+    sd_vae = Component(AutoencoderKL, SD_VAE)
+    os_vae = Component(opensora_vae.OpenSoraVAE, opensora_vae.PRESETS["opensora-vae-v1.2"])
+    osp = opensoraplan.MODEL_CLASSES
+    return [
+        dit("opensora", "opensora-v1.0-256", stdit, "STDiT-XL/2", stdit.STDiT, T5_XXL, sd_vae),
+        dit("opensora", "opensora-v1.0-512", stdit, "STDiT-XL/2-512", stdit.STDiT, T5_XXL, sd_vae),
+        dit("opensora1.2", "opensora-v1.2", stdit3, "STDiT3-XL/2", stdit3.STDiT3, T5_XXL, os_vae),
+        dit("opensoraplan", "opensoraplan-v1.2", opensoraplan, "OpenSoraT2V-ROPE-L/122",
+            osp["OpenSoraT2V-ROPE-L/122"], mt5_xxl, causal),
+        dit("opensoraplan", "opensoraplan-v1.3", opensoraplan, "OpenSoraT2V_v1_3-2B/122",
+            osp["OpenSoraT2V_v1_3-2B/122"], mt5_xxl, wf),
+        dit("opensoraplan_i2v", "opensoraplan-v1.3-i2v", opensoraplan, "OpenSoraInpaint_v1_3-2B/122",
+            osp["OpenSoraInpaint_v1_3-2B/122"], mt5_xxl, wf),
+        dit("qihoo_t2x", "qihoo-t2x-1.1b", pt_dit, "Qihoo-T2I-1.1B", pt_dit.PTDiT, T5_XXL, causal),
+    ]  # fmt: skip
+
+
+for _v in _dits_variants():
     register_variant(_v)
