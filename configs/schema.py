@@ -201,7 +201,12 @@ class ParallelConfig(Section):
     tp: int = Field(1, ge=1, description="tensor parallel degree (DTensor plans per model class)")
     sequence_parallel: bool = Field(False, description="with tp > 1: shard norm/dropout activations too")
     cp: int = Field(1, ge=1, description="context parallel degree: the token sequence split across ranks")
-    cp_mode: Literal["ulysses", "ring"] = "ulysses"
+    cp_mode: Literal["ulysses", "ring", "dsp"] = Field(
+        "ulysses",
+        description="ulysses: all-to-all over attention heads (heads % cp == 0); ring: ring attention (any head "
+        "count); dsp: Dynamic Sequence Parallel, STDiT3 only: split frames for spatial blocks and tokens per frame "
+        "for temporal ones, 2 all-to-alls per layer (latent frames and tokens per frame % cp == 0)",
+    )
     pp: int = Field(1, ge=1, description="pipeline stages (transformers language backbones)")
     pp_schedule: Literal["1f1b", "interleaved_1f1b"] = "1f1b"
     pp_virtual_stages: int = Field(1, ge=1, description="stages per rank; >= 2 with interleaved_1f1b")

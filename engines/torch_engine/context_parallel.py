@@ -132,15 +132,27 @@ register_cp_plan("CogVideoXTransformer3DModel", _COGVIDEOX_PLAN, CogVideoXCPAttn
 # breaks on its cross-attention mask on CPU (SDPA broadcast error), and ring attention takes no mask.
 for _name in ("FluxTransformer2DModel", "WanTransformer3DModel"):
     register_cp_plan(_name)
+# The video DiTs flowspeed defines (engines/models/dits) carry their own `_cp_plan`, each tested against one process
+# in tests/engines/dits. STDiT3 also takes DSP (engines/torch_engine/dsp.py, `cp_mode: dsp`), as MindSpeed-MM runs it.
+for _name in ("STDiT", "STDiT3", "OpenSoraT2V", "OpenSoraT2V_v1_3", "OpenSoraInpaint_v1_3", "PTDiT"):
+    register_cp_plan(_name)
 
 
 # ---- apply --------------------------------------------------------------------------------------------------------
 def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh, mode: str = "ulysses") -> None:
     """In place. Afterwards model(**full_inputs) on every rank of cp_mesh returns the FULL output (identical on every
     CP rank) while attention runs on sequence shards. mode: "ulysses" (all-to-all over heads) or "ring" (ring
-    attention). Every rank of the job must call this (building the CP sub-meshes is collective)."""
+    attention); "dsp" is STDiT3's Dynamic Sequence Parallel, delegated to engines/torch_engine/dsp.py (no attention
+    collective, so not in MODES). Every rank of the job must call this (building the CP sub-meshes is collective)."""
+    if mode == "dsp":
+        from engines.torch_engine.dsp import apply_dsp
+
+        return apply_dsp(model, cp_mesh)
     if mode not in MODES:
-        raise ValueError(f"unknown context parallel mode {mode!r}; valid modes: {list(MODES)}")
+        raise ValueError(
+            f"unknown context parallel mode {mode!r}; valid modes: {list(MODES)}, or 'dsp' for STDiT3 "
+            "(engines/torch_engine/dsp.py)"
+        )
     name, entry = _plan_for(model)
     if cp_mesh.ndim != 1:
         raise ValueError(f"cp_mesh must be 1-D (slice it, e.g. mesh['cp']); got dims {cp_mesh.mesh_dim_names}")

@@ -1,7 +1,7 @@
 """Parallelism, recomputation and compile, applied to an unmodified model from outside.
 
     model = build on the meta device
-    parallelize(model, mesh, dims, train_cfg)   # TP -> CP -> AC -> compile -> FSDP2 / DDP
+    parallelize(model, mesh, dims, train_cfg)   # TP -> CP -> AC -> compile -> FSDP2 / DDP (CP "dsp": after AC)
     materialize(model, full_state_dict_on_rank0, device)
 
 The order matters and is the one torchtitan documents: tensor parallel rewrites Linear layers into
@@ -36,6 +36,7 @@ BLOCK_LISTS = (
     "transformer_blocks", "single_transformer_blocks", "down_blocks", "up_blocks",
     "model.layers", "layers", "model.language_model.layers", "model.visual.blocks", "visual.blocks",
     "model.encoder.layers", "model.decoder.layers", "model.vision_tower.vision_model.encoder.layers",
+    "blocks", "spatial_blocks", "temporal_blocks",  # OpenSora's STDiT / STDiT3 (engines/models/dits)
 )  # fmt: skip
 
 
@@ -130,11 +131,16 @@ def parallelize(model: nn.Module, mesh: Meshes | None, dims: ParallelDims, cfg: 
         from engines.torch_engine.tensor_parallel import apply_tp
 
         apply_tp(model, mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
-    if dims.cp > 1:
+    dsp = dims.cp > 1 and cfg.parallel.cp_mode == "dsp"
+    if dims.cp > 1 and not dsp:
         from engines.torch_engine.context_parallel import apply_context_parallel
 
         apply_context_parallel(model, mesh["cp"], cfg.parallel.cp_mode)
     apply_ac(model, cfg.activation_checkpointing)
+    if dsp:  # after AC: its all-to-all hooks then sit on the checkpoint wrappers, outside the recomputed region
+        from engines.torch_engine.dsp import apply_dsp
+
+        apply_dsp(model, mesh["cp"])
     if cfg.compile:
         apply_compile(model)
     if dims.fsdp:
