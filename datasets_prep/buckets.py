@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from configs.schema import BucketsConfig, DataConfig, resolution_area
@@ -52,11 +53,20 @@ def available_frames(info: MediaInfo, d: DataConfig) -> int:
     return int((info.num_frames - 1) / step + 1e-6) + 1
 
 
-def valid_frames(n: int, temporal: int, cp_degree: int) -> bool:
-    if (n - 1) % temporal:
-        return False
-    latent = (n - 1) // temporal + 1
-    return latent % cp_degree == 0
+#: pixel frames -> the latent frames a VAE makes of them, or None when it cannot take that many
+FrameRule = Callable[[int], "int | None"]
+
+
+def causal_rule(temporal: int) -> FrameRule:
+    """A causal video VAE's frame rule: 1 + temporal * k frames -> 1 + k latent frames."""
+    return lambda n: None if n < 1 or (n - 1) % temporal else (n - 1) // temporal + 1
+
+
+def valid_frames(n: int, temporal: int | FrameRule, cp_degree: int) -> bool:
+    """`temporal`: a causal VAE's temporal compression, or the family's own frame rule (OpenSora 1.2's VAE encodes
+    17-frame chunks, so its latent count is not (n - 1) / 4 + 1)."""
+    latent = (temporal if callable(temporal) else causal_rule(temporal))(n)
+    return latent is not None and latent % cp_degree == 0
 
 
 def _keep(key: str, salt: str, prob: float) -> bool:
@@ -65,7 +75,7 @@ def _keep(key: str, salt: str, prob: float) -> bool:
     return int(text_digest(key, salt)[:8], 16) / 0xFFFFFFFF < prob
 
 
-def assign(info: MediaInfo, key: str, d: DataConfig, temporal: int, stride: int, default_bs: int) -> Bucket:
+def assign(info: MediaInfo, key: str, d: DataConfig, temporal: int | FrameRule, stride: int, default_bs: int) -> Bucket:
     b = d.buckets
     have = available_frames(info, d)
     if b.mode == "fixed":
@@ -77,11 +87,11 @@ def assign(info: MediaInfo, key: str, d: DataConfig, temporal: int, stride: int,
     return _opensora(info, key, have, b, temporal, stride)
 
 
-def _frames_for(have: int, wanted: list[int], b: BucketsConfig, temporal: int) -> list[int]:
+def _frames_for(have: int, wanted: list[int], b: BucketsConfig, temporal: int | FrameRule) -> list[int]:
     return sorted((n for n in wanted if n <= have and valid_frames(n, temporal, b.cp_degree)), reverse=True)
 
 
-def _opensora(info: MediaInfo, key: str, have: int, b: BucketsConfig, temporal: int, stride: int) -> Bucket:
+def _opensora(info: MediaInfo, key: str, have: int, b: BucketsConfig, temporal: int | FrameRule, stride: int) -> Bucket:
     ratio = info.height / info.width
     aspect = min(ASPECT_RATIOS, key=lambda r: abs(math.log(r / ratio)))
     for res in sorted(b.bucket_config, key=lambda r: resolution_area(r), reverse=True):
@@ -100,7 +110,9 @@ def _opensora(info: MediaInfo, key: str, have: int, b: BucketsConfig, temporal: 
     )
 
 
-def _dynamic(info: MediaInfo, have: int, b: BucketsConfig, temporal: int, stride: int, default_bs: int) -> Bucket:
+def _dynamic(
+    info: MediaInfo, have: int, b: BucketsConfig, temporal: int | FrameRule, stride: int, default_bs: int
+) -> Bucket:
     ratio = max(info.height / info.width, info.width / info.height)
     if ratio > b.aspect_threshold:
         raise ProbeError("aspect", f"aspect ratio {ratio:.2f} above data.buckets.aspect_threshold={b.aspect_threshold}")

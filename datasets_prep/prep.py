@@ -143,9 +143,7 @@ def _plan(
                     info = info or probe(item.path)
                     view = clip_view(info, *rng) if rng else info
                     _check_clip(view, d)
-                    bucket = assign(
-                        view, key, d, family.temporal_compression, family.size_multiple, cfg.train.batch_size
-                    )
+                    bucket = assign(view, key, d, family.latent_frame_count, family.size_multiple, cfg.train.batch_size)
                     start = rng[0] if rng else 0
                     indices = [start + i for i in sample_indices(view, bucket.frames, d.target_fps, d.stride)]
                 except ProbeError as exc:

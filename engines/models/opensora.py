@@ -60,9 +60,6 @@ class OpenSora(VideoDiTFamily):
         return {"in_channels": latent_channels, "caption_channels": text_embed_dim,
                 "model_max_length": cfg.max_text_length}  # fmt: skip
 
-    def latent_frames(self, vae: nn.Module | None, num_frames: int) -> int:
-        return num_frames
-
     def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
         """Frame by frame through the image VAE: (B, T, H, W, 3) -> (B, 8, T, H/8, W/8) raw posterior (prep
         records the VAE's scaling factor beside it)."""
@@ -94,6 +91,14 @@ class OpenSora12(VideoDiTFamily):
     def frame_count_error(self, num_frames: int) -> str | None:
         # the VAE takes any length (17-frame chunks, the last front-padded); prep's buckets still pick 4k+1
         return None if num_frames >= 1 else f"at least one frame is needed, not {num_frames}"
+
+    def latent_frame_count(self, num_frames: int) -> int | None:
+        """The released VAE's rule (opensora_vae.OpenSoraVAE.latent_frames): 5 latent frames per 17-frame chunk,
+        ceil(r / 4) for the r frames left; buckets such as the authors' 51 / 102 frames are valid."""
+        if num_frames < 1:
+            return None
+        k, r = divmod(num_frames, 17)
+        return 5 * k + -(-r // 4)
 
     def tiny_overrides(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> dict[str, Any]:
         return {"in_channels": latent_channels, "caption_channels": text_embed_dim,

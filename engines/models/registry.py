@@ -42,6 +42,12 @@ class ModelFamily(ABC):
     def frame_count_error(self, num_frames: int) -> str | None:
         """Why the VAE cannot take `num_frames`, or None when it can."""
 
+    def latent_frame_count(self, num_frames: int) -> int | None:
+        """Latent frames of a `num_frames` clip, None when the VAE cannot take it; prep's buckets pick frame counts
+        whose latent length divides by the context-parallel degree with it."""
+        t = self.temporal_compression
+        return None if num_frames < 1 or (num_frames - 1) % t else (num_frames - 1) // t + 1
+
     @abstractmethod
     def load_vae(self, cfg: ModelConfig) -> nn.Module: ...
 

@@ -7,7 +7,8 @@ so eval, the registry and serving find `transformer/diffusion_pytorch_model.safe
 `VideoDiTPipeline.from_pretrained` imports our classes by module path.
 
 `model.transformer` and `model.vae` take a variant name and, optionally, weights:
-- `{preset: tiny}`: random init, seconds on a CPU (the tiny transformer is sized to the cached latents and text);
+- `{preset: tiny}`: random init, seconds on a CPU (the tiny transformer is sized to the cached latents and text,
+  also when `pretrained:` gives it weights);
 - `{preset: STDiT3-XL/2, pretrained: /models/OpenSora-STDiT-v3}`: the authors' released checkpoint (a file or
   folder in their key layout) loaded into that variant by the model module's `from_published`, with a report
   (engines/models/dits/checkpoint.py: shape mismatches fail, missing/unexpected keys fail);
@@ -168,8 +169,10 @@ class VideoDiTFamily(ModelFamily):
         return vae.eval().requires_grad_(False)
 
     def latent_frames(self, vae: nn.Module | None, num_frames: int) -> int:
-        """Latent frames the VAE makes of `num_frames` pixel frames."""
-        return (num_frames - 1) // self.temporal_compression + 1
+        """Latent frames the VAE makes of `num_frames` pixel frames (the loaded VAE's own rule where it has one)."""
+        count = self.latent_frame_count(num_frames)
+        assert count is not None, self.frame_count_error(num_frames)
+        return count
 
     def vae_encode(self, vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> raw posterior mean ++ logvar (B, 2C, T', H', W')."""
@@ -198,7 +201,9 @@ class VideoDiTFamily(ModelFamily):
         return {"in_channels": latent_channels, "out_channels": out, "caption_channels": text_embed_dim}
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
-        tiny = (cfg.transformer.preset or "").startswith("tiny") and not cfg.transformer.pretrained
+        # the tiny presets are sized to the cache, with or without weights (a tiny run's checkpoint in the authors'
+        # layout loads back); released variants keep their own channels and the check below guards them
+        tiny = (cfg.transformer.preset or "").startswith("tiny") and text_embed_dim > 0
         overrides = self.tiny_overrides(cfg, text_embed_dim, latent_channels) if tiny else None
         model = build_component(cfg, "transformer", self.transformer_specs, self.key_maps, 3, overrides)
         self.check_transformer(model, cfg, text_embed_dim)
@@ -206,7 +211,7 @@ class VideoDiTFamily(ModelFamily):
 
     def check_transformer(self, model: nn.Module, cfg: ModelConfig, text_embed_dim: int) -> None:
         caption = getattr(model.config, "caption_channels", text_embed_dim)
-        if caption != text_embed_dim:
+        if text_embed_dim and caption != text_embed_dim:  # 0: not known (eval reloading an export)
             raise ValueError(
                 f"model.transformer takes {caption}-d text states but the cache holds {text_embed_dim}-d ones: the "
                 "text encoder is not the one this denoiser was trained with (re-run prep with the right "

@@ -7,6 +7,7 @@ from datasets_prep.buckets import assign, drop_minorities, valid_frames
 from datasets_prep.io import read_jsonl
 from datasets_prep.prep import run_prep
 from datasets_prep.probe import MediaInfo, ProbeError
+from engines.models import get_family
 from engines.torch_engine.launch import launch
 from tests.conftest import make_config
 
@@ -54,6 +55,10 @@ def test_dynamic_resolution_aligns_caps_area_and_refuses_extreme_aspect() -> Non
 def test_frame_counts_respect_the_vae_stride_and_context_parallel() -> None:
     assert [n for n in range(1, 20) if valid_frames(n, 4, 1)] == [1, 5, 9, 13, 17]
     assert [n for n in range(1, 20) if valid_frames(n, 4, 2)] == [5, 13]  # latent frames 2 and 4
+    # a family's own rule: OpenSora 1.2's VAE makes 5 latent frames of each 17-frame chunk (51 -> 15, 102 -> 30)
+    rule = get_family("opensora1.2").latent_frame_count
+    assert [n for n in (17, 34, 51, 68, 102) if valid_frames(n, rule, 2)] == [34, 68, 102]
+    assert [rule(n) for n in (1, 17, 51, 102, 20)] == [1, 5, 15, 30, 6]
     d = data(mode="dynamic", max_frames=17, cp_degree=2)
     assert assign(clip(64, 64), "k", d, 4, 16, 1).frames == 13
 
