@@ -66,14 +66,17 @@ def validation_loss(cfg: PipelineConfig, final_dir: Path, device: torch.device) 
     scheduler = family.load_scheduler(cfg.model)
     data = CachedLatents(cfg.cache_dir, val)
     bs = cfg.train.batch_size
+    # batches within one bucket, as training draws them: a dynamic-resolution or multi-bucket cache holds samples
+    # of several shapes, which do not stack
+    by_bucket: dict[str, list[int]] = {}
+    for i, rec in enumerate(val):
+        by_bucket.setdefault(repr(family.bucket_key(rec)), []).append(i)
+    batches = [idx[s : s + bs] for _, idx in sorted(by_bucket.items()) for s in range(0, len(idx), bs)]
     losses = []
     for rep in range(cfg.eval.val_batches):
-        for start in range(0, len(data), bs):
-            batch = {
-                k: v.to(device)
-                for k, v in family.collate([data[i] for i in range(start, min(start + bs, len(data)))]).items()
-            }
-            gen = torch.Generator().manual_seed(cfg.eval.seed * 1000 + rep * 100 + start)
+        for b, idx in enumerate(batches):
+            batch = {k: v.to(device) for k, v in family.collate([data[i] for i in idx]).items()}
+            gen = torch.Generator().manual_seed(cfg.eval.seed * 1000 + rep * 100 + b * bs)
             losses.append(family.training_loss(model, scheduler, batch, gen).item())
     return float(sum(losses) / len(losses)), len(val)
 
