@@ -64,7 +64,8 @@ def test_finetune_starts_from_the_authors_checkpoint(tmp_path: Path) -> None:
     released = opensoraplan.to_published(theirs.state_dict())
     ckpt = tmp_path / "checkpoint-1000.pt"
     torch.save({"ema": released, "optimizer": {}}, ckpt)
-    cfg = load_config(recipe, [f"data.manifest={demo / 'data.jsonl'}", "train.max_steps=2", "train.lr=1e-12",
+    cfg = load_config(recipe, [f"data.manifest={demo / 'data.jsonl'}", "data.buckets.mode=fixed",
+                               "train.max_steps=2", "train.lr=1e-12",
                                "train.warmup_steps=0", f"model.transformer.pretrained={ckpt}",
                                "eval.prompts=[a]", "eval.num_inference_steps=1"],
                       workdir=tmp_path / "w1")  # fmt: skip
