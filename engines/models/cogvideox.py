@@ -91,6 +91,34 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
 )
 
 
+def load_t5(cfg: ModelConfig) -> tuple[Any, nn.Module]:
+    """A T5-family encoder (T5, UMT5, mT5: encoder weights only) and its tokenizer from a local folder or hub id,
+    or the tiny preset with the byte-level tokenizer; CogVideoX's, and the video DiTs' of engines/models/dits."""
+    comp = cfg.text_encoder
+    if comp.pretrained:
+        # A diffusers layout keeps the tokenizer beside the encoder, in `tokenizer/`.
+        tok_sub = "tokenizer" if comp.subfolder == "text_encoder" else comp.subfolder
+        tok_comp = comp.model_copy(update={"subfolder": tok_sub})
+        tokenizer = from_pretrained(AutoTokenizer, tok_comp, "text_encoder")
+        config = from_pretrained(AutoConfig, comp, "text_encoder")
+        # T5 checkpoints hold encoder+decoder weights; AutoModel would build both.
+        cls = T5EncoderModel if config.model_type in ("t5", "umt5", "mt5") else AutoModel
+        encoder = from_pretrained(cls, comp, "text_encoder")
+    else:
+        tokenizer = byte_level_tokenizer()
+        preset = pick_preset(comp, TEXT_PRESETS, "text_encoder")
+        t5 = T5Config(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            **preset,
+        )
+        with seeded_init(cfg.seed + 2):
+            encoder = T5EncoderModel(t5)
+    return tokenizer, encoder.eval().requires_grad_(False)
+
+
 class CogVideoX(ModelFamily):
     name = "cogvideox"
     temporal_compression = 4
@@ -114,29 +142,7 @@ class CogVideoX(ModelFamily):
         return vae.eval().requires_grad_(False)
 
     def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]:
-        comp = cfg.text_encoder
-        if comp.pretrained:
-            # A diffusers layout keeps the tokenizer beside the encoder, in `tokenizer/`.
-            tok_sub = "tokenizer" if comp.subfolder == "text_encoder" else comp.subfolder
-            tok_comp = comp.model_copy(update={"subfolder": tok_sub})
-            tokenizer = from_pretrained(AutoTokenizer, tok_comp, "text_encoder")
-            config = from_pretrained(AutoConfig, comp, "text_encoder")
-            # T5 checkpoints hold encoder+decoder weights; AutoModel would build both.
-            cls = T5EncoderModel if config.model_type in ("t5", "umt5", "mt5") else AutoModel
-            encoder = from_pretrained(cls, comp, "text_encoder")
-        else:
-            tokenizer = byte_level_tokenizer()
-            preset = pick_preset(comp, TEXT_PRESETS, "text_encoder")
-            t5 = T5Config(
-                vocab_size=len(tokenizer),
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                decoder_start_token_id=tokenizer.pad_token_id,
-                **preset,
-            )
-            with seeded_init(cfg.seed + 2):
-                encoder = T5EncoderModel(t5)
-        return tokenizer, encoder.eval().requires_grad_(False)
+        return load_t5(cfg)
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
         if cfg.transformer.pretrained:

@@ -32,14 +32,13 @@ from configs.schema import ModelConfig
 from engines.models.cogvideox import TRANSFORMER_PRESETS as T2V_PRESETS
 from engines.models.cogvideox import CogVideoX
 from engines.models.cogvideox15 import TINY_15, build_transformer, pad_frames, patch_tokens
-from engines.models.registry import loaded, register_family, sample_latents
+from engines.models.registry import conditioning_images, loaded, register_family, sample_latents
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": T2V_PRESETS["tiny"],  # 1.0 layout
     # 1.5 I2V: the ofs embedding is added to the time embedding, so its width is time_embed_dim's.
     "tiny-1.5": dict(TINY_15, ofs_embed_dim=TINY_15["time_embed_dim"]),
 }
-GREY = 128  # the default conditioning frame's value when a caller gives no image
 
 
 class CogVideoXI2V(CogVideoX):
@@ -107,13 +106,7 @@ class CogVideoXI2V(CogVideoX):
         height x width). Evaluation passes none; then every video starts from a mid-grey frame, which
         keeps eval comparable across runs without inventing content.
         """
-        if images is None:
-            images = [np.full((height, width, 3), GREY, np.uint8)] * len(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"generate: {len(images)} images for {len(prompts)} prompts; give one image per prompt")
-        for img in images:
-            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
-                raise ValueError(f"generate: images must be (H, W, 3) uint8 arrays, got {img.dtype} {img.shape}")
+        images = conditioning_images(images, prompts, height, width)
         pipe = loaded(
             lambda: CogVideoXImageToVideoPipeline.from_pretrained(pretrained_dir).to(device), pretrained_dir, device
         )

@@ -74,9 +74,6 @@ class OpenSora(VideoDiTFamily):
         frames = torch.cat([vae.decode(flat[i : i + 8]).sample for i in range(0, flat.shape[0], 8)])
         return frames.reshape(b, t, *frames.shape[1:]).transpose(1, 2)  # (B, 3, T, H, W)
 
-    def noise_channels(self, model: nn.Module) -> int:
-        return model.config.in_channels
-
 
 class OpenSora12(VideoDiTFamily):
     name = "opensora1.2"

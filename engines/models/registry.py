@@ -213,6 +213,22 @@ def sample_latents(batch: dict[str, torch.Tensor], generator: torch.Generator) -
     return (dist.mean + dist.std * eps - shift) * batch["scaling_factor"].view(view)
 
 
+GREY = 128  # the first frame an image-to-video eval starts from when it is given no image
+
+
+def conditioning_images(images: list[np.ndarray] | None, prompts: list[str], height: int, width: int) -> list:
+    """One (H, W, 3) uint8 first frame per prompt for an image-to-video `generate`, checked; without images every
+    video starts from a mid-grey frame, which keeps evals comparable across runs without inventing content."""
+    if images is None:
+        return [np.full((height, width, 3), GREY, np.uint8)] * len(prompts)
+    if len(images) != len(prompts):
+        raise ValueError(f"generate: {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+    for img in images:
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+            raise ValueError(f"generate: images must be (H, W, 3) uint8 arrays, got {img.dtype} {img.shape}")
+    return images
+
+
 def pick_preset(comp: ComponentConfig, presets: dict[str, dict[str, Any]], what: str) -> dict[str, Any]:
     if comp.preset not in presets:
         raise ValueError(f"unknown {what} preset {comp.preset!r}; known presets: {', '.join(sorted(presets))}")

@@ -30,19 +30,23 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from torch import nn
-from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
 from configs.schema import ComponentConfig, ModelConfig
+from engines.models.cogvideox import load_t5
 from engines.models.dits.checkpoint import load_published
-from engines.models.registry import ModelFamily, from_pretrained, loaded, pick_preset, sample_latents, seeded_init
-from engines.models.tokenizer import byte_level_tokenizer
+from engines.models.registry import (
+    ModelFamily,
+    conditioning_images,
+    from_pretrained,
+    loaded,
+    sample_latents,
+    seeded_init,
+)
 from engines.models.video_objectives import Objective
 
-T5_TINY: dict[str, Any] = dict(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2)
 #: preset name -> (module class, constructor kwargs)
 Specs = dict[str, tuple[type, dict[str, Any]]]
 FromPublished = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-GREY = 128  # the conditioning image an image-to-video eval uses when it is given none
 
 
 class VideoDiTPipeline(DiffusionPipeline):
@@ -53,25 +57,6 @@ class VideoDiTPipeline(DiffusionPipeline):
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
         )
-
-
-def load_t5(cfg: ModelConfig, seed_offset: int = 2) -> tuple[Any, nn.Module]:
-    """T5 / mT5 encoder + tokenizer: a local folder or hub id (tokenizer beside it, or in `tokenizer/` of a pipeline
-    layout), or the tiny preset with the byte-level tokenizer."""
-    comp = cfg.text_encoder
-    if comp.pretrained:
-        tok_sub = "tokenizer" if comp.subfolder == "text_encoder" else comp.subfolder
-        tokenizer = from_pretrained(AutoTokenizer, comp.model_copy(update={"subfolder": tok_sub}), "text_encoder")
-        encoder = from_pretrained(T5EncoderModel, comp, "text_encoder")  # mT5 checkpoints load as T5 encoders too
-    else:
-        tokenizer = byte_level_tokenizer()
-        preset = pick_preset(comp, {"tiny": T5_TINY}, "text_encoder")
-        config = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-                          **preset)  # fmt: skip
-        with seeded_init(cfg.seed + seed_offset):
-            encoder = T5EncoderModel(config)
-    return tokenizer, encoder.eval().requires_grad_(False)
 
 
 def t5_embeddings(tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -235,10 +220,6 @@ class VideoDiTFamily(ModelFamily):
         return None if y is None else y.y_embedding
 
     # ---- training ----------------------------------------------------------------------------------
-    def model_extras(self, batch_size: int, x: torch.Tensor) -> dict[str, Any]:
-        """Keyword inputs beyond the contract's (fps, resolution, ...)."""
-        return {}
-
     def predictor(
         self,
         transformer: nn.Module,
@@ -251,7 +232,7 @@ class VideoDiTFamily(ModelFamily):
         def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             inputs = x_t if condition is None else torch.cat([x_t, condition.to(x_t.dtype)], dim=1)
             return transformer(inputs, timestep=t.float(), encoder_hidden_states=text.to(x_t.dtype),
-                               encoder_attention_mask=mask, **self.model_extras(x_t.shape[0], x_t))  # fmt: skip
+                               encoder_attention_mask=mask)  # fmt: skip
 
         return predict
 
@@ -332,7 +313,7 @@ class VideoDiTFamily(ModelFamily):
         model, vae = pipe.transformer, pipe.vae
         s = self.spatial_compression
         latent = (self.latent_frames(vae, num_frames), height // s, width // s)
-        channels = self.noise_channels(model)
+        channels = model.config.in_channels  # the generated latents (an I2V model's condition comes on top)
         shape = (latent[0], height, width) if self.resolution_shift else None
         max_length = int(pipe.tokenizer.model_max_length)
         out = []
@@ -355,18 +336,7 @@ class VideoDiTFamily(ModelFamily):
             if images is not None:
                 raise ValueError(f"generate: {self.name} is text-to-video; it takes no images")
             return [None] * len(prompts)
-        if images is None:
-            return [np.full((height, width, 3), GREY, np.uint8)] * len(prompts)
-        if len(images) != len(prompts):
-            raise ValueError(f"generate: {len(images)} images for {len(prompts)} prompts; give one image per prompt")
-        for img in images:
-            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
-                raise ValueError(f"generate: images must be (H, W, 3) uint8 arrays, got {img.dtype} {img.shape}")
-        return images
-
-    def noise_channels(self, model: nn.Module) -> int:
-        """Channels of the generated latents (the denoiser's output without a learned variance)."""
-        return model.config.in_channels
+        return conditioning_images(images, prompts, height, width)
 
     def guided(
         self, model: nn.Module, cond: dict, uncond: dict, scale: float, condition: torch.Tensor | None

@@ -13,9 +13,18 @@ import math
 
 import torch
 import torch.nn.functional as F
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
+
+# Ulysses/ring CP for STDiT and STDiT3 (both time-major (B, T, S, C) tokens): split each frame's S tokens after the
+# patch embedding, with the (1, S, C) position table, and gather them back after the final layer.
+STDIT_CP_PLAN = {
+    "x_embedder": {0: ContextParallelInput(split_dim=2, expected_dims=4, split_output=True)},  # (B, T, S, C)
+    "pos_embed": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},  # (1, S, C)
+    "final_layer": ContextParallelOutput(gather_dim=2, expected_dims=4),  # (B, T, S/N, P) -> (B, T, S, P)
+}
 
 
 def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -63,31 +63,35 @@ class _OpenSoraPlanDiT(ModelMixin, ConfigMixin):
         "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),  # (B, S/N, p*p*C) -> (B, S, p*p*C)
     }
 
-    def _build(self, *, num_attention_heads: int, attention_head_dim: int, in_channels: int, out_channels: int | None,
-               num_layers: int, cross_attention_dim: int, caption_channels: int, patch_size: int, patch_size_t: int,
-               activation_fn: str, attention_bias: bool, norm_elementwise_affine: bool, norm_eps: float,
-               interpolation_scale_thw: tuple[float, float, float], sparse_n: int = 1) -> None:  # fmt: skip
-        dim = num_attention_heads * attention_head_dim
-        if patch_size_t != 1:
-            raise ValueError(f"patch_size_t={patch_size_t}: the authors' per-frame patch embedding only supports 1")
-        if cross_attention_dim != dim:
-            raise ValueError(f"cross_attention_dim={cross_attention_dim} must equal heads * head_dim = {dim}: the "
+    def _build(self) -> None:
+        """The modules, from `self.config` (diffusers' `register_to_config` records it before `__init__` runs), so
+        each public class only declares its released config."""
+        c = self.config
+        heads, head_dim, p = c.num_attention_heads, c.attention_head_dim, c.patch_size
+        sparse_n = c.sparse_n if c.get("sparse1d", False) else 1
+        dim = heads * head_dim
+        if c.patch_size_t != 1:
+            raise ValueError(f"patch_size_t={c.patch_size_t}: the authors' per-frame patch embedding only supports 1")
+        if c.cross_attention_dim != dim:
+            raise ValueError(f"cross_attention_dim={c.cross_attention_dim} must equal heads * head_dim = {dim}: the "
                              "caption projection maps the text states to the hidden size")  # fmt: skip
-        self.in_channels, self.out_channels = in_channels, out_channels or in_channels
-        self.patch_size, self.sparse_n = patch_size, sparse_n
-        self.pos_embed = PatchEmbed2D(patch_size, in_channels, dim)
-        self.caption_projection = PixArtAlphaTextProjection(in_features=caption_channels, hidden_size=dim)
+        self.in_channels, self.out_channels = c.in_channels, c.out_channels or c.in_channels
+        self.patch_size, self.sparse_n = p, sparse_n
+        self.pos_embed = PatchEmbed2D(p, c.in_channels, dim)
+        self.caption_projection = PixArtAlphaTextProjection(in_features=c.caption_channels, hidden_size=dim)
         self.adaln_single = AdaLayerNormSingle(dim, use_additional_conditions=False)
-        self.rope = OpenSoraRoPE3D(attention_head_dim, interpolation_scale_thw)
+        self.rope = OpenSoraRoPE3D(
+            head_dim, (c.interpolation_scale_t, c.interpolation_scale_h, c.interpolation_scale_w)
+        )
         self.transformer_blocks = nn.ModuleList(
-            OpenSoraPlanBlock(dim, num_attention_heads, attention_head_dim, cross_attention_dim, activation_fn,
-                              attention_bias, norm_eps, norm_elementwise_affine,
+            OpenSoraPlanBlock(dim, heads, head_dim, c.cross_attention_dim, c.activation_fn, c.attention_bias,
+                              c.norm_eps, c.norm_elementwise_affine,
                               sparse_n=sparse_n if _SPARSE_FROM <= i < _SPARSE_UNTIL else 1, sparse_group=i % 2 == 1)
-            for i in range(num_layers)
+            for i in range(c.num_layers)
         )  # fmt: skip
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
-        self.proj_out = nn.Linear(dim, patch_size_t * patch_size * patch_size * self.out_channels)
+        self.proj_out = nn.Linear(dim, c.patch_size_t * p * p * self.out_channels)
 
     def _embed(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.pos_embed(hidden_states)  # (B, S, D)
@@ -156,13 +160,7 @@ class OpenSoraT2V(_OpenSoraPlanDiT):
         super().__init__()
         if norm_type != "ada_norm_single" or not use_rope:
             raise ValueError("only the released v1.2 layout is supported: norm_type='ada_norm_single', use_rope=True")
-        self._build(num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
-                    in_channels=in_channels, out_channels=out_channels, num_layers=num_layers,
-                    cross_attention_dim=cross_attention_dim, caption_channels=caption_channels, patch_size=patch_size,
-                    patch_size_t=patch_size_t, activation_fn=activation_fn, attention_bias=attention_bias,
-                    norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps,
-                    interpolation_scale_thw=(interpolation_scale_t, interpolation_scale_h, interpolation_scale_w),
-                    )  # fmt: skip
+        self._build()
 
 
 class OpenSoraT2V_v1_3(_OpenSoraPlanDiT):  # noqa: N801 (the authors' class name, as in their config.json)
@@ -177,13 +175,7 @@ class OpenSoraT2V_v1_3(_OpenSoraPlanDiT):  # noqa: N801 (the authors' class name
                  interpolation_scale_h: float = 1.0, interpolation_scale_w: float = 1.0, sparse1d: bool = True,
                  sparse_n: int = 4) -> None:  # fmt: skip
         super().__init__()
-        self._build(num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
-                    in_channels=in_channels, out_channels=out_channels, num_layers=num_layers,
-                    cross_attention_dim=cross_attention_dim, caption_channels=caption_channels, patch_size=patch_size,
-                    patch_size_t=patch_size_t, activation_fn=activation_fn, attention_bias=attention_bias,
-                    norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps,
-                    interpolation_scale_thw=(interpolation_scale_t, interpolation_scale_h, interpolation_scale_w),
-                    sparse_n=sparse_n if sparse1d else 1)  # fmt: skip
+        self._build()
 
 
 class OpenSoraInpaint_v1_3(_OpenSoraPlanDiT):  # noqa: N801
@@ -207,13 +199,7 @@ class OpenSoraInpaint_v1_3(_OpenSoraPlanDiT):  # noqa: N801
                  interpolation_scale_h: float = 1.0, interpolation_scale_w: float = 1.0, sparse1d: bool = True,
                  sparse_n: int = 4, vae_scale_factor_t: int = 4) -> None:  # fmt: skip
         super().__init__()
-        self._build(num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
-                    in_channels=in_channels, out_channels=out_channels, num_layers=num_layers,
-                    cross_attention_dim=cross_attention_dim, caption_channels=caption_channels, patch_size=patch_size,
-                    patch_size_t=patch_size_t, activation_fn=activation_fn, attention_bias=attention_bias,
-                    norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps,
-                    interpolation_scale_thw=(interpolation_scale_t, interpolation_scale_h, interpolation_scale_w),
-                    sparse_n=sparse_n if sparse1d else 1)  # fmt: skip
+        self._build()
         dim, self.vae_scale_factor_t = num_attention_heads * attention_head_dim, vae_scale_factor_t
         self.pos_embed_masked_hidden_states = nn.ModuleList(
             [PatchEmbed2D(patch_size, in_channels, dim), nn.Linear(dim, dim, bias=False)]

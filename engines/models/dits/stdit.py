@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from engines.models.dits.opensora_layers import (
+    STDIT_CP_PLAN,
     CaptionEmbedder,
     Mlp,
     MultiHeadCrossAttention,
@@ -98,11 +98,7 @@ class STDiT(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = False
     _no_split_modules = ["STDiTBlock"]
-    _cp_plan = {
-        "x_embedder": {0: ContextParallelInput(split_dim=2, expected_dims=4, split_output=True)},  # (B, T, S, C)
-        "pos_embed": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},  # (1, S, C)
-        "final_layer": ContextParallelOutput(gather_dim=2, expected_dims=4),  # (B, T, S/N, P) -> (B, T, S, P)
-    }
+    _cp_plan = STDIT_CP_PLAN
 
     @register_to_config
     def __init__(self, in_channels: int = 4, patch_size: tuple[int, int, int] = (1, 2, 2), hidden_size: int = 1152,
