@@ -1,0 +1,48 @@
+"""Every released layout against a table written from outside the project (tests/facts/README.md).
+
+Each named real variant's components, built on the meta device, must have exactly the keys and shapes of the
+authors' released checkpoint: a wrong config value, a missing head or a renamed module fails here even when our
+own save/load round trip is consistent with itself.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+from torch import nn
+
+from engines.models import known_families
+from engines.models.variants import TINY, build_on_meta, get_variant, known_variants
+from tests.fidelity import load_facts, released_shapes
+
+TABLES = load_facts()
+CASES = [(t["file"], tuple(u)) for t in TABLES for u in t["used_by"]]
+
+
+@lru_cache(maxsize=4)
+def _built(family: str, variant: str) -> dict[str, nn.Module]:
+    return build_on_meta(family, variant)
+
+
+@pytest.mark.parametrize(("file", "use"), CASES, ids=[f"{f}:{'/'.join(u)}" for f, u in CASES])
+def test_variant_matches_released_layout(file: str, use: tuple[str, str, str]) -> None:
+    family, variant, component = use
+    table = next(t for t in TABLES if t["file"] == file)
+    ours = released_shapes(_built(family, variant)[component])
+    facts = table["keys"]
+    missing = sorted(set(facts) - set(ours))
+    unexpected = sorted(set(ours) - set(facts))
+    wrong = {k: (ours[k], facts[k]) for k in sorted(set(ours) & set(facts)) if ours[k] != facts[k]}
+    assert not (missing or unexpected or wrong), (
+        f"{family}/{variant}/{component} vs {file} ({table['source']}): "
+        f"{len(missing)} missing {missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}, "
+        f"{len(wrong)} mis-shaped (ours, released) {dict(list(wrong.items())[:8])}"
+    )
+
+
+def test_tables_name_real_variants() -> None:
+    for table in TABLES:
+        assert table["keys"] and table["source"].strip(), table["file"]
+        for family, variant, component in table["used_by"]:
+            assert component in get_variant(family, variant).components, (table["file"], family, variant, component)
