@@ -3,9 +3,10 @@
 Each item becomes a one-turn conversation (the family's prompt template, its image(s) resized to
 the training size `data.height` x `data.width`, as prep hands images to the model) answered with
 the family's own `respond`. Scores follow each benchmark's definition (evaluation/benchmarks.py).
-Outputs: metrics `eval/<bench>/<metric>` and `eval/<bench>/category/<name>`, and one row per item
-in `samples/benchmark_<bench>.jsonl` (what the MLflow table shows), so every number can be
-recomputed from the logged rows.
+Outputs: metrics `eval/<bench>/<metric>`, `eval/<bench>/<split>/<metric>` and
+`eval/<bench>/category/<name>`, tags saying where the score deliberately differs from VLMEvalKit's
+(`flowspeed.eval.<bench>.*`), and one row per item in `samples/benchmark_<bench>.jsonl` (what the
+MLflow table shows), so every number can be recomputed from the logged rows.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def run_benchmark(
     final_dir: Path,
     device: torch.device,
     ranks: Ranks | None = None,
-) -> tuple[dict[str, float], Path]:
-    """Items answered in batches across the ranks (resumable), scored on rank 0; ({}, path) elsewhere."""
+) -> tuple[dict[str, float], Path, dict[str, str]]:
+    """Items answered in batches across the ranks (resumable), scored on rank 0: (metrics, rows path, tags);
+    ({}, path, {}) elsewhere."""
     from evaluation.sequence_eval import max_new_tokens
 
     ranks = ranks or Ranks()
@@ -73,11 +75,11 @@ def run_benchmark(
     answered = run_sharded(folder, len(items), work, ranks, cfg.eval.batch_size, f"{spec.name} items")
     path = cfg.eval_dir / "samples" / f"benchmark_{spec.name}.jsonl"
     if not ranks.main:
-        return {}, path
+        return {}, path, {}
     score = score_benchmark(spec.name, items, [r["answer"] for r in answered])
     metrics = {f"eval/{k}": v for k, v in score.metrics().items()}
     for category, (value, _) in score.per_category.items():
         metrics[_metric_key(f"eval/{spec.name}/category/{category}")] = value
     rows: list[dict[str, Any]] = [{**row, "prompt": prompt} for row, prompt in zip(score.rows, prompts, strict=True)]
     write_jsonl(path, rows)
-    return metrics, path
+    return metrics, path, score.tags

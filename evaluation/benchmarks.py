@@ -2,12 +2,15 @@
 
 VLMEvalKit's TSVs are the de-facto exchange format for these suites: one row per question, the image
 inline as base64, options in columns `A`, `B`, ... So a downloaded TSV scores here with no conversion
-step, and our numbers stay comparable to published ones. This module is a pure library (no Prefect,
-MLflow or torch): a flow asks a model for `build_prompt(item, spec)` answers, then hands the raw
-responses to `score_benchmark`, which returns the overall score, a per-category breakdown and one row
-per sample for an MLflow table.
+step. The scorers follow VLMEvalKit's own (open-compass/VLMEvalKit@e8e78f05; checked against it on
+fixed tables, docs/fidelity/benchmarks.md): multiple choice as its `exact_matching` policy, MMMU open
+questions as its `MMMU_preproc`, ChartQA as `relaxed_correctness`, DocVQA/InfoVQA as `anls_compute`
+with the 0.5 threshold; so our numbers are the ones VLMEvalKit prints, where they differ the score's
+`tags` say how (no LLM judge, fractions rather than percentages, pooled splits, opt-in cleaning).
 
-All scores are fractions in [0, 1] (VLMEvalKit prints some of them as percentages).
+This module is a pure library (no Prefect, MLflow or torch): a flow asks a model for
+`build_prompt(item, spec)` answers, then hands the raw responses to `score_benchmark`, which returns
+the overall score, per-split and per-category breakdowns, tags and one row per sample for an MLflow table.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import base64
 import io
 import json
 import re
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +110,11 @@ class BenchmarkItem:
     l2_category: str | None = None
     split: str | None = None
     image_paths: list[Path] = field(default_factory=list)
+    raw_answer: str = ""  # the answer cell as written (VLMEvalKit's MMMU matching uses it verbatim)
+
+    def __post_init__(self) -> None:
+        if not self.raw_answer:
+            self.raw_answer = self.answer if isinstance(self.answer, str) else str(self.answer)
 
     @property
     def answers(self) -> list[str]:
@@ -186,7 +195,8 @@ def read_vlmeval_tsv(path: str | Path, required_columns: Sequence[str] = _BASE_C
     for row in rows:
         index = str(row["index"]).strip()
         answer_text = _cell(row, "answer") or ""
-        answer: str | list[str] = _parse_list(answer_text) or answer_text
+        parsed = _parse_list(answer_text)  # "[]" is an empty list of answers, not the answer "[]"
+        answer: str | list[str] = answer_text if parsed is None else parsed
         images = _resolve_images(row.get("image", ""), image_by_index, index) if "image" in df.columns else []
         paths_cell = _cell(row, "image_path")
         image_paths = [path.parent / p for p in (_parse_list(paths_cell) or [paths_cell])] if paths_cell else []
@@ -202,6 +212,7 @@ def read_vlmeval_tsv(path: str | Path, required_columns: Sequence[str] = _BASE_C
                 l2_category=_cell(row, "l2-category"),
                 split=_cell(row, "split"),
                 image_paths=image_paths,
+                raw_answer=answer_text,
             )
         )
     return items
@@ -293,116 +304,84 @@ def _is_multiple_choice(item: BenchmarkItem, spec: BenchmarkSpec) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Multiple-choice answer extraction
+# Multiple-choice answer extraction: VLMEvalKit's `exact_matching` policy (vlmeval/utils/matching_util.py, can_infer)
 
-# After "answer is"/"answer:", a capital A or I followed by a lowercase word reads as prose ("The answer
-# is A cat"), unless that word cannot follow an article or a pronoun (a verb or a conjunction).
-_NOT_PROSE_AFTER = frozenset("is was seems appears because since would should could must fits matches and or".split())
-_EXPLICIT = re.compile(
-    r"(?i:\b(?P<kw>answer|option|choice)s?\b(?:\s+(?:is|would\s+be|should\s+be|will\s+be))?)"
-    r"\s*[:=\-]?\s*(?i:(?:option|choice)\s+)?(?P<open>[(\[])?(?P<letter>[A-Z])(?![A-Za-z0-9])"
+NO_ANSWER = "Z"  # VLMEvalKit's letter for "no option chosen": it never equals a real answer
+# Refusals VLMEvalKit reads as the explicit non-answer, and the API-failure text that skips the letter rules.
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
 )
-_LEADING = re.compile(r"^[(\[]?([A-Z])[)\]\.:](?=\s|$)")
-_PAREN = re.compile(r"[(\[]([A-Z])[)\]]")
-_STANDALONE = re.compile(r"(?<![A-Za-z0-9'’\-])([A-Z])(?![A-Za-z0-9'’\-])")
+_API_FAILURE = "Failed to obtain answer via API"
+_TOKEN_BREAKS = str.maketrans(dict.fromkeys(".()[],:;!*#{}", " "))
+_ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+# A lone option letter counts only among the last few tokens: earlier it is usually the article "A" in prose.
+_LETTER_TAIL = 4
 
 
-def _norm_text(s: str) -> str:
-    return " ".join(s.casefold().split()).strip(" .")
+def _letter_in_response(response: str, letters: Sequence[str]) -> str | None:
+    if _API_FAILURE in response:
+        return None
+    if any(r in response for r in _REFUSALS):
+        return NO_ANSWER
+    tokens = response.translate(_TOKEN_BREAKS).split()
+    named = [k for k in letters if k in tokens]
+    if len(named) == 1:
+        if tokens.index(named[0]) >= len(tokens) - _LETTER_TAIL:
+            return named[0]
+    elif not named and NO_ANSWER in tokens:
+        return NO_ANSWER
+    m = _ANSWER_IS.search(response)  # "The correct answer is **B**. Here's why: ..." (only A-D)
+    return m.group(1).upper() if m and m.group(1).upper() in letters else None
 
 
-def _reads_as_prose(text: str, end: int) -> bool:
-    m = re.match(r"\s+([a-z]+)", text[end:])
-    return m is not None and m.group(1) not in _NOT_PROSE_AFTER
+def _option_text_in_response(response: str, options: Mapping[str, str]) -> str | None:
+    lowered = response.lower()
+    if len(lowered) > 2 * sum(len(v) for v in options.values()):  # an essay mentions every option somewhere
+        return None
+    hits = [k for k, v in options.items() if v.lower() in lowered]
+    return hits[0] if len(hits) == 1 else None
 
 
 def extract_choice(response: str, options: Mapping[str, str]) -> str | None:
-    """The option letter a free-form response picks, or None when it does not clearly pick one.
+    """The option letter VLMEvalKit's exact-matching policy reads from a response; None when it reads none.
 
-    Rules, first hit wins:
-    1. the whole response is one letter, bracketed or punctuated or not ("B", "(b)", "B.");
-    2. it starts with a letter and a delimiter ("B. a dog", "(B) a dog", "B: ...");
-    3. an explicit phrase: "Answer: B", "The answer is (B)", "option C";
-    4. it equals an option's text (case-insensitive);
-    5. exactly one distinct bracketed letter "(C)", then exactly one distinct standalone capital letter,
-       both outside the spans where option texts occur (so "Vitamin D" does not read as option D);
-    6. option texts contained in the response: the unique match, or the longest when the others are
-       part of it ("black cat" over "cat"); then the unique option that contains the whole response.
-
-    The article rule: a capital "A" (or the pronoun "I") followed by a lowercase word ("A cat is on the
-    mat", "I think ...") is prose, not a choice, unless that word is a verb or conjunction that cannot
-    follow an article ("A is correct", "A because ..."). Letters must be capitals except in rule 1, so
-    "the answer is a cat" never picks A. Only letters present in `options` count.
+    Same rules as VLMEvalKit's `can_infer`, so our accuracy is the number VLMEvalKit prints with
+    `--judge exact_matching`: after blanking `.()[],:;!*#{}`, a response naming exactly one option
+    letter as a capital token among its last four tokens picks it ("B", "(B)", "Answer: C", but not "b",
+    nor "B or C"); else "answer is X" (X in A-D, any case: "the answer is a" picks A); else the one option
+    whose text occurs, case-insensitively, in a response at most twice as long as all option texts
+    together. Refusals, or a lone "Z", give `NO_ANSWER`. VLMEvalKit's default then asks an LLM judge
+    (gpt-4o-mini) about what this leaves unmatched; we have none, so those answers score 0 (see
+    `BenchmarkScore.tags`).
     """
-    letters = {k.strip().upper(): v for k, v in options.items() if not _is_missing(v)}
-    if not letters or not response or not response.strip():
+    options = {k: str(v) for k, v in options.items() if not _is_missing(v)}
+    if not options:
         return None
-    text = response.replace("**", "").replace("`", "").strip()
-
-    bare = text.strip(" \t\r\n.:;,!?()[]{}'\"*")
-    if len(bare) == 1 and bare.upper() in letters:  # rule 1
-        return bare.upper()
-    m = _LEADING.match(text)  # rule 2
-    if m and m.group(1) in letters:
-        return m.group(1)
-    for m in _EXPLICIT.finditer(text):  # rule 3
-        letter = m.group("letter")
-        if letter not in letters:
-            continue
-        after_keyword_only = m.group("kw").lower() == "answer" and not m.group("open")
-        if after_keyword_only and letter in "AI" and _reads_as_prose(text, m.end()):
-            continue
-        return letter
-
-    text = " ".join(text.split())
-    norm_response = _norm_text(text)
-    norm_options = {k: _norm_text(v) for k, v in letters.items()}
-    exact = [k for k, v in norm_options.items() if v and v == norm_response]  # rule 4
-    if len(exact) == 1:
-        return exact[0]
-
-    masked = _mask_option_texts(text, [v for v in norm_options.values() if v])  # rule 5
-    found = {m.group(1) for m in _PAREN.finditer(masked)} & letters.keys()
-    if len(found) == 1:
-        return found.pop()
-    found = {
-        m.group(1)
-        for m in _STANDALONE.finditer(masked)
-        if m.group(1) in letters and not (m.group(1) in "AI" and _reads_as_prose(text, m.end()))
-    }
-    if len(found) == 1:
-        return found.pop()
-    return _match_option_text(norm_response, norm_options)  # rule 6
+    return _letter_in_response(response, list(options)) or _option_text_in_response(response, options)
 
 
-def _word_pattern(text: str) -> re.Pattern[str]:
-    return re.compile(r"(?<!\w)" + re.escape(text) + r"(?!\w)", re.IGNORECASE)
+def _mc_options_and_truth(item: BenchmarkItem, spec: BenchmarkSpec) -> tuple[dict[str, str], str]:
+    """What VLMEvalKit's MCQ evaluation compares: the options shown to the matcher and the true letter.
 
-
-def _mask_option_texts(text: str, option_texts: list[str]) -> str:
-    for t in sorted(option_texts, key=len, reverse=True):
-        text = _word_pattern(t).sub(lambda m: " " * len(m.group(0)), text)
-    return text
-
-
-def _match_option_text(norm_response: str, norm_options: Mapping[str, str]) -> str | None:
-    hits = [(k, v) for k, v in norm_options.items() if v and _word_pattern(v).search(norm_response)]
-    if len(hits) == 1:
-        return hits[0][0]
-    if hits:
-        best_k, best_v = max(hits, key=lambda kv: len(kv[1]))
-        if all(v != best_v and v in best_v for k, v in hits if k != best_k):
-            return best_k
-        return None
-    if norm_response:
-        containing = [k for k, v in norm_options.items() if _word_pattern(norm_response).search(v)]
-        if len(containing) == 1:
-            return containing[0]
-    return None
+    MMMU (its `MMMU_preproc`): an open question (no option A) becomes the choice between A = the raw
+    answer cell and B = "Other Answers", and every answer that is not one capital letter reads as A.
+    So an open answer counts when the response contains the answer text (or names A), and a list-valued
+    answer cell ("['1.5', '1.50']") never matches: VLMEvalKit's behaviour, kept for comparable numbers.
+    """
+    truth = item.raw_answer
+    if spec.name != "mmmu":
+        return item.options, truth
+    options = dict(item.options)
+    if "A" not in options:
+        options |= {"A": truth, "B": "Other Answers"}
+    return options, truth if len(truth) == 1 and truth in string.ascii_uppercase else "A"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Metrics
+# Open-answer metrics: VLMEvalKit's vlmeval/dataset/utils/vqa_eval.py
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -422,22 +401,29 @@ def _anls_norm(s: str) -> str:
     return " ".join(s.strip().lower().split())
 
 
-def anls_score(prediction: str, answers: str | Sequence[str], threshold: float = ANLS_THRESHOLD) -> float:
-    """DocVQA's per-question ANLS: max over acceptable answers of 1 - NL, zeroed when NL >= threshold.
+def anls_distance(prediction: str, answer: str) -> float:
+    """The normalised Levenshtein distance of DocVQA's scorer (VLMEvalKit's `anls_compute`).
 
-    NL is the Levenshtein distance over the longer string's length, on lowercased, whitespace-stripped
-    (and internally collapsed) strings. The threshold keeps a wrong answer that shares a few characters
-    with the truth from earning partial credit. Two empty strings count as an exact match.
+    The edit distance is taken on lowercased, stripped, whitespace-collapsed strings, but divided by the
+    longer RAW string's length (as VLMEvalKit's scorer does), so padding a prediction with spaces lowers
+    its distance. Two empty strings are a match.
+    """
+    length = max(len(answer.upper()), len(prediction.upper()))
+    return levenshtein(_anls_norm(answer), _anls_norm(prediction)) / length if length else 0.0
+
+
+def anls_score(prediction: str, answers: str | Sequence[str], threshold: float = ANLS_THRESHOLD) -> float:
+    """One question's ANLS: 1 - the smallest distance over the acceptable answers, 0 below `threshold`.
+
+    The threshold keeps a wrong answer that shares a few characters with the truth from earning credit;
+    a score of exactly 0.5 (distance 0.5) still counts, as in VLMEvalKit's `hit_calculate`. No acceptable answer
+    is an error: the reference scorer fails on it too, and a silent 0 would read as a worse model.
     """
     answers = [answers] if isinstance(answers, str) else list(answers)
-    pred = _anls_norm(prediction)
-    best = 0.0
-    for ans in answers:
-        gt = _anls_norm(ans)
-        longest = max(len(pred), len(gt))
-        nl = levenshtein(pred, gt) / longest if longest else 0.0
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
-    return best
+    if not answers:
+        raise ValueError("ANLS needs at least one acceptable answer")
+    score = 1.0 - min(anls_distance(prediction, a) for a in answers)
+    return 0.0 if score < threshold else score
 
 
 def anls(predictions: Sequence[str], answers: Sequence[str | Sequence[str]]) -> float:
@@ -446,62 +432,51 @@ def anls(predictions: Sequence[str], answers: Sequence[str | Sequence[str]]) -> 
     return sum(scores) / len(scores) if scores else float("nan")
 
 
-def _to_number(s: str) -> float | None:
-    t = s.strip().replace(",", "")
-    t = t.removesuffix("%").strip()
+def _relaxed_number(text: str) -> float | None:
+    # Python's float() grammar: surrounding spaces, "1e3" and "1_000" parse, "1,000" and "$12" do not.
     try:
-        return float(t)
+        return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
     except ValueError:
         return None
 
 
 def relaxed_correct(prediction: str, target: str, tolerance: float = RELAXED_TOLERANCE) -> bool:
-    """ChartQA's relaxed accuracy for one answer: within 5% relative error when both sides are numbers.
+    """ChartQA's relaxed accuracy for one answer (VLMEvalKit's `relaxed_correctness`, taken from pix2struct).
 
-    Numbers parse after dropping thousands commas and a trailing "%" ("12%" is 12, as in ChartQA's own
-    scorer, not 0.12). A target of 0 has no relative error, so it needs an exact numeric match. Anything
-    non-numeric needs a case-insensitive exact match after stripping.
+    Both sides numbers and the target nonzero: within 5% relative error, inclusive. A trailing "%" divides
+    by 100, so "12%" matches "0.12" and not "12"; thousands separators are not numbers, so "1,000" only
+    matches the string "1,000". Anything else (a target of 0 included) needs a case-insensitive exact
+    match; neither side is stripped here (the caller strips the prediction, as VLMEvalKit does).
     """
-    pred, tgt = _to_number(prediction), _to_number(target)
-    if pred is not None and tgt is not None:
-        if tgt == 0:
-            return pred == 0
+    pred, tgt = _relaxed_number(prediction), _relaxed_number(target)
+    if pred is not None and tgt:
         return abs(pred - tgt) / abs(tgt) <= tolerance
-    return prediction.strip().lower() == target.strip().lower()
+    return prediction.lower() == target.lower()
 
 
 def clean_open_answer(response: str) -> str:
     """Strip what chat models wrap short answers in (whitespace, quotes, markdown, a final period).
 
-    Opt-in (`score_benchmark(..., clean_open=True)`): the official ChartQA/DocVQA scorers compare the raw
-    stripped response, so a cleaned score is friendlier to chatty models but no longer the published metric.
+    Opt-in (`score_benchmark(..., clean_open=True)`, tagged on the score): VLMEvalKit compares the raw
+    response, so a cleaned score is friendlier to chatty models but no longer the published metric.
     """
     s = response.replace("**", "").strip().strip("`\"'").strip()
-    if s.endswith(".") and _to_number(s) is None:
+    if s.endswith(".") and _relaxed_number(s) is None:
         s = s[:-1].rstrip()
     return s
 
 
-def _mmmu_open_correct(prediction: str, answers: Sequence[str]) -> bool:
-    """MMMU's open-question rule, simplified: a numeric gold matches any number in the response (2 decimals),
-    a text gold matches when it occurs in the lowercased response."""
-    pred = prediction.lower().strip()
-    pred_numbers = {
-        round(n, 2) for n in (_to_number(t) for t in re.findall(r"-?\d[\d,]*\.?\d*%?", pred)) if n is not None
-    }
-    for ans in answers:
-        gold = _to_number(ans)
-        if gold is not None:
-            if round(gold, 2) in pred_numbers:
-                return True
-        elif _norm_text(ans) and _norm_text(ans) in _norm_text(pred):
-            return True
-    return False
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring a suite
 
 
 @dataclass
 class BenchmarkScore:
-    """The result of one suite: what the flow logs as metrics, and the rows it logs as a table."""
+    """The result of one suite: what the flow logs as metrics and tags, and the rows it logs as a table.
+
+    `per_split` is VLMEvalKit's per-split report (MMMU's published number is its validation split);
+    with splits, `per_category` is keyed "<split>/<category>", as VLMEvalKit reports categories per split.
+    """
 
     benchmark: str
     metric: str
@@ -509,23 +484,55 @@ class BenchmarkScore:
     n: int
     per_category: dict[str, tuple[float, int]]
     rows: list[dict[str, object]]
+    per_split: dict[str, tuple[float, int]] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        """Flat MLflow metric names; categories stay in the table (their names are not metric-safe)."""
-        return {f"{self.benchmark}/{self.metric}": self.score, f"{self.benchmark}/n": float(self.n)}
+        """Flat MLflow metric names; categories stay out (the flow logs them, sanitised, under category/)."""
+        out = {f"{self.benchmark}/{self.metric}": self.score, f"{self.benchmark}/n": float(self.n)}
+        for split, (value, _) in self.per_split.items():
+            safe = re.sub(r"[^\w\-.]", "_", split)  # MLflow metric names: no spaces or slashes inside a split
+            out[f"{self.benchmark}/{safe}/{self.metric}"] = value
+        return out
 
 
 def _score_one(spec: BenchmarkSpec, item: BenchmarkItem, response: str, clean_open: bool) -> tuple[str, float]:
-    if _is_multiple_choice(item, spec):
-        extracted = extract_choice(response, item.options)
-        correct = extracted is not None and extracted in {a.strip().upper() for a in item.answers}
-        return extracted or "", float(correct)
-    pred = clean_open_answer(response) if clean_open else response.strip()
-    if spec.metric == "anls":
+    if spec.task != "open":
+        options, truth = _mc_options_and_truth(item, spec)
+        extracted = extract_choice(response, options)
+        return extracted or "", float((extracted or NO_ANSWER) == truth)
+    if not item.answers:
+        raise ValueError(f"{spec.name} item {item.index} has no acceptable answer")
+    pred = clean_open_answer(response) if clean_open else response
+    if spec.metric == "anls":  # VLMEvalKit does not strip the prediction before ANLS
         return pred, anls_score(pred, item.answers)
-    if spec.metric == "relaxed_accuracy":
-        return pred, float(any(relaxed_correct(pred, a) for a in item.answers))
-    return pred, float(_mmmu_open_correct(pred, item.answers))
+    pred = pred.strip()
+    return pred, float(any(relaxed_correct(pred, a) for a in item.answers))
+
+
+def _tags(spec: BenchmarkSpec, splits: int, clean_open: bool) -> dict[str, str]:
+    """Where our number deliberately differs from the one VLMEvalKit prints, for the run's tags."""
+    tags = {f"{spec.name}.scale": "fraction in [0, 1]; VLMEvalKit prints ChartQA/DocVQA/InfoVQA and MMMU x100"}
+    if spec.task != "open":
+        tags[f"{spec.name}.answer_matching"] = (
+            "VLMEvalKit exact_matching (can_infer) without its default LLM judge (gpt-4o-mini): "
+            "a response the rules cannot match scores 0"
+        )
+    if splits > 1:
+        tags[f"{spec.name}.overall"] = (
+            f"{spec.name}/{spec.metric} pools every split of the file; VLMEvalKit reports each split alone "
+            f"({spec.name}/<split>/{spec.metric}; MMMU publishes validation)"
+        )
+    if clean_open:
+        tags[f"{spec.name}.answer_cleaning"] = "quotes, markdown and a final period stripped (not VLMEvalKit's)"
+    return tags
+
+
+def _breakdown(keys: Sequence[str], scores: Sequence[float]) -> dict[str, tuple[float, int]]:
+    groups: dict[str, list[float]] = {}
+    for key, score in zip(keys, scores, strict=True):
+        groups.setdefault(key, []).append(score)
+    return {g: (sum(v) / len(v), len(v)) for g, v in sorted(groups.items())}
 
 
 def score_benchmark(
@@ -537,9 +544,9 @@ def score_benchmark(
     """Score raw model responses; `responses` is aligned with `items` or keyed by item index.
 
     A missing response is an error, not a zero: a silently shorter run would read as a worse model.
-    Open answers are compared as the benchmarks' own scorers do (the stripped response) unless
-    `clean_open` also drops quotes, markdown and a final period (see `clean_open_answer`).
-    Multiple-choice rows carry the extracted letter ("" when none) in `extracted`.
+    Responses are scored as VLMEvalKit scores them (module docstring) unless `clean_open` also drops
+    quotes, markdown and a final period from open answers (see `clean_open_answer`). Multiple-choice
+    rows carry the extracted letter ("" when none) in `extracted`.
     """
     spec = get_spec(spec_name)
     if isinstance(responses, Mapping):
@@ -554,25 +561,27 @@ def score_benchmark(
         ordered = list(responses)
 
     rows: list[dict[str, object]] = []
-    by_category: dict[str, list[float]] = {}
+    scores: list[float] = []
     for item, response in zip(items, ordered, strict=True):
         response = "" if response is None else str(response)
         extracted, score = _score_one(spec, item, response, clean_open)
-        category = item.category or UNCATEGORIZED
-        by_category.setdefault(category, []).append(score)
-        answer = item.answer if isinstance(item.answer, str) else json.dumps(item.answer, ensure_ascii=False)
+        scores.append(score)
         rows.append(
             {
                 "index": item.index,
                 "question": item.question,
-                "category": category,
+                "category": item.category or UNCATEGORIZED,
+                "split": item.split or "",
                 "prediction": response,
                 "extracted": extracted,
-                "answer": answer,
+                "answer": item.raw_answer,
                 "score": score,
             }
         )
-    scores = [r["score"] for r in rows]
     overall = sum(scores) / len(scores) if scores else float("nan")
-    per_category = {c: (sum(v) / len(v), len(v)) for c, v in sorted(by_category.items())}
-    return BenchmarkScore(spec.name, spec.metric, overall, len(rows), per_category, rows)
+    with_split = [i for i, it in enumerate(items) if it.split]
+    per_split = _breakdown([items[i].split or "" for i in with_split], [scores[i] for i in with_split])
+    categories = [(f"{it.split}/" if it.split else "") + (it.category or UNCATEGORIZED) for it in items]
+    per_category = _breakdown(categories, scores)
+    tags = _tags(spec, len(per_split), clean_open)
+    return BenchmarkScore(spec.name, spec.metric, overall, len(rows), per_category, rows, per_split, tags)

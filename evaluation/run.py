@@ -158,7 +158,7 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
     with keep_loaded():  # each export, CLIP and feature extractor loads once for all batches
         if isinstance(family, SequenceFamily):  # text out: held-out loss and answers, no media metrics
             res = run_sequence_eval(cfg, family, final_dir, device, ranks)
-            metrics, paths, info = res["metrics"], res["paths"], {}
+            metrics, paths, info = res["metrics"], res["paths"], res.get("info", {})
         else:
             metrics, paths, info = _generation_eval(cfg, family, final_dir, device, ranks)
     if not ranks.main:

@@ -100,7 +100,9 @@ def run_sequence_eval(
             r |= {"wer": s["wer"], "cer": s["cer"]}
     write_jsonl(out / "responses.jsonl", rows)
     paths = [str(out / "responses.jsonl")]
-    for scores, path in scored:
+    info: dict[str, str] = {}  # the run's tags: where a benchmark score differs from VLMEvalKit's, and how
+    for scores, path, tags in scored:
         metrics |= scores
+        info |= tags
         paths.append(str(path))
-    return {"metrics": metrics, "paths": paths}
+    return {"metrics": metrics, "paths": paths, "info": info}
