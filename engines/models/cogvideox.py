@@ -1,7 +1,10 @@
-"""CogVideoX text-to-video: diffusers' VAE, transformer, DDIM scheduler and pipeline; T5 text encoder.
+"""CogVideoX text-to-video: diffusers' VAE, transformer, DDIM/DPM schedulers and pipeline; T5 text encoder.
 
 Nothing here is a copy of diffusers: text embeddings come from `CogVideoXPipeline.encode_prompt`
 and rotary embeddings from the pipeline's own helper, so training sees exactly what inference sees.
+The objective is THUDM's finetune trainers' (CogVideo `finetune/models/cogvideox_t2v/lora_trainer.py`):
+uniform timesteps, v-prediction turned into an x0 estimate, MSE weighted by 1/(1 - alpha_bar); the audit
+and its reference numbers are in docs/fidelity.md (CogVideoX).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from diffusers import (
     AutoencoderKLCogVideoX,
     CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
 )
@@ -75,7 +79,9 @@ TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
         temporal_compression_ratio=4,
     ),
 }
-# CogVideoX-2b's scheduler_config.json.
+# CogVideoX-2b's scheduler_config.json. The 5B releases (5b, 5b-I2V) ship the same file with
+# snr_shift_scale 1.0 (diffusers scripts/convert_cogvideox_to_diffusers.py: "For 5B, it is 1.0"); so do 1.5's
+# SAT configs (ZeroSNRDDPMDiscretization's default shift_scale). Each family's presets take its release's value.
 SCHEDULER_CONFIG: dict[str, Any] = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -125,6 +131,7 @@ class CogVideoX(ModelFamily):
     spatial_compression = 8
     size_multiple = 16  # 8x VAE, 2x2 patches
     pipeline_cls: type = CogVideoXPipeline  # what the export is (image-to-video subclasses change it)
+    snr_shift_scale = 3.0  # the presets' noise schedule: CogVideoX-2b's (the 1.0 T2V presets are 2B-shaped)
 
     def frame_count_error(self, num_frames: int) -> str | None:
         if (num_frames - 1) % self.temporal_compression:
@@ -159,19 +166,19 @@ class CogVideoX(ModelFamily):
 
     def load_scheduler(self, cfg: ModelConfig) -> CogVideoXDDIMScheduler:
         """A pretrained transformer trains on its own release's noise schedule (2b and 5b differ:
-        `snr_shift_scale` 3.0 vs 1.0), read from the `scheduler/` folder beside it; presets use 2b's."""
+        `snr_shift_scale` 3.0 vs 1.0), read from the `scheduler/` folder beside it; presets use their
+        family's release value (`snr_shift_scale`). Training needs only the schedule (add_noise,
+        get_velocity, alphas_cumprod: identical in the DDIM and DPM classes); the sampler is `generate`'s."""
         comp = cfg.transformer
         if comp.pretrained and comp.subfolder:
             local = Path(comp.pretrained) / "scheduler" / "scheduler_config.json"
             if local.is_file() or not Path(comp.pretrained).exists():  # a local release, or a hub id
                 return CogVideoXDDIMScheduler.from_pretrained(comp.pretrained, subfolder="scheduler")
-        return CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
+        return CogVideoXDDIMScheduler(**{**SCHEDULER_CONFIG, "snr_shift_scale": self.snr_shift_scale})
 
     # ---- encoding (prep) ------------------------------------------------------------------------
     def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
-        # (B, T, H, W, C) uint8 -> (B, C, T, H, W) in [-1, 1]
-        x = frames.permute(0, 4, 1, 2, 3).to(vae.device, vae.dtype) / 127.5 - 1.0
-        return vae.encode(x).latent_dist.parameters  # (B, 2*Cz, T', H', W'): mean ++ logvar
+        return encode_pixels(vae, to_pixels(frames))  # (B, 2*Cz, T', H', W'): mean ++ logvar
 
     def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> torch.Tensor:
         # A text-only pipeline: the prompt path is the pipeline's own, so train == inference.
@@ -189,31 +196,40 @@ class CogVideoX(ModelFamily):
     def training_loss(
         self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
-        latents = sample_latents(batch, generator).permute(
-            0, 2, 1, 3, 4
-        )  # (B, T', C, H', W') as the transformer takes it
-        return self.x0_loss(transformer, scheduler, latents, batch["text_embeds"], generator)
+        """THUDM's finetune objective: t ~ U{0..999}, noise ~ N(0, 1) on the (padded) clip latents."""
+        core = getattr(transformer, "module", transformer)
+        z = sample_latents(batch, generator).permute(0, 2, 1, 3, 4)  # (B, T', C, H', W') as the transformer takes it
+        latents, condition = self.denoiser_latents(core, z, generator)
+        device = latents.device
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+        return self.v_loss(transformer, scheduler, latents, noise, t, batch["text_embeds"], condition)
 
-    def x0_loss(
+    def denoiser_latents(
+        self, core: nn.Module, z: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sampled latents (B, T', C, H', W') -> (clean latents the loss is on, channel condition or None).
+        1.0 T2V: as they are. `generator` draws any training-time randomness (None: none drawn)."""
+        return z, None
+
+    def v_loss(
         self,
         transformer: nn.Module,
         scheduler: Any,
         latents: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
         text: torch.Tensor,
-        generator: torch.Generator,
         condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """CogVideoX's objective on latents (B, F, C, H', W'): v-prediction turned into an x0 estimate,
-        MSE weighted by 1/(1-alpha_bar). `condition` (B, F, C', H', W') is concatenated to the noisy
-        latents on channels (image-to-video); 1.5 I2V's ofs embedding gets the pipeline's 2.0."""
+        """CogVideoX's objective on latents (B, F, C, H', W') for given noise and timesteps: v-prediction
+        turned into an x0 estimate, MSE weighted by 1/(1-alpha_bar), averaged per sample then over the
+        batch. `condition` (B, F, C', H', W') is concatenated to the noisy latents on channels
+        (image-to-video); 1.5 I2V's ofs embedding gets the pipeline's (and the trainer's) 2.0."""
         core = getattr(transformer, "module", transformer)
         device = latents.device
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        inputs = (
-            noisy if condition is None else torch.cat([noisy, condition.to(noisy.dtype)], dim=2)
-        )  # (B, F, C+C', ..)
+        noisy = scheduler.add_noise(latents, noise.to(device), t)
+        inputs = noisy if condition is None else torch.cat([noisy, condition.to(noisy.dtype)], dim=2)
         ofs = None if core.config.ofs_embed_dim is None else noisy.new_full((1,), 2.0)
         pred_v = transformer(
             hidden_states=inputs,
@@ -226,7 +242,7 @@ class CogVideoX(ModelFamily):
         pred_x0 = scheduler.get_velocity(pred_v.float(), noisy, t)  # v -> x0 for a v-prediction model
         alpha_bar = scheduler.alphas_cumprod.to(device, torch.float32)[t]
         weight = (1.0 / (1.0 - alpha_bar)).view(-1, 1, 1, 1, 1)
-        return (weight * (pred_x0 - latents) ** 2).mean()
+        return (weight * (pred_x0 - latents) ** 2).flatten(1).mean(1).mean()
 
     def _rotary(self, core: nn.Module, shape: torch.Size, device: torch.device) -> Any:
         if not core.config.use_rotary_positional_embeddings:
@@ -269,24 +285,54 @@ class CogVideoX(ModelFamily):
         device: torch.device,
     ) -> np.ndarray:
         pipe = loaded(lambda: CogVideoXPipeline.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
-        pipe.set_progress_bar_config(disable=True)
-        out = []
-        for i, prompt in enumerate(prompts):
-            gen = torch.Generator("cpu").manual_seed(seed + i)
-            video = pipe(
-                prompt=prompt,
-                num_frames=num_frames,
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=gen,
-                max_sequence_length=pipe.transformer.config.max_text_seq_length,
-                output_type="np",
-                use_dynamic_cfg=False,
-            ).frames[0]  # (T, H, W, C) in [0, 1]
-            out.append((np.clip(video, 0, 1) * 255).round().astype(np.uint8))
-        return np.stack(out)
+        kw = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance_scale=guidance_scale)
+        return np.stack([sample_video(pipe, seed + i, prompt=p, **kw) for i, p in enumerate(prompts)])
+
+
+def to_pixels(frames: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W, C) uint8 -> (B, C, T, H, W) float in [-1, 1], as the pipelines' video processor gives it."""
+    return frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+def encode_pixels(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) in [-1, 1] -> the posterior's parameters (B, 2*Cz, T', H', W'): mean ++ logvar."""
+    return vae.encode(x.to(vae.device, vae.dtype)).latent_dist.parameters
+
+
+def authors_sampler(pipe: Any) -> bool:
+    """Put the sampler THUDM recommends on `pipe`; True where it takes dynamic CFG.
+
+    CogVideo `inference/cli_demo.py`: CogVideoXDDIMScheduler for CogVideoX-2B, CogVideoXDPMScheduler
+    with `use_dynamic_cfg=True` for the 5B line (5b, 5b-I2V, 1.5), "for DDIM it should be False" (the
+    SAT configs sample every 5B with DPM++ 2M and DynamicCFG(scale 6, exp 5)). The released folders ship
+    the DDIM class for all; the 2B line is the one without rotary embeddings."""
+    if not pipe.transformer.config.use_rotary_positional_embeddings:
+        return False
+    if not isinstance(pipe.scheduler, CogVideoXDPMScheduler):
+        pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    return True
+
+
+def sample_video(
+    pipe: Any, seed: int, *, steps: int, guidance_scale: float, num_frames: int, height: int, width: int, **inputs: Any
+) -> np.ndarray:
+    """One (T, H, W, 3) uint8 video from a CogVideoX pipeline with the authors' sampler; `inputs` are the
+    prompt (and image)."""
+    pipe.set_progress_bar_config(disable=True)
+    dynamic = authors_sampler(pipe)
+    video = pipe(
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        max_sequence_length=pipe.transformer.config.max_text_seq_length,
+        output_type="np",
+        use_dynamic_cfg=dynamic,
+        **inputs,
+    ).frames[0]  # (T, H, W, C) in [0, 1]
+    return (np.clip(video, 0, 1) * 255).round().astype(np.uint8)
 
 
 register_family(CogVideoX())

@@ -17,7 +17,7 @@ from torch import nn
 
 from configs.schema import ModelConfig
 from engines.models.cogvideox import CogVideoX
-from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
+from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
 
 # The tiny preset with 1.5's layout: temporal patches of 2, no patch bias, 3D RoPE sliced from a
 # fixed grid (1.5 ships sample_height = sample_width = 300 latents for any resolution; 64 covers 512 px).
@@ -86,17 +86,15 @@ class CogVideoX15(CogVideoX):
     only the transformer presets and the training-time padding differ."""
 
     name = "cogvideox1.5"
+    snr_shift_scale = 1.0  # sat/configs/cogvideox1.5_5b.yaml: ZeroSNRDDPMDiscretization's default shift
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
         return build_transformer(cfg, TRANSFORMER_PRESETS, text_embed_dim, latent_channels, latent_channels)
 
-    def training_loss(
-        self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
-    ) -> torch.Tensor:
-        core = getattr(transformer, "module", transformer)
-        latents = sample_latents(batch, generator).permute(0, 2, 1, 3, 4)  # (B, T', C, H', W')
-        latents = pad_frames(latents, core.config.patch_size_t)  # (B, F, C, H', W')
-        return self.x0_loss(transformer, scheduler, latents, batch["text_embeds"], generator)
+    def denoiser_latents(
+        self, core: nn.Module, z: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return pad_frames(z, core.config.patch_size_t), None  # (B, F, C, H', W'), F even
 
     def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
         _, t, h, w = latent_shape[-4:]  # (2*Cz, T', H', W')

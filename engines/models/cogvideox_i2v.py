@@ -11,14 +11,19 @@ as one extra latent frame: `latent_params` is (2*Cz, T'+1, H', W'), the last fra
 The layout (1.0 or 1.5) is the transformer's: `preset: tiny` is 1.0-shaped, `preset: tiny-1.5` has
 temporal patches and 1.5's ofs embedding, and `pretrained:` weights bring their own config.
 
-Not reproduced: THUDM's trainer adds pixel noise (sigma = exp(N(-3, 0.5))) to the image before
-encoding it at every step; a cached encoding cannot. The image latent is still drawn afresh from its
-posterior each step.
+The authors train on a noised image: pixel noise with sigma = exp(N(-3, 0.5)) before encoding (SAT
+`add_noise_to_first_frame`, THUDM's finetune trainer, diffusers' example). Prep adds it once per clip, as
+diffusers' `examples/cogvideo/train_cogvideox_image_to_video_lora.py` does when it precomputes the
+encodings, with a generator seeded by the frame's bytes (reproducible, independent of batching); THUDM's
+trainer redraws it every step, which a cache cannot. The image latent is still drawn afresh from its
+posterior each step, and a whole image condition is zeroed with probability 0.05 (SAT
+`noised_image_dropout`, diffusers' example's default).
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +35,25 @@ from torch import nn
 
 from configs.schema import ModelConfig
 from engines.models.cogvideox import TRANSFORMER_PRESETS as T2V_PRESETS
-from engines.models.cogvideox import CogVideoX
+from engines.models.cogvideox import CogVideoX, encode_pixels, sample_video, to_pixels
 from engines.models.cogvideox15 import TINY_15, build_transformer, pad_frames, patch_tokens
-from engines.models.registry import conditioning_images, loaded, register_family, sample_latents
+from engines.models.registry import conditioning_images, loaded, register_family
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": T2V_PRESETS["tiny"],  # 1.0 layout
     # 1.5 I2V: the ofs embedding is added to the time embedding, so its width is time_embed_dim's.
     "tiny-1.5": dict(TINY_15, ofs_embed_dim=TINY_15["time_embed_dim"]),
 }
+# log sigma ~ N(-3, 0.5) of the image's pixel noise (SAT diffusion_video.py add_noise_to_first_frame); None: off
+IMAGE_NOISE_LOG_SIGMA: tuple[float, float] | None = (-3.0, 0.5)
+IMAGE_DROPOUT = 0.05  # SAT cogvideox*_i2v.yaml noised_image_dropout; diffusers' example's --noised_image_dropout
 
 
 class CogVideoXI2V(CogVideoX):
     name = "cogvideox_i2v"
     conditioning = "image"
     pipeline_cls = CogVideoXImageToVideoPipeline
+    snr_shift_scale = 1.0  # both I2V releases are 5B-line models (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V)
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
         model = build_transformer(cfg, TRANSFORMER_PRESETS, text_embed_dim, 2 * latent_channels, latent_channels)
@@ -59,9 +68,10 @@ class CogVideoXI2V(CogVideoX):
 
     # ---- encoding (prep) ------------------------------------------------------------------------
     def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, H, W, C) uint8 -> (B, 2*Cz, T'+1, H', W'): the clip's posterior, then frame 0's own."""
+        """(B, T, H, W, C) uint8 -> (B, 2*Cz, T'+1, H', W'): the clip's posterior, then the noised frame 0's own."""
         clip = super().encode_video(vae, frames)  # (B, 2*Cz, T', H', W')
-        image = super().encode_video(vae, frames[:, :1])  # (B, 2*Cz, 1, H', W'), as the pipeline encodes it
+        # (B, 2*Cz, 1, H', W'): the noised frame 0 encoded alone, as the pipeline encodes its image
+        image = encode_pixels(vae, noised_first_frame(frames))
         if getattr(vae.config, "invert_scale_latents", False):
             # The pipeline divides this VAE's image latent by the scaling factor instead of multiplying;
             # training multiplies every cached latent by it, so store z / s^2: mean / s^2, logvar - 4 ln s.
@@ -71,15 +81,17 @@ class CogVideoXI2V(CogVideoX):
         return torch.cat([clip, image], dim=2)
 
     # ---- training -------------------------------------------------------------------------------
-    def training_loss(
-        self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
-    ) -> torch.Tensor:
-        """CogVideoX's x0 loss on the clip latents; the image latents condition, as at inference."""
-        core = getattr(transformer, "module", transformer)
-        z = sample_latents(batch, generator).permute(0, 2, 1, 3, 4)  # (B, T'+1, Cz, H', W')
+    def denoiser_latents(
+        self, core: nn.Module, z: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T'+1, Cz, H', W') -> the clip (padded for 1.5) and the image condition, as the pipeline builds
+        it; with a generator, each sample's condition is zeroed with probability IMAGE_DROPOUT."""
         video = pad_frames(z[:, :-1], core.config.patch_size_t)  # (B, F, Cz, H', W')
-        condition = image_condition(z[:, -1:], video.shape[1])  # (B, F, Cz, H', W')
-        return self.x0_loss(transformer, scheduler, video, batch["text_embeds"], generator, condition)
+        image = z[:, -1:]
+        if generator is not None and IMAGE_DROPOUT:
+            keep = (torch.rand(z.shape[0], generator=generator) >= IMAGE_DROPOUT).to(image.device, image.dtype)
+            image = image * keep.view(-1, 1, 1, 1, 1)
+        return video, image_condition(image, video.shape[1])  # (B, F, Cz, H', W') each
 
     def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
         _, t, h, w = latent_shape[-4:]  # (2*Cz, T'+1, H', W'): the last frame is the image
@@ -110,25 +122,28 @@ class CogVideoXI2V(CogVideoX):
         pipe = loaded(
             lambda: CogVideoXImageToVideoPipeline.from_pretrained(pretrained_dir).to(device), pretrained_dir, device
         )
-        pipe.set_progress_bar_config(disable=True)
-        out = []
-        for i, (prompt, img) in enumerate(zip(prompts, images, strict=True)):
-            gen = torch.Generator("cpu").manual_seed(seed + i)
-            video = pipe(
-                image=Image.fromarray(img),
-                prompt=prompt,
-                num_frames=num_frames,
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=gen,
-                max_sequence_length=pipe.transformer.config.max_text_seq_length,
-                output_type="np",
-                use_dynamic_cfg=False,
-            ).frames[0]  # (T, H, W, C) in [0, 1]
-            out.append((np.clip(video, 0, 1) * 255).round().astype(np.uint8))
-        return np.stack(out)
+        kw = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance_scale=guidance_scale)
+        return np.stack(
+            [
+                sample_video(pipe, seed + i, prompt=p, image=Image.fromarray(img), **kw)
+                for i, (p, img) in enumerate(zip(prompts, images, strict=True))
+            ]
+        )
+
+
+def noised_first_frame(frames: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W, C) uint8 -> (B, C, 1, H, W): frame 0 in [-1, 1] plus N(0, sigma^2) pixel noise,
+    log sigma ~ N(-3, 0.5) per clip, drawn from a generator seeded by that frame's bytes."""
+    image = to_pixels(frames[:, :1])
+    if IMAGE_NOISE_LOG_SIGMA is None:
+        return image
+    mean, std = IMAGE_NOISE_LOG_SIGMA
+    noised = []
+    for one, raw in zip(image, frames[:, 0], strict=True):
+        g = torch.Generator().manual_seed(zlib.crc32(raw.cpu().numpy().tobytes()))
+        sigma = math.exp(mean + std * torch.randn((), generator=g).item())
+        noised.append(one + sigma * torch.randn(one.shape, generator=g).to(one.device))
+    return torch.stack(noised)
 
 
 def image_condition(image: torch.Tensor, frames: int) -> torch.Tensor:

@@ -20,7 +20,8 @@ from datasets_prep.demo import render_clip
 from datasets_prep.io import read_jsonl
 from datasets_prep.prep import run_prep
 from engines.models import get_family
-from engines.models.cogvideox_i2v import image_condition
+from engines.models.cogvideox import encode_pixels, to_pixels
+from engines.models.cogvideox_i2v import image_condition, noised_first_frame
 from engines.torch_engine.data import CachedLatents, collate
 from engines.torch_engine.launch import launch
 from engines.torch_engine.lora import apply_lora, load_adapter, merge, save_adapter
@@ -101,9 +102,13 @@ def test_training_conditions_on_the_latents_the_pipeline_builds(preset: str) -> 
     vae, clips = fam.load_vae(cfg), _clips()
     with torch.no_grad():
         params = fam.encode_video(vae, clips)  # (2, 2*Cz, 3+1, 8, 8)
-        alone = get_family("cogvideox").encode_video(vae, clips[:, :1])
+        noised = noised_first_frame(clips)
+        alone = encode_pixels(vae, noised)
     assert params.shape == (2, 8, 4, 8, 8)
-    assert torch.equal(params[:, :, -1:], alone)  # the image's own encoding, as the pipeline makes it
+    assert torch.equal(params[:, :, -1:], alone)  # the (noised) image's own encoding, as the pipeline makes it
+    sigma = (noised - to_pixels(clips[:, :1])).flatten(1).std(1)  # exp(N(-3, 0.5)): ~0.05, a clip's own draw
+    assert ((sigma > 0.005) & (sigma < 0.5)).all() and sigma[0] != sigma[1]
+    assert torch.equal(noised_first_frame(clips[1:]), noised[1:])  # per clip, whatever the batch
     assert not torch.allclose(params[:, :, :1], alone, atol=1e-2)  # not the clip's first latent frame
 
     batch = _batch("cogvideox_i2v", cfg)
@@ -137,7 +142,7 @@ def test_vae_with_inverted_image_scale_conditions_as_the_pipeline_does() -> None
     s, clips = float(vae.config.scaling_factor), _clips()
     with torch.no_grad():
         params = fam.encode_video(vae, clips)
-        alone = get_family("cogvideox").encode_video(vae, clips[:, :1])  # (2, 8, 1, 8, 8)
+        alone = encode_pixels(vae, noised_first_frame(clips))  # (2, 8, 1, 8, 8)
     params[:, 4:, -1] = -30.0  # image posterior std ~0: its sample is its mean
     batch = {**_batch("cogvideox_i2v", cfg), "latent_params": params}
     model = fam.load_transformer(cfg, batch["text_embeds"].shape[-1], 4)
