@@ -359,7 +359,9 @@ class GenerationMetricsConfig(Section):
     i3d_weights: Path | None = Field(None, description="Kinetics-400 RGB I3D state dict; unset: random init")
     fid_size: int = Field(299, ge=75, description="Inception input size (299 is the standard)")
     fvd_size: int = Field(224, ge=32, description="I3D input size (224 is the standard)")
-    fvd_layer: Literal["pool", "logits"] = Field("pool", description="logits: the original FVD's 400-d features")
+    fvd_layer: Literal["pool", "logits"] = Field(
+        "logits", description="logits: the original FVD's 400-d features (the default); pool: I3D's 1024-d features"
+    )
     vbench: bool = Field(True, description="temporal flickering, motion smoothness, background consistency (CLIP)")
     dino: str | None = Field(
         None, description="a local transformers DINO/ViT folder: subject consistency on its features (VBench)"

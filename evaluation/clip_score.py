@@ -33,15 +33,33 @@ def load_clip(cfg: ClipConfig, device: torch.device) -> tuple[torch.nn.Module, o
     return model.eval(), preprocess, open_clip.get_tokenizer(cfg.model)
 
 
+def clip_score_of(cosines: torch.Tensor | np.ndarray | list[float]) -> float:
+    """torchmetrics' CLIPScore over a set of (image, text) pairs: max(mean of 100 * cosine, 0).
+
+    The clamp comes after the mean, as in torchmetrics (`CLIPScore.compute` and `clip_score`): clamping each
+    frame first would lift a set of mostly negative cosines above zero.
+    """
+    cos = torch.as_tensor(cosines, dtype=torch.float32).flatten()
+    if cos.numel() == 0:
+        raise ValueError("no (image, text) pairs to score")
+    return max((100 * cos).mean().item(), 0.0)
+
+
 @torch.no_grad()
-def video_clip_score(clip: tuple, video: np.ndarray, prompt: str, device: torch.device) -> tuple[float, float]:
-    """(CLIP score, mean cosine) of one video's frames against its prompt, with a `load_clip` result."""
+def frame_cosines(clip: tuple, video: np.ndarray, prompt: str, device: torch.device) -> torch.Tensor:
+    """(frames,) cosine of each frame's CLIP image feature with the prompt's text feature."""
     model, preprocess, tokenizer = clip
     images = torch.stack([preprocess(Image.fromarray(frame)) for frame in video]).to(device)
     img = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1)
     txt = torch.nn.functional.normalize(model.encode_text(tokenizer([prompt]).to(device)).float(), dim=-1)
-    cos = (img @ txt.T).squeeze(-1)  # (frames,)
-    return (100 * cos.clamp(min=0)).mean().item(), cos.mean().item()
+    return (img @ txt.T).squeeze(-1).cpu()
+
+
+def video_clip_score(clip: tuple, video: np.ndarray, prompt: str, device: torch.device) -> tuple[float, float]:
+    """(CLIP score, mean cosine) of one video's frames against its prompt: torchmetrics' CLIPScore with every
+    frame paired with the prompt."""
+    cos = frame_cosines(clip, video, prompt, device)
+    return clip_score_of(cos), cos.mean().item()
 
 
 @torch.no_grad()
@@ -53,11 +71,12 @@ def clip_image_features(clip: tuple, video: np.ndarray, device: torch.device) ->
 
 
 def clip_score(videos: np.ndarray, prompts: list[str], cfg: ClipConfig, device: torch.device) -> dict[str, float]:
-    """CLIP score (mean of 100 * max(cos, 0), torchmetrics' definition) and the raw mean cosine.
+    """CLIP score of a set of videos (torchmetrics' definition over every frame-prompt pair, so a longer video
+    weighs more, as it would fed to `CLIPScore.update`) and the raw mean cosine.
 
     The raw cosine is kept because a weak or random-init CLIP often scores below zero, where the
     clamped score reads 0 for every model and says nothing.
     """
     clip = load_clip(cfg, device)
-    pairs = [video_clip_score(clip, video, prompt, device) for video, prompt in zip(videos, prompts, strict=True)]
-    return {"clip_score": float(np.mean([s for s, _ in pairs])), "clip_cosine": float(np.mean([c for _, c in pairs]))}
+    cos = torch.cat([frame_cosines(clip, video, prompt, device) for video, prompt in zip(videos, prompts, strict=True)])
+    return {"clip_score": clip_score_of(cos), "clip_cosine": cos.mean().item()}

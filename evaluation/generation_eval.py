@@ -22,7 +22,7 @@ from datasets_prep.io import atomic_write, text_digest
 from datasets_prep.mp4 import write_mp4
 from engines.models.registry import ModelFamily, loaded
 from evaluation import generation_metrics as gm
-from evaluation.clip_score import clip_image_features, load_clip, video_clip_score
+from evaluation.clip_score import clip_image_features, clip_score_of, load_clip, video_clip_score
 from evaluation.sharded import Ranks, run_sharded, task_folder
 
 log = logging.getLogger(__name__)
@@ -64,19 +64,33 @@ def _i3d(cfg: PipelineConfig, device: torch.device) -> gm.I3DFeatures:
                   "i3d", g.i3d_weights, g.fvd_size, g.fvd_layer, device)  # fmt: skip
 
 
+def dino_pixels(video: np.ndarray) -> torch.Tensor:
+    """(T, 3, 224, W') DINO input from (T, H, W, 3) uint8 frames as VBench makes it (`dino_transform(224)`):
+    shortest side to 224, bilinear without antialiasing on the uint8 frames, aspect kept, ImageNet mean/std."""
+    from torchvision.transforms import functional as TF
+
+    frames = TF.resize(torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2), 224, antialias=False)
+    return TF.normalize(frames.float() / 255.0, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
 def _dino(path: str, device: torch.device) -> Any:
-    """Per-frame CLS features from a local transformers DINO/ViT folder: VBench's subject encoder."""
-    from transformers import AutoImageProcessor, AutoModel
+    """Per-frame CLS features from a local transformers DINO/ViT folder: VBench's subject encoder, fed the way
+    VBench feeds its DINO ViT-B/16 (`dino_pixels`), not with the checkpoint's own image processor."""
+    import inspect
+
+    from transformers import AutoModel
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"eval.generation.dino={path} is not a folder (a transformers DINO/ViT checkpoint)")
     model = AutoModel.from_pretrained(path).to(device).eval()
-    processor = AutoImageProcessor.from_pretrained(path)
+    # ViT needs asking to interpolate its position table for a non-square 224 x W input; DINOv2 always does
+    asks = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+    kwargs = {"interpolate_pos_encoding": True} if asks else {}
 
     @torch.no_grad()
     def encode(video: np.ndarray) -> np.ndarray:
-        pixels = processor(images=list(video), return_tensors="pt")["pixel_values"].to(device)
-        return model(pixel_values=pixels).last_hidden_state[:, 0].float().cpu().numpy()  # (T, D)
+        out = model(pixel_values=dino_pixels(video).to(device), **kwargs)
+        return out.last_hidden_state[:, 0].float().cpu().numpy()  # (T, D)
 
     return encode
 
@@ -223,11 +237,34 @@ def generate_and_score(
     if not ranks.main:
         return {}, [], {}
     keys = [k for k in rows[0] if isinstance(rows[0][k], float)] if rows else []
+    # Every sample has data.num_frames frames, so these means of per-sample means are also the means over all
+    # frame pairs: VBench's set figures (sim / cnt for the consistencies) and torchmetrics' pair average.
     metrics = {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in keys}
-    info: dict[str, str] = {}
+    if rows:  # torchmetrics' CLIPScore of the whole set: the clamp at 0 comes after the mean
+        metrics["eval/clip_score"] = clip_score_of([r["clip_cosine"] for r in rows])
+    info = _labels(cfg, rows)
     if g.reference and (g.fid or _fvd_applies(cfg)):
-        metrics, info = _frechet(cfg, device, folder, n, metrics)
+        metrics, frechet_info = _frechet(cfg, device, folder, n, metrics)
+        info |= frechet_info
     return metrics, rows, info
+
+
+def _labels(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Run tags naming what each score was computed with where that differs from its reference scorer
+    (docs/fidelity.md): a number is only comparable with a published one when these match."""
+    e, g = cfg.eval, cfg.eval.generation
+    clip = f"open_clip {e.clip.model} ({Path(e.clip.pretrained).name if e.clip.pretrained else gm.RANDOM_INIT})"
+    info = {"clip_score_model": clip}
+    if rows and "motion_smoothness" in rows[0]:
+        info["motion_smoothness_interpolator"] = gm.MOTION_SMOOTHNESS_INTERPOLATOR
+        info["background_consistency_encoder"] = f"{clip}, open_clip preprocessing (VBench: OpenAI CLIP ViT-B/32)"
+    if rows and "subject_consistency" in rows[0] and g.dino:
+        info["subject_consistency_encoder"] = f"{Path(g.dino).name} (VBench: DINO ViT-B/16)"
+    if g.reference and g.fid:
+        info["fid_network"] = "torchvision Inception-v3 (pytorch-fid: TF 2015 FID Inception)"
+    if g.reference and _fvd_applies(cfg):
+        info["fvd_layer"] = "logits (400-d)" if g.fvd_layer == "logits" else "pool (1024-d; original FVD: 400-d logits)"
+    return info
 
 
 def _frechet(

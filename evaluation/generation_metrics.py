@@ -579,11 +579,20 @@ def fvd(
 
 
 # --------------------------------------------------------------------------- VBench-style dimensions
+# Formulas and aggregation follow VBench v0.1.5 (vbench/{temporal_flickering,motion_smoothness,
+# background_consistency,subject_consistency}.py); checked on fixed clips by docs/fidelity/ref_vbench_metrics.py.
+
+# What our motion smoothness predicts the dropped frames with; VBench uses the AMT-S network. Logged as a tag.
+MOTION_SMOOTHNESS_INTERPOLATOR = "linear (VBench: AMT-S)"
 
 
-def _video_0_255(video: Any, min_frames: int) -> np.ndarray:
-    # Pixel statistics only, so any frame layout works; scores are defined on the 0-255 scale like VBench's.
-    v = _to_unit_float(video, "video").double().cpu().numpy() * 255.0
+def _video_uint8(video: Any, min_frames: int) -> np.ndarray:
+    """(T, H, W, C) uint8: VBench scores decoded video files, so float input in [0, 1] is quantised the way
+    writing it to a video would (round(x * 255)); any frame layout works since only pixel statistics are used."""
+    if isinstance(video, np.ndarray | torch.Tensor) and video.dtype in (np.uint8, torch.uint8):
+        v = _to_numpy(video)
+    else:
+        v = np.round(_to_unit_float(video, "video").double().cpu().numpy() * 255.0).clip(0, 255).astype(np.uint8)
     if v.ndim != 4:
         raise ValueError(f"a video must be 4-D (T, H, W, C), got shape {v.shape}")
     if v.shape[0] < min_frames:
@@ -595,45 +604,49 @@ def temporal_flickering(video: ArrayLike) -> float:
     """VBench temporal flickering: (255 - mean |frame[t+1] - frame[t]|) / 255; 1.0 for a static video.
 
     VBench scores this on static-scene prompts, where any frame-to-frame change is flicker; on moving content it
-    also penalises real motion, so read it next to motion_smoothness.
+    also penalises real motion, so read it next to motion_smoothness. A one-frame video has no pair: VBench's
+    score is NaN there (a mean of nothing), we raise instead.
     """
-    v = _video_0_255(video, 2)
+    v = _video_uint8(video, 2).astype(np.float64)
     return float((255.0 - np.abs(np.diff(v, axis=0)).mean()) / 255.0)
 
 
 def motion_smoothness(video: ArrayLike) -> float:
-    """1 - mean |frame[t] - (frame[t-1] + frame[t+1]) / 2| / 255 over the odd frames t.
+    """VBench motion smoothness with a linear frame interpolator in place of AMT-S.
 
-    VBench predicts the dropped odd frames with a learned interpolator (AMT); we use the linear average of the
-    neighbours so no extra model is needed. That is exact for motion that is linear in intensity (a fade, a
-    gradient sliding at constant speed) and stricter than VBench for other smooth motion, so absolute values are
-    lower than VBench's; rankings between models are what this is for.
+    As in VBench: keep the even frames, predict each odd frame between two kept ones, quantise the prediction the
+    way VBench's `tensor2img` does (float32 [0, 1] * 255, truncated to uint8), and score (255 - mean |odd - pred|)
+    / 255; an odd last frame with no right neighbour is not scored. Only the interpolator differs: the average of
+    the two neighbours is exact for motion linear in intensity (a fade) and stricter than AMT for other smooth
+    motion, so values run lower than VBench's; the eval tags the run with MOTION_SMOOTHNESS_INTERPOLATOR.
     """
-    v = _video_0_255(video, 3)
-    odd = np.arange(1, v.shape[0] - 1, 2)
-    err = np.abs(v[odd] - (v[odd - 1] + v[odd + 1]) / 2.0).mean()
-    return float(1.0 - err / 255.0)
+    v = _video_uint8(video, 3)
+    kept = torch.from_numpy(np.ascontiguousarray(v[::2])).float() / 255.0
+    pred = ((kept[:-1] + kept[1:]) / 2 * 255.0).numpy().clip(0, 255).astype(np.uint8)
+    odd = v[1::2][: len(pred)]
+    return float((255.0 - np.abs(odd.astype(np.int16) - pred).mean()) / 255.0)
 
 
-def _frame_consistency(video: Any, encoder: Encoder) -> float:
+def _pair_similarities(video: Any, encoder: Encoder) -> np.ndarray:
+    """(T-1,) VBench frame-pair scores: (max(0, cos(f_t, f_t-1)) + max(0, cos(f_t, f_0))) / 2 for t >= 1."""
     feats = _to_numpy(encoder(video)).astype(np.float64)
     feats = feats.reshape(feats.shape[0], -1)
     if feats.shape[0] < 2:
         raise ValueError(f"need features of at least 2 frames, the encoder returned {feats.shape[0]}")
     unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-    # VBench clamps each cosine at 0 before averaging "similar to the first frame" and "similar to the previous one"
     to_first = np.clip(unit[1:] @ unit[0], 0.0, None)
     to_prev = np.clip(np.sum(unit[1:] * unit[:-1], axis=1), 0.0, None)
-    return float(((to_first + to_prev) / 2.0).mean())
+    return (to_first + to_prev) / 2.0
 
 
 def subject_consistency(video: Any, encoder: Encoder) -> float:
-    """VBench subject consistency: mean over frames t>=1 of (cos(f_t, f_0) + cos(f_t, f_t-1)) / 2, cosines clamped at 0.
+    """VBench subject consistency of one video: the mean over frames t >= 1 of (cos(f_t, f_0) + cos(f_t, f_t-1)) / 2,
+    each cosine clamped at 0.
 
     VBench uses DINO ViT-B/16 features for this. `encoder` gets `video` exactly as passed (e.g. a (T, H, W, 3)
     uint8 array) and returns one feature vector per frame, (T, D); it owns its own preprocessing.
     """
-    return _frame_consistency(video, encoder)
+    return float(_pair_similarities(video, encoder).mean())
 
 
 def background_consistency(video: Any, encoder: Encoder) -> float:
@@ -642,29 +655,36 @@ def background_consistency(video: Any, encoder: Encoder) -> float:
     VBench computes it on CLIP ViT-B/32 image features, which weigh the whole scene rather than the main subject;
     the difference between the two dimensions is only which encoder is passed.
     """
-    return _frame_consistency(video, encoder)
+    return float(_pair_similarities(video, encoder).mean())
+
+
+def set_consistency(videos: Iterable[Any], encoder: Encoder) -> float:
+    """Subject or background consistency of a set of videos as VBench reports it: the mean over every frame pair
+    of every video (`sim / cnt`), so a longer video weighs more; with equal lengths it is the mean of the videos."""
+    pairs = [_pair_similarities(v, encoder) for v in videos]
+    if not pairs:
+        raise ValueError("no videos to score")
+    return float(np.concatenate(pairs).mean())
 
 
 def video_dimensions(
     videos: Sequence[Any] | np.ndarray, encoder: Encoder | None = None, background_encoder: Encoder | None = None
 ) -> dict[str, float]:
-    """Mean of each dimension over videos (each video counts once, whatever its length).
+    """Each dimension over a set of videos, aggregated as VBench does.
 
-    Consistency dimensions appear only when an encoder is given; `background_encoder` (VBench: CLIP) defaults to
-    `encoder` (VBench: DINO for subject consistency).
+    Temporal flickering and motion smoothness: the mean of the per-video scores. Subject and background
+    consistency: `set_consistency`. Consistency dimensions appear only when an encoder is given;
+    `background_encoder` (VBench: CLIP) defaults to `encoder` (VBench: DINO for subject consistency).
     """
     videos = list(videos)
     if not videos:
         raise ValueError("no videos to score")
-    scores: dict[str, list[float]] = {"temporal_flickering": [], "motion_smoothness": []}
-    if encoder is not None:
-        scores["subject_consistency"] = []
-        scores["background_consistency"] = []
     background_encoder = background_encoder or encoder
-    for video in videos:
-        scores["temporal_flickering"].append(temporal_flickering(video))
-        scores["motion_smoothness"].append(motion_smoothness(video))
-        if encoder is not None and background_encoder is not None:
-            scores["subject_consistency"].append(subject_consistency(video, encoder))
-            scores["background_consistency"].append(background_consistency(video, background_encoder))
-    return {name: float(np.mean(values)) for name, values in scores.items()}
+    out = {
+        "temporal_flickering": float(np.mean([temporal_flickering(v) for v in videos])),
+        "motion_smoothness": float(np.mean([motion_smoothness(v) for v in videos])),
+    }
+    if encoder is not None and background_encoder is not None:
+        out["subject_consistency"] = set_consistency(videos, encoder)
+        out["background_consistency"] = set_consistency(videos, background_encoder)
+    return out

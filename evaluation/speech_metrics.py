@@ -2,23 +2,25 @@
 
 Raw WER mostly measures formatting: a perfect transcript "mister smith paid twenty dollars" of the
 reference "Mr. Smith paid $20." has raw WER 1.0 (four edits, four reference words) and 0.0 normalised.
-Published ASR numbers (Whisper, the Open ASR Leaderboard) normalise both sides with Whisper's
-normaliser first, so we use the same one (the copy shipped in transformers) to stay comparable. Edit
-counts come from jiwer. Pure library: no Prefect, MLflow or torch.
+Published ASR numbers (Whisper's own evaluation, the HF/Open ASR Leaderboard) normalise both sides with
+Whisper's normaliser and then let jiwer count edits over the whole list, so we do exactly that (the
+normaliser is transformers' copy of openai/whisper's; checked against the original in
+docs/fidelity/ref_speech_metrics.py). Pure library: no Prefect, MLflow or torch.
 
 Normaliser: English uses `EnglishTextNormalizer` (lowercase, drop bracketed/parenthesised asides and
-fillers like "uh", expand contractions and titles such as "Mr." -> "mister", write spelled-out numbers as digits,
-strip punctuation). Its British->American spelling table comes from a Whisper tokenizer's
-`normalizer.json`; pass it as `spelling_mapping` (a dict, the file, or a Whisper checkpoint directory).
-Without it the table is empty, so "colour" and "color" stay different words. Any other language uses
-`BasicTextNormalizer` (lowercase, drop asides and punctuation), which is what Whisper does too.
+fillers like "uh", expand contractions and titles such as "Mr." -> "mister", write spelled-out numbers as
+digits, map British to American spelling, strip punctuation). Its spelling table is Whisper's
+`english.json` (1739 entries, the same table every Whisper checkpoint ships as `normalizer.json`), bundled
+here as `whisper_english_spelling.json` and used by default, so "colour" and "color" are the same word as
+in Whisper's scoring. `spelling_mapping` replaces it (a dict, a json file, or a Whisper checkpoint
+directory); `spelling_mapping={}` turns spelling normalisation off. Any other language uses
+`BasicTextNormalizer` (lowercase, drop asides and punctuation, keep diacritics), as Whisper does.
 
-Empty references (also ones that only become empty after normalisation, e.g. "(laughs)"): an utterance
-whose reference has no words scores 0.0 when the hypothesis is also empty and 1.0 otherwise (there is
-no denominator; every hypothesis word is an insertion, and the row's `insertions` says how many).
-The corpus rate is total edits over total reference words, so such utterances add their insertions to
-the numerator and nothing to the denominator; if no reference has any words at all, the corpus rate
-follows the per-utterance rule. An empty list of utterances gives NaN.
+Rates follow jiwer: the corpus rate is total edits over total reference words (characters for CER,
+spaces included). An utterance whose normalised reference is empty (e.g. "(laughs)") adds its insertions
+to the numerator and nothing to the denominator; when no reference has any words at all, jiwer reports
+the insertion count itself (0.0 for an empty hypothesis, 3.0 for a three-word one), and so do we, also
+for a single utterance's row. An empty list of utterances gives NaN.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from evaluation.directions import DIRECTIONS
 
 METRIC_DIRECTIONS: dict[str, str] = {m: DIRECTIONS[m] for m in ("wer", "cer")}  # one table: evaluation/directions.py
 _ENGLISH = {"en", "eng", "english"}
+# openai/whisper's whisper/normalizers/english.json (openai-whisper 20250625, MIT), byte for byte
+WHISPER_SPELLING = Path(__file__).with_name("whisper_english_spelling.json")
 
 SpellingMapping = Mapping[str, str] | str | Path | None
 
@@ -54,12 +58,15 @@ def load_spelling_mapping(source: str | Path) -> dict[str, str]:
 def _cached_normalizer(language: str | None, mapping_file: str | None) -> Callable[[str], str]:
     # Building the English normaliser compiles a few hundred number-word patterns: do it once per setting.
     if language is not None and language.lower() in _ENGLISH:
-        return EnglishTextNormalizer(load_spelling_mapping(mapping_file) if mapping_file else {})
+        return EnglishTextNormalizer(load_spelling_mapping(mapping_file or WHISPER_SPELLING))
     return BasicTextNormalizer()
 
 
 def get_normalizer(language: str | None = "en", spelling_mapping: SpellingMapping = None) -> Callable[[str], str]:
-    """Whisper's normaliser for `language` (English, else the language-agnostic basic one)."""
+    """Whisper's normaliser for `language` (English, else the language-agnostic basic one).
+
+    `spelling_mapping=None` is Whisper's own table; a mapping, file or checkpoint folder replaces it.
+    """
     if isinstance(spelling_mapping, Mapping):
         if language is not None and language.lower() in _ENGLISH:
             return EnglishTextNormalizer(dict(spelling_mapping))
@@ -100,8 +107,8 @@ def _edits(ref: str, hyp: str, unit: str) -> dict[str, int]:
 
 
 def _rate(errors: int, ref_len: int) -> float:
-    if ref_len == 0:  # empty reference: see the module docstring
-        return 0.0 if errors == 0 else 1.0
+    if ref_len == 0:  # no reference words: jiwer reports the edit count (all insertions) as the rate
+        return float(errors)
     return errors / ref_len
 
 

@@ -137,8 +137,11 @@ def test_generation_metrics_in_the_eval(trained: PipelineConfig, metric_settings
         assert math.isfinite(m[f"eval/{key}"]), key
     assert m["eval/fid"] > 0 and m["eval/fvd"] > 0
     # each overall number is the mean of the per-sample rows that MLflow shows as a table
-    for key in ("clip_score", "temporal_flickering", "subject_consistency"):
+    for key in ("clip_cosine", "temporal_flickering", "subject_consistency"):
         assert m[f"eval/{key}"] == pytest.approx(sum(r[key] for r in rows) / 4)
+    # CLIP score as torchmetrics computes it over all frame-prompt pairs: 100 * mean cosine, clamped after the mean
+    assert m["eval/clip_score"] == pytest.approx(max(0.0, 100 * sum(r["clip_cosine"] for r in rows) / 4), rel=1e-5)
+    assert res.info["motion_smoothness_interpolator"] == "linear (VBench: AMT-S)"  # deviations are tagged
     # a random-init extractor is labelled as such, with the sample counts behind the number
     assert res.info["fid_features"] == res.info["fvd_features"] == "random-init"
     assert res.info["fvd_samples"] == "4 generated vs 8 reference clips"
