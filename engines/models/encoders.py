@@ -33,6 +33,15 @@ IMAGE_VAE_TINY: dict[str, Any] = dict(
 )  # fmt: skip
 
 
+def denoiser_config(cfg: ModelConfig, cls: Any, presets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The denoiser's config before it is built (the `pretrained:` folder's config.json, else the preset), for the
+    families whose released variants train or sample differently (FLUX dev/schnell, Hunyuan-DiT <= 1.1 / 1.2)."""
+    comp = cfg.transformer
+    if comp.pretrained:
+        return dict(cls.load_config(comp.pretrained, **({"subfolder": comp.subfolder} if comp.subfolder else {})))
+    return pick_preset(comp, presets, "transformer")
+
+
 def load_image_vae(cfg: ModelConfig, scaling_factor: float, shift_factor: float) -> nn.Module:
     if cfg.vae.pretrained:
         vae = from_pretrained(AutoencoderKL, cfg.vae, "vae")

@@ -3,24 +3,26 @@ text encoder (pooled vector) and a T5 encoder (per-token states).
 
 Prompt embeddings come from `FluxPipeline.encode_prompt`; latents are packed into 2x2 patches and
 given position ids with the pipeline's own `_pack_latents` / `_prepare_latent_image_ids`, so the
-transformer sees in training what it sees in inference. Rectified flow, as for SD3, with FLUX's
-resolution-dependent timestep shift; dev-style presets feed the guidance embedding (3.5), schnell-style
-ones have none.
+transformer sees in training what it sees in inference. Training is diffusers' train_dreambooth_flux.py with its
+defaults: rectified flow with `weighting_scheme="none"` (s uniform on the scheduler's 1000-step grid, unshifted:
+dev's scheduler shifts only at inference, with `use_dynamic_shifting`; schnell's shift is 1), timestep s, target
+eps - x0, plain MSE; dev (guidance_embeds) is fed guidance 3.5, schnell none. The scheduler follows the variant:
+dev's config (dynamic, resolution-dependent shift at sampling) or schnell's (no shift), read off the transformer's
+`guidance_embeds`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.training_utils import compute_density_for_timestep_sampling
 from torch import nn
 from transformers import CLIPTextModel, T5EncoderModel
 
 from configs.schema import ModelConfig
-from engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
+from engines.models.encoders import CLIP_PRESETS, ImageFamily, denoiser_config, load_image_vae
 from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
@@ -31,9 +33,13 @@ TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-dev": dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                      axes_dims_rope=(4, 6, 6), guidance_embeds=True),
 }  # fmt: skip
-# FLUX.1-schnell's scheduler_config.json
+# FLUX.1-schnell's scheduler_config.json; FLUX.1-dev's shifts by the image's token count at sampling time
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
                         max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+DEV_SCHEDULER_CONFIG = dict(SCHEDULER_CONFIG, shift=3.0, use_dynamic_shifting=True)
+# train_dreambooth_flux.py's defaults: --weighting_scheme none (uniform s, unweighted), --guidance_scale 3.5
+WEIGHTING_SCHEME = "none"
+TRAIN_GUIDANCE = 3.5
 TEXT_PARTS: list[tuple[str, str, type]] = [
     ("text_encoder", "tokenizer", CLIPTextModel),
     ("text_encoder_2", "tokenizer_2", T5EncoderModel),
@@ -60,7 +66,8 @@ class Flux(ImageFamily):
             )  # fmt: skip
 
     def load_scheduler(self, cfg: ModelConfig) -> FlowMatchEulerDiscreteScheduler:
-        return FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
+        dev = denoiser_config(cfg, FluxTransformer2DModel, TRANSFORMER_PRESETS).get("guidance_embeds", False)
+        return FlowMatchEulerDiscreteScheduler(**(DEV_SCHEDULER_CONFIG if dev else SCHEDULER_CONFIG))
 
     def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> dict:
         device = next(encoder.parameters()).device
@@ -78,17 +85,16 @@ class Flux(ImageFamily):
         x0 = sample_latents(batch, generator)
         b, c, h, w = x0.shape
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        sigma = torch.sigmoid(torch.randn(b, generator=generator))  # logit-normal
-        # FLUX's resolution-dependent shift: more noise for longer token sequences, with the same
-        # mu the pipeline uses at inference (0.5 at 256 tokens .. 1.15 at 4096).
-        mu = math.exp(calculate_shift((h // 2) * (w // 2)))
-        sigma = (mu / (mu + (1.0 / sigma - 1.0))).to(device).view(-1, 1, 1, 1)
+        u = compute_density_for_timestep_sampling(WEIGHTING_SCHEME, b, generator=generator)
+        idx = (u * scheduler.config.num_train_timesteps).long()
+        sigma = scheduler.sigmas[idx].to(device, torch.float32).view(-1, 1, 1, 1)
+        timestep = (scheduler.timesteps[idx] / scheduler.config.num_train_timesteps).to(device)
         noisy = FluxPipeline._pack_latents((1.0 - sigma) * x0 + sigma * noise, b, c, h, w)  # (B, h*w/4, 4c)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, x0.dtype)
         text = batch["text_embeds"].float()
         txt_ids = torch.zeros(text.shape[1], 3, device=device)
-        guidance = torch.full((b,), 3.5, device=device) if core.config.guidance_embeds else None
-        pred = transformer(hidden_states=noisy, timestep=sigma.view(-1), guidance=guidance,
+        guidance = torch.full((b,), TRAIN_GUIDANCE, device=device) if core.config.guidance_embeds else None
+        pred = transformer(hidden_states=noisy, timestep=timestep, guidance=guidance,
                            pooled_projections=batch["pooled_embeds"].float(), encoder_hidden_states=text,
                            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]  # fmt: skip
         target = FluxPipeline._pack_latents(noise - x0, b, c, h, w)

@@ -3,8 +3,11 @@ and pipeline; two CLIP text encoders with projection and a T5 encoder.
 
 Prompt embeddings come from `StableDiffusion3Pipeline.encode_prompt`, so the cached per-token
 states (CLIP-L ++ CLIP-G, padded to T5's width, then T5's tokens) and pooled vector are exactly
-what inference feeds the transformer. Training is rectified flow: x_t = (1 - s) x0 + s eps,
-target eps - x0, with SD3's logit-normal draw of s.
+what inference feeds the transformer. Training is diffusers' examples/dreambooth/train_dreambooth_sd3.py with
+its defaults: rectified flow x_t = (1 - s) x0 + s eps, s drawn logit-normal(0, 1) and looked up on the scheduler's
+shifted (shift 3.0) sigma grid, and the EDM-style preconditioned output x0_hat = x_t - s v (`precondition_outputs=1`)
+regressed on x0, i.e. the flow-matching loss weighted by s^2. `precondition_outputs = False` on the family gives
+the SD3 paper's plain v-loss (target eps - x0).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from torch import nn
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
@@ -29,7 +33,9 @@ TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
                      caption_projection_dim=32, pos_embed_max_size=32, qk_norm="rms_norm",
                      dual_attention_layers=(0,)),
 }  # fmt: skip
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)  # SD3-medium's scheduler_config.json
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)  # SD3-medium's and SD3.5-large's scheduler_config.json
+# train_dreambooth_sd3.py's argparse defaults (weighting_scheme, logit_mean, logit_std, mode_scale)
+TIMESTEP_SAMPLING = dict(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
 TEXT_PARTS: list[tuple[str, str, type]] = [("text_encoder", "tokenizer", CLIPTextModelWithProjection),
               ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection),
               ("text_encoder_3", "tokenizer_3", T5EncoderModel)]  # fmt: skip
@@ -40,6 +46,8 @@ class SD3(ImageFamily):
     text_parts = TEXT_PARTS
     pipeline_cls = StableDiffusion3Pipeline
     max_sequence_tokenizer = "tokenizer_3"
+    #: train_dreambooth_sd3.py's --precondition_outputs (default 1): regress x_t - s * pred on x0
+    precondition_outputs = True
 
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
         return load_image_vae(cfg, scaling_factor=1.5305, shift_factor=0.0609)  # SD3's VAE config
@@ -79,10 +87,10 @@ class SD3(ImageFamily):
         params = batch["latent_params"]
         device = params.device
         x0 = sample_latents(batch, generator)
+        b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        # SD3's logit-normal draw of the noise level, on the scheduler's (shifted) sigma grid.
-        u = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))
-        idx = (u * scheduler.config.num_train_timesteps).long().clamp(max=scheduler.config.num_train_timesteps - 1)
+        u = compute_density_for_timestep_sampling(batch_size=b, generator=generator, **TIMESTEP_SAMPLING)
+        idx = (u * scheduler.config.num_train_timesteps).long()
         sigma = scheduler.sigmas[idx].to(device, torch.float32).view(-1, 1, 1, 1)
         timestep = scheduler.timesteps[idx].to(device)
         noisy = (1.0 - sigma) * x0 + sigma * noise
@@ -92,8 +100,13 @@ class SD3(ImageFamily):
             encoder_hidden_states=batch["text_embeds"].float(),
             pooled_projections=batch["pooled_embeds"].float(),
             return_dict=False,
-        )[0]
-        return ((pred.float() - (noise - x0)) ** 2).mean()
+        )[0].float()
+        if self.precondition_outputs:
+            pred, target = pred * (-sigma) + noisy, x0
+        else:
+            target = noise - x0
+        weighting = compute_loss_weighting_for_sd3(TIMESTEP_SAMPLING["weighting_scheme"], sigma)
+        return (weighting * (pred - target) ** 2).reshape(b, -1).mean(1).mean()
 
 
 register_family(SD3())
