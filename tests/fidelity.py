@@ -51,11 +51,34 @@ def released_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
         from transformers import PreTrainedModel
 
         if isinstance(module, PreTrainedModel):
-            from transformers.modeling_utils import revert_weight_conversion
-
             tied = _tied_keys(module)
-            state = revert_weight_conversion(module, {k: v for k, v in state.items() if k not in tied})
+            state = {k: v for k, v in state.items() if k not in tied}
+            if callable(getattr(module, "to_original", None)):  # a remote-code release transformers has no map for
+                state = module.to_original(state)
+            else:
+                state = _revert_as_loaded(module, state)
     return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _revert_as_loaded(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' reverse conversion as for a model loaded from its released file.
+
+    For a freshly built model transformers drops every prefix change (it cannot know the file had the prefix);
+    a nested tower's scoped one is a fact of the release, though: llava-hf saves its CLIP tower as
+    `vision_tower.vision_model.*`, which transformers 5 loads into `model.vision_tower.*`.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+    from transformers.modeling_utils import revert_weight_conversion
+
+    if getattr(model, "_weight_conversions", None) is not None:  # loaded by from_pretrained: it knows
+        return revert_weight_conversion(model, state)
+    convs = get_model_conversion_mapping(model, add_legacy=False)
+    model._weight_conversions = [c for c in convs if not isinstance(c, PrefixChange) or getattr(c, "scope_prefix", "")]
+    try:
+        return revert_weight_conversion(model, state)
+    finally:
+        del model._weight_conversions
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

@@ -5,9 +5,11 @@ layer scale), a pixel-shuffle (0.5) + 2-layer MLP projector and a Qwen2 decoder,
 `InternVLProcessor` (a `GotOcr2ImageProcessor` that tiles images, an `InternVLVideoProcessor` that
 makes each frame one tile) and an offline byte-level tokenizer carrying InternVL's `<img>`,
 `</img>`, `<IMG_CONTEXT>`, `<video>` and ChatML tokens. Its chat template renders what the
-OpenGVLab `-hf` checkpoints' template renders: no default system turn, each image as
-`<IMG_CONTEXT>\\n` and each video as `<video>\\n`, which the processor expands to
-`<img>` + one `<IMG_CONTEXT>` per token of every tile + `</img>` (a video: one such block per frame).
+OpenGVLab `-hf` checkpoints' template renders: each image as `<IMG_CONTEXT>\\n` and each video as
+`<video>\\n`, which the processor expands to `<img>` + one `<IMG_CONTEXT>` per token of every tile +
+`</img>` (a video: one such block per frame). The -hf template adds no system turn; `to_chat` adds
+the one InternVL2.5/3 were trained with (preprocess_internvl2_5), and labels are each answer and
+its `<|im_end|>`, not the newline after it, as that function masks them.
 
 Transformers-native checkpoints (`OpenGVLab/InternVL3-*-hf`) load by default. The original OpenGVLab
 releases (InternVL2-*, InternVL2_5-*, InternVL3-* without `-hf`) ship their own modelling code:
@@ -39,6 +41,7 @@ from transformers import (
 from configs.schema import ComponentConfig, ModelConfig
 from engines.models.internvl_remote import (
     MARKER,
+    SYSTEM_V25,
     RemoteInternVLProcessor,
     encode_remote,
     load_remote_model,
@@ -142,6 +145,10 @@ def to_chat(sample: SequenceSample) -> list[dict[str, Any]]:
         )
     media = [{"type": "image"}] * len(sample.images) + [{"type": "video"}] * len(sample.videos)
     out, placed = [], not media
+    if not sample.messages or sample.messages[0]["role"] != "system":
+        # InternVL2.5/3 are trained (internvl_chat_finetune.py --conv_style internvl2_5) and chat with this system
+        # turn first; the -hf chat template adds none, so it is added here
+        out.append({"role": "system", "content": SYSTEM_V25})
     for m in sample.messages:
         if m["role"] == "user" and not placed:
             out.append({"role": "user", "content": [*media, {"type": "text", "text": m["content"]}]})
@@ -254,7 +261,7 @@ class InternVL(SequenceFamily):
         enc = _encode(processor, processor.apply_chat_template(to_chat(sample), tokenize=False), sample)
         ids = enc["input_ids"][0]  # (L,)
         _check_length(len(ids), max_length)
-        labels = answer_labels(processor.tokenizer, ids, roles)
+        labels = answer_labels(processor.tokenizer, ids, roles, newline=False)  # preprocess_internvl2_5 masks it
         out = {"input_ids": ids, "attention_mask": enc["attention_mask"][0], "labels": labels}
         if "pixel_values" in enc:
             out["pixel_values"] = enc["pixel_values"]  # (tiles and frames in token order, 3, H, W)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
+from transformers import InternVLForConditionalGeneration
 
 from configs.schema import ComponentConfig
 from engines.models.registry import from_pretrained, loaded
@@ -42,7 +43,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _SYSTEM_V2 = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 )
-_SYSTEM_V25 = (
+SYSTEM_V25 = (
     "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
 )
 # conversation.py, SeparatorStyle.MPT: "<|im_start|>{role}\n{text}" + sep for every turn (system first).
@@ -51,7 +52,7 @@ _SYSTEM_V25 = (
 TEMPLATES: dict[str, dict[str, Any]] = {
     "Hermes-2": {"sep": "<|im_end|>", "system": _SYSTEM_V2, "strip": False},
     "internlm2-chat": {"sep": "<|im_end|>", "system": _SYSTEM_V2, "strip": True},
-    "internvl2_5": {"sep": "<|im_end|>\n", "system": _SYSTEM_V25, "strip": False},
+    "internvl2_5": {"sep": "<|im_end|>\n", "system": SYSTEM_V25, "strip": False},
 }
 
 
@@ -282,3 +283,91 @@ def respond_remote(pretrained_dir: Path, samples: list[SequenceSample], *, max_n
         out = out[:, width:]
     texts = tok.batch_decode(out, skip_special_tokens=True)
     return [t.split("<|im_end|>")[0].strip() for t in texts]
+
+
+# ---- the original releases' weight layout ---------------------------------------------------------
+class OriginalLayoutInternVL(InternVLForConditionalGeneration):
+    """transformers' InternVL holding an original InternVL2 release's shapes, named as that release names them.
+
+    The InternVL2 releases (InternVL2-2B/8B/26B, InternVL2-Llama3-76B) are InternViT + pixel-shuffle MLP +
+    InternLM2 or Llama. InternLM2 is Llama's computation with q/k/v fused into one `wqkv` and its own names, so
+    the native class with a Llama text config has exactly the release's parameters; `to_original` gives the
+    release's names (OpenGVLab's modeling_internvl_chat.py / modeling_intern_vit.py / modeling_internlm2.py) so
+    variants and fact tables compare against the released layout, not a conversion of it.
+    """
+
+    #: the text model of the release: "internlm2" (fused wqkv, InternLM2 names) or "llama" (Llama names)
+    original_llm = "internlm2"
+
+    def to_original(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our state dict -> the release's keys and tensors.
+
+        InternViT fuses q, k, v into one `qkv` (q rows, then k, then v); InternLM2's `wqkv` interleaves them per
+        kv group: each group's q heads, then its k head, then its v head (modeling_internlm2.py splits the
+        output as `(h gs d)` with gs = q heads per group + 2).
+        """
+        text = self.config.text_config
+        heads, kv = text.num_attention_heads, text.num_key_value_heads
+        head_dim = text.hidden_size // heads
+        out: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            in_text = key.startswith("model.language_model.")
+            fused = not in_text or self.original_llm == "internlm2"
+            if fused and (".k_proj." in key or ".v_proj." in key):
+                continue  # folded into the fused projection with its q_proj below
+            if fused and ".q_proj." in key:
+                k, v = (state[key.replace(".q_proj.", f".{p}_proj.")] for p in "kv")
+                if in_text:  # (kv groups, q heads per group + 2, head_dim, hidden)
+                    parts = [value.reshape(kv, heads // kv, head_dim, -1), k.reshape(kv, 1, head_dim, -1),
+                             v.reshape(kv, 1, head_dim, -1)]  # fmt: skip
+                    value = torch.cat(parts, dim=1).reshape(-1, value.shape[-1])
+                else:
+                    value = torch.cat([value, k, v], dim=0)
+            out[self._original_name(key)] = value
+        return out
+
+    def _original_name(self, key: str) -> str:
+        for ours, theirs in _ORIGINAL_NAMES[self.original_llm] + _ORIGINAL_NAMES["common"]:
+            key = key.replace(ours, theirs, 1)
+        return key
+
+
+class OriginalLayoutInternVLLlama(OriginalLayoutInternVL):
+    """The Llama-based release (InternVL2-Llama3-76B): Llama's own names under `language_model.`."""
+
+    original_llm = "llama"
+
+
+# (our prefix or infix, the release's), applied in order; infixes start with "."
+_ORIGINAL_NAMES: dict[str, list[tuple[str, str]]] = {
+    "internlm2": [
+        ("model.language_model.embed_tokens.", "language_model.model.tok_embeddings."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.output."),
+        (".self_attn.q_proj.", ".attention.wqkv."),
+        (".self_attn.o_proj.", ".attention.wo."),
+        (".mlp.gate_proj.", ".feed_forward.w1."),
+        (".mlp.up_proj.", ".feed_forward.w3."),
+        (".mlp.down_proj.", ".feed_forward.w2."),
+        (".input_layernorm.", ".attention_norm."),
+        (".post_attention_layernorm.", ".ffn_norm."),
+    ],
+    "llama": [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")],
+    "common": [
+        ("model.vision_tower.embeddings.cls_token", "vision_model.embeddings.class_embedding"),
+        ("model.vision_tower.embeddings.position_embeddings", "vision_model.embeddings.position_embedding"),
+        ("model.vision_tower.embeddings.patch_embeddings.projection.", "vision_model.embeddings.patch_embedding."),
+        ("model.vision_tower.encoder.layer.", "vision_model.encoder.layers."),
+        (".attention.q_proj.", ".attn.qkv."),
+        (".attention.q_norm.", ".attn.q_norm."),
+        (".attention.k_norm.", ".attn.k_norm."),
+        (".attention.projection_layer.", ".attn.proj."),
+        (".lambda_1", ".ls1"),
+        (".lambda_2", ".ls2"),
+        (".layernorm_before.", ".norm1."),
+        (".layernorm_after.", ".norm2."),
+        ("model.multi_modal_projector.layer_norm.", "mlp1.0."),
+        ("model.multi_modal_projector.linear_1.", "mlp1.1."),
+        ("model.multi_modal_projector.linear_2.", "mlp1.3."),
+    ],
+}

@@ -5,9 +5,10 @@ second-to-last layer, CLS dropped), a 2-layer GELU projector and a Llama decoder
 `CLIPImageProcessor` (resize shortest edge + centre crop) and an offline byte-level tokenizer that
 has Llama's specials and LLaVA's `<image>`.
 
-Every processor renders conversations with LLaVA-1.5's own training format (Vicuna v1:
-`USER: <image>\\n{q} ASSISTANT: {a}</s>`). llava-hf's chat template writes the same turns but no
-`</s>` after an answer, which would train a model that never stops.
+Every processor renders conversations with LLaVA-1.5's own training format (preprocess_v1 with
+conv_vicuna_v1: its system prompt, then `USER: <image>\\n{q} ASSISTANT: {a}</s>`). llava-hf's chat
+template writes the same turns but no system prompt and no `</s>` after an answer, which would
+train a model that never stops.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, processors
 from torch import nn
@@ -36,8 +38,15 @@ from engines.models.tokenizer import byte_level_bpe
 # Llama's <unk>=0, <s>=1, </s>=2 first; LLaVA adds <image> and <pad> after the vocabulary.
 HEAD_SPECIALS = ("<unk>", "<s>", "</s>")
 TAIL_SPECIALS = ("<image>", "<pad>")
+# LLaVA's conv_vicuna_v1 system prompt (llava/conversation.py), which preprocess_v1 puts before every training
+# conversation and LLaVA-1.5's evaluation before every question; a sample's own system message replaces it.
+DEFAULT_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}" + DEFAULT_SYSTEM + " {% endif %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }} "
     "{% elif message['role'] == 'user' %}USER: "
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -125,6 +134,29 @@ def to_chat(sample: SequenceSample) -> list[dict[str, Any]]:
     return out
 
 
+def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
+    """(H, W, 3) -> (S, S, 3), S = max(H, W), the image centred on `fill` (the first row/column offset rounds down).
+
+    LLaVA-1.5 trains and evaluates with image_aspect_ratio "pad" (train.py, mm_utils.expand2square): every image
+    is padded to a square in the CLIP mean colour before the processor's resize and centre crop, so a wide image
+    is seen whole. llava-hf's processor does not pad, and its centre crop would cut the sides off.
+    """
+    h, w = image.shape[:2]
+    if h == w:
+        return image
+    side = max(h, w)
+    out = np.empty((side, side, image.shape[2]), dtype=image.dtype)
+    out[:] = fill
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top : top + h, left : left + w] = image
+    return out
+
+
+def square_images(processor: Any, images: list[np.ndarray]) -> list[np.ndarray]:
+    fill = tuple(int(m * 255) for m in processor.image_processor.image_mean)  # LLaVA's int(x * 255), not round
+    return [pad_to_square(im, fill) for im in images]
+
+
 def _render(processor: Any, chat: list[dict[str, Any]], **kwargs: Any) -> str:
     """LLaVA-1.5's format whatever template the (pretrained) processor ships."""
     return processor.apply_chat_template(chat, chat_template=CHAT_TEMPLATE, tokenize=False, **kwargs)
@@ -203,7 +235,7 @@ class Llava(SequenceFamily):
     @staticmethod
     def _tokens(processor: Any, chat: list[dict[str, Any]], sample: SequenceSample, **kwargs: Any) -> Any:
         text = _render(processor, chat, **kwargs)
-        images = sample.images if "<image>" in text else None  # a prefix before the image turn has none
+        images = square_images(processor, sample.images) if "<image>" in text else None  # none before the image turn
         return processor(text=[text], images=images, return_tensors="pt")
 
     # ---- training -------------------------------------------------------------------------------
@@ -222,7 +254,7 @@ class Llava(SequenceFamily):
             msgs = s.messages[:-1] if s.messages and s.messages[-1]["role"] == "assistant" else s.messages
             chat = to_chat(SequenceSample(messages=msgs, images=s.images))
             texts.append(_render(processor, chat, add_generation_prompt=True))
-            images += s.images
+            images += square_images(processor, s.images)
         enc = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
         out = model.generate(**enc.to(device), max_new_tokens=max_new_tokens, do_sample=False)
         new = out[:, enc["input_ids"].shape[1] :]  # (B, new tokens)

@@ -176,7 +176,7 @@ class Qwen2VL(SequenceFamily):
                 "raise model.max_text_length, or shorten the conversation or the media"
             )
         out = {k: v[0] for k, v in enc.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        out["labels"] = answer_labels(processor.tokenizer, ids, roles)
+        out["labels"] = answer_labels(processor.tokenizer, ids, roles, newline=True)  # as LLaMA-Factory trains
         # (patches, C*temporal_patch*patch*patch) and (media, 3): already flat, the model's own layout
         out.update({k: v for k, v in enc.items() if k.startswith("pixel_values") or k.endswith("grid_thw")})
         return out
@@ -205,15 +205,18 @@ class Qwen2VL(SequenceFamily):
         return processor.batch_decode(new, skip_special_tokens=True)
 
 
-def answer_labels(tokenizer: Any, ids: torch.Tensor, roles: list[str]) -> torch.Tensor:
-    """IGNORE_INDEX but on each assistant answer and its <|im_end|>, located in token space.
+def answer_labels(tokenizer: Any, ids: torch.Tensor, roles: list[str], *, newline: bool) -> torch.Tensor:
+    """IGNORE_INDEX but on each assistant answer and its <|im_end|> (and the newline after it when `newline`).
 
     ChatML gives every message one <|im_start|> ... <|im_end|> pair (special tokens, so they are
     single ids with any tokenizer); the last len(roles) pairs are the messages, earlier ones a
-    default system turn. The answer starts after the `<|im_start|>assistant\\n` header.
+    default system turn. The answer starts after the `<|im_start|>assistant\\n` header. Which tokens
+    the authors train differs: LLaMA-Factory's qwen2_vl template trains `answer<|im_end|>\\n` (its
+    assistant slot is `{{content}}<|im_end|>\\n`), InternVL's preprocess_internvl2_5 masks the `\\n`.
     """
     start_id, end_id = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    nl = tokenizer("\n", add_special_tokens=False)["input_ids"]
     starts = (ids == start_id).nonzero().flatten().tolist()
     ends = (ids == end_id).nonzero().flatten().tolist()
     if len(starts) != len(ends) or len(starts) < len(roles):
@@ -228,7 +231,8 @@ def answer_labels(tokenizer: Any, ids: torch.Tensor, roles: list[str]) -> torch.
             continue
         if ids[s : s + len(header)].tolist() != header:
             raise ValueError("an assistant turn does not start with <|im_start|>assistant\\n: unexpected chat template")
-        labels[s + len(header) : e + 1] = ids[s + len(header) : e + 1]
+        stop = e + 1 + (len(nl) if newline and ids[e + 1 : e + 1 + len(nl)].tolist() == nl else 0)
+        labels[s + len(header) : stop] = ids[s + len(header) : stop]
     return labels
 
 

@@ -97,13 +97,13 @@ FLUX_VAE = Component(AutoencoderKL, dict(_VAE_16, scaling_factor=0.3611, shift_f
 SDXL_VAE = Component(AutoencoderKL, dict(_IMAGE_VAE, latent_channels=4, scaling_factor=0.13025))
 
 
-def _cogvideox_vae(scaling_factor: float) -> Component:
+def _cogvideox_vae(scaling_factor: float, **extra: Any) -> Component:
     # THUDM/CogVideoX-{2b,5b} vae/config.json (same shape, own scaling factor): 215,583,907
     return Component(AutoencoderKLCogVideoX, dict(
         in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 256, 512), layers_per_block=3,
         norm_num_groups=32, temporal_compression_ratio=4, down_block_types=("CogVideoXDownBlock3D",) * 4,
         up_block_types=("CogVideoXUpBlock3D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
-        scaling_factor=scaling_factor))  # fmt: skip
+        scaling_factor=scaling_factor, **extra))  # fmt: skip
 
 
 def _cogvideox(heads: int, layers: int, rotary: bool) -> Component:
@@ -195,8 +195,8 @@ _QWEN2_VISION = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, patch_
                      temporal_patch_size=2, in_channels=3)  # fmt: skip
 
 
-def _qwen2_vl(vocab: int, hidden: int, ffn: int, heads: int, kv: int, tied: bool) -> Component:
-    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=28,
+def _qwen2_vl(vocab: int, hidden: int, ffn: int, heads: int, kv: int, tied: bool, layers: int = 28) -> Component:
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
                 rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})  # fmt: skip
     return Component(Qwen2VLForConditionalGeneration, dict(
@@ -210,6 +210,17 @@ def _whisper(vocab: int, mels: int, width: int, layers: int, heads: int) -> Comp
         decoder_ffn_dim=4 * width, max_source_positions=1500, max_target_positions=448))  # fmt: skip
 
 
+def _llava(hidden: int, ffn: int, layers: int, heads: int) -> Component:
+    # llava-hf/llava-1.5-*-hf config.json: CLIP ViT-L/14-336 (features of the second-to-last layer) + Vicuna
+    return Component(LlavaForConditionalGeneration, dict(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
+                           projection_dim=768),
+        text_config=dict(model_type="llama", vocab_size=32064, hidden_size=hidden, intermediate_size=ffn,
+                         num_hidden_layers=layers, num_attention_heads=heads),
+        image_token_index=32000, vision_feature_layer=-2))  # fmt: skip
+
+
 # Exact counts: the safetensors parameter totals the Hugging Face Hub shows for each released checkpoint
 # (the cards round them: "7B", "2B", "large"); each build here reproduces them to the parameter.
 for _v in (
@@ -219,15 +230,17 @@ for _v in (
     # Qwen/Qwen2-VL-2B-Instruct: Hub "2.21B params" (2,208,985,600), tied embeddings.
     Variant("qwen2_vl", "qwen2-vl-2b", {MODEL: _qwen2_vl(151936, 1536, 8960, 12, 2, tied=True)},
             2_208_985_600, "2B (model name)", "Qwen/Qwen2-VL-2B-Instruct on the HF Hub: 2.21B params"),
+    # Qwen/Qwen2-VL-72B-Instruct config.json (80 layers, 8192 wide, 64 heads, 8 kv heads, 29568 ffn, vocab 152064,
+    # untied); Hub "73.4B params", which the build gives (73,405,560,320); the name says 72B (the language model).
+    Variant("qwen2_vl", "qwen2-vl-72b", {MODEL: _qwen2_vl(152064, 8192, 29568, 64, 8, tied=False, layers=80)},
+            73_405_560_320, "72B (model name)", "Qwen/Qwen2-VL-72B-Instruct on the HF Hub: 73.4B params"),
     # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px + Vicuna-7B + 2-layer MLP projector; Hub "7.06B".
-    Variant("llava", "llava-1.5-7b", {MODEL: Component(LlavaForConditionalGeneration, dict(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
-                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
-                           projection_dim=768),
-        text_config=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
-                         num_hidden_layers=32, num_attention_heads=32),
-        image_token_index=32000, vision_feature_layer=-2))},
+    Variant("llava", "llava-1.5-7b", {MODEL: _llava(4096, 11008, 32, 32)},
         7_063_427_072, "7B (model name)", "llava-hf/llava-1.5-7b-hf on the HF Hub: 7.06B params"),
+    # llava-hf/llava-1.5-13b-hf: the same tower and projector + Vicuna-13B (5120 wide, 40 layers, 40 heads, 13824
+    # ffn); Hub "13.4B params" (rounded; the build gives 13,351,494,656).
+    Variant("llava", "llava-1.5-13b", {MODEL: _llava(5120, 13824, 40, 40)},
+        13_400_000_000, "13B (model name)", "llava-hf/llava-1.5-13b-hf on the HF Hub: 13.4B params"),
     # openai/whisper-large-v3: 128 mel bins, 51866 tokens; Hub "1.54B params" (the paper's large: 1550M).
     Variant("whisper", "whisper-large-v3", {MODEL: _whisper(51866, 128, 1280, 32, 20)},
             1_543_490_560, "1550M (paper, large)", "openai/whisper-large-v3 on the HF Hub: 1.54B params"),
@@ -357,12 +370,56 @@ for _v in (
 ):  # fmt: skip
     register_variant(_v)
 
+# ---- InternVL2, the original remote-code releases (engines/models/internvl_remote.py) -----------------------------
+# InternViT-300M-448px (qkv bias, LayerNorm) or InternViT-6B-448px-V1-5 (its config.json: 3200 wide, 45 layers, 25
+# heads, 12800 ffn, no qkv bias, RMS q/k norm and RMSNorm) + pixel shuffle 0.5 + MLP + the LLM of the InternVL README's
+# model table: internlm2-chat-1_8b, internlm2_5-7b-chat, internlm2-chat-20b, Hermes-2-Theta-Llama-3-70B. InternLM2 is
+# Llama's computation under other names (fused wqkv), so transformers' InternVL class with a Llama text config holds
+# exactly the release's parameters; OriginalLayoutInternVL names them as the release does. Vocabularies: the base LLM's
+# plus the 9 tokens internvl_chat_finetune.py adds (92544 + 9, 128256 + 9). Counts: the model cards' "Model Size"
+# rows (rounded: 2.2B, 8.1B, 25.5B, 76B); OpenGVLab's own InternVLChatModel built on meta from these configs gives
+# 2,205,754,368 / 8,075,365,376 / 25,514,186,112 / 76,262,358,400, equal to these builds
+# (docs/fidelity/ref_vlm_tables.py).
+_VIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                 image_size=448, patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm",
+                 layer_scale_init_value=0.1, use_mean_pooling=True)  # fmt: skip
+_VIT_6B = dict(_VIT_300M, hidden_size=3200, intermediate_size=12800, num_hidden_layers=45, num_attention_heads=25,
+               attention_bias=False, use_qk_norm=True, norm_type="rms_norm")  # fmt: skip
+
+
+def _internvl2(vision: dict[str, Any], vocab: int, hidden: int, ffn: int, layers: int, heads: int) -> Component:
+    from engines.models.internvl_remote import OriginalLayoutInternVL, OriginalLayoutInternVLLlama
+
+    cls = OriginalLayoutInternVLLlama if vocab > 100_000 else OriginalLayoutInternVL  # Llama-3's vocabulary
+    return Component(cls, dict(
+        vision_config=vision, image_seq_length=256, downsample_ratio=0.5, tie_word_embeddings=False,
+        text_config=dict(model_type="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=8,
+                         tie_word_embeddings=False)))  # fmt: skip
+
+
+for _v in (
+    Variant("internvl", "internvl2-2b", {MODEL: _internvl2(_VIT_300M, 92553, 2048, 8192, 24, 16)},
+            2_200_000_000, "2.2B (model card)", "OpenGVLab/InternVL2-2B model card: Model Size 2.2B"),
+    Variant("internvl", "internvl2-8b", {MODEL: _internvl2(_VIT_300M, 92553, 4096, 14336, 32, 32)},
+            8_100_000_000, "8.1B (model card)", "OpenGVLab/InternVL2-8B model card: Model Size 8.1B"),
+    Variant("internvl", "internvl2-26b", {MODEL: _internvl2(_VIT_6B, 92553, 6144, 16384, 48, 48)},
+            25_500_000_000, "26B (model name)",
+            "25.5B: Model Size of InternVL-Chat-V1-5 (same tower + internlm2-chat-20b) in the InternVL2-8B card"),
+    Variant("internvl", "internvl2-76b", {MODEL: _internvl2(_VIT_6B, 128265, 8192, 28672, 80, 64)},
+            76_000_000_000, "76B (model card)", "OpenGVLab/InternVL2-Llama3-76B model card: Model Size 76B"),
+):  # fmt: skip
+    register_variant(_v)
+
 # ---- CogVideoX image-to-video and 1.5 (engines/models/cogvideox_i2v.py, cogvideox15.py) ------------
 # CogVideoX-5B's transformer with what the I2V and 1.5 transformer/config.json files change: 32 input
 # channels (noisy + image latents), 5B-I2V's learned positional table, 1.5's temporal patches of 2
 # without patch bias (RoPE sliced from a 300x300 latent grid) and 1.5 I2V's 512-wide ofs embedding.
 _COGVIDEOX15 = dict(patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300, sample_frames=81)
 _COGVIDEOX_5B_REST = {"text_encoder": T5_XXL, "vae": _cogvideox_vae(0.7)}  # T5-XXL; the 1.5 VAE is 5B's
+# ... with `invert_scale_latents` set (diffusers scripts/convert_cogvideox_to_diffusers.py, version 1.5): the I2V
+# pipeline divides its image latent by the scaling factor instead of multiplying.
+_COGVIDEOX15_REST = {"text_encoder": T5_XXL, "vae": _cogvideox_vae(0.7, invert_scale_latents=True)}
 
 
 def _cogvideox_5b(in_channels: int, **changes: Any) -> Component:
@@ -382,11 +439,11 @@ for _v in (
             "THUDM/CogVideoX-5b-I2V transformer shards (11.25 GB bf16) less the positional table"),
     # THUDM/CogVideoX1.5-5B and CogVideoX1.5-5B-I2V: 4.98 + 4.95 + 1.22 GB = 5.575B elements each (the
     # CogVideoX1.5-5B-SAT card: the VAE is unchanged from CogVideoX-5B).
-    Variant("cogvideox1.5", "cogvideox1.5-5b", {"transformer": _cogvideox_5b(16, **_COGVIDEOX15), **_COGVIDEOX_5B_REST},
+    Variant("cogvideox1.5", "cogvideox1.5-5b", {"transformer": _cogvideox_5b(16, **_COGVIDEOX15), **_COGVIDEOX15_REST},
             5_575_000_000, "5B (model name)",
             "THUDM/CogVideoX1.5-5B transformer shards (11.15 GB bf16)"),
     Variant("cogvideox_i2v", "cogvideox1.5-5b-i2v",
-            {"transformer": _cogvideox_5b(32, ofs_embed_dim=512, **_COGVIDEOX15), **_COGVIDEOX_5B_REST},
+            {"transformer": _cogvideox_5b(32, ofs_embed_dim=512, **_COGVIDEOX15), **_COGVIDEOX15_REST},
             5_575_000_000, "5B (model name)",
             "THUDM/CogVideoX1.5-5B-I2V transformer shards (11.15 GB bf16)"),
 ):  # fmt: skip

@@ -20,7 +20,7 @@ from engines.models.sequence import IGNORE_INDEX, SequenceSample
 from engines.torch_engine.lora import apply_lora, load_adapter, merge, save_adapter
 
 FAM = get_family("internvl")
-CFG = ModelConfig(family="internvl", max_text_length=256)
+CFG = ModelConfig(family="internvl", max_text_length=512)  # the default system turn is ~150 byte tokens
 RNG = np.random.default_rng(0)
 IMAGE_CHAT = SequenceSample(
     messages=[
@@ -73,7 +73,9 @@ def test_labels_cover_exactly_the_answers_of_an_image_chat(processor, image_toke
     assert enc["pixel_values"].shape == (1, 3, 56, 56)
     assert (enc["input_ids"] == image_token_id).sum() == 4  # (56/14)^2 patches, pixel-shuffled 0.5
     text = processor.tokenizer.decode(enc["input_ids"])
-    assert text.startswith("<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 4 + "</img>\nWhat is")  # no system turn
+    # preprocess_internvl2_5's default system turn, then the image block (test_vlm_reference_encodings.py)
+    assert text.startswith("<|im_start|>system\n你是书生·万象")
+    assert "<|im_end|>\n<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 4 + "</img>\nWhat is" in text
 
     wide = SequenceSample(messages=IMAGE_CHAT.messages, images=[RNG.integers(0, 256, (40, 130, 3), dtype=np.uint8)])
     enc = FAM.encode_sample(processor, wide, CFG.max_text_length)
@@ -132,8 +134,9 @@ def test_export_reloads_identically_and_responds(processor, tmp_path: Path) -> N
     FAM.save_pretrained(tmp_path, CFG, model)
     loaded_cfg = ModelConfig(family="internvl", transformer=ComponentConfig(pretrained=str(tmp_path)))
     reloaded = FAM.load_model(loaded_cfg).eval()
-    batch = FAM.collate([FAM.encode_sample(FAM.load_processor(loaded_cfg), s, 256) for s in (IMAGE_CHAT, VIDEO_CHAT)])
-    ours = FAM.collate([FAM.encode_sample(processor, s, 256) for s in (IMAGE_CHAT, VIDEO_CHAT)])
+    reproc = FAM.load_processor(loaded_cfg)
+    batch = FAM.collate([FAM.encode_sample(reproc, s, CFG.max_text_length) for s in (IMAGE_CHAT, VIDEO_CHAT)])
+    ours = FAM.collate([FAM.encode_sample(processor, s, CFG.max_text_length) for s in (IMAGE_CHAT, VIDEO_CHAT)])
     assert all(torch.equal(batch[k], ours[k]) for k in ("input_ids", "pixel_values"))
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
@@ -176,7 +179,7 @@ def test_lora_adapts_only_the_language_model_reloads_and_merges(processor, tmp_p
     for n, p in model.named_parameters():
         if "lora_B" in n:  # B starts at zero: give the adapters an effect to check
             torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
-    batch = FAM.collate([FAM.encode_sample(processor, IMAGE_CHAT, 256)])
+    batch = FAM.collate([FAM.encode_sample(processor, IMAGE_CHAT, CFG.max_text_length)])
     batch.pop("labels")
     with torch.no_grad():
         adapted = model(**batch).logits

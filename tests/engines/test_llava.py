@@ -17,7 +17,7 @@ from engines.models.registry import get_family
 from engines.models.sequence import IGNORE_INDEX, SequenceSample
 
 FAM = get_family("llava")
-CFG = ModelConfig(family="llava", max_text_length=256)
+CFG = ModelConfig(family="llava", max_text_length=512)  # vicuna_v1 system prompt: ~150 byte tokens
 RNG = np.random.default_rng(0)
 IMAGE_CHAT = SequenceSample(
     messages=[
@@ -114,8 +114,9 @@ def test_export_reloads_identically_and_responds(processor, tmp_path: Path) -> N
     FAM.save_pretrained(tmp_path, CFG, model)
     loaded_cfg = ModelConfig(family="llava", transformer=ComponentConfig(pretrained=str(tmp_path)))
     reloaded = FAM.load_model(loaded_cfg).eval()
-    batch = FAM.collate([FAM.encode_sample(FAM.load_processor(loaded_cfg), IMAGE_CHAT, 256)])
-    assert torch.equal(batch["input_ids"], FAM.collate([FAM.encode_sample(processor, IMAGE_CHAT, 256)])["input_ids"])
+    batch = FAM.collate([FAM.encode_sample(FAM.load_processor(loaded_cfg), IMAGE_CHAT, CFG.max_text_length)])
+    ours = FAM.collate([FAM.encode_sample(processor, IMAGE_CHAT, CFG.max_text_length)])
+    assert torch.equal(batch["input_ids"], ours["input_ids"])
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
 

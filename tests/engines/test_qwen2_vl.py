@@ -62,7 +62,8 @@ def test_labels_cover_exactly_the_answers_of_an_image_chat(processor) -> None:
     assert enc["labels"].shape == enc["attention_mask"].shape == enc["mm_token_type_ids"].shape == (n,)
     labelled = enc["labels"] != IGNORE_INDEX
     assert torch.equal(enc["labels"][labelled], enc["input_ids"][labelled])
-    assert answer_spans(processor.tokenizer, enc) == ["A red circle.<|im_end|>", "Top left.<|im_end|>"]
+    # LLaMA-Factory's qwen2_vl template trains the newline after <|im_end|> too (test_vlm_reference_encodings.py)
+    assert answer_spans(processor.tokenizer, enc) == ["A red circle.<|im_end|>\n", "Top left.<|im_end|>\n"]
     assert enc["image_grid_thw"].tolist() == [[1, 2, 4]]
     assert enc["pixel_values"].shape == (8, 3 * 2 * 14 * 14)  # t*h*w patches of (C, temporal 2, 14, 14)
     image_tokens = (enc["input_ids"] == FAM.load_model(CFG).config.image_token_id).sum()
@@ -72,7 +73,7 @@ def test_labels_cover_exactly_the_answers_of_an_image_chat(processor) -> None:
 
 def test_video_chat_and_unusable_samples(processor) -> None:
     enc = FAM.encode_sample(processor, VIDEO_CHAT, CFG.max_text_length)
-    assert answer_spans(processor.tokenizer, enc) == ["Yes, to the right.<|im_end|>"]
+    assert answer_spans(processor.tokenizer, enc) == ["Yes, to the right.<|im_end|>\n"]
     assert enc["video_grid_thw"].tolist() == [[2, 2, 2]]
     assert enc["pixel_values_videos"].shape == (8, 1176)
     assert (enc["mm_token_type_ids"] == 2).sum() == 2

@@ -5,8 +5,9 @@ CogVideoX-2b 1,693,783,872 (released weights; the card only says "2B"), CogVideo
 (finetrainers' full-finetune log), SD3 Medium 2,028,328,000 (released weights; card "2B"),
 SD3.5 Large 8.1B (Stability AI announcement), FLUX.1 dev 11,901,408,320 / schnell 11,891,178,560
 (released weights; cards "12B"), SDXL base UNet 2,567,463,684 (released weights; SDXL paper "2.6B"),
-Qwen2-VL 7B 8,291,375,616 / 2B 2,208,985,600, LLaVA-1.5 7B 7,063,427,072, Whisper large-v3
-1,543,490,560 / small 241,734,912 (the Hub's parameter totals of the released checkpoints).
+Qwen2-VL 7B 8,291,375,616 / 2B 2,208,985,600 / 72B 73,405,560,320, LLaVA-1.5 7B 7,063,427,072 / 13B 13.4B,
+Whisper large-v3 1,543,490,560 / small 241,734,912 (the Hub's parameter totals of the released checkpoints),
+InternVL2 2B / 8B / 26B / Llama3-76B 2.2B / 8.1B / 25.5B / 76B (the model cards' rounded "Model Size").
 """
 
 import pytest
@@ -20,7 +21,9 @@ REAL = [(f, n) for f in known_families() for n in known_variants(f) if n != TINY
 
 def test_every_family_has_tiny_and_the_required_variants() -> None:
     assert {n for _, n in REAL} >= {"cogvideox-2b", "cogvideox-5b", "sd3-medium", "flux.1-dev", "sdxl-base-1.0",
-                                    "qwen2-vl-7b", "llava-1.5-7b", "whisper-large-v3"}  # fmt: skip
+                                    "qwen2-vl-7b", "llava-1.5-7b", "whisper-large-v3", "qwen2-vl-72b",
+                                    "internvl2-2b", "internvl2-8b", "internvl2-26b", "internvl2-76b",
+                                    "llava-1.5-13b"}  # fmt: skip
     assert all(known_variants(f)[0] == TINY for f in known_families())
 
 
