@@ -2,24 +2,31 @@
 
 - `opensora`: STDiT-XL/2 on per-frame SD-VAE latents (stabilityai/sd-vae-ft-ema, diffusers' AutoencoderKL, scaling
   0.18215, read from its config by prep), T5-v1.1-XXL states of 120 tokens, the IDDPM hybrid loss with a learned
-  variance. 10% of training captions are replaced by the model's null caption (`class_dropout_prob=0.1`), which is
-  also the unconditional branch of guidance, as in their sampler.
+  variance (uniform integer timesteps). 10% of training captions are replaced by the model's null caption
+  (`class_dropout_prob=0.1`), which is also the unconditional branch of guidance, as in their sampler; guidance
+  mixes only the first 3 of the 4 eps channels, as their `forward_with_cfg` does (a PixArt leftover the released
+  samples were made with). Their sampler: 100 respaced IDDPM steps, cfg 7.0 (configs/opensora/inference).
 - `opensora1.2`: STDiT3-XL/2 on OpenSora's own VAE (a per-frame SDXL VAE then a 4x temporal VAE, per-channel
-  latent shift/scale), T5 states of 300 tokens, rectified flow with their resolution- and length-dependent timestep
-  shift. DSP (`train.parallel.cp_mode: dsp`) or Ulysses/ring split a sample across ranks.
+  latent shift/scale), T5 states of 300 tokens, rectified flow on the first half of the denoiser's 8 output channels
+  with logit-normal timesteps and their resolution- and length-dependent shift, fps 24 for clips and 120 for
+  single-frame samples (their IMG_FPS). Their sampler: 30 Euler steps, cfg 7.0 (configs/opensora-v1-2/inference).
+  DSP (`train.parallel.cp_mode: dsp`) or Ulysses/ring split a sample across ranks.
 
 Released weights: `model.transformer: {preset: STDiT-XL/2, pretrained: OpenSora-v1-HQ-16x512x512.pth}` or
 `{preset: STDiT3-XL/2, pretrained: <hpcai-tech/OpenSora-STDiT-v3 folder>}`; `model.vae: {preset: opensora-vae-v1.2,
 pretrained: <hpcai-tech/OpenSora-VAE-v1.2 folder>}`; the SD VAE loads as a diffusers folder
 (`{pretrained: stabilityai/sd-vae-ft-ema}`).
 
-Not reproduced: OpenSora 1.2's training-time frame masks (image/video-continuation conditioning, `mask_ratios`) and
-its per-clip fps input (the model sees 24 fps, their sampling default); the v1.2 VAE's spatial posterior is cached
-at its mean (their trainer samples it at every step) so a re-run of prep caches the same latents.
+Not reproduced (docs/fidelity/opensora.md lists each with its reason): OpenSora 1.2's training-time frame masks
+(image/video-continuation conditioning, `mask_ratios`), its frozen caption projection (`freeze_y_embedder`), the
+per-clip fps of videos (24 is used, their sampling default), the "aesthetic score: 6.5." their sampler appends to
+prompts; the v1.2 VAE's spatial posterior is cached at its mean (their trainer samples it at every step) so a
+re-run of prep caches the same latents.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,6 +49,17 @@ TINY_SD_VAE = dict(SD_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1
 _STDIT_KEYS = "attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj"
 
 
+IMG_FPS, VIDEO_FPS = 120.0, 24.0  # v1.2.0 opensora/datasets/datasets.py IMG_FPS; configs/opensora-v1-2 fps = 24
+
+
+def shift_frames(latent_frames: int) -> int:
+    """The frame count OpenSora 1.2's `timestep_transform` uses: `num_frames // 17 * 5` pixel frames, 1 for an
+    image. Their VAE makes 5 latent frames per 17 and at most 4 of any remainder, so that is latent // 5 * 5. Below
+    17 frames (1-4 latent) theirs gives 0, a zero shift that sends every timestep to 0 (no bucket of theirs has such
+    clips): we use the latent count there instead."""
+    return latent_frames // 5 * 5 or latent_frames
+
+
 def _identity(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(state_dict)
 
@@ -54,6 +72,7 @@ class OpenSora(VideoDiTFamily):
     key_maps = {STDiT: stdit.from_published, AutoencoderKL: _identity}
     objective = IDDPM()
     caption_dropout = 0.1
+    guidance_channels = 3  # v1.0.0 opensora/schedulers/iddpm/__init__.py forward_with_cfg: model_out[:, :3]
     lora_targets = (*_STDIT_KEYS, "attn_temp.qkv", "attn_temp.proj")
 
     def tiny_overrides(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> dict[str, Any]:
@@ -80,7 +99,7 @@ class OpenSora12(VideoDiTFamily):
     transformer_specs = {name: (STDiT3, kwargs) for name, kwargs in stdit3.PRESETS.items()}
     vae_specs = {name: (OpenSoraVAE, kwargs) for name, kwargs in opensora_vae.PRESETS.items()}
     key_maps = {STDiT3: stdit3.from_published, OpenSoraVAE: opensora_vae.from_published}
-    objective = RectifiedFlow()
+    objective = RectifiedFlow(shift_frames=shift_frames)
     resolution_shift = True
     caption_dropout = 0.1
     lora_targets = _STDIT_KEYS
@@ -103,6 +122,22 @@ class OpenSora12(VideoDiTFamily):
 
     def latent_frames(self, vae: nn.Module | None, num_frames: int) -> int:
         return vae.latent_frames(num_frames)
+
+    def predictor(
+        self,
+        transformer: nn.Module,
+        text: torch.Tensor,
+        mask: torch.Tensor | None,
+        condition: torch.Tensor | None = None,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The denoiser with the fps the authors feed: IMG_FPS (120) for a single frame, else the video rate (24)."""
+
+        def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            fps = IMG_FPS if x_t.shape[2] == 1 else VIDEO_FPS
+            return transformer(x_t, timestep=t.float(), encoder_hidden_states=text.to(x_t.dtype),
+                               encoder_attention_mask=mask, fps=fps)  # fmt: skip
+
+        return predict
 
     def vae_encode(self, vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return vae.encode(x, sample_spatial=False)

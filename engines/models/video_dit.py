@@ -21,6 +21,7 @@ by 2 log|scale|), so a sample drawn from the cache is exactly the normalised sam
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +85,16 @@ def export_class(comp: ComponentConfig, classes: list[type]) -> type | None:
     return next((c for c in classes if c.__name__ == name), None)
 
 
+def folder_config(comp: ComponentConfig, cls: type) -> dict[str, Any]:
+    """The values of the folder's config.json that `cls` takes as arguments ({} without one)."""
+    assert comp.pretrained is not None
+    path = Path(comp.pretrained) / (comp.subfolder or "") / "config.json"
+    if not path.is_file():
+        return {}
+    accepted = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in json.loads(path.read_text()).items() if k in accepted and k != "self"}
+
+
 def build_component(
     cfg: ModelConfig,
     what: str,
@@ -91,12 +102,17 @@ def build_component(
     key_maps: dict[type, FromPublished],
     seed_offset: int,
     overrides: dict[str, Any] | None = None,
+    published: bool = False,
 ) -> nn.Module:
     """A component from `model.<what>`: our export, or the named variant (random init, then the authors' weights,
-    renamed by its class's entry in `key_maps`, when `pretrained` points at their release)."""
+    renamed by its class's entry in `key_maps`, when `pretrained` points at their release). `published`: a named
+    variant's folder is always read as the authors' release, whose config.json may name our class (same class
+    names) while its weights keep their names; the config values the class takes override the variant's."""
     comp: ComponentConfig = getattr(cfg, what)
     classes = list(dict.fromkeys(cls for cls, _ in specs.values()))
-    if comp.pretrained and (cls := export_class(comp, classes)):
+    if published and comp.pretrained and comp.preset in specs:
+        overrides = {**folder_config(comp, specs[comp.preset][0]), **(overrides or {})}
+    elif comp.pretrained and (cls := export_class(comp, classes)):
         return from_pretrained(cls, comp, what)
     if comp.preset not in specs:
         raise ValueError(
@@ -140,6 +156,8 @@ class VideoDiTFamily(ModelFamily):
     #: fraction of captions replaced by the model's null caption in training (OpenSora's class_dropout_prob);
     #: only for denoisers that carry one (`y_embedder.y_embedding`)
     caption_dropout: float = 0.0
+    #: latent channels classifier-free guidance mixes (None: all); OpenSora 1.0's sampler mixes only the first 3
+    guidance_channels: int | None = None
 
     def frame_count_error(self, num_frames: int) -> str | None:
         t = self.temporal_compression
@@ -182,7 +200,7 @@ class VideoDiTFamily(ModelFamily):
     # ---- the denoiser ------------------------------------------------------------------------------
     def tiny_overrides(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> dict[str, Any]:
         """The tiny preset sized to the cache (published variants keep their own channels)."""
-        out = latent_channels * self.objective.out_channel_factor
+        out = latent_channels * self.load_scheduler(cfg).out_channel_factor
         return {"in_channels": latent_channels, "out_channels": out, "caption_channels": text_embed_dim}
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
@@ -210,6 +228,11 @@ class VideoDiTFamily(ModelFamily):
             )
 
     def load_scheduler(self, cfg: ModelConfig) -> Objective:
+        """The objective `cfg`'s variant trains with (a family whose variants differ picks per variant)."""
+        return self.objective
+
+    def sampling_objective(self, pipe: VideoDiTPipeline) -> Objective:
+        """The objective whose sampler runs an export (its own scheduler config comes with the pipeline)."""
         return self.objective
 
     @staticmethod
@@ -268,8 +291,9 @@ class VideoDiTFamily(ModelFamily):
     def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
         tokenizer, encoder = self.load_text_encoder(cfg)
         tokenizer.model_max_length = cfg.max_text_length  # generate pads prompts to what training saw
+        scheduler = self.load_scheduler(cfg).inference_scheduler()
         pipe = VideoDiTPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=self.load_vae(cfg),
-                                transformer=transformer, scheduler=self.objective.inference_scheduler())  # fmt: skip
+                                transformer=transformer, scheduler=scheduler)  # fmt: skip
         pipe.save_pretrained(out_dir, safe_serialization=True)
         return out_dir
 
@@ -325,7 +349,7 @@ class VideoDiTFamily(ModelFamily):
                 condition = self.condition_for(pipe, images[i], num_frames, height, width)
                 noise = torch.randn((1, channels, *latent), generator=gen).to(device)
                 predict = self.guided(model, cond, uncond, guidance_scale, condition)
-                z = self.objective.sample(predict, pipe.scheduler, noise, steps, gen, shape)
+                z = self.sampling_objective(pipe).sample(predict, pipe.scheduler, noise, steps, gen, shape)
                 video = self.decode(vae, z, num_frames)  # (1, 3, T, H, W)
             video = ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round()
             out.append(video.to(torch.uint8).cpu().numpy()[:num_frames])  # (T, H, W, 3)
@@ -349,7 +373,7 @@ class VideoDiTFamily(ModelFamily):
 
         def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             pc, pu = both(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
-            c = x_t.shape[1]
+            c = self.guidance_channels or x_t.shape[1]
             return torch.cat([pu[:, :c] + scale * (pc[:, :c] - pu[:, :c]), pc[:, c:]], dim=1)
 
         return predict

@@ -74,7 +74,7 @@ def _inputs(frames: int = FRAMES, hw: int = HW) -> dict:
 
 def _step(model: torch.nn.Module, inputs: dict, mesh=None) -> tuple[torch.Tensor, dict, dict]:
     """Forward + MSE backward (+ the trainer's CP gradient sum); output, grads by name, collective counts."""
-    target = torch.randn(2, 4, FRAMES, HW, HW, generator=torch.Generator().manual_seed(2))
+    target = torch.randn(2, 8, FRAMES, HW, HW, generator=torch.Generator().manual_seed(2))  # pred_sigma: 2 x 4 ch
     with _Collectives() as fwd:
         out = model(**inputs)
     with _Collectives() as bwd:

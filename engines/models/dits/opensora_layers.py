@@ -18,13 +18,19 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
-# Ulysses/ring CP for STDiT and STDiT3 (both time-major (B, T, S, C) tokens): split each frame's S tokens after the
-# patch embedding, with the (1, S, C) position table, and gather them back after the final layer.
-STDIT_CP_PLAN = {
-    "x_embedder": {0: ContextParallelInput(split_dim=2, expected_dims=4, split_output=True)},  # (B, T, S, C)
-    "pos_embed": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},  # (1, S, C)
-    "final_layer": ContextParallelOutput(gather_dim=2, expected_dims=4),  # (B, T, S/N, P) -> (B, T, S, P)
-}
+
+def stdit_cp_plan(pos_module: str) -> dict:
+    """Ulysses/ring CP for STDiT and STDiT3 (both time-major (B, T, S, C) tokens): split each frame's S tokens after
+    the patch embedding, with the (1, S, C) position table made by the module named `pos_module` (STDiT's released
+    file holds a buffer named `pos_embed`, so its table module has another name), and gather after the final layer."""
+    return {
+        "x_embedder": {0: ContextParallelInput(split_dim=2, expected_dims=4, split_output=True)},  # (B, T, S, C)
+        pos_module: {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},  # (1, S, C)
+        "final_layer": ContextParallelOutput(gather_dim=2, expected_dims=4),  # (B, T, S/N, P) -> (B, T, S, P)
+    }
+
+
+STDIT_CP_PLAN = stdit_cp_plan("pos_embed")
 
 
 def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -50,7 +56,12 @@ class SinCosPosEmbed2D(nn.Module):
             raise ValueError(f"2D sin-cos embedding needs hidden_size % 4 == 0, got {dim}")
         self.dim = dim
 
-    def forward(self, h: int, w: int, scale: float, base_size: int | None, device: torch.device) -> torch.Tensor:
+    def forward(self, h: int, w: int, scale: float, base_size: int | None, device: torch.device,
+                table: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """`table` (1, h*w, dim), when given, is returned as is: STDiT's released fixed table of its training size
+        (so a CP plan splits whichever table the model uses)."""
+        if table is not None:
+            return table
         pos_h = torch.arange(h, device=device, dtype=torch.float32) / scale
         pos_w = torch.arange(w, device=device, dtype=torch.float32) / scale
         if base_size is not None:
@@ -266,11 +277,12 @@ class T2IFinalLayer(nn.Module):
                 t0: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         b = x.shape[0]
         shift, scale = (self.scale_shift_table[None] + t[:, None]).reshape(b, 2, 1, 1, -1).unbind(1)  # (B,1,1,D)
-        h = self.norm_final(x)  # (B, T, S, D)
-        out = t2i_modulate(h, shift, scale)
+        out = t2i_modulate(self.norm_final(x), shift, scale)  # (B, T, S, D)
         if x_mask is not None:
+            # the authors' v1.2.0 T2IFinalLayer normalises the already t-modulated tokens again for the t=0 frames
+            # (x is reassigned before its x_zero line); the released STDiT3 was trained so, hence kept
             shift0, scale0 = (self.scale_shift_table[None] + t0[:, None]).reshape(b, 2, 1, 1, -1).unbind(1)
-            out = frame_select(x_mask, out, t2i_modulate(h, shift0, scale0), x.shape[1])
+            out = frame_select(x_mask, out, t2i_modulate(self.norm_final(out), shift0, scale0), x.shape[1])
         return self.linear(out)  # (B, T, S, p*C_out)
 
 

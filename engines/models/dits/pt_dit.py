@@ -3,10 +3,11 @@ Proxy-Tokenized Diffusion Transformer for Text-to-Any-Task", ICLR 2025, arXiv 24
 
 Where the facts come from. github.com/360CVGroup/Qihoo-T2X holds only a README, which points to the released code in
 Ascend/MindSpeed-MM: `mindspeed_mm/models/predictor/dits/pt_dit_diffusers.py` (class `PTDiTDiffuser`, block
-`ProxyTokensTransformerBlock`) and `examples/qihoo_t2x/inference_model_image.json` (the released T2I config; the
-example folder was removed from MindSpeed-MM master later, read at commit 37ccda36). Every layer below follows that
-file; where the paper says otherwise (its v1 abstract: one *randomly sampled* token per window) the released code
-wins (v2 abstract and code: the window *average*).
+`ProxyTokensTransformerBlock`) and `examples/qihoo_t2x/inference_model_image.json` (the released T2I config), read
+at tag v2.0.0 (the first release shipping it; unchanged in substance since commit 2e7ccce6 that added it; the example
+folder was removed from master later). Every layer below follows that file, and a seeded tiny forward matches theirs
+(docs/fidelity/ref_ptdit.py, tests/engines/dits/test_pt_dit_reference.py); where the paper says otherwise (its v1
+abstract: one *randomly sampled* token per window) the released code wins (v2 abstract and code: the window *average*).
 
 Latent tokens (B, T, h, w, C) after the patch embedding are grouped into spatio-temporal windows of
 `compress_ratios` (t, h, w) tokens; our token stream is (B, P, N, C), P windows in (t, h, w) order, N tokens per
@@ -28,18 +29,20 @@ unused PixArt learned-sigma leftover), T5 captions (EasyAnimateV2's T5 text_enco
 OpenSoraPlan 1.2 CausalVAE (4 ch, 4x8x8), rectified flow ("rflow": target x0 - noise, logit-normal t, timesteps in
 [0, 1000)), fixed 3D sin-cos positions (temporal 1/4 of the channels, spatial 3/4).
 
-Deviation, on purpose: the authors broadcast the block modulation with `repeat(window_number)`, which pairs window
+Deviations, on purpose: the authors broadcast the block modulation with `repeat(window_number)`, which pairs window
 rows with the wrong sample when a batch mixes timesteps; we modulate per sample (identical when all timesteps of the
-batch are equal, as in their sampler).
+batch are equal, as in their sampler). Their shift-window mask is cached for the first input size and reused for
+every later size; we build it per input.
 
 Published layout: the Hugging Face repo qihoo360/Qihoo-T2X holds the `PTDiTDiffuser` state dict as a `.pt` (bare or
 under "model"/"state_dict", which `checkpoint.read_state_dict` unnests). Our module and parameter names are the
 authors' exactly (`pos_embed.proj`, `adaln_single.*`, `caption_projection.linear_1/2`, `transformer_blocks.i.
 {proxy_attn1,pvisual_attn2,attn1,attn2,attn3}.to_{q,k,v,out.0}`, `ff.net.0.proj`, `ff.net.2`, `linear_1_visual`,
-`linear_2`, `scale_shift_table`, `proxy_scale_shift_table`, top `scale_shift_table`, `proj_out`), so the mapping is
-the identity, except that their patch embedding keeps the fixed sin-cos table of the training size as a buffer
-`pos_embed.pos_embed`, which `from_published` drops (we compute the table per input size). The released file itself
-could not be opened here (model hubs unreachable); the key names come from the module tree in their source.
+`linear_2`, `scale_shift_table`, `proxy_scale_shift_table`, top `scale_shift_table`, `proj_out`, and the persistent
+buffer `pos_embed.pos_embed` (1, frame, (sample_size/patch)^2, D): the sin-cos table of the training size, used for
+inputs of exactly that size, computed for others, as theirs), so both mappings are the identity. The released file
+could not be opened here (model hubs unreachable): tests/facts/qihoo_t2x_ptdit_1.1b.json is their module's state
+dict built on meta; their loader is `strict=False`, so a file saved without the buffer would show it as missing.
 
 Context parallelism (`_cp_plan`, Ulysses or ring): the plan splits the visual tokens by whole windows (dim 1 of
 (B, P, N, C)) at the patch embedding and the position table, and gathers `proj_out`'s output. Each attention then:
@@ -66,8 +69,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
 from torch import nn
 
-from engines.models.dits.opensora_layers import sincos_1d
-
 PRESETS: dict[str, dict] = {
     "tiny": dict(
         num_attention_heads=2,
@@ -77,7 +78,7 @@ PRESETS: dict[str, dict] = {
         compress_ratios=(1, 4, 4),
         proxy_compress_ratios=(1, 2, 2),
     ),  # fmt: skip
-    # examples/qihoo_t2x/inference_model_image.json (MindSpeed-MM 37ccda36): the released Qihoo-T2I checkpoint
+    # examples/qihoo_t2x/inference_model_image.json (MindSpeed-MM v2.0.0): the released Qihoo-T2I checkpoint
     "Qihoo-T2I-1.1B": dict(
         num_attention_heads=16,
         attention_head_dim=72,
@@ -86,19 +87,20 @@ PRESETS: dict[str, dict] = {
         compress_ratios=(1, 8, 8),
         proxy_compress_ratios=(1, 8, 8),
         sample_size=32,
+        frame=1,
     ),  # fmt: skip
 }
 # MindSpeed-MM README model table: "Qihoo-T2X | 1.1B" linking huggingface.co/qihoo360/Qihoo-T2X. The exact count is
-# that of PTDiTDiffuser's parameters for the released config (the file itself was not reachable to count).
+# that of the authors' PTDiTDiffuser for the released config, built on meta (docs/fidelity/ref_ptdit.py prints it);
+# the file itself was not reachable to count.
 PUBLISHED: dict[str, tuple[int, str]] = {
     "Qihoo-T2I-1.1B": (1_131_629_216, "MindSpeed-MM README (Qihoo-T2X, 1.1B, hf qihoo360/Qihoo-T2X); exact count of "
                        "PTDiTDiffuser for examples/qihoo_t2x/inference_model_image.json"),
 }  # fmt: skip
-_FIXED_BUFFERS = ("pos_embed.pos_embed",)
 
 
 def from_published(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state_dict.items() if k not in _FIXED_BUFFERS}
+    return dict(state_dict)
 
 
 def to_published(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -264,12 +266,17 @@ class ProxyTokensTransformerBlock(nn.Module):
 
 # ---- model --------------------------------------------------------------------------------------------------------
 class PatchEmbed(nn.Module):
-    """Per-frame Conv2d patchify (the authors' `pos_embed.proj`), (B, C, T, H, W) -> windows (B, P, N, D)."""
+    """Per-frame Conv2d patchify (the authors' `pos_embed.proj`), (B, C, T, H, W) -> windows (B, P, N, D). Holds the
+    position table of the training size (`frame` x (sample_size / patch)^2 tokens) as the persistent buffer
+    `pos_embed` the authors' checkpoint carries; the model adds it to inputs of exactly that size (as theirs does)."""
 
-    def __init__(self, patch_size: int, in_channels: int, dim: int, cr: tuple[int, int, int]) -> None:
+    def __init__(self, patch_size: int, in_channels: int, dim: int, cr: tuple[int, int, int], frame: int,
+                 sample_size: int, scale: float) -> None:  # fmt: skip
         super().__init__()
         self.cr = cr
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        side = sample_size // patch_size
+        self.register_buffer("pos_embed", sincos_table(dim, frame, side, side, scale)[None])  # (1, T, S, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
@@ -277,25 +284,42 @@ class PatchEmbed(nn.Module):
         return to_windows(x.permute(0, 2, 3, 1).reshape(b, t, *x.shape[2:], -1), self.cr)
 
 
+def _sincos64(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """(M,) -> (M, dim) [sin | cos] in float64, as the authors' numpy table (a float32 one differs by ~1e-6)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, device=pos.device, dtype=torch.float64) / (dim / 2.0))
+    out = pos.double()[:, None] * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=-1)
+
+
+def sincos_table(dim: int, t: int, h: int, w: int, scale: float, device: torch.device | None = None) -> torch.Tensor:
+    """The authors' 3D sin-cos table (T, h*w, D) float32, row-major tokens. Channels: [temporal (D/4) | spatial
+    (3D/4)], spatial = [first half | second half] from their meshgrid over (H, W), i.e. the token at row-major index
+    n = i*W + j gets positions (n % H, n // H) (= (w, h) for square latents); spatial positions / `scale`."""
+    if dim % 16:
+        raise ValueError(f"PT-DiT's 3D sin-cos table needs hidden size % 16 == 0, got {dim}")
+    n = torch.arange(h * w, device=device, dtype=torch.float64)
+    ds = 3 * dim // 8
+    spatial = torch.cat([_sincos64((n % h) / scale, ds), _sincos64(torch.div(n, h, rounding_mode="floor") / scale,
+                                                                   ds)], dim=-1)  # fmt: skip
+    temporal = _sincos64(torch.arange(t, device=device), dim // 4)  # (T, D/4)
+    return torch.cat([temporal[:, None].expand(-1, h * w, -1), spatial[None].expand(t, -1, -1)], dim=-1).float()
+
+
 class WindowPosTable(nn.Module):
-    """The authors' 3D sin-cos table, windowed like the tokens: (1, P, N, D). Channels: [temporal (D/4) | spatial
-    (3D/4)], spatial = [first half | second half] from a meshgrid over (H, W) flattened as the authors do, i.e. the
-    token at row-major index n = i*W + j gets positions (n % H, n // H) (= (w, h) for square latents). Spatial
-    positions are divided by `scale`. No parameters; a module so a CP plan can split its output."""
+    """The position table windowed like the tokens: (1, P, N, D). At the training size the patch embedding's stored
+    table is used, elsewhere it is computed (the authors' rule). No parameters; a module so a CP plan can split its
+    output."""
 
     def __init__(self, dim: int, cr: tuple[int, int, int]) -> None:
         super().__init__()
-        if dim % 16:
-            raise ValueError(f"PT-DiT's 3D sin-cos table needs hidden size % 16 == 0, got {dim}")
         self.dim, self.cr = dim, cr
 
-    def forward(self, t: int, h: int, w: int, scale: float, device: torch.device) -> torch.Tensor:
-        n = torch.arange(h * w, device=device)
-        ds, dt = 3 * self.dim // 4, self.dim // 4
-        spatial = torch.cat([sincos_1d((n % h) / scale, ds // 2), sincos_1d(torch.div(n, h, rounding_mode="floor")
-                                                                               / scale, ds // 2)], dim=-1)  # fmt: skip
-        temporal = sincos_1d(torch.arange(t, device=device), dt)  # (T, D/4)
-        table = torch.cat([temporal[:, None].expand(-1, h * w, -1), spatial[None].expand(t, -1, -1)], dim=-1)
+    def forward(self, t: int, h: int, w: int, scale: float, device: torch.device,
+                stored: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        if stored is not None and stored.shape[1] == t and h == w and h * w == stored.shape[2]:  # square training size
+            table = stored[0].float()
+        else:
+            table = sincos_table(self.dim, t, h, w, scale, device)
         return to_windows(table.reshape(1, t, h, w, self.dim), self.cr)  # (1, P, N, D)
 
 
@@ -315,14 +339,18 @@ class PTDiT(ModelMixin, ConfigMixin):
                  out_channels: int = 8, num_layers: int = 28, patch_size: int = 2, caption_channels: int = 4096,
                  compress_ratios: tuple[int, int, int] = (1, 8, 8),
                  proxy_compress_ratios: tuple[int, int, int] = (1, 8, 8), shift_window: bool = True,
-                 attention_bias: bool = True, norm_eps: float = 1e-6, sample_size: int = 32) -> None:  # fmt: skip
+                 attention_bias: bool = True, norm_eps: float = 1e-6, sample_size: int = 32,
+                 frame: int = 1) -> None:  # fmt: skip
         super().__init__()
         dim = num_attention_heads * attention_head_dim
         cr, pcr = tuple(compress_ratios), tuple(proxy_compress_ratios)
         if any(c % q for c, q in zip(cr[1:], pcr[1:], strict=True)):
             raise ValueError(f"proxy_compress_ratios {pcr} must divide compress_ratios {cr} in h and w")
+        if sample_size == 128:  # their adaln_single then adds resolution/aspect-ratio embedders (PixArt 1024-MS)
+            raise ValueError("PT-DiT with sample_size 128 (size-conditioned adaLN) is not supported")
         self.cr = cr
-        self.pos_embed = PatchEmbed(patch_size, in_channels, dim, cr)
+        interpolation = max(sample_size // 64, 1)  # the authors' interpolation_scale
+        self.pos_embed = PatchEmbed(patch_size, in_channels, dim, cr, frame, sample_size, interpolation)
         self.pos_table = WindowPosTable(dim, cr)
         self.adaln_single = AdaLayerNormSingle(dim, use_additional_conditions=False)
         self.caption_projection = PixArtAlphaTextProjection(in_features=caption_channels, hidden_size=dim)
@@ -354,7 +382,7 @@ class PTDiT(ModelMixin, ConfigMixin):
         grid = (t // ct, h // ch, w // cw)
         x = self.pos_embed(hidden_states)  # (B, P, N, C) (this rank's windows under CP)
         interpolation = max(cfg.sample_size // 64, 1)  # the authors' interpolation_scale
-        x = (x.float() + self.pos_table(t, h, w, interpolation, x.device)).to(x.dtype)
+        x = (x.float() + self.pos_table(t, h, w, interpolation, x.device, self.pos_embed.pos_embed)).to(x.dtype)
         t_mod, t_emb = self.adaln_single(timestep, {"resolution": None, "aspect_ratio": None}, batch_size=b,
                                          hidden_dtype=x.dtype)  # (B, 6C), (B, C)  # fmt: skip
         y = self.caption_projection(encoder_hidden_states)  # (B, L, C)

@@ -3,16 +3,17 @@ temporal attention (both gated by the same adaLN gate), un-normalised cross-atte
 adaLN-modulated MLP; adaLN-single (`t_block`), learned sigma (C_out = 2 C_in), SD-VAE latents (4 ch), patch (1,2,2).
 
 Published layout: a bare `.pth` state dict (OpenSora-v1-16x256x256.pth, OpenSora-v1-HQ-16x512x512.pth) whose keys
-are this module tree's names exactly, plus two fixed sin-cos buffers of the training resolution, `pos_embed`
-(1, S, C) and `pos_embed_temporal` (1, T, C). We compute those tables per input size in forward instead, so
-`from_published` drops the two keys and `to_published` is the identity (the authors' loader is strict=False).
+are this module tree's names exactly, including the two fixed sin-cos buffers of the training size (`input_size`,
+latent T x H x W): `pos_embed` (1, S, C) and `pos_embed_temporal` (1, T, C). We keep them as the authors do and use
+them when the input has the training size; other sizes get the same tables computed for their size (the authors'
+model only runs at its training size). `from_published` / `to_published` are identities.
 
 Block calls (list `blocks`): `block(x, y, t_mod, mask, T=T, S=S, tpe=tpe)`, x (B, T*S, C) in (t, s) order, y
 (B, L, C) the projected caption, t_mod (B, 6C), mask (B, 1, 1, L) bool or None, tpe (1, T, C) for block 0 only
 (the authors add the temporal table inside block 0's temporal branch only).
 
 Context parallelism (`_cp_plan`, split over spatial tokens S; Ulysses, and ring too as spatial attention has no
-mask): `x_embedder` returns (B, T, S, C) and the plan splits it and the `pos_embed` table (1, S, C) along S; the
+mask): `x_embedder` returns (B, T, S, C) and the plan splits it and the `spatial_pos` table (1, S, C) along S; the
 forward then runs the blocks with S = local S, so spatial attention (over S) goes through Ulysses/ring while
 temporal attention (over T, all local) and cross-attention stay local; `final_layer` works on (B, T, S, C) and its
 output is gathered along S. Needs (H/2)*(W/2) % N == 0.
@@ -26,7 +27,6 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from engines.models.dits.opensora_layers import (
-    STDIT_CP_PLAN,
     CaptionEmbedder,
     Mlp,
     MultiHeadCrossAttention,
@@ -36,15 +36,19 @@ from engines.models.dits.opensora_layers import (
     T2IFinalLayer,
     TimestepEmbedder,
     sincos_1d,
+    stdit_cp_plan,
     t2i_modulate,
     unpatchify,
 )
 
 _XL = dict(hidden_size=1152, depth=28, num_attention_heads=16)
 PRESETS: dict[str, dict] = {
-    "tiny": dict(hidden_size=32, depth=2, num_attention_heads=2, caption_channels=16, model_max_length=8),
-    "STDiT-XL/2": dict(_XL, space_scale=0.5),  # configs/opensora/inference/16x256x256.py
-    "STDiT-XL/2-512": dict(_XL, space_scale=1.0),  # configs/opensora/inference/16x512x512.py
+    "tiny": dict(
+        hidden_size=32, depth=2, num_attention_heads=2, caption_channels=16, model_max_length=8, input_size=(2, 8, 8)
+    ),  # fmt: skip
+    # configs/opensora/{train,inference}/16x256x256.py and 16x512x512.py at v1.0.0: 16 frames, SD-VAE latents
+    "STDiT-XL/2": dict(_XL, space_scale=0.5, input_size=(16, 32, 32)),
+    "STDiT-XL/2-512": dict(_XL, space_scale=1.0, input_size=(16, 64, 64)),
 }
 # The README states "724M" (v1.0.0 README.md, "The number of parameters is 724M"), 4.7% below what the authors'
 # module tree holds: STDiT_XL_2 of stdit.py v1.0.0 counts 759,620,768 parameters (PixArt-alpha's 611M + 28 temporal
@@ -54,11 +58,10 @@ PUBLISHED: dict[str, tuple[int, str]] = {
     name: (759_620_768, "parameters of STDiT_XL_2 in opensora/models/stdit/stdit.py v1.0.0 (README v1.0.0 says 724M)")
     for name in ("STDiT-XL/2", "STDiT-XL/2-512")
 }
-_FIXED_BUFFERS = ("pos_embed", "pos_embed_temporal")
 
 
 def from_published(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state_dict.items() if k not in _FIXED_BUFFERS}
+    return dict(state_dict)
 
 
 def to_published(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,17 +101,21 @@ class STDiT(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = False
     _no_split_modules = ["STDiTBlock"]
-    _cp_plan = STDIT_CP_PLAN
+    _cp_plan = stdit_cp_plan("spatial_pos")
 
     @register_to_config
     def __init__(self, in_channels: int = 4, patch_size: tuple[int, int, int] = (1, 2, 2), hidden_size: int = 1152,
                  depth: int = 28, num_attention_heads: int = 16, mlp_ratio: float = 4.0, pred_sigma: bool = True,
                  caption_channels: int = 4096, model_max_length: int = 120, space_scale: float = 1.0,
-                 time_scale: float = 1.0) -> None:  # fmt: skip
+                 time_scale: float = 1.0, input_size: tuple[int, int, int] = (16, 32, 32)) -> None:  # fmt: skip
         super().__init__()
         self.patch_size = tuple(patch_size)
         self.out_channels = in_channels * 2 if pred_sigma else in_channels
-        self.pos_embed = SinCosPosEmbed2D(hidden_size)
+        self.spatial_pos = SinCosPosEmbed2D(hidden_size)
+        self.grid = tuple(n // p for n, p in zip(input_size, self.patch_size, strict=True))  # training (T', h, w)
+        t, h, w = self.grid
+        self.register_buffer("pos_embed", self.spatial_pos(h, w, space_scale, None, None))
+        self.register_buffer("pos_embed_temporal", sincos_1d(torch.arange(t) / time_scale, hidden_size)[None])
         self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -126,10 +133,14 @@ class STDiT(ModelMixin, ConfigMixin):
         size = hidden_states.shape[-3:]
         h, w = (-(-n // p) for n, p in zip(size[1:], self.patch_size[1:], strict=True))
         x = self.x_embedder(hidden_states)  # (B, T', S, C)
-        pos = self.pos_embed(h, w, cfg.space_scale, None, x.device).to(x.dtype)  # (1, S, C)
+        table = self.pos_embed if (h, w) == self.grid[1:] else None  # the stored table at the training size
+        pos = self.spatial_pos(h, w, cfg.space_scale, None, x.device, table).to(x.dtype)  # (1, S, C)
         x = x + pos[:, None]
         b, frames, tokens, c = x.shape  # tokens = S (local S under CP)
-        tpe = sincos_1d(torch.arange(frames, device=x.device) / cfg.time_scale, c)[None].to(x.dtype)  # (1, T', C)
+        if frames == self.grid[0]:
+            tpe = self.pos_embed_temporal.to(x.dtype)
+        else:
+            tpe = sincos_1d(torch.arange(frames, device=x.device) / cfg.time_scale, c)[None].to(x.dtype)  # (1, T', C)
         t = self.t_embedder(timestep)  # (B, C)
         t_mod = self.t_block(t)  # (B, 6C)
         y = self.y_embedder(encoder_hidden_states)  # (B, L, C)

@@ -2,7 +2,10 @@
 alternating `spatial_blocks[i]` and `temporal_blocks[i]` (same block class, attention over S or over T), per-head
 RMSNorm on q/k, RoPE (interleaved, lucidrains' table) in temporal attention, fps added to the timestep embedding,
 spatial sin-cos table scaled to the resolution (sqrt(height*width)/512, stretched to round(sqrt(S))), `x_mask`
-(B, T) frames that get the t=0 modulation (image / video conditioning), pred_sigma False, 4 latent channels.
+(B, T) frames that get the t=0 modulation (image / video conditioning), 4 latent channels in, and 8 out: the
+authors' STDiT3Config keeps PixArt's `pred_sigma=True` (final_layer.linear has 2 x 4 x patch = 32 rows), while their
+rectified flow trains and samples only the first half (`model_output.chunk(2, dim=1)[0]`), so channels 4..7 are an
+untrained leftover every caller ignores.
 
 Published layout: an HF folder (config.json + `model.safetensors`) saved by the authors' `PreTrainedModel`; its keys
 are this module tree's names exactly, `rope.freqs` (head_dim/2,) and `y_embedder.y_embedding` (300, 4096) included
@@ -51,11 +54,12 @@ PRESETS: dict[str, dict] = {
     "STDiT3-XL/2": dict(hidden_size=1152, depth=28, num_attention_heads=16),  # STDiT3_XL_2 in stdit3.py v1.2.0
 }
 # The report and README say "1.1B" (v1.2.0 docs/report_03.md "we train a 1.1B models", README.md model table), 9%
-# below what the authors' STDiT3_XL_2 (stdit3.py v1.2.0) holds: 1,207,625,488 parameters (56 blocks of 21.2M), and
-# model.safetensors is that model's state dict. The count below is that tree's; unverified against the hub file.
+# below what the authors' STDiT3_XL_2 (stdit3.py v1.2.0) holds: 1,207,643,972 parameters (56 blocks of 21.2M; the
+# count includes their rope.freqs, a frozen nn.Parameter of 36, a buffer here), and model.safetensors is that model's
+# state dict (docs/fidelity/ref_opensora_facts.py built it on meta). Unverified against the hub file.
 PUBLISHED: dict[str, tuple[int, str]] = {
     "STDiT3-XL/2": (
-        1_207_625_488,
+        1_207_643_972,
         "parameters of STDiT3_XL_2 in opensora/models/stdit/stdit3.py v1.2.0 (report: 1.1B)",
     ),
 }
@@ -117,7 +121,7 @@ class STDiT3(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, in_channels: int = 4, patch_size: tuple[int, int, int] = (1, 2, 2), hidden_size: int = 1152,
-                 depth: int = 28, num_attention_heads: int = 16, mlp_ratio: float = 4.0, pred_sigma: bool = False,
+                 depth: int = 28, num_attention_heads: int = 16, mlp_ratio: float = 4.0, pred_sigma: bool = True,
                  caption_channels: int = 4096, model_max_length: int = 300, qk_norm: bool = True,
                  input_sq_size: int = 512, vae_downsample: int = 8) -> None:  # fmt: skip
         super().__init__()
@@ -135,6 +139,21 @@ class STDiT3(ModelMixin, ConfigMixin):
         self.temporal_blocks = nn.ModuleList(STDiT3Block(*args, temporal=True) for _ in range(depth))
         patch = self.patch_size[0] * self.patch_size[1] * self.patch_size[2]
         self.final_layer = T2IFinalLayer(hidden_size, patch, self.out_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """The authors' `initialize_weights` (stdit3.py v1.2.0), so a run from scratch starts where theirs does:
+        Xavier-uniform linears with zero bias, the fps MLP's output at zero, and each temporal block's attention,
+        cross-attention and MLP output projections at zero (the temporal path starts as the identity)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.fps_embedder.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.fps_embedder.mlp[2].weight)
+        for block in self.temporal_blocks:
+            for layer in (block.attn.proj, block.cross_attn.proj, block.mlp.fc2):
+                nn.init.zeros_(layer.weight)
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: torch.Tensor | None = None, *, fps: torch.Tensor | float = 24.0,
@@ -146,7 +165,8 @@ class STDiT3(ModelMixin, ConfigMixin):
         Extras: fps (B,) or scalar, the clip's frame rate (the authors feed 120 for images); height / width (B,) or
         scalar, the PIXEL size the pos-embed scale comes from (the authors use sample 0's: we do too), default latent
         size x `vae_downsample`; x_mask (B, T) bool, True = frame is noised (timestep), False = conditioning frame
-        kept clean (modulated as t=0). Returns the velocity (B, 4, T, H, W)."""
+        kept clean (modulated as t=0). Returns (B, 8, T, H, W) with pred_sigma (the released config): the velocity
+        x0 - noise in channels 0..3, an unused half after it; (B, 4, T, H, W) without."""
         cfg = self.config
         b, size = hidden_states.shape[0], hidden_states.shape[-3:]
         h, w = (-(-n // p) for n, p in zip(size[1:], self.patch_size[1:], strict=True))

@@ -15,11 +15,14 @@ that config overrides ours. `normalize_latents` / `denormalize_latents` apply th
 Published layout: the hub `vae/` folder is a diffusers-style folder (config.json + one weights file) or a training
 `.ckpt` with the weights under "ema_state_dict" / "state_dict" (`checkpoint.read_state_dict` unnests those; a
 "state_dict" holding "gen_model" must be passed as that inner dict). Module and parameter names here are the
-authors' (modeling_wfvae.py + modules/*.py), so `from_published` / `to_published` are the identity: e.g.
+authors' (modeling_wfvae.py + modules/*.py at v1.3.1), so `from_published` / `to_published` only touch the Haar
+modules: e.g.
 `encoder.down1.0.weight` (frame-wise Conv2d), `encoder.down2.1.conv1.conv.weight` (CausalConv3d wraps `.conv`),
 `decoder.mid.0.norm1.norm.weight` (LayerNorm wraps `.norm`), plus the fixed Haar filters the authors keep in the
-state dict (`encoder.wavelet_transform_in.h_conv.conv.weight` parameters, `...wavelet_transform_l1.aa` buffers;
-`from_published` fills them in when an EMA checkpoint, which holds trainable parameters only, lacks them).
+state dict under their spelling (`encoder.wavelet_tranform_l2.h_conv.conv.weight` parameters,
+`encoder.wavelet_tranform_l1.aa` buffers; their input/output transforms are built in encode/decode and not saved,
+ours are submodules, so `to_published` drops and `from_published` fills them, as it fills any Haar constant an EMA
+checkpoint, which holds trainable parameters only, lacks).
 
 The building blocks (causal conv, resnet blocks, attention, up/down samplers, Haar transforms) are shared with the
 v1.2 CausalVAE (causalvae.py) and by `vae_training_loss`, the authors' generator objective.
@@ -629,14 +632,22 @@ def _haar_constants() -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v for prefix, mod in parts.items() for k, v in mod.state_dict().items()}
 
 
+# The authors' module (modeling_wfvae.py at v1.3.1) spells its level-1/2 Haar modules `wavelet_tranform_l{1,2}` /
+# `inverse_wavelet_tranform_l{1,2}` and builds the input/output Haar transforms fresh in encode/decode (not in its
+# state dict); ours hold them as `wavelet_transform_in` / `inverse_wavelet_transform_out`.
+_OURS_L, _THEIRS_L = "wavelet_transform_l", "wavelet_tranform_l"
+_NOT_PUBLISHED = ("encoder.wavelet_transform_in.", "decoder.inverse_wavelet_transform_out.")
+
+
 def from_published(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The authors' keys are ours (see the module docstring); a "gen_model" nesting is unwrapped. The authors' EMA
-    (model/ema_model.py) only shadows parameters that require grad, so an "ema_state_dict" lacks the frozen Haar
-    filters and buffers: those constants are filled in when absent."""
+    """The authors' keys -> ours: `wavelet_tranform_l*` renamed (either spelling is accepted), a "gen_model" nesting
+    unwrapped, and the fixed Haar filters filled in where absent (the authors' state dict has no input/output
+    transform, and their EMA (model/ema_model.py) shadows only parameters that require grad)."""
     if "gen_model" in state_dict and isinstance(state_dict["gen_model"], dict):
         state_dict = state_dict["gen_model"]
-    return {**_haar_constants(), **state_dict}
+    return {**_haar_constants(), **{k.replace(_THEIRS_L, _OURS_L): v for k, v in state_dict.items()}}
 
 
 def to_published(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return dict(state_dict)
+    """Ours -> the authors' v1.3.1 state-dict names (no input/output Haar constants)."""
+    return {k.replace(_OURS_L, _THEIRS_L): v for k, v in state_dict.items() if not k.startswith(_NOT_PUBLISHED)}

@@ -92,7 +92,9 @@ def test_micro_batching_semantics() -> None:
     with torch.no_grad():
         whole = model.encode(x, sample_spatial=False)  # (1, 8, 10, 2, 2): two 17-frame chunks
         halves = [model.encode(x[:, :, i : i + 17], sample_spatial=False) for i in (0, 17)]
-        torch.testing.assert_close(whole, torch.cat(halves, 2), rtol=0, atol=1e-6)
+        # the spatial VAE's 4-frame micro-batches straddle the chunk border in `whole` only, and CPU conv kernels
+        # pick their algorithm by batch size: equal up to float32 rounding (1e-6 of the unit-scale moments)
+        torch.testing.assert_close(whole, torch.cat(halves, 2), rtol=0, atol=1e-5)
         # 17 frames are front-padded to 20 inside the chunk; decode cuts those 3 padded frames off again
         z = whole[:, :4, :5]
         tvae = model.temporal_vae

@@ -32,8 +32,10 @@ def _inputs(t: int = 2, hw: int = 16) -> dict:
 
 
 # ---- published layout ---------------------------------------------------------------------------------------------
-# PTDiTDiffuser (MindSpeed-MM pt_dit_diffusers.py) for examples/qihoo_t2x/inference_model_image.json.
+# PTDiTDiffuser (MindSpeed-MM pt_dit_diffusers.py) for examples/qihoo_t2x/inference_model_image.json; the whole table
+# is tests/facts/qihoo_t2x_ptdit_1.1b.json (tests/engines/test_fact_tables.py), these are a readable sample of it.
 PUBLISHED_KEYS = {
+    "pos_embed.pos_embed": (1, 1, 256, 1152),
     "pos_embed.proj.weight": (1152, 4, 2, 2), "adaln_single.emb.timestep_embedder.linear_1.weight": (1152, 256),
     "adaln_single.linear.weight": (6912, 1152), "caption_projection.linear_1.weight": (1152, 4096),
     "caption_projection.linear_2.bias": (1152,), "scale_shift_table": (2, 1152), "proj_out.weight": (32, 1152),
@@ -51,14 +53,14 @@ def test_published_keys_and_count() -> None:
         model = pt_dit.PTDiT(**pt_dit.PRESETS["Qihoo-T2I-1.1B"])
     published = pt_dit.to_published(model.state_dict())
     assert {k: tuple(published[k].shape) for k in PUBLISHED_KEYS} == PUBLISHED_KEYS
-    assert len(published) == 1 + 14 + 28 * 50  # top level + adaln/caption + 50 tensors per block, nothing else
+    assert len(published) == 2 + 14 + 28 * 50  # top level + adaln/caption + 50 tensors per block, nothing else
     count, (want, _) = sum(p.numel() for p in model.parameters()), pt_dit.PUBLISHED["Qihoo-T2I-1.1B"]
     assert abs(count - want) <= 0.01 * want and abs(count - 1.1e9) <= 0.05e9  # README: "1.1B"
 
 
 def test_load_published_layout(tmp_path) -> None:
     src, dst = _tiny(), pt_dit.PTDiT(**pt_dit.PRESETS["tiny"]).eval()
-    published = pt_dit.to_published(src.state_dict()) | {"pos_embed.pos_embed": torch.zeros(1, 256, 32)}
+    published = pt_dit.to_published(src.state_dict())
     path = tmp_path / "qihoo_t2i.pt"
     torch.save({"model": published}, path)  # the authors' loader accepts a bare dict or one under "model"
     assert checkpoint.load_published(dst, path, pt_dit.from_published).clean

@@ -3,6 +3,7 @@ block-call contract (T/S keywords) and Ulysses context parallelism on 2 gloo ran
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -12,7 +13,9 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from engines.models.dits import checkpoint, stdit, stdit3
 from engines.models.dits.opensora_layers import SinCosPosEmbed2D, apply_interleaved_rope
+from engines.models.video_objectives import RectifiedFlow
 from tests.distributed import run_ranks
+from tests.fidelity import FACTS
 
 MODELS = {"stdit": (stdit, stdit.STDiT), "stdit3": (stdit3, stdit3.STDiT3)}
 
@@ -36,37 +39,34 @@ def _inputs(t: int = 2, hw: int = 8) -> dict:
 
 
 # ---- published layouts --------------------------------------------------------------------------------------------
-# From the authors' source (blocks.py / stdit.py v1.0.0, stdit3.py v1.2.0) for the XL/2 configs.
-STDIT_KEYS = {
-    "x_embedder.proj.weight": (1152, 4, 1, 2, 2), "t_embedder.mlp.0.weight": (1152, 256),
-    "t_block.1.weight": (6912, 1152), "y_embedder.y_proj.fc1.weight": (1152, 4096),
-    "y_embedder.y_embedding": (120, 4096), "blocks.0.scale_shift_table": (6, 1152),
-    "blocks.0.attn.qkv.weight": (3456, 1152), "blocks.0.attn.proj.bias": (1152,),
-    "blocks.0.attn_temp.qkv.weight": (3456, 1152), "blocks.0.cross_attn.q_linear.weight": (1152, 1152),
-    "blocks.0.cross_attn.kv_linear.weight": (2304, 1152), "blocks.0.mlp.fc1.weight": (4608, 1152),
-    "blocks.27.mlp.fc2.weight": (1152, 4608), "final_layer.scale_shift_table": (2, 1152),
-    "final_layer.linear.weight": (32, 1152),
-}  # fmt: skip
-STDIT3_KEYS = {
-    "x_embedder.proj.weight": (1152, 4, 1, 2, 2), "fps_embedder.mlp.2.weight": (1152, 1152), "rope.freqs": (36,),
-    "y_embedder.y_embedding": (300, 4096), "spatial_blocks.0.attn.qkv.weight": (3456, 1152),
-    "spatial_blocks.0.attn.q_norm.weight": (72,), "temporal_blocks.0.attn.k_norm.weight": (72,),
-    "temporal_blocks.27.cross_attn.kv_linear.bias": (2304,), "spatial_blocks.0.scale_shift_table": (6, 1152),
-    "final_layer.linear.weight": (16, 1152), "t_block.1.bias": (6912,),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize(("name", "variant", "keys"), [("stdit", "STDiT-XL/2", STDIT_KEYS),
-                                                       ("stdit3", "STDiT3-XL/2", STDIT3_KEYS)])  # fmt: skip
-def test_published_keys_and_counts(name: str, variant: str, keys: dict) -> None:
+# The full key -> shape tables of the released files, written from the authors' modules at v1.0.0 / v1.2.0 by
+# docs/fidelity/ref_opensora_facts.py (tests/facts/); here against the model classes directly, preset by preset.
+@pytest.mark.parametrize(
+    ("name", "variant", "facts"),
+    [("stdit", "STDiT-XL/2", "stdit-xl2-256.json"), ("stdit", "STDiT-XL/2-512", "stdit-xl2-512.json"),
+     ("stdit3", "STDiT3-XL/2", "stdit3-xl2.json")],
+)  # fmt: skip
+def test_published_keys_and_counts(name: str, variant: str, facts: str) -> None:
     mod, cls = MODELS[name]
     with torch.device("meta"):
         model = cls(**mod.PRESETS[variant])
-    published = mod.to_published(model.state_dict())
-    assert {k: tuple(published[k].shape) for k in keys} == keys
-    assert not any(k.startswith("pos_embed") for k in published)  # recomputed, never stored by us
+    published = {k: list(v.shape) for k, v in mod.to_published(model.state_dict()).items()}
+    assert published == json.loads((FACTS / facts).read_text())["keys"]
     count = sum(p.numel() for p in model.parameters())
     assert abs(count - mod.PUBLISHED[variant][0]) <= 0.01 * mod.PUBLISHED[variant][0]
+
+
+def test_stdit3_velocity_is_the_first_half_of_the_released_head() -> None:
+    """The released STDiT3 keeps pred_sigma (8 output channels for 4 latent ones); RF uses channels 0..3."""
+    model = _tiny("stdit3")
+    assert model.config.pred_sigma and model.final_layer.linear.out_features == 2 * 4 * 4
+    with torch.no_grad():
+        out = model(**_inputs())
+    assert out.shape == (2, 8, 2, 8, 8)
+    rf, x0, noise, t = RectifiedFlow(), out[:, :4], torch.zeros_like(out[:, :4]), torch.zeros(2)
+    assert rf.loss_at(lambda x, t: out, x0, noise, t) == 0  # target x0 - noise sits in channels 0..3
+    swapped = torch.cat([out[:, 4:], out[:, :4]], dim=1)
+    assert rf.loss_at(lambda x, t: swapped, x0, noise, t) > 1e-3
 
 
 @pytest.mark.parametrize("name", ["stdit", "stdit3"])
@@ -74,8 +74,8 @@ def test_load_published_layout(name: str, tmp_path) -> None:
     mod, cls = MODELS[name]
     src, dst = _tiny(name), cls(**mod.PRESETS["tiny"]).eval()
     published = mod.to_published(src.state_dict())
-    if name == "stdit":  # the released .pth also holds the training resolution's fixed tables
-        published |= {"pos_embed": torch.zeros(1, 16, 32), "pos_embed_temporal": torch.zeros(1, 2, 32)}
+    if name == "stdit":  # a bare .pth, with the training size's fixed sin-cos tables in it
+        assert published["pos_embed"].shape == (1, 16, 32) and published["pos_embed_temporal"].shape == (1, 2, 32)
         path = tmp_path / "OpenSora-v1-16x256x256.pth"
         torch.save(published, path)
     else:
@@ -133,7 +133,7 @@ def test_caption_mask_hides_padding(name: str) -> None:
     with torch.no_grad():
         a, b = model(**inputs), model(**changed)
         unmasked = model(**dict(changed, encoder_attention_mask=None))
-    assert a.shape == (2, 8 if name == "stdit" else 4, 2, 8, 8)
+    assert a.shape == (2, 8, 2, 8, 8)  # both keep PixArt's learned-sigma head (pred_sigma)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert (unmasked - a)[1].abs().max() > 1e-3
 
