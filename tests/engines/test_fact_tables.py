@@ -46,3 +46,11 @@ def test_tables_name_real_variants() -> None:
         assert table["keys"] and table["source"].strip(), table["file"]
         for family, variant, component in table["used_by"]:
             assert component in get_variant(family, variant).components, (table["file"], family, variant, component)
+
+
+def test_every_released_component_has_a_table() -> None:
+    """A new variant (or a new component of one) lands with the table of its release, or this fails."""
+    covered = {tuple(u) for t in TABLES for u in t["used_by"]}
+    components = {(f, n, c) for f in known_families() for n in known_variants(f) if n != TINY
+                  for c in get_variant(f, n).components}  # fmt: skip
+    assert sorted(components - covered) == []
