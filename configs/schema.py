@@ -49,6 +49,12 @@ class ModelConfig(Section):
     transformer: ComponentConfig = ComponentConfig()
     max_text_length: int = Field(226, ge=1, le=4096, description="text tokens; CogVideoX uses 226")
     seed: int = Field(0, description="seed of random-init presets, so every stage builds the same weights")
+    freeze_vision_tower: bool | None = Field(
+        None,
+        description="vision-language families: keep the vision tower frozen in a full finetune (projector/merger "
+        "and language model train). None = the family authors' default, which is True for qwen2_vl, llava and "
+        "internvl; false trains the tower too. An error for families without a vision tower",
+    )
 
 
 # Open-Sora's resolution names -> pixel area of their 16:9 base size; "<N>px" means N*N.

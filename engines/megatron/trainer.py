@@ -47,7 +47,7 @@ from engines.megatron.training import (
     train_step,
     unwrap,
 )
-from engines.megatron.vlm import MODELS, join_hf_state, split_hf_state
+from engines.megatron.vlm import MODELS, frozen_vision, join_hf_state, split_hf_state
 from engines.models import get_family
 from engines.models.sequence import IGNORE_INDEX
 from engines.torch_engine import checkpoint as ckpt
@@ -107,6 +107,7 @@ def validate(cfg: PipelineConfig) -> None:
             f"{', '.join(bad)}: not available on the megatron engine (data parallel is what tp x pp x cp leave "
             "of the ranks; set train.megatron.distributed_optimizer to shard optimizer state)"
         )
+    get_family(cfg.model.family).frozen_prefixes(cfg.model)  # refuses a freeze the family cannot honour
     layout_of(cfg).check(t.nnodes * t.nproc_per_node, None, num_microbatches(cfg))
 
 
@@ -173,6 +174,7 @@ class Chunks:
         self.tp_rank, self.pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         self.model_class = MODELS[cfg.model.family]
         decoder, vision = split_hf_state(hf.state_dict(), self.model_class.vision_prefixes)
+        frozen = frozen_vision(get_family(cfg.model.family).frozen_prefixes(cfg.model), self.model_class)
         self.stage_ids: list[int] = []
 
         def make(pre: bool, post: bool, vp: int | None) -> torch.nn.Module:
@@ -183,6 +185,9 @@ class Chunks:
             state = {f"language_model.{k}": v for k, v in part.items()}
             if pre:
                 state.update(vision)
+                for name, param in model.named_parameters():  # before megatron's DDP, which skips frozen ones
+                    if name.startswith(frozen):
+                        param.requires_grad_(False)
             missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or any(not k.endswith("_extra_state") for k in missing):
                 raise ValueError(f"converted weights do not fit the megatron model: missing {missing[:5]}, "

@@ -243,6 +243,20 @@ def split_hf_state(
     return decoder, vision
 
 
+def frozen_vision(hf_prefixes: tuple[str, ...], model_class: type[VisionLanguageMegatron]) -> tuple[str, ...]:
+    """The family's frozen vision-tower prefixes (transformers' names) as the chunk names them.
+
+    Every frozen prefix must sit under one of the chunk's vision parts; one that does not (a layout
+    this engine does not know) is refused rather than silently trained."""
+    out = []
+    for prefix in hf_prefixes:
+        hf = next((h for h in model_class.vision_prefixes if prefix.startswith(h)), None)
+        if hf is None:
+            raise ValueError(f"frozen prefix {prefix!r} is not in {model_class.__name__}'s vision parts")
+        out.append(model_class.vision_prefixes[hf] + prefix[len(hf) :])
+    return tuple(out)
+
+
 def join_hf_state(vision: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
     """The way back: chunk names of the vision parts -> HF names."""
     out = {}

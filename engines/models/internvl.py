@@ -205,6 +205,9 @@ class InternVL(SequenceFamily):
     # exclude pattern these suffixes would also adapt the vision tower.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_exclude = r".*vision_tower.*"
+    # The authors' full finetunes: --freeze_backbone True (InternViT), --freeze_mlp False, --freeze_llm False.
+    # Native layout, then the original remote-code one (vision_model / mlp1 / language_model).
+    vision_tower = ("model.vision_tower.", "vision_model.")
     # tiles concatenate (the model scatters their features onto <IMG_CONTEXT> ids in row-major order);
     # original checkpoints also take image_flags, 1 per tile and 0 for a text-only sample's blank one
     concat_keys = ("pixel_values", "image_flags")

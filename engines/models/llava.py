@@ -169,6 +169,8 @@ class Llava(SequenceFamily):
     # pattern these suffixes would also adapt the vision tower.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     lora_exclude = r".*vision_tower.*"
+    # LLaVA-1.5's finetune stage: CLIP frozen, mm_projector and the LLM trained.
+    vision_tower = ("model.vision_tower.",)
 
     def load_model(self, cfg: ModelConfig) -> nn.Module:
         if cfg.transformer.pretrained:

@@ -125,6 +125,9 @@ class Qwen2VL(SequenceFamily):
     media = ("image", "video")
     # The language model's attention; the vision tower names its own qkv/proj, so it stays frozen.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # Frozen in full finetunes, the patch merger (the projector, inside `visual`) trained: QwenLM's
+    # qwen-vl-finetune recipe (tune_mm_vision False, tune_mm_mlp True, tune_mm_llm True).
+    vision_tower = ("model.visual.patch_embed.", "model.visual.blocks.")
     # transformers 5 wants mm_token_type_ids beside media; patches and (t, h, w) grids concatenate.
     pad_values = {**SequenceFamily.pad_values, "mm_token_type_ids": 0}
     concat_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")

@@ -37,6 +37,9 @@ class ModelFamily(ABC):
     lora_exclude: str | None = None
     #: what a generation is conditioned on besides text: None, or "image" (image-to-video)
     conditioning: str | None = None
+    #: parameter-name prefixes of the vision tower (projector excluded), frozen in a full finetune unless
+    #: `model.freeze_vision_tower: false`; empty for families without one
+    vision_tower: tuple[str, ...] = ()
 
     @abstractmethod
     def frame_count_error(self, num_frames: int) -> str | None:
@@ -99,6 +102,36 @@ class ModelFamily(ABC):
         from engines.torch_engine.data import collate
 
         return collate(items)
+
+    def frozen_prefixes(self, cfg: ModelConfig) -> tuple[str, ...]:
+        """Parameter-name prefixes a full finetune leaves frozen (see `vision_tower`).
+
+        Cheap and model-free, so the launchers call it before any process starts: asking a family
+        without a vision tower to freeze (or train) one is a config mistake, refused here."""
+        if not self.vision_tower:
+            if cfg.freeze_vision_tower is not None:
+                raise ValueError(
+                    f"model.freeze_vision_tower applies to vision-language families; {self.name!r} has no vision "
+                    "tower: remove the key"
+                )
+            return ()
+        return self.vision_tower if cfg.freeze_vision_tower is not False else ()
+
+    def set_trainable(self, model: nn.Module, cfg: ModelConfig) -> nn.Module:
+        """Freeze `frozen_prefixes` on the model the engine trains (before LoRA and sharding, on the real
+        and the meta-device copy alike). A prefix matching nothing means the layout is not the one the
+        family knows, which would silently train the tower: refused."""
+        prefixes = self.frozen_prefixes(cfg)
+        if not prefixes:
+            return model
+        frozen = 0
+        for name, param in model.named_parameters():
+            if name.startswith(prefixes):
+                param.requires_grad_(False)
+                frozen += 1
+        if not frozen:
+            raise ValueError(f"no parameter of {type(model).__name__} is under the vision tower {prefixes}")
+        return model
 
     def parallel_plans(self, model: nn.Module) -> dict[str, bool]:
         """Which of the engine's registered plans cover this family's trained model: tensor parallel

@@ -99,6 +99,8 @@ class Whisper(SequenceFamily):
     kind = "speech"
     media = ("audio",)
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")  # encoder, decoder and cross attention
+    # No `vision_tower`: a full finetune trains encoder and decoder alike, as HF's Whisper fine-tuning
+    # recipe does (model.freeze_vision_tower is refused for this family).
 
     # ---- loading -------------------------------------------------------------------------------
     def load_model(self, cfg: ModelConfig) -> nn.Module:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from configs import PipelineConfig, save_config
+from engines.models import get_family
 from engines.torch_engine.parallel_dims import ParallelDims
 from engines.torch_engine.trainer import TrainResult, train
 from engines.torchrun import in_distributed_job, run_torchrun
@@ -31,6 +32,7 @@ def validate_layout(cfg: PipelineConfig) -> ParallelDims:
             "train.lora with train.parallel.tp > 1 is not supported: the TP plans shard the very projections "
             "LoRA wraps; shard a LoRA run with FSDP (parallel.dp_shard) instead"
         )
+    get_family(cfg.model.family).frozen_prefixes(cfg.model)  # refuses a freeze the family cannot honour
     return ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, t.nnodes * t.nproc_per_node)
 
 

@@ -64,6 +64,8 @@ def build_model(family: ModelFamily, cfg: PipelineConfig, model_args: dict[str, 
     if t.compile:
         compile_cache(t.compile_cache_dir, cfg.workdir / ".cache" / "inductor")
     full = family.load_transformer(cfg.model, **model_args) if env.rank == 0 else None
+    if full is not None:
+        family.set_trainable(full, cfg.model)  # e.g. a VLM's frozen vision tower; LoRA then freezes the rest
     if full is not None and t.lora.enabled:
         with seeded_init(t.seed):  # the adapters' random init is the same on every layout
             apply_lora(full, t.lora, family.lora_targets, family.lora_exclude)
@@ -75,6 +77,7 @@ def build_model(family: ModelFamily, cfg: PipelineConfig, model_args: dict[str, 
     cls, config = spec[0]
     with torch.device("meta"):  # diffusers: from_config; transformers: _from_config
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+        family.set_trainable(model, cfg.model)  # requires_grad is not in a state dict: every rank sets it
         if t.lora.enabled:
             apply_lora(model, t.lora, family.lora_targets, family.lora_exclude)
     parallelize(model, env.mesh, env.dims, t)
