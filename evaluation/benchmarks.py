@@ -3,7 +3,7 @@
 VLMEvalKit's TSVs are the de-facto exchange format for these suites: one row per question, the image
 inline as base64, options in columns `A`, `B`, ... So a downloaded TSV scores here with no conversion
 step. The scorers follow VLMEvalKit's own (open-compass/VLMEvalKit@e8e78f05; checked against it on
-fixed tables, docs/fidelity/benchmarks.md): multiple choice as its `exact_matching` policy, MMMU open
+fixed tables, docs/fidelity.md (benchmarks)): multiple choice as its `exact_matching` policy, MMMU open
 questions as its `MMMU_preproc`, ChartQA as `relaxed_correctness`, DocVQA/InfoVQA as `anls_compute`
 with the 0.5 threshold; so our numbers are the ones VLMEvalKit prints, where they differ the score's
 `tags` say how (no LLM judge, fractions rather than percentages, pooled splits, opt-in cleaning).

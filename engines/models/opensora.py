@@ -17,7 +17,7 @@ Released weights: `model.transformer: {preset: STDiT-XL/2, pretrained: OpenSora-
 pretrained: <hpcai-tech/OpenSora-VAE-v1.2 folder>}`; the SD VAE loads as a diffusers folder
 (`{pretrained: stabilityai/sd-vae-ft-ema}`).
 
-Not reproduced (docs/fidelity/opensora.md lists each with its reason): OpenSora 1.2's training-time frame masks
+Not reproduced (docs/fidelity.md (opensora) lists each with its reason): OpenSora 1.2's training-time frame masks
 (image/video-continuation conditioning, `mask_ratios`), its frozen caption projection (`freeze_y_embedder`), the
 per-clip fps of videos (24 is used, their sampling default), the "aesthetic score: 6.5." their sampler appends to
 prompts; the v1.2 VAE's spatial posterior is cached at its mean (their trainer samples it at every step) so a

@@ -19,7 +19,7 @@ masked video is the clip with every frame but the first set to black (-1), encod
 posterior after the clip's, as extra latent frames (`latent_params` (2C, 2T', h, w)), so training draws both from
 their posteriors and builds the mask (frame 0 given, the rest generated) as the authors' `MaskCompressor` does.
 
-Not reproduced (docs/fidelity/opensoraplan.md lists each with its source): the authors' text dropout (they
+Not reproduced (docs/fidelity.md (opensoraplan) lists each with its source): the authors' text dropout (they
 re-encode an empty caption for 10% of samples, and the I2V trainer half of those a default caption, which a cached
 text embedding cannot), their caption cleaning (`clean_caption`: lowercasing, URL/HTML stripping) and sampling
 prompt template / negative prompt, their mixed image/video joint batches, the per-rank stratified timesteps of

@@ -2,7 +2,7 @@
 
 v1.2.0 trains eps on the default DDPM betas with min-SNR 5 and noise offset 0.02 and samples with a default
 EulerAncestralDiscreteScheduler; v1.3.0 trains v on zero-terminal-SNR betas with min-SNR 5 and samples with Euler
-ancestral on trailing timesteps (docs/fidelity/opensoraplan.md gives the lines). The loss values below were computed
+ancestral on trailing timesteps (docs/fidelity.md (opensoraplan) gives the lines). The loss values below were computed
 once by docs/fidelity/ref_osp.py (`loss`), which restates the authors' `run` with their diffusers calls.
 
 .venv/bin/pytest tests/engines/test_osp_objectives.py -q
