@@ -27,6 +27,11 @@ STEPS, MICRO, MBS, SEQ = 5, 4, 2, 16
 # ulp per step, which Adam at lr 1e-2 grows to ~2e-5 after 5 steps on some machines (CI's). A wrongly sharded or
 # misloaded weight moves the loss by 1e-2 or more, so 1e-4 still tells them apart.
 FP32_TOLERANCE = 1e-4
+# bf16 keeps 8 mantissa bits (unit roundoff u = 2^-8): TP=2 rounds its partial sums at other points than one process,
+# and 3 Adam steps at lr 1e-2 carry that into the weights; the losses then stay within a few u of the single process's
+# (1.4 u on one 2-core machine, under 1.2 u on the one where 2e-2 held). 4 u relative bounds it; the sharding itself
+# is held to FP32_TOLERANCE by the fp32 layouts, so this only checks the mixed-precision path on top of it.
+BF16_RELATIVE_TOLERANCE = 4 * 2.0**-8
 
 
 def _global_batch(seed: int) -> list[dict[str, torch.Tensor]]:
@@ -102,7 +107,11 @@ def test_parallel_layouts_reproduce_the_single_process_losses(names: list[str]) 
             got = rank_losses[name]
             assert len(got) == STEPS
             # bf16 rounds activations to 8 mantissa bits, and TP sums in another order: close, not equal
-            single, tolerance = (bf16, 2e-2) if "bf16" in name else (fp32, FP32_TOLERANCE)
+            if "bf16" in name:
+                single = bf16
+                tolerance = max(BF16_RELATIVE_TOLERANCE * abs(v) for v in single)
+            else:
+                single, tolerance = fp32, FP32_TOLERANCE
             diff = max(abs(a - b) for a, b in zip(got, single, strict=True))
             assert diff < tolerance, f"{name}: losses {got} differ from the single process's {single} by {diff:.2e}"
 
