@@ -10,9 +10,11 @@ from __future__ import annotations
 from functools import lru_cache
 
 import pytest
+import torch
 from torch import nn
 
-from engines.models import known_families
+from engines.models import get_family, known_families
+from engines.models.dits.checkpoint import load_published
 from engines.models.variants import TINY, build_on_meta, get_variant, known_variants
 from tests.fidelity import load_facts, released_shapes
 
@@ -54,3 +56,21 @@ def test_every_released_component_has_a_table() -> None:
     components = {(f, n, c) for f in known_families() for n in known_variants(f) if n != TINY
                   for c in get_variant(f, n).components}  # fmt: skip
     assert sorted(components - covered) == []
+
+
+# the denoisers and VAEs of the families whose model files are ours (text encoders load through transformers)
+OWN = [(f, u) for f, u in CASES if getattr(get_family(u[0]), "key_maps", None) and u[2] != "text_encoder"]
+
+
+@pytest.mark.parametrize(("file", "use"), OWN, ids=[f"{f}:{'/'.join(u)}" for f, u in OWN])
+def test_released_layout_loads_through_the_family_key_map(file: str, use: tuple[str, str, str]) -> None:
+    """The route a user's `pretrained:` release takes (the family's key map, then `load_published`, which fails on
+    any missing, unexpected or mis-shaped key), fed a state dict of the release's names and shapes (meta tensors)."""
+    family, variant, component = use
+    model = _built(family, variant)[component]
+    key_map = get_family(family).key_maps[type(model)]
+    released = {
+        k: torch.empty(shape, device="meta")
+        for k, shape in next(t for t in TABLES if t["file"] == file)["keys"].items()
+    }
+    assert load_published(model, released, key_map).clean
