@@ -179,6 +179,12 @@ class DataConfig(Section):
     height: int = Field(64, ge=8)
     width: int = Field(64, ge=8)
     min_side: int = Field(32, ge=1, description="reject media whose shorter side is below this")
+    max_decode_pixels: int = Field(
+        2**27,
+        ge=1,
+        description="reject a sample whose decode needs more source pixels (width x height x decoded frames; an "
+        "image decodes once) before decoding it: bounds prep memory at ~12 bytes a pixel. Default: 16 frames of 4K",
+    )
     batch_size: int = Field(4, ge=1, description="clips per VAE/text-encoder call")
     num_workers: int = Field(2, ge=1, description="decode threads per rank")
     nproc_per_node: int = Field(1, ge=1, description="prep ranks (torchrun); each takes a slice of the manifest")
@@ -266,7 +272,22 @@ class GpuSlotsConfig(Section):
         "CPU). Unset, an existing limit keeps the size an operator gave it (UI or `prefect gcl update`)",
     )
     occupy: int | None = Field(None, ge=1, description="slots one training run holds; default train.nproc_per_node")
-    timeout_s: float | None = Field(None, gt=0, description="give up waiting for slots after this long; default never")
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="give up waiting for slots after this long; default: wait while the holder lives (a run may "
+        "queue behind a days-long finetune), reporting the holder every poll_s; a dead holder's slots are freed",
+    )
+    poll_s: float = Field(
+        30.0, gt=0, description="how often a waiting run checks for dead holders and prints who it waits for"
+    )
+    lease_s: float = Field(
+        300.0,
+        ge=60,
+        le=86400,
+        description="Prefect lease on the slots, renewed while training lives; a Prefect server frees a dead "
+        "holder's slots once it expires (the ephemeral API has no expiry: flowspeed checks the holder's pid)",
+    )
 
 
 class MegatronConfig(Section):
