@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import uuid
@@ -34,6 +35,7 @@ from datasets_prep.io import atomic_write, write_jsonl
 SHARD_RE = re.compile(r"^r(\d{3})-(\d{6})(?:-([0-9a-f]{8}))?\.safetensors$")
 TMP_RE = re.compile(r"^\.r\d{3}-\d{6}(?:-([0-9a-f]{8}))?\.safetensors\..*\.tmp$")
 RECORDS_KEY = "flowspeed.records"
+log = logging.getLogger(__name__)
 
 
 class LatentCache:
@@ -101,12 +103,29 @@ class LatentCache:
         return json.loads(meta.get(RECORDS_KEY, "[]"))
 
     def records(self) -> list[dict[str, Any]]:
-        """All records, first writer wins on a duplicate key."""
+        """All records, first writer wins on a duplicate key.
+
+        An unreadable shard counts as missing (logged by name): its samples are re-encoded from their
+        sources, which prep can always do, instead of one bad file stopping every later prep. It is
+        left in place for `flowspeed cache verify --fix` to remove, not deleted behind the user's back.
+        """
         seen: dict[str, dict[str, Any]] = {}
         for shard in self.shards():
-            for rec in self.read_records(shard):
+            for rec in self._readable_records(shard) or []:
                 seen.setdefault(rec["key"], rec)
         return list(seen.values())
+
+    def _readable_records(self, shard: Path) -> list[dict[str, Any]] | None:
+        """A shard's records, or None (logged with the shard's path) when it cannot be read."""
+        try:
+            return self.read_records(shard)
+        except Exception as exc:  # safetensors raises its own error types for a damaged header
+            log.warning(
+                "latent cache shard %s is unreadable (%s: %s); its samples count as not cached and are re-encoded. "
+                "Run `flowspeed cache verify --fix` to remove it",
+                shard, type(exc).__name__, exc,
+            )  # fmt: skip
+            return None
 
     def _next_shard_path(self) -> Path:
         nums = [
@@ -129,8 +148,9 @@ class LatentCache:
         meta = {RECORDS_KEY: json.dumps(records, sort_keys=True)}
         return atomic_write(target, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
-    def write_index(self) -> Path:
-        return write_jsonl(self.root / "index.jsonl", self.records())
+    def write_index(self, records: list[dict[str, Any]] | None = None) -> Path:
+        """`records`: what the caller already read with `records()`, to skip a second pass over the shards."""
+        return write_jsonl(self.root / "index.jsonl", self.records() if records is None else records)
 
     def load(self, record: dict[str, Any], names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         with safe_open(str(self.shard_dir / record["shard"]), framework="pt") as fh:
@@ -176,7 +196,9 @@ class LatentCache:
         """Drop every record whose key is not in `keep`; shards are rewritten atomically or deleted."""
         removed = rewritten = deleted = 0
         for shard in self.shards():
-            recs = self.read_records(shard)
+            recs = self._readable_records(shard)
+            if recs is None:
+                continue  # `verify --fix` removes it; prune only drops what it can read
             kept = [r for r in recs if r["key"] in keep]
             removed += len(recs) - len(kept)
             if len(kept) == len(recs) or dry_run:

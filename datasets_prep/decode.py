@@ -66,12 +66,16 @@ def _decode_pyav(path: Path, indices: list[int], size: tuple[int, int] | None = 
     return np.stack([frames[i] for i in indices])
 
 
-def _decode_image(path: Path, indices: list[int]) -> np.ndarray:
+def _decode_image(path: Path, indices: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
+    """One decode, scaled to `size` first, then repeated: a full-size frame per output frame (and as
+    float32 for the resize) is what made one large PNG cost tens of GB."""
     from PIL import Image
 
     with Image.open(path) as img:
-        arr = np.asarray(img.convert("RGB"))
-    return np.repeat(arr[None], len(indices), axis=0)
+        arr = np.asarray(img.convert("RGB"))[None]
+    if size is not None and size != arr.shape[1:3]:
+        arr = _scale(arr, *size)
+    return np.repeat(arr, len(indices), axis=0)
 
 
 DECODERS: dict[str, Callable[..., np.ndarray]] = {"decord": _decode_decord, "pyav": _decode_pyav}
@@ -96,7 +100,7 @@ def decode(
     already shown the file is sound, so PyAV, which returns the same frames, takes over.
     """
     if info.kind == "image":
-        return _decode_image(Path(info.path), indices), "pil"
+        return _decode_image(Path(info.path), indices, size), "pil"
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; known decoders: {', '.join(sorted(DECODERS))}")
     if size == (info.height, info.width) or info.rotation != 0:
@@ -118,8 +122,17 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Ten
     h, w = frames.shape[1:3]
     nh, nw = cover_size(h, w, height, width)
     if (nh, nw) != (h, w):  # frames the decoder already scaled skip straight to the crop
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, C, H, W)
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        frames = _scale(frames, nh, nw)
     top, left = (nh - height) // 2, (nw - width) // 2
     return torch.from_numpy(np.ascontiguousarray(frames[:, top : top + height, left : left + width]))
+
+
+def _scale(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(T, H, W, C) uint8 -> (T, height, width, C) uint8, bilinear with antialiasing, a frame at a time so
+    the float32 copy the interpolation needs is one frame's, not the clip's."""
+    out = np.empty((frames.shape[0], height, width, frames.shape[3]), np.uint8)
+    for i, frame in enumerate(frames):
+        x = torch.from_numpy(np.require(frame, requirements=["C", "W"])).permute(2, 0, 1)[None].float()  # (1, C, H, W)
+        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        out[i] = x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return out

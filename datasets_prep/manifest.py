@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,14 +101,26 @@ def known_formats() -> list[str]:
 
 
 def resolve_under(raw: str, root: Path, extra_roots: tuple[Path, ...] = ()) -> Path | str:
-    """The resolved path, or the reason it is refused. Symlinks are followed before the check."""
+    """The resolved path, or the reason it is refused.
+
+    Symlinks (of the file and of every folder on the way) are followed before the containment check,
+    so a link inside the dataset cannot hand out a file from elsewhere. A path that cannot be resolved
+    at all (a symlink loop, a NUL byte) is a refusal too, never an exception that would sink the run.
+    """
     if not raw or not isinstance(raw, str):
-        return "empty media path"
-    path = (root / raw).resolve()
-    for allowed in (root.resolve(), *(r.resolve() for r in extra_roots)):
-        if path.is_relative_to(allowed):
-            return path
-    return f"path escapes the manifest root {root.resolve()}"
+        return "empty or non-text path"
+    allowed = (root.resolve(), *(r.resolve() for r in extra_roots))
+    where = ", ".join(str(a) for a in allowed)
+    try:
+        path = (root / raw).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: symlink loop (Python < 3.13)
+        return f"path {raw!r} cannot be resolved under {where}: {exc}"
+    if any(path.is_relative_to(a) for a in allowed):
+        return path
+    return (
+        f"path {raw!r} escapes the allowed roots: it resolves to {path}, outside {where}; "
+        "move the file under the manifest's folder or add its folder to data.roots"
+    )
 
 
 def caption_of(row: dict[str, Any], keys: Iterable[str] = CAPTION_KEYS) -> str | None:
@@ -147,6 +160,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any | json.JSONDecodeError]]:
                     yield lineno, json.loads(raw)
                 except json.JSONDecodeError as exc:
                     yield lineno, exc
+                except RecursionError as exc:  # nested deeper than the parser's stack: one bad line, not a crash
+                    yield lineno, json.JSONDecodeError(f"nested too deeply ({type(exc).__name__}: {exc})", raw, 0)
 
 
 def _first_record(path: Path) -> dict | None:
@@ -223,16 +238,40 @@ def read_parquet_table(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Ite
 @register_format("folder", lambda p, first: p.is_dir())
 def read_folder(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
     root = path.resolve()
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in MEDIA_SUFFIXES)
+    found = sorted(path.rglob("*"))  # rglob does not descend into symlinked folders: those are checked here
+    for link in (p for p in found if p.is_symlink() and p.is_dir()):
+        resolved = resolve_under(str(link.relative_to(path)), root, roots)
+        if isinstance(resolved, str):
+            yield Rejection(str(link.relative_to(path)), "manifest", f"linked folder: {resolved}", "escapes_root")
+    files = [p for p in found if p.suffix.lower() in MEDIA_SUFFIXES]
     for n, media in enumerate(files, start=1):
         rel = str(media.relative_to(path))
         resolved = resolve_under(rel, root, roots)
         if isinstance(resolved, str):
             yield Rejection(rel, "manifest", resolved, "escapes_root")
             continue
-        sidecar = media.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else None
-        yield Entry(n, resolved, caption or None, (resolved,), {})
+        caption = _sidecar_caption(media.with_suffix(".txt"), path, root, roots)
+        if isinstance(caption, Rejection):
+            yield caption
+            continue
+        yield Entry(n, resolved, caption, (resolved,), {})
+
+
+def _sidecar_caption(sidecar: Path, folder: Path, root: Path, roots: tuple[Path, ...]) -> str | None | Rejection:
+    """A media file's `.txt` caption, held to the same roots as the media: a sidecar that links out of
+    the dataset would otherwise copy any readable file into the training captions."""
+    if not os.path.lexists(sidecar):
+        return None
+    rel = str(sidecar.relative_to(folder))
+    resolved = resolve_under(rel, root, roots)
+    if isinstance(resolved, str):
+        return Rejection(rel, "manifest", f"sidecar caption: {resolved}", "escapes_root")
+    if not resolved.is_file():
+        return None
+    try:
+        return resolved.read_text(encoding="utf-8", errors="replace").strip() or None
+    except OSError as exc:
+        return Rejection(rel, "manifest", f"sidecar caption {resolved} unreadable: {exc}", "bad_caption")
 
 
 def _is_opensora_plan(path: Path, first: dict | None) -> bool:
@@ -255,14 +294,20 @@ def read_opensora_plan(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Ite
             )
             continue
         root_s, ann_s = (s.strip() for s in line.rsplit(",", 1))
-        data_root, ann = (base / root_s).resolve(), (base / ann_s).resolve()
+        # The data root and the annotation file are paths the manifest names like any other: a
+        # `data.txt` may not widen the allowed roots by naming a folder elsewhere.
+        data_root, ann = resolve_under(root_s, base, roots), resolve_under(ann_s, base, roots)
+        if isinstance(data_root, str) or isinstance(ann, str):
+            what = f"root: {data_root}" if isinstance(data_root, str) else f"annotation file: {ann}"
+            yield Rejection(f"{path}:{lineno}", "manifest", f"line {lineno} {what}", "escapes_root")
+            continue
         try:
             records = json.loads(ann.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             yield Rejection(str(ann), "manifest", f"annotation file of line {lineno} unreadable: {exc}", "bad_record")
             continue
         for n, rec in enumerate(records if isinstance(records, list) else [], start=1):
-            item = _row_entry(rec, n, f"{ann}:{n}", data_root, roots)
+            item = _row_entry(rec, n, f"{ann}:{n}", data_root, (base, *roots))
             if isinstance(item, Entry):
                 item.meta.setdefault("annotation", str(ann))
             yield item
@@ -287,7 +332,7 @@ def read_sharegpt(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
             continue
         text = " ".join(str(t.get("content", t.get("value", ""))) for t in turns if isinstance(t, dict))
         media: list[Path] = []
-        bad = None
+        bad, code = None, "placeholder_mismatch"
         for kind in ("image", "video"):
             files = row.get(f"{kind}s", []) or []
             files = [files] if isinstance(files, str) else files
@@ -297,13 +342,13 @@ def read_sharegpt(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
             for f in files:
                 resolved = resolve_under(f, root, roots)
                 if isinstance(resolved, str):
-                    bad = f"record {n}: {f}: {resolved}"
+                    bad, code = f"record {n}: {f}: {resolved}", "escapes_root"
                     break
                 media.append(resolved)
             if bad:
                 break
         if bad:
-            yield Rejection(where, "manifest", bad, "escapes_root" if "escapes" in bad else "placeholder_mismatch")
+            yield Rejection(where, "manifest", bad, code)
             continue
         first = media[0] if media else path.resolve()
         yield Entry(n, first, None, tuple(media), {"messages": turns})

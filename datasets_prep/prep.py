@@ -146,8 +146,9 @@ def _plan(
                     bucket = assign(view, key, d, family.latent_frame_count, family.size_multiple, cfg.train.batch_size)
                     start = rng[0] if rng else 0
                     indices = [start + i for i in sample_indices(view, bucket.frames, d.target_fps, d.stride)]
-                except ProbeError as exc:
-                    rejects.append(Rejection(where, "probe", str(exc), exc.code))
+                    _check_budget(view, len(indices), d)
+                except Exception as exc:
+                    rejects.append(_rejection(where, "probe", exc))
                     continue
                 record = {
                     "key": key, "source": path, "content_hash": content, "caption": item.caption,
@@ -164,12 +165,33 @@ def _plan(
                     clip = write_scene_clip(item.path, info, *rng, cfg.prep_dir / "clips", content)
                     record["clip_path"] = str(clip)
                 pending[key] = _Pending(item, info, bucket, indices, record)
-        except ProbeError as exc:
-            rejects.append(Rejection(path, "probe", str(exc), exc.code))
+        except Exception as exc:  # one hostile record (a caption that cannot be encoded, ...) is its own loss
+            rejects.append(_rejection(path, "probe", exc))
     if scenes is not None:
         scenes.save()
     rep.finish("probe")
     return list(selected.values()), list(pending.values())
+
+
+def _rejection(where: str, stage: str, exc: Exception) -> Rejection:
+    """Any failure of one record, as its rejection: a ProbeError's own reason, otherwise the exception's
+    type and message, so one bad record never stops the stage and the reason still says what broke."""
+    if isinstance(exc, ProbeError):
+        return Rejection(where, stage, str(exc), exc.code)
+    return Rejection(where, stage, f"{type(exc).__name__}: {exc}", "exception")
+
+
+def _check_budget(info: MediaInfo, frames: int, d: DataConfig) -> None:
+    """Refuse before decoding what decoding cannot afford: a small file can declare a huge frame."""
+    frames = 1 if info.kind == "image" else frames  # an image decodes once, whatever it is repeated to
+    pixels = info.width * info.height * frames
+    if pixels > d.max_decode_pixels:
+        raise ProbeError(
+            "over_budget",
+            f"over the decode budget: {info.width}x{info.height} x {frames} frame(s) = {pixels / 1e6:.0f} Mpixels "
+            f"(~{pixels * 12 / 2**30:.1f} GiB to decode and resize), above data.max_decode_pixels="
+            f"{d.max_decode_pixels}; downscale the file or raise the limit",
+        )
 
 
 def _check_clip(info: MediaInfo, d: DataConfig) -> None:
@@ -219,14 +241,14 @@ def _decoded(
 ) -> Iterator[tuple[_Pending, torch.Tensor]]:
     d = cfg.data
 
-    def work(p: _Pending) -> tuple[_Pending, torch.Tensor | ProbeError]:
+    def work(p: _Pending) -> tuple[_Pending, torch.Tensor | Exception]:
         try:
             size = cover_size(p.info.height, p.info.width, p.bucket.height, p.bucket.width)
             frames, used = decode(p.info, p.indices, d.decoder, size)
-        except ProbeError as exc:
+            p.record["decoder"] = used
+            return p, resize_center_crop(frames, p.bucket.height, p.bucket.width)
+        except Exception as exc:  # MemoryError, a decoder's own types: this record's loss, not the stage's
             return p, exc
-        p.record["decoder"] = used
-        return p, resize_center_crop(frames, p.bucket.height, p.bucket.width)
 
     # decord and PyAV release the GIL while decoding: threads overlap decode with encode. A bounded
     # window of in-flight decodes: pool.map would decode everything ahead of the encoder and hold
@@ -242,8 +264,8 @@ def _decoded(
             if (nxt := next(todo, None)) is not None:
                 inflight.append(pool.submit(work, nxt))
             rep.advance("decode")
-            if isinstance(out, ProbeError):
-                rejects.append(Rejection(str(p.entry.path), "decode", str(out), out.code))
+            if isinstance(out, Exception):
+                rejects.append(_rejection(str(p.entry.path), "decode", out))
             else:
                 yield p, out
     rep.finish("decode")
@@ -367,8 +389,6 @@ def run_prep(cfg: PipelineConfig) -> PrepResult:
     """The whole stage in this process, or this rank's slice of it under torchrun (rank 0 merges)."""
     t0 = time.perf_counter()
     rank, world = _rank()
-    if rank == 0:
-        save_config(cfg, cfg.prep_dir)
     prep_slice(cfg, rank, world)
     if world == 1:
         return merge_slices(cfg, 1, t0)
@@ -381,10 +401,13 @@ def run_prep(cfg: PipelineConfig) -> PrepResult:
 
 
 def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], seconds: float) -> PrepResult:
-    """Merge the slices' parts: index, the selected samples (in manifest order), rejects, summary."""
+    """Merge the slices' parts: index, the selected samples (in manifest order), rejects, summary.
+
+    Nothing is published unless the run selected samples: a failed prep leaves the previous training
+    set (samples, rejects, summary, config, index) as it was, and its own rejects beside them."""
     out = cfg.prep_dir
-    index = cache.write_index()
-    by_key = {r["key"]: r for r in cache.records()}
+    records = cache.records()
+    by_key = {r["key"]: r for r in records}
     keys = [k for p in parts for k in p["keys"]]
     scores = {k: v for p in parts for k, v in p.get("scores", {}).items()}
     # Curation scores go into the training manifest (they are not part of the cached record).
@@ -401,6 +424,14 @@ def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], seconds:
             where = r["source"] + (f"[{rng[0]}:{rng[1]}]" if rng else "")
             rejects.append(Rejection(where, "curate", dups[r["key"]][1], "duplicate").as_row())
     selected = [r for r in selected if r["key"] not in dups]
+    failed = out / "rejects.failed.jsonl"
+    if not selected:
+        write_jsonl(failed, rejects)
+        raise ValueError(
+            f"prep produced no usable samples from {cfg.data.manifest}: see {failed} for why each was rejected; "
+            f"the previous outputs in {out} are left as they were"
+        )
+    index = cache.write_index(records)
     samples = write_jsonl(out / "samples.jsonl", selected)
     rejects_path = write_jsonl(out / "rejects.jsonl", rejects)
     result = PrepResult(
@@ -412,11 +443,9 @@ def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], seconds:
         num_records=sum(p["records"] for p in parts),
         encoded_frames=sum(p["frames"] for p in parts),
     )  # fmt: skip
+    save_config(cfg, out)
     atomic_write_text(out / "summary.json", json.dumps(result.as_dict(), indent=2))
-    if not selected:
-        raise ValueError(
-            f"prep produced no usable samples from {cfg.data.manifest}: see {rejects_path} for why each was rejected"
-        )
+    failed.unlink(missing_ok=True)
     return result
 
 
@@ -463,4 +492,10 @@ def load_samples(prep_dir: Path) -> list[dict]:
     path = Path(prep_dir) / "samples.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `flowspeed prep` first")
-    return read_jsonl(path)
+    records = read_jsonl(path)
+    if not records:
+        raise ValueError(
+            f"{path} holds no samples, so there is nothing to train on: check the manifest (rejects.jsonl beside it "
+            "says why records were dropped) and rerun `flowspeed prep`"
+        )
+    return records

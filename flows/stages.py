@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow, unmapped
 
-from configs import PipelineConfig, save_config
+from configs import PipelineConfig
 from datasets_prep.io import file_digest
 from engines.serving import write_mlmodel, write_pointer_model
 from engines.tracking import UNDELIVERED_DIR, replay_undelivered, tracking_uri
@@ -38,8 +38,8 @@ def in_stage_run(
 
 @flow(name="prep-slices", log_prints=True)
 def prep_slices(cfg: PipelineConfig) -> dict[str, Any]:
-    """Map the manifest's slices over the configured task runner, then merge them into one index."""
-    save_config(cfg, cfg.prep_dir)
+    """Map the manifest's slices over the configured task runner, then merge them into one index (the merge
+    publishes config.yaml with the outputs, so a failed prep leaves the previous one)."""
     n = cfg.data.slices
     futures = prep_slice_task.map(unmapped(cfg), range(n), unmapped(n))
     states = [f.wait() or f.state for f in futures]
