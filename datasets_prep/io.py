@@ -11,14 +11,38 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
+
+
+def default_modes(root: Path) -> Path:
+    """Give `root` (a file, or a folder and everything in it) the modes a plain `open`/`mkdir` would under the
+    user's umask. mkstemp/mkdtemp (our atomic writes' temp names) and safetensors' own temp files create owner-only
+    entries (0600/0700), so without this a teammate could not read a shared cache, checkpoint or export."""
+    mask = _umask()
+    root = Path(root)
+    for path in [root, *(root.rglob("*") if root.is_dir() else ())]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, 0o777 & ~mask)
+        elif path.stat().st_mode & 0o777 == 0o600:  # a temp file's mode; leave modes someone set on purpose
+            os.chmod(path, 0o666 & ~mask)
+    return root
+
+
 def atomic_write(target: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` then rename onto `target`: readers see the old file or the whole new one."""
+    """Call `write(tmp)` then rename onto `target`: readers see the old file or the whole new one, with the
+    modes the user's umask gives a new file."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        default_modes(Path(tmp))
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

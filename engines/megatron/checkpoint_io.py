@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from datasets_prep.io import default_modes
 from engines.megatron.convert import Tensors, hf_to_megatron, megatron_to_hf
 from engines.megatron.gpt import DecoderShape
 
@@ -137,18 +138,6 @@ def _parameters(state: Tensors) -> int:
     return sum(v.numel() for v in state.values())
 
 
-def _default_modes(root: Path) -> None:
-    """mkdtemp (and safetensors' own temp files) make owner-only entries; a checkpoint gets the umask's modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(root, 0o777 & ~umask)
-    for path in root.rglob("*"):
-        if path.is_dir():
-            os.chmod(path, 0o777 & ~umask)
-        elif path.stat().st_mode & 0o777 == 0o600:
-            os.chmod(path, 0o666 & ~umask)
-
-
 @contextlib.contextmanager
 def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     """A temp dir beside out_dir, renamed onto it when the block finishes; removed if the block raises."""
@@ -160,7 +149,7 @@ def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         yield tmp
-        _default_modes(tmp)
+        default_modes(tmp)
         old = None
         if out_dir.exists():  # rename() replaces only an empty folder: move the old one aside first
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
