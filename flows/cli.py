@@ -82,10 +82,21 @@ def prepare_environment(workdir: Path, debug: bool = False) -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+def _checkpoint_exception() -> tuple[type[BaseException], ...]:
+    """torch's CheckpointException derives from BaseException, so `except Exception` alone lets it
+    through as a page of per-rank tracebacks (looked up only if torch is loaded: the CLI starts without it)."""
+    api = sys.modules.get("torch.distributed.checkpoint.api")
+    return (api.CheckpointException,) if api else ()
+
+
 def _fail(command: str, exc: BaseException, debug: bool) -> None:
     if debug:
         console.print("".join(traceback.format_exception(exc)))
     msg = str(exc).strip() or repr(exc)
+    if isinstance(exc, _checkpoint_exception()):
+        from engines.torch_engine.safe_load import describe
+
+        msg = f"a checkpoint could not be read or written ({describe(exc)})"
     console.print(
         Panel(
             f"[bold]{type(exc).__name__}[/]: {msg}",
@@ -124,7 +135,7 @@ def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: finished shards and checkpoints are kept; run again to resume[/]")
         raise typer.Exit(130) from None
-    except Exception as exc:  # one readable paragraph, not a bare traceback
+    except (Exception, *_checkpoint_exception()) as exc:  # one readable paragraph, not a bare traceback
         _fail(command, exc, debug)
     _summary(cfg, out)
 
@@ -238,7 +249,7 @@ def export(
         from engines.torch_engine.trainer import export_checkpoint
 
         final = export_checkpoint(checkpoint, out, use_ema=ema)
-    except Exception as exc:  # noqa: BLE001  (shown as one paragraph; --debug for the traceback)
+    except (Exception, *_checkpoint_exception()) as exc:  # noqa: BLE001  (one paragraph; --debug: traceback)
         _fail("export", exc, debug)
     console.print(f"exported [bold]{checkpoint}[/] -> [bold]{final}[/]")
 

@@ -53,6 +53,7 @@ from engines.models.sequence import IGNORE_INDEX
 from engines.torch_engine import checkpoint as ckpt
 from engines.torch_engine.data import CachedLatents, split_records
 from engines.torch_engine.flops import mfu, peak_tflops, train_flops
+from engines.torch_engine.safe_load import check_state_dir
 from engines.torch_engine.trainer import TrainResult, export_weights, lr_lambda, make_sampler, resume_path
 from engines.tracking import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
 
@@ -256,6 +257,7 @@ def load_checkpoint(path: Path, chunks: Chunks, optimizer: Any) -> dict[str, Any
     state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
     if state.get("engine") != "megatron":
         raise ValueError(f"{path} was written by the torch engine; resume it with train.engine=torch")
+    check_state_dir(path / "megatron")  # megatron-core unpickles its files with code allowed: refuse tampered ones
     load_state(chunks.models, optimizer, str(path / "megatron"))
     return {**state, "step": int(state["step"]), "samples_seen": int(state["data"]["samples_seen"])}
 

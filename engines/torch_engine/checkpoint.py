@@ -10,10 +10,14 @@ DCP stores tensors by fully qualified name with their global shapes, so a checkp
 FSDP ranks loads into 1 process, or into a TP layout, and DCP reshards on read. All ranks write
 into one temp directory whose name rank 0 chose; rank 0 renames it after a barrier, so `latest()`
 never sees half a checkpoint, even when a rank dies mid-write.
+
+Nothing a checkpoint holds can run code when read: DCP state goes through `safe_load.dcp_load`, the
+other files are read with `weights_only=True` or as YAML. `latest_intact` skips a damaged newest one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -35,9 +40,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from configs import PipelineConfig, save_config
+from datasets_prep.io import default_modes
 from engines.device import accelerator_rng_state, set_accelerator_rng_state
+from engines.torch_engine.safe_load import CheckpointError, checkpoint_error, dcp_load, read_metadata
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
+log = logging.getLogger(__name__)
 
 
 def checkpoint_dir(train_dir: Path) -> Path:
@@ -55,6 +63,55 @@ def list_checkpoints(train_dir: Path) -> list[Path]:
 def latest(train_dir: Path) -> Path | None:
     ckpts = list_checkpoints(train_dir)
     return ckpts[-1] if ckpts else None
+
+
+def verify(ckpt: Path) -> None:
+    """Raise CheckpointError unless every file a resume reads is there and whole.
+
+    A checkpoint is published by one rename, but a disk that fills up or a copy cut short can still
+    truncate a file afterwards; this is cheap (metadata and sizes, no tensor data) so `latest_intact`
+    can fall back to the previous checkpoint instead of failing the resume.
+    """
+    for pt in [ckpt / "trainer_state.pt", *sorted((ckpt / "rng").glob("rank-*.pt"))]:
+        try:
+            torch.load(pt, weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001  (any unreadable file makes the checkpoint unusable)
+            raise CheckpointError(f"{pt} is unreadable ({type(exc).__name__}: {exc})") from exc
+    sizes: dict[Path, int] = {}
+    dirs = [d for d in (ckpt / "state", ckpt / "megatron") if d.is_dir()]  # ours, or the megatron engine's
+    if not dirs:
+        raise CheckpointError(f"{ckpt} has neither state/ nor megatron/: it is not a whole checkpoint")
+    for state_dir, info in ((d, i) for d in dirs for i in read_metadata(d).storage_data.values()):
+        shard = state_dir / info.relative_path
+        if shard not in sizes:
+            sizes[shard] = shard.stat().st_size if shard.is_file() else -1
+        if sizes[shard] < info.offset + info.length:
+            state = "missing" if sizes[shard] < 0 else f"cut short ({sizes[shard]} bytes)"
+            raise CheckpointError(f"{shard} is {state}: the metadata needs {info.offset + info.length} bytes")
+
+
+def latest_intact(train_dir: Path) -> Path | None:
+    """The newest checkpoint that `verify` accepts, warning about each newer one it skips.
+
+    None only when there are no checkpoints: if every one is damaged, starting over would silently
+    throw the run's progress away, so that is an error naming them.
+    """
+    ckpts = list_checkpoints(train_dir)
+    problems = []
+    for candidate in reversed(ckpts):
+        try:
+            verify(candidate)
+        except CheckpointError as exc:
+            log.warning("skipping damaged checkpoint %s: %s", candidate, exc)
+            problems.append(str(exc))
+            continue
+        return candidate
+    if ckpts:
+        raise CheckpointError(
+            f"no intact checkpoint under {checkpoint_dir(train_dir)} to resume from: {'; '.join(problems)}. "
+            "Set train.resume=never to start over, or restore the checkpoints."
+        )
+    return None
 
 
 def rng_state() -> dict[str, Any]:
@@ -130,6 +187,7 @@ class PendingCheckpoint:
         published = ok.item() == 1
         if rank == 0:
             if published:
+                default_modes(self.tmp)  # the umask's modes, not mkdtemp's owner-only ones
                 if self.final.exists():  # a re-run of the same step: replace it whole
                     shutil.rmtree(self.final)
                 os.replace(self.tmp, self.final)
@@ -137,6 +195,8 @@ class PendingCheckpoint:
                     shutil.rmtree(old, ignore_errors=True)
             else:
                 shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(self.error, CheckpointException):  # a BaseException: one line, not every rank's traceback
+            raise checkpoint_error(self.error, self.final, "write") from self.error
         if self.error is not None:
             raise self.error
         if not published:
@@ -212,7 +272,7 @@ def load(
     """
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
     target = app_state(model, optimizer, ema)
-    dcp.load(target, checkpoint_id=str(ckpt / "state"), no_dist=not dist.is_initialized())
+    dcp_load(target, ckpt)
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     rank, world = _rank_world()
@@ -229,15 +289,13 @@ def load_model_weights(ckpt: Path, model: torch.nn.Module, *, ema: bool = False)
     adapters of a LoRA run); other weights keep the checkpoint's values.
     """
     sd = get_model_state_dict(model)
-    dcp.load({"model": sd}, checkpoint_id=str(ckpt / "state"), no_dist=not dist.is_initialized())
+    dcp_load({"model": sd}, ckpt)
     if ema:
-        meta = dcp.FileSystemReader(str(ckpt / "state")).read_metadata().state_dict_metadata
+        meta = read_metadata(ckpt / "state").state_dict_metadata
         names = [k[len("ema.") :] for k in meta if k.startswith("ema.")]
         if not names:
             raise ValueError(f"{ckpt} holds no EMA weights (train.ema.enabled was off when it was written)")
-        dcp.load(
-            {"ema": {n: sd[n] for n in names}}, checkpoint_id=str(ckpt / "state"), no_dist=not dist.is_initialized()
-        )
+        dcp_load({"ema": {n: sd[n] for n in names}}, ckpt)
     set_model_state_dict(model, sd)
 
 

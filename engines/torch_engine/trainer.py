@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from configs import PipelineConfig, load_config, save_config
-from datasets_prep.io import atomic_write_text, text_digest
+from datasets_prep.io import atomic_write_text, default_modes, text_digest
 from datasets_prep.prep import load_samples
 from datasets_prep.progress import reporter
 from engines.device import device_name, peak_memory_bytes, synchronize
@@ -305,7 +305,7 @@ def resume_path(cfg: PipelineConfig) -> Path | None:
     if mode == "never":
         return None
     if mode == "auto":
-        return ckpt.latest(cfg.train_dir)
+        return ckpt.latest_intact(cfg.train_dir)  # a damaged newest one is skipped, with a warning
     path = Path(mode)
     if not (path / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"train.resume={mode} is not a checkpoint directory (no trainer_state.pt)")
@@ -336,6 +336,7 @@ def export_weights(family, cfg: PipelineConfig, model_args: dict, state: dict, f
             merge(model)
         family.save_pretrained(tmp, cfg.model, model)
         save_config(cfg, tmp)
+        default_modes(tmp)  # mkdtemp's 0700 would keep a shared export from teammates
         if final_dir.exists():
             shutil.rmtree(final_dir)
         os.replace(tmp, final_dir)

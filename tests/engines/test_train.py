@@ -16,6 +16,7 @@ from engines.torchrun import DistributedJobFailed
 from engines.tracking import ensure_experiment, tracking_uri
 from evaluation.run import _trained_transformer
 from tests.conftest import make_config
+from tests.file_modes import assert_tree_modes
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,9 @@ def test_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path: Path, prepped
     (ckpt.checkpoint_dir(cfg.train_dir) / ".step-00000008.partial").mkdir()  # a writer killed mid-way
     assert ckpt.latest(cfg.train_dir).name == "step-00000006"
     assert (Path(cfg.train_dir) / "final" / "transformer" / "config.json").is_file()
+    # checkpoints and the export get the umask's modes, not mkdtemp's owner-only ones: teammates can read them
+    assert_tree_modes(ckpt.checkpoint_dir(cfg.train_dir) / "step-00000006")
+    assert_tree_modes(Path(cfg.train_dir) / "final")
 
 
 @pytest.mark.slow
