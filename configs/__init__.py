@@ -15,6 +15,7 @@ from configs.schema import (
     TrackingConfig,
     TrainConfig,
 )
+from configs.validate import check_stage, config_problems, stage_problems
 
 __all__ = [
     "BucketsConfig",
@@ -30,8 +31,11 @@ __all__ = [
     "PipelineConfig",
     "TrackingConfig",
     "TrainConfig",
+    "check_stage",
+    "config_problems",
     "dump_config",
     "flatten",
     "load_config",
     "save_config",
+    "stage_problems",
 ]

@@ -13,10 +13,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from configs.schema import PipelineConfig
+from configs.validate import ConfigError, config_problems, explain
 
-
-class ConfigError(ValueError):
-    """A config the user must fix; the message says what to change."""
+__all__ = ["ConfigError", "apply_overrides", "dump_config", "flatten", "load_config", "parse_override", "save_config"]
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -43,7 +42,7 @@ def _explain(err: ValidationError, source: str) -> str:
             lines.append(f"unknown key `{dotted}` ({section}); valid keys: {valid}")
         else:
             lines.append(f"`{dotted}`: {e['msg']} (got {e.get('input')!r})")
-    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+    return explain(lines, source)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -100,8 +99,20 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, workdir: str | Path | None = None
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    workdir: str | Path | None = None,
+    *,
+    check: bool = True,
 ) -> PipelineConfig:
+    """The pipeline config of `path` with `overrides`, checked before any work starts.
+
+    Beyond the schema (types, ranges, unknown keys), `check` refuses every mistake the config alone
+    reveals (configs/validate.py: layout vs world size, engine vs family, registry names, frame
+    rules), so `flowspeed run` fails in a second instead of after prep. `check=False` returns such a
+    config anyway: for showing it, or for testing the launchers' own refusal. What depends on the
+    machine (paths that must exist) is `configs.validate.check_stage`, run when a stage starts.
+    """
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -111,9 +122,12 @@ def load_config(
     if workdir is not None:
         data["workdir"] = str(workdir)
     try:
-        return PipelineConfig.model_validate(data)
+        cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source)) from None
+    if check and (problems := config_problems(cfg)):
+        raise ConfigError(explain(problems, source))
+    return cfg
 
 
 def dump_config(cfg: PipelineConfig) -> str:

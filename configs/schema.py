@@ -474,6 +474,12 @@ class TrackingConfig(Section):
         description="at the end of training, how long to wait for an unreachable MLflow server before the "
         "buffered metrics go to <train_dir>/mlflow-undelivered/ (`flowspeed sync-metrics` sends them)",
     )
+    server_wait_s: float = Field(
+        0.0,
+        ge=0,
+        description="before a stage, how long to wait (saying so every few seconds) for an MLflow server that "
+        "does not answer; 0: fail at once with what to do",
+    )
     system_metrics: bool = Field(
         False, description="CPU, memory, disk, network (psutil) and GPU (nvidia-ml-py) as system/* metrics"
     )

@@ -34,8 +34,10 @@ def demo_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), num_videos=6, num_images=2)
 
 
-def make_config(workdir: Path, manifest: Path, *overrides: str) -> PipelineConfig:
-    return load_config(QUICKSTART, [f"data.manifest={manifest}", *overrides], workdir=workdir)
+def make_config(workdir: Path, manifest: Path, *overrides: str, check: bool = True) -> PipelineConfig:
+    """The quickstart config on `manifest`; `check=False` skips the load-time checks (a test of a
+    later stage's own refusal)."""
+    return load_config(QUICKSTART, [f"data.manifest={manifest}", *overrides], workdir=workdir, check=check)
 
 
 @pytest.fixture(scope="session")

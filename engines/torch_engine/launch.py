@@ -19,20 +19,11 @@ from engines.torchrun import in_distributed_job, run_torchrun
 
 def validate_layout(cfg: PipelineConfig) -> ParallelDims:
     """Fail in milliseconds, before any process starts or model loads, on a layout the ranks can't form."""
-    t = cfg.train
-    p = t.parallel
-    if t.nnodes > 1 and not t.rdzv_endpoint:
-        raise ValueError(f"train.nnodes={t.nnodes} needs train.rdzv_endpoint (host:port reachable from every node)")
-    if t.node_rank >= t.nnodes:
-        raise ValueError(f"train.node_rank={t.node_rank} must be below train.nnodes={t.nnodes}")
-    if p.pp_schedule == "interleaved_1f1b" and p.pp_virtual_stages < 2:
-        raise ValueError("train.parallel.pp_schedule=interleaved_1f1b needs pp_virtual_stages >= 2")
-    if t.lora.enabled and p.tp > 1:
-        raise ValueError(
-            "train.lora with train.parallel.tp > 1 is not supported: the TP plans shard the very projections "
-            "LoRA wraps; shard a LoRA run with FSDP (parallel.dp_shard) instead"
-        )
+    from configs.validate import check_layout  # the rules load_config applies too: one place for both engines
+
+    check_layout(cfg)
     get_family(cfg.model.family).frozen_prefixes(cfg.model)  # refuses a freeze the family cannot honour
+    t, p = cfg.train, cfg.train.parallel
     return ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, t.nnodes * t.nproc_per_node)
 
 

@@ -23,10 +23,10 @@ from tests.conftest import make_config
 STEPS = 5
 
 
-def _cfg(tmp: Path, prepped: PipelineConfig, *overrides: str) -> PipelineConfig:
+def _cfg(tmp: Path, prepped: PipelineConfig, *overrides: str, check: bool = True) -> PipelineConfig:
     common = [f"data.output_dir={prepped.prep_dir}", f"train.max_steps={STEPS}", "train.batch_size=1",
               "train.checkpoint_every=100", "train.warmup_steps=0", "train.val_fraction=0"]  # fmt: skip
-    return make_config(tmp, prepped.data.manifest, *common, *overrides)
+    return make_config(tmp, prepped.data.manifest, *common, *overrides, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +87,15 @@ def test_fsdp_resume_is_exact_and_its_checkpoint_loads_in_one_process(tmp_path: 
 
 
 def test_impossible_layout_fails_before_any_process_starts(tmp_path: Path, prepped: PipelineConfig) -> None:
-    cfg = _cfg(tmp_path, prepped, "train.nproc_per_node=2", "train.parallel.tp=3")
-    with pytest.raises(ValueError, match=r"dp_replicate=1 x dp_shard=\? x cp=1 x tp=3 x pp=1"):
+    bad = ("train.nproc_per_node=2", "train.parallel.tp=3")
+    with pytest.raises(ValueError, match=r"tp=3"):  # refused when the config loads ...
+        _cfg(tmp_path, prepped, *bad)
+    cfg = _cfg(tmp_path, prepped, *bad, check=False)
+    with pytest.raises(ValueError, match=r"dp_replicate=1 x dp_shard=\? x cp=1 x tp=3 x pp=1"):  # ... and at launch
         launch(cfg, None, None)
     assert not (cfg.train_dir / "launch_config.yaml").exists()
-    cfg = _cfg(tmp_path, prepped, "train.nproc_per_node=2", "train.parallel.dp_shard=2", "train.parallel.cp=2")
+    bad = ("train.nproc_per_node=2", "train.parallel.dp_shard=2", "train.parallel.cp=2")
+    cfg = _cfg(tmp_path, prepped, *bad, check=False)
     with pytest.raises(ValueError, match="dp_shard=2 x cp=2 x tp=1 x pp=1 = 4, but the world size is 2"):
         validate_layout(cfg)
 

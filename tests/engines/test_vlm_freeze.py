@@ -84,9 +84,11 @@ def test_families_without_a_tower_refuse_the_switch(family: str, value: bool) ->
 def test_launch_refuses_the_switch_before_any_process_starts(recipe: str, family: str, tmp_path: Path) -> None:
     from engines.torch_engine.launch import launch
 
-    cfg = load_config(REPO / "configs" / "pipelines" / f"{recipe}.yaml", ["model.freeze_vision_tower=true"],
-                      workdir=tmp_path)  # fmt: skip
-    with pytest.raises(ValueError, match=f"'{family}' has no vision tower"):
+    path, switch = REPO / "configs" / "pipelines" / f"{recipe}.yaml", ["model.freeze_vision_tower=true"]
+    with pytest.raises(ValueError, match=f"'{family}' has no vision tower"):  # at load ...
+        load_config(path, switch, workdir=tmp_path)
+    cfg = load_config(path, switch, workdir=tmp_path, check=False)
+    with pytest.raises(ValueError, match=f"'{family}' has no vision tower"):  # ... and at launch
         launch(cfg, None, None)
 
 

@@ -85,6 +85,8 @@ def test_megatron_settings_it_cannot_honour_are_refused_before_launch(
 ) -> None:
     from engines.torch_engine.launch import launch
 
-    cfg = load_config(RECIPE, overrides, workdir=tmp_path)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message):  # refused when the config loads ...
+        load_config(RECIPE, overrides, workdir=tmp_path)
+    cfg = load_config(RECIPE, overrides, workdir=tmp_path, check=False)
+    with pytest.raises(ValueError, match=message):  # ... and by the launcher, for a config built in code
         launch(cfg, None, None)

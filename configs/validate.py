@@ -1,0 +1,324 @@
+"""Every config mistake that can be known before work starts, found in milliseconds.
+
+Two kinds of checks, split by what they depend on:
+
+- `config_problems` (run by `load_config`, always): the config against itself and the registries:
+  the parallel layout against the world size, the engine against the family, LoRA against the
+  layout, every registry name (family, manifest format, captioner, benchmark, template) and
+  literal-like value, frame counts and sizes against the family's rule. Machine-independent, so a
+  recipe loads the same on a laptop, in CI and on the cluster.
+- `stage_problems` (run at the start of a stage, before anything is written): what depends on this
+  machine: the manifest exists (prep), local `pretrained:` folders exist, a resume checkpoint or an
+  evaluated model folder exists. A recipe whose data lives on the cluster still loads elsewhere.
+
+Nothing here imports torch or a model library: names and rules come from `configs.catalog`, which a
+test holds to the real registries, or from registries that are cheap to import. The layout rules are
+the ones both engines' launchers call (`engines/torch_engine/launch.py:validate_layout`,
+`engines/megatron/trainer.py:validate`), so a layout is refused by the same words at load and at launch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal, get_args
+
+from configs.catalog import BENCHMARKS, CAPTIONERS, FAMILIES, MEGATRON_FAMILIES, PROMPT_TEMPLATES
+from configs.schema import ParallelConfig, PipelineConfig
+
+
+class ConfigError(ValueError):
+    """A config the user must fix; the message says what to change."""
+
+
+Stage = Literal["run", "prep", "train", "eval"]
+STAGES: tuple[Stage, ...] = get_args(Stage)
+_DEVICE = re.compile(r"^(auto|cpu|cuda|npu|mps|xpu)(:\d+)?$")
+
+
+def _names(names: Iterable[object]) -> str:
+    return ", ".join(str(n) for n in names)
+
+
+def world_size(cfg: PipelineConfig) -> int:
+    return cfg.train.nnodes * cfg.train.nproc_per_node
+
+
+# ---- the parallel layout: both engines' launchers call this ------------------------------------------
+def _factors(p: ParallelConfig, dp_shard: int | str) -> str:
+    return f"dp_replicate={p.dp_replicate} x dp_shard={dp_shard} x cp={p.cp} x tp={p.tp} x pp={p.pp}"
+
+
+def torch_layout_problems(cfg: PipelineConfig) -> list[str]:
+    """The torch engine's rules: FSDP2/DDP/HSDP x CP x TP x PP must multiply to the ranks."""
+    t, p = cfg.train, cfg.train.parallel
+    out = []
+    if p.pp_schedule == "interleaved_1f1b" and p.pp_virtual_stages < 2:
+        out.append(
+            f"train.parallel.pp_schedule=interleaved_1f1b needs pp_virtual_stages >= 2 (got {p.pp_virtual_stages}); "
+            "set train.parallel.pp_virtual_stages: 2 or more, or pp_schedule: 1f1b"
+        )
+    if t.lora.enabled and p.tp > 1:
+        out.append(
+            f"train.lora with train.parallel.tp > 1 is not supported (tp={p.tp}): the TP plans shard the very "
+            "projections LoRA wraps; shard a LoRA run with FSDP (parallel.dp_shard) instead"
+        )
+    world = world_size(cfg)
+    fixed = p.dp_replicate * p.cp * p.tp * p.pp
+    ranks = f"train.nnodes={t.nnodes} x train.nproc_per_node={t.nproc_per_node}"
+    if p.dp_shard == -1:
+        if world % fixed:
+            out.append(
+                f"train.parallel: impossible parallel layout: world size {world} ({ranks}) is not divisible by "
+                f"dp_replicate*cp*tp*pp = {_factors(p, '?')} = {fixed}; change train.parallel or the number of "
+                "ranks (nnodes x nproc_per_node)"
+            )
+    elif fixed * p.dp_shard != world:
+        out.append(
+            f"train.parallel: impossible parallel layout: dp_replicate*dp_shard*cp*tp*pp = {_factors(p, p.dp_shard)} = "
+            f"{fixed * p.dp_shard}, but the world size is {world} ({ranks}); the degrees must multiply to the number "
+            "of ranks (set one of them to fit, or dp_shard: -1 to take the rest)"
+        )
+    return out
+
+
+def megatron_layout_problems(cfg: PipelineConfig) -> list[str]:
+    """The megatron engine's rules: its families, no LoRA, no torch-only settings, TP x PP x CP divide the
+    ranks (data parallel is the rest). The layer split and CP's need for CUDA are checked at launch."""
+    t, p = cfg.train, cfg.train.parallel
+    out = []
+    if cfg.model.family not in MEGATRON_FAMILIES:
+        out.append(
+            f"train.engine=megatron trains {', '.join(MEGATRON_FAMILIES)}; {cfg.model.family!r} trains on the torch "
+            "engine (train.engine=torch)"
+        )
+    if t.lora.enabled:
+        out.append(
+            "train.lora is not supported on the megatron engine: megatron-core's tensor-parallel linears have no "
+            "peft adapters here. Use train.engine=torch for LoRA (FSDP2 shards it), or train the full model"
+        )
+    unsupported = {
+        "train.parallel.dp_replicate": p.dp_replicate != 1,
+        "train.parallel.dp_shard": p.dp_shard != -1,
+        "train.ema.enabled": t.ema.enabled,
+        "train.compile": t.compile,
+        "train.async_checkpoint": t.async_checkpoint,
+        "train.profile.enabled": t.profile.enabled,
+        "train.fsdp.param_dtype=bfloat16 (use train.mixed_precision=bf16)": t.fsdp.param_dtype != "float32",
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        out.append(
+            f"{', '.join(bad)}: not available on the megatron engine (data parallel is what tp x pp x cp leave "
+            "of the ranks; set train.megatron.distributed_optimizer to shard optimizer state)"
+        )
+    world, model_parallel = world_size(cfg), p.tp * p.pp * p.cp
+    if world % model_parallel:
+        out.append(
+            f"train.parallel: tp={p.tp} x pp={p.pp} x cp={p.cp} = {model_parallel} does not divide the {world} ranks "
+            f"(train.nnodes={t.nnodes} x train.nproc_per_node={t.nproc_per_node}); change the degrees or the ranks"
+        )
+    if p.sequence_parallel and p.tp == 1:
+        out.append(
+            "train.parallel.sequence_parallel=true needs tp > 1: it splits the sequence across the TP group; "
+            "set train.parallel.tp or sequence_parallel: false"
+        )
+    vpp = p.pp_virtual_stages
+    if vpp > 1:
+        micro = p.pp_microbatches or t.grad_accum
+        if p.pp < 2:
+            out.append(f"train.parallel.pp_virtual_stages={vpp}: virtual pipeline stages (vpp > 1) need pp > 1")
+        elif micro % p.pp:
+            out.append(
+                f"interleaved 1F1B needs the micro-batches per step ({micro}) to be a multiple of pp={p.pp}: set "
+                "train.grad_accum (or train.parallel.pp_microbatches) accordingly"
+            )
+    return out
+
+
+def layout_problems(cfg: PipelineConfig) -> list[str]:
+    """What the launchers refuse before any process starts, for the configured engine."""
+    t = cfg.train
+    out = []
+    if t.nnodes > 1 and not t.rdzv_endpoint:
+        out.append(f"train.nnodes={t.nnodes} needs train.rdzv_endpoint (host:port reachable from every node)")
+    if t.node_rank >= t.nnodes:
+        out.append(f"train.node_rank={t.node_rank} must be below train.nnodes={t.nnodes}")
+    out += megatron_layout_problems(cfg) if t.engine == "megatron" else torch_layout_problems(cfg)
+    facts = FAMILIES.get(cfg.model.family)
+    if facts is not None and not facts.vision_tower and cfg.model.freeze_vision_tower is not None:
+        out.append(
+            f"model.freeze_vision_tower applies to vision-language families; {cfg.model.family!r} has no vision "
+            "tower: remove the key"
+        )
+    return out
+
+
+def check_layout(cfg: PipelineConfig) -> None:
+    """Raise ConfigError (a ValueError) listing what the launcher refuses: the launchers' checks that need no
+    process, no device and no model, so load_config and both engines refuse a layout in the same words."""
+    if problems := layout_problems(cfg):
+        raise ConfigError("\n".join(problems))
+
+
+# ---- everything else that does not depend on the machine ---------------------------------------------
+def _family_problems(cfg: PipelineConfig) -> list[str]:
+    name = cfg.model.family
+    facts = FAMILIES.get(name)
+    if facts is None:
+        return [
+            f"model.family={name!r} is not a known model family; known families: {_names(sorted(FAMILIES))} "
+            "(`flowspeed models list` describes them)"
+        ]
+    d = cfg.data
+    out = []
+    if d.buckets.mode == "fixed":
+        if err := facts.frame_error(name, d.num_frames):
+            out.append(f"data.num_frames={d.num_frames}: {err}; set data.num_frames accordingly")
+        for side, key in ((d.height, "height"), (d.width, "width")):
+            if side % facts.size_multiple:
+                out.append(
+                    f"data.{key}={side} must be a multiple of {facts.size_multiple} for {name} (e.g. "
+                    f"{max(side // facts.size_multiple, 1) * facts.size_multiple})"
+                )
+    for res, frames in d.buckets.bucket_config.items():
+        for n in frames:
+            if err := facts.frame_error(name, int(n)):
+                out.append(f"data.buckets.bucket_config[{res}][{n}]: {err}")
+    return out
+
+
+def _registry_problems(cfg: PipelineConfig) -> list[str]:
+    from datasets_prep.manifest import known_formats  # stdlib only: the registry itself
+
+    out = []
+    fmt = cfg.data.manifest_format
+    if fmt != "auto" and fmt not in known_formats():
+        out.append(
+            f"data.manifest_format={fmt!r} is not a manifest format; use auto (detect from the file) or one of: "
+            f"{_names(known_formats())}"
+        )
+    cap = cfg.data.caption
+    if cap.model not in CAPTIONERS:
+        out.append(f"data.caption.model={cap.model!r} is not a captioner; known captioners: {_names(CAPTIONERS)}")
+    elif cap.enabled and not cap.pretrained and cap.preset not in CAPTIONERS[cap.model]:
+        presets = CAPTIONERS[cap.model]
+        fix = f"use preset: {' or '.join(presets)}, or" if presets else "it has no random-init preset:"
+        out.append(
+            f"data.caption.preset={cap.preset!r} is not a preset of captioner {cap.model}; {fix} set "
+            "data.caption.pretrained to its checkpoint"
+        )
+    for i, b in enumerate(cfg.eval.benchmarks):
+        if b.name not in BENCHMARKS:
+            out.append(f"eval.benchmarks[{i}].name={b.name!r} is not a benchmark; known: {_names(BENCHMARKS)}")
+        if b.template is not None and b.template not in PROMPT_TEMPLATES:
+            out.append(
+                f"eval.benchmarks[{i}].template={b.template!r} is not a prompt template; known: "
+                f"{_names(PROMPT_TEMPLATES)} (or leave it unset for the family's)"
+            )
+    return out
+
+
+def _value_problems(cfg: PipelineConfig) -> list[str]:
+    out = []
+    resume = cfg.train.resume
+    if resume not in ("auto", "never") and not _looks_like_path(resume):
+        out.append(
+            f"train.resume={resume!r}: use auto (the newest checkpoint in the output folder), never, or the path "
+            f"of a checkpoint directory (write ./{resume} for a folder of that name here)"
+        )
+    for key, value in (("data.device", cfg.data.device), ("train.device", cfg.train.device)):
+        if not _DEVICE.match(value):
+            out.append(f"{key}={value!r} is not a device; use auto, cpu, cuda, npu (optionally :N, e.g. cuda:1)")
+    return out
+
+
+def config_problems(cfg: PipelineConfig) -> list[str]:
+    """Every mistake `load_config` refuses: each a paragraph naming the key, the value and the fix."""
+    return _family_problems(cfg) + layout_problems(cfg) + _registry_problems(cfg) + _value_problems(cfg)
+
+
+# ---- what depends on this machine: checked when a stage starts, before it writes anything ------------
+def _looks_like_path(value: str) -> bool:
+    """A local path rather than a hub id (`org/name`) or a registry URI (`models:/...`)."""
+    return value.startswith(("/", "./", "../", "~", ".\\")) or value in (".", "..") or "\\" in value
+
+
+def _missing(key: str, value: str | Path, what: str, fix: str, folder: bool) -> str | None:
+    path = Path(value).expanduser()
+    if folder and path.is_dir() or not folder and path.exists():
+        return None
+    return f"{key}={value}: {what} does not exist on this machine ({path.resolve()}); {fix}"
+
+
+def stage_problems(cfg: PipelineConfig, stage: str) -> list[str]:
+    """Paths `stage` ("prep", "train", "eval" or "run": all three) will read, checked before any file is
+    written. Not part of `load_config`: a recipe names data that exists where it runs, not everywhere."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    prep, train, ev = (stage in ("run", s) for s in ("prep", "train", "eval"))
+    d, e = cfg.data, cfg.eval
+    # (key, value, what it is, how to fix it, must be a folder); a None value is not checked
+    wanted: list[tuple[str, str | Path | None, str, str, bool]] = []
+    for comp_name in ("vae", "text_encoder", "transformer"):
+        pretrained = getattr(cfg.model, comp_name).pretrained
+        fix = "point it at a local checkpoint folder, or set `preset: tiny` and remove `pretrained`"
+        wanted.append((f"model.{comp_name}.pretrained", _local(pretrained), "the weights folder", fix, False))
+    if prep:
+        aes, cap = d.curate.aesthetic, d.caption
+        wanted += [
+            ("data.manifest", d.manifest, "the manifest", "set data.manifest, or write a demo dataset with "
+             "`flowspeed demo-data DIR`", False),
+            ("data.incoming", d.incoming, "the folder", "create it or unset data.incoming", True),
+            ("data.caption.pretrained", _local(cap.pretrained) if cap.enabled else None, "the captioner checkpoint",
+             "point it at a local folder", False),
+            ("data.curate.aesthetic.head", aes.head if aes.enabled else None, "the head weights file",
+             "unset it for a seeded random head", False),
+        ]  # fmt: skip
+    if train and cfg.train.resume not in ("auto", "never"):
+        fix = "use auto, never, or an existing step-N folder"
+        wanted.append(("train.resume", cfg.train.resume, "the checkpoint directory", fix, True))
+    if ev:
+        # a path this very run writes (its own export or checkpoint) need not exist before it starts
+        model = e.model if e.model and not e.model.startswith("models:/") else None
+        if stage == "run" and _under(model, cfg.train_dir):
+            model = None
+        fix = "use models:/NAME/VERSION, a step-N checkpoint or an export folder"
+        wanted.append(("eval.model", model, "the model folder", fix, False))
+        for i, b in enumerate(e.benchmarks):
+            wanted.append((f"eval.benchmarks[{i}].tsv", b.tsv, "the benchmark TSV", "point it at the file", False))
+        g = e.generation
+        reference = g.reference if g.reference != "held_out" else None
+        wanted.append(("eval.generation.reference", reference, "the reference folder",
+                       "use held_out or a folder of videos/images", True))  # fmt: skip
+        for key in ("inception_weights", "i3d_weights", "dino"):
+            wanted.append((f"eval.generation.{key}", getattr(g, key), "the file", "unset it for a random init", False))
+    found = (_missing(key, value, what, fix, folder) for key, value, what, fix, folder in wanted if value)
+    return [f for f in found if f]
+
+
+def _local(value: str | None) -> str | None:
+    """`value` when it names a local path (checked), None for a hub id (the hub decides)."""
+    return value if value and _looks_like_path(value) else None
+
+
+def _under(value: str | None, folder: Path) -> bool:
+    if not value:
+        return False
+    try:
+        Path(value).expanduser().resolve().relative_to(Path(folder).resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def explain(problems: list[str], source: str) -> str:
+    """Problems as the error `load_config` and the CLI show: one paragraph each, under the config's name."""
+    return f"invalid config {source}:\n  " + "\n  ".join(problems)
+
+
+def check_stage(cfg: PipelineConfig, stage: str, source: str = "<config>") -> None:
+    """Raise ConfigError when `stage` would read a path that is not there; call before writing anything."""
+    if problems := stage_problems(cfg, stage):
+        raise ConfigError(explain(problems, source))

@@ -1,0 +1,274 @@
+"""Configs are checked before any work starts (issue 19 item 3): every mistake the config alone reveals is
+refused by `load_config` with one paragraph naming the key, the value and the fix; what depends on the
+machine (paths) is refused when a stage starts, before it writes anything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from configs import ConfigError, load_config
+from configs.catalog import BENCHMARKS, CAPTIONERS, FAMILIES, MEGATRON_FAMILIES, PROMPT_TEMPLATES
+from configs.validate import check_stage, config_problems, stage_problems
+from flows.config_cli import config_app
+from tests.conftest import QUICKSTART, REPO
+
+PIPELINES = REPO / "configs" / "pipelines"
+MEGATRON = PIPELINES / "qwen2_vl-sft-megatron.yaml"
+SDXL = REPO / "configs" / "sdxl-quickstart.yaml"
+SHIPPED = sorted(
+    [*(REPO / "configs").glob("*.yaml"), *PIPELINES.rglob("*.yaml"), *(REPO / "configs" / "eval").rglob("*.yaml")]
+)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_shipped_config_loads(path: Path) -> None:
+    load_config(path)
+
+
+# (config, overrides, words the refusal must contain: the key, the value, the allowed values or the fix)
+MISTAKES = {
+    "unknown family": (QUICKSTART, ["model.family=nope"], ["model.family='nope'", "cogvideox", "whisper"]),
+    "layout vs world size (dp_shard=-1)": (
+        QUICKSTART,
+        ["train.nproc_per_node=2", "train.parallel.tp=3"],
+        [r"dp_replicate=1 x dp_shard=? x cp=1 x tp=3 x pp=1", "world size 2", "train.nproc_per_node=2"],
+    ),
+    "layout vs world size (explicit)": (
+        QUICKSTART,
+        ["train.nproc_per_node=2", "train.parallel.dp_shard=2", "train.parallel.cp=2"],
+        ["dp_shard=2 x cp=2 x tp=1 x pp=1 = 4, but the world size is 2", "dp_shard: -1"],
+    ),
+    "lora with tp": (
+        QUICKSTART,
+        ["train.nproc_per_node=2", "train.parallel.dp_shard=1", "train.parallel.tp=2", "train.lora.enabled=true"],
+        ["train.lora with train.parallel.tp > 1", "tp=2", "dp_shard"],
+    ),
+    "interleaved without virtual stages": (
+        QUICKSTART,
+        ["train.parallel.pp_schedule=interleaved_1f1b"],
+        ["interleaved_1f1b needs pp_virtual_stages >= 2", "got 1"],
+    ),
+    "nnodes without rendezvous": (QUICKSTART, ["train.nnodes=2"], ["train.nnodes=2 needs train.rdzv_endpoint"]),
+    "node rank": (QUICKSTART, ["train.node_rank=1"], ["train.node_rank=1 must be below train.nnodes=1"]),
+    "megatron with a diffusion family": (
+        QUICKSTART,
+        ["train.engine=megatron"],
+        ["train.engine=megatron trains qwen2_vl, llava; 'cogvideox' trains on the torch", "train.engine=torch"],
+    ),
+    "megatron with lora": (MEGATRON, ["train.lora.enabled=true"], ["train.lora is not supported on the megatron"]),
+    "megatron with ema": (MEGATRON, ["train.ema.enabled=true"], ["train.ema.enabled: not available on the megatron"]),
+    "megatron tp x pp vs ranks": (MEGATRON, ["train.parallel.tp=3"], ["tp=3 x pp=2 x cp=1 = 6 does not divide the 2"]),
+    "megatron micro-batches": (
+        MEGATRON,
+        ["train.parallel.pp_virtual_stages=2", "train.grad_accum=3"],
+        ["micro-batches per step (3) to be a multiple of pp=2", "train.grad_accum"],
+    ),
+    "megatron sequence parallel without tp": (
+        MEGATRON,
+        ["train.parallel.sequence_parallel=true"],
+        ["sequence_parallel=true needs tp > 1"],
+    ),
+    "vision tower switch on a family without one": (
+        QUICKSTART,
+        ["model.freeze_vision_tower=true"],
+        ["model.freeze_vision_tower", "'cogvideox' has no vision tower", "remove the key"],
+    ),
+    "frames against 4k+1": (QUICKSTART, ["data.num_frames=8"], ["data.num_frames=8", "4k+1 frames (e.g. 5 or 9)"]),
+    "frames of an image family": (SDXL, ["data.num_frames=9"], ["data.num_frames=9", "sdxl is an image model"]),
+    "bucket frames": (
+        QUICKSTART,
+        ["data.buckets.mode=opensora", "data.buckets.bucket_config={240p: {8: [1.0, 2]}}"],
+        ["data.buckets.bucket_config[240p][8]", "4k+1"],
+    ),
+    "size multiple": (QUICKSTART, ["data.height=60"], ["data.height=60 must be a multiple of 16", "e.g. 48"]),
+    "manifest format": (
+        QUICKSTART,
+        ["data.manifest_format=jsnol"],
+        ["data.manifest_format='jsnol'", "auto", "jsonl", "sharegpt"],
+    ),
+    "captioner": (QUICKSTART, ["data.caption.model=blip"], ["data.caption.model='blip'", "qwen2_vl", "internvl"]),
+    "captioner preset": (
+        QUICKSTART,
+        ["data.caption.enabled=true", "data.caption.model=llava"],
+        ["data.caption.preset='tiny'", "llava", "data.caption.pretrained"],
+    ),
+    "resume literal": (QUICKSTART, ["train.resume=sometimes"], ["train.resume='sometimes'", "auto", "never", "./"]),
+    "device": (QUICKSTART, ["train.device=gpu"], ["train.device='gpu'", "cuda"]),
+    "task runner literal": (QUICKSTART, ["data.task_runner=slurm"], ["data.task_runner", "'thread'", "'ray'"]),
+    "decoder literal": (QUICKSTART, ["data.decoder=ffmpeg"], ["data.decoder", "'decord'", "'pyav'"]),
+    "benchmark": (
+        QUICKSTART,
+        ["eval.benchmarks=[{name: mmlu, tsv: x.tsv, template: nope}]"],
+        ["eval.benchmarks[0].name='mmlu'", "ai2d", "eval.benchmarks[0].template='nope'"],
+    ),
+    "gate metric": (
+        QUICKSTART,
+        ["tracking.registry.gates=[{metric: eval/bogus}]"],
+        ["eval/bogus", "direction: lower|higher"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_load_refuses_the_mistake_naming_key_value_and_fix(name: str) -> None:
+    config, overrides, words = MISTAKES[name]
+    with pytest.raises(ConfigError) as err:
+        load_config(config, overrides)
+    msg = str(err.value)
+    assert msg.startswith(f"invalid config {config}:")
+    for word in words:
+        assert word in msg, f"{word!r} not in:\n{msg}"
+    assert "Traceback" not in msg
+
+
+def test_every_mistake_is_listed_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(QUICKSTART, ["model.family=nope", "train.resume=sometimes", "data.manifest_format=x"])
+    assert [line.split("=")[0].strip() for line in str(err.value).splitlines()[1:]] == [
+        "model.family",
+        "data.manifest_format",
+        "train.resume",
+    ]
+
+
+def test_unchecked_load_returns_the_config_and_the_launchers_refuse_it_in_the_same_words() -> None:
+    from engines.torch_engine.launch import validate_layout
+
+    cfg = load_config(QUICKSTART, ["train.nproc_per_node=2", "train.parallel.tp=3"], check=False)
+    assert config_problems(cfg)
+    with pytest.raises(ValueError, match=r"dp_replicate=1 x dp_shard=\? x cp=1 x tp=3 x pp=1"):
+        validate_layout(cfg)
+    ok = load_config(QUICKSTART, ["train.nproc_per_node=2", "train.parallel.tp=2"])
+    assert validate_layout(ok).dp_shard == 1
+
+
+def test_the_megatron_launcher_refuses_in_the_same_words() -> None:
+    from engines.megatron.trainer import validate
+
+    cfg = load_config(QUICKSTART, ["train.engine=megatron"], check=False)
+    with pytest.raises(ValueError, match="train.engine=megatron trains qwen2_vl, llava; 'cogvideox'"):
+        validate(cfg)
+    validate(load_config(MEGATRON))
+
+
+def test_the_catalog_is_the_registries() -> None:
+    """The light table the checks read agrees with what the stages will do: names, frame rules, sizes,
+    vision towers, the megatron engine's models, prep's captioners (and their presets), the benchmarks."""
+    import torch
+
+    from configs.schema import CaptionConfig
+    from datasets_prep.caption import CAPTIONERS as REAL_CAPTIONERS
+    from engines.megatron.vlm import MODELS
+    from engines.models import get_family, known_families
+    from evaluation import benchmarks
+
+    assert sorted(FAMILIES) == known_families()
+    for name, facts in FAMILIES.items():
+        family = get_family(name)
+        assert type(family).__module__ == facts.module, name
+        for n in range(1, 70):
+            assert (family.frame_count_error(n) is None) == (facts.frame_error(name, n) is None), (name, n)
+        assert family.size_multiple == facts.size_multiple, name
+        assert bool(family.vision_tower) == facts.vision_tower, name
+    assert MEGATRON_FAMILIES == tuple(MODELS)
+    assert BENCHMARKS == tuple(benchmarks.BENCHMARKS) and PROMPT_TEMPLATES == tuple(benchmarks.PROMPT_TEMPLATES)
+    assert sorted(CAPTIONERS) == sorted(REAL_CAPTIONERS)
+    for name, presets in CAPTIONERS.items():
+        for preset in {"tiny", "nope"} - set(presets):
+            with pytest.raises(ValueError, match="preset|pretrained"):
+                REAL_CAPTIONERS[name](CaptionConfig(model=name, preset=preset), torch.device("cpu"))
+
+
+# ---- what depends on the machine: at the start of a stage ---------------------------------------------
+def test_paths_are_checked_by_the_stage_that_reads_them(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    cfg = load_config(
+        QUICKSTART,
+        [f"data.manifest={missing}.jsonl", f"train.resume={missing}", f"eval.model={missing}",
+         f"model.vae.pretrained={missing}", "model.text_encoder.pretrained=org/hub-id"],
+    )  # fmt: skip
+    keys = {s: [p.split("=")[0] for p in stage_problems(cfg, s)] for s in ("prep", "train", "eval", "run")}
+    assert keys["prep"] == ["model.vae.pretrained", "data.manifest"]  # a hub id is not a path
+    assert keys["train"] == ["model.vae.pretrained", "train.resume"]
+    assert keys["eval"] == ["model.vae.pretrained", "eval.model"]
+    assert keys["run"] == ["model.vae.pretrained", "data.manifest", "train.resume", "eval.model"]
+    with pytest.raises(ConfigError, match=r"data.manifest=.*missing.jsonl: the manifest does not exist.*demo-data"):
+        check_stage(cfg, "prep")
+
+
+def test_a_recipe_naming_cluster_paths_loads_anywhere_and_is_refused_where_they_are_missing() -> None:
+    recipe = PIPELINES / "published" / "opensora-v1.2.yaml"
+    cfg = load_config(recipe)
+    problems = stage_problems(cfg, "train")
+    assert any(p.startswith("model.transformer.pretrained=/models/OpenSora-STDiT-v3") for p in problems)
+
+
+def test_a_complete_setup_passes_every_stage(tmp_path: Path) -> None:
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("")
+    ckpt = tmp_path / "train" / "checkpoints" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    cfg = load_config(QUICKSTART, [f"data.manifest={manifest}", f"eval.model={ckpt}"], workdir=tmp_path)
+    for stage in ("prep", "train", "eval", "run"):
+        assert stage_problems(cfg, stage) == []
+    # the export this very run will write is not required to exist before it starts, only by `eval` alone
+    later = load_config(QUICKSTART, [f"data.manifest={manifest}", f"eval.model={tmp_path / 'train' / 'final'}"],
+                        workdir=tmp_path)  # fmt: skip
+    assert stage_problems(later, "run") == []
+    assert [p.split("=")[0] for p in stage_problems(later, "eval")] == ["eval.model"]
+
+
+# ---- flowspeed config show / validate ----------------------------------------------------------------
+def _cli(*args: str | Path) -> object:
+    return CliRunner().invoke(config_app, [str(a) for a in args])
+
+
+def test_config_show_prints_the_resolved_config(tmp_path: Path) -> None:
+    import yaml
+
+    out = _cli("show", QUICKSTART, "--set", "train.max_steps=5", "--workdir", tmp_path)
+    assert out.exit_code == 0, out.output
+    shown = yaml.safe_load(out.stdout)
+    assert shown["train"]["max_steps"] == 5 and shown["workdir"] == str(tmp_path)
+    assert shown["model"]["max_text_length"] == 128  # from the included preset
+    assert load_config(QUICKSTART, ["train.max_steps=5"], tmp_path).model_dump(mode="json") == shown
+
+
+def test_config_show_of_a_refused_config_prints_it_and_why() -> None:
+    out = _cli("show", QUICKSTART, "--set", "train.resume=sometimes")
+    assert out.exit_code == 1
+    assert "resume: sometimes" in out.stdout and "train.resume='sometimes'" in out.stderr
+
+
+def test_config_validate(tmp_path: Path) -> None:
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("")
+    ok = _cli("validate", QUICKSTART, "--set", f"data.manifest={manifest}")
+    assert (ok.exit_code, ok.stdout) == (0, "ok\n")
+    bad = _cli("validate", QUICKSTART, "--set", "model.family=nope", "--set", f"data.manifest={manifest}")
+    assert bad.exit_code == 1 and "model.family='nope' is not a known model family" in bad.stderr
+    no_data = _cli("validate", QUICKSTART, "--set", f"data.manifest={tmp_path / 'none.jsonl'}")
+    assert no_data.exit_code == 1 and "the manifest does not exist" in no_data.stderr
+    elsewhere = f"data.manifest={tmp_path / 'none.jsonl'}"
+    assert _cli("validate", QUICKSTART, "--set", elsewhere, "--stage", "train").exit_code == 0  # train reads prep's
+    assert _cli("validate", QUICKSTART, "--set", elsewhere, "--no-paths").exit_code == 0
+    unknown_key = _cli("validate", QUICKSTART, "--set", "train.max_step=5")
+    assert unknown_key.exit_code == 1 and "unknown key `train.max_step`" in unknown_key.stderr
+
+
+def test_flowspeed_run_refuses_before_writing_anything(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    for mistake, named in (("model.family=nope", "model.family"), ("train.parallel.tp=3", "tp=3")):
+        out = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", "configs/quickstart.yaml", "--workdir", str(work),
+             "--set", mistake],
+            cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 1, out.stderr
+        assert named in out.stderr and "Traceback" not in out.stderr
+        assert not work.exists()
