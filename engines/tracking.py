@@ -11,6 +11,17 @@ timestamp it was recorded with, and MLflow's SQL store drops a row identical in 
 step, value), so a batch whose reply was lost and is sent again is not stored twice. If the server
 is still away when training ends (after `grace_s`), what is left goes to a JSONL file beside the
 training output and `replay_undelivered` delivers it later (the train flow tries right away).
+
+A run can also be killed (SIGKILL: no `close`). So before a checkpoint is published the trainer calls
+`persist`: every metric logged so far is delivered, or (server slow or away: the wait is short and
+bounded) appended and fsync'ed to that same file, and stays queued too. What a checkpoint covers is
+then never lost, whatever happens next; a row in the file that was also delivered is harmless (the
+stores drop the identical row, and `replay_undelivered` skips steps the run already holds).
+
+A resume continues the same MLflow run from its checkpoint step, and the killed process may have
+delivered steps after it. Resumes are bit-identical, so those values are the ones the resumed run
+would log: the sender asks the run once for the last step of `progress_key` (and reads the file
+above), and drops metrics of steps up to it. Each step is in the run once; a new run gets them all.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from configs import PipelineConfig
 log = logging.getLogger(__name__)
 
 UNDELIVERED_DIR = "mlflow-undelivered"
+PROGRESS_KEY = "train/loss"
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -73,6 +85,8 @@ class Tracker:
         undelivered_dir: Path | None = None,
         grace_s: float = 300.0,
         max_backoff_s: float = 30.0,
+        persist_wait_s: float = 10.0,
+        progress_key: str = PROGRESS_KEY,
     ) -> None:
         self.client = MlflowClient(uri)
         self.uri = uri
@@ -81,15 +95,21 @@ class Tracker:
         self.undelivered_dir = undelivered_dir
         self.grace_s = grace_s
         self.max_backoff_s = max_backoff_s
+        self.persist_wait_s = persist_wait_s
+        self.progress_key = progress_key
         self._buffer: list[Metric] = []
         self._steps_since_flush = 0
-        self._pending: deque[tuple[list[Metric], list[RunTag]]] = deque()
+        self._pending: deque[_Batch] = deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._current: list[tuple[list[Metric], list[RunTag]]] = []
+        self._current: list[_Batch] = []
         self._abandoned = False
         self._outage_since: float | None = None
         self.undelivered = 0
+        # Steps this run already holds (see the module docstring): from the undelivered file now, from
+        # the server once the sender reaches it (None until then: nothing is sent before it is known).
+        self._journal_step = self._journaled_progress()
+        self.skip_through: int | None = None
         self._sender = threading.Thread(target=self._send_loop, name=f"mlflow-sender-{run_id[:8]}", daemon=True)
         self._sender.start()
 
@@ -102,11 +122,20 @@ class Tracker:
             self.flush()
 
     def flush(self) -> None:
-        """Queue what is buffered (log_batch takes at most 1000 metrics per call)."""
+        """Queue what is buffered. log_batch takes at most 1000 metrics per call; chunks end at a step
+        boundary where they can, so a kill between two calls leaves whole steps in the run (the resume
+        skips steps by their train/loss, and a step cut in half would lose its other metrics)."""
         with self._cond:
             while self._buffer:
-                chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-                self._pending.append((chunk, []))
+                cut = min(len(self._buffer), 1000)
+                if cut < len(self._buffer):
+                    last = self._buffer[cut].step
+                    while cut > 1 and self._buffer[cut - 1].step == last:
+                        cut -= 1
+                    if self._buffer[cut - 1].step == last:  # one step of over 1000 metrics: split it
+                        cut = 1000
+                chunk, self._buffer = self._buffer[:cut], self._buffer[cut:]
+                self._pending.append(_Batch(chunk, []))
             self._cond.notify_all()
         self._steps_since_flush = 0
 
@@ -114,8 +143,35 @@ class Tracker:
         # Tag values are capped at 5000 characters by the stores.
         batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
         with self._cond:
-            self._pending.append(([], batch))
+            self._pending.append(_Batch([], batch))
             self._cond.notify_all()
+
+    def persist(self) -> int:
+        """Make everything logged so far survive a kill: delivered, or fsync'ed to the undelivered file.
+
+        Called before a checkpoint is published, so the steps it covers are never lost (a resume starts
+        after them and does not log them again). Waits up to `persist_wait_s` for the sender, and not
+        at all while the server is known to be away: an outage must not stall training at every
+        checkpoint. Rows written to the file stay queued and are still sent when the server returns.
+        Returns how many metrics/tags went to the file.
+        """
+        self.flush()
+        deadline = time.monotonic() + self.persist_wait_s
+        with self._cond:
+            while (self._pending or self._current) and self._outage_since is None:
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    break
+                self._cond.wait(timeout=min(1.0, left_s))
+            batches = [b for b in [*self._current, *self._pending] if not b.journaled]
+            for b in batches:
+                b.journaled = True
+        if not batches:
+            return 0
+        n = self._write_undelivered(batches)
+        log.warning("MLflow at %s has not taken the metrics up to this checkpoint yet: %d metrics/tags kept in %s "
+                    "until it does", self.uri, n, self.undelivered_dir)  # fmt: skip
+        return n
 
     def log_artifacts(self, local: Path, artifact_path: str | None = None) -> None:
         """Synchronous, and skipped with a warning when the server is away: artifacts (profiles) are
@@ -144,7 +200,17 @@ class Tracker:
             self._abandoned = bool(left)
             self._cond.notify_all()
         if left:
-            self.undelivered = self._write_undelivered(left)
+            fresh = [b for b in left if not b.journaled]  # `persist` already wrote the others
+            self.undelivered = len(self._rows(left))
+            if fresh:
+                self._write_undelivered(fresh)
+            log.error("MLflow at %s still unreachable after %.0f s: %d metrics/tags are in %s; "
+                      "`flowspeed sync-metrics %s` delivers them", self.uri, self.grace_s, self.undelivered,
+                      self.undelivered_dir, self.undelivered_dir)  # fmt: skip
+        elif self.undelivered_dir is not None and (path := self.undelivered_dir / f"{self.run_id}.jsonl").is_file():
+            # Everything reached the server, which is up: hand it what `persist` (here or in a killed
+            # run this one resumes) kept on disk too, rather than leave it for `sync-metrics`.
+            _replay_file(path)
         return self.undelivered
 
     # -- the sender thread ---------------------------------------------------------------------------
@@ -159,17 +225,24 @@ class Tracker:
                 self._current = list(self._pending)
                 self._pending.clear()
             try:
+                if self.skip_through is None:
+                    self.skip_through = max(self._journal_step, self._delivered_progress())
+                    if self.skip_through:
+                        log.info("MLflow run %s already holds steps up to %d: those are not logged again",
+                                 self.run_id, self.skip_through)  # fmt: skip
                 while self._current:
-                    metrics, tags = self._current[0]
+                    batch = self._current[0]
+                    metrics = [m for m in batch.metrics if m.step > self.skip_through]
                     try:
-                        self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
+                        if metrics or batch.tags:
+                            self.client.log_batch(self.run_id, metrics=metrics, tags=batch.tags)
                     except MlflowException as exc:
                         if not _refused(exc):
                             raise
                         # The server answered "no" (deleted run, a value it rejects): resending cannot
                         # help, and holding the batch would stall everything queued behind it.
                         log.error("MLflow refused %d metrics/tags of run %s, dropped: %s",
-                                  len(metrics) + len(tags), self.run_id, exc.message)  # fmt: skip
+                                  len(metrics) + len(batch.tags), self.run_id, exc.message)  # fmt: skip
                     with self._cond:
                         self._current = self._current[1:]
                         self._cond.notify_all()
@@ -192,12 +265,45 @@ class Tracker:
                             time.monotonic() - self._outage_since)  # fmt: skip
                 self._outage_since = None
 
-    def _write_undelivered(self, left: list[tuple[list[Metric], list[RunTag]]]) -> int:
-        rows = [{"metric": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for ms, _ in left
-                for m in ms] + [{"tag": t.key, "value": t.value} for _, ts in left for t in ts]  # fmt: skip
+    def _delivered_progress(self) -> int:
+        """The last step of `progress_key` the run holds (0 for none). Raises while the server is away,
+        which the sender treats like a failed send: it retries. A run the server refuses to show (a
+        deleted one) counts as empty: its batches will be refused and dropped anyway."""
+        try:
+            history = self.client.get_metric_history(self.run_id, self.progress_key)
+        except MlflowException as exc:
+            if not _refused(exc):
+                raise
+            return 0
+        return max((m.step for m in history), default=0)
+
+    def _journaled_progress(self) -> int:
+        """The last step of `progress_key` in this run's undelivered file (0 for none)."""
         if self.undelivered_dir is None:
-            log.error("MLflow unreachable at the end of run %s: %d metrics/tags lost (no undelivered_dir)",
-                      self.run_id, len(rows))  # fmt: skip
+            return 0
+        path = self.undelivered_dir / f"{self.run_id}.jsonl"
+        if not path.is_file():
+            return 0
+        steps = [r["step"] for r in _read_rows(path) if r.get("metric") == self.progress_key]
+        return max(steps, default=0)
+
+    def _rows(self, batches: list[_Batch]) -> list[dict[str, Any]]:
+        """The undelivered-file rows of `batches`, less the steps the run already holds."""
+        skip = max(self.skip_through or 0, self._journal_step)
+        metrics = [m for b in batches for m in b.metrics if m.step > skip]
+        return [{"metric": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in metrics] + [
+            {"tag": t.key, "value": t.value} for b in batches for t in b.tags
+        ]
+
+    def _write_undelivered(self, batches: list[_Batch]) -> int:
+        """Append `batches` to the run's undelivered file and fsync it; rows of steps the run already
+        holds are left out. Returns how many rows that was."""
+        rows = self._rows(batches)
+        if not rows:
+            return 0
+        if self.undelivered_dir is None:
+            log.error("MLflow unreachable: %d metrics/tags of run %s lost (no undelivered_dir)", len(rows),
+                      self.run_id)  # fmt: skip
             return len(rows)
         path = self.undelivered_dir / f"{self.run_id}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,10 +311,38 @@ class Tracker:
             f.write("".join(json.dumps({"run_id": self.run_id, "uri": self.uri, **r}) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())
-        log.error("MLflow at %s still unreachable after %.0f s: %d metrics/tags written to %s; "
-                  "`flowspeed sync-metrics %s` delivers them", self.uri, self.grace_s, len(rows), path,
-                  path.parent)  # fmt: skip
+        _fsync_dir(path.parent)  # a new file's name must survive a crash too
         return len(rows)
+
+
+class _Batch:
+    """One queued log_batch call; `journaled` once `persist` has written it to the undelivered file."""
+
+    __slots__ = ("metrics", "tags", "journaled")
+
+    def __init__(self, metrics: list[Metric], tags: list[RunTag]) -> None:
+        self.metrics, self.tags, self.journaled = metrics, tags, False
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of an undelivered file. A last line cut short by a kill mid-append is skipped (it was
+    never fsync'ed, so `persist` had not returned: its rows are still in the run or the resume)."""
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("skipping a cut-short line in %s", path)
+    return rows
 
 
 class NullTracker(Tracker):
@@ -226,6 +360,9 @@ class NullTracker(Tracker):
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
+
+    def persist(self) -> int:
+        return 0
 
     def log_artifacts(self, local: Path, artifact_path: str | None = None) -> None:
         pass
@@ -249,30 +386,44 @@ def make_tracker(
 
 
 def replay_undelivered(folder: Path) -> tuple[int, int]:
-    """Send what `Tracker.close` could not, file by file; a file is removed once all of it is in.
-    Returns (rows delivered, rows still waiting). Safe to repeat: the SQL stores skip rows they have."""
+    """Send what `Tracker.close` or `Tracker.persist` wrote, file by file; a file is removed once all of
+    it is in. Returns (rows delivered, rows still waiting). Safe to repeat: rows of a (key, step) the
+    run already holds are skipped (the sender may have delivered them after `persist` wrote them, or a
+    resume may have logged that step again, with another timestamp, while the server was away)."""
     delivered = waiting = 0
     for path in sorted(Path(folder).glob("*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if not rows:
-            path.unlink()
-            continue
-        uri, run_id = rows[0]["uri"], rows[0]["run_id"]
-        metrics = [Metric(r["metric"], r["value"], r["timestamp"], r["step"]) for r in rows if "metric" in r]
-        tags = [RunTag(r["tag"], r["value"]) for r in rows if "tag" in r]
-        client = MlflowClient(uri)
-        try:
-            for i in range(0, len(metrics), 1000):
-                client.log_batch(run_id, metrics=metrics[i : i + 1000])
-            for i in range(0, len(tags), 100):
-                client.log_batch(run_id, tags=tags[i : i + 100])
-        except Exception as exc:  # noqa: BLE001
-            log.warning("MLflow at %s still unreachable (%s): %s kept for later", uri, exc, path)
-            waiting += len(rows)
-            continue
-        path.unlink()
-        delivered += len(rows)
+        sent, left = _replay_file(path)
+        delivered, waiting = delivered + sent, waiting + left
     return delivered, waiting
+
+
+def _replay_file(path: Path) -> tuple[int, int]:
+    rows = _read_rows(path)
+    if not rows:
+        path.unlink()
+        return 0, 0
+    uri, run_id = rows[0]["uri"], rows[0]["run_id"]
+    client = MlflowClient(uri)
+    try:
+        held = {
+            key: {m.step for m in client.get_metric_history(run_id, key)}
+            for key in {r["metric"] for r in rows if "metric" in r}
+        }
+        metrics = []
+        for r in rows:  # a (key, step) once: its first row, unless the run already holds that step
+            if "metric" in r and r["step"] not in held[r["metric"]]:
+                held[r["metric"]].add(r["step"])
+                metrics.append(Metric(r["metric"], r["value"], r["timestamp"], r["step"]))
+        tags = [RunTag(r["tag"], r["value"]) for r in rows if "tag" in r]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        for i in range(0, len(tags), 100):
+            client.log_batch(run_id, tags=tags[i : i + 100])
+    except Exception as exc:  # noqa: BLE001
+        log.warning("MLflow at %s still unreachable (%s): %s kept for later", uri, exc, path)
+        return 0, len(rows)
+    path.unlink()
+    return len(rows), 0
 
 
 def start_system_metrics(cfg: PipelineConfig, uri: str | None, run_id: str | None) -> Any:

@@ -82,33 +82,12 @@ def num_microbatches(cfg: PipelineConfig) -> int:
 
 def validate(cfg: PipelineConfig) -> None:
     """What can be refused before any process starts: the family, LoRA, the torch-engine-only settings."""
-    t = cfg.train
-    if cfg.model.family not in FAMILIES:
-        raise ValueError(
-            f"train.engine=megatron trains {', '.join(FAMILIES)}; {cfg.model.family!r} trains on the torch engine "
-            "(train.engine=torch)"
-        )
-    if t.lora.enabled:
-        raise ValueError(
-            "train.lora is not supported on the megatron engine: megatron-core's tensor-parallel linears have no "
-            "peft adapters here. Use train.engine=torch for LoRA (FSDP2 shards it), or train the full model"
-        )
-    unsupported = {
-        "train.parallel.dp_replicate": t.parallel.dp_replicate != 1,
-        "train.parallel.dp_shard": t.parallel.dp_shard != -1,
-        "train.ema.enabled": t.ema.enabled,
-        "train.compile": t.compile,
-        "train.async_checkpoint": t.async_checkpoint,
-        "train.profile.enabled": t.profile.enabled,
-        "train.fsdp.param_dtype=bfloat16 (use train.mixed_precision=bf16)": t.fsdp.param_dtype != "float32",
-    }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise ValueError(
-            f"{', '.join(bad)}: not available on the megatron engine (data parallel is what tp x pp x cp leave "
-            "of the ranks; set train.megatron.distributed_optimizer to shard optimizer state)"
-        )
+    from configs.validate import check_layout  # the rules load_config applies too: one place for both engines
+
+    check_layout(cfg)
     get_family(cfg.model.family).frozen_prefixes(cfg.model)  # refuses a freeze the family cannot honour
+    t = cfg.train
+    # what only this process can tell (CP needs CUDA here); the layer split is checked where the depth is known
     layout_of(cfg).check(t.nnodes * t.nproc_per_node, None, num_microbatches(cfg))
 
 
@@ -378,6 +357,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
             done = step + 1
             if done % t_cfg.checkpoint_every == 0 or done == end_step:
                 data_state = {**sampler.state_dict(), "samples_seen": samples_seen}
+                tracker.persist()  # the steps this checkpoint covers survive a kill (see engines.tracking)
                 last_ckpt = save_checkpoint(cfg, done, chunks, optimizer, data_state, device)
                 if rank == 0:
                     tracker.set_tags({"checkpoint_path": str(last_ckpt.resolve()), "checkpoint_step": done})

@@ -23,6 +23,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -189,10 +190,10 @@ class PendingCheckpoint:
             if published:
                 default_modes(self.tmp)  # the umask's modes, not mkdtemp's owner-only ones
                 if self.final.exists():  # a re-run of the same step: replace it whole
-                    shutil.rmtree(self.final)
+                    discard(self.final)
                 os.replace(self.tmp, self.final)
                 for old in list_checkpoints(self.final.parent.parent)[: -self.keep]:
-                    shutil.rmtree(old, ignore_errors=True)
+                    discard(old)
             else:
                 shutil.rmtree(self.tmp, ignore_errors=True)
         if isinstance(self.error, CheckpointException):  # a BaseException: one line, not every rank's traceback
@@ -202,6 +203,19 @@ class PendingCheckpoint:
         if not published:
             raise RuntimeError(f"another rank failed while writing checkpoint {self.final}; nothing was published")
         return self.final
+
+
+def discard(ckpt: Path) -> None:
+    """Delete a published checkpoint: first renamed to a `.step-*` name (one atomic step out of the
+    listing), then removed. A process killed halfway through the removal leaves no half checkpoint under
+    a published name, which, without its trainer_state.pt, no listing, prune or resume would ever see
+    again (a model's worth of disk kept forever); `clean_partial` deletes the rest at the next start."""
+    aside = ckpt.with_name(f".{ckpt.name}.discard-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.replace(ckpt, aside)
+    except FileNotFoundError:  # already gone
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def save(
@@ -305,7 +319,11 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def clean_partial(train_dir: Path) -> None:
+    """What a killed run left half-made: unpublished or half-discarded checkpoints, and an export's
+    temp or set-aside `final/` (`.final.*`)."""
     root = checkpoint_dir(train_dir)
     if root.is_dir():
         for p in root.glob(".step-*"):
             shutil.rmtree(p, ignore_errors=True)
+    for p in Path(train_dir).glob(".final.*"):
+        shutil.rmtree(p, ignore_errors=True)

@@ -233,6 +233,9 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
                     extra = {"model_args": model_args, "layout": dims.describe()}
                     if pending is not None:  # the previous async save must land before the next starts
                         _published(pending.wait(), tracker, rank)
+                    # Before the checkpoint can be published: the steps it covers are in MLflow or on disk,
+                    # so a kill after it loses none (the resume starts after them). Bounded wait, rank 0.
+                    tracker.persist()
                     pending = ckpt.save(
                         train_dir, done, model, optimizer, lr_sched, data_state, cfg, t_cfg.keep_checkpoints,
                         extra=extra, ema=ema.shadow if ema else None, async_save=t_cfg.async_checkpoint,
@@ -337,9 +340,13 @@ def export_weights(family, cfg: PipelineConfig, model_args: dict, state: dict, f
         family.save_pretrained(tmp, cfg.model, model)
         save_config(cfg, tmp)
         default_modes(tmp)  # mkdtemp's 0700 would keep a shared export from teammates
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
+        old = None
+        if final_dir.exists():  # moved aside, not deleted first: a kill in between never leaves no final/
+            old = Path(tempfile.mkdtemp(prefix=".final.", suffix=".old", dir=final_dir.parent))
+            os.replace(final_dir, old)
         os.replace(tmp, final_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
