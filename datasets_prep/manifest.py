@@ -14,15 +14,19 @@ Formats (``data.manifest_format``; ``auto`` detects from the path and the first 
 A manifest of millions of lines must survive one bad line: malformed records become rejections
 with their record number and the rest is read. Every media path resolves under the manifest's root
 (or a declared root); one that escapes it (``..``, absolute elsewhere, a symlink out) is rejected
-unread.
+unread. The check is repeated on the file actually opened (`read_text_under`, `opened_under`): a
+symlink swapped in between the check and the read is refused too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import os
+import re
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +62,7 @@ class Entry:
     caption: str | None
     media: tuple[Path, ...] = ()  # every media file of the sample (conversations may have several)
     meta: dict[str, Any] = field(default_factory=dict)  # format-specific: cut, aes, fps, messages, ...
+    roots: tuple[Path, ...] = ()  # where its media may be: each open is checked against these (opened_under)
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,97 @@ def resolve_under(raw: str, root: Path, extra_roots: tuple[Path, ...] = ()) -> P
     )
 
 
+class EscapedRoot(ValueError):
+    """A file that was under the allowed roots when checked is not when opened: refused unread."""
+
+
+def _fd_path(fd: int) -> Path | None:
+    """The path of the file an open descriptor refers to, as the kernel knows it (Linux /proc), or None."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
+
+
+def _open_checked(path: Path, allowed: Iterable[Path]) -> int:
+    """A read-only descriptor of `path`, a file `resolve_under` accepted, after checking that the file it
+    actually opened is still under `allowed` (see `read_text_under`). Raises EscapedRoot or OSError."""
+    roots = tuple(Path(r).resolve() for r in allowed)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise EscapedRoot(f"{path} became a symlink after it was checked against the allowed roots") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")
+        real = _fd_path(fd)
+        if real is None:  # no /proc: the same file as the path's target now, and that target inside
+            now = Path(path).resolve()
+            same = os.stat(now)
+            if (same.st_dev, same.st_ino) != (st.st_dev, st.st_ino):
+                raise EscapedRoot(f"{path} changed while it was being opened")
+            real = now
+        if not any(real.is_relative_to(r) for r in roots):
+            where = ", ".join(str(r) for r in roots)
+            raise EscapedRoot(f"{path} was swapped after its check: the file opened is {real}, outside {where}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_text_under(path: Path, allowed: Iterable[Path]) -> str:
+    """The text of `path`, a file `resolve_under` accepted, read only if the file actually opened is
+    still under `allowed`.
+
+    Checking a path and then opening it by name leaves a window in which a symlink swapped in (for
+    the file, or for a folder on its way) points the open somewhere else. So the file is opened once,
+    with O_NOFOLLOW (a final component that became a symlink fails to open), and the opened
+    descriptor's own path (/proc/self/fd) is checked against the roots before a byte is read: what is
+    read is what was checked. Where /proc is missing, the opened file's (device, inode) must equal that
+    of the path resolved again, which narrows the window without closing it. O_NONBLOCK and the
+    regular-file check keep a FIFO swapped in from blocking the prep. Raises EscapedRoot or OSError.
+    """
+    with open(_open_checked(path, allowed), "rb") as fh:  # the descriptor is closed with the file object
+        return fh.read().decode("utf-8", errors="replace")
+
+
+@contextlib.contextmanager
+def opened_under(path: Path, allowed: Iterable[Path]) -> Iterator[Path]:
+    """A path naming `path`'s file as opened and checked once (`read_text_under`), for readers that only
+    take paths: decoders (PyAV, decord, PIL) and hashing. On Linux it is /proc/self/fd/N, which opens the
+    descriptor's own file, so a symlink swapped in after the check cannot redirect them. With no roots
+    to hold it to (an entry built outside a manifest reader), or no /proc, the path itself.
+
+    Residual risk, stated: where /proc is missing the decoders reopen the path by name, so a swap in the
+    window between the (device, inode) check and their open is not caught; and the probe (headers: size,
+    fps, codec), scene splitting and auto-captioning still open media by name, so a swap timed for them
+    can expose those readers (not the pixels that are decoded and cached) to a file outside the roots.
+    """
+    allowed = tuple(allowed)
+    if not allowed:
+        yield Path(path)
+        return
+    fd = _open_checked(path, allowed)
+    try:
+        proc = Path(f"/proc/self/fd/{fd}")
+        yield proc if os.path.exists(proc) else Path(path)
+    finally:
+        os.close(fd)
+
+
+def media_digest(entry: Entry) -> str:
+    """The content hash of an entry's primary media file, read from the descriptor checked under its roots."""
+    from datasets_prep.io import file_digest
+
+    with opened_under(entry.path, entry.roots) as path:
+        return file_digest(path)
+
+
 def caption_of(row: dict[str, Any], keys: Iterable[str] = CAPTION_KEYS) -> str | None:
     for key in keys:
         caps = row.get(key)
@@ -149,7 +245,7 @@ def _row_entry(row: Any, lineno: int, where: str, root: Path, roots: tuple[Path,
     if isinstance(resolved, str):
         return Rejection(raw, "manifest", f"record {lineno}: {resolved}", "escapes_root")
     meta = {k: v for k, v in row.items() if k not in MEDIA_KEYS and k not in CAPTION_KEYS}
-    return Entry(lineno, resolved, caption_of(row), (resolved,), meta)
+    return Entry(lineno, resolved, caption_of(row), (resolved,), meta, (root, *roots))
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any | json.JSONDecodeError]]:
@@ -164,15 +260,87 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any | json.JSONDecodeError]]:
                     yield lineno, json.JSONDecodeError(f"nested too deeply ({type(exc).__name__}: {exc})", raw, 0)
 
 
+# A string (escapes included) or one structural character: what splitting a JSON array at its top level
+# needs to see. Everything else (numbers, literals, white space) is skipped by the regex engine.
+_JSON_TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{},]')
+
+
+def _json_array_rows(path: Path, text: str | None = None) -> list[tuple[int, Any | json.JSONDecodeError]]:
+    """The records of a whole-file JSON array (LLaVA conversation files, Open-Sora-Plan annotations),
+    numbered from 1; a record that cannot be parsed is a `JSONDecodeError` in its place.
+
+    `json.loads` of the whole file raises RecursionError for the file when one record nests deeper
+    than the parser's stack: one hostile record would sink the whole prep. Then the array is split at
+    its top level (strings skipped, brackets counted, no recursion) and each record parsed on its own,
+    so only the deep one is lost. A file that is not a JSON array at all raises one ValueError naming it.
+    """
+    if text is None:
+        text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"manifest {path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}; fix the file, "
+            "or write one record per line as JSONL"
+        ) from exc
+    except RecursionError:
+        return _split_json_array(path, text)
+    if not isinstance(data, list):
+        raise ValueError(
+            f"manifest {path} must hold a JSON list of records, not {type(data).__name__}; "
+            "put the records in a top-level [...] array, or write one record per line as JSONL"
+        )
+    return list(enumerate(data, start=1))
+
+
+def _split_json_array(path: Path, text: str) -> list[tuple[int, Any | json.JSONDecodeError]]:
+    """`_json_array_rows` for an array with a record too deep to parse: each top-level element parsed alone."""
+    start = len(text) - len(text.lstrip())
+    if not text.startswith("[", start):
+        raise ValueError(
+            f"manifest {path} nests deeper than the JSON parser can follow and is not a top-level [...] array of "
+            "records, so no record can be told from another; remove the deeply nested values, or write one record "
+            "per line as JSONL (a bad line is then rejected alone)"
+        )
+    spans: list[tuple[int, int]] = []
+    depth, begin, end = 0, start + 1, None
+    for m in _JSON_TOKEN.finditer(text, start):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+        elif tok in "]}":
+            depth -= 1
+            if depth == 0:
+                end = m.start()
+                break
+        elif tok == "," and depth == 1:
+            spans.append((begin, m.start()))
+            begin = m.end()
+    if end is None or text[end + 1 :].strip():
+        raise ValueError(f"manifest {path} is not valid JSON: its top-level [...] array is not closed; fix the file")
+    if text[begin:end].strip() or spans:
+        spans.append((begin, end))
+    rows: list[tuple[int, Any | json.JSONDecodeError]] = []
+    for n, (a, b) in enumerate(spans, start=1):
+        raw = text[a:b]
+        try:
+            rows.append((n, json.loads(raw)))
+        except json.JSONDecodeError as exc:
+            rows.append((n, exc))
+        except RecursionError as exc:
+            rows.append((n, json.JSONDecodeError(f"nested too deeply ({type(exc).__name__}: {exc})", raw, 0)))
+    return rows
+
+
 def _first_record(path: Path) -> dict | None:
     try:
         if path.suffix == ".jsonl":
             for _, row in _jsonl_rows(path):
                 return row if isinstance(row, dict) else None
         elif path.suffix == ".json" and path.stat().st_size < 512 * 2**20:
-            data = json.loads(path.read_text())
-            return data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            rows = _json_array_rows(path)
+            return rows[0][1] if rows and isinstance(rows[0][1], dict) else None
+    except (OSError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError, not a list
         return None
     return None
 
@@ -180,7 +348,8 @@ def _first_record(path: Path) -> dict | None:
 def _table_rows(path: Path, root: Path, roots: tuple[Path, ...], rows: Iterable[tuple[int, Any]]) -> Iterator[Item]:
     for lineno, row in rows:
         if isinstance(row, json.JSONDecodeError):
-            yield Rejection(f"{path}:{lineno}", "manifest", f"line {lineno} is not valid JSON: {row.msg}", "bad_json")
+            what = "record" if path.suffix == ".json" else "line"
+            yield Rejection(f"{path}:{lineno}", "manifest", f"{what} {lineno} is not valid JSON: {row.msg}", "bad_json")
             continue
         yield _row_entry(row, lineno, f"{path}:{lineno}", root, roots)
 
@@ -204,13 +373,7 @@ def read_jsonl_table(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]
 
 @register_format("json", lambda p, first: p.suffix == ".json")
 def read_json_table(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"manifest {path} is not valid JSON (line {exc.lineno}): {exc.msg}") from exc
-    if not isinstance(data, list):
-        raise ValueError(f"manifest {path} must hold a JSON list of records, not {type(data).__name__}")
-    yield from _table_rows(path, path.resolve().parent, roots, enumerate(data, start=1))
+    yield from _table_rows(path, path.resolve().parent, roots, _json_array_rows(path))
 
 
 @register_format("csv", lambda p, first: p.suffix in (".csv", ".tsv"))
@@ -254,7 +417,7 @@ def read_folder(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
         if isinstance(caption, Rejection):
             yield caption
             continue
-        yield Entry(n, resolved, caption, (resolved,), {})
+        yield Entry(n, resolved, caption, (resolved,), {}, (root, *roots))
 
 
 def _sidecar_caption(sidecar: Path, folder: Path, root: Path, roots: tuple[Path, ...]) -> str | None | Rejection:
@@ -269,7 +432,9 @@ def _sidecar_caption(sidecar: Path, folder: Path, root: Path, roots: tuple[Path,
     if not resolved.is_file():
         return None
     try:
-        return resolved.read_text(encoding="utf-8", errors="replace").strip() or None
+        return read_text_under(resolved, (root, *roots)).strip() or None
+    except EscapedRoot as exc:
+        return Rejection(rel, "manifest", f"sidecar caption: {exc}", "escapes_root")
     except OSError as exc:
         return Rejection(rel, "manifest", f"sidecar caption {resolved} unreadable: {exc}", "bad_caption")
 
@@ -302,11 +467,18 @@ def read_opensora_plan(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Ite
             yield Rejection(f"{path}:{lineno}", "manifest", f"line {lineno} {what}", "escapes_root")
             continue
         try:
-            records = json.loads(ann.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+            records = _json_array_rows(ann, read_text_under(ann, (base, *roots)))
+        except EscapedRoot as exc:
+            yield Rejection(f"{path}:{lineno}", "manifest", f"line {lineno} annotation file: {exc}", "escapes_root")
+            continue
+        except (OSError, ValueError) as exc:
             yield Rejection(str(ann), "manifest", f"annotation file of line {lineno} unreadable: {exc}", "bad_record")
             continue
-        for n, rec in enumerate(records if isinstance(records, list) else [], start=1):
+        for n, rec in records:
+            if isinstance(rec, json.JSONDecodeError):
+                why = f"record {n} of the annotation file of line {lineno} is not valid JSON: {rec.msg}"
+                yield Rejection(f"{ann}:{n}", "manifest", why, "bad_json")
+                continue
             item = _row_entry(rec, n, f"{ann}:{n}", data_root, (base, *roots))
             if isinstance(item, Entry):
                 item.meta.setdefault("annotation", str(ann))
@@ -320,11 +492,12 @@ def _is_sharegpt(path: Path, first: dict | None) -> bool:
 @register_format("sharegpt", _is_sharegpt)
 def read_sharegpt(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
     root = path.resolve().parent
-    rows = _jsonl_rows(path) if path.suffix == ".jsonl" else enumerate(json.loads(path.read_text()), start=1)
+    rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _json_array_rows(path)
     for n, row in rows:
         where = f"{path}:{n}"
         if isinstance(row, json.JSONDecodeError):
-            yield Rejection(where, "manifest", f"line {n} is not valid JSON: {row.msg}", "bad_json")
+            what = "line" if path.suffix == ".jsonl" else "record"
+            yield Rejection(where, "manifest", f"{what} {n} is not valid JSON: {row.msg}", "bad_json")
             continue
         turns = row.get("messages", row.get("conversations")) if isinstance(row, dict) else None
         if not isinstance(turns, list) or not turns:
@@ -351,7 +524,7 @@ def read_sharegpt(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
             yield Rejection(where, "manifest", bad, code)
             continue
         first = media[0] if media else path.resolve()
-        yield Entry(n, first, None, tuple(media), {"messages": turns})
+        yield Entry(n, first, None, tuple(media), {"messages": turns}, (root, *roots))
 
 
 def _is_audio(path: Path, first: dict | None) -> bool:
@@ -360,7 +533,7 @@ def _is_audio(path: Path, first: dict | None) -> bool:
 
 @register_format("audio", _is_audio)
 def read_audio(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
-    rows = _jsonl_rows(path) if path.suffix == ".jsonl" else enumerate(json.loads(path.read_text()), start=1)
+    rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _json_array_rows(path)
     yield from _table_rows(path, path.resolve().parent, roots, rows)
 
 

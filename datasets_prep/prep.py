@@ -21,7 +21,7 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from datasets_prep.caption import caption_items
 from datasets_prep.curate import SceneCache, clip_view, curate, dedup, write_scene_clip
 from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
 from datasets_prep.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
-from datasets_prep.manifest import Entry, Rejection, read_sources
+from datasets_prep.manifest import Entry, EscapedRoot, Rejection, media_digest, opened_under, read_sources
 from datasets_prep.probe import IMAGE_SUFFIXES, MediaInfo, ProbeError, probe
 from datasets_prep.progress import reporter
 from datasets_prep.sequence_prep import sequence_slice
@@ -61,6 +61,9 @@ class PrepResult:
     world_size: int = 1
     num_records: int = 0  # manifest records read (in); num_samples are kept, num_rejected dropped
     encoded_frames: int = 0
+    # The published samples.jsonl's content hash: a cached result whose file has since been replaced (by another
+    # manifest's prep, or a killed one's publication) can be told from the file it describes.
+    samples_digest: str = ""
 
     @property
     def throughput(self) -> dict[str, float]:
@@ -125,7 +128,7 @@ def _plan(
         try:
             if not item.path.is_file():
                 raise ProbeError("not_found", "file not found")
-            content = item.meta.get("content_hash") or file_digest(item.path)
+            content = item.meta.get("content_hash") or media_digest(item)  # read from the checked descriptor
             info: MediaInfo | None = None
             ranges: list[tuple[int, int] | None] = [None]
             if scenes is not None and item.path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -178,7 +181,8 @@ def _rejection(where: str, stage: str, exc: Exception) -> Rejection:
     type and message, so one bad record never stops the stage and the reason still says what broke."""
     if isinstance(exc, ProbeError):
         return Rejection(where, stage, str(exc), exc.code)
-    return Rejection(where, stage, f"{type(exc).__name__}: {exc}", "exception")
+    code = "escapes_root" if isinstance(exc, EscapedRoot) else "exception"
+    return Rejection(where, stage, f"{type(exc).__name__}: {exc}", code)
 
 
 def _check_budget(info: MediaInfo, frames: int, d: DataConfig) -> None:
@@ -244,7 +248,10 @@ def _decoded(
     def work(p: _Pending) -> tuple[_Pending, torch.Tensor | Exception]:
         try:
             size = cover_size(p.info.height, p.info.width, p.bucket.height, p.bucket.width)
-            frames, used = decode(p.info, p.indices, d.decoder, size)
+            # The decoder reads the file opened once and checked under the entry's roots, not the path again:
+            # a symlink swapped in since the manifest was read cannot hand it a file from elsewhere.
+            with opened_under(p.entry.path, p.entry.roots) as path:
+                frames, used = decode(replace(p.info, path=str(path)), p.indices, d.decoder, size)
             p.record["decoder"] = used
             return p, resize_center_crop(frames, p.bucket.height, p.bucket.width)
         except Exception as exc:  # MemoryError, a decoder's own types: this record's loss, not the stage's
@@ -441,7 +448,7 @@ def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], seconds:
         seconds=round(seconds, 3),
         rejected_by_reason=dict(Counter(r["code"] for r in rejects).most_common()), world_size=len(parts),
         num_records=sum(p["records"] for p in parts),
-        encoded_frames=sum(p["frames"] for p in parts),
+        encoded_frames=sum(p["frames"] for p in parts), samples_digest=file_digest(samples),
     )  # fmt: skip
     save_config(cfg, out)
     atomic_write_text(out / "summary.json", json.dumps(result.as_dict(), indent=2))

@@ -13,6 +13,7 @@ training never tokenizes or decodes. Sources it accepts:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ from configs import PipelineConfig
 from datasets_prep.cache import LatentCache
 from datasets_prep.decode import decode, resize_center_crop
 from datasets_prep.io import file_digest, text_digest
-from datasets_prep.manifest import Entry, Rejection
-from datasets_prep.probe import IMAGE_SUFFIXES, ProbeError, probe
+from datasets_prep.manifest import Entry, EscapedRoot, Rejection, opened_under
+from datasets_prep.probe import IMAGE_SUFFIXES, MediaInfo, ProbeError, probe
 from datasets_prep.progress import reporter
 from engines.models.sequence import SequenceFamily, SequenceSample
 
@@ -62,33 +63,52 @@ def messages_of(entry: Entry, family: SequenceFamily) -> list[dict[str, str]]:
     return out
 
 
+def _digest(path: Path, roots: tuple[Path, ...]) -> str:
+    with opened_under(path, roots) as opened:
+        return file_digest(opened)
+
+
 def load_sample(entry: Entry, family: SequenceFamily, cfg: PipelineConfig) -> SequenceSample:
-    """Decode what the family reads: images as (H, W, C), videos as (T, H, W, C) uint8, audio as 16 kHz mono."""
-    d = cfg.data
+    """Decode what the family reads: images as (H, W, C), videos as (T, H, W, C) uint8, audio as 16 kHz mono.
+
+    Decoders read each file as opened once and checked under the entry's roots (`opened_under`), so a
+    symlink swapped in after the manifest was read cannot hand them a file from elsewhere."""
     if "audio" in family.media:
         from datasets_prep.audio import load_audio
 
         if not entry.caption:
             raise ValueError("no transcript (text/transcript/sentence column)")
-        return SequenceSample(audio=load_audio(entry.path, 16000), sampling_rate=16000, text=entry.caption)
+        with opened_under(entry.path, entry.roots) as path:
+            audio = load_audio(path, 16000)
+        return SequenceSample(audio=audio, sampling_rate=16000, text=entry.caption)
     sample = SequenceSample(messages=messages_of(entry, family))
     captioned = entry.meta.get("messages") is None
-    for path in entry.media or (entry.path,):
-        info = probe(path)
-        if info.kind == "image" or (captioned and _as_image(entry, family)):
-            middle = [max(info.num_frames - 1, 0) // 2]  # a still's only frame, or a clip's middle one
-            if "image" not in family.media:
-                raise ValueError(f"{family.name} takes no images")
-            frames, _ = decode(info, middle, d.decoder)
-            sample.images.append(resize_center_crop(frames, d.height, d.width)[0].numpy())
-        else:
-            if "video" not in family.media:
-                raise ValueError(f"{family.name} takes no videos")
-            n = min(d.num_frames, max(info.num_frames, 1))
-            idx = np.linspace(0, max(info.num_frames - 1, 0), n).round().astype(int).tolist()
-            frames, _ = decode(info, idx, d.decoder)
-            sample.videos.append(resize_center_crop(frames, d.height, d.width).numpy())
+    for media in entry.media or (entry.path,):
+        with opened_under(media, entry.roots) as path:
+            _load_media(sample, entry, family, cfg, probe(media), path, captioned)
     return sample
+
+
+def _load_media(
+    sample: SequenceSample, entry: Entry, family: SequenceFamily, cfg: PipelineConfig, info: MediaInfo,
+    path: Path, captioned: bool,
+) -> None:  # fmt: skip
+    """One image or video of a sample, decoded from `path` (the checked descriptor's) into `sample`."""
+    d = cfg.data
+    info = replace(info, path=str(path))
+    if info.kind == "image" or (captioned and _as_image(entry, family)):
+        middle = [max(info.num_frames - 1, 0) // 2]  # a still's only frame, or a clip's middle one
+        if "image" not in family.media:
+            raise ValueError(f"{family.name} takes no images")
+        frames, _ = decode(info, middle, d.decoder)
+        sample.images.append(resize_center_crop(frames, d.height, d.width)[0].numpy())
+    else:
+        if "video" not in family.media:
+            raise ValueError(f"{family.name} takes no videos")
+        n = min(d.num_frames, max(info.num_frames, 1))
+        idx = np.linspace(0, max(info.num_frames - 1, 0), n).round().astype(int).tolist()
+        frames, _ = decode(info, idx, d.decoder)
+        sample.videos.append(resize_center_crop(frames, d.height, d.width).numpy())
 
 
 def sequence_slice(
@@ -113,34 +133,26 @@ def sequence_slice(
         if isinstance(item, Rejection):
             rejects.append(item)
             continue
-        where = str(item.path)
+        where, stage = str(item.path), "probe"
         try:
             media = item.media or (item.path,)
             missing = [str(p) for p in media if not Path(p).is_file()]
             if missing:
                 raise ProbeError("not_found", f"file not found: {', '.join(missing)}")
             payload = repr(item.meta.get("messages")) + (item.caption or "")
-            key = text_digest(*(file_digest(Path(p)) for p in media), payload, prep_hash, encoder)
+            key = text_digest(*(_digest(Path(p), item.roots) for p in media), payload, prep_hash, encoder)
             if key in cached:
                 done.append(cached[key])
                 continue
+            stage = "decode"
             sample = load_sample(item, family, cfg)
+            stage = "encode"
             tensors = family.encode_sample(processor, sample, cfg.model.max_text_length)
             calls += 1
-        except ProbeError as exc:
-            rejects.append(Rejection(where, "probe", str(exc), exc.code))
+            record = _record(item, key, prep_hash, encoder, family, sample, tensors)
+        except Exception as exc:  # noqa: BLE001  (one record's loss: a decoder's, a tokenizer's, MemoryError, ...)
+            rejects.append(record_rejection(where, stage, item.line, exc))
             continue
-        except (ValueError, OSError) as exc:
-            rejects.append(Rejection(where, "encode", f"record {item.line}: {exc}", "unusable"))
-            continue
-        record = {
-            "key": key, "source": where, "media": [str(p) for p in media], "manifest_line": item.line,
-            "prep_hash": prep_hash, "encoder": encoder, "kind": family.kind, "clip_range": None,
-            "messages": sample.messages, "text": sample.text, "caption": item.caption,
-            "captioned": "messages" not in item.meta,
-            "num_frames": sum(len(v) for v in sample.videos) + len(sample.images),
-            "shapes": {n: list(t.shape) for n, t in tensors.items()},
-        }  # fmt: skip
         shard.append((record, tensors))
         if len(shard) >= cfg.data.shard_size:
             cache.write_shard(shard)
@@ -151,6 +163,36 @@ def sequence_slice(
         written.extend(r for r, _ in shard)
     rep.finish("encode")
     return done, written, calls
+
+
+def record_rejection(where: str, stage: str, line: int, exc: Exception) -> Rejection:
+    """One record's failure, whatever raised it, as its rejection: a ProbeError's own reason and code,
+    otherwise the exception's type and message (a family's refusal, a ValueError, is "unusable")."""
+    if isinstance(exc, ProbeError):
+        return Rejection(where, stage, str(exc), exc.code)
+    if isinstance(exc, EscapedRoot):
+        code = "escapes_root"
+    elif isinstance(exc, ValueError) and not isinstance(exc, UnicodeError):
+        code = "unusable"
+    else:
+        code = "exception"
+    return Rejection(where, stage, f"record {line}: {type(exc).__name__}: {exc}", code)
+
+
+def _record(
+    item: Entry, key: str, prep_hash: str, encoder: str, family: SequenceFamily, sample: SequenceSample,
+    tensors: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The cache record of one encoded sample (built inside the record's own try: it may still fail)."""
+    media = item.media or (item.path,)
+    return {
+        "key": key, "source": str(item.path), "media": [str(p) for p in media], "manifest_line": item.line,
+        "prep_hash": prep_hash, "encoder": encoder, "kind": family.kind, "clip_range": None,
+        "messages": sample.messages, "text": sample.text, "caption": item.caption,
+        "captioned": "messages" not in item.meta,
+        "num_frames": sum(len(v) for v in sample.videos) + len(sample.images),
+        "shapes": {n: list(t.shape) for n, t in tensors.items()},
+    }  # fmt: skip
 
 
 def sample_of(record: dict[str, Any], family: SequenceFamily, cfg: PipelineConfig) -> SequenceSample:

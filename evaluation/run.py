@@ -147,6 +147,8 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
             "a training checkpoint or an export folder)"
         )
     out = cfg.eval_dir
+    if not in_distributed_job():  # before any rank writes: the launcher (or the lone process) sweeps once
+        clear_dead_temp_files(out)
     if cfg.eval.nproc_per_node > 1 and not in_distributed_job():
         (out / "metrics.json").unlink(missing_ok=True)  # never read a previous eval's result as this one's
         path = save_config(cfg, out, "launch_config.yaml")
@@ -169,6 +171,17 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
     atomic_write_text(out / "metrics.json", json.dumps(result.as_dict(), indent=2))
     shutil.rmtree(out / ".partial", ignore_errors=True)  # done: the per-item shards served their purpose
     return result
+
+
+def clear_dead_temp_files(out: Path) -> list[Path]:
+    """Remove the temp files (`.<name>.<random>.tmp`, from atomic writes) that a killed eval left in its
+    output folders. They are never read as results, but the videos folder is logged to MLflow whole, so a
+    resumed eval would upload a dead run's half-published sample beside the real ones. Called before an
+    eval writes anything: two evals writing one eval_dir at once are not supported (metrics.json too)."""
+    removed = [p for d in (out, out / "videos", out / "samples") if d.is_dir() for p in d.glob(".*.tmp")]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def _generation_eval(cfg: PipelineConfig, family, final_dir: Path, device: torch.device, ranks) -> tuple:  # noqa: ANN001

@@ -1,6 +1,7 @@
 """Hostile inputs that once sank a whole prep, or the training set a previous prep left behind."""
 
 import json
+import os
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -12,6 +13,7 @@ from PIL import Image
 from datasets_prep.cache import LatentCache
 from datasets_prep.decode import decode
 from datasets_prep.io import read_jsonl
+from datasets_prep.manifest import Entry, Rejection, read_manifest
 from datasets_prep.prep import load_samples, run_prep
 from datasets_prep.probe import probe
 from engines.torch_engine.data import CachedLatents
@@ -56,7 +58,7 @@ def test_an_exception_decoding_one_record_rejects_only_that_record(
     real = prep.decode
 
     def flaky(info, indices, decoder, size=None):
-        if Path(info.path).name == Path(first).name:
+        if Path(os.path.realpath(info.path)).name == Path(first).name:  # decoders get the checked /proc/self/fd
             raise MemoryError("simulated allocation failure")
         return real(info, indices, decoder, size)
 
@@ -140,3 +142,138 @@ def test_an_unreadable_shard_is_named_and_its_samples_re_encoded(
     assert shard.name in caplog.text and "cache verify" in caplog.text
     assert again.num_encoded == 3 and again.num_samples == len(read_jsonl(demo_manifest))
     assert {r["shard"] for r in load_samples(cfg.prep_dir)}.isdisjoint({shard.name})
+
+
+# ---- the understanding and speech families' prep (datasets_prep/sequence_prep.py) -------------------
+
+
+def _recipe(name: str, workdir: Path, manifest: Path) -> "PipelineConfig":  # noqa: F821
+    from configs import load_config
+    from tests.conftest import REPO
+
+    return load_config(REPO / "configs" / "pipelines" / f"{name}.yaml", [f"data.manifest={manifest}"], workdir=workdir)
+
+
+def test_hostile_conversations_are_rejected_one_by_one(tmp_path: Path, demo_manifest: Path) -> None:
+    """A turn that is not an object (AttributeError deep in the chat template's input), a lone-surrogate
+    answer and a truncated image each cost their own record; the demo's conversations are all cached."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_manifest.parent, data)
+    good = read_jsonl(data / "conversations.jsonl")
+    png = data / "images" / "broken.png"
+    png.write_bytes(next((data / "images").glob("*.png")).read_bytes()[:60])  # the header survives, not the pixels
+    hostile = [
+        {"conversations": ["What shape is shown?", {"from": "gpt", "value": "A circle."}]},
+        {"images": [good[-1]["images"][0]], "conversations": [
+            {"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "A lone \ud800 surrogate."}]},
+        {"images": ["images/broken.png"], "conversations": [
+            {"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "A square."}]},
+    ]  # fmt: skip
+    manifest = data / "conversations.jsonl"
+    manifest.write_text(manifest.read_text() + "".join(json.dumps(r) + "\n" for r in hostile))
+
+    res = run_prep(_recipe("qwen2_vl-sft", tmp_path / "w", manifest))
+
+    assert res.num_samples == len(good)
+    rejects = read_jsonl(Path(res.rejects))
+    assert len(rejects) == 3, rejects
+    n = len(good)
+    not_a_turn, surrogate, broken = rejects
+    assert not_a_turn["reason"].startswith(f"record {n + 1}: AttributeError: ") and not_a_turn["code"] == "exception"
+    assert surrogate["reason"].startswith(f"record {n + 2}: ") and surrogate["code"] == "exception", surrogate
+    assert surrogate["stage"] == "encode"  # the tokenizer refuses the lone surrogate (a TypeError)
+    assert broken["path"].endswith("broken.png") and broken["stage"] == "decode" and "Truncated" in broken["reason"]
+    Path(res.rejects).read_text(encoding="ascii")
+
+
+def test_hostile_speech_records_are_rejected_one_by_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A corrupt audio file, a lone-surrogate transcript, and any exception the feature extractor raises
+    for one clip (here a RuntimeError) each become that record's rejection with the exception's type."""
+    from datasets_prep.demo import make_demo_audio
+    from engines.models import get_family
+
+    manifest = make_demo_audio(tmp_path / "data", num_clips=4)
+    good = read_jsonl(manifest)
+    (tmp_path / "data" / "audio" / "corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 40)
+    hostile = [
+        {"audio": "audio/corrupt.wav", "text": "a low tone"},
+        {"audio": good[1]["audio"], "text": "a \udc80 tone"},
+    ]
+    manifest.write_text(manifest.read_text() + "".join(json.dumps(r) + "\n" for r in hostile))
+    family = type(get_family("whisper"))
+    real = family.encode_sample
+
+    def flaky(self, processor, sample, max_len):  # noqa: ANN001, ANN202
+        if sample.text == good[0]["text"] and not hasattr(flaky, "fired"):
+            flaky.fired = True  # the first clip only
+            raise RuntimeError("simulated feature extractor failure")
+        return real(self, processor, sample, max_len)
+
+    monkeypatch.setattr(family, "encode_sample", flaky)
+    res = run_prep(_recipe("whisper-asr", tmp_path / "w", manifest))
+
+    assert res.num_samples == len(good) - 1
+    rejects = read_jsonl(Path(res.rejects))
+    assert len(rejects) == 3, rejects
+    by_line = {int(r["reason"].split(":")[0].split()[-1]): r for r in rejects}
+    assert by_line[1]["reason"] == "record 1: RuntimeError: simulated feature extractor failure"
+    assert by_line[1]["stage"] == "encode" and by_line[1]["code"] == "exception"
+    assert (
+        by_line[len(good) + 1]["path"].endswith("corrupt.wav")
+        and "could not decode audio" in by_line[len(good) + 1]["reason"]
+    )
+    assert "UnicodeEncodeError" in by_line[len(good) + 2]["reason"]
+
+
+# ---- whole-file .json manifests: one record nested too deep -------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # deeper than the JSON parser's stack: RecursionError
+
+
+def _json_array(path: Path, records: list[str]) -> Path:
+    path.write_text("[\n" + ",\n".join(records) + "\n]\n")
+    return path
+
+
+def test_a_deep_record_in_a_json_conversation_file_is_rejected_alone(tmp_path: Path, demo_manifest: Path) -> None:
+    """LLaVA-style `.json` files are parsed whole; a RecursionError used to sink the prep for every record."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_manifest.parent, data)
+    good = [json.dumps(r) for r in read_jsonl(data / "conversations.jsonl")]
+    deep = '{"images": [], "conversations": [{"from": "human", "value": "hi, [not a bracket]"}], "x": ' + DEEP + "}"
+    manifest = _json_array(data / "conversations.json", [good[0], deep, *good[1:]])
+
+    items = list(read_manifest(manifest))  # auto-detected as sharegpt from its first record
+    rejects = [i for i in items if isinstance(i, Rejection)]
+    assert [type(i).__name__ for i in items].count("Entry") == len(good)
+    (rej,) = rejects
+    assert rej.code == "bad_json" and "record 2 " in rej.reason and "RecursionError" in rej.reason
+    assert [i.line for i in items if isinstance(i, Entry)] == [1, *range(3, len(good) + 2)]
+
+    res = run_prep(_recipe("qwen2_vl-sft", tmp_path / "w", manifest))
+    assert res.num_samples == len(good) and res.rejected_by_reason == {"bad_json": 1}
+
+
+def test_a_deep_record_in_a_json_table_or_annotation_file_is_rejected_alone(tmp_path: Path) -> None:
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    rows = ['{"file": "a.mp4", "caption": "first, with \\"escaped\\" quotes and ] brackets"}',
+            '{"file": "a.mp4", "caption": ' + DEEP + "}", '{"file": "a.mp4", "caption": "third"}']  # fmt: skip
+    items = list(read_manifest(_json_array(tmp_path / "table.json", rows)))
+    assert [(type(i).__name__, getattr(i, "caption", None)) for i in items] == [
+        ("Entry", 'first, with "escaped" quotes and ] brackets'), ("Rejection", None), ("Entry", "third")]  # fmt: skip
+    assert "record 2 " in items[1].reason and "RecursionError" in items[1].reason
+
+    ann_rows = [r.replace('"file"', '"path"').replace('"caption"', '"cap"') for r in rows]
+    _json_array(tmp_path / "anno.json", ann_rows)
+    (tmp_path / "data.txt").write_text(f"{tmp_path},anno.json\n")
+    items = list(read_manifest(tmp_path / "data.txt"))
+    assert [type(i).__name__ for i in items] == ["Entry", "Rejection", "Entry"]
+    assert items[1].path.endswith("anno.json:2") and "RecursionError" in items[1].reason
+
+
+@pytest.mark.parametrize("body", ['{"records": ' + DEEP + "}", "[" + DEEP, "not json"])
+def test_a_json_manifest_that_cannot_be_split_into_records_is_one_clear_error(tmp_path: Path, body: str) -> None:
+    path = tmp_path / "table.json"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=rf"manifest {path} .*(JSONL|fix the file)"):
+        list(read_manifest(path, "json"))

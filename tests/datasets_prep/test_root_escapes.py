@@ -196,3 +196,139 @@ def test_prep_records_escapes_in_rejects_jsonl_and_carries_on(tmp_path: Path, de
     assert all(r["code"] == "escapes_root" and str(root.resolve()) in r["reason"] for r in rejects.values())
     captions = [r["caption"] for r in read_jsonl(Path(res.samples))]
     assert res.num_samples == len(clips) - 1 and SECRET not in captions
+
+
+# ---- check-then-read races: a symlink swapped in after the check --------------------------------------
+
+
+def _swap_after_check(monkeypatch: pytest.MonkeyPatch, target: Path, swap) -> None:  # noqa: ANN001
+    """Run `swap()` right after `resolve_under` has accepted `target`: the window between a path's check
+    and its read, made deterministic."""
+    import datasets_prep.manifest as manifest
+
+    real = manifest.resolve_under
+
+    def checked_then_swapped(raw, root, extra_roots=()):  # noqa: ANN001, ANN202
+        out = real(raw, root, extra_roots)
+        if out == target.resolve():
+            swap()
+        return out
+
+    monkeypatch.setattr(manifest, "resolve_under", checked_then_swapped)
+
+
+def _link_file(path: Path, to: Path) -> None:
+    path.unlink()
+    os.symlink(to, path)
+
+
+def _link_folder(folder: Path, to: Path) -> None:
+    shutil.rmtree(folder)
+    os.symlink(to, folder, target_is_directory=True)
+
+
+@pytest.mark.parametrize("swapped", ["file", "folder"])
+def test_a_sidecar_caption_swapped_for_a_symlink_after_its_check_is_refused(
+    tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, swapped: str
+) -> None:
+    """The caption is checked, then read: a link swapped in between (for the file, or for a folder on its
+    way, which O_NOFOLLOW alone would miss) must not hand out the file outside."""
+    root, outside = tree
+    (root / "videos" / "b.txt").write_text("a blue square")
+    (outside / "b.txt").write_text(SECRET)
+    (outside / "b.mp4").write_bytes(b"x")
+    sidecar = root / "videos" / "b.txt"
+    if swapped == "file":
+        _swap_after_check(monkeypatch, sidecar, lambda: _link_file(sidecar, outside / "secret.txt"))
+    else:
+        _swap_after_check(monkeypatch, sidecar, lambda: _link_folder(root / "videos", outside))
+    entries, rejects = _split(list(read_manifest(root)))
+    assert SECRET not in [e.caption for e in entries]
+    (rej,) = [r for r in rejects if r.path.endswith("b.txt")]
+    assert rej.code == "escapes_root" and "sidecar caption" in rej.reason, rej
+    assert SECRET not in rej.reason
+
+
+def test_an_annotation_file_swapped_for_a_symlink_after_its_check_is_refused(
+    tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, outside = tree
+    ann = _annotation(root, "videos/a.mp4")
+    _annotation(outside, "videos/b.mp4", "hostile.json")
+    txt = root / "data.txt"
+    txt.write_text(f"{root},anno.json\n")
+    _swap_after_check(monkeypatch, ann, lambda: _link_file(ann, outside / "hostile.json"))
+    entries, rejects = _split(list(read_manifest(txt, "opensora_plan")))
+    assert entries == []
+    (rej,) = rejects
+    assert rej.code == "escapes_root" and "annotation file" in rej.reason and "line 1" in rej.reason, rej
+
+
+@pytest.mark.parametrize(("swapped", "moment"), [("file", "after_check"), ("folder", "after_probe")])
+def test_media_swapped_for_a_symlink_after_its_check_is_not_hashed_or_decoded(
+    tmp_path: Path, demo_manifest: Path, monkeypatch: pytest.MonkeyPatch, moment: str, swapped: str
+) -> None:
+    """Decoders open files by path: they are handed the checked descriptor's own file (/proc/self/fd) instead,
+    so a clip swapped (or a folder on its way) for a link out of the dataset, after the manifest was read or
+    after the probe, is a rejection, not a sample made of the file outside."""
+    import datasets_prep.prep as prep
+    from datasets_prep.io import read_jsonl
+    from tests.conftest import make_config
+
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    shutil.copytree(demo_manifest.parent, root)
+    rows = read_jsonl(root / "data.jsonl")
+    rows = rows[:2] + [r for r in rows if r["file"].startswith("images/")][:1]  # a clip beside, a still elsewhere
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    clip = (root / rows[0]["file"]).resolve()  # the path the manifest accepted (before any swap)
+    (outside / clip.parent.name).mkdir(parents=True)
+    for f in clip.parent.iterdir():  # the same names outside: only the link's target differs
+        shutil.copy(f, outside / clip.parent.name / f.name)
+
+    def swap() -> None:
+        if swapped == "file":
+            _link_file(clip, outside / clip.parent.name / clip.name)
+        else:
+            _link_folder(clip.parent, outside / clip.parent.name)
+
+    if moment == "after_check":
+        _swap_after_check(monkeypatch, clip, swap)
+    else:
+        real = prep.probe
+
+        def probe_then_swap(path):  # noqa: ANN001, ANN202
+            info = real(path)
+            if Path(path) == clip:
+                swap()
+            return info
+
+        monkeypatch.setattr(prep, "probe", probe_then_swap)
+    res = prep.run_prep(make_config(tmp_path / "w", root / "data.jsonl"))
+    rejects = read_jsonl(Path(res.rejects))
+    escaped = [r for r in rejects if r["code"] == "escapes_root"]
+    assert str(clip) in [r["path"] for r in escaped], rejects
+    assert str(clip) not in [r["source"] for r in read_jsonl(Path(res.samples))]
+    if swapped == "file":  # the folder's other files now lie outside too: all of them refused
+        assert res.num_samples == len(rows) - 1
+
+
+def test_audio_swapped_for_a_symlink_after_its_check_is_not_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from configs import load_config
+    from datasets_prep.demo import make_demo_audio
+    from datasets_prep.io import read_jsonl
+    from datasets_prep.prep import run_prep
+    from tests.conftest import REPO
+
+    manifest = make_demo_audio(tmp_path / "data", num_clips=3)
+    make_demo_audio(tmp_path / "outside", num_clips=3)
+    clip = (tmp_path / "data" / read_jsonl(manifest)[0]["audio"]).resolve()
+    _swap_after_check(monkeypatch, clip, lambda: _link_file(clip, tmp_path / "outside" / "audio" / "tone_002.wav"))
+    cfg = load_config(
+        REPO / "configs/pipelines/whisper-asr.yaml", [f"data.manifest={manifest}"], workdir=tmp_path / "w"
+    )
+    res = run_prep(cfg)
+    (rej,) = read_jsonl(Path(res.rejects))
+    assert rej["path"] == str(clip) and rej["code"] == "escapes_root" and "EscapedRoot" in rej["reason"]
+    assert res.num_samples == 2
