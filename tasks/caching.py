@@ -5,6 +5,10 @@ include the outputs themselves (they do not exist before the first run, so the f
 always miss); instead `run_cached` refreshes the cache entry whenever an output is missing.
 Sources are hashed by content when small (manifests, sample lists: rewritten with the same bytes
 by an idempotent stage) and by (size, mtime) when large (media, weights).
+
+Outputs present are not always outputs *of this entry*: prep on manifest A, then B, then A again
+finds A's key cached while samples.jsonl holds B's rows. A policy's `current(inputs, result)` says
+whether the files on disk are still the ones the cached result describes; when not, it reruns.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class FilesPolicy(CachePolicy):
     sources: PathsFn | None = None
     outputs: PathsFn | None = None
     exclude: tuple[str, ...] = ()  # inputs that do not change the output (a tracking run id)
+    current: Callable[[dict[str, Any], dict[str, Any]], bool] | None = None  # outputs still the result's?
 
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
@@ -55,9 +60,12 @@ class FilesPolicy(CachePolicy):
 
 
 def files_policy(
-    sources: PathsFn | None = None, outputs: PathsFn | None = None, exclude: tuple[str, ...] = ()
+    sources: PathsFn | None = None,
+    outputs: PathsFn | None = None,
+    exclude: tuple[str, ...] = (),
+    current: Callable[[dict[str, Any], dict[str, Any]], bool] | None = None,
 ) -> FilesPolicy:
-    return FilesPolicy(sources=sources, outputs=outputs, exclude=exclude)
+    return FilesPolicy(sources=sources, outputs=outputs, exclude=exclude, current=current)
 
 
 def run_cached(task: Any, **inputs: Any) -> dict[str, Any]:
@@ -69,6 +77,10 @@ def run_cached(task: Any, **inputs: Any) -> dict[str, Any]:
     refresh = isinstance(policy, FilesPolicy) and bool(policy.missing_outputs(inputs))
     state = task.with_options(refresh_cache=refresh)(**inputs, return_state=True)
     out = dict(state.result())
+    stale = isinstance(policy, FilesPolicy) and policy.current is not None and not policy.current(inputs, out)
+    if state.name == "Cached" and stale:
+        state = task.with_options(refresh_cache=True)(**inputs, return_state=True)  # outputs rewritten since
+        out = dict(state.result())
     out["cache_hit"] = state.name == "Cached"
     return out
 

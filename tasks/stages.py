@@ -14,6 +14,7 @@ from typing import Any
 from prefect import task
 
 from configs import PipelineConfig
+from datasets_prep.io import file_digest
 from datasets_prep.manifest import Entry, read_sources
 from datasets_prep.prep import launch_prep, merge_slices, part_path, prep_slice
 from engines.models import get_family
@@ -48,6 +49,11 @@ def _prep_outputs(inputs: dict[str, Any]) -> list[Path]:
     return [cfg.prep_dir / "samples.jsonl", cfg.cache_dir / "index.jsonl", cfg.prep_dir / "summary.json"]
 
 
+def _prep_current(inputs: dict[str, Any], result: dict[str, Any]) -> bool:
+    """samples.jsonl is still the one this cached result wrote (another manifest's prep rewrites it)."""
+    return result.get("samples_digest") == file_digest(_cfg(inputs).prep_dir / "samples.jsonl")
+
+
 def _train_outputs(inputs: dict[str, Any]) -> list[Path]:
     cfg = _cfg(inputs)
     return [*get_family(cfg.model.family).export_files(cfg.train_dir / "final"), cfg.train_dir / "losses.json"]
@@ -67,7 +73,7 @@ def _eval_outputs(inputs: dict[str, Any]) -> list[Path]:
     retry_condition_fn=retry_if_transient,
     retry_delay_seconds=5,
     persist_result=True,
-    cache_policy=files_policy(sources=_prep_sources, outputs=_prep_outputs),
+    cache_policy=files_policy(sources=_prep_sources, outputs=_prep_outputs, current=_prep_current),
 )
 def prep_latents(cfg: PipelineConfig) -> dict[str, Any]:
     """Probe, decode and encode the manifest into the latent cache (skips what is cached)."""

@@ -101,3 +101,25 @@ def test_a_rerun_after_a_failed_stage_does_only_that_stage(tmp_path: Path, demo_
     out = pipeline(cfg)
     assert out["prep"]["cache_hit"] and out["train"]["cache_hit"]
     assert not out["eval"]["cache_hit"] and (cfg.eval_dir / "metrics.json").is_file()
+
+
+def test_a_cached_prep_whose_outputs_another_manifest_rewrote_is_rerun(
+    tmp_path: Path, demo_manifest: Path, harness: None
+) -> None:
+    """Prep on A, then on B (same workdir), then on A again: A's cache key matches, but samples.jsonl
+    holds B's rows; replaying the entry would train on B's data while reporting A's counts."""
+    from tests.conftest import make_config
+
+    rows = demo_manifest.read_text().splitlines()
+    part = demo_manifest.with_name(f"part-{tmp_path.name}.jsonl")  # beside the media its paths name
+    part.write_text("\n".join(rows[:3]) + "\n")
+    try:
+        full, small = make_config(tmp_path, demo_manifest), make_config(tmp_path, part)
+        assert run_cached(prep_latents, cfg=full)["num_samples"] == 8
+        assert run_cached(prep_latents, cfg=small)["num_samples"] == 3
+        again = run_cached(prep_latents, cfg=full)
+    finally:
+        part.unlink()
+    samples = (full.prep_dir / "samples.jsonl").read_text().splitlines()
+    assert again["num_samples"] == len(samples) == 8 and not again["cache_hit"]
+    assert again["num_encoded"] == 0  # the rerun reuses the latent cache: only the sample list is rewritten
