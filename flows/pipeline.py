@@ -16,8 +16,27 @@ from configs import PipelineConfig
 from datasets_prep.io import file_digest
 from engines.tracking import tracking_uri
 from flows.stages import evaluate, in_stage_run, prep, train
+from tasks import mlflow_runs as runs
 from tasks import tracking as tr
 from tasks.registry import register_model, resolve_init_model
+
+
+def _register(cfg: PipelineConfig, run_id: str, out: dict[str, Any], metrics: dict[str, float]) -> dict[str, Any]:
+    """Register the export; with the server away the trained, evaluated model is not failed for it: the
+    registry decision needs the server (champion, gates), so it is skipped with what to run later."""
+    uri = tracking_uri(cfg)
+    try:
+        if runs.is_away(uri):
+            raise ConnectionError(f"{uri} was unreachable a moment ago")
+        return register_model(cfg, run_id, out["train"].get("mlflow_run_id"), out["train"]["final_dir"], metrics)
+    except Exception as exc:
+        if not runs.is_transport_error(exc):
+            raise
+        runs.mark_away(uri)
+        runs.say(f"warning: MLflow at {uri} is unreachable, so the model was not registered ({exc}). Once the "
+                 "server is back, `flowspeed run` with the same config registers it (training and eval are "
+                 "reused from the cache).")  # fmt: skip
+        return {"skipped": f"MLflow unreachable: {exc}"}
 
 
 @flow(name="pipeline", log_prints=True)
@@ -36,9 +55,7 @@ def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
                 "flowspeed.dataset_digest": file_digest(Path(out["prep"]["samples"]))}  # fmt: skip
         tr.set_tags(cfg, run_id, tags)
         if cfg.tracking.registry.enabled:  # a new version; `champion` moves only if the gates pass
-            out["registry"] = register_model(
-                cfg, run_id, out["train"].get("mlflow_run_id"), out["train"]["final_dir"], metrics
-            )
+            out["registry"] = _register(cfg, run_id, out, metrics)
         return out
 
     out = in_stage_run(cfg, "pipeline", None, body)

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, unmapped
+from prefect.exceptions import TerminationSignal
 
 from configs import PipelineConfig
 from datasets_prep.io import file_digest
 from engines.serving import write_mlmodel, write_pointer_model
-from engines.tracking import UNDELIVERED_DIR, replay_undelivered, tracking_uri
+from engines.tracking import UNDELIVERED_DIR, tracking_uri
+from tasks import mlflow_runs as runs
 from tasks import tracking as tr
 from tasks.caching import run_cached
 from tasks.registry import resolve_init_model
@@ -24,13 +26,24 @@ from tasks.stages import evaluate_model, make_task_runner, merge_prep_task, prep
 
 
 def in_stage_run(
-    cfg: PipelineConfig, stage: str, parent: str | None, body: Callable[[str], dict[str, Any]]
+    cfg: PipelineConfig,
+    stage: str,
+    parent: str | None,
+    body: Callable[[str], dict[str, Any]],
+    train_dir: Path | None = None,
 ) -> dict[str, Any]:
-    run_id = tr.start_run(cfg, stage, parent)
+    """The stage's work inside its MLflow run. The server is checked first (an unreachable one fails in
+    seconds with what to do, or is waited for: `tracking.server_wait_s`); once the work is done, an
+    outage no longer fails the stage: `tasks.tracking` keeps what it could not record for
+    `flowspeed sync-metrics`. `train_dir`: the train stage, whose killed run the resume continues."""
+    runs.ready(cfg)
+    run_id = tr.start_run(cfg, stage, parent, train_dir)
     try:
         out = body(run_id)
-    except BaseException:
-        tr.end_run(cfg, run_id, "FAILED")
+    except BaseException as exc:
+        # Ctrl-C or SIGTERM: KILLED, as MLflow's own API marks interrupted runs; never masks the
+        # stage's error (an outage here goes to the journal).
+        tr.end_run(cfg, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt | TerminationSignal) else "FAILED")
         raise
     tr.end_run(cfg, run_id, "FINISHED")
     return {**out, "mlflow_run_id": run_id}
@@ -94,18 +107,19 @@ def _init_source(cfg: PipelineConfig, resolved: str) -> str:
 
 @flow(name="train", log_prints=True)
 def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Cached latents -> checkpoints and a diffusers export; per-step metrics go to this MLflow run."""
+    """Cached latents -> checkpoints and a diffusers export; per-step metrics go to this MLflow run (the
+    same run across a kill and its resume)."""
+    runs.ready(cfg)
+    # Resolved before the run opens: the training dir (keyed by champion and data) says which killed
+    # run this continues, and a new champion is a new input for the cached task, so it retrains. (The
+    # pipeline resolves before calling this flow; then this is a no-op and the tag says where it started.)
+    start_cfg, init_from = resolve_init_model(cfg)
 
     def body(run_id: str) -> dict[str, Any]:
-        # Resolved before the cached task: a new champion is a new input, so it retrains. (The pipeline
-        # resolves before calling this flow; then this is a no-op and the tag says where it started.)
-        start_cfg, init_from = resolve_init_model(cfg)
         tr.set_tags(cfg, run_id, {"flowspeed.init_from": _init_source(start_cfg, init_from)})
         res = run_cached(train_model, cfg=start_cfg, run_id=run_id, tracking_uri=tracking_uri(cfg))
-        # Metrics that training could not deliver while MLflow was away (the server is back if we got here).
-        delivered, waiting = replay_undelivered(start_cfg.train_dir / UNDELIVERED_DIR)
-        if delivered or waiting:
-            print(f"metrics kept locally during an MLflow outage: {delivered} delivered now, {waiting} still waiting")
+        # Metrics that training could not deliver while MLflow was away: sent now if the server is back.
+        runs.deliver_training_metrics(cfg, start_cfg.train_dir / UNDELIVERED_DIR)
         if res["cache_hit"]:  # the per-step metrics live in the run that produced the model
             tr.set_tags(cfg, run_id, {"reused_from_run": res.get("run_id")})
         tr.log_dataset(cfg, run_id, cfg.prep_dir / "samples.jsonl", context="training")
@@ -122,7 +136,7 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
             tr.log_artifacts(cfg, run_id, write_pointer_model(final, cfg.workdir / ".pointer-model" / run_id), "model")
         return res
 
-    return in_stage_run(cfg, "train", parent_run_id, body)
+    return in_stage_run(cfg, "train", parent_run_id, body, train_dir=start_cfg.train_dir)
 
 
 def pin_eval_model(cfg: PipelineConfig) -> PipelineConfig:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from prefect.runtime import flow_run
 
 from configs import PipelineConfig, flatten, save_config
 from engines.tracking import ensure_experiment, tracking_uri
+from tasks import mlflow_runs as runs
 from tasks.caching import retry_if_transient
 
 
@@ -96,19 +98,23 @@ def git_commit() -> str | None:
 
 
 @task(name="start-mlflow-run", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
-def start_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None) -> str:
-    """Open the run, log the resolved config (params + artifact), tag the Prefect flow run."""
+def start_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None, train_dir: Path | None = None) -> str:
+    """Open the run, log the resolved config (params + artifact), tag the Prefect flow run. With
+    `train_dir` (the train stage), continue the run of a training there that was killed, and record
+    the run there for the next resume."""
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
     exp = ensure_experiment(client, cfg)
-    tags = {
-        "flowspeed.stage": stage,
-        "prefect.flow_run_id": str(flow_run.id or ""),
-        "prefect.flow_run_name": str(flow_run.name or ""),
-        **run_tags(cfg),
-    }
+    flow_tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
     if flow_run.id:
-        tags["prefect.flow_run_url"] = prefect_run_url(str(flow_run.id))
+        flow_tags["prefect.flow_run_url"] = prefect_run_url(str(flow_run.id))
+    if train_dir is not None:
+        run_id = runs.continue_train_run(cfg, train_dir, parent_run_id, flow_tags)
+        if run_id is not None:
+            runs.record_train_run(train_dir, uri, run_id)
+            _link(uri, exp, run_id, stage)
+            return run_id
+    tags = {"flowspeed.stage": stage, **flow_tags, **run_tags(cfg), **runs.owner_tags()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     name = f"{run_label(cfg)}-{stage}"
@@ -119,6 +125,13 @@ def start_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None)
         client.log_batch(run_id, params=params[i : i + 100])
     cfg_dir = cfg.workdir / ".mlflow-config" / run_id
     client.log_artifact(run_id, str(save_config(cfg, cfg_dir)))
+    if train_dir is not None:
+        runs.record_train_run(train_dir, uri, run_id)
+    _link(uri, exp, run_id, stage)
+    return run_id
+
+
+def _link(uri: str, exp: str, run_id: str, stage: str) -> None:
     if flow_run.id:
         create_link_artifact(
             ui_link(uri, exp, run_id),
@@ -126,20 +139,48 @@ def start_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None)
             key=f"mlflow-{stage}",
             description=f"MLflow run of the {stage} stage",
         )
-    return run_id
+
+
+def _tolerant(cfg: PipelineConfig, run_id: str, rows: Callable[[], list[dict[str, Any]]],
+              call: Callable[[], Any]) -> None:  # fmt: skip
+    """Make a call that records finished work; if the server is away (now, or an earlier call of this
+    process found it so), keep `rows` in the journal instead of failing the stage. A 4xx refusal is a
+    real error and raises."""
+    uri = tracking_uri(cfg)
+    if runs.is_away(uri):
+        runs.journal(cfg, run_id, rows(), ConnectionError(f"{uri} was unreachable a moment ago"))
+        return
+    try:
+        call()
+    except Exception as exc:
+        if not runs.is_transport_error(exc):
+            raise
+        runs.journal(cfg, run_id, rows(), exc)
 
 
 @task(name="end-mlflow-run", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
 def end_run(cfg: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:
-    MlflowClient(tracking_uri(cfg)).set_terminated(run_id, status=status)
+    """The terminal status; with the server away it waits in the journal (after the rows before it)."""
+    end = int(time.time() * 1000)
+    if not runs.flush_run_journal(cfg, run_id):  # rows of this run still wait: the status goes after them
+        runs.journal(cfg, run_id, [{"kind": "status", "status": status, "end_time": end}],
+                     ConnectionError(f"{tracking_uri(cfg)} is unreachable"))  # fmt: skip
+        return
+    _tolerant(cfg, run_id, lambda: [{"kind": "status", "status": status, "end_time": end}],
+              lambda: MlflowClient(tracking_uri(cfg)).set_terminated(run_id, status=status, end_time=end))  # fmt: skip
 
 
 def log_metrics(cfg: PipelineConfig, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     ts = int(time.time() * 1000)
     batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-    client = MlflowClient(tracking_uri(cfg))
-    for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics per call
-        client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+    def call() -> None:
+        client = MlflowClient(tracking_uri(cfg))
+        for i in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics per call
+            client.log_batch(run_id, metrics=batch[i : i + 1000])
+
+    rows = [{"kind": "metric", "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in batch]
+    _tolerant(cfg, run_id, lambda: rows, call)
 
 
 def log_dataset(cfg: PipelineConfig, run_id: str, samples_path: Path, context: str) -> None:
@@ -153,13 +194,22 @@ def log_dataset(cfg: PipelineConfig, run_id: str, samples_path: Path, context: s
         source=str(Path(cfg.data.manifest).resolve()),
         name=f"{Path(cfg.data.manifest).parent.name}-{cfg.prep_hash()}",
     )
-    MlflowClient(tracking_uri(cfg)).log_inputs(
-        run_id, datasets=[DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+    entity = ds._to_mlflow_entity()
+    fields = {k: getattr(entity, k) for k in ("name", "digest", "source_type", "source", "schema", "profile")}
+    _tolerant(
+        cfg,
+        run_id,
+        lambda: [{"kind": "dataset", "dataset": fields, "context": context}],
+        lambda: MlflowClient(tracking_uri(cfg)).log_inputs(
+            run_id, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])]
+        ),
     )
 
 
 def set_tags(cfg: PipelineConfig, run_id: str, tags: dict[str, Any]) -> None:
-    MlflowClient(tracking_uri(cfg)).log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+    batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+    _tolerant(cfg, run_id, lambda: [{"kind": "tag", "key": t.key, "value": t.value} for t in batch],
+              lambda: MlflowClient(tracking_uri(cfg)).log_batch(run_id, tags=batch))  # fmt: skip
 
 
 def log_table(cfg: PipelineConfig, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
@@ -168,15 +218,27 @@ def log_table(cfg: PipelineConfig, run_id: str, rows: list[dict[str, Any]], arti
         return
     columns = list(dict.fromkeys(k for r in rows for k in r))
     data = {c: [r.get(c) for r in rows] for c in columns}
-    MlflowClient(tracking_uri(cfg)).log_table(run_id, data=data, artifact_file=artifact_file)
+    row = {"kind": "table", "data": data, "artifact_file": artifact_file}
+
+    def call() -> None:
+        MlflowClient(tracking_uri(cfg)).log_table(run_id, data=data, artifact_file=artifact_file)
+
+    _tolerant(cfg, run_id, lambda: [row], call)
 
 
 def log_artifacts(cfg: PipelineConfig, run_id: str, local: Path, artifact_path: str | None = None) -> None:
-    client = MlflowClient(tracking_uri(cfg))
-    if Path(local).is_dir():
-        client.log_artifacts(run_id, str(local), artifact_path)
-    else:
-        client.log_artifact(run_id, str(local), artifact_path)
+    """Upload a file or folder; with the server away the journal keeps its path (the files stay where
+    they are) and the sync uploads them from there."""
+
+    def call() -> None:
+        client = MlflowClient(tracking_uri(cfg))
+        if Path(local).is_dir():
+            client.log_artifacts(run_id, str(local), artifact_path)
+        else:
+            client.log_artifact(run_id, str(local), artifact_path)
+
+    row = {"kind": "artifact", "path": str(Path(local).resolve()), "artifact_path": artifact_path}
+    _tolerant(cfg, run_id, lambda: [row], call)
 
 
 def should_log_model(cfg: PipelineConfig, model_dir: Path, limit: int = 512 * 2**20) -> bool:
