@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 
 from configs import PipelineConfig
 from engines.tracking import UNDELIVERED_DIR, _refused, replay_undelivered, tracking_uri
-from tasks.gpu_slot_holders import Holder
+from tasks.gpu_slot_holders import process_alive
 
 RUN_RECORD = "mlflow-run.json"
 JOURNAL_SUFFIX = ".journal"
@@ -213,9 +213,7 @@ def owner_alive(tags: dict[str, str]) -> bool:
         host, pid, started = tags[OWNER_HOST], int(tags[OWNER_PID]), float(tags[OWNER_STARTED])
     except (KeyError, ValueError):
         return True
-    holder = Holder(token="", limit="", occupy=0, host=host, pid=pid, started=started, since=0.0,
-                    flow_run=None, task_run=None)  # fmt: skip
-    return holder.is_alive()
+    return process_alive(host, pid, started)
 
 
 def close_dead_runs(client: MlflowClient, experiment_id: str, skip: set[str] = frozenset()) -> list[str]:

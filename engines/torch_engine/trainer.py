@@ -359,7 +359,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, *, use_ema: bool = False)
     checkpoint = Path(checkpoint)
     if not (checkpoint / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory (no trainer_state.pt)")
-    cfg = load_config(checkpoint / "config.yaml")
+    cfg = load_config(checkpoint / "config.yaml", check=False)  # a checkpoint made before a newer rule still exports
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
     family = get_family(cfg.model.family)
     model = plain_model(family, cfg, state["model_args"])
