@@ -3,6 +3,10 @@
 torchrun's `@record` puts each failed rank's traceback in the agent's "Root Cause" report on
 stderr; we tee stderr through and lift that report into the raised error, so a Prefect task (and
 the CLI) shows why rank 1 died instead of "exit status 1".
+
+torchrun cannot outlive us: it gets SIGTERM when flowspeed dies, even by SIGKILL (its agent then stops
+the ranks), and is stopped the same way when an exception (Ctrl-C, SIGTERM, a failed MLflow call)
+leaves this function.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import subprocess
 import sys
 import threading
 from collections import deque
+
+from engines.lifetime import die_with_parent, stop
 
 
 class DistributedJobFailed(RuntimeError):
@@ -47,17 +53,28 @@ def run_torchrun(module: str, args: list[str], nproc: int, rdzv: dict | None = N
     # CPU ranks share the machine's cores; one thread each keeps gloo ranks from oversubscribing.
     env.setdefault("OMP_NUM_THREADS", "1")
     tail: deque[str] = deque(maxlen=400)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=os.getcwd())
+    # Started and waited for by this thread: PR_SET_PDEATHSIG fires when the starting thread ends.
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=os.getcwd(), preexec_fn=die_with_parent()
+    )
+
+    stopping = threading.Event()
 
     def pump() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
             tail.append(line)
-            sys.stderr.write(line)
+            if not stopping.is_set():  # once we stop the job, its agent's shutdown traceback is noise
+                sys.stderr.write(line)
 
     t = threading.Thread(target=pump, daemon=True)
     t.start()
-    rc = proc.wait()
+    try:
+        rc = proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM: its agent gets 30 s to stop the ranks, then SIGKILL
+        stopping.set()
+        stop(proc, grace_s=30)
+        raise
     t.join(timeout=10)
     if rc != 0:
         raise DistributedJobFailed(

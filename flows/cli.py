@@ -7,12 +7,20 @@
 Prefect and MLflow default to embedded stores under the workdir (Prefect's ephemeral API with its
 database in <workdir>/prefect, MLflow in <workdir>/mlflow.db); PREFECT_API_URL and
 MLFLOW_TRACKING_URI point them at servers instead.
+
+Stopping: Ctrl-C and SIGTERM end a run with exit status 130 and 143 (128 + the signal, what a shell
+reports for a process that signal killed), keeping finished shards and checkpoints. Every process a
+run starts (the embedded Prefect API, torchrun and its ranks) ends with it, even after `kill -9`.
+A full disk is one paragraph naming the path, its filesystem and the space left.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Annotated, Any
@@ -51,14 +59,23 @@ class RichReporter:
             self.progress.update(self.tasks[name], completed=self.progress.tasks[self.tasks[name]].total)
 
 
+_embedded_server: Any = None  # the Prefect API flowspeed started (tasks.embedded_prefect), if any
+
+
 def prepare_environment(workdir: Path, debug: bool = False) -> None:
     """Settings that must exist before Prefect, MLflow or HF libraries are imported."""
+    global _embedded_server
     workdir.mkdir(parents=True, exist_ok=True)
     if "PREFECT_API_URL" not in os.environ:
         os.environ.setdefault("PREFECT_HOME", str((workdir / "prefect").resolve()))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A first run creates the ephemeral API's database; on a busy 2-core machine that can pass 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if _embedded_server is None:
+        # Our own ephemeral API, which dies with this process even on SIGKILL; it boots during the imports below.
+        from tasks.embedded_prefect import start_embedded_server
+
+        _embedded_server = start_embedded_server()
     # Flow and task logs go to the Prefect API (the UI shows them); the terminal shows the progress
     # bars and, on failure, one paragraph. --debug puts Prefect's console logs back.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
@@ -89,10 +106,98 @@ def _checkpoint_exception() -> tuple[type[BaseException], ...]:
     return (api.CheckpointException,) if api else ()
 
 
-def _fail(command: str, exc: BaseException, debug: bool) -> None:
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and everything it wraps: causes, contexts, exception groups and the per-rank failures of
+    torch's CheckpointException."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+        failures = getattr(e, "failures", None)  # rank -> exception, or (exception, traceback) in newer torch
+        if isinstance(failures, dict):
+            for f in failures.values():
+                todo += [x for x in (f if isinstance(f, tuple) else (f,)) if isinstance(x, BaseException)]
+    return seen
+
+
+_NO_SPACE = ("No space left on device", "Disk quota exceeded", "[Errno 28]", "(os error 28)")
+# torch.save to a path (C++ stream) reports a failed write without errno: "unexpected pos N vs M" after
+# "basic_ios::clear: iostream error"; the usual cause is a full disk.
+_TORN_WRITE = ("iostream error", "unexpected pos")
+
+
+def _bytes(n: float) -> str:
+    unit = "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            break
+        n /= 1024
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+
+
+def filesystem_of(path: Path) -> str:
+    """'tmpfs mounted at /x, 0 B free' for the filesystem holding `path` (or its nearest existing parent)."""
+    import psutil
+
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    real = os.path.realpath(path)
+    try:
+        parts = [p for p in psutil.disk_partitions(all=True) if real == p.mountpoint or
+                 real.startswith(p.mountpoint.rstrip("/") + "/")]  # fmt: skip
+        part = max(parts, key=lambda p: len(p.mountpoint)) if parts else None
+        st = os.statvfs(real)
+        free = _bytes(st.f_bavail * st.f_frsize)
+    except OSError:
+        return "its filesystem could not be inspected"
+    if part is None:
+        return f"{free} free"
+    return f"{part.fstype} mounted at {part.mountpoint}, {free} free"
+
+
+def disk_full_message(exc: BaseException, where: Path | None) -> str | None:
+    """One paragraph for a write that found its disk full (None for any other error): which path,
+    which filesystem, how much is free, and that nothing finished is lost (every write is atomic)."""
+    hit = None
+    for e in _causes(exc):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            hit = e
+            break
+        if any(marker in str(e) for marker in _NO_SPACE):  # a rank's error, as torchrun reports it
+            hit = hit or e
+    torn = hit is None and any(marker in str(e) for e in _causes(exc) for marker in _TORN_WRITE)
+    if hit is None and not torn:
+        return None
+    path = Path(hit.filename) if isinstance(hit, OSError) and isinstance(hit.filename, str) else where
+    if path is not None and path.name.startswith("."):  # an atomic write's temp name: name its folder
+        path = path.parent
+    held = f" holding {path} ({filesystem_of(path)})" if path is not None else ""
+    advice = (
+        "free space or point the workdir elsewhere (--workdir); finished shards and checkpoints are kept "
+        "(every write is atomic) and the next run resumes from them"
+    )
+    if torn:  # torch's file writer loses errno: say what we know
+        return f"a write stopped part-way on the device{held}, most likely because it is full: {advice}"
+    quota = isinstance(hit, OSError) and hit.errno == errno.EDQUOT or "quota" in str(hit).lower()
+    what = "disk quota exceeded on" if quota else "no space left on"
+    return f"{what} the device{held}: {advice}"
+
+
+def _fail(command: str, exc: BaseException, debug: bool, where: Path | None = None) -> None:
     if debug:
         console.print("".join(traceback.format_exception(exc)))
     msg = str(exc).strip() or repr(exc)
+    full = disk_full_message(exc, where)
+    if full is not None:
+        console.print(Panel(full, title=f"flowspeed {command} failed: disk full", border_style="red", expand=False))
+        if not debug:
+            console.print("Run again with --debug for the full traceback.")
+        raise typer.Exit(1)
     if isinstance(exc, _checkpoint_exception()):
         from engines.torch_engine.safe_load import describe
 
@@ -110,34 +215,95 @@ def _fail(command: str, exc: BaseException, debug: bool) -> None:
     raise typer.Exit(1)
 
 
+_signalled: list[int] = []
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (what `kill`, schedulers and timeouts send) ends the run as Ctrl-C does. Prefect's flow
+    engine puts its own SIGTERM handler in front of this one while a flow runs; it marks the flow run
+    crashed, puts this handler back and sends the signal again, so it arrives here all the same."""
+    _signalled.append(signum)
+    raise KeyboardInterrupt
+
+
+def _exit_interrupted(signum: int) -> None:
+    """Exit with 128 + the signal (130 for Ctrl-C, 143 for SIGTERM), as a process the signal killed
+    reports to its shell. Cleanup (closing runs, stopping the Prefect API) gets a bounded time: a
+    thread stuck on an unreachable server must not keep the process alive, and a second signal exits now."""
+    code = 128 + signum
+    console.print("[yellow]interrupted: finished shards and checkpoints are kept; run again to resume[/]")
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+    signal.signal(signal.SIGINT, lambda *_: os._exit(code))
+    _hard_exit_after(30.0, code)
+    raise typer.Exit(code)
+
+
+def _hard_exit_after(seconds: float, code: int) -> None:
+    def later() -> None:
+        threading.Event().wait(seconds)
+        sys.stderr.flush()
+        os._exit(code)
+
+    threading.Thread(target=later, name="exit-deadline", daemon=True).start()
+
+
+def _no_credentials_in_urls(cfg: Any) -> None:
+    """Team-mode credentials come from the environment (MLFLOW_TRACKING_USERNAME/PASSWORD,
+    PREFECT_API_AUTH_STRING); one written into a server URL would be printed and stored in run tags."""
+    from engines.tracking import refuse_credentials_in_url, tracking_uri
+
+    tracking_uri(cfg)  # refuses a tracking URI with user:password@
+    if os.environ.get("PREFECT_API_URL"):
+        refuse_credentials_in_url(os.environ["PREFECT_API_URL"], "PREFECT_API_URL", "set PREFECT_API_AUTH_STRING")
+
+
+def _stage_dir(command: str, cfg: Any) -> Path:
+    """Where the command writes (named in a disk-full error when the OSError names no file)."""
+    return {"prep": cfg.cache_dir, "train": cfg.train_dir, "eval": cfg.eval_dir}.get(command, cfg.workdir)
+
+
 def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list[str] | None, debug: bool) -> None:
-    from configs import ConfigError, load_config
+    from configs import ConfigError, check_stage, load_config
 
     try:
         cfg = load_config(config, overrides or [], workdir)
-    except (ConfigError, FileNotFoundError) as exc:
+        check_stage(cfg, command, str(config))  # paths the stage reads: before anything is written
+        _no_credentials_in_urls(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         _fail(command, exc, debug)
-    prepare_environment(cfg.workdir, debug)
-    from datasets_prep.progress import use_reporter
-
-    columns = (TextColumn("[bold]{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
+        prepare_environment(cfg.workdir, debug)
+        from datasets_prep.progress import use_reporter
+
+        columns = (TextColumn("[bold]{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress, use_reporter(RichReporter(progress)):
             if command == "run":
                 from flows.pipeline import pipeline
 
+                _wait_for_prefect()
                 out = pipeline(cfg)
             else:
                 from flows import stages
 
                 flow = {"prep": stages.prep, "train": stages.train, "eval": stages.evaluate}[command]
+                _wait_for_prefect()
                 out = {command: flow(cfg)}
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: finished shards and checkpoints are kept; run again to resume[/]")
-        raise typer.Exit(130) from None
+        _exit_interrupted(_signalled[-1] if _signalled else signal.SIGINT)
     except (Exception, *_checkpoint_exception()) as exc:  # one readable paragraph, not a bare traceback
-        _fail(command, exc, debug)
-    _summary(cfg, out)
+        _fail(command, exc, debug, _stage_dir(command, cfg))
+    try:
+        _summary(cfg, out)
+    except KeyboardInterrupt:
+        _exit_interrupted(_signalled[-1] if _signalled else signal.SIGINT)
+
+
+def _wait_for_prefect() -> None:
+    """The embedded Prefect API was started before the imports; it must answer before the flow starts."""
+    if _embedded_server is not None:
+        _embedded_server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")))
 
 
 def _summary(cfg: Any, out: dict[str, Any]) -> None:
@@ -188,9 +354,12 @@ def _summary(cfg: Any, out: dict[str, Any]) -> None:
     if run_id:
         from mlflow import MlflowClient
 
-        exp_id = MlflowClient(uri).get_run(run_id).info.experiment_id
-        console.print(f"  MLflow run:  {ui_link(uri, exp_id, run_id)}", soft_wrap=True)
-    if "PREFECT_API_URL" not in os.environ and prefect_home:
+        try:
+            exp_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+            console.print(f"  MLflow run:  {ui_link(uri, exp_id, run_id)}", soft_wrap=True)
+        except Exception:  # noqa: BLE001 - the server went away at the end: the warning above says what waits
+            console.print(f"  MLflow run:  {run_id} (the tracking server is unreachable now)", soft_wrap=True)
+    if (_embedded_server is not None or "PREFECT_API_URL" not in os.environ) and prefect_home:
         console.print(f"  PREFECT_HOME={prefect_home} prefect server start", soft_wrap=True)
     if flow_run_id:
         console.print(f"  Prefect run: {prefect_run_url(flow_run_id)}", soft_wrap=True)
@@ -272,6 +441,9 @@ def compare(
     if uri is None:
         uri = f"sqlite:///{(workdir or Path.cwd()).resolve() / 'mlflow.db'}"
     try:
+        from engines.tracking import MLFLOW_CREDENTIALS, refuse_credentials_in_url
+
+        refuse_credentials_in_url(uri, "the MLflow tracking URI", MLFLOW_CREDENTIALS)
         rows = compare_runs(uri, experiment, last)
     except Exception as exc:  # noqa: BLE001  (one paragraph; --debug for the traceback)
         _fail("compare", exc, debug)
@@ -291,22 +463,25 @@ def compare(
 
 @app.command("sync-metrics")
 def sync_metrics(
-    folder: Annotated[Path, typer.Argument(help="a training dir's mlflow-undelivered/ folder, or the training dir")],
+    folder: Annotated[Path, typer.Argument(help="a workdir, a training dir, or an mlflow-undelivered/ folder")],
     debug: DebugOpt = False,
 ) -> None:
-    """Deliver metrics that training kept locally because the MLflow server was away when it ended."""
-    from engines.tracking import UNDELIVERED_DIR, replay_undelivered
+    """Deliver what MLflow missed while its server was away: training metrics, and the stages' tags,
+    artifacts, tables and final status."""
+    from tasks.mlflow_runs import sync_undelivered
 
-    if (folder / UNDELIVERED_DIR).is_dir():
-        folder = folder / UNDELIVERED_DIR
     if not folder.is_dir():
         typer.echo(f"nothing to send: {folder} does not exist")
         return
-    delivered, waiting = replay_undelivered(folder)
+    delivered, waiting = sync_undelivered(folder)
     typer.echo(f"delivered {delivered} metrics/tags; {waiting} still waiting (server unreachable)")
     if waiting:
         raise typer.Exit(1)
 
+
+from flows.config_cli import config_app  # noqa: E402 - beside the other sub-commands
+
+app.add_typer(config_app, name="config")
 
 cache_app = typer.Typer(help="Inspect, verify and prune the latent cache of a config's prep stage.")
 app.add_typer(cache_app, name="cache")

@@ -13,6 +13,7 @@ whether the files on disk are still the ones the cached result describes; when n
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,8 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except USER_ERRORS:
         return False
+    except OSError as exc:  # a full disk or quota is not transient: a retry only repeats the write
+        return exc.errno not in (errno.ENOSPC, errno.EDQUOT)
     except BaseException:
         return True
     return True

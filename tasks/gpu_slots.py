@@ -10,6 +10,7 @@ A waiting run frees the slots of holders that died (SIGKILL, OOM killer) and say
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 import time
@@ -29,6 +30,7 @@ from configs import PipelineConfig
 from configs.schema import GpuSlotsConfig
 from engines.device import resolve_device
 from tasks import gpu_slot_holders as slot_holders
+from tasks.embedded_prefect import MARKER as EMBEDDED_API
 
 log = get_logger("flowspeed.gpu_slots")
 
@@ -133,7 +135,8 @@ def _release_dead_holders(name: str) -> bool:
     slots are decremented here (nobody else ever would); a real server's repossessor frees them when
     the dead holder's lease runs out, so there only the record goes."""
     freed = False
-    ephemeral = get_current_settings().api.url is None
+    url = get_current_settings().api.url  # flowspeed's embedded API (tasks.embedded_prefect) is the ephemeral one
+    ephemeral = url is None or url == os.environ.get(EMBEDDED_API)
     for path, h in slot_holders.read_holders(name):
         if h.is_alive() or not slot_holders.claim(path):
             continue

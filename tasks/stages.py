@@ -106,7 +106,9 @@ def make_task_runner(cfg: PipelineConfig) -> Any:
     if d.task_runner == "thread":
         return ThreadPoolTaskRunner(max_workers=d.slices)
     if d.task_runner == "process":
-        return ProcessPoolTaskRunner(max_workers=d.slices)
+        from engines.lifetime import exit_with_parent  # workers would wait on their queue forever after a kill
+
+        return ProcessPoolTaskRunner(max_workers=d.slices, initializer=exit_with_parent)
     try:
         if d.task_runner == "dask":
             from prefect_dask import DaskTaskRunner

@@ -205,6 +205,13 @@ class PendingCheckpoint:
         return self.final
 
 
+def _save_file(obj: Any, path: Path) -> None:
+    """torch.save through a Python file: a full disk raises OSError(ENOSPC) naming the file, where
+    torch's own path writer reports only "unexpected pos N vs M"."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def discard(ckpt: Path) -> None:
     """Delete a published checkpoint: first renamed to a `.step-*` name (one atomic step out of the
     listing), then removed. A process killed halfway through the removal leaves no half checkpoint under
@@ -254,18 +261,16 @@ def save(
         else:
             dcp.save(state, checkpoint_id=str(tmp / "state"), no_dist=world == 1)
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
+        _save_file(rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
         if rank == 0:
-            torch.save(
-                {
-                    "step": step,
-                    "data": data_state,
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                    "world_size": world,
-                    **(extra or {}),
-                },
-                tmp / "trainer_state.pt",
-            )
+            trainer_state = {
+                "step": step,
+                "data": data_state,
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "world_size": world,
+                **(extra or {}),
+            }
+            _save_file(trainer_state, tmp / "trainer_state.pt")
             save_config(cfg, tmp)
     except BaseException as exc:
         pending.error = exc

@@ -1,0 +1,92 @@
+"""Child processes that cannot outlive flowspeed.
+
+A `kill -9` of flowspeed runs none of its cleanup, so every process it starts must notice on its own
+that its parent is gone: a torchrun agent left behind keeps training (its ranks hold the checkpoint
+directory and the GPUs), an embedded Prefect server keeps its port and 250 MB. Two ways, by what can
+run code in the child:
+
+- `die_with_parent()`: a `preexec_fn` for `subprocess.Popen` that asks the kernel (Linux
+  `PR_SET_PDEATHSIG`) to send the child a signal when its parent dies, however it dies. The kernel
+  sends it when the *thread* that started the child ends, so call Popen from a thread that waits
+  for the child (or the main thread).
+- `exit_with_parent()`: for workers we do not fork ourselves (a process pool's initializer): a daemon
+  thread that exits the worker once its parent process is gone.
+
+No Prefect here: `engines` never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up in the parent: a preexec_fn should not load libraries after fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        return libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child receive `sig` when this process dies (None where the
+    kernel cannot: not Linux). SIGTERM lets torchrun's agent stop its ranks and uvicorn shut down."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died between fork and prctl: nobody will signal us
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def exit_with_parent(parent_pid: int | None = None, poll_s: float = 1.0) -> None:
+    """Start a daemon thread that ends this process once its parent process has exited (its parent
+    pid changes to a reaper's). For pool workers: their executor may spawn them from a short-lived
+    thread, which rules out PR_SET_PDEATHSIG (tied to the spawning thread, not the process).
+
+    The parent is the one multiprocessing recorded when it spawned us (a worker still starting when
+    its parent dies must not take the reaper for its parent), else `parent_pid`, else today's."""
+    import multiprocessing
+
+    spawner = multiprocessing.parent_process()
+    parent = parent_pid or (spawner.pid if spawner is not None and spawner.pid else os.getppid())
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`: the child's own shutdown (torchrun stops its ranks) first."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=grace_s)
