@@ -34,6 +34,7 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
@@ -47,12 +48,30 @@ UNDELIVERED_DIR = "mlflow-undelivered"
 PROGRESS_KEY = "train/loss"
 
 
+MLFLOW_CREDENTIALS = "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials)"
+
+
+def refuse_credentials_in_url(url: str, what: str, instead: str) -> str:
+    """URLs are printed, tagged on runs, written to files and passed to ranks on their command line
+    (visible in `ps`): a password in one would leak everywhere. Credentials belong in the environment."""
+    parts = urlsplit(url)
+    try:
+        userinfo = parts.username is not None or parts.password is not None
+    except ValueError:  # an unparsable netloc: leave it to the client to refuse
+        return url
+    if userinfo:
+        host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
+        raise ValueError(f"{what} ({parts.scheme}://{host}{parts.path}) carries credentials in the URL, which "
+                         f"flowspeed would print and store in run tags and files. Remove them from the URL and "
+                         f"{instead}.")  # fmt: skip
+    return url
+
+
 def tracking_uri(cfg: PipelineConfig) -> str:
     """Config beats MLFLOW_TRACKING_URI beats a SQLite store under the workdir."""
-    if cfg.tracking.tracking_uri:
-        return cfg.tracking.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return refuse_credentials_in_url(uri, "the MLflow tracking URI", MLFLOW_CREDENTIALS)
     return f"sqlite:///{(cfg.workdir / 'mlflow.db').resolve()}"
 
 

@@ -1,13 +1,18 @@
-"""Team mode against real servers: a PostgreSQL-backed MLflow tracking server and Prefect server on
-loopback ports, a process worker, deployments from prefect.yaml, the registry gates, an MLflow
-outage in the middle of training, and both UIs rendered by headless Chromium.
+"""Team mode against real servers, secured as the README's "Team mode" commands: a PostgreSQL-backed
+MLflow tracking server running the basic-auth app and a Prefect server requiring an API auth
+string, both on databases of a dedicated role with a password, on loopback ports; a process worker,
+deployments from prefect.yaml, the registry gates, an MLflow outage in the middle of training, and
+both UIs rendered by headless Chromium, logged in.
 
-Only environment variables differ from the embedded defaults (MLFLOW_TRACKING_URI, PREFECT_API_URL).
+Only environment variables differ from the embedded defaults: MLFLOW_TRACKING_URI and PREFECT_API_URL
+point at the servers, MLFLOW_TRACKING_USERNAME/PASSWORD and PREFECT_API_AUTH_STRING carry the
+credentials. Every command's output is checked for the secrets: none may ever be printed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +26,21 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
-from tests.servers import Server, base_env, database, mlflow_server, prefect_server, require_postgres
+from tests.servers import (
+    Secrets,
+    Server,
+    base_env,
+    basic_auth,
+    connected_roles,
+    create_mlflow_user,
+    database,
+    db_role,
+    http_status,
+    mlflow_server,
+    prefect_server,
+    render,
+    require_postgres,
+)
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -34,11 +53,21 @@ class Team:
     pf: Server
     env: dict[str, str]
     prep_dir: Path
+    keys: Secrets
+    databases: dict[str, str]
 
-    def run(self, *argv: str, timeout: int = 600, env: dict[str, str] | None = None) -> str:
+    def run(self, *argv: str, timeout: int = 600, env: dict[str, str] | None = None, ok: bool = True) -> str:
         out = subprocess.run(argv, env=env or self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-        assert out.returncode == 0, f"{argv}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-        return out.stdout
+        self.assert_no_secret(out.stdout + out.stderr, argv)
+        if ok:
+            assert out.returncode == 0, f"{argv}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+            return out.stdout
+        assert out.returncode != 0, f"{argv} succeeded:\n{out.stdout[-3000:]}"
+        return out.stdout + out.stderr
+
+    def assert_no_secret(self, text: str, what: object) -> None:
+        for secret in self.keys.values():
+            assert secret not in text, f"{what} printed a credential"
 
     def prefect(self, *args: str) -> str:
         return self.run(str(BIN / "prefect"), *args)
@@ -48,27 +77,56 @@ class Team:
 
     @property
     def client(self) -> MlflowClient:
-        return MlflowClient(self.ml.url)  # type: ignore[attr-defined]
+        return MlflowClient(self.ml.url)
+
+
+def _start_together(*servers: Server) -> None:
+    """Both servers boot at once (each takes tens of seconds on a busy 2-core machine)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
+        for done in [pool.submit(server.start) for server in servers]:
+            done.result()
 
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory: pytest.TempPathFactory) -> Team:
     require_postgres()
     folder = tmp_path_factory.mktemp("team")
-    with database("flowspeed_mlflow") as mlflow_db, database("flowspeed_prefect") as prefect_db:
-        ml, pf = mlflow_server(folder, mlflow_db), prefect_server(folder, prefect_db)
+    keys = Secrets.generate()
+    with (
+        db_role("flowspeed") as role,
+        database("flowspeed_mlflow", role) as mlflow_db,
+        database("flowspeed_mlflow_auth", role) as auth_db,
+        database("flowspeed_prefect", role) as prefect_db,
+    ):
+        ml = mlflow_server(folder, mlflow_db, auth_db, role, keys)
+        pf = prefect_server(folder, prefect_db, role, keys)
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
         try:
-            ml.start()
-            pf.start()
-            env = base_env(folder) | {
-                "MLFLOW_TRACKING_URI": ml.url,  # type: ignore[attr-defined]
-                "PREFECT_API_URL": f"{pf.url}/api",  # type: ignore[attr-defined]
-                # Fail an HTTP call in seconds rather than minutes: the tracker has its own retry loop.
-                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-            }
-            yield Team(folder, ml, pf, env, folder / "prep")
+            _start_together(ml, pf)
+            create_mlflow_user(ml, keys)
+            env = (
+                base_env(folder)
+                | keys.client_env()
+                | {
+                    "MLFLOW_TRACKING_URI": ml.url,
+                    "PREFECT_API_URL": f"{pf.url}/api",
+                    # Fail an HTTP call in seconds rather than minutes: the tracker has its own retry loop.
+                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                }
+            )
+            # The tests' own MlflowClient reads its credentials where flowspeed does: the environment.
+            os.environ.update({k: env[k] for k in saved})
+            databases = {"mlflow": mlflow_db, "mlflow_auth": auth_db, "prefect": prefect_db, "role": role.name}
+            yield Team(folder, ml, pf, env, folder / "prep", keys, databases)
         finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
             ml.stop()
             pf.stop()
 
@@ -115,12 +173,14 @@ def test_deployed_pipeline_runs_on_a_worker_into_the_mlflow_server(team: Team, d
 
     runs = _runs(team, "team-deployed")
     assert set(runs) == {"pipeline", "prep", "train", "eval"}
+    for run in runs.values():  # nothing of the credentials in what a run records
+        team.assert_no_secret(json.dumps([run.data.tags, run.data.params]), f"the {run.info.run_name} run")
     assert all(r.info.status == "FINISHED" for r in runs.values())
     train = runs["train"]
     history = team.client.get_metric_history(train.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == [1, 2, 3]
     assert any(k.startswith("system/cpu_utilization") for k in train.data.metrics), sorted(train.data.metrics)
-    assert train.data.tags["prefect.flow_run_url"].startswith(team.pf.url)  # type: ignore[attr-defined]
+    assert train.data.tags["prefect.flow_run_url"].startswith(team.pf.url)
     assert train.data.tags["flowspeed.parallel_layout"].startswith("nnodes=1")
     artifacts = {a.path for a in team.client.list_artifacts(runs["eval"].info.run_id)}
     assert {"eval_samples.json", "videos", "metrics.json"} <= artifacts  # in the server's artifact store
@@ -209,6 +269,7 @@ def test_training_survives_an_mlflow_outage_and_every_metric_arrives_once(team: 
         team.ml.start()
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out[-3000:]
+        team.assert_no_secret(out, "flowspeed train through an outage")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -225,27 +286,59 @@ def test_training_survives_an_mlflow_outage_and_every_metric_arrives_once(team: 
     assert run.info.status == "FINISHED"
 
 
-def _dom(url: str) -> str:
-    """The page after its scripts ran (the UIs are single-page apps that fetch from their APIs)."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("needs Debian's chromium (apt-get install chromium); .ci/run installs it")
-    out = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
-                          "--dump-dom", url], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
+def test_the_servers_refuse_calls_without_credentials(team: Team) -> None:
+    """The README's servers answer only with credentials, and hold their databases as the dedicated
+    role (not the superuser). Health routes stay open by design (probes, load balancers)."""
+    keys = team.keys
+    search = f"{team.ml.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert http_status(search) == 401
+    assert http_status(search, headers={"Authorization": basic_auth(f"{keys.mlflow_user}:wrong")}) == 401
+    assert (
+        http_status(search, headers={"Authorization": basic_auth(f"{keys.mlflow_user}:{keys.mlflow_password}")}) == 200
+    )
+    flows, as_json = f"{team.pf.url}/api/flows/filter", {"Content-Type": "application/json"}
+    assert http_status(flows, b"{}", as_json) == 401
+    assert http_status(flows, b"{}", as_json | {"Authorization": basic_auth("flowspeed:wrong")}) == 401
+    assert http_status(flows, b"{}", as_json | {"Authorization": basic_auth(keys.prefect_auth_string)}) == 200
+    for db in ("mlflow", "mlflow_auth", "prefect"):  # each server keeps pooled connections open
+        assert connected_roles(team.databases[db]) == {team.databases["role"]}, db
+
+
+def test_flowspeed_takes_the_credentials_from_the_environment(team: Team, deployed: dict[str, Any]) -> None:
+    """`flowspeed compare` against the server: with the environment's credentials it lists the deployed
+    pipeline run; without them it fails in one paragraph that says MLflow refused (no secret printed:
+    `Team.run` checks every command's output)."""
+    assert "COMPLETED" in deployed["state"]
+    rows = json.loads(team.flowspeed("compare", "team-deployed", "--json"))
+    assert [r["status"] for r in rows] == ["FINISHED"]
+    anonymous = {k: v for k, v in team.env.items() if not k.startswith("MLFLOW_TRACKING_")} | {
+        "MLFLOW_TRACKING_URI": team.ml.url
+    }
+    refused = team.run(str(BIN / "flowspeed"), "compare", "team-deployed", env=anonymous, ok=False)
+    assert "401" in refused or "not authenticated" in refused.lower(), refused[-2000:]
+    assert "Traceback" not in refused
 
 
 def test_the_uis_show_the_compared_runs_and_the_deployments(team: Team, deployed: dict[str, Any]) -> None:
+    """Both UIs, logged in: every request of the page carries the Authorization header the UI's login
+    sends (MLflow: the account; Prefect: the auth string). Without it, the Prefect UI shows its login."""
     assert "COMPLETED" in deployed["state"]
     runs = _runs(team, "team-deployed")
     ids = [r.info.run_id for r in runs.values()]
+    names = [r.info.run_name for r in runs.values()]
     experiment = runs["pipeline"].info.experiment_id
     query = urllib.parse.urlencode({"runs": json.dumps(ids), "experiments": json.dumps([experiment])})
-    page = _dom(f"{team.ml.url}/#/compare-runs?{query}")  # type: ignore[attr-defined]
+    user = {"Authorization": basic_auth(f"{team.keys.mlflow_user}:{team.keys.mlflow_password}")}
+    page = render(f"{team.ml.url}/#/compare-runs?{query}", lambda dom: all(n in dom for n in names), headers=user)
     assert "Compare" in page
-    for run in runs.values():
-        assert run.info.run_name in page
-    page = _dom(f"{team.pf.url}/deployments")  # type: ignore[attr-defined]
-    for name in ("flowspeed-pipeline", "flowspeed-nightly-finetune", "flowspeed-train"):
+    for name in names:
         assert name in page
+
+    deployments = ("flowspeed-pipeline", "flowspeed-nightly-finetune", "flowspeed-train")
+    login = {"Authorization": basic_auth(team.keys.prefect_auth_string)}
+    page = render(f"{team.pf.url}/deployments", lambda dom: all(n in dom for n in deployments), headers=login)
+    for name in deployments:
+        assert name in page
+    # Without the auth string the UI's code loads (static files are public) but shows only its login form.
+    page = render(f"{team.pf.url}/deployments", lambda dom: "Authentication failed" in dom and "Login" in dom)
+    assert "Authentication failed" in page and "Login" in page and "flowspeed-pipeline" not in page
