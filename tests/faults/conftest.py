@@ -15,12 +15,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.conftest import REPO
+from tests.servers import Server
 
 
 def python_child(target: str, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -109,3 +111,14 @@ def _describe(p: psutil.Process) -> str:
         return f"pid {p.pid} {' '.join(p.cmdline())[:200]}"
     except psutil.Error:
         return f"pid {p.pid} (gone while being listed)"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real `mlflow server` (SQLite store, loopback port) for the fault modules; a test that stops
+    it for an outage starts it again before it ends."""
+    from tests.faults.mlflow_helpers import shared_server
+
+    server = shared_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.stop()

@@ -27,7 +27,7 @@ from engines.torch_engine.checkpoint import list_checkpoints
 from engines.tracking import ensure_experiment, tracking_uri
 from tasks import mlflow_runs as runs
 from tests.conftest import make_config
-from tests.faults.mlflow_helpers import finish, flowspeed_argv, reap, shared_server, stage_runs, start, steps, tail
+from tests.faults.mlflow_helpers import finish, flowspeed_argv, reap, stage_runs, start, steps, tail
 from tests.faults.mlflow_helpers import wait_until as wait_for
 from tests.servers import Server
 
@@ -127,13 +127,6 @@ def test_a_killed_trainings_run_is_continued_under_the_new_parent(
     (train_dir / "final").rmdir()
     client.set_terminated(killed, "FINISHED")
     assert runs.continue_train_run(cfg, train_dir, parent, {}) is None
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = shared_server(tmp_path_factory.mktemp("mlflow-server"))
-    yield server
-    server.stop()
 
 
 @pytest.mark.slow

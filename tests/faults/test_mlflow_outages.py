@@ -14,7 +14,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,6 @@ from tests.faults.mlflow_helpers import (
     finish,
     flowspeed_argv,
     reap,
-    shared_server,
     stage_runs,
     start,
     steps,
@@ -63,13 +61,6 @@ def test_waiting_for_a_server_says_so_and_sigterm_ends_it(tmp_path: Path, preppe
     finally:
         reap(proc)
     assert not (tmp_path / "work" / "train" / "checkpoints").exists()  # it never started training
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = shared_server(tmp_path_factory.mktemp("mlflow-server"))
-    yield server
-    server.stop()
 
 
 @pytest.mark.slow
