@@ -165,30 +165,6 @@ def test_a_sigkilled_run_leaves_no_process_behind(tmp_path: Path, prepped: Pipel
         child.cleanup()
 
 
-@pytest.mark.slow
-def test_sigterm_mid_training_ends_train_like_ctrl_c_and_stops_the_ranks(
-    tmp_path: Path, prepped: PipelineConfig, prefect_home: Path, mlflow_store: str
-) -> None:
-    work = tmp_path / "work"
-    sets = _training(prepped) + ["--set", f"data.output_dir={prepped.prep_dir}"]  # train reads the prepped set
-    child = Child(["train", "configs/quickstart.yaml", "--workdir", str(work), *sets],
-                  _env(prefect_home, MLFLOW_TRACKING_URI=mlflow_store), tmp_path / "train.log")  # fmt: skip
-    try:
-        child.wait_for(_ranks_training(child), "training on 2 ranks")
-        port = child.server_port()
-        child.proc.send_signal(signal.SIGTERM)
-        rc = child.proc.wait(timeout=BOUND_S)
-        log = child.tail()
-        assert rc == 128 + signal.SIGTERM, f"exit status {rc}, not 143:\n{log}"
-        assert "interrupted: finished shards and checkpoints are kept; run again to resume" in log, log
-        assert "Traceback" not in log, log
-        alive = child.survivors()
-        assert alive == [], "outlived the SIGTERMed flowspeed train:\n" + "\n".join(alive)
-        assert _port_free(port), f"the Prefect server's port {port} is still taken"
-    finally:
-        child.cleanup()
-
-
 class BlackHole:
     """An MLflow "server" that accepts connections and never answers: a hung or firewalled host."""
 

@@ -1,8 +1,9 @@
 """Team mode against real servers, secured as the README's "Team mode" commands: a PostgreSQL-backed
 MLflow tracking server running the basic-auth app and a Prefect server requiring an API auth
 string, both on databases of a dedicated role with a password, on loopback ports; a process worker,
-deployments from prefect.yaml, the registry gates, an MLflow outage in the middle of training, and
-both UIs rendered by headless Chromium, logged in.
+deployments from prefect.yaml, the registry gates, and both UIs rendered by headless Chromium, logged
+in. (An MLflow server stopped and restarted in the middle of a `flowspeed train` is in
+tests/faults/test_killed_runs.py, on a SQLite-backed server: the tracker does not depend on the store.)
 
 Only environment variables differ from the embedded defaults: MLFLOW_TRACKING_URI and PREFECT_API_URL
 point at the servers, MLFLOW_TRACKING_USERNAME/PASSWORD and PREFECT_API_AUTH_STRING carry the
@@ -16,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,52 +238,6 @@ def test_registry_gates_and_incremental_data_on_the_servers(team: Team, demo_man
                                                   dst_path=str(team.folder / "v3"))  # fmt: skip
     signature = Model.load(mlmodel).signature  # the registered version is a pyfunc model with a signature
     assert signature is not None and "prompt" in signature.inputs.input_names()
-
-
-def test_training_survives_an_mlflow_outage_and_every_metric_arrives_once(team: Team, demo_manifest: Path) -> None:
-    steps = 2000  # 20-30 ms each: training is still stepping while the server is away, even on a fast machine
-    cfg = _cfg(team, "outage", demo_manifest,
-               train={"max_steps": steps, "checkpoint_every": steps, "metrics_flush_every": 5,
-                      "gpu_slots": {"name": "gpu-team-node"}},
-               tracking={"experiment": "team-outage", "system_metrics": False})  # fmt: skip
-    path = team.folder / "outage.yaml"
-    path.write_text(json.dumps(cfg))
-    team.flowspeed("prep", str(path))
-    proc = subprocess.Popen([str(BIN / "flowspeed"), "train", str(path)], env=team.env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        client, deadline = team.client, time.monotonic() + 300
-        while True:  # wait for the first steps to reach the server, then take it away
-            exp = client.get_experiment_by_name("team-outage")
-            runs = client.search_runs([exp.experiment_id], "tags.`flowspeed.stage` = 'train'") if exp else []
-            if runs and len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 3:
-                break
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.2)
-        run_id = runs[0].info.run_id
-        team.ml.stop()
-        down = time.time() * 1000
-        time.sleep(8)
-        assert proc.poll() is None, "training stopped when the MLflow server went away"
-        up = time.time() * 1000
-        team.ml.start()
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out[-3000:]
-        team.assert_no_secret(out, "flowspeed train through an outage")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    run = client.get_run(run_id)
-    per_step = [k for k in run.data.metrics if k.startswith(("train/", "perf/"))]
-    assert "train/loss" in per_step
-    for key in per_step:
-        got = sorted(m.step for m in client.get_metric_history(run_id, key))
-        assert got == sorted(set(got)), f"{key}: a step logged twice"
-    history = client.get_metric_history(run_id, "train/loss")
-    assert sorted(m.step for m in history) == list(range(1, steps + 1))
-    during = [m.step for m in history if down < m.timestamp < up]
-    assert len(during) >= 2, "no step was logged while the server was down: the outage was not exercised"
-    assert run.info.status == "FINISHED"
 
 
 def test_the_servers_refuse_calls_without_credentials(team: Team) -> None:
