@@ -77,29 +77,31 @@ class Role:
 def db_role(prefix: str) -> Iterator[Role]:
     """A fresh login role with a random password, dropped afterwards (after its databases)."""
     role = Role(f"{prefix}_{uuid.uuid4().hex[:10]}", secrets.token_urlsafe(18))
-    conn = _admin()
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE ROLE \"{role.name}\" LOGIN PASSWORD '{role.password}'")
-    try:
+    with _created(f"CREATE ROLE \"{role.name}\" LOGIN PASSWORD '{role.password}'",
+                  f'DROP ROLE IF EXISTS "{role.name}"'):  # fmt: skip
         yield role
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f'DROP ROLE IF EXISTS "{role.name}"')
-        conn.close()
 
 
 @contextmanager
 def database(prefix: str, owner: Role | None = None) -> Iterator[str]:
     """A fresh, uniquely named database (owned by `owner`), dropped afterwards (even after a failure)."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with _created(f'CREATE DATABASE "{name}"' + (f' OWNER "{owner.name}"' if owner else ""),
+                  f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'):  # fmt: skip
+        yield name
+
+
+@contextmanager
+def _created(create: str, drop: str) -> Iterator[None]:
+    """Run `create` as the admin, and `drop` afterwards, even after a failure."""
     conn = _admin()
     with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"' + (f' OWNER "{owner.name}"' if owner else ""))
+        cur.execute(create)
     try:
-        yield name
+        yield
     finally:
         with conn.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            cur.execute(drop)
         conn.close()
 
 
