@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engines.device import device_name, peak_memory_bytes, resolve_device, set_current, synchronize
+from engines.common.device import device_name, peak_memory_bytes, resolve_device, set_current, synchronize
 from engines.models import get_family
 from engines.models.cogvideox import TRANSFORMER_PRESETS
 from engines.torch_engine.flops import mfu, peak_tflops, train_flops

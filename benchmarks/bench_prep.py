@@ -26,9 +26,9 @@ import torch  # noqa: E402
 from configs import load_config  # noqa: E402
 from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices  # noqa: E402
 from datasets_prep.demo import make_demo_dataset  # noqa: E402
-from datasets_prep.io import read_jsonl  # noqa: E402
 from datasets_prep.prep import launch_prep, run_prep  # noqa: E402
 from datasets_prep.probe import probe  # noqa: E402
+from engines.common.io import read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

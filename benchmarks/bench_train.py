@@ -24,12 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from configs import load_config  # noqa: E402
+from datasets_prep.cache import CachedLatents, collate  # noqa: E402
 from datasets_prep.decode import decode, resize_center_crop  # noqa: E402
 from datasets_prep.demo import make_demo_dataset  # noqa: E402
 from datasets_prep.prep import load_samples, run_prep  # noqa: E402
 from datasets_prep.probe import probe  # noqa: E402
 from engines.models import get_family  # noqa: E402
-from engines.torch_engine.data import CachedLatents, collate  # noqa: E402
 from engines.torch_engine.trainer import step_generator, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

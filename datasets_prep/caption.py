@@ -26,11 +26,11 @@ from PIL import Image
 
 from configs.schema import CaptionConfig, PipelineConfig
 from datasets_prep.decode import cover_size, decode
-from datasets_prep.io import RecordStore, file_digest
 from datasets_prep.manifest import Entry
 from datasets_prep.probe import ProbeError, probe
-from datasets_prep.progress import reporter
-from engines.device import resolve_device
+from engines.common.device import resolve_device
+from engines.common.io import RecordStore, file_digest
+from engines.common.progress import reporter
 from engines.models.registry import seeded_init
 
 SINGLE_IMAGE = {"llava"}

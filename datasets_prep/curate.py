@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 
 from configs.schema import AestheticConfig, CurateConfig, PipelineConfig, SceneSplitConfig
 from datasets_prep.decode import decode
-from datasets_prep.io import RecordStore, atomic_write
 from datasets_prep.probe import MediaInfo, ProbeError, probe
-from datasets_prep.progress import reporter
-from engines.device import resolve_device
+from engines.common.device import resolve_device
+from engines.common.io import RecordStore, atomic_write
+from engines.common.progress import reporter
 
 
 def config_hash(obj: Any) -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datasets_prep.io import atomic_write, atomic_write_text
 from datasets_prep.mp4 import write_mp4
+from engines.common.io import atomic_write, atomic_write_text
 
 COLOURS = {
     "red": (230, 40, 40),

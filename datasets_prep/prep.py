@@ -35,12 +35,12 @@ from datasets_prep.cache import LatentCache
 from datasets_prep.caption import caption_items
 from datasets_prep.curate import SceneCache, clip_view, curate, dedup, write_scene_clip
 from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
-from datasets_prep.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
 from datasets_prep.manifest import Entry, EscapedRoot, Rejection, media_digest, opened_under, read_sources
 from datasets_prep.probe import IMAGE_SUFFIXES, MediaInfo, ProbeError, probe
-from datasets_prep.progress import reporter
 from datasets_prep.sequence_prep import sequence_slice
-from engines.device import resolve_device, torch_dtype
+from engines.common.device import resolve_device, torch_dtype
+from engines.common.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
+from engines.common.progress import reporter
 from engines.models import ModelFamily, get_family
 from engines.models.sequence import SequenceFamily
 
@@ -463,7 +463,7 @@ def _result_from_disk(prep_dir: Path) -> PrepResult:
 
 def launch_prep(cfg: PipelineConfig) -> PrepResult:
     """In this process, or as a torchrun job of `data.nproc_per_node` ranks."""
-    from engines.torchrun import in_distributed_job, run_torchrun
+    from engines.common.torchrun import in_distributed_job, run_torchrun
 
     if in_distributed_job() or cfg.data.nproc_per_node == 1:
         return run_prep(cfg)

@@ -22,10 +22,10 @@ import numpy as np
 from configs import PipelineConfig
 from datasets_prep.cache import LatentCache
 from datasets_prep.decode import decode, resize_center_crop
-from datasets_prep.io import file_digest, text_digest
 from datasets_prep.manifest import Entry, EscapedRoot, Rejection, opened_under
 from datasets_prep.probe import IMAGE_SUFFIXES, MediaInfo, ProbeError, probe
-from datasets_prep.progress import reporter
+from engines.common.io import file_digest, text_digest
+from engines.common.progress import reporter
 from engines.models.sequence import SequenceFamily, SequenceSample
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",

@@ -20,7 +20,7 @@ import torch
 
 from configs import PipelineConfig
 from configs.schema import BenchmarkConfig
-from datasets_prep.io import write_jsonl
+from engines.common.io import write_jsonl
 from engines.models.sequence import SequenceFamily, SequenceSample
 from evaluation.benchmarks import (
     PROMPT_TEMPLATES,

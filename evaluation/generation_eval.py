@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from configs import PipelineConfig
-from datasets_prep.io import atomic_write, text_digest
 from datasets_prep.mp4 import write_mp4
+from engines.common.io import atomic_write, text_digest
 from engines.models.registry import ModelFamily, loaded
 from evaluation import generation_metrics as gm
 from evaluation.clip_score import clip_image_features, clip_score_of, load_clip, video_clip_score
@@ -108,8 +108,8 @@ def _reference_sources(cfg: PipelineConfig) -> list[tuple[Path, list[int] | None
     ref = cfg.eval.generation.reference
     assert ref is not None
     if ref == "held_out":
+        from datasets_prep.cache import split_records
         from datasets_prep.prep import load_samples
-        from engines.torch_engine.data import split_records
 
         _, val = split_records(load_samples(cfg.prep_dir), cfg.train.val_fraction)
         return [(Path(r["source"]), list(r["frame_indices"])) for r in val]

@@ -24,14 +24,14 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from configs import ComponentConfig, PipelineConfig, load_config, save_config
-from datasets_prep.io import atomic_write_text, write_jsonl
+from datasets_prep.cache import CachedLatents, split_records
 from datasets_prep.prep import load_samples
-from engines.device import resolve_device
+from engines.common.device import resolve_device
+from engines.common.io import atomic_write_text, write_jsonl
+from engines.common.torchrun import in_distributed_job, run_torchrun
 from engines.models import get_family
 from engines.models.registry import keep_loaded
 from engines.models.sequence import SequenceFamily
-from engines.torch_engine.data import CachedLatents, split_records
-from engines.torchrun import in_distributed_job, run_torchrun
 from evaluation.generation_eval import generate_and_score
 from evaluation.sequence_eval import run_sequence_eval
 from evaluation.sharded import join
@@ -109,11 +109,11 @@ def trained_export(cfg: PipelineConfig) -> Path:
 def model_to_evaluate(cfg: PipelineConfig, model: str) -> Path:
     """`eval.model` as a local export folder: a registry version (downloaded once under the
     workdir), a training checkpoint (exported once beside the eval outputs), or an export."""
-    from engines.serving import SETTINGS, weights_dir
+    from engines.tracking.serving import SETTINGS, weights_dir
 
     if model.startswith("models:/"):
-        from engines.model_registry import fetch_version, resolve_version
-        from engines.tracking import tracking_uri
+        from engines.tracking.registry import fetch_version, resolve_version
+        from engines.tracking.tracker import tracking_uri
 
         uri = tracking_uri(cfg)
         name, version = resolve_version(uri, model)

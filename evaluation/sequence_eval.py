@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from configs import ComponentConfig, PipelineConfig
-from datasets_prep.io import write_jsonl
+from datasets_prep.cache import CachedLatents
 from datasets_prep.sequence_prep import sample_of
+from engines.common.io import write_jsonl
 from engines.models.sequence import SequenceFamily
-from engines.torch_engine.data import CachedLatents
 from evaluation.sharded import Ranks, run_sharded, task_folder
 
 

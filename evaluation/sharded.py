@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from datasets_prep.progress import reporter
+from engines.common.progress import reporter
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def join(device: torch.device, timeout_s: int = 1800) -> Ranks:
     """This process's place in a torchrun eval job (joining its process group), or a lone rank 0."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
-        from engines.device import dist_backend, set_current
+        from engines.common.device import dist_backend, set_current
 
         set_current(device)
         dist.init_process_group(backend=dist_backend(device), timeout=timedelta(seconds=timeout_s))
@@ -81,7 +81,7 @@ def task_folder(eval_dir: Path, name: str, export_files: list[Path], settings: d
     """Where one eval task keeps its shards: named by the evaluated export (path, size and mtime of its
     files) and the settings that change its rows, so a rerun reuses rows only of the same work. The
     world size and batch size are left out on purpose: a crashed eval may resume on other ranks."""
-    from datasets_prep.io import text_digest
+    from engines.common.io import text_digest
 
     stamps = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in export_files if f.exists()]
     return (

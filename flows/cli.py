@@ -250,7 +250,7 @@ def _hard_exit_after(seconds: float, code: int) -> None:
 def _no_credentials_in_urls(cfg: Any) -> None:
     """Team-mode credentials come from the environment (MLFLOW_TRACKING_USERNAME/PASSWORD,
     PREFECT_API_AUTH_STRING); one written into a server URL would be printed and stored in run tags."""
-    from engines.tracking import refuse_credentials_in_url, tracking_uri
+    from engines.tracking.tracker import refuse_credentials_in_url, tracking_uri
 
     tracking_uri(cfg)  # refuses a tracking URI with user:password@
     if os.environ.get("PREFECT_API_URL"):
@@ -275,7 +275,7 @@ def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         prepare_environment(cfg.workdir, debug)
-        from datasets_prep.progress import use_reporter
+        from engines.common.progress import use_reporter
 
         columns = (TextColumn("[bold]{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress, use_reporter(RichReporter(progress)):
@@ -307,7 +307,7 @@ def _wait_for_prefect() -> None:
 
 
 def _summary(cfg: Any, out: dict[str, Any]) -> None:
-    from engines.tracking import tracking_uri
+    from engines.tracking.tracker import tracking_uri
     from tasks.tracking import prefect_run_url, ui_link
 
     table = Table(title="flowspeed run", show_header=False)
@@ -435,13 +435,13 @@ def compare(
     """The last N pipeline runs of an experiment side by side: what they trained, loss, eval, throughput."""
     import json as _json
 
-    from engines.compare import COLUMNS, compare_runs
+    from engines.tracking.compare import COLUMNS, compare_runs
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
         uri = f"sqlite:///{(workdir or Path.cwd()).resolve() / 'mlflow.db'}"
     try:
-        from engines.tracking import MLFLOW_CREDENTIALS, refuse_credentials_in_url
+        from engines.tracking.tracker import MLFLOW_CREDENTIALS, refuse_credentials_in_url
 
         refuse_credentials_in_url(uri, "the MLflow tracking URI", MLFLOW_CREDENTIALS)
         rows = compare_runs(uri, experiment, last)
@@ -468,7 +468,7 @@ def sync_metrics(
 ) -> None:
     """Deliver what MLflow missed while its server was away: training metrics, and the stages' tags,
     artifacts, tables and final status."""
-    from tasks.mlflow_runs import sync_undelivered
+    from engines.tracking.runs import sync_undelivered
 
     if not folder.is_dir():
         typer.echo(f"nothing to send: {folder} does not exist")

@@ -13,10 +13,10 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from configs import PipelineConfig
-from datasets_prep.io import file_digest
-from engines.tracking import tracking_uri
+from engines.common.io import file_digest
+from engines.tracking import runs
+from engines.tracking.tracker import tracking_uri
 from flows.stages import evaluate, in_stage_run, prep, train
-from tasks import mlflow_runs as runs
 from tasks import tracking as tr
 from tasks.registry import register_model, resolve_init_model
 

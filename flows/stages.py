@@ -15,10 +15,10 @@ from prefect import flow, unmapped
 from prefect.exceptions import TerminationSignal
 
 from configs import PipelineConfig
-from datasets_prep.io import file_digest
-from engines.serving import write_mlmodel, write_pointer_model
-from engines.tracking import UNDELIVERED_DIR, tracking_uri
-from tasks import mlflow_runs as runs
+from engines.common.io import file_digest
+from engines.tracking import runs
+from engines.tracking.serving import write_mlmodel, write_pointer_model
+from engines.tracking.tracker import UNDELIVERED_DIR, tracking_uri
 from tasks import tracking as tr
 from tasks.caching import run_cached
 from tasks.registry import resolve_init_model
@@ -145,7 +145,7 @@ def pin_eval_model(cfg: PipelineConfig) -> PipelineConfig:
     model = cfg.eval.model
     if not model or not model.startswith("models:/") or "@" not in model:
         return cfg
-    from engines.model_registry import resolve_version
+    from engines.tracking.registry import resolve_version
 
     name, version = resolve_version(tracking_uri(cfg), model)
     return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"model": f"models:/{name}/{version}"})})

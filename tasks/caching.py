@@ -23,7 +23,7 @@ from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
-from datasets_prep.io import file_digest
+from engines.common.io import file_digest
 
 PathsFn = Callable[[dict[str, Any]], list[Path]]
 SMALL_FILE = 16 * 2**20

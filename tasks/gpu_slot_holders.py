@@ -22,6 +22,8 @@ from pathlib import Path
 import psutil
 from prefect.settings import get_current_settings
 
+from engines.common.processes import process_alive
+
 
 @dataclass(frozen=True)
 class Holder:
@@ -43,20 +45,6 @@ class Holder:
     def is_alive(self) -> bool:
         """Only a holder on this node can be checked; one elsewhere counts as alive (its lease covers it)."""
         return process_alive(self.host, self.pid, self.started)
-
-
-def process_alive(host: str, pid: int, started: float) -> bool:
-    """Is the process (host, pid, start time) still running? A pid reused by a later process has another
-    start time. One on another host cannot be checked from here and counts as alive."""
-    if host != socket.gethostname():
-        return True
-    try:
-        proc = psutil.Process(pid)
-        return abs(proc.create_time() - started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True  # exists but unreadable (another user's): not ours to call dead
 
 
 def holders_dir(limit: str) -> Path:

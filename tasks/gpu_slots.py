@@ -28,7 +28,7 @@ from prefect.settings import get_current_settings
 
 from configs import PipelineConfig
 from configs.schema import GpuSlotsConfig
-from engines.device import resolve_device
+from engines.common.device import resolve_device
 from tasks import gpu_slot_holders as slot_holders
 from tasks.embedded_prefect import MARKER as EMBEDDED_API
 

@@ -15,9 +15,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from configs import PipelineConfig
-from datasets_prep.io import file_digest
-from engines.model_registry import register_and_promote
-from engines.tracking import tracking_uri
+from engines.common.io import file_digest
+from engines.tracking.registry import register_and_promote
+from engines.tracking.tracker import tracking_uri
 from tasks.caching import retry_if_transient
 
 
@@ -59,9 +59,9 @@ def resolve_init_model(cfg: PipelineConfig) -> tuple[PipelineConfig, str]:
     if cfg.train.init_from != "champion":
         return cfg, "config"
     from configs import ComponentConfig
-    from engines.model_registry import fetch_champion
     from engines.models import get_family
-    from engines.serving import weights_dir
+    from engines.tracking.registry import fetch_champion
+    from engines.tracking.serving import weights_dir
 
     name = cfg.tracking.registry.model_name or cfg.tracking.experiment
     found = fetch_champion(tracking_uri(cfg), name, cfg.workdir / ".champion" / name)

@@ -14,9 +14,9 @@ from typing import Any
 from prefect import task
 
 from configs import PipelineConfig
-from datasets_prep.io import file_digest
 from datasets_prep.manifest import Entry, read_sources
 from datasets_prep.prep import launch_prep, merge_slices, part_path, prep_slice
+from engines.common.io import file_digest
 from engines.models import get_family
 from engines.torch_engine.launch import launch
 from evaluation.run import run_eval, trained_export
@@ -106,7 +106,7 @@ def make_task_runner(cfg: PipelineConfig) -> Any:
     if d.task_runner == "thread":
         return ThreadPoolTaskRunner(max_workers=d.slices)
     if d.task_runner == "process":
-        from engines.lifetime import exit_with_parent  # workers would wait on their queue forever after a kill
+        from engines.common.lifetime import exit_with_parent  # workers would wait on their queue forever after a kill
 
         return ProcessPoolTaskRunner(max_workers=d.slices, initializer=exit_with_parent)
     try:

@@ -24,8 +24,8 @@ from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
 
 from configs import PipelineConfig, flatten, save_config
-from engines.tracking import ensure_experiment, tracking_uri
-from tasks import mlflow_runs as runs
+from engines.tracking import runs
+from engines.tracking.tracker import ensure_experiment, tracking_uri
 from tasks.caching import retry_if_transient
 
 

@@ -9,10 +9,11 @@ What is fixed, and how:
 - the scheduler: CogVideoXDPMScheduler, as the trainers load it, with the released scheduler_config.json values
   (THUDM/CogVideoX-2b and -5b: scaled_linear 0.00085..0.012, v_prediction, rescale_betas_zero_snr, trailing,
   snr_shift_scale 3.0 for 2B and 1.0 for 5B; 1.5: sat/configs/cogvideox1.5_5b*.yaml, shift_scale 1.0);
-- latents, text states, the image latent, the noise: `tests.engines.cogvideox_probe` (seeded by name and shape);
+- latents, text states, the image latent, the noise: `tests.engines.models.cogvideox_probe` (seeded by name and shape);
   `torch.randn_like` is patched to hand the trainer that noise (the I2V trainer's pixel noise on the image gets
   zeros: the stand-in VAE ignores its input and returns the fixed image latent, with scaling_factor 1.0);
-- the timesteps: `torch.randint` is patched to return each case's list (cases: `tests.engines.cogvideox_probe.CASES`);
+- the timesteps: `torch.randint` is patched to return each case's list (cases:
+  `tests.engines.models.cogvideox_probe.CASES`);
 - the "model output": `ProbeTransformer` (seeded numbers plus terms of every input it is handed).
 
 Stubbed (not needed for compute_loss): finetune.trainer.Trainer (an empty base class), finetune.schemas.Components,
@@ -20,7 +21,7 @@ finetune.utils.unwrap_model, and finetune.models' package __init__ (it imports e
 
 Run: PYTHONPATH=/tmp/cogvx/CogVideo:. .venv/bin/python docs/fidelity/ref_cogvideox_loss.py, with the finetune/
 directory of that commit under /tmp/cogvx/CogVideo (git archive). Prints `REFERENCE = {...}`: case -> loss, the
-numbers tests/engines/test_cogvideox_fidelity.py holds.
+numbers tests/engines/models/test_cogvideox_fidelity.py holds.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from diffusers import CogVideoXDPMScheduler
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tests.engines.cogvideox_probe import CASES, ProbeTransformer, case_id, fixed_inputs, fixed_noise  # noqa: E402
+from tests.engines.models.cogvideox_probe import CASES, ProbeTransformer, case_id, fixed_inputs, fixed_noise  # noqa: E402
 
 RELEASED_SCHEDULER = dict(
     beta_start=0.00085,

@@ -1,7 +1,7 @@
 """Reference training losses of the image families, assembled as their authors' training code assembles them.
 
 Sources (run here with the project venv's diffusers 0.42.1; nothing of ours is imported but the seeded inputs and
-weights of tests/engines/test_image_objectives.py and tests/fidelity.py, which are defined by name and seed):
+weights of tests/engines/models/test_image_objectives.py and tests/fidelity.py, which are defined by name and seed):
 - SD3: huggingface/diffusers@58eb52c examples/dreambooth/train_dreambooth_sd3.py defaults (weighting_scheme
   logit_normal 0/1, precondition_outputs 1; the released scheduler: FlowMatchEulerDiscreteScheduler shift 3.0);
   `get_sigmas` looks the sigma up by timestep value, as the script does.
@@ -22,7 +22,7 @@ Draws (one CPU generator per case, in this order): the posterior sample eps of t
 then the timestep draw (SD3: normal(0, 1) of size B; FLUX: uniform of size B; DDPM families: randint(0, T, (B,))).
 
 Run: PYTHONPATH=/tmp/img17/hunyuan:. .venv/bin/python docs/fidelity/ref_image_losses.py
-Prints `REFERENCE = {...}` for tests/engines/test_image_objectives.py.
+Prints `REFERENCE = {...}` for tests/engines/models/test_image_objectives.py.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_r
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.engines.test_image_objectives import SEEDS, SIZES, image_batch  # noqa: E402
+from tests.engines.models.test_image_objectives import SEEDS, SIZES, image_batch  # noqa: E402
 from tests.fidelity import seeded_weights  # noqa: E402
 
 _tools = types.ModuleType("hydit.utils.tools")

@@ -9,7 +9,7 @@ module's own state-dict names (= the released names), seed 0, except the fixed t
 (STDiT's `pos_embed`/`pos_embed_temporal`, STDiT3's `rope.freqs`, the VAE's latent `scale`/`shift`). Inputs:
 `seeded_tensor` by name. The VAE's posteriors are read at their means (the pipeline's `sample()` calls patched to
 `mode()`), so encode is deterministic. Prints, per output, shape, sum, abs-sum and a few elements;
-tests/engines/dits/test_opensora_reference.py keeps them.
+tests/engines/models/dits/test_opensora_reference.py keeps them.
 """
 
 from __future__ import annotations

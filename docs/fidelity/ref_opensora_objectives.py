@@ -13,7 +13,7 @@ Fixed inputs, by name through `tests.fidelity.seeded_tensor` (scale 1): x0 (B, 4
 0.5 x_t to it (`model` below). Also prints the timesteps their IDDPM sampler keeps (`space_timesteps`) and one run
 of their RFLOW sampler with a stand-in denoiser (`velocity_model`). Timesteps are given: 1.0 integer t, 1.2
 the raw draw t in [0, 1000] before their shift. Prints the transformed timesteps and the loss per bucket; the
-numbers are kept in tests/engines/test_opensora_objectives.py.
+numbers are kept in tests/engines/models/test_opensora_objectives.py.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ released config values (WF-VAE: MindSpeed-MM's loading test of the released chec
 CausalVAE D4 4x8x8: the v1.2 vae config.json as quoted in third-party notes, identical to the class defaults of
 our causalvae.py): key -> shape of the authors' `state_dict()`.
 
-`forward`: the tiny configs of tests/engines/dits/test_osp_reference.py, weights from `tests.fidelity.seeded_weights`
+`forward`: the tiny configs of tests/engines/models/dits/test_osp_reference.py, weights from
+`tests.fidelity.seeded_weights`
 (seed 0) over the authors' own state-dict names, inputs from `seeded_tensor`; prints for each output its sum, sum of
 squares and the values at fixed flat indices, which the test holds ours to.
 """

@@ -20,7 +20,7 @@ package `__init__`s (they pull in megatron/mindspeed); only the four files above
 Prints (JSON): the released transformer's parameter count; per forward case, the output's sum, absolute sum and
 16 values at fixed flat indices; per objective case, the loss; per sampler case, the same summary of the latents.
 `--write-facts` also writes tests/facts/qihoo_t2x_ptdit_1.1b.json (the released config's module built on meta).
-Numbers used by tests/engines/dits/test_pt_dit_reference.py (FORWARD, LOSSES, SAMPLES).
+Numbers used by tests/engines/models/dits/test_pt_dit_reference.py (FORWARD, LOSSES, SAMPLES).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ SOURCE = (
     "Ascend/MindSpeed-MM@v2.0.0: mindspeed_mm/models/predictor/dits/pt_dit_diffusers.py PTDiTDiffuser with the "
     "predictor block of examples/qihoo_t2x/inference_model_image.json, built on meta (docs/fidelity/ref_ptdit.py)"
 )
-# the same tiny module configs and inputs as tests/engines/dits/test_pt_dit_reference.py
+# the same tiny module configs and inputs as tests/engines/models/dits/test_pt_dit_reference.py
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
             caption_channels=16, sample_size=32)  # fmt: skip
 CONFIGS = {"tiny": dict(compress_ratios=[1, 4, 4], proxy_compress_ratios=[1, 2, 2]),

@@ -204,7 +204,7 @@ def wqkv_forward_check() -> None:
     """InternLM2 (their modeling_internlm2.py) fed `to_original` of seeded weights vs our Llama text model.
 
     Prints the max |difference| of the logits and the first logits, which
-    tests/engines/test_vlm_reference_encodings.py holds our side to.
+    tests/engines/models/test_vlm_reference_encodings.py holds our side to.
     """
     from internvl.model.internlm2.configuration_internlm2 import InternLM2Config
     from internvl.model.internlm2.modeling_internlm2 import InternLM2ForCausalLM

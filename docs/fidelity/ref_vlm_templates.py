@@ -1,6 +1,6 @@
 """Reference encodings of one fixed conversation by each family's authors' preprocessing, with our tiny tokenizers.
 
-Run once, outside CI; the printed values are pasted into tests/engines/test_vlm_reference_encodings.py:
+Run once, outside CI; the printed values are pasted into tests/engines/models/test_vlm_reference_encodings.py:
 
     .venv/bin/pip install --no-deps --target /tmp/pkgs einops timm tiktoken
     # trees extracted with `git --git-dir=<fetch> show <commit>:<path>`:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from datasets_prep.io import default_modes
+from engines.common.io import default_modes
 from engines.megatron.convert import Tensors, hf_to_megatron, megatron_to_hf
 from engines.megatron.gpt import DecoderShape
 

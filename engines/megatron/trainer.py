@@ -31,10 +31,11 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from configs import PipelineConfig, load_config, save_config
-from datasets_prep.io import atomic_write_text
+from datasets_prep.cache import CachedLatents, split_records
 from datasets_prep.prep import load_samples
-from datasets_prep.progress import reporter
-from engines.device import device_name, dist_backend, peak_memory_bytes, resolve_device, set_current, synchronize
+from engines.common.device import device_name, dist_backend, peak_memory_bytes, resolve_device, set_current, synchronize
+from engines.common.io import atomic_write_text
+from engines.common.progress import reporter
 from engines.megatron.convert import hf_to_megatron, megatron_to_hf
 from engines.megatron.gpt import DecoderShape, transformer_config
 from engines.megatron.training import (
@@ -51,11 +52,10 @@ from engines.megatron.vlm import MODELS, frozen_vision, join_hf_state, split_hf_
 from engines.models import get_family
 from engines.models.sequence import IGNORE_INDEX
 from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.data import CachedLatents, split_records
 from engines.torch_engine.flops import mfu, peak_tflops, train_flops
 from engines.torch_engine.safe_load import check_state_dir
 from engines.torch_engine.trainer import TrainResult, export_weights, lr_lambda, make_sampler, resume_path
-from engines.tracking import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
+from engines.tracking.tracker import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
 
 #: families whose model the megatron engine builds (engines/megatron/vlm.py)
 FAMILIES = tuple(MODELS)
@@ -357,7 +357,7 @@ def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | No
             done = step + 1
             if done % t_cfg.checkpoint_every == 0 or done == end_step:
                 data_state = {**sampler.state_dict(), "samples_seen": samples_seen}
-                tracker.persist()  # the steps this checkpoint covers survive a kill (see engines.tracking)
+                tracker.persist()  # the steps this checkpoint covers survive a kill (see engines.tracking.tracker)
                 last_ckpt = save_checkpoint(cfg, done, chunks, optimizer, data_state, device)
                 if rank == 0:
                     tracker.set_tags({"checkpoint_path": str(last_ckpt.resolve()), "checkpoint_step": done})

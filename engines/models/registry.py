@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,8 +23,24 @@ from configs.schema import ComponentConfig, ModelConfig
 T = TypeVar("T")
 
 
+class Capability(StrEnum):
+    """What a family can do. Prep, eval and serving ask `family.can(...)` instead of testing a class or kind."""
+
+    LATENTS = "latents"  #: prep encodes media with a VAE and captions with text encoders, cached as latents
+    GENERATION = "generation"  #: `generate` makes images/videos from prompts (eval samples, serving)
+    TOKEN_LOSS = "token-loss"  #: prep runs the family's processor; the loss is on answer tokens
+    ANSWERS = "answers"  #: `respond` answers conversations about media (held-out answers, benchmarks)
+    TRANSCRIPTION = "transcription"  #: `respond` transcribes speech (WER/CER)
+
+
 class ModelFamily(ABC):
     name: str
+    #: what this family can do (see Capability)
+    capabilities: frozenset[Capability] = frozenset({Capability.LATENTS, Capability.GENERATION})
+
+    def can(self, capability: Capability) -> bool:
+        return capability in self.capabilities
+
     #: pixel frames per latent frame and pixels per latent pixel; prep validates sizes against these.
     temporal_compression: int = 1
     spatial_compression: int = 1
@@ -99,7 +116,7 @@ class ModelFamily(ABC):
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Same-bucket samples stack as they are."""
-        from engines.torch_engine.data import collate
+        from datasets_prep.cache import collate
 
         return collate(items)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from configs.schema import ModelConfig
-from engines.models.registry import ModelFamily
+from engines.models.registry import Capability, ModelFamily
 
 IGNORE_INDEX = -100  # label value transformers' losses skip: prompt, system and padding tokens
 
@@ -46,6 +46,7 @@ class SequenceSample:
 
 class SequenceFamily(ModelFamily):
     kind: str = "understanding"  # or "speech"
+    capabilities = frozenset({Capability.TOKEN_LOSS, Capability.ANSWERS})
     denoiser_subfolder = ""  # the export is one transformers folder: final/ itself
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     #: media this family reads from a manifest entry: "image", "video", "audio"

@@ -2,7 +2,7 @@
 
 Sizing a run (memory, MFU, parallel layout) needs the real model's shape before anyone downloads
 weights. Built on the meta device, a variant gives exact per-component parameter counts in
-milliseconds and no memory; tests/engines/test_variants.py holds every denoiser to the count its
+milliseconds and no memory; tests/engines/models/test_variants.py holds every denoiser to the count its
 release documents, so a wrong config value cannot hide here.
 
 Variants are dimensions only. Training still builds `preset: tiny` (random init) or loads

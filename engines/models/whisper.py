@@ -31,7 +31,7 @@ from transformers import (
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TASK_IDS
 
 from configs.schema import ModelConfig
-from engines.models.registry import from_pretrained, loaded, pick_preset, register_family, seeded_init
+from engines.models.registry import Capability, from_pretrained, loaded, pick_preset, register_family, seeded_init
 from engines.models.sequence import IGNORE_INDEX, SequenceFamily, SequenceSample
 from engines.models.tokenizer import byte_vocab
 
@@ -97,6 +97,7 @@ def _chunk_seconds(max_source_positions: int) -> int:
 class Whisper(SequenceFamily):
     name = "whisper"
     kind = "speech"
+    capabilities = frozenset({Capability.TOKEN_LOSS, Capability.TRANSCRIPTION})
     media = ("audio",)
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")  # encoder, decoder and cross attention
     # No `vision_tower`: a full finetune trains encoder and decoder alike, as HF's Whisper fine-tuning

@@ -41,8 +41,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from configs import PipelineConfig, save_config
-from datasets_prep.io import default_modes
-from engines.device import accelerator_rng_state, set_accelerator_rng_state
+from engines.common.device import accelerator_rng_state, set_accelerator_rng_state
+from engines.common.io import default_modes
 from engines.torch_engine.safe_load import CheckpointError, checkpoint_error, dcp_load, read_metadata
 
 STEP_RE = re.compile(r"^step-(\d{8})$")

@@ -133,7 +133,8 @@ register_cp_plan("CogVideoXTransformer3DModel", _COGVIDEOX_PLAN, CogVideoXCPAttn
 for _name in ("FluxTransformer2DModel", "WanTransformer3DModel"):
     register_cp_plan(_name)
 # The video DiTs flowspeed defines (engines/models/dits) carry their own `_cp_plan`, each tested against one process
-# in tests/engines/dits. STDiT3 also takes DSP (engines/torch_engine/dsp.py, `cp_mode: dsp`), as MindSpeed-MM runs it.
+# in tests/engines/models/dits.
+# STDiT3 also takes DSP (engines/torch_engine/dsp.py, `cp_mode: dsp`), as MindSpeed-MM runs it.
 for _name in ("STDiT", "STDiT3", "OpenSoraT2V", "OpenSoraT2V_v1_3", "OpenSoraInpaint_v1_3", "PTDiT"):
     register_cp_plan(_name)
 

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 from configs import PipelineConfig, save_config
+from engines.common.torchrun import in_distributed_job, run_torchrun
 from engines.models import get_family
 from engines.torch_engine.parallel_dims import ParallelDims
 from engines.torch_engine.trainer import TrainResult, train
-from engines.torchrun import in_distributed_job, run_torchrun
 
 
 def validate_layout(cfg: PipelineConfig) -> ParallelDims:

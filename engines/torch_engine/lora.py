@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from configs.schema import LoraConfig
-from datasets_prep.io import atomic_write, atomic_write_text
+from engines.common.io import atomic_write, atomic_write_text
 
 ADAPTER_FILE = "adapter_model.safetensors"
 

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from configs.schema import TrainConfig
-from engines.device import torch_dtype
+from engines.common.device import torch_dtype
 from engines.torch_engine.parallel_dims import Meshes, ParallelDims
 
 # Where each library keeps its repeated blocks: diffusers DiTs and UNets; transformers decoders,

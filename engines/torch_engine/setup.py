@@ -1,6 +1,6 @@
 """Everything a training process sets up before its first step, in one place.
 
-`init_distributed` joins the process group (NCCL, HCCL or gloo, picked by engines.device, with the
+`init_distributed` joins the process group (NCCL, HCCL or gloo, picked by engines.common.device, with the
 configured collective timeout), `build_model` makes the sharded model from rank 0's weights,
 `Ema` keeps shadow weights in the parameters' own (sharded) layout, and `step_profiler` records a
 step window with torch.profiler.
@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from configs import PipelineConfig
 from configs.schema import ProfileConfig
-from engines.device import dist_backend, profiler_activities, profiler_module, resolve_device, set_current
+from engines.common.device import dist_backend, profiler_activities, profiler_module, resolve_device, set_current
 from engines.models.registry import ModelFamily, seeded_init
 from engines.torch_engine.lora import apply_lora
 from engines.torch_engine.parallel_dims import Meshes, ParallelDims, dp_coordinates

@@ -31,18 +31,18 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from configs import PipelineConfig, load_config, save_config
-from datasets_prep.io import atomic_write_text, default_modes, text_digest
+from datasets_prep.cache import CachedLatents, split_records
 from datasets_prep.prep import load_samples
-from datasets_prep.progress import reporter
-from engines.device import device_name, peak_memory_bytes, synchronize
+from engines.common.device import device_name, peak_memory_bytes, synchronize
+from engines.common.io import atomic_write_text, default_modes, text_digest
+from engines.common.progress import reporter
 from engines.models import get_family
 from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.data import CachedLatents, split_records
 from engines.torch_engine.flops import mfu, peak_tflops, train_flops
 from engines.torch_engine.lora import apply_lora, merge, save_adapter
 from engines.torch_engine.sampler import BucketBatchSampler
 from engines.torch_engine.setup import Ema, build_model, full_value, grad_sync, init_distributed, step_profiler, unwrap
-from engines.tracking import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
+from engines.tracking.tracker import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
 
 
 @dataclass

@@ -3,8 +3,8 @@ import sys
 from pathlib import Path
 
 from datasets_prep.cache import LatentCache
-from datasets_prep.io import read_jsonl
 from datasets_prep.prep import run_prep
+from engines.common.io import read_jsonl
 from tests.conftest import REPO, make_config
 
 

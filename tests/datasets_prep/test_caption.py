@@ -5,8 +5,8 @@ import torch
 
 from configs import CaptionConfig
 from datasets_prep.caption import load_captioner, tiny_qwen2_vl
-from datasets_prep.io import read_jsonl, write_jsonl
 from datasets_prep.prep import run_prep
+from engines.common.io import read_jsonl, write_jsonl
 from tests.conftest import make_config
 
 

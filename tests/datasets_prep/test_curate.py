@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 
 from datasets_prep.curate import detect_scenes, load_head, motion_score
 from datasets_prep.demo import render_clip
-from datasets_prep.io import read_jsonl, write_jsonl
 from datasets_prep.mp4 import write_mp4
 from datasets_prep.prep import run_prep
+from engines.common.io import read_jsonl, write_jsonl
 from tests.conftest import make_config
 
 SCENES = [("circle", "red", "black", "from left to right", 30), ("square", "blue", "grey", "from top to bottom", 25),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from datasets_prep.io import atomic_write_text, default_modes
+from engines.common.io import atomic_write_text, default_modes
 from tests.file_modes import mode as _mode
 
 

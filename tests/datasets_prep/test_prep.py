@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from datasets_prep.cache import LatentCache
-from datasets_prep.io import read_jsonl
 from datasets_prep.mp4 import write_mp4
 from datasets_prep.prep import run_prep
+from engines.common.io import read_jsonl
 from engines.models import get_family
 from tests.conftest import REPO, make_config
 from tests.datasets_prep.media import write_audio_only, write_rotated, write_vfr
@@ -222,7 +222,7 @@ def test_a_family_with_several_text_outputs_caches_and_batches_them_all(
     tmp_path: Path, demo_manifest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The extension point image families (pooled + per-token text states) rely on."""
-    from engines.torch_engine.data import CachedLatents, collate
+    from datasets_prep.cache import CachedLatents, collate
 
     family = get_family("cogvideox")
     real = type(family).encode_text

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets_prep.cache import LatentCache
+from datasets_prep.cache import CachedLatents, LatentCache
 from datasets_prep.decode import decode
-from datasets_prep.io import read_jsonl
 from datasets_prep.manifest import Entry, Rejection, read_manifest
 from datasets_prep.prep import load_samples, run_prep
 from datasets_prep.probe import probe
-from engines.torch_engine.data import CachedLatents
+from engines.common.io import read_jsonl
 from tests.conftest import make_config
 
 

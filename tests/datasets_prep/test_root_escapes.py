@@ -175,8 +175,8 @@ def test_unresolvable_paths_are_rejections_not_crashes(tree: tuple[Path, Path], 
 
 @pytest.mark.slow
 def test_prep_records_escapes_in_rejects_jsonl_and_carries_on(tmp_path: Path, demo_manifest: Path) -> None:
-    from datasets_prep.io import read_jsonl
     from datasets_prep.prep import run_prep
+    from engines.common.io import read_jsonl
     from tests.conftest import make_config
 
     root, outside = tmp_path / "clips", tmp_path / "outside"
@@ -272,7 +272,7 @@ def test_media_swapped_for_a_symlink_after_its_check_is_not_hashed_or_decoded(
     so a clip swapped (or a folder on its way) for a link out of the dataset, after the manifest was read or
     after the probe, is a rejection, not a sample made of the file outside."""
     import datasets_prep.prep as prep
-    from datasets_prep.io import read_jsonl
+    from engines.common.io import read_jsonl
     from tests.conftest import make_config
 
     root, outside = tmp_path / "data", tmp_path / "outside"
@@ -317,8 +317,8 @@ def test_audio_swapped_for_a_symlink_after_its_check_is_not_decoded(
 ) -> None:
     from configs import load_config
     from datasets_prep.demo import make_demo_audio
-    from datasets_prep.io import read_jsonl
     from datasets_prep.prep import run_prep
+    from engines.common.io import read_jsonl
     from tests.conftest import REPO
 
     manifest = make_demo_audio(tmp_path / "data", num_clips=3)

@@ -31,7 +31,7 @@ from rich.console import Console
 import typer
 from configs import load_config
 from datasets_prep.cache import LatentCache
-from datasets_prep.io import read_jsonl
+from engines.common.io import read_jsonl
 from datasets_prep.prep import run_prep
 from engines.torch_engine import checkpoint as ckpt
 from engines.torch_engine.launch import launch

@@ -28,7 +28,7 @@ import pytest
 
 from configs import PipelineConfig
 from datasets_prep.cache import TMP_RE, LatentCache
-from datasets_prep.io import read_jsonl
+from engines.common.io import read_jsonl
 from tests.conftest import QUICKSTART, REPO, make_config
 from tests.faults.conftest import assert_no_survivors, log_tail, session_survivors, wait_killed
 

@@ -7,7 +7,7 @@ uninterrupted run's losses bit for bit, pick an intact checkpoint, leave no half
 process, and the MLflow run must hold every step 1..6 of every metric exactly once, with the
 uninterrupted run's values. The 2-rank torchrun variant is left out: a second rank pair costs about
 a minute of the suite's budget and the kill points are rank-0 code the single-process run already
-reaches (tests/engines/test_train.py covers 2-rank checkpoints).
+reaches (tests/engines/torch_engine/test_train.py covers 2-rank checkpoints).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from configs import PipelineConfig, load_config, save_config
 from engines.torch_engine import checkpoint as ckpt
 from engines.torch_engine.launch import launch
-from engines.tracking import UNDELIVERED_DIR, replay_undelivered
+from engines.tracking.tracker import UNDELIVERED_DIR, replay_undelivered
 from tests.conftest import make_config
 from tests.faults.conftest import assert_no_survivors, die, python_child, wait_killed
 
@@ -59,7 +59,7 @@ def child(spec_file: str) -> None:
     kind, at = spec["kill"], int(spec["at"])
     name = f"step-{at:08d}"
     if kind == "after_log":  # between checkpoints, once step `at`'s metrics are logged
-        from engines.tracking import Tracker
+        from engines.tracking.tracker import Tracker
 
         log_metrics = Tracker.log_metrics
 

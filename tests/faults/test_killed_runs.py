@@ -24,8 +24,8 @@ from mlflow import MlflowClient
 
 from configs import PipelineConfig
 from engines.torch_engine.checkpoint import list_checkpoints
-from engines.tracking import ensure_experiment, tracking_uri
-from tasks import mlflow_runs as runs
+from engines.tracking import runs
+from engines.tracking.tracker import ensure_experiment, tracking_uri
 from tests.conftest import make_config
 from tests.faults.mlflow_helpers import finish, flowspeed_argv, reap, stage_runs, start, steps, tail
 from tests.faults.mlflow_helpers import wait_until as wait_for

@@ -6,7 +6,7 @@ waits saying so every few seconds, and SIGTERM ends the wait. Away at the end, a
 used to be reported failed and its run left RUNNING: now what could not be recorded is kept in the
 workdir's journal and `flowspeed sync-metrics <workdir>` delivers it.
 An outage in the middle of a training is in tests/faults/test_killed_runs.py (the resumed training
-runs through one) and, for the tracker alone, tests/engines/test_tracking_buffer.py.
+runs through one) and, for the tracker alone, tests/engines/tracking/test_tracking_buffer.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from configs import PipelineConfig
 from engines.torch_engine.checkpoint import list_checkpoints
-from tasks import mlflow_runs as runs
+from engines.tracking import runs
 from tests.conftest import REPO, make_config
 from tests.faults.mlflow_helpers import (
     cli_env,

@@ -215,7 +215,7 @@ def test_sigterm_is_honoured_while_waiting_on_an_unreachable_mlflow(
 _POOL = """
 import multiprocessing, os, sys, time
 from concurrent.futures import ProcessPoolExecutor
-from engines.lifetime import exit_with_parent
+from engines.common.lifetime import exit_with_parent
 
 if __name__ == "__main__":
     ex = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),

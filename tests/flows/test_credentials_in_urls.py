@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from configs import PipelineConfig
-from engines.tracking import tracking_uri
+from engines.tracking.tracker import tracking_uri
 from tests.conftest import QUICKSTART, REPO
 
 SECRET = "s3cr3t-Pa55"

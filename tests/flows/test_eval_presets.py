@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from configs import load_config
 from engines.models import known_families
 from tests.conftest import REPO
-from tests.engines.test_serving import _export
+from tests.engines.tracking.test_serving import _export
 from tests.flows.test_recipes import _ai2d_tsv
 
 PRESETS = REPO / "configs" / "eval"

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from datasets_prep.io import read_jsonl
 from datasets_prep.prep import run_prep
+from engines.common.io import read_jsonl
 from tests.conftest import make_config
 
 

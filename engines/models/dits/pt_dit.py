@@ -6,7 +6,7 @@ Ascend/MindSpeed-MM: `mindspeed_mm/models/predictor/dits/pt_dit_diffusers.py` (c
 `ProxyTokensTransformerBlock`) and `examples/qihoo_t2x/inference_model_image.json` (the released T2I config), read
 at tag v2.0.0 (the first release shipping it; unchanged in substance since commit 2e7ccce6 that added it; the example
 folder was removed from master later). Every layer below follows that file, and a seeded tiny forward matches theirs
-(docs/fidelity/ref_ptdit.py, tests/engines/dits/test_pt_dit_reference.py); where the paper says otherwise (its v1
+(docs/fidelity/ref_ptdit.py, tests/engines/models/dits/test_pt_dit_reference.py); where the paper says otherwise (its v1
 abstract: one *randomly sampled* token per window) the released code wins (v2 abstract and code: the window *average*).
 
 Latent tokens (B, T, h, w, C) after the patch embedding are grouped into spatio-temporal windows of

@@ -1,0 +1,352 @@
+"""The training export as an MLflow pyfunc model, in place: a registered version with a signature.
+
+The registry points a model version at the export folder (`train/final`), a diffusers or
+transformers release layout. MLflow only treats a folder as a model when it holds an `MLmodel`
+file, and only a model with a signature says what a client must send. `write_mlmodel` adds that
+file to the export itself, using MLflow's custom-loader pyfunc pattern (`loader_module` =
+this module, `data` = the folder), so nothing is copied: gigabytes of weights stay where the
+trainer wrote them, and the folder still loads with `from_pretrained` as before.
+
+    write_mlmodel(final_dir, cfg)
+    mlflow.models.get_model_info(str(final_dir)).signature  # == signature_for(cfg.model.family)
+    mlflow.pyfunc.load_model("models:/name/1").predict(pd.DataFrame({"prompt": ["a red circle"]}))
+
+What a predict takes and returns, per family:
+
+- generation (text-to-video/image): `prompt` (+ optional `image`, a local path, for image-to-video
+  families) -> `prompt`, `path`: one mp4 per prompt (a png for image families) in a fresh folder
+  under the `output_dir` param (default: a new temporary folder, which the caller owns);
+- understanding (VLMs): `prompt` + optional `image` (a local image, or a video for families that
+  read video) -> `response`;
+- speech: `audio` (a local path, any format ffmpeg decodes) -> `response` (the transcript).
+
+Each prediction runs the family's own inference (`generate` / `respond`), with the defaults the
+model was evaluated with, stored beside the MLmodel in `flowspeed_serving.json`; the optional
+params of the signature override them per call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import Model, ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+from configs import PipelineConfig
+from configs.schema import DataConfig, ModelConfig
+from engines.common.io import atomic_write, atomic_write_text
+from engines.models import ModelFamily, get_family
+from engines.models.sequence import SequenceFamily, SequenceSample
+
+MLMODEL = "MLmodel"
+SETTINGS = "flowspeed_serving.json"
+SETTINGS_VERSION = 1
+LOADER_MODULE = "engines.tracking.serving"  # what MLflow imports to call `_load_pyfunc`: this module
+SPEECH_SAMPLING_RATE = 16000  # what prep decodes audio at for every speech family (Whisper's rate)
+
+
+def _is_sequence(family: ModelFamily) -> bool:
+    return isinstance(family, SequenceFamily)
+
+
+def signature_for(family_name: str) -> ModelSignature:
+    """The columns a client sends and gets back for this family; media travel as local paths.
+
+    Paths rather than bytes or arrays keep the schema plain strings: videos and audio are large,
+    and every caller of a local pyfunc already shares a filesystem with it. Every param defaults
+    to None, meaning "what this export was evaluated with" (flowspeed_serving.json), because a
+    signature is per family while the defaults are per trained model.
+    """
+    family = get_family(family_name)
+    if not _is_sequence(family):
+        inputs = [ColSpec("string", "prompt")]
+        if family.conditioning == "image":  # image-to-video: the first frame, or the family's default one
+            inputs.append(ColSpec("string", "image", required=False))
+        params = [
+            ParamSpec("num_inference_steps", "long", None),
+            ParamSpec("guidance_scale", "double", None),
+            ParamSpec("seed", "long", None),
+            ParamSpec("output_dir", "string", None),
+        ]
+        return ModelSignature(
+            inputs=Schema(inputs),
+            outputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "path")]),
+            params=ParamSchema(params),
+        )
+    assert isinstance(family, SequenceFamily)
+    if family.kind == "speech":
+        inputs = [ColSpec("string", "audio")]
+    else:
+        inputs = [ColSpec("string", "prompt"), ColSpec("string", "image", required=False)]
+    return ModelSignature(
+        inputs=Schema(inputs),
+        outputs=Schema([ColSpec("string", "response")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", None)]),
+    )
+
+
+def serving_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """The run's inference defaults, so a served model generates as its eval did.
+
+    Media inputs are resized like training data (data.height/width/num_frames/decoder), which is
+    what the model has seen; max_new_tokens is the eval stage's own choice.
+    """
+    d, e, m = cfg.data, cfg.eval, cfg.model
+    return {
+        "version": SETTINGS_VERSION,
+        "family": m.family,
+        "num_frames": d.num_frames,
+        "height": d.height,
+        "width": d.width,
+        "decoder": d.decoder,
+        "num_inference_steps": e.num_inference_steps,
+        "guidance_scale": e.guidance_scale,
+        "seed": e.seed,
+        "fps": e.fps,
+        "max_text_length": m.max_text_length,
+        "max_new_tokens": m.max_text_length // 4 or 16,  # as evaluation.sequence_eval answers held-out samples
+    }
+
+
+def write_mlmodel(export_dir: Path, cfg: PipelineConfig) -> Path:
+    """Make the export folder a pyfunc model in place; returns the MLmodel path.
+
+    Both files are replaced atomically, so a registry or server reading the folder meanwhile sees
+    the old description or the new one, never half of one; rerunning simply rewrites them. The
+    MLmodel is written last: its presence is what makes the folder a model, so it only appears
+    once the settings it relies on are there.
+    """
+    export_dir = Path(export_dir)
+    family = get_family(cfg.model.family)
+    marker = family.export_files(export_dir)[0]
+    if not marker.is_file():
+        raise FileNotFoundError(
+            f"no {cfg.model.family} export at {export_dir} ({marker.name} is missing): run `flowspeed train` first"
+        )
+    atomic_write_text(export_dir / SETTINGS, json.dumps(serving_settings(cfg), indent=2, sort_keys=True) + "\n")
+    model = Model(signature=signature_for(cfg.model.family), metadata={"flowspeed_family": cfg.model.family})
+    # data="." : MLflow hands _load_pyfunc the folder itself, where from_pretrained finds the weights.
+    mlflow.pyfunc.add_to_model(model, loader_module=LOADER_MODULE, data=".")
+    return atomic_write(export_dir / MLMODEL, lambda tmp: model.save(str(tmp)))
+
+
+# ---- loading and prediction (what MLflow calls) ---------------------------------------------------
+def _records(model_input: Any) -> list[dict[str, Any]]:
+    """Rows as dicts from what pyfunc callers send: a DataFrame, a list of dicts, or one dict."""
+    if isinstance(model_input, pd.DataFrame):
+        return model_input.to_dict("records")
+    if isinstance(model_input, dict):  # columns of values, or a single row
+        if any(isinstance(v, list | tuple | pd.Series | np.ndarray) for v in model_input.values()):
+            return pd.DataFrame(model_input).to_dict("records")
+        return [dict(model_input)]
+    if isinstance(model_input, list) and all(isinstance(r, dict) for r in model_input):
+        return [dict(r) for r in model_input]
+    raise TypeError(f"predict takes a pandas DataFrame or a list of dicts, not {type(model_input).__name__}")
+
+
+def _text(row: dict[str, Any], key: str) -> str | None:
+    """A cell as text; missing, None or NaN (pandas' empty optional cell) is None."""
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value)
+
+
+def _required(rows: list[dict[str, Any]], key: str) -> list[str]:
+    values = [_text(r, key) for r in rows]
+    missing = [i for i, v in enumerate(values) if v is None]
+    if missing:
+        raise ValueError(f"rows {missing} have no {key!r}: every row needs one")
+    return values  # type: ignore[return-value]
+
+
+def _media_path(value: str, column: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{column} file not found: {path}; pass a local path readable by the model server")
+    return path
+
+
+def _rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8, any size: image-to-video pipelines resize the first frame themselves."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _write_output(folder: Path, i: int, frames: np.ndarray, fps: int) -> Path:
+    """One generation as mp4, or png when it is a single frame: the files eval writes for its samples."""
+    from datasets_prep.mp4 import write_mp4
+
+    if len(frames) == 1:
+        from PIL import Image
+
+        return atomic_write(
+            folder / f"sample_{i:02d}.png", lambda tmp: Image.fromarray(frames[0]).save(tmp, format="PNG")
+        )
+    return write_mp4(folder / f"sample_{i:02d}.mp4", frames, fps)
+
+
+class FlowspeedPyfunc:
+    """The pyfunc implementation over one export folder: the family's inference with stored defaults.
+
+    Weights are loaded by the family on each predict (its `generate` / `respond` take the export
+    folder), so an idle server holds no model in memory and always serves what is on disk.
+    """
+
+    def __init__(self, export_dir: Path, settings: dict[str, Any]) -> None:
+        self.export_dir = export_dir
+        self.settings = settings
+        self.family = get_family(settings["family"])
+        # load_sample reads only these fields: media are decoded and resized exactly as prep did.
+        self.media_cfg = PipelineConfig(
+            data=DataConfig(
+                num_frames=settings["num_frames"],
+                height=settings["height"],
+                width=settings["width"],
+                decoder=settings["decoder"],
+            ),
+            model=ModelConfig(family=settings["family"], max_text_length=settings["max_text_length"]),
+        )
+
+    def _param(self, params: dict[str, Any] | None, name: str) -> Any:
+        value = (params or {}).get(name)
+        return self.settings[name] if value is None else value
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        from engines.common.device import resolve_device
+
+        rows = _records(model_input)
+        device = resolve_device("auto")
+        if _is_sequence(self.family):
+            return self._respond(rows, params, device)
+        return self._generate(rows, params, device)
+
+    def _generate(
+        self, rows: list[dict[str, Any]], params: dict[str, Any] | None, device: torch.device
+    ) -> pd.DataFrame:
+        prompts = _required(rows, "prompt")
+        if not prompts:
+            return pd.DataFrame({"prompt": pd.Series(dtype=str), "path": pd.Series(dtype=str)})
+        s = self.settings
+        kwargs: dict[str, Any] = {}
+        if self.family.conditioning == "image":
+            given = [_text(r, "image") for r in rows]
+            if any(given):
+                if not all(given):
+                    raise ValueError("some rows have an `image` and some do not: give every row one, or none")
+                kwargs["images"] = [_rgb(_media_path(p, "image")) for p in given]  # type: ignore[arg-type]
+        videos = self.family.generate(
+            self.export_dir,
+            prompts,
+            num_frames=s["num_frames"],
+            height=s["height"],
+            width=s["width"],
+            steps=int(self._param(params, "num_inference_steps")),
+            guidance_scale=float(self._param(params, "guidance_scale")),
+            seed=int(self._param(params, "seed")),
+            device=device,
+            **kwargs,
+        )
+        root = (params or {}).get("output_dir")
+        if root:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        # A fresh folder per call: two predicts into one output_dir never overwrite each other.
+        folder = Path(tempfile.mkdtemp(prefix="flowspeed-predict-", dir=root or None))
+        paths = [str(_write_output(folder, i, v, s["fps"])) for i, v in enumerate(videos)]
+        return pd.DataFrame({"prompt": prompts, "path": paths})
+
+    def _samples(self, rows: list[dict[str, Any]]) -> list[SequenceSample]:
+        family = self.family
+        assert isinstance(family, SequenceFamily)
+        if family.kind == "speech":
+            from datasets_prep.audio import load_audio
+
+            rate = SPEECH_SAMPLING_RATE
+            paths = [_media_path(p, "audio") for p in _required(rows, "audio")]
+            return [SequenceSample(audio=load_audio(p, rate), sampling_rate=rate) for p in paths]
+        from datasets_prep.manifest import Entry
+        from datasets_prep.sequence_prep import load_sample
+
+        samples = []
+        for i, (prompt, row) in enumerate(zip(_required(rows, "prompt"), rows, strict=True)):
+            turns = [{"role": "user", "content": prompt}]
+            image = _text(row, "image")
+            if image is None:
+                samples.append(SequenceSample(messages=turns))
+                continue
+            # A one-turn conversation through prep's own loader: the media is probed (image or video),
+            # decoded and resized as training data was, and refused as prep would refuse it.
+            path = _media_path(image, "image")
+            samples.append(load_sample(Entry(i + 1, path, None, (path,), {"messages": turns}), family, self.media_cfg))
+        return samples
+
+    def _respond(self, rows: list[dict[str, Any]], params: dict[str, Any] | None, device: torch.device) -> pd.DataFrame:
+        family = self.family
+        assert isinstance(family, SequenceFamily)
+        samples = self._samples(rows)
+        if not samples:
+            return pd.DataFrame({"response": pd.Series(dtype=str)})
+        answers = family.respond(
+            self.export_dir, samples, max_new_tokens=int(self._param(params, "max_new_tokens")), device=device
+        )
+        return pd.DataFrame({"response": answers})
+
+
+def write_pointer_model(export_dir: Path, dst: Path) -> Path:
+    """A copy of the export's model description without its weights, naming where they are.
+
+    A tracking server registers a version only from its own artifact store, and copying a 10 GB
+    export there doubles storage. This folder (MLmodel, settings with `weights_at`, a few KB) is
+    what gets logged and registered instead; loading it reads the weights from `weights_at`, which
+    must be on storage the readers share (the cluster filesystem the training wrote to).
+    """
+    export_dir, dst = Path(export_dir).resolve(), Path(dst)
+    settings = json.loads((export_dir / SETTINGS).read_text())
+    dst.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dst / SETTINGS, json.dumps({**settings, "weights_at": str(export_dir)}, indent=2,
+                                                 sort_keys=True) + "\n")  # fmt: skip
+    atomic_write(dst / MLMODEL, lambda tmp: tmp.write_bytes((export_dir / MLMODEL).read_bytes()))
+    return dst
+
+
+def weights_dir(model_dir: Path) -> Path:
+    """Where a model folder's weights are: the folder itself, or a pointer model's `weights_at`."""
+    settings_file = Path(model_dir) / SETTINGS
+    if settings_file.is_file():
+        at = json.loads(settings_file.read_text()).get("weights_at")
+        if at:
+            if not Path(at).is_dir():
+                raise FileNotFoundError(
+                    f"{model_dir} points at weights in {at}, which this machine cannot see: "
+                    "register with tracking.log_model=always, or share that filesystem"
+                )
+            return Path(at)
+    return Path(model_dir)
+
+
+def _load_pyfunc(data_path: str) -> FlowspeedPyfunc:
+    """MLflow's entry point for `loader_module`: `data_path` is the export folder (data=".")
+    or a pointer model (see `write_pointer_model`)."""
+    export_dir = weights_dir(Path(data_path).resolve())
+    settings_file = Path(data_path).resolve() / SETTINGS
+    if not settings_file.is_file():
+        raise FileNotFoundError(
+            f"{settings_file} is missing: write the MLmodel with engines.tracking.serving.write_mlmodel"
+        )
+    settings = json.loads(settings_file.read_text())
+    if settings.get("version") != SETTINGS_VERSION:
+        raise ValueError(
+            f"{settings_file} is format {settings.get('version')!r}, this flowspeed reads {SETTINGS_VERSION}: "
+            "rewrite it with engines.tracking.serving.write_mlmodel"
+        )
+    return FlowspeedPyfunc(export_dir, settings)

@@ -1,0 +1,118 @@
+"""The trainer under real 2-rank layouts (torchrun, gloo): each must reproduce the one-process losses.
+
+Parity is exact in intent: one process accumulating 2 micro-batches sees the same samples and the
+same noise as 2 data-parallel ranks with one micro-batch each (the sampler deals batches
+round-robin and the noise is keyed by the global micro-batch index); TP and CP ranks all see the
+one-process batch. Only the order of floating-point reductions differs, hence 1e-5, not equality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from configs import PipelineConfig
+from engines.torch_engine import checkpoint as ckpt
+from engines.torch_engine.launch import launch, validate_layout
+from engines.torch_engine.trainer import export_checkpoint
+from evaluation.run import _trained_transformer
+from tests.conftest import make_config
+
+STEPS = 5
+
+
+def _cfg(tmp: Path, prepped: PipelineConfig, *overrides: str, check: bool = True) -> PipelineConfig:
+    common = [f"data.output_dir={prepped.prep_dir}", f"train.max_steps={STEPS}", "train.batch_size=1",
+              "train.checkpoint_every=100", "train.warmup_steps=0", "train.val_fraction=0"]  # fmt: skip
+    return make_config(tmp, prepped.data.manifest, *common, *overrides, check=check)
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory: pytest.TempPathFactory, prepped: PipelineConfig) -> dict[int, list[float]]:
+    """One-process losses for 1 and 2 accumulated micro-batches per step."""
+    out = {}
+    for accum in (1, 2):
+        cfg = _cfg(tmp_path_factory.mktemp(f"single{accum}"), prepped, f"train.grad_accum={accum}")
+        out[accum] = launch(cfg, None, None).losses
+    return out
+
+
+def _weights(cfg: PipelineConfig, final_dir: str) -> dict[str, torch.Tensor]:
+    return _trained_transformer(cfg, Path(final_dir)).state_dict()
+
+
+LAYOUTS = {
+    # name: (overrides, one-process accumulation it must match)
+    "ddp": (["train.parallel.dp_replicate=2", "train.parallel.dp_shard=1"], 2),
+    "fsdp2": (["train.parallel.dp_shard=2"], 2),
+    "tp2": (["train.parallel.tp=2", "train.parallel.dp_shard=1"], 1),
+    "tp2-sp": (["train.parallel.tp=2", "train.parallel.dp_shard=1", "train.parallel.sequence_parallel=true"], 1),
+    "cp2-ulysses": (["train.parallel.cp=2", "train.parallel.dp_shard=1"], 1),
+    "cp2-ring": (["train.parallel.cp=2", "train.parallel.dp_shard=1", "train.parallel.cp_mode=ring"], 1),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_every_layout_matches_one_process(
+    name: str, tmp_path: Path, prepped: PipelineConfig, baselines: dict[int, list[float]]
+) -> None:
+    overrides, accum = LAYOUTS[name]
+    res = launch(_cfg(tmp_path, prepped, "train.nproc_per_node=2", *overrides), None, None)
+    assert len(res.losses) == STEPS
+    assert res.losses == pytest.approx(baselines[accum], abs=1e-5)
+
+
+def test_fsdp_resume_is_exact_and_its_checkpoint_loads_in_one_process(tmp_path: Path, prepped: PipelineConfig) -> None:
+    two = ["train.nproc_per_node=2", "train.parallel.dp_shard=2", "train.checkpoint_every=2", "train.ema.enabled=true",
+           "train.async_checkpoint=true"]  # fmt: skip
+    straight = launch(_cfg(tmp_path / "a", prepped, *two), None, None)
+    split = _cfg(tmp_path / "b", prepped, *two, "train.stop_after_steps=2")
+    first = launch(split, None, None)
+    resumed = launch(split.model_copy(update={"train": split.train.model_copy(update={"stop_after_steps": None})}),
+                     None, None)  # fmt: skip
+    assert resumed.resumed_from == 2
+    assert first.losses + resumed.losses == pytest.approx(straight.losses, abs=1e-6)
+
+    # DCP reshards on load: the 2-rank sharded checkpoint becomes a release folder in one process.
+    last = ckpt.latest(split.train_dir)
+    assert sorted(p.name for p in (last / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
+    exported = export_checkpoint(last, tmp_path / "release", use_ema=True)
+    released, trained = _weights(split, str(exported)), _weights(split, resumed.final_dir)
+    assert released.keys() == trained.keys()
+    assert all(torch.equal(released[k], trained[k]) for k in trained)  # the final export is the EMA model too
+    raw = export_checkpoint(last, tmp_path / "raw")
+    assert any(not torch.equal(_weights(split, str(raw))[k], released[k]) for k in released)
+
+
+def test_impossible_layout_fails_before_any_process_starts(tmp_path: Path, prepped: PipelineConfig) -> None:
+    bad = ("train.nproc_per_node=2", "train.parallel.tp=3")
+    with pytest.raises(ValueError, match=r"tp=3"):  # refused when the config loads ...
+        _cfg(tmp_path, prepped, *bad)
+    cfg = _cfg(tmp_path, prepped, *bad, check=False)
+    with pytest.raises(ValueError, match=r"dp_replicate=1 x dp_shard=\? x cp=1 x tp=3 x pp=1"):  # ... and at launch
+        launch(cfg, None, None)
+    assert not (cfg.train_dir / "launch_config.yaml").exists()
+    bad = ("train.nproc_per_node=2", "train.parallel.dp_shard=2", "train.parallel.cp=2")
+    cfg = _cfg(tmp_path, prepped, *bad, check=False)
+    with pytest.raises(ValueError, match="dp_shard=2 x cp=2 x tp=1 x pp=1 = 4, but the world size is 2"):
+        validate_layout(cfg)
+
+
+def test_mfu_and_step_split_are_logged(tmp_path: Path, prepped: PipelineConfig) -> None:
+    from mlflow import MlflowClient
+
+    from engines.tracking.tracker import ensure_experiment, tracking_uri
+
+    cfg = _cfg(tmp_path, prepped, "train.peak_tflops=0.5", "train.metrics_flush_every=1")
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    run = client.create_run(ensure_experiment(client, cfg))
+    launch(cfg, run.info.run_id, uri)
+    metrics = client.get_run(run.info.run_id).data.metrics
+    parts = metrics["perf/data_wait_s"] + metrics["perf/fwd_bwd_s"] + metrics["perf/optimizer_s"]
+    assert parts == pytest.approx(metrics["perf/step_time_s"], rel=1e-6)
+    # MFU = achieved model FLOPs / peak; with a 0.5 TFLOPS "device" it is the achieved rate over 0.5.
+    assert metrics["perf/mfu"] == pytest.approx(metrics["perf/model_tflops_per_s_per_rank"] / 0.5, rel=1e-6)
+    assert 0 < metrics["perf/mfu"] < 1
