@@ -1,17 +1,24 @@
 """What a config may name, known without importing a model library (or pandas).
 
-Checking `model.family`, its frame rule or `data.caption.model` through the real registries means
-importing every family module, hence diffusers, transformers and torch: 10+ s before a typo is
-reported. This table holds the few facts the config checks need, per registered name, and
+Checking `model.family`, its frame rule, its presets or `data.caption.model` through the real
+registries means importing every family module, hence diffusers, transformers and torch: 10+ s before
+a typo is reported. This table holds the few facts the config checks need, per registered name, and
 `tests/configs/test_validation.py` holds it to the real registries (`engines.models.known_families()`,
-each family's `frame_count_error`, `size_multiple` and `vision_tower`, megatron's `MODELS`, prep's
-`CAPTIONERS`, the benchmarks and prompt templates), so the table cannot drift from what the stages
-will do: a new family that is not listed here fails that test, not a user's run.
+each family's `frame_count_error`, `size_multiple`, `vision_tower` and the presets its loaders build,
+megatron's `MODELS`, prep's `CAPTIONERS` and `DECODERS`, the task runners, the benchmarks and prompt
+templates, open_clip's models), so the table cannot drift from what the stages will do.
+
+A family that is not listed yet still works: `family_facts` asks the real registry for it (slow, it
+imports the family's module, but correct), so a new family needs only its module and recipe to run;
+its catalog line (which the test asks for) makes its configs fast to check.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import importlib.util
+from dataclasses import dataclass, field, replace
+from functools import cache
+from pathlib import Path
 from typing import Any, Literal
 
 #: "any": any frame count >= 1; "image": exactly 1; an int t: the VAE takes t*k+1 frames
@@ -26,6 +33,13 @@ class FamilyFacts:
     frames: FrameRule
     size_multiple: int = 1  #: data.height/width must divide by this (VAE downsampling x patch size)
     vision_tower: bool = False  #: has a vision tower (model.freeze_vision_tower applies)
+    #: model component (vae, text_encoder, transformer) -> the `preset:` names its loader builds without
+    #: `pretrained:`; a component missing here is not built from the config by this family (a VLM's vae).
+    #: None: not known without importing the family (not in the catalog), its loader refuses a wrong one
+    presets: dict[str, tuple[str, ...]] | None = field(default_factory=dict)
+    #: what the torch engine can split this family's trained model with beyond FSDP: "tp" (a tensor-parallel plan),
+    #: "cp" (a context-parallel plan, ulysses/ring), "dsp" (cp_mode dsp); None: not known (not in the catalog)
+    parallel: frozenset[str] | None = frozenset()
 
     def frame_error(self, name: str, num_frames: int) -> str | None:
         """Why `name`'s VAE cannot take `num_frames` (the family's own rule, stated as data)."""
@@ -40,41 +54,120 @@ class FamilyFacts:
         return f"{name}'s VAE takes {t}k+1 frames (e.g. {t * k + 1} or {t * k + t + 1}), not {num_frames}"
 
 
-_VIDEO = FamilyFacts("", 4, 16)  # 4x temporal VAE, 16-pixel multiples: the CogVideoX / Open-Sora-Plan layout
-_IMAGE = FamilyFacts("", "image", 16)
-_SEQUENCE = FamilyFacts("", "any", 1)
+class RegisteredFamilyFacts(FamilyFacts):
+    """Facts read off a live family object: for a family the catalog does not list (yet)."""
+
+    def __init__(self, family: Any) -> None:
+        super().__init__(type(family).__module__, "any", family.size_multiple, bool(family.vision_tower), None, None)
+        object.__setattr__(self, "family", family)
+
+    def frame_error(self, name: str, num_frames: int) -> str | None:
+        return self.family.frame_count_error(num_frames)  # type: ignore[attr-defined]
 
 
-def _facts(module: str, like: FamilyFacts, **changes: Any) -> FamilyFacts:
-    return replace(like, module=f"engines.models.{module}", **changes)
+_TINY = ("tiny",)
+_DIFFUSION = {"vae": _TINY, "text_encoder": _TINY, "transformer": _TINY}
+_VIDEO = FamilyFacts("", 4, 16, presets=_DIFFUSION)  # 4x temporal VAE, 16-pixel multiples: CogVideoX / Open-Sora-Plan
+_IMAGE = FamilyFacts("", "image", 16, presets=_DIFFUSION)
+_SEQUENCE = FamilyFacts("", "any", 1, presets={"transformer": _TINY})  # one transformers model, no VAE
 
+
+def _facts(module: str, like: FamilyFacts, vae: tuple[str, ...] = (), transformer: tuple[str, ...] = (),
+           parallel: str = "", **changes: Any) -> FamilyFacts:  # fmt: skip
+    """`like`, for the family registered by engines/models/<module>.py, with its extra vae/transformer presets and
+    the torch engine's plans for it (`parallel`: space-separated)."""
+    changes["parallel"] = frozenset(parallel.split())
+    presets = dict(like.presets or {})
+    for comp, extra in (("vae", vae), ("transformer", transformer)):
+        if extra:
+            presets[comp] += extra
+    return replace(like, module=f"engines.models.{module}", presets=presets, **changes)
+
+
+_OSP_VAES = ("tiny-causalvae", "wfvae-v1.3", "causalvae-v1.2-488")
+_OSP_T2V = ("OpenSoraT2V-ROPE-L/122", "OpenSoraT2V_v1_3-2B/122")
+_OSP_INPAINT = "OpenSoraInpaint_v1_3-2B/122"
 
 #: every registered model family, by its `model.family` name
 FAMILIES: dict[str, FamilyFacts] = {
-    "cogvideox": _facts("cogvideox", _VIDEO),
-    "cogvideox1.5": _facts("cogvideox15", _VIDEO),
-    "cogvideox_i2v": _facts("cogvideox_i2v", _VIDEO),
-    "flux": _facts("flux", _IMAGE),
+    "cogvideox": _facts("cogvideox", _VIDEO, transformer=("2b",), parallel="tp cp"),
+    "cogvideox1.5": _facts("cogvideox15", _VIDEO, transformer=("tiny-1.5",), parallel="tp cp"),
+    "cogvideox_i2v": _facts("cogvideox_i2v", _VIDEO, transformer=("tiny-1.5",), parallel="tp cp"),
+    "flux": _facts("flux", _IMAGE, transformer=("tiny-dev",), parallel="cp"),
     "hunyuandit": _facts("hunyuandit", _IMAGE),
     "internvl": _facts("internvl", _SEQUENCE, vision_tower=True),
     "kolors": _facts("kolors", _IMAGE),
     "llava": _facts("llava", _SEQUENCE, vision_tower=True),
-    "opensora": _facts("opensora", _VIDEO, frames="any"),
-    "opensora1.2": _facts("opensora", _VIDEO, frames="any"),
-    "opensoraplan": _facts("opensoraplan", _VIDEO),
-    "opensoraplan_i2v": _facts("opensoraplan", _VIDEO),
-    "qihoo_t2x": _facts("qihoo_t2x", _VIDEO, size_multiple=64),
+    "opensora": _facts("opensora", _VIDEO, ("sd-vae-ft-ema",), ("STDiT-XL/2", "STDiT-XL/2-512"), "cp", frames="any"),
+    "opensora1.2": _facts("opensora", _VIDEO, ("opensora-vae-v1.2",), ("STDiT3-XL/2",), "cp dsp", frames="any"),
+    "opensoraplan": _facts("opensoraplan", _VIDEO, _OSP_VAES, ("tiny-v1.2", *_OSP_T2V, _OSP_INPAINT), "cp"),
+    "opensoraplan_i2v": _facts("opensoraplan", _VIDEO, _OSP_VAES, (_OSP_INPAINT,), "cp"),
+    "qihoo_t2x": _facts("qihoo_t2x", _VIDEO, ("causalvae-v1.2-488",), ("Qihoo-T2I-1.1B",), "cp", size_multiple=64),
     "qwen2_vl": _facts("qwen2_vl", _SEQUENCE, vision_tower=True),
-    "sd3": _facts("sd3", _IMAGE),
+    "sd3": _facts("sd3", _IMAGE, transformer=("tiny-3.5",)),
     "sdxl": _facts("sdxl", _IMAGE),
     "whisper": _facts("whisper", _SEQUENCE),
 }
+
+_MODELS_DIR = Path(__file__).resolve().parent.parent / "engines" / "models"
+
+
+def _named_in_family_modules(name: str) -> bool:
+    """Whether any module under engines/models spells `name` as a string literal: a family's name always is
+    (`name = "..."`), so a typo is refused by reading ~40 small files instead of importing torch and diffusers."""
+    if not _MODELS_DIR.is_dir():  # an unusual install: let the registry answer
+        return True
+    quoted = (f'"{name}"', f"'{name}'")
+    return any(q in p.read_text(errors="replace") for p in _MODELS_DIR.rglob("*.py") for q in quoted)
+
+
+@cache
+def _registered(name: str) -> FamilyFacts | None:
+    from engines.models import get_family
+
+    try:
+        return RegisteredFamilyFacts(get_family(name))
+    except ValueError:
+        return None
+
+
+def family_facts(name: str) -> FamilyFacts | None:
+    """What the checks need to know about family `name`: its catalog line, else the real registry's family (a new
+    family before its catalog line exists: slow, it imports the family, but correct); None: no such family."""
+    if (facts := FAMILIES.get(name)) is not None:
+        return facts
+    return _registered(name) if _named_in_family_modules(name) else None
+
 
 #: families `train.engine: megatron` builds (engines/megatron/vlm.py MODELS), in its order
 MEGATRON_FAMILIES: tuple[str, ...] = ("qwen2_vl", "llava")
 
 #: prep's captioners (datasets_prep/caption.py CAPTIONERS) -> the presets each can build without `pretrained`
 CAPTIONERS: dict[str, tuple[str, ...]] = {"qwen2_vl": ("tiny",), "llava": (), "internvl": ()}
+
+#: prep's Prefect task runners (`data.task_runner`, tasks/stages.py make_task_runner) -> the optional package each needs
+TASK_RUNNERS: dict[str, str | None] = {"thread": None, "process": None, "dask": "prefect_dask", "ray": "prefect_ray"}
+
+#: video decoders (`data.decoder`, datasets_prep/decode.py DECODERS)
+DECODERS: tuple[str, ...] = ("decord", "pyav")
+
+#: the metrics a pipeline run hands the registry gates: the eval stage's `eval/...` and `train/final_loss`
+GATE_METRIC_PREFIXES: tuple[str, ...] = ("eval/", "train/")
+
+#: where evaluation/clip_score.py adds its own open_clip model configs (beside open_clip's)
+_CLIP_CONFIGS = Path(__file__).resolve().parent.parent / "evaluation" / "clip_configs"
+
+
+@cache
+def clip_models() -> frozenset[str] | None:
+    """open_clip's model names (`eval.clip.model`, `data.curate.aesthetic.clip.model`), read from its config
+    folder and ours without importing it (that imports torch); None when open_clip is not installed."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        return None
+    folders = (Path(spec.origin).parent / "model_configs", _CLIP_CONFIGS)
+    return frozenset(p.stem for folder in folders for p in folder.glob("*.json"))
+
 
 #: understanding benchmarks (evaluation/benchmarks.py BENCHMARKS) and their prompt templates (PROMPT_TEMPLATES)
 BENCHMARKS: tuple[str, ...] = ("mmmu", "ai2d", "chartqa", "docvqa", "infovqa")

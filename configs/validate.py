@@ -4,27 +4,42 @@ Two kinds of checks, split by what they depend on:
 
 - `config_problems` (run by `load_config`, always): the config against itself and the registries:
   the parallel layout against the world size, the engine against the family, LoRA against the
-  layout, every registry name (family, manifest format, captioner, benchmark, template) and
-  literal-like value, frame counts and sizes against the family's rule. Machine-independent, so a
-  recipe loads the same on a laptop, in CI and on the cluster.
+  layout, every registry name (family, component presets, manifest format, captioner, CLIP model,
+  benchmark, template, gate metric) and literal-like value, frame counts and sizes against the
+  family's rule. Machine-independent, so a recipe loads the same on a laptop, in CI and on the cluster.
+  (The schema's Literal fields, e.g. `data.decoder` and `data.task_runner`, are pydantic's.)
 - `stage_problems` (run at the start of a stage, before anything is written): what depends on this
-  machine: the manifest exists (prep), local `pretrained:` folders exist, a resume checkpoint or an
-  evaluated model folder exists. A recipe whose data lives on the cluster still loads elsewhere.
+  machine: the manifest and media roots exist (prep), local `pretrained:` folders exist, a resume
+  checkpoint or an evaluated model folder exists, an optional task runner is installed. A recipe whose
+  data lives on the cluster still loads elsewhere.
 
 Nothing here imports torch or a model library: names and rules come from `configs.catalog`, which a
-test holds to the real registries, or from registries that are cheap to import. The layout rules are
+test holds to the real registries, or from registries that are cheap to import. The one exception is a
+family the catalog does not list yet: the real registry is asked (`catalog.family_facts`). The layout rules are
 the ones both engines' launchers call (`engines/torch_engine/launch.py:validate_layout`,
 `engines/megatron/trainer.py:validate`), so a layout is refused by the same words at load and at launch.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, get_args
 
-from configs.catalog import BENCHMARKS, CAPTIONERS, FAMILIES, MEGATRON_FAMILIES, PROMPT_TEMPLATES
+from configs.catalog import (
+    BENCHMARKS,
+    CAPTIONERS,
+    FAMILIES,
+    GATE_METRIC_PREFIXES,
+    MEGATRON_FAMILIES,
+    PROMPT_TEMPLATES,
+    TASK_RUNNERS,
+    clip_models,
+    family_facts,
+)
 from configs.schema import ParallelConfig, PipelineConfig
 
 
@@ -39,6 +54,11 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|npu|mps|xpu)(:\d+)?$")
 
 def _names(names: Iterable[object]) -> str:
     return ", ".join(str(n) for n in names)
+
+
+def _did_you_mean(value: str, names: Iterable[str]) -> str:
+    close = difflib.get_close_matches(value, list(names), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def world_size(cfg: PipelineConfig) -> int:
@@ -64,9 +84,23 @@ def torch_layout_problems(cfg: PipelineConfig) -> list[str]:
             f"train.lora with train.parallel.tp > 1 is not supported (tp={p.tp}): the TP plans shard the very "
             "projections LoRA wraps; shard a LoRA run with FSDP (parallel.dp_shard) instead"
         )
+    if p.pp > 1:
+        out.append(
+            f"train.parallel.pp={p.pp}: the torch engine does not train with pipeline parallel (it is available for "
+            "transformers language backbones on train.engine=megatron: qwen2_vl, llava); the diffusion denoisers "
+            "train with fsdp/tp/cp instead: set train.parallel.pp: 1"
+        )
     world = world_size(cfg)
     fixed = p.dp_replicate * p.cp * p.tp * p.pp
     ranks = f"train.nnodes={t.nnodes} x train.nproc_per_node={t.nproc_per_node}"
+    dp_shard = p.dp_shard if p.dp_shard != -1 else world // fixed
+    if p.dp_replicate > 1 and dp_shard == 1 and (p.tp > 1 or p.cp > 1):
+        out.append(
+            f"train.parallel: tensor/context parallel (tp={p.tp}, cp={p.cp}) with pure replication (dp_replicate="
+            f"{p.dp_replicate}, dp_shard=1) is not supported: DDP cannot wrap DTensor parameters; set dp_shard > 1 "
+            "(FSDP2/HSDP) for the data-parallel ranks"
+        )
+    out += _plan_problems(cfg)
     if p.dp_shard == -1:
         if world % fixed:
             out.append(
@@ -80,6 +114,29 @@ def torch_layout_problems(cfg: PipelineConfig) -> list[str]:
             f"{fixed * p.dp_shard}, but the world size is {world} ({ranks}); the degrees must multiply to the number "
             "of ranks (set one of them to fit, or dp_shard: -1 to take the rest)"
         )
+    return out
+
+
+def _plan_problems(cfg: PipelineConfig) -> list[str]:
+    """The torch engine splits a model with TP/CP only where a plan for its class is registered."""
+    p, name = cfg.train.parallel, cfg.model.family
+    facts = family_facts(name)
+    if facts is None or facts.parallel is None:
+        return []
+    have = facts.parallel
+    out = []
+    if p.tp > 1 and "tp" not in have:
+        with_tp = ", ".join(n for n, f in FAMILIES.items() if f.parallel and "tp" in f.parallel)
+        out.append(
+            f"train.parallel.tp={p.tp}: the torch engine has no tensor-parallel plan for {name}'s model (it has for "
+            f"{with_tp}); shard it with FSDP (train.parallel.dp_shard) and set tp: 1"
+            + (", or use train.engine=megatron" if name in MEGATRON_FAMILIES else "")
+        )
+    mode = "dsp" if p.cp_mode == "dsp" else "cp"
+    if p.cp > 1 and mode not in have:
+        what = "DSP (cp_mode=dsp) splits STDiT3 only" if mode == "dsp" else "there is no context-parallel plan"
+        fix = "cp_mode: ulysses or ring" if "cp" in have else "cp: 1"
+        out.append(f"train.parallel.cp={p.cp} with cp_mode={p.cp_mode}: {what} for {name}'s model; set {fix}")
     return out
 
 
@@ -146,7 +203,7 @@ def layout_problems(cfg: PipelineConfig) -> list[str]:
     if t.node_rank >= t.nnodes:
         out.append(f"train.node_rank={t.node_rank} must be below train.nnodes={t.nnodes}")
     out += megatron_layout_problems(cfg) if t.engine == "megatron" else torch_layout_problems(cfg)
-    facts = FAMILIES.get(cfg.model.family)
+    facts = family_facts(cfg.model.family)
     if facts is not None and not facts.vision_tower and cfg.model.freeze_vision_tower is not None:
         out.append(
             f"model.freeze_vision_tower applies to vision-language families; {cfg.model.family!r} has no vision "
@@ -165,14 +222,22 @@ def check_layout(cfg: PipelineConfig) -> None:
 # ---- everything else that does not depend on the machine ---------------------------------------------
 def _family_problems(cfg: PipelineConfig) -> list[str]:
     name = cfg.model.family
-    facts = FAMILIES.get(name)
+    facts = family_facts(name)
     if facts is None:
         return [
-            f"model.family={name!r} is not a known model family; known families: {_names(sorted(FAMILIES))} "
-            "(`flowspeed models list` describes them)"
+            f"model.family={name!r} is not a known model family{_did_you_mean(name, FAMILIES)}; known families: "
+            f"{_names(sorted(FAMILIES))} (`flowspeed models list` describes them)"
         ]
     d = cfg.data
     out = []
+    for comp_name, presets in (facts.presets or {}).items():
+        comp = getattr(cfg.model, comp_name)
+        if comp.pretrained is None and comp.preset not in presets:  # the preset alone decides what is built
+            out.append(
+                f"model.{comp_name}.preset={comp.preset!r} is not a {comp_name} preset of {name}"
+                f"{_did_you_mean(str(comp.preset), presets)}; its presets: {_names(presets)} (random init), or set "
+                f"model.{comp_name}.pretrained to the weights to load"
+            )
     if d.buckets.mode == "fixed":
         if err := facts.frame_error(name, d.num_frames):
             out.append(f"data.num_frames={d.num_frames}: {err}; set data.num_frames accordingly")
@@ -199,7 +264,7 @@ def _registry_problems(cfg: PipelineConfig) -> list[str]:
             f"data.manifest_format={fmt!r} is not a manifest format; use auto (detect from the file) or one of: "
             f"{_names(known_formats())}"
         )
-    cap = cfg.data.caption
+    cap, cap_clip = cfg.data.caption, cfg.data.curate.aesthetic.clip
     if cap.model not in CAPTIONERS:
         out.append(f"data.caption.model={cap.model!r} is not a captioner; known captioners: {_names(CAPTIONERS)}")
     elif cap.enabled and not cap.pretrained and cap.preset not in CAPTIONERS[cap.model]:
@@ -209,6 +274,20 @@ def _registry_problems(cfg: PipelineConfig) -> list[str]:
             f"data.caption.preset={cap.preset!r} is not a preset of captioner {cap.model}; {fix} set "
             "data.caption.pretrained to its checkpoint"
         )
+    known_clip = clip_models()
+    clips = [("eval.clip.model", cfg.eval.clip.model), ("data.curate.aesthetic.clip.model", cap_clip.model)]
+    for key, model in clips if known_clip is not None else ():
+        if model not in known_clip:
+            out.append(
+                f"{key}={model!r} is not an open_clip model{_did_you_mean(model, known_clip)}; use flowspeed-tiny-clip "
+                "(random init) or a name from open_clip.list_models(), e.g. ViT-B-32"
+            )
+    for i, gate in enumerate(cfg.tracking.registry.gates):
+        if not gate.metric.startswith(GATE_METRIC_PREFIXES):
+            out.append(
+                f"tracking.registry.gates[{i}].metric={gate.metric!r} is not a metric a pipeline run logs: the gates "
+                f"compare its eval/... metrics and train/final_loss (e.g. eval/{gate.metric.rsplit('/', 1)[-1]})"
+            )
     for i, b in enumerate(cfg.eval.benchmarks):
         if b.name not in BENCHMARKS:
             out.append(f"eval.benchmarks[{i}].name={b.name!r} is not a benchmark; known: {_names(BENCHMARKS)}")
@@ -262,11 +341,16 @@ def stage_problems(cfg: PipelineConfig, stage: str) -> list[str]:
     # (key, value, what it is, how to fix it, must be a folder); a None value is not checked
     wanted: list[tuple[str, str | Path | None, str, str, bool]] = []
     for comp_name in ("vae", "text_encoder", "transformer"):
-        pretrained = getattr(cfg.model, comp_name).pretrained
+        comp = getattr(cfg.model, comp_name)
         fix = "point it at a local checkpoint folder, or set `preset: tiny` and remove `pretrained`"
-        wanted.append((f"model.{comp_name}.pretrained", _local(pretrained), "the weights folder", fix, False))
+        wanted.append((f"model.{comp_name}.pretrained", _local(comp.pretrained), "the weights folder", fix, False))
+        if _local(comp.pretrained) and comp.subfolder and Path(comp.pretrained).expanduser().is_dir():
+            inside = Path(comp.pretrained) / comp.subfolder
+            wanted.append((f"model.{comp_name}.subfolder", inside, "the subfolder", "name a folder inside it", True))
     if prep:
         aes, cap = d.curate.aesthetic, d.caption
+        wanted += [(f"data.roots[{i}]", root, "the media root", "create it or remove it from data.roots", True)
+                   for i, root in enumerate(d.roots)]  # fmt: skip
         wanted += [
             ("data.manifest", d.manifest, "the manifest", "set data.manifest, or write a demo dataset with "
              "`flowspeed demo-data DIR`", False),
@@ -275,6 +359,8 @@ def stage_problems(cfg: PipelineConfig, stage: str) -> list[str]:
              "point it at a local folder", False),
             ("data.curate.aesthetic.head", aes.head if aes.enabled else None, "the head weights file",
              "unset it for a seeded random head", False),
+            ("data.curate.aesthetic.clip.pretrained", _clip_file(aes.clip.pretrained) if aes.enabled else None,
+             "the CLIP checkpoint", "point it at the file, or use an open_clip tag", False),
         ]  # fmt: skip
     if train and cfg.train.resume not in ("auto", "never"):
         fix = "use auto, never, or an existing step-N folder"
@@ -286,6 +372,8 @@ def stage_problems(cfg: PipelineConfig, stage: str) -> list[str]:
             model = None
         fix = "use models:/NAME/VERSION, a step-N checkpoint or an export folder"
         wanted.append(("eval.model", model, "the model folder", fix, False))
+        wanted.append(("eval.clip.pretrained", _clip_file(e.clip.pretrained), "the CLIP checkpoint",
+                       "point it at the file, or use an open_clip tag", False))  # fmt: skip
         for i, b in enumerate(e.benchmarks):
             wanted.append((f"eval.benchmarks[{i}].tsv", b.tsv, "the benchmark TSV", "point it at the file", False))
         g = e.generation
@@ -295,7 +383,20 @@ def stage_problems(cfg: PipelineConfig, stage: str) -> list[str]:
         for key in ("inception_weights", "i3d_weights", "dino"):
             wanted.append((f"eval.generation.{key}", getattr(g, key), "the file", "unset it for a random init", False))
     found = (_missing(key, value, what, fix, folder) for key, value, what, fix, folder in wanted if value)
-    return [f for f in found if f]
+    out = [f for f in found if f]
+    package = TASK_RUNNERS.get(d.task_runner)
+    if prep and d.slices > 1 and d.nproc_per_node == 1 and package and importlib.util.find_spec(package) is None:
+        extra = d.task_runner
+        out.append(
+            f"data.task_runner={extra} needs {package.replace('_', '-')}, which is not installed here: "
+            f"pip install 'flowspeed[{extra}]', or use data.task_runner: process"
+        )
+    return out
+
+
+def _clip_file(value: str | None) -> str | None:
+    """A CLIP `pretrained:` that names a checkpoint file (the loader's rule), not an open_clip tag."""
+    return value if value and Path(value).suffix in {".pt", ".bin", ".safetensors"} else None
 
 
 def _local(value: str | None) -> str | None:
