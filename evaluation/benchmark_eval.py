@@ -21,7 +21,8 @@ import torch
 from configs import PipelineConfig
 from configs.schema import BenchmarkConfig
 from engines.common.io import write_jsonl
-from engines.models.sequence import SequenceFamily, SequenceSample
+from engines.models.registry import ModelFamily
+from engines.models.sequence import SequenceSample
 from evaluation.benchmarks import (
     PROMPT_TEMPLATES,
     BenchmarkItem,
@@ -30,6 +31,7 @@ from evaluation.benchmarks import (
     load_benchmark,
     score_benchmark,
 )
+from evaluation.common import max_new_tokens
 from evaluation.sharded import Ranks, run_sharded, task_folder
 
 
@@ -47,15 +49,13 @@ def _metric_key(text: str) -> str:
 def run_benchmark(
     cfg: PipelineConfig,
     bench: BenchmarkConfig,
-    family: SequenceFamily,
+    family: ModelFamily,
     final_dir: Path,
     device: torch.device,
     ranks: Ranks | None = None,
 ) -> tuple[dict[str, float], Path, dict[str, str]]:
     """Items answered in batches across the ranks (resumable), scored on rank 0: (metrics, rows path, tags);
     ({}, path, {}) elsewhere."""
-    from evaluation.sequence_eval import max_new_tokens
-
     ranks = ranks or Ranks()
     spec = get_spec(bench.name)
     items = load_benchmark(bench.name, bench.tsv)[: bench.limit]

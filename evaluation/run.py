@@ -1,5 +1,6 @@
-"""The eval stage: held-out loss, then generated samples and their metrics (or a text family's answers
-and benchmark scores) for a trained export, a checkpoint or a registered version.
+"""The eval stage: the held-out loss, then what the family can do (`family.can`): generated samples and their
+metrics (GENERATION), answers or transcripts and benchmark scores (ANSWERS, TRANSCRIPTION), for a trained
+export, a checkpoint or a registered version.
 
 With `eval.nproc_per_node > 1` it runs as a torchrun job (`python -m evaluation.run`): samples and
 benchmark items are split across the ranks and gathered on rank 0 (evaluation/sharded.py), which
@@ -23,18 +24,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from configs import ComponentConfig, PipelineConfig, load_config, save_config
-from datasets_prep.cache import CachedLatents, split_records
-from datasets_prep.prep import load_samples
+from configs import PipelineConfig, load_config, save_config
 from engines.common.device import resolve_device
 from engines.common.io import atomic_write_text, write_jsonl
 from engines.common.torchrun import in_distributed_job, run_torchrun
 from engines.models import get_family
-from engines.models.registry import keep_loaded
-from engines.models.sequence import SequenceFamily
+from engines.models.registry import Capability, ModelFamily, keep_loaded
+from evaluation.common import held_out_metrics, held_out_records, trained_model, validation_loss
 from evaluation.generation_eval import generate_and_score
 from evaluation.sequence_eval import run_sequence_eval
-from evaluation.sharded import join
+from evaluation.sharded import Ranks, join
 
 
 @dataclass
@@ -48,48 +47,8 @@ class EvalResult:
         return asdict(self)
 
 
-def _trained_transformer(cfg: PipelineConfig, final_dir: Path) -> torch.nn.Module:
-    family = get_family(cfg.model.family)
-    trained = ComponentConfig(preset=None, pretrained=str(final_dir), subfolder=family.denoiser_subfolder)
-    model_cfg = cfg.model.model_copy(update={"transformer": trained})
-    return family.load_transformer(model_cfg, 0, 0)
-
-
-@torch.no_grad()
-def validation_loss(cfg: PipelineConfig, final_dir: Path, device: torch.device) -> tuple[float, int]:
-    """Mean training loss over the held-out set with fixed noise and timesteps: deterministic."""
-    family = get_family(cfg.model.family)
-    val = held_out_records(cfg)
-    if not val:
-        return float("nan"), 0
-    model = _trained_transformer(cfg, final_dir).to(device).eval()
-    scheduler = family.load_scheduler(cfg.model)
-    data = CachedLatents(cfg.cache_dir, val)
-    bs = cfg.train.batch_size
-    # batches within one bucket, as training draws them: a dynamic-resolution or multi-bucket cache holds samples
-    # of several shapes, which do not stack
-    by_bucket: dict[str, list[int]] = {}
-    for i, rec in enumerate(val):
-        by_bucket.setdefault(repr(family.bucket_key(rec)), []).append(i)
-    batches = [idx[s : s + bs] for _, idx in sorted(by_bucket.items()) for s in range(0, len(idx), bs)]
-    losses = []
-    for rep in range(cfg.eval.val_batches):
-        for b, idx in enumerate(batches):
-            batch = {k: v.to(device) for k, v in family.collate([data[i] for i in idx]).items()}
-            gen = torch.Generator().manual_seed(cfg.eval.seed * 1000 + rep * 100 + b * bs)
-            losses.append(family.training_loss(model, scheduler, batch, gen).item())
-    return float(sum(losses) / len(losses)), len(val)
-
-
-def held_out_records(cfg: PipelineConfig) -> list[dict]:
-    """The held-out split of the prepared data (all of it with `eval.split: all`); none when an eval of
-    `eval.model` runs where nothing was prepared (an eval preset on a registered model): then only the
-    benchmarks and samples count."""
-    if cfg.eval.model and not (cfg.prep_dir / "samples.jsonl").is_file():
-        logging.getLogger(__name__).info("no prepared data under %s: held-out loss skipped", cfg.prep_dir)
-        return []
-    records = load_samples(cfg.prep_dir)
-    return records if cfg.eval.split == "all" else split_records(records, cfg.train.val_fraction)[1]
+# the name the engine and family tests load a trained export by
+_trained_transformer = trained_model
 
 
 def trained_export(cfg: PipelineConfig) -> Path:
@@ -158,11 +117,7 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
     device = resolve_device(cfg.train.device)
     ranks = join(device)
     with keep_loaded():  # each export, CLIP and feature extractor loads once for all batches
-        if isinstance(family, SequenceFamily):  # text out: held-out loss and answers, no media metrics
-            res = run_sequence_eval(cfg, family, final_dir, device, ranks)
-            metrics, paths, info = res["metrics"], res["paths"], res.get("info", {})
-        else:
-            metrics, paths, info = _generation_eval(cfg, family, final_dir, device, ranks)
+        metrics, paths, info = _evaluate(cfg, family, final_dir, device, ranks)
     if not ranks.main:
         return EvalResult(str(out), {}, [])
     save_config(cfg, out)
@@ -184,15 +139,29 @@ def clear_dead_temp_files(out: Path) -> list[Path]:
     return removed
 
 
-def _generation_eval(cfg: PipelineConfig, family, final_dir: Path, device: torch.device, ranks) -> tuple:  # noqa: ANN001
-    val_loss, n_val = validation_loss(cfg, final_dir, device) if ranks.main else (float("nan"), 0)
-    scores, rows, info = generate_and_score(cfg, family, final_dir, device, ranks)
-    if not ranks.main:
-        return {}, [], {}
-    write_jsonl(cfg.eval_dir / "samples" / "generation.jsonl", rows)
-    metrics = {"eval/val_loss": val_loss, "eval/val_samples": float(n_val)} if n_val or not cfg.eval.model else {}
-    metrics |= scores
-    return metrics, [str(cfg.eval_dir / "videos" / r["sample"]) for r in rows], info
+def _evaluate(
+    cfg: PipelineConfig, family: ModelFamily, final_dir: Path, device: torch.device, ranks: Ranks
+) -> tuple[dict[str, float], list[str], dict[str, str]]:
+    """(metrics, output paths, run tags) on rank 0; empty elsewhere. The held-out loss for every family (rank 0),
+    then what the family can do: generated samples and their metrics, answers or transcripts and benchmarks."""
+    val = held_out_records(cfg) if ranks.main else []
+    loss, n_val = validation_loss(cfg, final_dir, device, val) if ranks.main else (float("nan"), 0)
+    metrics = held_out_metrics(cfg, loss, n_val)
+    paths: list[str] = []
+    info: dict[str, str] = {}
+    if family.can(Capability.GENERATION):
+        scores, rows, gen_info = generate_and_score(cfg, family, final_dir, device, ranks)
+        if ranks.main:
+            write_jsonl(cfg.eval_dir / "samples" / "generation.jsonl", rows)
+            metrics |= scores
+            paths += [str(cfg.eval_dir / "videos" / r["sample"]) for r in rows]
+            info |= gen_info
+    if family.can(Capability.ANSWERS) or family.can(Capability.TRANSCRIPTION):
+        res = run_sequence_eval(cfg, family, final_dir, val, device, ranks)
+        metrics |= res["metrics"]
+        paths += res["paths"]
+        info |= res.get("info", {})
+    return (metrics, paths, info) if ranks.main else ({}, [], {})
 
 
 @record

@@ -1,9 +1,10 @@
-"""Eval for the token-loss families: held-out loss, and answers (or transcripts) from the export.
+"""Eval for the families that answer (VLMs) or transcribe (Whisper): their answers to the held-out samples,
+WER/CER for transcripts, and the benchmark suites `eval.benchmarks` lists for answering families.
 
 Outputs under `cfg.eval_dir`: samples/responses.jsonl (one row per held-out sample: the prompt,
-the reference answer, the model's answer), metrics.json, config.yaml. The benchmark suites
-(MMMU/AI2D/DocVQA, WER) build on `respond`; this stage measures what every run has: its own
-held-out data.
+the reference answer, the model's answer). The benchmark suites (MMMU/AI2D/DocVQA, WER) build on
+`respond`; this stage measures what every run has: its own held-out data. The held-out loss comes
+before it, from evaluation/common.py, as for every family.
 """
 
 from __future__ import annotations
@@ -11,52 +12,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from configs import ComponentConfig, PipelineConfig
-from datasets_prep.cache import CachedLatents
+from configs import PipelineConfig
 from datasets_prep.sequence_prep import sample_of
 from engines.common.io import write_jsonl
-from engines.models.sequence import SequenceFamily
+from engines.models.registry import Capability, ModelFamily
+from evaluation.common import max_new_tokens
 from evaluation.sharded import Ranks, run_sharded, task_folder
 
 
-@torch.no_grad()
-def held_out_loss(cfg: PipelineConfig, family: SequenceFamily, final_dir: Path, device: torch.device) -> tuple:
-    """Mean answer-token loss over the held-out samples: deterministic (no noise in a LM loss)."""
-    from evaluation.run import held_out_records
-
-    val = held_out_records(cfg)
-    if not val:
-        return float("nan"), 0, []
-    # The export keeps an opted-in checkpoint's own modeling code: the opt-in carries over to it.
-    export = ComponentConfig(
-        pretrained=str(final_dir), preset=None, trust_remote_code=cfg.model.transformer.trust_remote_code
-    )
-    model_cfg = cfg.model.model_copy(update={"transformer": export})
-    model = family.load_model(model_cfg).to(device).eval()
-    data = CachedLatents(cfg.cache_dir, val)
-    losses = [family.training_loss(model, None, {k: v.to(device) for k, v in family.collate([data[i]]).items()}, None)
-              for i in range(len(data))]  # fmt: skip
-    return float(torch.stack(losses).mean()), len(val), val
-
-
-def max_new_tokens(cfg: PipelineConfig) -> int:
-    return cfg.eval.max_new_tokens or cfg.model.max_text_length // 4 or 16
-
-
 def answer_held_out(
-    cfg: PipelineConfig, family: SequenceFamily, final_dir: Path, val: list[dict], device: torch.device, ranks: Ranks
+    cfg: PipelineConfig, family: ModelFamily, final_dir: Path, val: list[dict], device: torch.device, ranks: Ranks
 ) -> list[dict]:
     """Prompt with each held-out conversation up to its last answer (or the audio), compare answers."""
     picked = val[: cfg.eval.max_answers]
+    transcribes = family.can(Capability.TRANSCRIPTION)  # the reference is the transcript; there is no prompt
 
     def work(batch: list[int]) -> list[dict]:
         samples = [sample_of(picked[i], family, cfg) for i in batch]
-        refs = [s.text if family.kind == "speech" else s.messages[-1]["content"] for s in samples]
+        refs = [s.text if transcribes else s.messages[-1]["content"] for s in samples]
         answers = family.respond(final_dir, samples, max_new_tokens=max_new_tokens(cfg), device=device)
         rows = []
         for i, s, ref, ans in zip(batch, samples, refs, answers, strict=True):
-            prompt = "" if family.kind == "speech" else next(m["content"] for m in s.messages if m["role"] == "user")
+            prompt = "" if transcribes else next(m["content"] for m in s.messages if m["role"] == "user")
             rows.append({"source": picked[i]["source"], "prompt": prompt, "reference": ref, "response": ans,
                          "exact_match": ans.strip() == ref.strip()})  # fmt: skip
         return rows
@@ -69,29 +48,35 @@ def answer_held_out(
 
 
 def run_sequence_eval(
-    cfg: PipelineConfig, family: SequenceFamily, final_dir: Path, device: torch.device, ranks: Ranks | None = None
+    cfg: PipelineConfig,
+    family: ModelFamily,
+    final_dir: Path,
+    val: list[dict],
+    device: torch.device,
+    ranks: Ranks | None = None,
 ) -> dict:
+    """{"metrics", "paths", "info"} of the answers to `val` (the held-out records rank 0 read; other ranks pass
+    [] and get them broadcast) and of the benchmarks; empty on ranks other than 0."""
     ranks = ranks or Ranks()
-    loss, n_val, val = held_out_loss(cfg, family, final_dir, device) if ranks.main else (float("nan"), 0, [])
     if ranks.world > 1:  # every rank answers its share of the held-out set rank 0 read
-        import torch.distributed as dist
-
         box = [val]
         dist.broadcast_object_list(box, src=0)
         val = box[0]
     rows = answer_held_out(cfg, family, final_dir, val, device, ranks) if val else []
     scored = []
-    if cfg.eval.benchmarks and family.kind != "speech":
+    if cfg.eval.benchmarks and family.can(Capability.ANSWERS):
+        # pandas and PIL: imported only when a benchmark runs, not with the stage machinery
         from evaluation.benchmark_eval import run_benchmark
 
         scored = [run_benchmark(cfg, bench, family, final_dir, device, ranks) for bench in cfg.eval.benchmarks]
     if not ranks.main:
         return {"metrics": {}, "paths": []}
     out = cfg.eval_dir / "samples"
-    metrics = {"eval/val_loss": loss, "eval/val_samples": float(n_val)} if n_val or not cfg.eval.model else {}
+    metrics: dict[str, float] = {}
     if rows:
         metrics["eval/exact_match"] = sum(r["exact_match"] for r in rows) / len(rows)
-    if rows and family.kind == "speech":  # published ASR numbers: WER/CER after Whisper's normaliser
+    if rows and family.can(Capability.TRANSCRIPTION):  # published ASR numbers: WER/CER after Whisper's normaliser
+        # transformers' Whisper normaliser and jiwer: imported only when transcripts are scored
         from evaluation.speech_metrics import score_transcripts
 
         scores = score_transcripts([r["reference"] for r in rows], [r["response"] for r in rows])
