@@ -23,7 +23,6 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +48,9 @@ def join(device: torch.device, timeout_s: int = 1800) -> Ranks:
     """This process's place in a torchrun eval job (joining its process group), or a lone rank 0."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
-        from engines.common.device import dist_backend, set_current
+        from engines.common.device import init_process_group
 
-        set_current(device)
-        dist.init_process_group(backend=dist_backend(device), timeout=timedelta(seconds=timeout_s))
+        init_process_group(device, timeout_s)
     if dist.is_initialized():
         return Ranks(dist.get_rank(), dist.get_world_size())
     return Ranks()

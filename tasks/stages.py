@@ -15,18 +15,16 @@ from prefect import task
 
 from configs import PipelineConfig
 from datasets_prep.manifest import Entry, read_sources
-from datasets_prep.prep import launch_prep, merge_slices, part_path, prep_slice
 from engines.common.io import file_digest
-from engines.models import get_family
-from engines.torch_engine.launch import launch
-from evaluation.run import run_eval, trained_export
 from tasks.caching import files_policy, retry_if_transient
-from tasks.gpu_slots import gpu_slots
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def _denoiser_weights(cfg: PipelineConfig) -> Path:
+    from engines.models import get_family
+    from evaluation.run import trained_export
+
     return trained_export(cfg) / get_family(cfg.model.family).denoiser_subfolder / WEIGHTS
 
 
@@ -49,12 +47,20 @@ def _prep_outputs(inputs: dict[str, Any]) -> list[Path]:
     return [cfg.prep_dir / "samples.jsonl", cfg.cache_dir / "index.jsonl", cfg.prep_dir / "summary.json"]
 
 
+def _part_path(cfg: PipelineConfig, index: int) -> Path:
+    from datasets_prep.prep import part_path
+
+    return part_path(cfg, index)
+
+
 def _prep_current(inputs: dict[str, Any], result: dict[str, Any]) -> bool:
     """samples.jsonl is still the one this cached result wrote (another manifest's prep rewrites it)."""
     return result.get("samples_digest") == file_digest(_cfg(inputs).prep_dir / "samples.jsonl")
 
 
 def _train_outputs(inputs: dict[str, Any]) -> list[Path]:
+    from engines.models import get_family
+
     cfg = _cfg(inputs)
     return [*get_family(cfg.model.family).export_files(cfg.train_dir / "final"), cfg.train_dir / "losses.json"]
 
@@ -77,6 +83,8 @@ def _eval_outputs(inputs: dict[str, Any]) -> list[Path]:
 )
 def prep_latents(cfg: PipelineConfig) -> dict[str, Any]:
     """Probe, decode and encode the manifest into the latent cache (skips what is cached)."""
+    from datasets_prep.prep import launch_prep
+
     return launch_prep(cfg).as_dict()
 
 
@@ -86,15 +94,19 @@ def prep_latents(cfg: PipelineConfig) -> dict[str, Any]:
     retry_condition_fn=retry_if_transient,
     retry_delay_seconds=5,
     persist_result=True,
-    cache_policy=files_policy(sources=_prep_sources, outputs=lambda i: [part_path(i["cfg"], i["index"])]),
+    cache_policy=files_policy(sources=_prep_sources, outputs=lambda i: [_part_path(i["cfg"], i["index"])]),
 )
 def prep_slice_task(cfg: PipelineConfig, index: int, count: int) -> dict[str, Any]:
     """One slice of the manifest (records i with i % count == index), on whatever worker runs it."""
+    from datasets_prep.prep import prep_slice
+
     return prep_slice(cfg, index, count)
 
 
 @task(name="merge-prep-slices", retries=1, retry_condition_fn=retry_if_transient)
 def merge_prep_task(cfg: PipelineConfig, count: int) -> dict[str, Any]:
+    from datasets_prep.prep import merge_slices
+
     return merge_slices(cfg, count).as_dict()
 
 
@@ -141,6 +153,9 @@ def make_task_runner(cfg: PipelineConfig) -> Any:
 def train_model(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) -> dict[str, Any]:
     """Train (in process, or torchrun for nproc_per_node > 1) while holding the node's GPU slots;
     a retry resumes from the last checkpoint."""
+    from engines.launch import launch
+    from tasks.gpu_slots import gpu_slots  # torch: only when training runs
+
     with gpu_slots(cfg) as slots:
         out = launch(cfg, run_id, tracking_uri).as_dict()
     out["gpu_slots"] = slots
@@ -157,4 +172,6 @@ def train_model(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | Non
     cache_policy=files_policy(sources=lambda i: [_denoiser_weights(_cfg(i))], outputs=_eval_outputs),
 )
 def evaluate_model(cfg: PipelineConfig) -> dict[str, Any]:
+    from evaluation.run import run_eval
+
     return run_eval(cfg).as_dict()

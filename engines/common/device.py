@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 
 def npu_available() -> bool:
@@ -37,6 +39,30 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
 
 def dist_backend(device: torch.device) -> str:
     return {"cuda": "nccl", "npu": "hccl"}.get(device.type, "gloo")
+
+
+def init_process_group(
+    device: torch.device | None = None, timeout_s: float = 1800, *, backend: str | None = None, alone: bool = False
+) -> bool:
+    """Join this job's process group, the one way every stage does it (training, eval, prep).
+
+    The backend follows the device (NCCL, HCCL, gloo) unless `backend` names one (prep's ranks meet only
+    at barriers and use gloo whatever the device); `timeout_s` bounds every collective, so a dead peer
+    fails the job instead of hanging it. `alone`: a lone process outside torchrun gets a one-rank group
+    (megatron-core needs one even then). A no-op when the group exists; True when this call made it.
+    """
+    if device is not None:
+        set_current(device)  # before the group: NCCL/HCCL bind to the current device
+    if dist.is_initialized():
+        return False
+    if alone:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    name = backend or dist_backend(device if device is not None else torch.device("cpu"))
+    dist.init_process_group(backend=name, timeout=timedelta(seconds=timeout_s))
+    return True
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +111,25 @@ class RecordStore:
     def save(self) -> None:
         if self._dirty:
             write_jsonl(self.own, [self.rows[k] for k in sorted(self._mine)])
+
+
+@contextlib.contextmanager
+def replaced_dir(out_dir: Path) -> Iterator[Path]:
+    """A temp folder beside `out_dir` (`.<name>.*.tmp`) that replaces it whole when the block finishes, and
+    is removed if the block raises. The old folder is moved aside before the rename, not deleted first, so
+    a kill at any point leaves the old folder or the new one under the name, never neither."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield tmp
+        default_modes(tmp)  # mkdtemp's 0700 would keep a shared export from teammates
+        old = None
+        if out_dir.exists():  # rename() replaces only an empty folder: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 
 import torch
 
-from engines.common.io import default_modes
+from engines.common.io import replaced_dir
 from engines.megatron.convert import Tensors, hf_to_megatron, megatron_to_hf
 from engines.megatron.gpt import DecoderShape
 
@@ -145,21 +143,8 @@ def _atomic_dir(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         raise ValueError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(f"{out_dir} already exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with replaced_dir(out_dir) as tmp:
         yield tmp
-        default_modes(tmp)
-        old = None
-        if out_dir.exists():  # rename() replaces only an empty folder: move the old one aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _weight_files(hf_dir: Path) -> list[Path]:

@@ -2,10 +2,10 @@
 
     torchrun --nproc_per_node 2 -m engines.megatron.trainer --config runs/x/train/launch_config.yaml
 
-Same contract as the torch engine (engines/torch_engine/trainer.py): it reads the prep stage's cache,
-logs the same metric names to MLflow, writes resumable checkpoints under `<train_dir>/checkpoints/`
-and exports `final/` in the family's native (transformers) layout, so eval, registry and serving do
-not know which engine trained the model. What differs is the parallelism: megatron-core's TP, SP,
+`MegatronBackend` plugs into the loop both engines share (engines/loop.py: the prep stage's cache, the
+same metric names in MLflow, resumable checkpoints under `<train_dir>/checkpoints/`, `final/` in the
+family's native (transformers) layout), so eval, registry and serving do not know which engine trained
+the model. What differs is the parallelism: megatron-core's TP, SP,
 PP (1F1B, interleaved with virtual stages), its DDP and distributed optimizer, its recomputation.
 
 Checkpoints are megatron `dist_checkpointing` directories (model and optimizer stored by global
@@ -16,13 +16,9 @@ converted per rank in memory (engines/megatron/convert.py).
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
-import statistics
 import time
-from datetime import timedelta
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +26,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from configs import PipelineConfig, load_config, save_config
-from datasets_prep.cache import CachedLatents, split_records
-from datasets_prep.prep import load_samples
-from engines.common.device import device_name, dist_backend, peak_memory_bytes, resolve_device, set_current, synchronize
-from engines.common.io import atomic_write_text
-from engines.common.progress import reporter
+from configs import PipelineConfig, save_config
+from datasets_prep.cache import CachedLatents
+from engines.common import checkpoints as ckpt
+from engines.common.device import init_process_group, resolve_device, synchronize
+from engines.common.safe_load import check_state_dir
+from engines.export import export_weights
+from engines.loop import Facts, OptimizerOutput, StepOutput, TrainResult, lr_lambda, rank_main, run_training
 from engines.megatron.convert import hf_to_megatron, megatron_to_hf
 from engines.megatron.gpt import DecoderShape, transformer_config
 from engines.megatron.training import (
@@ -51,11 +48,6 @@ from engines.megatron.training import (
 from engines.megatron.vlm import MODELS, frozen_vision, join_hf_state, split_hf_state
 from engines.models import get_family
 from engines.models.sequence import IGNORE_INDEX
-from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.flops import mfu, peak_tflops, train_flops
-from engines.torch_engine.safe_load import check_state_dir
-from engines.torch_engine.trainer import TrainResult, export_weights, lr_lambda, make_sampler, resume_path
-from engines.tracking.tracker import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
 
 #: families whose model the megatron engine builds (engines/megatron/vlm.py)
 FAMILIES = tuple(MODELS)
@@ -89,19 +81,6 @@ def validate(cfg: PipelineConfig) -> None:
     t = cfg.train
     # what only this process can tell (CP needs CUDA here); the layer split is checked where the depth is known
     layout_of(cfg).check(t.nnodes * t.nproc_per_node, None, num_microbatches(cfg))
-
-
-def _init(cfg: PipelineConfig) -> tuple[int, int, torch.device]:
-    t = cfg.train
-    device = resolve_device(t.device)
-    set_current(device)
-    if not dist.is_initialized():  # megatron needs a process group even for one rank
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group(backend=dist_backend(device), timeout=timedelta(seconds=t.collective_timeout_s))
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def megatron_batch(
@@ -207,9 +186,9 @@ class Chunks:
 
 def save_checkpoint(
     cfg: PipelineConfig, step: int, chunks: Chunks, optimizer: Any, data_state: dict, device: torch.device
-) -> Path:
-    """Collective. Written into a temp directory every rank shares, published by one rename (the torch
-    engine's PendingCheckpoint), so `latest()` never sees half a checkpoint."""
+) -> ckpt.PendingCheckpoint:
+    """Collective. Written into a temp directory every rank shares; `.wait()` publishes it by one rename
+    (engines/common/checkpoints.py), so `latest()` never sees half a checkpoint."""
     root = ckpt.checkpoint_dir(cfg.train_dir)
     rank = dist.get_rank()
     if rank == 0:
@@ -228,7 +207,7 @@ def save_checkpoint(
             save_config(cfg, tmp)
     except BaseException as exc:  # reported after the ranks agree, so none waits forever
         pending.error = exc
-    return pending.wait()
+    return pending
 
 
 def load_checkpoint(path: Path, chunks: Chunks, optimizer: Any) -> dict[str, Any]:
@@ -241,161 +220,108 @@ def load_checkpoint(path: Path, chunks: Chunks, optimizer: Any) -> dict[str, Any
     return {**state, "step": int(state["step"]), "samples_seen": int(state["data"]["samples_seen"])}
 
 
-def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | None = None) -> TrainResult:
-    from megatron.core import parallel_state as ps
+class MegatronBackend:
+    """The megatron-core engine behind engines.loop.run_training: TP/SP/PP/CP, its DDP and distributed
+    optimizer, dist_checkpointing checkpoints. Its schedule applies the optimizer inside the step (and skips
+    an update whose gradients are not finite), so `forward_backward` runs both."""
 
-    from engines.megatron.setup import init_model_parallel
+    async_checkpoint = False
 
-    validate(cfg)
-    t_cfg = cfg.train
-    rank, world, device = _init(cfg)
-    layout = layout_of(cfg)
-    family = get_family(cfg.model.family)
-    train_dir = cfg.train_dir
-    undelivered = train_dir / UNDELIVERED_DIR
-    tracker = make_tracker(tracking_uri, run_id, rank, t_cfg.metrics_flush_every, undelivered_dir=undelivered,
-                           grace_s=cfg.tracking.outage_grace_s)  # fmt: skip
-    monitor = start_system_metrics(cfg, tracking_uri, run_id)
-    try:
-        hf = family.load_model(cfg.model)
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.t = cfg.train
+        self.layout = layout_of(cfg)
+        self.family = get_family(cfg.model.family)
+
+    def init(self) -> tuple[int, int, torch.device]:
+        validate(self.cfg)
+        self.device = resolve_device(self.t.device)
+        init_process_group(self.device, self.t.collective_timeout_s, alone=True)  # megatron needs one even alone
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        return self.rank, self.world, self.device
+
+    def build(self, records: list[dict], dataset: CachedLatents) -> Facts:
+        from megatron.core import parallel_state as ps
+
+        from engines.megatron.setup import init_model_parallel
+
+        cfg, t, layout = self.cfg, self.t, self.layout
+        self.records, self.dataset = records, dataset
+        hf = self.family.load_model(cfg.model)
         n_total = sum(p.numel() for p in hf.parameters())
         text_config = hf.config.text_config
-        layout.check(world, text_config.num_hidden_layers, num_microbatches(cfg))
-        init_model_parallel(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp, seed=t_cfg.seed)
-        chunks = Chunks(cfg, hf, layout, device)
+        layout.check(self.world, text_config.num_hidden_layers, num_microbatches(cfg))
+        init_model_parallel(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp, seed=t.seed)
+        self.chunks = Chunks(cfg, hf, layout, self.device)
         del hf
-        optimizer = make_optimizer(chunks.models, layout, lr=t_cfg.lr, weight_decay=t_cfg.weight_decay,
-                                   clip_grad=t_cfg.max_grad_norm)  # fmt: skip
-        schedule = lr_lambda(t_cfg.warmup_steps, t_cfg.max_steps, t_cfg.min_lr_ratio)
-        dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
-        dp_world = ps.get_data_parallel_world_size(with_context_parallel=True)
-        records, _ = split_records(load_samples(cfg.prep_dir), t_cfg.val_fraction)
-        dataset = CachedLatents(cfg.cache_dir, records)
-        sampler = make_sampler(cfg, records, dp_rank, dp_world)
-        start_step, samples_seen = 0, 0
-        resume_from = resume_path(cfg)
-        if resume_from is not None:
-            state = load_checkpoint(resume_from, chunks, optimizer)
-            start_step, samples_seen = state["step"], state["samples_seen"]
-            sampler.load_state_dict(state["data"])
-        peak = peak_tflops(device, "bfloat16" if layout.bf16 else "float32", t_cfg.peak_tflops)
-        if rank == 0:
-            ckpt.clean_partial(train_dir)
-            save_config(cfg, train_dir)
-            tracker.set_tags({
-                "engine": "megatron",
-                "resumed_from_step": start_step,
-                "world_size": world,
-                "parallel_layout": f"megatron tp={layout.tp} pp={layout.pp} vpp={layout.vpp or 1} cp={layout.cp} "
-                                   f"dp={layout.dp(world)} sp={layout.sequence_parallel} "
-                                   f"distributed_optimizer={layout.distributed_optimizer} recompute={layout.recompute}",
-                "device": device.type,
-                "device_name": device_name(device),
-                "n_params": n_total,
-                "n_trainable_params": n_total,
-                "mfu": "measured" if peak else f"n/a (no peak FLOPS known for {device_name(device)})",
-            })  # fmt: skip
-        micro = num_microbatches(cfg)
-        multiple = layout.tp if layout.sequence_parallel else 1
-        batches = iter(sampler)
-        end_step = t_cfg.max_steps
-        if t_cfg.stop_after_steps is not None:
-            end_step = min(end_step, start_step + t_cfg.stop_after_steps)
-        losses: list[float] = []
-        step_times: list[float] = []
-        state_samples = samples_seen
-        last_ckpt = resume_from
-        rep = reporter()
-        if rank == 0:
-            rep.start("train", max(end_step - start_step, 0))
-        for step in range(start_step, end_step):
-            t0 = time.perf_counter()
-            mbs, n_frames, n_tokens = [], 0, 0
-            for _ in range(micro):
-                idx = next(batches)
-                items = [dataset[i] for i in idx]
-                batch = megatron_batch(family, chunks.hf_config, items, multiple)
-                mbs.append({k: v.to(device) for k, v in batch.items()})
-                n_frames += sum(int(records[i].get("num_frames", 0)) for i in idx)
-                n_tokens += int(batch["input_ids"].numel())
-            data_wait = time.perf_counter() - t0
-            seq = max(b["input_ids"].shape[1] for b in mbs)
-            lr = t_cfg.lr * schedule(step)
-            result = train_step(chunks.models, optimizer, mbs, forward_step=vlm_forward_step, seq_length=seq,
-                                micro_batch_size=mbs[0]["input_ids"].shape[0], lr=lr)  # fmt: skip
-            synchronize(device)
-            counts = torch.tensor([sum(b["input_ids"].shape[0] for b in mbs), n_frames, n_tokens],
-                                  dtype=torch.float64, device=device)  # fmt: skip
-            dist.all_reduce(counts, group=ps.get_data_parallel_group(with_context_parallel=True))
-            n_samples, frames, tokens = counts.tolist()
-            dt = time.perf_counter() - t0
-            samples_seen += int(n_samples)
-            step_times.append(dt)
-            losses.append(result.loss)
-            if rank == 0:
-                rep.advance("train")
-                if (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.max_steps:
-                    flops = train_flops(n_total, text_config, int(tokens / max(n_samples, 1)), int(n_samples))
-                    metrics = {
-                        "train/loss": result.loss,
-                        "train/lr": lr,
-                        "train/grad_norm": result.grad_norm,
-                        "perf/step_time_s": dt,
-                        "perf/data_wait_s": data_wait,
-                        "perf/fwd_bwd_s": dt - data_wait - result.optimizer_s,
-                        "perf/optimizer_s": result.optimizer_s,
-                        "perf/samples_per_s": n_samples / dt,
-                        "perf/frames_per_s": frames / dt,
-                        "perf/tokens_per_s": tokens / dt,
-                        "perf/model_tflops_per_s_per_rank": flops / dt / world / 1e12,
-                        "perf/peak_memory_gb": peak_memory_bytes(device) / 2**30,
-                    }
-                    m = mfu(flops, dt, peak, world)
-                    if m is not None:
-                        metrics["perf/mfu"] = m
-                    tracker.log_metrics(metrics, step=step + 1)
-            done = step + 1
-            if done % t_cfg.checkpoint_every == 0 or done == end_step:
-                data_state = {**sampler.state_dict(), "samples_seen": samples_seen}
-                tracker.persist()  # the steps this checkpoint covers survive a kill (see engines.tracking.tracker)
-                last_ckpt = save_checkpoint(cfg, done, chunks, optimizer, data_state, device)
-                if rank == 0:
-                    tracker.set_tags({"checkpoint_path": str(last_ckpt.resolve()), "checkpoint_step": done})
-        if rank == 0:
-            rep.finish("train")
-        final_dir = train_dir / "final"
-        if end_step == t_cfg.max_steps:
-            full = chunks.full_hf_state()  # collective
-            if rank == 0:
-                export_weights(family, cfg, {}, full, final_dir)
-        dist.barrier()
-        last_ckpt = ckpt.latest(train_dir) or last_ckpt
-        busy = sum(step_times)
-        sps = (samples_seen - state_samples) / busy if busy else 0.0
-        median = statistics.median(step_times) if step_times else 0.0
-        result_ = TrainResult(str(final_dir), str(last_ckpt or ""), end_step, start_step, losses, sps, median)
-        if rank == 0:
-            atomic_write_text(train_dir / "losses.json", json.dumps(result_.as_dict(), indent=2))
-        return result_
-    finally:
-        stop_system_metrics(monitor)
-        tracker.close()
+        self.optimizer = make_optimizer(self.chunks.models, layout, lr=t.lr, weight_decay=t.weight_decay,
+                                        clip_grad=t.max_grad_norm)  # fmt: skip
+        self.schedule = lr_lambda(t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        self.dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+        return Facts(
+            rank=self.rank,
+            world=self.world,
+            dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+            dp_world=ps.get_data_parallel_world_size(with_context_parallel=True),
+            device=self.device,
+            n_params=n_total,
+            n_trainable=n_total,
+            layout=f"megatron tp={layout.tp} pp={layout.pp} vpp={layout.vpp or 1} cp={layout.cp} "
+            f"dp={layout.dp(self.world)} sp={layout.sequence_parallel} "
+            f"distributed_optimizer={layout.distributed_optimizer} recompute={layout.recompute}",
+            compute_dtype="bfloat16" if layout.bf16 else "float32",
+            flops_config=text_config,
+            tags={"engine": "megatron"},
+        )
+
+    def load(self, path: Path | None) -> dict[str, Any] | None:
+        return load_checkpoint(path, self.chunks, self.optimizer) if path is not None else None
+
+    def forward_backward(self, step: int, batches: Iterator[list[int]]) -> StepOutput:
+        t0 = time.perf_counter()
+        multiple = self.layout.tp if self.layout.sequence_parallel else 1
+        mbs, n_frames, n_tokens = [], 0, 0
+        for _ in range(num_microbatches(self.cfg)):
+            idx = next(batches)
+            batch = megatron_batch(self.family, self.chunks.hf_config, [self.dataset[i] for i in idx], multiple)
+            mbs.append({k: v.to(self.device) for k, v in batch.items()})
+            n_frames += sum(int(self.records[i].get("num_frames", 0)) for i in idx)
+            n_tokens += int(batch["input_ids"].numel())
+        data_wait = time.perf_counter() - t0
+        seq = max(b["input_ids"].shape[1] for b in mbs)
+        self.lr = self.t.lr * self.schedule(step)
+        self.result = train_step(self.chunks.models, self.optimizer, mbs, forward_step=vlm_forward_step,
+                                 seq_length=seq, micro_batch_size=mbs[0]["input_ids"].shape[0], lr=self.lr)  # fmt: skip
+        synchronize(self.device)
+        counts = torch.tensor([sum(b["input_ids"].shape[0] for b in mbs), n_frames, n_tokens],
+                              dtype=torch.float64, device=self.device)  # fmt: skip
+        dist.all_reduce(counts, group=self.dp_group)
+        n_samples, frames, tokens = counts.tolist()
+        return StepOutput(self.result.loss, int(n_samples), int(frames), int(tokens), data_wait)
+
+    def optimizer_step(self, step: int) -> OptimizerOutput:
+        return OptimizerOutput(self.result.grad_norm, self.lr, self.result.optimizer_s)  # applied in the step
+
+    def save(self, step: int, data_state: dict[str, Any]) -> ckpt.PendingCheckpoint:
+        return save_checkpoint(self.cfg, step, self.chunks, self.optimizer, data_state, self.device)
+
+    def export(self, final_dir: Path) -> None:
+        full = self.chunks.full_hf_state()  # collective
+        if self.rank == 0:
+            export_weights(self.family, self.cfg, {}, full, final_dir)
+
+    def profiler(self, out_dir: Path) -> AbstractContextManager:  # noqa: ARG002
+        return nullcontext()
+
+
+def train(cfg: PipelineConfig, run_id: str | None = None, tracking_uri: str | None = None) -> TrainResult:
+    """One rank of the megatron engine: the shared loop with this engine's backend."""
+    return run_training(cfg, MegatronBackend(cfg), run_id, tracking_uri)
 
 
 @record
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, type=Path)
-    parser.add_argument("--run-id", default=None)
-    parser.add_argument("--tracking-uri", default=None)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(args.config)
-    try:
-        train(cfg, args.run_id, args.tracking_uri or None)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    rank_main(train, __doc__)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Everything a training process sets up before its first step, in one place.
 
-`init_distributed` joins the process group (NCCL, HCCL or gloo, picked by engines.common.device, with the
-configured collective timeout), `build_model` makes the sharded model from rank 0's weights,
+`init_distributed` joins the process group (engines.common.device.init_process_group: NCCL, HCCL or gloo,
+with the configured collective timeout), `build_model` makes the sharded model from rank 0's weights,
 `Ema` keeps shadow weights in the parameters' own (sharded) layout, and `step_profiler` records a
 step window with torch.profiler.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,13 @@ from torch.distributed.tensor import DTensor
 
 from configs import PipelineConfig
 from configs.schema import ProfileConfig
-from engines.common.device import dist_backend, profiler_activities, profiler_module, resolve_device, set_current
+from engines.common.device import (
+    init_process_group,
+    profiler_activities,
+    profiler_module,
+    resolve_device,
+    set_current,
+)
 from engines.models.registry import ModelFamily, seeded_init
 from engines.torch_engine.lora import apply_lora
 from engines.torch_engine.parallel_dims import Meshes, ParallelDims, dp_coordinates
@@ -48,9 +53,10 @@ def init_distributed(cfg: PipelineConfig) -> Env:
     p = t.parallel
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.tp, p.pp, world)
     device = resolve_device(t.device)
-    set_current(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=dist_backend(device), timeout=timedelta(seconds=t.collective_timeout_s))
+    if world > 1:
+        init_process_group(device, t.collective_timeout_s)
+    else:
+        set_current(device)
     mesh = dims.build_mesh(device.type) if world > 1 else None
     dp_rank, dp_world = dp_coordinates(mesh) if mesh is not None else (0, 1)
     return Env(rank, world, device, dims, mesh, dp_rank, dp_world)

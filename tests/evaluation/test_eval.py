@@ -8,7 +8,7 @@ import pytest
 
 from configs import ClipConfig, PipelineConfig
 from engines.common.device import resolve_device
-from engines.torch_engine.launch import launch
+from engines.launch import launch
 from evaluation.clip_score import clip_score
 from evaluation.run import run_eval, validation_loss
 

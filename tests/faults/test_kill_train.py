@@ -22,8 +22,8 @@ import pytest
 from mlflow import MlflowClient
 
 from configs import PipelineConfig, load_config, save_config
+from engines.launch import launch
 from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.launch import launch
 from engines.tracking.tracker import UNDELIVERED_DIR, replay_undelivered
 from tests.conftest import make_config
 from tests.faults.conftest import assert_no_survivors, die, python_child, wait_killed

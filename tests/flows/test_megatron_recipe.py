@@ -61,7 +61,7 @@ def test_megatron_recipe_trains_exports_and_logs_the_torch_engine_metrics(demo: 
 
     # Resume from step 2's checkpoint in a fresh output folder: steps 3-4 repeat the uninterrupted run's losses
     # (model, optimizer moments and sampler position all restored).
-    from engines.torch_engine.launch import launch
+    from engines.launch import launch
 
     resumed = cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"output_dir": tmp_path / "resumed", "resume": str(ckpts[0])})})  # fmt: skip
@@ -83,7 +83,7 @@ def test_megatron_recipe_trains_exports_and_logs_the_torch_engine_metrics(demo: 
 def test_megatron_settings_it_cannot_honour_are_refused_before_launch(
     overrides: list[str], message: str, tmp_path: Path
 ) -> None:
-    from engines.torch_engine.launch import launch
+    from engines.launch import launch
 
     with pytest.raises(ValueError, match=message):  # refused when the config loads ...
         load_config(RECIPE, overrides, workdir=tmp_path)

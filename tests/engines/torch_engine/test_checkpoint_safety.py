@@ -21,8 +21,8 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from configs import PipelineConfig
+from engines.launch import launch
 from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.launch import launch
 from engines.torch_engine.trainer import export_checkpoint
 from evaluation.run import model_to_evaluate
 from tests.conftest import make_config

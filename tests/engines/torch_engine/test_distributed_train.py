@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from configs import PipelineConfig
+from engines.launch import launch
 from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.launch import launch, validate_layout
+from engines.torch_engine.launch import validate_layout
 from engines.torch_engine.trainer import export_checkpoint
 from evaluation.run import _trained_transformer
 from tests.conftest import make_config

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from configs import PipelineConfig
-from engines.torch_engine.launch import launch
+from engines.launch import launch
 from engines.torch_engine.parallel_dims import ParallelDims
 from engines.torch_engine.parallelize import apply_ac, apply_fsdp, block_lists
 from tests.conftest import make_config

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file
 
 from configs import ComponentConfig, PipelineConfig
+from engines.launch import launch
 from engines.models import get_family
 from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.launch import launch
 from engines.torch_engine.lora import apply_lora, load_adapter, merge, save_adapter
 from tests.conftest import make_config
 

@@ -1,6 +1,6 @@
 import pytest
 
-from engines.torch_engine.sampler import BucketBatchSampler
+from engines.common.sampler import BucketBatchSampler
 
 BUCKETS = ["a"] * 13 + ["b"] * 7 + ["c"] * 5
 

@@ -10,9 +10,9 @@ from configs import PipelineConfig
 from datasets_prep.cache import CachedLatents, collate
 from datasets_prep.prep import run_prep
 from engines.common.torchrun import DistributedJobFailed
+from engines.launch import launch
 from engines.models import get_family
 from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.launch import launch
 from engines.tracking.tracker import ensure_experiment, tracking_uri
 from evaluation.run import _trained_transformer
 from tests.conftest import make_config

@@ -1,0 +1,61 @@
+"""Run training with the engine `train.engine` names, in this process or as a torchrun job.
+
+One node: `torchrun --standalone`. Several nodes: the same command on every node with
+`train.nnodes`, `train.node_rank` and `train.rdzv_endpoint` (c10d rendezvous), e.g. one Prefect task
+per node from a work pool whose workers sit on those nodes (see README, "Multi-node training").
+
+Each engine is a module with `train(cfg, run_id, tracking_uri)` and a torchrun entry point (`main`),
+plus the checks that refuse a layout before any process starts. This launcher knows only their names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from configs import PipelineConfig, save_config
+from engines.common.torchrun import in_distributed_job, run_torchrun
+from engines.loop import TrainResult
+
+
+@dataclass(frozen=True)
+class Engine:
+    module: str  # `train()` and the torchrun entry point
+    validate: str  # "module:function" that refuses what cannot run, in milliseconds
+    # megatron-core keeps its parallel state in module globals (and, on CPU, patches them): always a torchrun
+    # job of its own, never inside this (possibly long-lived) worker process
+    in_process: bool
+
+
+ENGINES = {
+    "torch": Engine("engines.torch_engine.trainer", "engines.torch_engine.launch:validate_layout", True),
+    "megatron": Engine("engines.megatron.trainer", "engines.megatron.trainer:validate", False),
+}
+
+
+def _function(ref: str) -> Callable:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def launch(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) -> TrainResult:
+    t = cfg.train
+    engine = ENGINES[t.engine]
+    train = _function(f"{engine.module}:train")
+    if in_distributed_job():  # already a rank of a torchrun job (a multi-node task): train here
+        return train(cfg, run_id, tracking_uri)
+    _function(engine.validate)(cfg)
+    if t.nproc_per_node * t.nnodes == 1 and engine.in_process:
+        return train(cfg, run_id, tracking_uri)
+    cfg_path = save_config(cfg, cfg.train_dir, "launch_config.yaml")
+    args = ["--config", str(cfg_path)]
+    if run_id:
+        args += ["--run-id", run_id, "--tracking-uri", tracking_uri or ""]
+    rdzv = None
+    if t.nnodes > 1:
+        rdzv = {"nnodes": t.nnodes, "node_rank": t.node_rank, "endpoint": t.rdzv_endpoint, "id": t.rdzv_id}
+    run_torchrun(engine.module, args, t.nproc_per_node, rdzv=rdzv)
+    return TrainResult(**json.loads((Path(cfg.train_dir) / "losses.json").read_text()))

@@ -1,0 +1,344 @@
+"""The training loop both engines share: everything around the step that does not depend on the engine.
+
+    run_training(cfg, backend, run_id, tracking_uri) -> TrainResult
+
+The loop owns the bookkeeping: MLflow tracker and system metrics, the train split, the bucketed sampler
+and its position, resume, rank 0's run tags, progress, step timing and the metric dict (`train/loss,
+train/lr, train/grad_norm, perf/*`), the checkpoint cadence (steps persisted to MLflow before each
+save, the checkpoint tags), `final/` only when the run reached train.max_steps, `losses.json` and the
+result. An engine plugs in through `TrainBackend` (build, forward_backward, optimizer_step, save/load,
+export), in the spirit of torchtitan's train_step / forward_backward_step split: the torch engine
+(engines/torch_engine/trainer.py) and the megatron engine (engines/megatron/trainer.py).
+
+A non-finite loss stops the run before the optimizer applies it (`NonFiniteLoss`): the error names the
+step, the last good checkpoint and what to change, MLflow gets a `stopped_reason` tag, and no checkpoint
+of the bad state is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from configs import PipelineConfig, load_config, save_config
+from datasets_prep.cache import CachedLatents, split_records
+from datasets_prep.prep import load_samples
+from engines.common.checkpoints import STEP_RE, PendingCheckpoint, clean_partial, latest, latest_intact
+from engines.common.device import device_name, peak_memory_bytes
+from engines.common.flops import mfu, peak_tflops, train_flops
+from engines.common.io import atomic_write_text
+from engines.common.progress import reporter
+from engines.common.sampler import BucketBatchSampler
+from engines.models import get_family
+from engines.tracking.tracker import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
+
+
+@dataclass
+class TrainResult:
+    final_dir: str
+    checkpoint: str
+    steps: int
+    resumed_from: int
+    losses: list[float]
+    samples_per_s: float
+    median_step_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Facts:
+    """What the loop needs to know about the job and the model an engine built (tags, MFU, sampler)."""
+
+    rank: int
+    world: int
+    dp_rank: int
+    dp_world: int
+    device: torch.device
+    n_params: int
+    n_trainable: int
+    layout: str  # the `parallel_layout` tag
+    compute_dtype: str  # "bfloat16" or "float32": which peak FLOPS MFU is measured against
+    flops_config: Any  # the model config train_flops reads (layers, hidden size)
+    tags: dict[str, Any] = field(default_factory=dict)  # engine-specific run tags, e.g. {"engine": "megatron"}
+
+
+@dataclass
+class StepOutput:
+    """One step's forward and backward over every micro-batch, summed over the data-parallel ranks."""
+
+    loss: float  # the step's mean loss, the same on every rank
+    samples: int
+    frames: int
+    tokens: int  # latent or text tokens, for throughput and FLOPs
+    data_wait_s: float  # time spent loading and collating this step's batches
+
+
+@dataclass
+class OptimizerOutput:
+    grad_norm: float
+    lr: float  # the learning rate the update used
+    optimizer_s: float  # clipping, the update, the LR schedule (and any gather they need)
+
+
+class TrainBackend(Protocol):
+    """An engine, as the loop sees it. Every method is called on every rank; collective ones say so."""
+
+    #: checkpoints are written in the background and waited for before the next one (the torch engine)
+    async_checkpoint: bool
+
+    def init(self) -> tuple[int, int, torch.device]:
+        """Join the process group, if any: (rank, world, device). Before anything else, even the tracker."""
+        ...
+
+    def build(self, records: list[dict], dataset: CachedLatents) -> Facts:
+        """Load the model, apply the parallel layout, make the optimizer (collective)."""
+        ...
+
+    def load(self, path: Path | None) -> dict[str, Any] | None:
+        """Restore a checkpoint (model, optimizer, schedule, RNG) and return its trainer state (`step`,
+        `samples_seen`, `data`), or seed a fresh start when `path` is None (collective)."""
+        ...
+
+    def forward_backward(self, step: int, batches: Iterator[list[int]]) -> StepOutput:
+        """Run this step's micro-batches (drawn from `batches`), leaving the gradients to apply. An engine
+        whose schedule fuses the optimizer into the step may apply it here if it skips non-finite gradients."""
+        ...
+
+    def optimizer_step(self, step: int) -> OptimizerOutput:
+        """Clip and apply the gradients of `forward_backward`, advance the LR schedule."""
+        ...
+
+    def save(self, step: int, data_state: dict[str, Any]) -> PendingCheckpoint:
+        """Start writing checkpoint `step` (collective); `.wait()` publishes it."""
+        ...
+
+    def export(self, final_dir: Path) -> None:
+        """Write the trained model to `final_dir` in the family's native layout (collective)."""
+        ...
+
+    def profiler(self, out_dir: Path) -> AbstractContextManager:
+        """A step profiler (`.step()` after each step), or a null context."""
+        ...
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The step's loss is NaN or infinite: the run stops before the update, with what to do about it."""
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to `min_ratio` of the peak."""
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_sampler(cfg: PipelineConfig, records: list[dict], rank: int, world: int) -> BucketBatchSampler:
+    """Batches never mix shapes: the bucket is the cached latent shape. Open-Sora bucket configs
+    carry their own batch size per bucket; otherwise every bucket uses train.batch_size."""
+    family = get_family(cfg.model.family)
+    shapes = [family.bucket_key(r) for r in records]
+    bs: int | dict = cfg.train.batch_size
+    if cfg.data.buckets.mode == "opensora" and all("bucket_batch_size" in r for r in records):
+        bs = {family.bucket_key(r): int(r["bucket_batch_size"]) for r in records}
+    return BucketBatchSampler(shapes, bs, seed=cfg.train.seed, rank=rank, world=world)
+
+
+def resume_path(cfg: PipelineConfig) -> Path | None:
+    """The checkpoint train.resume asks for: none (`never`), the newest intact one (`auto`), or a path."""
+    mode = cfg.train.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return latest_intact(cfg.train_dir)  # a damaged newest one is skipped, with a warning
+    path = Path(mode)
+    if not (path / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"train.resume={mode} is not a checkpoint directory (no trainer_state.pt)")
+    return path
+
+
+def non_finite_message(cfg: PipelineConfig, step: int, loss: float, last_good: Path | None) -> str:
+    """What a person needs to act on a diverged run: where, from what to restart, what to change."""
+    t = cfg.train
+    good = str(last_good) if last_good is not None else "none: the run starts from scratch"
+    bf16 = t.mixed_precision == "bf16" or t.fsdp.param_dtype == "bfloat16"
+    precision = (
+        f"train.mixed_precision is {t.mixed_precision} and train.fsdp.param_dtype {t.fsdp.param_dtype}: "
+        + ("try fp32 (mixed_precision=no, param_dtype=float32) to rule out bf16 overflow" if bf16 else
+           "the step ran in fp32, so bf16 overflow is not the cause")
+    )  # fmt: skip
+    again = "Resume from that checkpoint with train.resume=auto." if last_good else "Then run again."
+    return (
+        f"training stopped at step {step + 1}: the loss is {loss} (not finite), so this step's update was not "
+        f"applied and no checkpoint of it was written. Last good checkpoint: {good}. To go on: lower train.lr "
+        f"(now {t.lr}) or lengthen train.warmup_steps (now {t.warmup_steps}), clip harder with "
+        f"train.max_grad_norm (now {t.max_grad_norm}); {precision}; and check the data (a corrupt or "
+        f"empty sample, a cache from another model). {again}"
+    )
+
+
+def run_training(
+    cfg: PipelineConfig, backend: TrainBackend, run_id: str | None = None, tracking_uri: str | None = None
+) -> TrainResult:
+    """Train `cfg` with `backend` on this rank; every rank of the job calls it."""
+    t_cfg = cfg.train
+    rank, world, device = backend.init()
+    train_dir = cfg.train_dir
+    undelivered = train_dir / UNDELIVERED_DIR
+    tracker = make_tracker(tracking_uri, run_id, rank, t_cfg.metrics_flush_every, undelivered_dir=undelivered,
+                           grace_s=cfg.tracking.outage_grace_s)  # fmt: skip
+    monitor = start_system_metrics(cfg, tracking_uri, run_id)
+    try:
+        records, _ = split_records(load_samples(cfg.prep_dir), t_cfg.val_fraction)
+        facts = backend.build(records, CachedLatents(cfg.cache_dir, records))
+        sampler = make_sampler(cfg, records, facts.dp_rank, facts.dp_world)
+        resume_from = resume_path(cfg)
+        state = backend.load(resume_from)
+        start_step, samples_seen = 0, 0
+        if state is not None:
+            start_step, samples_seen = state["step"], state["samples_seen"]
+            sampler.load_state_dict(state["data"])
+        peak = peak_tflops(device, facts.compute_dtype, t_cfg.peak_tflops)
+        if rank == 0:
+            clean_partial(train_dir)
+            save_config(cfg, train_dir)
+            tracker.set_tags({
+                **facts.tags,
+                "resumed_from_step": start_step,
+                "world_size": world,
+                "parallel_layout": facts.layout,
+                "device": device.type,
+                "device_name": device_name(device),
+                "n_params": facts.n_params,
+                "n_trainable_params": facts.n_trainable,
+                "mfu": "measured" if peak else f"n/a (no peak FLOPS known for {device_name(device)})",
+            })  # fmt: skip
+        batches = iter(sampler)
+        state_samples = samples_seen
+        end_step = t_cfg.max_steps
+        if t_cfg.stop_after_steps is not None:
+            end_step = min(end_step, start_step + t_cfg.stop_after_steps)
+        losses: list[float] = []
+        step_times: list[float] = []
+        rep = reporter()
+        if rank == 0:
+            rep.start("train", max(end_step - start_step, 0))
+        last_ckpt = resume_from
+        pending: PendingCheckpoint | None = None
+
+        def published(path: Path) -> Path:
+            if rank == 0:
+                step = int(STEP_RE.match(path.name).group(1))
+                tracker.set_tags({"checkpoint_path": str(path.resolve()), "checkpoint_step": step})
+            return path
+
+        with backend.profiler(train_dir / "profile") as prof:
+            for step in range(start_step, end_step):
+                t0 = time.perf_counter()
+                out = backend.forward_backward(step, batches)
+                if not math.isfinite(out.loss):  # every rank holds the same reduced loss: all stop here
+                    if pending is not None:  # the state it holds is from before this step: good
+                        last_ckpt = published(pending.wait())
+                    message = non_finite_message(cfg, step, out.loss, last_ckpt)
+                    if rank == 0:
+                        tracker.set_tags({"stopped_reason": f"non-finite loss at step {step + 1}"})
+                    raise NonFiniteLoss(message)
+                opt = backend.optimizer_step(step)
+                dt = time.perf_counter() - t0
+                samples_seen += out.samples
+                step_times.append(dt)
+                losses.append(out.loss)
+                if prof is not None:
+                    prof.step()
+                if rank == 0:
+                    rep.advance("train")
+                    if (step + 1) % t_cfg.log_every == 0 or step + 1 == t_cfg.max_steps:
+                        per_sample = out.tokens / max(out.samples, 1)
+                        flops = train_flops(facts.n_params, facts.flops_config, int(per_sample), out.samples)
+                        metrics = {
+                            "train/loss": out.loss,
+                            "train/lr": opt.lr,
+                            "train/grad_norm": float(opt.grad_norm),
+                            "perf/step_time_s": dt,
+                            "perf/data_wait_s": out.data_wait_s,
+                            "perf/fwd_bwd_s": dt - out.data_wait_s - opt.optimizer_s,
+                            "perf/optimizer_s": opt.optimizer_s,
+                            "perf/samples_per_s": out.samples / dt,
+                            "perf/frames_per_s": out.frames / dt,
+                            "perf/tokens_per_s": out.tokens / dt,
+                            "perf/model_tflops_per_s_per_rank": flops / dt / world / 1e12,
+                            "perf/peak_memory_gb": peak_memory_bytes(device) / 2**30,
+                        }
+                        m = mfu(flops, dt, peak, world)
+                        if m is not None:
+                            metrics["perf/mfu"] = m
+                        tracker.log_metrics(metrics, step=step + 1)
+                done = step + 1
+                if done % t_cfg.checkpoint_every == 0 or done == end_step:
+                    data_state = {**sampler.state_dict(), "samples_seen": samples_seen}
+                    if pending is not None:  # the previous async save must land before the next starts
+                        last_ckpt = published(pending.wait())
+                    # Before the checkpoint can be published: the steps it covers are in MLflow or on disk,
+                    # so a kill after it loses none (the resume starts after them). Bounded wait, rank 0.
+                    tracker.persist()
+                    pending = backend.save(done, data_state)
+                    if not backend.async_checkpoint:
+                        last_ckpt = published(pending.wait())
+                        pending = None
+        if pending is not None:
+            last_ckpt = published(pending.wait())
+        if rank == 0:
+            rep.finish("train")
+            if t_cfg.profile.enabled and (train_dir / "profile").is_dir():
+                tracker.log_artifacts(train_dir / "profile", "profile")
+        # A time-sliced invocation that stops early leaves checkpoints only: `final/` means finished.
+        final_dir = train_dir / "final"
+        if end_step == t_cfg.max_steps:
+            backend.export(final_dir)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        last_ckpt = latest(train_dir) or last_ckpt
+        busy = sum(step_times)
+        sps = (samples_seen - state_samples) / busy if busy else 0.0
+        median = statistics.median(step_times) if step_times else 0.0
+        result = TrainResult(str(final_dir), str(last_ckpt or ""), end_step, start_step, losses, sps, median)
+        if rank == 0:
+            atomic_write_text(train_dir / "losses.json", json.dumps(result.as_dict(), indent=2))
+        return result
+    finally:
+        stop_system_metrics(monitor)
+        tracker.close()
+
+
+def rank_main(train: Callable[[PipelineConfig, str | None, str | None], TrainResult], doc: str | None) -> None:
+    """An engine's torchrun entry point (`python -m <engine trainer> --config ...`, see engines/launch.py):
+    one rank's training, then its process group torn down however the run ended."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--run-id", default=None)
+    parser.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        train(load_config(args.config), args.run_id, args.tracking_uri or None)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
