@@ -31,8 +31,6 @@ from engines.common.torchrun import in_distributed_job, run_torchrun
 from engines.models import get_family
 from engines.models.registry import Capability, ModelFamily, keep_loaded
 from evaluation.common import held_out_metrics, held_out_records, trained_model, validation_loss
-from evaluation.generation_eval import generate_and_score
-from evaluation.sequence_eval import run_sequence_eval
 from evaluation.sharded import Ranks, join
 
 
@@ -144,6 +142,11 @@ def _evaluate(
 ) -> tuple[dict[str, float], list[str], dict[str, str]]:
     """(metrics, output paths, run tags) on rank 0; empty elsewhere. The held-out loss for every family (rank 0),
     then what the family can do: generated samples and their metrics, answers or transcripts and benchmarks."""
+    # imported here: CLIP (open_clip, torchvision) and the benchmark code load only when an eval runs, not when a
+    # pipeline checks whether its cached eval is still current (trained_export)
+    from evaluation.generation_eval import generate_and_score
+    from evaluation.sequence_eval import run_sequence_eval
+
     val = held_out_records(cfg) if ranks.main else []
     loss, n_val = validation_loss(cfg, final_dir, device, val) if ranks.main else (float("nan"), 0)
     metrics = held_out_metrics(cfg, loss, n_val)

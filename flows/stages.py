@@ -17,7 +17,6 @@ from prefect.exceptions import TerminationSignal
 from configs import PipelineConfig
 from engines.common.io import file_digest
 from engines.tracking import runs
-from engines.tracking.serving import write_mlmodel, write_pointer_model
 from engines.tracking.tracker import UNDELIVERED_DIR, tracking_uri
 from tasks import tracking as tr
 from tasks.caching import run_cached
@@ -116,6 +115,8 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
     start_cfg, init_from = resolve_init_model(cfg)
 
     def body(run_id: str) -> dict[str, Any]:
+        from engines.tracking.serving import write_mlmodel, write_pointer_model  # torch, pandas: when used
+
         tr.set_tags(cfg, run_id, {"flowspeed.init_from": _init_source(start_cfg, init_from)})
         res = run_cached(train_model, cfg=start_cfg, run_id=run_id, tracking_uri=tracking_uri(cfg))
         # Metrics that training could not deliver while MLflow was away: sent now if the server is back.

@@ -7,8 +7,8 @@ from datasets_prep.buckets import assign, drop_minorities, valid_frames
 from datasets_prep.prep import run_prep
 from datasets_prep.probe import MediaInfo, ProbeError
 from engines.common.io import read_jsonl
+from engines.launch import launch
 from engines.models import get_family
-from engines.torch_engine.launch import launch
 from tests.conftest import make_config
 
 

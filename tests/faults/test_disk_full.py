@@ -34,7 +34,7 @@ from datasets_prep.cache import LatentCache
 from engines.common.io import read_jsonl
 from datasets_prep.prep import run_prep
 from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.launch import launch
+from engines.launch import launch
 from evaluation.run import run_eval
 from flows import cli
 

@@ -187,7 +187,7 @@ os.replace = replace_or_die
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, prepped: PipelineConfig) -> SimpleNamespace:
     """A 2-step model on the session's prep, and its uninterrupted eval (in a folder of its own)."""
-    from engines.torch_engine.launch import launch
+    from engines.launch import launch
     from evaluation.run import run_eval
 
     work = tmp_path_factory.mktemp("kill-eval")

@@ -22,10 +22,10 @@ from PIL import Image
 from configs import PipelineConfig, load_config
 from datasets_prep.mp4 import write_mp4
 from datasets_prep.probe import probe
+from engines.export import export_weights
 from engines.models import get_family
 from engines.models.cogvideox import TEXT_PRESETS, VAE_PRESETS
 from engines.models.sequence import SequenceFamily
-from engines.torch_engine.trainer import export_weights
 from engines.tracking.serving import MLMODEL, SETTINGS, _load_pyfunc, signature_for, write_mlmodel
 from tests.conftest import QUICKSTART, REPO
 
