@@ -42,7 +42,7 @@ from engines.common.device import resolve_device, torch_dtype
 from engines.common.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
 from engines.common.progress import reporter
 from engines.models import ModelFamily, get_family
-from engines.models.sequence import SequenceFamily
+from engines.models.registry import Capability
 
 
 @dataclass
@@ -367,7 +367,7 @@ def prep_slice(cfg: PipelineConfig, index: int = 0, count: int = 1) -> dict[str,
     items = list(islice(read_sources(d.manifest, d.manifest_format, d.roots, d.incoming), d.max_samples))
     rejects: list[Rejection] = []
     cached = {r["key"]: r for r in cache.records()}
-    if isinstance(family, SequenceFamily):  # VLM / speech: the family's processor instead of a VAE
+    if family.can(Capability.TOKEN_LOSS):  # VLM / speech: the family's processor instead of a VAE
         done, encoded, calls = sequence_slice(cfg, family, items[index::count], cached, cache, rejects)
         scores: dict = {}
     else:
@@ -479,12 +479,13 @@ def main() -> None:
     import torch.distributed as dist
 
     from configs import load_config
+    from engines.common.device import init_process_group
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path)
     cfg = load_config(parser.parse_args().config)
     # Ranks only meet at barriers: gloo serves them on every device, and the encoders keep the GPU.
-    dist.init_process_group("gloo")
+    init_process_group(backend="gloo")
     try:
         run_prep(cfg)
     finally:

@@ -17,6 +17,7 @@ gradient on one rank covers only the placeholders in that slice; its parameters 
 from __future__ import annotations
 
 import types
+from abc import ABCMeta, abstractmethod
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ def mrope_position_ids(hf_config: Any, batch: dict[str, torch.Tensor]) -> torch.
     return positions
 
 
-class VisionLanguageMegatron(torch.nn.Module):
+class VisionLanguageMegatron(torch.nn.Module, metaclass=ABCMeta):
     """One pipeline chunk of a VLM: the vision parts (first stage only) and this chunk's decoder part.
 
     Exposes the attributes megatron's DDP and `finalize_model_grads` look up on a model chunk
@@ -83,12 +84,13 @@ class VisionLanguageMegatron(torch.nn.Module):
     #: HF state-dict prefixes of the vision parts -> this chunk's attribute prefixes
     vision_prefixes: dict[str, str] = {}
 
+    @abstractmethod
     def build_vision(self, hf_config: Any) -> None:
-        raise NotImplementedError
+        """Build the vision parts (first pipeline stage only) as attributes named by `vision_prefixes`."""
 
+    @abstractmethod
     def media_features(self, media: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, int]]:
         """(media key, features [tokens, hidden], placeholder token id) for each medium in the batch."""
-        raise NotImplementedError
 
     @staticmethod
     def positions(hf_config: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

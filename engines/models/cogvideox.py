@@ -27,13 +27,15 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, T5Config, T5Encod
 
 from configs.schema import ModelConfig
 from engines.models.registry import (
-    ModelFamily,
+    GeneratingFamily,
+    LatentFamily,
     from_pretrained,
     loaded,
     pick_preset,
     register_family,
     sample_latents,
     seeded_init,
+    uniform_timesteps,
 )
 from engines.models.tokenizer import byte_level_tokenizer
 
@@ -125,7 +127,7 @@ def load_t5(cfg: ModelConfig) -> tuple[Any, nn.Module]:
     return tokenizer, encoder.eval().requires_grad_(False)
 
 
-class CogVideoX(ModelFamily):
+class CogVideoX(LatentFamily, GeneratingFamily):
     name = "cogvideox"
     temporal_compression = 4
     spatial_compression = 8
@@ -197,12 +199,12 @@ class CogVideoX(ModelFamily):
         self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
         """THUDM's finetune objective: t ~ U{0..999}, noise ~ N(0, 1) on the (padded) clip latents."""
-        core = getattr(transformer, "module", transformer)
+        core = self.core_module(transformer)
         z = sample_latents(batch, generator).permute(0, 2, 1, 3, 4)  # (B, T', C, H', W') as the transformer takes it
         latents, condition = self.denoiser_latents(core, z, generator)
         device = latents.device
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+        t = uniform_timesteps(scheduler, latents.shape[0], generator, device)
         return self.v_loss(transformer, scheduler, latents, noise, t, batch["text_embeds"], condition)
 
     def denoiser_latents(
@@ -226,7 +228,7 @@ class CogVideoX(ModelFamily):
         turned into an x0 estimate, MSE weighted by 1/(1-alpha_bar), averaged per sample then over the
         batch. `condition` (B, F, C', H', W') is concatenated to the noisy latents on channels
         (image-to-video); 1.5 I2V's ofs embedding gets the pipeline's (and the trainer's) 2.0."""
-        core = getattr(transformer, "module", transformer)
+        core = self.core_module(transformer)
         device = latents.device
         noisy = scheduler.add_noise(latents, noise.to(device), t)
         inputs = noisy if condition is None else torch.cat([noisy, condition.to(noisy.dtype)], dim=2)
@@ -283,10 +285,25 @@ class CogVideoX(ModelFamily):
         guidance_scale: float,
         seed: int,
         device: torch.device,
+        images: list[np.ndarray] | None = None,
     ) -> np.ndarray:
-        pipe = loaded(lambda: CogVideoXPipeline.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
+        """(N, T, H, W, 3) uint8 videos from `pipeline_cls` with the authors' sampler; an image-to-video family
+        continues one image per prompt (`check_images`: any size, the pipeline resizes it to height x width;
+        without images every video starts from a mid-grey frame, which keeps eval comparable across runs)."""
+        firsts = self.check_images(images, prompts, height, width)
+        pipe = loaded(lambda: self.pipeline_cls.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
         kw = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance_scale=guidance_scale)
-        return np.stack([sample_video(pipe, seed + i, prompt=p, **kw) for i, p in enumerate(prompts)])
+        return np.stack(
+            [
+                sample_video(pipe, seed + i, **self.pipeline_inputs(p, img), **kw)
+                for i, (p, img) in enumerate(zip(prompts, firsts, strict=True))
+            ]
+        )
+
+    def pipeline_inputs(self, prompt: str, image: np.ndarray | None) -> dict[str, Any]:
+        """What one pipeline call takes besides the sampling settings: the prompt (and, image-to-video, the
+        first frame)."""
+        return {"prompt": prompt}
 
 
 def to_pixels(frames: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,9 +34,9 @@ from torch import nn
 
 from configs.schema import ModelConfig
 from engines.models.cogvideox import TRANSFORMER_PRESETS as T2V_PRESETS
-from engines.models.cogvideox import CogVideoX, encode_pixels, sample_video, to_pixels
+from engines.models.cogvideox import CogVideoX, encode_pixels, to_pixels
 from engines.models.cogvideox15 import TINY_15, build_transformer, pad_frames, patch_tokens
-from engines.models.registry import conditioning_images, loaded, register_family
+from engines.models.registry import register_family
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": T2V_PRESETS["tiny"],  # 1.0 layout
@@ -98,37 +97,10 @@ class CogVideoXI2V(CogVideoX):
         return patch_tokens(transformer_config, t - 1, h, w)
 
     # ---- export and inference -------------------------------------------------------------------
-    def generate(
-        self,
-        pretrained_dir: Path,
-        prompts: list[str],
-        *,
-        num_frames: int,
-        height: int,
-        width: int,
-        steps: int,
-        guidance_scale: float,
-        seed: int,
-        device: torch.device,
-        images: list[np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """(N, T, H, W, 3) uint8 videos, each continuing its image.
-
-        `images`: one (H, W, 3) uint8 first frame per prompt, any size (the pipeline resizes it to
-        height x width). Evaluation passes none; then every video starts from a mid-grey frame, which
-        keeps eval comparable across runs without inventing content.
-        """
-        images = conditioning_images(images, prompts, height, width)
-        pipe = loaded(
-            lambda: CogVideoXImageToVideoPipeline.from_pretrained(pretrained_dir).to(device), pretrained_dir, device
-        )
-        kw = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance_scale=guidance_scale)
-        return np.stack(
-            [
-                sample_video(pipe, seed + i, prompt=p, image=Image.fromarray(img), **kw)
-                for i, (p, img) in enumerate(zip(prompts, images, strict=True))
-            ]
-        )
+    def pipeline_inputs(self, prompt: str, image: np.ndarray | None) -> dict[str, Any]:
+        """The prompt and its first frame (`generate` gives one per prompt, grey when eval passes none)."""
+        assert image is not None
+        return {"prompt": prompt, "image": Image.fromarray(image)}
 
 
 def noised_first_frame(frames: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Text encoders and image VAEs shared by the image families (SD3, Flux): tiny presets and loading.
+"""Text encoders, image VAEs and the image-family base shared by SD3, Flux, SDXL, Kolors, Hunyuan-DiT.
 
 Tiny CLIP and T5 encoders use the byte-level tokenizer; pretrained ones load from a diffusers
 layout's `text_encoder*/` and `tokenizer*/` subfolders.
@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, T5Config, T5EncoderModel
 
 from configs.schema import ComponentConfig, ModelConfig
-from engines.models.registry import ModelFamily, from_pretrained, loaded, pick_preset, seeded_init
+from engines.models.registry import GeneratingFamily, LatentFamily, from_pretrained, loaded, pick_preset, seeded_init
 from engines.models.tokenizer import byte_level_tokenizer
 
 CLIP_MAX = 77
@@ -84,16 +84,18 @@ def load_text_encoders(
     return tuple(toks), nn.ModuleList(encs).eval().requires_grad_(False)
 
 
-class ImageFamily(ModelFamily):
-    """What SD3, Flux and SDXL share: one frame per sample, an 8x AutoencoderKL, a text-only pipeline
-    for prompt encoding, and export/generation through the family's diffusers pipeline."""
+class ImageFamily(LatentFamily, GeneratingFamily):
+    """What SD3, Flux, SDXL, Kolors and Hunyuan-DiT share: one frame per sample, an 8x AutoencoderKL, a text-only
+    pipeline for prompt encoding, and export/generation through the family's diffusers pipeline."""
 
     temporal_compression = 1
     spatial_compression = 8
     size_multiple = 16
     pipeline_cls: type
-    #: extra pipeline-call kwargs read from the loaded pipeline (e.g. the T5 sequence length)
+    #: the tokenizer whose length `generate` pads prompts to (`max_sequence_length`), None: the pipeline's default
     max_sequence_tokenizer: str | None = None
+    #: constructor arguments the pipeline takes besides its text, denoiser, VAE and scheduler components
+    pipeline_extras: dict[str, Any] = {}
 
     def frame_count_error(self, num_frames: int) -> str | None:
         if num_frames == 1:
@@ -124,7 +126,9 @@ class ImageFamily(ModelFamily):
         text = {}
         for (enc_name, tok_name, _), tok, enc in zip(self.text_parts, tokenizers, encoders, strict=True):
             text[enc_name], text[tok_name] = enc, tok
-        return self.pipeline_cls(**text, **{self.denoiser_subfolder: None, "vae": None, "scheduler": None})
+        return self.pipeline_cls(
+            **text, **{self.denoiser_subfolder: None, "vae": None, "scheduler": None}, **self.pipeline_extras
+        )
 
     def export_scheduler(self, cfg: ModelConfig) -> Any:
         return self.load_scheduler(cfg)
@@ -138,13 +142,12 @@ class ImageFamily(ModelFamily):
 
     def generate(
         self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
-        steps: int, guidance_scale: float, seed: int, device: torch.device,
+        steps: int, guidance_scale: float, seed: int, device: torch.device, images: list[np.ndarray] | None = None,
     ) -> np.ndarray:  # fmt: skip
+        self.check_images(images, prompts, height, width)  # text-to-image: refuses images
         pipe = loaded(lambda: self.pipeline_cls.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
         pipe.set_progress_bar_config(disable=True)
-        extra = {}
-        if self.max_sequence_tokenizer:
-            extra["max_sequence_length"] = getattr(pipe, self.max_sequence_tokenizer).model_max_length
+        extra = self.call_extras(pipe, height, width)
         out = []
         for i, prompt in enumerate(prompts):
             gen = torch.Generator("cpu").manual_seed(seed + i)
@@ -152,3 +155,9 @@ class ImageFamily(ModelFamily):
                          guidance_scale=guidance_scale, generator=gen, output_type="np", **extra).images[0]  # fmt: skip
             out.append((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[None])  # (1, H, W, C)
         return np.stack(out)
+
+    def call_extras(self, pipe: Any, height: int, width: int) -> dict[str, Any]:
+        """Pipeline-call arguments besides the prompt and the sampling settings: the prompt length training used."""
+        if not self.max_sequence_tokenizer:
+            return {}
+        return {"max_sequence_length": getattr(pipe, self.max_sequence_tokenizer).model_max_length}

@@ -23,7 +23,7 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from configs.schema import ModelConfig
 from engines.models.encoders import CLIP_PRESETS, ImageFamily, denoiser_config, load_image_vae
-from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
+from engines.models.registry import from_pretrained, latents_and_noise, pick_preset, register_family, seeded_init
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     # schnell-style: timestep-distilled, no guidance embedding
@@ -79,12 +79,9 @@ class Flux(ImageFamily):
     def training_loss(
         self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
-        core = getattr(transformer, "module", transformer)
-        params = batch["latent_params"]
-        device = params.device
-        x0 = sample_latents(batch, generator)
-        b, c, h, w = x0.shape
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        core = self.core_module(transformer)
+        x0, noise = latents_and_noise(batch, generator)
+        (b, c, h, w), device = x0.shape, x0.device
         u = compute_density_for_timestep_sampling(WEIGHTING_SCHEME, b, generator=generator)
         idx = (u * scheduler.config.num_train_timesteps).long()
         sigma = scheduler.sigmas[idx].to(device, torch.float32).view(-1, 1, 1, 1)

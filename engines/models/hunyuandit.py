@@ -21,10 +21,8 @@ them). Generation turns the pipeline's resolution binning off: it would map ever
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
 from diffusers.models.embeddings import get_2d_rotary_pos_embed
@@ -34,7 +32,7 @@ from transformers import BertConfig, BertModel, T5Config, T5EncoderModel
 
 from configs.schema import ModelConfig
 from engines.models.encoders import T5_PRESETS, ImageFamily, denoiser_config, load_image_vae, load_text_encoders
-from engines.models.registry import from_pretrained, loaded, pick_preset, register_family, sample_latents, seeded_init
+from engines.models.registry import ddpm_noised, from_pretrained, pick_preset, register_family, seeded_init
 from engines.models.tokenizer import byte_level_tokenizer
 
 # The pipeline pads CLIP prompts to 77 and mT5 prompts to 256 tokens whatever the config says, and the
@@ -117,6 +115,8 @@ class HunyuanDiT(ImageFamily):
     name = "hunyuandit"
     text_parts = TEXT_PARTS
     pipeline_cls = HunyuanDiTPipeline
+    # the pipeline takes no default for its safety checker
+    pipeline_extras = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
         return load_image_vae(cfg, scaling_factor=0.13025, shift_factor=0.0)  # sdxl-vae-fp16-fix, as released
@@ -145,14 +145,6 @@ class HunyuanDiT(ImageFamily):
                 encs.append(cls(config))
             toks.append(tok)
         return tuple(toks), nn.ModuleList(encs).eval().requires_grad_(False)
-
-    def _text_pipe(self, tokenizers: Any, encoders: nn.Module) -> HunyuanDiTPipeline:
-        """The pipeline with only its text side (it takes no default for the safety checker)."""
-        text = {}
-        for (enc_name, tok_name, _), tok, enc in zip(TEXT_PARTS, tokenizers, encoders, strict=True):
-            text[enc_name], text[tok_name] = enc, tok
-        return HunyuanDiTPipeline(**text, transformer=None, vae=None, scheduler=None, safety_checker=None,
-                                  feature_extractor=None, requires_safety_checker=False)  # fmt: skip
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
         if cfg.transformer.pretrained:
@@ -193,14 +185,9 @@ class HunyuanDiT(ImageFamily):
     def training_loss(
         self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
-        core = getattr(transformer, "module", transformer)
-        params = batch["latent_params"]
-        device = params.device
-        x0 = sample_latents(batch, generator)
-        b, c, h, w = x0.shape
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
-        noisy = scheduler.add_noise(x0, noise, t)
+        core = self.core_module(transformer)
+        x0, noise, t, noisy = ddpm_noised(batch, scheduler, generator)
+        (b, c, h, w), device = x0.shape, x0.device
         size = (h * self.spatial_compression, w * self.spatial_compression)
         # (original h, w, target h, w, crop top, left): clips are resized whole, never cropped
         meta = torch.tensor([size + size + (0, 0)], dtype=torch.float32, device=device).repeat(b, 1)
@@ -225,21 +212,10 @@ class HunyuanDiT(ImageFamily):
         vb = variational_bound_bits(scheduler, x0, noisy, t, pred.detach(), var_values)
         return (mse + vb).mean()
 
-    def generate(
-        self, pretrained_dir: Path, prompts: list[str], *, num_frames: int, height: int, width: int,
-        steps: int, guidance_scale: float, seed: int, device: torch.device,
-    ) -> np.ndarray:  # fmt: skip
-        """As `ImageFamily.generate`, with resolution binning off and the size conditioning of training."""
-        pipe = loaded(lambda: HunyuanDiTPipeline.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
-        pipe.set_progress_bar_config(disable=True)
-        out = []
-        for i, prompt in enumerate(prompts):
-            gen = torch.Generator("cpu").manual_seed(seed + i)
-            image = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, generator=gen, output_type="np",
-                         use_resolution_binning=False, original_size=(height, width)).images[0]  # fmt: skip
-            out.append((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[None])  # (1, H, W, C)
-        return np.stack(out)
+    def call_extras(self, pipe: Any, height: int, width: int) -> dict[str, Any]:
+        """Resolution binning off (it would map every size to a 1024-px bucket) and the size conditioning of
+        training."""
+        return {"use_resolution_binning": False, "original_size": (height, width)}
 
 
 register_family(HunyuanDiT())

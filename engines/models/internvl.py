@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer
 from torch import nn
 from transformers import (
     AutoProcessor,
@@ -50,9 +49,9 @@ from engines.models.internvl_remote import (
     respond_remote,
 )
 from engines.models.qwen2_vl import answer_labels  # ChatML answers located in token space, shared
-from engines.models.registry import from_pretrained, loaded, pick_preset, register_family, seeded_init
-from engines.models.sequence import SequenceFamily, SequenceSample
-from engines.models.tokenizer import byte_level_bpe
+from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.sequence import SequenceSample, VisionLanguageFamily, chat_with_media, prompt_of
+from engines.models.tokenizer import byte_level_bpe, chat_tokenizer
 
 # Qwen2's specials first, then InternVL's (in the same relative order as InternVL3-hf's vocabulary).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
@@ -113,15 +112,10 @@ def _tokenizer_json() -> str:
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """263 ids: 256 bytes then the specials; the same ids in every process."""
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=MM_TOKENS,
-        model_max_length=8192,
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return chat_tokenizer(
+        _tokenizer_json(), CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens=MM_TOKENS, model_max_length=8192,
+    )  # fmt: skip
 
 
 def tiny_processor() -> InternVLProcessor:
@@ -143,21 +137,9 @@ def to_chat(sample: SequenceSample) -> list[dict[str, Any]]:
             "InternVLProcessor stacks a sample's videos: give them the same frame count (data.num_frames), "
             f"not {[v.shape[0] for v in sample.videos]}"
         )
-    media = [{"type": "image"}] * len(sample.images) + [{"type": "video"}] * len(sample.videos)
-    out, placed = [], not media
-    if not sample.messages or sample.messages[0]["role"] != "system":
-        # InternVL2.5/3 are trained (internvl_chat_finetune.py --conv_style internvl2_5) and chat with this system
-        # turn first; the -hf chat template adds none, so it is added here
-        out.append({"role": "system", "content": SYSTEM_V25})
-    for m in sample.messages:
-        if m["role"] == "user" and not placed:
-            out.append({"role": "user", "content": [*media, {"type": "text", "text": m["content"]}]})
-            placed = True
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
-    if not placed:
-        raise ValueError("the sample has images or videos but no user turn to show them in")
-    return out
+    # InternVL2.5/3 are trained (internvl_chat_finetune.py --conv_style internvl2_5) and chat with this system
+    # turn first; the -hf chat template adds none, so it is added here
+    return chat_with_media(sample, system=SYSTEM_V25)
 
 
 def refuse_remote_code(comp: ComponentConfig) -> dict[str, Any] | None:
@@ -198,8 +180,9 @@ def refuse_remote_code(comp: ComponentConfig) -> dict[str, Any] | None:
     )
 
 
-class InternVL(SequenceFamily):
+class InternVL(VisionLanguageFamily):
     name = "internvl"
+    model_cls = InternVLForConditionalGeneration
     media = ("image", "video")
     # Qwen2's attention. The InternViT tower names its projections q/k/v_proj too: without the
     # exclude pattern these suffixes would also adapt the vision tower.
@@ -293,14 +276,10 @@ class InternVL(SequenceFamily):
         """
         if remote_config(ComponentConfig(pretrained=str(pretrained_dir), preset=None)) is not None:
             return respond_remote(pretrained_dir, samples, max_new_tokens=max_new_tokens, device=device)
-        model = loaded(lambda: InternVLForConditionalGeneration.from_pretrained(pretrained_dir).to(device).eval(),
-                       pretrained_dir, device)  # fmt: skip
-        processor = loaded(lambda: AutoProcessor.from_pretrained(pretrained_dir), pretrained_dir, "processor")
+        model, processor = self.load_export(pretrained_dir, device)
         rows, tiles = [], []
         for s in samples:
-            # An eval sample ends with its reference answer: the prompt is everything before it.
-            msgs = s.messages[:-1] if s.messages and s.messages[-1]["role"] == "assistant" else s.messages
-            prompt = SequenceSample(messages=msgs, images=s.images, videos=s.videos)
+            prompt = prompt_of(s)
             text = processor.apply_chat_template(to_chat(prompt), tokenize=False, add_generation_prompt=True)
             enc = _encode(processor, text, prompt)
             rows.append(enc["input_ids"][0])

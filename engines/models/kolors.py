@@ -20,11 +20,10 @@ loading a tiny export needs this package importable.
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 # From the subpackage: without sentencepiece installed, `diffusers.KolorsPipeline` is an import-error dummy,
 # while diffusers.pipelines.kolors exports the real classes (only ChatGLMTokenizer needs sentencepiece).
@@ -36,8 +35,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerFast
 
 from configs.schema import ComponentConfig, ModelConfig
 from engines.models import sdxl
-from engines.models.encoders import ImageFamily, load_image_vae
-from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
+from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
 from engines.models.tokenizer import byte_level_tokenizer
 
 GLM_PRESETS: dict[str, dict[str, Any]] = {
@@ -88,15 +86,15 @@ def _tokenizer_cls(root: str) -> type:
     return ByteGLMTokenizer if byte else ChatGLMTokenizer
 
 
-class Kolors(ImageFamily):
+class Kolors(sdxl.SDXL):
+    """SDXL's VAE, UNet objective and scheduler split (inherited); ChatGLM3 as the text side, Kolors' schedules."""
+
     name = "kolors"
     text_parts = [("text_encoder", "tokenizer", ChatGLMModel)]
     pipeline_cls = KolorsPipeline
-    denoiser_subfolder = "unet"
     max_sequence_tokenizer = "tokenizer"  # generation pads to the length training used
-
-    def load_vae(self, cfg: ModelConfig) -> nn.Module:
-        return load_image_vae(cfg, scaling_factor=0.13025, shift_factor=0.0)  # SDXL's VAE, as released
+    scheduler_config = SCHEDULER_CONFIG
+    euler_config = EULER_CONFIG
 
     def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]:
         """((tokenizer,), ModuleList([ChatGLMModel])); tokenizers pad to model.max_text_length (256 in Kolors)."""
@@ -128,12 +126,6 @@ class Kolors(ImageFamily):
                 **pick_preset(cfg.transformer, UNET_PRESETS, "transformer"),
             )  # fmt: skip
 
-    def load_scheduler(self, cfg: ModelConfig) -> DDPMScheduler:
-        return DDPMScheduler(**SCHEDULER_CONFIG)
-
-    def export_scheduler(self, cfg: ModelConfig) -> EulerDiscreteScheduler:
-        return EulerDiscreteScheduler(**EULER_CONFIG)
-
     def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> dict:
         device = next(encoder.parameters()).device
         if device.type == "meta":  # a variant's shape-only build: ChatGLM's padding-mask check reads values
@@ -144,32 +136,6 @@ class Kolors(ImageFamily):
             captions, device=device, do_classifier_free_guidance=False, max_sequence_length=max_length
         )
         return {"text_embeds": embeds, "pooled_embeds": pooled}  # (B, L, D_glm), (B, D_glm)
-
-    def training_loss(
-        self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
-    ) -> torch.Tensor:
-        params = batch["latent_params"]
-        device = params.device
-        x0 = sample_latents(batch, generator)
-        b, _, h, w = x0.shape
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
-        noisy = scheduler.add_noise(x0, noise, t)
-        size = (h * self.spatial_compression, w * self.spatial_compression)
-        pooled = batch["pooled_embeds"].float()
-        # (orig h, orig w, crop top, crop left, target h, target w): clips are resized whole, no crop offset
-        time_ids = KolorsPipeline._get_add_time_ids(
-            SimpleNamespace(unet=getattr(transformer, "module", transformer)), size, (0, 0), size,
-            dtype=torch.float32, text_encoder_projection_dim=pooled.shape[-1],
-        ).to(device).repeat(b, 1)  # fmt: skip
-        pred = transformer(
-            noisy,
-            t,
-            encoder_hidden_states=batch["text_embeds"].float(),  # (B, L, D_glm); the UNet's text_proj maps it
-            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-            return_dict=False,
-        )[0]
-        return ((pred.float() - noise) ** 2).mean()
 
 
 register_family(Kolors())

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, processors
+from tokenizers import processors
 from torch import nn
 from transformers import (
     AutoProcessor,
@@ -31,9 +31,9 @@ from transformers import (
 )
 
 from configs.schema import ModelConfig
-from engines.models.registry import from_pretrained, loaded, pick_preset, register_family, seeded_init
-from engines.models.sequence import IGNORE_INDEX, SequenceFamily, SequenceSample
-from engines.models.tokenizer import byte_level_bpe
+from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.sequence import IGNORE_INDEX, SequenceSample, VisionLanguageFamily, chat_with_media, prompt_of
+from engines.models.tokenizer import byte_level_bpe, chat_tokenizer
 
 # Llama's <unk>=0, <s>=1, </s>=2 first; LLaVA adds <image> and <pad> after the vocabulary.
 HEAD_SPECIALS = ("<unk>", "<s>", "</s>")
@@ -93,16 +93,10 @@ def _tokenizer_json() -> str:
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """261 ids, the same in every process."""
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
+    return chat_tokenizer(
+        _tokenizer_json(), CHAT_TEMPLATE, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         model_max_length=4096,
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    )  # fmt: skip
 
 
 def tiny_processor() -> LlavaProcessor:
@@ -121,17 +115,7 @@ def to_chat(sample: SequenceSample) -> list[dict[str, Any]]:
     """Messages with the images as typed parts of the first user turn, before its text."""
     if sample.videos:
         raise ValueError("LLaVA-1.5 takes images, not videos: use the qwen2_vl family for video samples")
-    media = [{"type": "image"}] * len(sample.images)
-    out, placed = [], not media
-    for m in sample.messages:
-        if m["role"] == "user" and not placed:
-            out.append({"role": "user", "content": [*media, {"type": "text", "text": m["content"]}]})
-            placed = True
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
-    if not placed:
-        raise ValueError("the sample has images but no user turn to show them in")
-    return out
+    return chat_with_media(sample)
 
 
 def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
@@ -162,8 +146,9 @@ def _render(processor: Any, chat: list[dict[str, Any]], **kwargs: Any) -> str:
     return processor.apply_chat_template(chat, chat_template=CHAT_TEMPLATE, tokenize=False, **kwargs)
 
 
-class Llava(SequenceFamily):
+class Llava(VisionLanguageFamily):
     name = "llava"
+    model_cls = LlavaForConditionalGeneration
     media = ("image",)
     # Llama's attention. CLIP's attention names its projections q/k/v_proj too: without the exclude
     # pattern these suffixes would also adapt the vision tower.
@@ -246,15 +231,11 @@ class Llava(SequenceFamily):
     def respond(
         self, pretrained_dir: Path, samples: list[SequenceSample], *, max_new_tokens: int, device: torch.device
     ) -> list[str]:
-        model = loaded(lambda: LlavaForConditionalGeneration.from_pretrained(pretrained_dir).to(device).eval(),
-                       pretrained_dir, device)  # fmt: skip
-        processor = loaded(lambda: AutoProcessor.from_pretrained(pretrained_dir), pretrained_dir, "processor")
+        model, processor = self.load_export(pretrained_dir, device)
         processor.tokenizer.padding_side = "left"  # generation continues from the right edge
         texts, images = [], []
         for s in samples:
-            # An eval sample ends with its reference answer: the prompt is everything before it.
-            msgs = s.messages[:-1] if s.messages and s.messages[-1]["role"] == "assistant" else s.messages
-            chat = to_chat(SequenceSample(messages=msgs, images=s.images))
+            chat = to_chat(prompt_of(s))
             texts.append(_render(processor, chat, add_generation_prompt=True))
             images += square_images(processor, s.images)
         enc = processor(text=texts, images=images or None, padding=True, return_tensors="pt")

@@ -26,7 +26,6 @@ re-run of prep caches the same latents.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -123,21 +122,9 @@ class OpenSora12(VideoDiTFamily):
     def latent_frames(self, vae: nn.Module | None, num_frames: int) -> int:
         return vae.latent_frames(num_frames)
 
-    def predictor(
-        self,
-        transformer: nn.Module,
-        text: torch.Tensor,
-        mask: torch.Tensor | None,
-        condition: torch.Tensor | None = None,
-    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The denoiser with the fps the authors feed: IMG_FPS (120) for a single frame, else the video rate (24)."""
-
-        def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            fps = IMG_FPS if x_t.shape[2] == 1 else VIDEO_FPS
-            return transformer(x_t, timestep=t.float(), encoder_hidden_states=text.to(x_t.dtype),
-                               encoder_attention_mask=mask, fps=fps)  # fmt: skip
-
-        return predict
+    def denoiser_inputs(self, x_t: torch.Tensor) -> dict[str, Any]:
+        """The fps the authors feed: IMG_FPS (120) for a single frame, else the video rate (24)."""
+        return {"fps": IMG_FPS if x_t.shape[2] == 1 else VIDEO_FPS}
 
     def vae_encode(self, vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return vae.encode(x, sample_spatial=False)

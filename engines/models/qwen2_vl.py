@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer
 from torch import nn
 from transformers import (
     AutoProcessor,
@@ -27,9 +26,9 @@ from transformers import (
 )
 
 from configs.schema import ModelConfig
-from engines.models.registry import from_pretrained, loaded, pick_preset, register_family, seeded_init
-from engines.models.sequence import IGNORE_INDEX, SequenceFamily, SequenceSample
-from engines.models.tokenizer import byte_level_bpe
+from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
+from engines.models.sequence import IGNORE_INDEX, SequenceSample, VisionLanguageFamily, chat_with_media, prompt_of
+from engines.models.tokenizer import byte_level_bpe, chat_tokenizer
 
 # In Qwen2-VL's vocabulary order (after the regular tokens); pad is <|endoftext|>, eos <|im_end|>.
 SPECIAL_TOKENS = (
@@ -86,14 +85,9 @@ def _tokenizer_json() -> str:
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """263 ids: 256 bytes then Qwen2-VL's specials; the same ids in every process."""
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=32768,
+    return chat_tokenizer(
+        _tokenizer_json(), CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=32768
     )
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
 
 
 def tiny_processor() -> Qwen2VLProcessor:
@@ -107,21 +101,12 @@ def tiny_processor() -> Qwen2VLProcessor:
 
 def to_chat(sample: SequenceSample) -> list[dict[str, Any]]:
     """SequenceSample.messages with its media as typed parts of the first user turn."""
-    media = [{"type": "image"}] * len(sample.images) + [{"type": "video"}] * len(sample.videos)
-    out, placed = [], not media
-    for m in sample.messages:
-        if m["role"] == "user" and not placed:
-            out.append({"role": "user", "content": [*media, {"type": "text", "text": m["content"]}]})
-            placed = True
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
-    if not placed:
-        raise ValueError("the sample has images or videos but no user turn to show them in")
-    return out
+    return chat_with_media(sample)
 
 
-class Qwen2VL(SequenceFamily):
+class Qwen2VL(VisionLanguageFamily):
     name = "qwen2_vl"
+    model_cls = Qwen2VLForConditionalGeneration
     media = ("image", "video")
     # The language model's attention; the vision tower names its own qkv/proj, so it stays frozen.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -129,7 +114,7 @@ class Qwen2VL(SequenceFamily):
     # qwen-vl-finetune recipe (tune_mm_vision False, tune_mm_mlp True, tune_mm_llm True).
     vision_tower = ("model.visual.patch_embed.", "model.visual.blocks.")
     # transformers 5 wants mm_token_type_ids beside media; patches and (t, h, w) grids concatenate.
-    pad_values = {**SequenceFamily.pad_values, "mm_token_type_ids": 0}
+    pad_values = {**VisionLanguageFamily.pad_values, "mm_token_type_ids": 0}
     concat_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
     def load_model(self, cfg: ModelConfig) -> nn.Module:
@@ -190,15 +175,11 @@ class Qwen2VL(SequenceFamily):
     def respond(
         self, pretrained_dir: Path, samples: list[SequenceSample], *, max_new_tokens: int, device: torch.device
     ) -> list[str]:
-        model = loaded(lambda: Qwen2VLForConditionalGeneration.from_pretrained(pretrained_dir).to(device).eval(),
-                       pretrained_dir, device)  # fmt: skip
-        processor = loaded(lambda: AutoProcessor.from_pretrained(pretrained_dir), pretrained_dir, "processor")
+        model, processor = self.load_export(pretrained_dir, device)
         processor.tokenizer.padding_side = "left"  # generation continues from the right edge
         texts, images, videos = [], [], []
         for s in samples:
-            # An eval sample ends with its reference answer: the prompt is everything before it.
-            msgs = s.messages[:-1] if s.messages and s.messages[-1]["role"] == "assistant" else s.messages
-            prompt = SequenceSample(messages=msgs, images=s.images, videos=s.videos)
+            prompt = prompt_of(s)
             texts.append(processor.apply_chat_template(to_chat(prompt), tokenize=False, add_generation_prompt=True))
             images += s.images
             videos += s.videos

@@ -1,8 +1,10 @@
 """Model families by name. A family is everything model-specific behind one interface.
 
-Prep, the training engine and evaluation only ask a family for capabilities (load the VAE, encode
-a clip, compute the training loss, build the inference pipeline), so a new family is one module
-plus one `register_family` call, never an edit to the stages.
+`ModelFamily` is the core every family has (build, train and export the trained model); capability
+mixins add the rest (`LatentFamily`, `GeneratingFamily` here; the token-loss and responding mixins in
+engines/models/sequence.py). Prep, the engines, eval and serving ask `family.can(Capability.X)`, never a
+family's class, so a new family is one module plus one `register_family` call (and a recipe), never an
+edit to the stages.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -34,85 +36,84 @@ class Capability(StrEnum):
 
 
 class ModelFamily(ABC):
+    """The core every family has: what the engine needs to build, train and export the trained model.
+
+    What a family can do beyond that comes from capability mixins, each an ABC of its own members:
+    `LatentFamily` (VAE + text encoders, latents cached by prep), `GeneratingFamily` (`generate`), and in
+    engines/models/sequence.py `TokenLossFamily`, `AnsweringFamily`, `TranscribingFamily`. A family class
+    lists the mixins it is; `capabilities` is read off them, so no family carries a member it cannot honour.
+    """
+
     name: str
-    #: what this family can do (see Capability)
-    capabilities: frozenset[Capability] = frozenset({Capability.LATENTS, Capability.GENERATION})
+    #: what this family can do (see Capability): derived from the capability mixins in its bases, never set
+    capabilities: ClassVar[frozenset[Capability]] = frozenset()
+    #: the capabilities a mixin itself adds (each capability mixin sets it in its own body)
+    provides: ClassVar[tuple[Capability, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "capabilities" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__} sets `capabilities`; they are derived from the capability mixins it inherits "
+                "(LatentFamily, GeneratingFamily, TokenLossFamily, AnsweringFamily, TranscribingFamily)"
+            )
+        cls.capabilities = frozenset(c for k in cls.__mro__ for c in k.__dict__.get("provides", ()))
 
     def can(self, capability: Capability) -> bool:
         return capability in self.capabilities
 
-    #: pixel frames per latent frame and pixels per latent pixel; prep validates sizes against these.
-    temporal_compression: int = 1
-    spatial_compression: int = 1
-    #: pixel sizes must be multiples of this (VAE downsampling x transformer patch size)
-    size_multiple: int = 1
-    #: where the exported pipeline keeps the trained denoiser ("unet" for UNet families)
+    @staticmethod
+    def core_module(model: nn.Module) -> nn.Module:
+        """The model inside an engine's wrapper (DDP's `.module`), for its config and the pipelines' helpers; a
+        loss still calls the wrapper, so gradients are synchronised."""
+        return getattr(model, "module", model)
+
+    #: where the export keeps the trained model: a subfolder ("transformer", "unet"), or "" for the export itself
     denoiser_subfolder: str = "transformer"
     #: modules LoRA adapts by default: the attention projections, in diffusers' naming
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     #: a regex of modules LoRA must leave alone though their names match (a VLM's vision tower)
     lora_exclude: str | None = None
-    #: what a generation is conditioned on besides text: None, or "image" (image-to-video)
-    conditioning: str | None = None
     #: parameter-name prefixes of the vision tower (projector excluded), frozen in a full finetune unless
     #: `model.freeze_vision_tower: false`; empty for families without one
     vision_tower: tuple[str, ...] = ()
+    #: pixel sizes of the media must be multiples of this (a latent family: VAE downsampling x patch size)
+    size_multiple: int = 1
 
-    @abstractmethod
     def frame_count_error(self, num_frames: int) -> str | None:
-        """Why the VAE cannot take `num_frames`, or None when it can."""
+        """Why the family cannot take `num_frames` per sample, or None when it can (config checks and prep ask
+        every family; a family reading media whole takes any count)."""
+        return None
 
-    def latent_frame_count(self, num_frames: int) -> int | None:
-        """Latent frames of a `num_frames` clip, None when the VAE cannot take it; prep's buckets pick frame counts
-        whose latent length divides by the context-parallel degree with it."""
-        t = self.temporal_compression
-        return None if num_frames < 1 or (num_frames - 1) % t else (num_frames - 1) // t + 1
-
+    # ---- the trained model -----------------------------------------------------------------------
     @abstractmethod
-    def load_vae(self, cfg: ModelConfig) -> nn.Module: ...
+    def load_transformer(self, cfg: ModelConfig, *args: Any, **model_args: Any) -> nn.Module:
+        """The trainable model: a seeded preset or `pretrained:` weights; `model_args` are what only the cached
+        data knows (see `model_args`)."""
 
-    @abstractmethod
-    def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]: ...
+    def model_args(self, record: dict[str, Any]) -> dict[str, int]:
+        """Arguments `load_transformer` needs that only the cached data knows (none by default)."""
+        return {}
 
-    @abstractmethod
-    def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module: ...
-
-    @abstractmethod
-    def load_scheduler(self, cfg: ModelConfig) -> Any: ...
-
-    @abstractmethod
-    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, T, H, W, C) -> per-sample latent distribution parameters, cached as-is."""
-
-    @abstractmethod
-    def encode_text(
-        self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int
-    ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Captions -> embeddings exactly as the inference pipeline computes them.
-
-        One (B, L, D) tensor is cached as `text_embeds`; a family with several text outputs (SD3's
-        pooled + per-token states) returns {name: (B, ...)} and every name is cached and batched.
-        """
+    def load_scheduler(self, cfg: ModelConfig) -> Any:
+        """What `training_loss` needs besides the model (a noise schedule); None where the loss needs nothing."""
+        return None
 
     @abstractmethod
     def training_loss(
         self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """The family's objective on one collated batch; randomness from `generator` only (a CPU generator, so a
+        seed gives the same draw on any device). `transformer` may be wrapped (DDP): see `core_module`."""
+
+    # ---- how the engine reads this family's cache ------------------------------------------------
+    @abstractmethod
+    def bucket_key(self, record: dict[str, Any]) -> Any:
+        """Records with equal keys batch together (their cached tensors stack or pad into one batch)."""
 
     @abstractmethod
-    def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
-        """Tokens the denoiser sees per sample, for tokens/s and MFU."""
-
-    # ---- how the engine reads this family's cache (overridden by the token-loss families) ----------
-    def model_args(self, record: dict[str, Any]) -> dict[str, int]:
-        """Arguments `load_transformer` needs that only the cached data knows."""
-        return {"text_embed_dim": record["text_shape"][-1], "latent_channels": record["latent_shape"][0] // 2}
-
-    def bucket_key(self, record: dict[str, Any]) -> Any:
-        return tuple(record["latent_shape"])
-
     def sample_tokens(self, transformer_config: Any, record: dict[str, Any]) -> int:
-        return self.latent_tokens(transformer_config, tuple(record["latent_shape"]))
+        """Tokens the model sees for this record, for tokens/s and MFU."""
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Same-bucket samples stack as they are."""
@@ -120,6 +121,7 @@ class ModelFamily(ABC):
 
         return collate(items)
 
+    # ---- what a finetune trains ------------------------------------------------------------------
     def frozen_prefixes(self, cfg: ModelConfig) -> tuple[str, ...]:
         """Parameter-name prefixes a full finetune leaves frozen (see `vision_tower`).
 
@@ -159,16 +161,93 @@ class ModelFamily(ABC):
         names = {c.__name__ for c in type(model).__mro__}
         return {"tp": bool(names & set(supported_tp_models())), "cp": bool(names & set(supported_cp_models()))}
 
+    # ---- export ----------------------------------------------------------------------------------
+    @abstractmethod
+    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
+        """Export the trained model in the family's native (diffusers or transformers) layout."""
+
+    @abstractmethod
     def export_files(self, final_dir: Path) -> list[Path]:
-        """Files whose presence means an export is whole (Prefect's cache checks them)."""
+        """Files whose presence means an export is whole (Prefect's cache checks them); the first is the one
+        eval and serving test for."""
+
+
+class LatentFamily(ModelFamily):
+    """Capability LATENTS: prep encodes media with the family's VAE and captions with its text encoder(s) and
+    caches the results; the engine trains on the cached latents, with a noise schedule."""
+
+    provides = (Capability.LATENTS,)
+    #: pixel frames per latent frame and pixels per latent pixel; prep validates sizes against these.
+    temporal_compression: int = 1
+    spatial_compression: int = 1
+
+    @abstractmethod
+    def frame_count_error(self, num_frames: int) -> str | None:
+        """Why the VAE cannot take `num_frames`, or None when it can."""
+
+    def latent_frame_count(self, num_frames: int) -> int | None:
+        """Latent frames of a `num_frames` clip, None when the VAE cannot take it; prep's buckets pick frame counts
+        whose latent length divides by the context-parallel degree with it."""
+        t = self.temporal_compression
+        return None if num_frames < 1 or (num_frames - 1) % t else (num_frames - 1) // t + 1
+
+    @abstractmethod
+    def load_vae(self, cfg: ModelConfig) -> nn.Module: ...
+
+    @abstractmethod
+    def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]: ...
+
+    @abstractmethod
+    def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
+        """The denoiser, sized to the cache's text width and latent channels (`model_args`)."""
+
+    @abstractmethod
+    def load_scheduler(self, cfg: ModelConfig) -> Any:
+        """The noise schedule (or objective) `training_loss` draws timesteps and noise from."""
+
+    @abstractmethod
+    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, T, H, W, C) -> per-sample latent distribution parameters, cached as-is."""
+
+    @abstractmethod
+    def encode_text(
+        self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Captions -> embeddings exactly as the inference pipeline computes them.
+
+        One (B, L, D) tensor is cached as `text_embeds`; a family with several text outputs (SD3's
+        pooled + per-token states) returns {name: (B, ...)} and every name is cached and batched.
+        """
+
+    @abstractmethod
+    def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
+        """Tokens the denoiser sees per sample, for tokens/s and MFU."""
+
+    def model_args(self, record: dict[str, Any]) -> dict[str, int]:
+        return {"text_embed_dim": record["text_shape"][-1], "latent_channels": record["latent_shape"][0] // 2}
+
+    def bucket_key(self, record: dict[str, Any]) -> Any:
+        return tuple(record["latent_shape"])
+
+    def sample_tokens(self, transformer_config: Any, record: dict[str, Any]) -> int:
+        return self.latent_tokens(transformer_config, tuple(record["latent_shape"]))
+
+    def export_files(self, final_dir: Path) -> list[Path]:
         return [
             final_dir / "model_index.json",
             final_dir / self.denoiser_subfolder / "diffusion_pytorch_model.safetensors",
         ]
 
-    @abstractmethod
-    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
-        """Export the trained model in the family's native (diffusers) layout."""
+
+class GeneratingFamily(ModelFamily):
+    """Capability GENERATION: `generate` makes images or videos from prompts with an export (eval samples,
+    serving)."""
+
+    provides = (Capability.GENERATION,)
+    #: the diffusers pipeline class an export is (what `generate` loads it as)
+    pipeline_cls: type
+    #: what a generation is conditioned on besides text: None, or "image" (image-to-video)
+    conditioning: str | None = None
 
     @abstractmethod
     def generate(
@@ -183,8 +262,21 @@ class ModelFamily(ABC):
         guidance_scale: float,
         seed: int,
         device: torch.device,
+        images: list[np.ndarray] | None = None,
     ) -> np.ndarray:
-        """(N, T, H, W, C) uint8 videos from an exported checkpoint."""
+        """(N, T, H, W, C) uint8 videos from an exported checkpoint. `images` (image-to-video families only):
+        one (H, W, 3) uint8 first frame per prompt; see `check_images`."""
+
+    def check_images(
+        self, images: list[np.ndarray] | None, prompts: list[str], height: int, width: int
+    ) -> list[np.ndarray | None]:
+        """One conditioning image per prompt for `conditioning == "image"` (mid-grey frames when none are given,
+        see `conditioning_images`), else a None per prompt: a text-to-video family refuses images."""
+        if self.conditioning != "image":
+            if images is not None:
+                raise ValueError(f"generate: {self.name} is text-to-video; it takes no images")
+            return [None] * len(prompts)
+        return conditioning_images(images, prompts, height, width)
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -197,20 +289,56 @@ def register_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
-def get_family(name: str) -> ModelFamily:
-    # Importing the package registers the built-in families.
-    import engines.models  # noqa: F401
+def _family_modules() -> list[str]:
+    """Every module directly under engines/models, in name order (a new family's module included)."""
+    import pkgutil
 
+    from engines import models
+
+    return [info.name for info in pkgutil.iter_modules(models.__path__, f"{models.__name__}.")]
+
+
+def _import_family(name: str) -> None:
+    """Import the module that registers family `name`, and nothing else that is not needed.
+
+    Importing every family module means diffusers and transformers model code for families a run never
+    uses (seconds, growing with the zoo), so the catalog's `module` is imported first; a family the catalog
+    does not list yet is found by importing the modules under engines/models one by one until it is
+    registered, so a new family works with only its own module (its catalog line is then a speed-up)."""
+    import importlib
+
+    try:
+        from configs.catalog import FAMILIES
+    except ImportError:  # an install without the config package: the scan below still finds it
+        FAMILIES = {}
+    facts = FAMILIES.get(name)
+    if facts is not None and facts.module:
+        importlib.import_module(facts.module)
+        if name in _FAMILIES:
+            return
+    for module in _family_modules():
+        importlib.import_module(module)
+        if name in _FAMILIES:
+            return
+
+
+def get_family(name: str) -> ModelFamily:
+    """The registered family `name`, importing its module (only its module) on first use."""
+    if name not in _FAMILIES:
+        _import_family(name)
     try:
         return _FAMILIES[name]
     except KeyError:
-        known = ", ".join(sorted(_FAMILIES)) or "none"
+        known = ", ".join(known_families()) or "none"
         raise ValueError(f"unknown model family {name!r}; known families: {known}") from None
 
 
 def known_families() -> list[str]:
-    import engines.models  # noqa: F401
+    """Every family's name. Imports every family module (slow): for listings and tests, never a stage."""
+    import importlib
 
+    for module in _family_modules():
+        importlib.import_module(module)
     return sorted(_FAMILIES)
 
 
@@ -261,6 +389,31 @@ def sample_latents(batch: dict[str, torch.Tensor], generator: torch.Generator) -
     view = (-1,) + (1,) * (params.ndim - 1)
     shift = batch["shift_factor"].view(view) if "shift_factor" in batch else 0.0
     return (dist.mean + dist.std * eps - shift) * batch["scaling_factor"].view(view)
+
+
+def latents_and_noise(batch: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, noise): x0 from the cached posterior (`sample_latents`), then N(0, 1) noise of its shape, drawn in
+    that order from `generator`: the start of every image objective's step."""
+    x0 = sample_latents(batch, generator)
+    return x0, torch.randn(x0.shape, generator=generator).to(x0.device)
+
+
+def uniform_timesteps(
+    scheduler: Any, batch_size: int, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """Integer timesteps t ~ U{0 .. num_train_timesteps - 1}, one per sample (the DDPM-style objectives)."""
+    steps = scheduler.config.num_train_timesteps
+    return torch.randint(0, steps, (batch_size,), generator=generator).to(device)
+
+
+def ddpm_noised(
+    batch: dict[str, torch.Tensor], scheduler: Any, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x0, noise, t, x_t) of a DDPM-style step: `latents_and_noise`, `uniform_timesteps`, then the scheduler's
+    `add_noise` (the UNet families' and Hunyuan-DiT's forward process)."""
+    x0, noise = latents_and_noise(batch, generator)
+    t = uniform_timesteps(scheduler, x0.shape[0], generator, x0.device)
+    return x0, noise, t, scheduler.add_noise(x0, noise, t)
 
 
 GREY = 128  # the first frame an image-to-video eval starts from when it is given no image

@@ -22,7 +22,7 @@ from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
 from configs.schema import ModelConfig
 from engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
-from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
+from engines.models.registry import from_pretrained, latents_and_noise, pick_preset, register_family, seeded_init
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(sample_size=8, patch_size=2, num_layers=2, attention_head_dim=16, num_attention_heads=2,
@@ -84,11 +84,8 @@ class SD3(ImageFamily):
     def training_loss(
         self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
-        params = batch["latent_params"]
-        device = params.device
-        x0 = sample_latents(batch, generator)
-        b = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        x0, noise = latents_and_noise(batch, generator)
+        b, device = x0.shape[0], x0.device
         u = compute_density_for_timestep_sampling(batch_size=b, generator=generator, **TIMESTEP_SAMPLING)
         idx = (u * scheduler.config.num_train_timesteps).long()
         sigma = scheduler.sigmas[idx].to(device, torch.float32).view(-1, 1, 1, 1)

@@ -18,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from configs.schema import ModelConfig
 from engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
-from engines.models.registry import from_pretrained, pick_preset, register_family, sample_latents, seeded_init
+from engines.models.registry import ddpm_noised, from_pretrained, pick_preset, register_family, seeded_init
 
 TIME_EMBED = 8  # addition_time_embed_dim of the tiny UNet (256 in the published one)
 UNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -37,10 +37,17 @@ TEXT_PARTS: list[tuple[str, str, type]] = [("text_encoder", "tokenizer", CLIPTex
 
 
 class SDXL(ImageFamily):
+    """Also the base of the SDXL-shaped families (Kolors): the VAE, the `text_time`-conditioned UNet's epsilon
+    loss and the DDPM-train / Euler-sample split are shared; a subclass names its pipeline, text side and
+    scheduler configs."""
+
     name = "sdxl"
     text_parts = TEXT_PARTS
     pipeline_cls = StableDiffusionXLPipeline
     denoiser_subfolder = "unet"
+    #: the release's scheduler_config.json: DDPM trains on it, Euler samples with `euler_config`
+    scheduler_config: dict[str, Any] = SCHEDULER_CONFIG
+    euler_config: dict[str, Any] = SCHEDULER_CONFIG
 
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
         return load_image_vae(cfg, scaling_factor=0.13025, shift_factor=0.0)  # SDXL's VAE config
@@ -57,7 +64,7 @@ class SDXL(ImageFamily):
             )  # fmt: skip
 
     def load_scheduler(self, cfg: ModelConfig) -> DDPMScheduler:
-        return DDPMScheduler(**SCHEDULER_CONFIG)
+        return DDPMScheduler(**self.scheduler_config)
 
     def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> dict:
         device = next(encoder.parameters()).device
@@ -69,31 +76,26 @@ class SDXL(ImageFamily):
     def training_loss(
         self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
-        params = batch["latent_params"]
-        device = params.device
-        x0 = sample_latents(batch, generator)
-        b, _, h, w = x0.shape
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
-        noisy = scheduler.add_noise(x0, noise, t)
+        x0, noise, t, noisy = ddpm_noised(batch, scheduler, generator)
+        (b, _, h, w), device = x0.shape, x0.device
         size = (h * self.spatial_compression, w * self.spatial_compression)
         pooled = batch["pooled_embeds"].float()
         # (orig h, orig w, crop top, crop left, target h, target w): clips are resized whole, no crop offset
-        time_ids = StableDiffusionXLPipeline._get_add_time_ids(
-            SimpleNamespace(unet=getattr(transformer, "module", transformer), text_encoder_2=None),
+        time_ids = self.pipeline_cls._get_add_time_ids(
+            SimpleNamespace(unet=self.core_module(transformer), text_encoder_2=None),
             size, (0, 0), size, dtype=torch.float32, text_encoder_projection_dim=pooled.shape[-1],
         ).to(device).repeat(b, 1)  # fmt: skip
         pred = transformer(
             noisy,
             t,
-            encoder_hidden_states=batch["text_embeds"].float(),
+            encoder_hidden_states=batch["text_embeds"].float(),  # Kolors: (B, L, D_glm), the UNet's text_proj maps it
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
             return_dict=False,
         )[0]
         return ((pred.float() - noise) ** 2).mean()
 
     def export_scheduler(self, cfg: ModelConfig) -> EulerDiscreteScheduler:
-        return EulerDiscreteScheduler(**SCHEDULER_CONFIG)  # SDXL samples with Euler; it trains with DDPM
+        return EulerDiscreteScheduler(**self.euler_config)  # SDXL samples with Euler; it trains with DDPM
 
 
 register_family(SDXL())

@@ -6,8 +6,9 @@ template, image/video patches, log-mel features) instead of a VAE, the objective
 loss on the answer tokens, and inference is text. The trained network is `model.transformer` in
 the config: the whole VLM or ASR model (`preset: tiny` or `pretrained: <dir or hub id>`).
 
-A family implements `load_model`, `load_processor`, `encode_sample` and `respond`; everything the
-diffusion interface asks for (VAE, scheduler, latents) is answered here once.
+A family subclasses `VisionLanguageFamily` or `SpeechFamily` and implements `load_model`,
+`load_processor`, `encode_sample` and `respond`; it has no VAE, scheduler or latents because it is not a
+`LatentFamily` (the capability mixins are below: TokenLossFamily, AnsweringFamily, TranscribingFamily).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from configs.schema import ModelConfig
-from engines.models.registry import Capability, ModelFamily
+from engines.models.registry import Capability, ModelFamily, loaded
 
 IGNORE_INDEX = -100  # label value transformers' losses skip: prompt, system and padding tokens
 
@@ -44,15 +45,44 @@ class SequenceSample:
     text: str = ""
 
 
-class SequenceFamily(ModelFamily):
-    kind: str = "understanding"  # or "speech"
-    capabilities = frozenset({Capability.TOKEN_LOSS, Capability.ANSWERS})
+def chat_with_media(sample: SequenceSample, system: str | None = None) -> list[dict[str, Any]]:
+    """`sample.messages` as a VLM chat template takes them: the images, then the videos, as typed parts of the
+    first user turn before its text; `system` first where the sample brings no system turn of its own."""
+    media = [{"type": "image"}] * len(sample.images) + [{"type": "video"}] * len(sample.videos)
+    out: list[dict[str, Any]] = []
+    placed = not media
+    if system is not None and (not sample.messages or sample.messages[0]["role"] != "system"):
+        out.append({"role": "system", "content": system})
+    for m in sample.messages:
+        if m["role"] == "user" and not placed:
+            out.append({"role": "user", "content": [*media, {"type": "text", "text": m["content"]}]})
+            placed = True
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    if not placed:
+        what = "images or videos" if sample.videos else "images"
+        raise ValueError(f"the sample has {what} but no user turn to show them in")
+    return out
+
+
+def prompt_of(sample: SequenceSample) -> SequenceSample:
+    """The sample as a prompt: an eval sample ends with its reference answer, the prompt is everything before it."""
+    msgs = sample.messages
+    if msgs and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    return SequenceSample(messages=msgs, images=sample.images, videos=sample.videos)
+
+
+class TokenLossFamily(ModelFamily):
+    """Capability TOKEN_LOSS: prep runs the family's own processor (chat template, media patches, log-mel
+    features) and caches its tensors; the loss is transformers' causal LM loss on the answer tokens."""
+
+    provides = (Capability.TOKEN_LOSS,)
     denoiser_subfolder = ""  # the export is one transformers folder: final/ itself
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     #: media this family reads from a manifest entry: "image", "video", "audio"
     media: tuple[str, ...] = ("image",)
 
-    # ---- what a family implements ---------------------------------------------------------------
     @abstractmethod
     def load_model(self, cfg: ModelConfig) -> nn.Module:
         """The trainable model: a seeded tiny preset, or from_pretrained(cfg.transformer.pretrained)."""
@@ -71,21 +101,10 @@ class SequenceFamily(ModelFamily):
         (no assistant turn, too long): prep records it as a rejection.
         """
 
-    @abstractmethod
-    def respond(
-        self, pretrained_dir: Path, samples: list[SequenceSample], *, max_new_tokens: int, device: torch.device
-    ) -> list[str]:
-        """Greedy answers (or transcripts) from an exported model, for eval and inference."""
-
-    # ---- shared behaviour -----------------------------------------------------------------------
-    def model_args(self, record: dict[str, Any]) -> dict[str, int]:
-        return {}
-
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int = 0, latent_channels: int = 0) -> nn.Module:
+        """`load_model`: the cache sizes nothing of a token-loss model (the engine's call takes the latent
+        families' arguments too)."""
         return self.load_model(cfg)
-
-    def load_scheduler(self, cfg: ModelConfig) -> None:
-        return None
 
     def bucket_key(self, record: dict[str, Any]) -> Any:
         """Batches stack without padding only when shapes agree: bucket by every cached shape."""
@@ -129,27 +148,57 @@ class SequenceFamily(ModelFamily):
         self.load_processor(cfg).save_pretrained(out_dir)
         return out_dir
 
-    # ---- the diffusion interface does not apply --------------------------------------------------
-    def frame_count_error(self, num_frames: int) -> str | None:
-        return None
 
-    def _not_here(self, what: str) -> NotImplementedError:
-        return NotImplementedError(f"{self.name} is a {self.kind} family: it has no {what}")
+class RespondingFamily(ModelFamily):
+    """What ANSWERS and TRANSCRIPTION share: `respond` turns media (and a conversation) into text with an
+    export. A family is one of the two mixins below, which say what the text is."""
 
-    def load_vae(self, cfg: ModelConfig) -> nn.Module:
-        raise self._not_here("VAE")
+    @abstractmethod
+    def respond(
+        self, pretrained_dir: Path, samples: list[SequenceSample], *, max_new_tokens: int, device: torch.device
+    ) -> list[str]:
+        """Greedy answers (or transcripts) from an exported model, for eval and inference."""
 
-    def load_text_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]:
-        raise self._not_here("separate text encoder")
 
-    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
-        raise self._not_here("VAE")
+class AnsweringFamily(RespondingFamily):
+    """Capability ANSWERS: `respond` answers conversations about images or videos (held-out answers,
+    benchmarks; serving takes a prompt and an optional image)."""
 
-    def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> torch.Tensor:
-        raise self._not_here("text encoder")
+    provides = (Capability.ANSWERS,)
 
-    def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
-        raise self._not_here("latents")
 
-    def generate(self, pretrained_dir: Path, prompts: list[str], **kwargs: Any) -> np.ndarray:
-        raise self._not_here("image/video generation; use respond()")
+class TranscribingFamily(RespondingFamily):
+    """Capability TRANSCRIPTION: `respond` transcribes speech (WER/CER; serving takes an audio file)."""
+
+    provides = (Capability.TRANSCRIPTION,)
+
+
+class SequenceFamily(TokenLossFamily, RespondingFamily):
+    """The VLMs' and the speech families' common base: trained on the token loss, read by `respond`.
+    A concrete family adds what its answers are: `VisionLanguageFamily` or `SpeechFamily`."""
+
+    @property
+    def kind(self) -> str:
+        """A label for people and cache records ("speech" or "understanding"); code asks `can(...)`."""
+        return "speech" if self.can(Capability.TRANSCRIPTION) else "understanding"
+
+
+class VisionLanguageFamily(SequenceFamily, AnsweringFamily):
+    """A VLM: conversations about images/videos in, answers out (TOKEN_LOSS + ANSWERS)."""
+
+    #: the transformers class an export loads as (`load_export`)
+    model_cls: type
+
+    def load_export(self, pretrained_dir: Path, device: torch.device) -> tuple[nn.Module, Any]:
+        """(model in eval mode on `device`, processor) of an export, kept across batches inside `keep_loaded`."""
+        from transformers import AutoProcessor
+
+        model = loaded(lambda: self.model_cls.from_pretrained(pretrained_dir).to(device).eval(), pretrained_dir, device)
+        processor = loaded(lambda: AutoProcessor.from_pretrained(pretrained_dir), pretrained_dir, "processor")
+        return model, processor
+
+
+class SpeechFamily(SequenceFamily, TranscribingFamily):
+    """Speech recognition: audio in, transcript out (TOKEN_LOSS + TRANSCRIPTION)."""
+
+    media = ("audio",)

@@ -49,6 +49,14 @@ def byte_vocab(head: tuple[str, ...] = (), tail: tuple[str, ...] = ()) -> dict[s
     return vocab
 
 
+def chat_tokenizer(tokenizer_json: str, chat_template: str, **specials: object) -> PreTrainedTokenizerFast:
+    """A tiny VLM's tokenizer: the serialised byte-level BPE (`byte_level_bpe(...).to_str()`, cached by the
+    caller), its special-token roles and model_max_length (`specials`), and the family's chat template."""
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), **specials)
+    tok.chat_template = chat_template
+    return tok
+
+
 def byte_level_bpe(head: tuple[str, ...] = (), tail: tuple[str, ...] = (), unk: str | None = None) -> Tokenizer:
     """A vocabulary-file-free byte-level tokenizer with the given specials registered as special
     tokens and no post-processor (callers add their model's BOS/EOS convention)."""

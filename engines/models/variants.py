@@ -41,8 +41,7 @@ from transformers import (
 )
 
 from configs.schema import ModelConfig
-from engines.models.registry import get_family, known_families
-from engines.models.sequence import SequenceFamily
+from engines.models.registry import Capability, get_family, known_families
 
 TINY = "tiny"
 MODEL = "model"  # a token-loss family's one component
@@ -280,8 +279,8 @@ def _build_tiny(family: str) -> dict[str, nn.Module]:
     """`preset: tiny` through the family's own loaders; the denoiser's text width is measured by
     encoding a caption (shapes only, on meta), the way the trainer reads it off the cached embeddings."""
     fam, cfg = get_family(family), ModelConfig(family=family)
-    if isinstance(fam, SequenceFamily):  # one transformers model: vision/audio tower and decoder inside
-        return {MODEL: fam.load_model(cfg)}
+    if not fam.can(Capability.LATENTS):  # one transformers model: vision/audio tower and decoder inside
+        return {MODEL: fam.load_transformer(cfg)}
     vae = fam.load_vae(cfg)
     tokenizer, encoder = fam.load_text_encoder(cfg)
     text = fam.encode_text(tokenizer, encoder, ["a"], 8)
@@ -323,10 +322,10 @@ def family_summary(family: str) -> dict[str, Any]:
     fam = get_family(family)
     denoiser = _build_tiny_denoiser(family)
     modules = [n for n, _ in denoiser.named_modules()]
-    if isinstance(fam, SequenceFamily):  # what its data is: conversations about media, or speech
-        kind = "asr" if fam.kind == "speech" else "sft(" + "+".join(fam.media) + ")"
+    if fam.can(Capability.TOKEN_LOSS):  # what its data is: conversations about media, or speech
+        kind = "asr" if fam.can(Capability.TRANSCRIPTION) else "sft(" + "+".join(fam.media) + ")"
         tasks = [kind, "pretrain"]
-    elif fam.conditioning == "image":  # image-to-video: a first frame conditions the clip
+    elif fam.can(Capability.GENERATION) and fam.conditioning == "image":  # image-to-video: a first frame conditions
         tasks = ["i2v", "pretrain"]
     else:
         tasks = ["t2v" if fam.frame_count_error(fam.temporal_compression + 1) is None else "t2i", "pretrain"]

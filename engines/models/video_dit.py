@@ -36,8 +36,8 @@ from configs.schema import ComponentConfig, ModelConfig
 from engines.models.cogvideox import load_t5
 from engines.models.dits.checkpoint import load_published
 from engines.models.registry import (
-    ModelFamily,
-    conditioning_images,
+    GeneratingFamily,
+    LatentFamily,
     from_pretrained,
     loaded,
     sample_latents,
@@ -140,12 +140,13 @@ def normalized_posterior(vae: nn.Module, params: torch.Tensor) -> torch.Tensor:
     return out.to(params.dtype)
 
 
-class VideoDiTFamily(ModelFamily):
+class VideoDiTFamily(LatentFamily, GeneratingFamily):
     """Subclasses name the denoiser and VAE variants and their key mappings, the objective and the text length."""
 
     temporal_compression = 4
     spatial_compression = 8
     size_multiple = 16  # 8x VAE, 2x2 patches
+    pipeline_cls = VideoDiTPipeline
     transformer_specs: Specs
     vae_specs: Specs
     #: the authors' key layout -> ours, per module class (engines/models/dits/<model>.from_published)
@@ -238,8 +239,7 @@ class VideoDiTFamily(ModelFamily):
     @staticmethod
     def null_caption(model: nn.Module) -> torch.Tensor | None:
         """OpenSora's learned-free null caption (L, D_text), the unconditional input of training and guidance."""
-        core = getattr(model, "module", model)
-        y = getattr(core, "y_embedder", None)
+        y = getattr(LatentFamily.core_module(model), "y_embedder", None)
         return None if y is None else y.y_embedding
 
     # ---- training ----------------------------------------------------------------------------------
@@ -255,9 +255,13 @@ class VideoDiTFamily(ModelFamily):
         def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             inputs = x_t if condition is None else torch.cat([x_t, condition.to(x_t.dtype)], dim=1)
             return transformer(inputs, timestep=t.float(), encoder_hidden_states=text.to(x_t.dtype),
-                               encoder_attention_mask=mask)  # fmt: skip
+                               encoder_attention_mask=mask, **self.denoiser_inputs(x_t))  # fmt: skip
 
         return predict
+
+    def denoiser_inputs(self, x_t: torch.Tensor) -> dict[str, Any]:
+        """Inputs the denoiser takes besides x_t, t, text and mask (none here; OpenSora 1.2's fps)."""
+        return {}
 
     def split_condition(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cached latents -> (the latents to denoise, the condition channels); text-to-video has no condition."""
@@ -332,8 +336,8 @@ class VideoDiTFamily(ModelFamily):
             raise ValueError(f"generate: {err}")
         if height % self.size_multiple or width % self.size_multiple:
             raise ValueError(f"generate: height and width must be multiples of {self.size_multiple}")
-        images = self._check_images(images, prompts, height, width)
-        pipe = loaded(lambda: VideoDiTPipeline.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
+        images = self.check_images(images, prompts, height, width)
+        pipe = loaded(lambda: self.pipeline_cls.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
         model, vae = pipe.transformer, pipe.vae
         s = self.spatial_compression
         latent = (self.latent_frames(vae, num_frames), height // s, width // s)
@@ -354,13 +358,6 @@ class VideoDiTFamily(ModelFamily):
             video = ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round()
             out.append(video.to(torch.uint8).cpu().numpy()[:num_frames])  # (T, H, W, 3)
         return np.stack(out)
-
-    def _check_images(self, images: list[np.ndarray] | None, prompts: list[str], height: int, width: int) -> list:
-        if self.conditioning != "image":
-            if images is not None:
-                raise ValueError(f"generate: {self.name} is text-to-video; it takes no images")
-            return [None] * len(prompts)
-        return conditioning_images(images, prompts, height, width)
 
     def guided(
         self, model: nn.Module, cond: dict, uncond: dict, scale: float, condition: torch.Tensor | None

@@ -31,8 +31,8 @@ from transformers import (
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TASK_IDS
 
 from configs.schema import ModelConfig
-from engines.models.registry import Capability, from_pretrained, loaded, pick_preset, register_family, seeded_init
-from engines.models.sequence import IGNORE_INDEX, SequenceFamily, SequenceSample
+from engines.models.registry import from_pretrained, loaded, pick_preset, register_family, seeded_init
+from engines.models.sequence import IGNORE_INDEX, SequenceSample, SpeechFamily
 from engines.models.tokenizer import byte_vocab
 
 SAMPLING_RATE = 16000  # every Whisper checkpoint's feature extractor
@@ -94,11 +94,8 @@ def _chunk_seconds(max_source_positions: int) -> int:
     return samples // SAMPLING_RATE
 
 
-class Whisper(SequenceFamily):
+class Whisper(SpeechFamily):
     name = "whisper"
-    kind = "speech"
-    capabilities = frozenset({Capability.TOKEN_LOSS, Capability.TRANSCRIPTION})
-    media = ("audio",)
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")  # encoder, decoder and cross attention
     # No `vision_tower`: a full finetune trains encoder and decoder alike, as HF's Whisper fine-tuning
     # recipe does (model.freeze_vision_tower is refused for this family).

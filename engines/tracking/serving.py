@@ -44,7 +44,8 @@ from configs import PipelineConfig
 from configs.schema import DataConfig, ModelConfig
 from engines.common.io import atomic_write, atomic_write_text
 from engines.models import ModelFamily, get_family
-from engines.models.sequence import SequenceFamily, SequenceSample
+from engines.models.registry import Capability
+from engines.models.sequence import SequenceSample
 
 MLMODEL = "MLmodel"
 SETTINGS = "flowspeed_serving.json"
@@ -53,8 +54,14 @@ LOADER_MODULE = "engines.tracking.serving"  # what MLflow imports to call `_load
 SPEECH_SAMPLING_RATE = 16000  # what prep decodes audio at for every speech family (Whisper's rate)
 
 
-def _is_sequence(family: ModelFamily) -> bool:
-    return isinstance(family, SequenceFamily)
+def _generates(family: ModelFamily) -> bool:
+    """Whether a predict generates media (else it answers or transcribes); a family that can do neither has
+    nothing to serve."""
+    if family.can(Capability.GENERATION):
+        return True
+    if family.can(Capability.ANSWERS) or family.can(Capability.TRANSCRIPTION):
+        return False
+    raise ValueError(f"model family {family.name!r} neither generates nor responds: there is nothing to serve")
 
 
 def signature_for(family_name: str) -> ModelSignature:
@@ -66,7 +73,7 @@ def signature_for(family_name: str) -> ModelSignature:
     signature is per family while the defaults are per trained model.
     """
     family = get_family(family_name)
-    if not _is_sequence(family):
+    if _generates(family):
         inputs = [ColSpec("string", "prompt")]
         if family.conditioning == "image":  # image-to-video: the first frame, or the family's default one
             inputs.append(ColSpec("string", "image", required=False))
@@ -81,8 +88,7 @@ def signature_for(family_name: str) -> ModelSignature:
             outputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "path")]),
             params=ParamSchema(params),
         )
-    assert isinstance(family, SequenceFamily)
-    if family.kind == "speech":
+    if family.can(Capability.TRANSCRIPTION):
         inputs = [ColSpec("string", "audio")]
     else:
         inputs = [ColSpec("string", "prompt"), ColSpec("string", "image", required=False)]
@@ -227,9 +233,9 @@ class FlowspeedPyfunc:
 
         rows = _records(model_input)
         device = resolve_device("auto")
-        if _is_sequence(self.family):
-            return self._respond(rows, params, device)
-        return self._generate(rows, params, device)
+        if _generates(self.family):
+            return self._generate(rows, params, device)
+        return self._respond(rows, params, device)
 
     def _generate(
         self, rows: list[dict[str, Any]], params: dict[str, Any] | None, device: torch.device
@@ -267,8 +273,7 @@ class FlowspeedPyfunc:
 
     def _samples(self, rows: list[dict[str, Any]]) -> list[SequenceSample]:
         family = self.family
-        assert isinstance(family, SequenceFamily)
-        if family.kind == "speech":
+        if family.can(Capability.TRANSCRIPTION):
             from datasets_prep.audio import load_audio
 
             rate = SPEECH_SAMPLING_RATE
@@ -292,7 +297,6 @@ class FlowspeedPyfunc:
 
     def _respond(self, rows: list[dict[str, Any]], params: dict[str, Any] | None, device: torch.device) -> pd.DataFrame:
         family = self.family
-        assert isinstance(family, SequenceFamily)
         samples = self._samples(rows)
         if not samples:
             return pd.DataFrame({"response": pd.Series(dtype=str)})

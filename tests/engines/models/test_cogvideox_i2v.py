@@ -20,10 +20,10 @@ from datasets_prep.cache import CachedLatents, collate
 from datasets_prep.demo import render_clip
 from datasets_prep.prep import run_prep
 from engines.common.io import read_jsonl
+from engines.launch import launch
 from engines.models import get_family
 from engines.models.cogvideox import encode_pixels, to_pixels
 from engines.models.cogvideox_i2v import image_condition, noised_first_frame
-from engines.torch_engine.launch import launch
 from engines.torch_engine.lora import apply_lora, load_adapter, merge, save_adapter
 from evaluation.run import _trained_transformer, run_eval
 from tests.conftest import REPO

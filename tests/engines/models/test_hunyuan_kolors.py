@@ -17,12 +17,12 @@ from configs import ComponentConfig, PipelineConfig, load_config
 from datasets_prep.cache import CachedLatents, collate
 from datasets_prep.prep import run_prep
 from engines.common.io import read_jsonl
+from engines.export import plain_model
+from engines.launch import launch
 from engines.models.registry import get_family
 from engines.models.variants import family_summary
 from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.launch import launch
 from engines.torch_engine.lora import load_adapter
-from engines.torch_engine.trainer import plain_model
 from evaluation.run import _trained_transformer, run_eval
 from tests.conftest import REPO
 

@@ -11,8 +11,8 @@ from configs import ComponentConfig, PipelineConfig, load_config
 from datasets_prep.cache import CachedLatents, collate
 from datasets_prep.prep import run_prep
 from engines.common.io import read_jsonl
+from engines.launch import launch
 from engines.models import get_family
-from engines.torch_engine.launch import launch
 from evaluation.run import _trained_transformer, run_eval
 from tests.conftest import REPO
 

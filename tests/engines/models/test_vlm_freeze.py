@@ -82,7 +82,7 @@ def test_families_without_a_tower_refuse_the_switch(family: str, value: bool) ->
 
 @pytest.mark.parametrize(("recipe", "family"), [("whisper-asr", "whisper"), ("sd3-t2i", "sd3")])
 def test_launch_refuses_the_switch_before_any_process_starts(recipe: str, family: str, tmp_path: Path) -> None:
-    from engines.torch_engine.launch import launch
+    from engines.launch import launch
 
     path, switch = REPO / "configs" / "pipelines" / f"{recipe}.yaml", ["model.freeze_vision_tower=true"]
     with pytest.raises(ValueError, match=f"'{family}' has no vision tower"):  # at load ...
@@ -147,7 +147,7 @@ def test_megatron_engine_freezes_the_tower_too(family: str, demo: Path, tmp_path
 def train_and_compare(recipe: str, demo: Path, tmp_path: Path, *overrides: str) -> None:
     """The engine's own path (prep, launch, export); then export vs the seeded start, parameter by parameter."""
     from datasets_prep.prep import run_prep
-    from engines.torch_engine.launch import launch
+    from engines.launch import launch
 
     steps = ["train.max_steps=1", "train.checkpoint_every=1", "train.warmup_steps=0"]
     cfg = load_config(REPO / "configs" / "pipelines" / f"{recipe}.yaml", [*steps, *overrides], workdir=tmp_path)
