@@ -6,7 +6,7 @@ In a temporary folder: `flowspeed demo-data runs/demo`, a first real `flowspeed 
 then the same `flowspeed run` again, which finds every stage cached and does no stage work. That no-op
 rerun is measured three ways, side by side:
 
-1. plain: `flowspeed run CONFIG`, wall clock from outside (what a user waits for), `--repeats` times;
+1. plain: `flowspeed run CONFIG`, wall clock from outside (what a user waits for) and CPU, `--repeats` times;
 2. broken down: the same command through this script's `--phases` driver (under `-X importtime`), which books
    every moment of the main thread to one of: waiting for the embedded Prefect API, opening the MLflow store,
    importing the config's model family, each stage's own work (its MLflow calls, its cache check through
@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,7 @@ STARTED = time.time()  # the driver's first moment (the interpreter's own start 
 PHASES_ENV = "FLOWSPEED_BENCH_PHASES"  # the driver writes its breakdown (JSON) here
 LAUNCHED = EXITED = 0.0  # when the last `_timed` command was launched and had exited (time.time())
 LAST_STDERR = ""  # and what it wrote to stderr (the driver's -X importtime lines)
+LAST_CPU = 0.0  # and its CPU seconds (user + system, with the child processes it waited for: the Prefect API)
 
 
 def _import_seconds(importtime: str) -> float:
@@ -167,10 +169,13 @@ def _flowspeed() -> list[str]:
 
 
 def _timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
-    global LAUNCHED, EXITED, LAST_STDERR
+    global LAUNCHED, EXITED, LAST_STDERR, LAST_CPU
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     LAUNCHED = t = time.time()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     EXITED = time.time()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    LAST_CPU = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
     LAST_STDERR = proc.stderr
     wall = EXITED - t
     if proc.returncode:
@@ -237,8 +242,12 @@ def main() -> None:
         _timed([*fs, "demo-data", "runs/demo"], work)
         first = _timed([*fs, "run", args.config], work)
         print(f"[0] first run (real work, for scale)     : {first:6.2f} s")
-        plain = [_timed([*fs, "run", args.config], work) for _ in range(args.repeats)]
-        print(f"[1] no-op rerun, plain `flowspeed run`   : {' '.join(f'{t:6.2f}' for t in plain)} s")
+        plain, cpus = [], []
+        for _ in range(args.repeats):
+            plain.append(_timed([*fs, "run", args.config], work))
+            cpus.append(LAST_CPU)
+        print(f"[1] no-op rerun, plain `flowspeed run`   : {' '.join(f'{t:6.2f}' for t in plain)} s wall, "
+              f"{' '.join(f'{t:6.2f}' for t in cpus)} s CPU (user+sys, with the Prefect API process)")  # fmt: skip
 
         phases_file = work / "phases.json"
         env = {**os.environ, PHASES_ENV: str(phases_file)}

@@ -40,6 +40,22 @@ class FamilyFacts:
     #: what the torch engine can split this family's trained model with beyond FSDP: "tp" (a tensor-parallel plan),
     #: "cp" (a context-parallel plan, ulysses/ring), "dsp" (cp_mode dsp); None: not known (not in the catalog)
     parallel: frozenset[str] | None = frozenset()
+    #: the trained export's layout: "diffusers" (a pipeline folder: model_index.json + the denoiser's weights in
+    #: `denoiser_subfolder`) or "transformers" (one model folder: config.json + its safetensors); what Prefect's
+    #: cache checks test for, known here so a cached (no-op) stage never imports the family's model library
+    export: Literal["diffusers", "transformers"] = "diffusers"
+    denoiser_subfolder: str = "transformer"  #: the trained model's folder inside the export ("": the export itself)
+
+    def export_files(self, final_dir: Path) -> list[Path]:
+        """Files whose presence means an export is whole, the first the one eval and serving test for: what the
+        family's own `export_files` returns (the catalog test holds the two together)."""
+        if self.export == "transformers":
+            index = final_dir / "model.safetensors.index.json"  # big models save sharded weights
+            return [final_dir / "config.json", index if index.exists() else final_dir / "model.safetensors"]
+        return [
+            final_dir / "model_index.json",
+            final_dir / self.denoiser_subfolder / "diffusion_pytorch_model.safetensors",
+        ]
 
     def frame_error(self, name: str, num_frames: int) -> str | None:
         """Why `name`'s VAE cannot take `num_frames` (the family's own rule, stated as data)."""
@@ -60,16 +76,21 @@ class RegisteredFamilyFacts(FamilyFacts):
     def __init__(self, family: Any) -> None:
         super().__init__(type(family).__module__, "any", family.size_multiple, bool(family.vision_tower), None, None)
         object.__setattr__(self, "family", family)
+        object.__setattr__(self, "denoiser_subfolder", family.denoiser_subfolder)
 
     def frame_error(self, name: str, num_frames: int) -> str | None:
         return self.family.frame_count_error(num_frames)  # type: ignore[attr-defined]
+
+    def export_files(self, final_dir: Path) -> list[Path]:
+        return self.family.export_files(final_dir)  # type: ignore[attr-defined]
 
 
 _TINY = ("tiny",)
 _DIFFUSION = {"vae": _TINY, "text_encoder": _TINY, "transformer": _TINY}
 _VIDEO = FamilyFacts("", 4, 16, presets=_DIFFUSION)  # 4x temporal VAE, 16-pixel multiples: CogVideoX / Open-Sora-Plan
 _IMAGE = FamilyFacts("", "image", 16, presets=_DIFFUSION)
-_SEQUENCE = FamilyFacts("", "any", 1, presets={"transformer": _TINY})  # one transformers model, no VAE
+_SEQUENCE = FamilyFacts("", "any", 1, presets={"transformer": _TINY}, export="transformers", denoiser_subfolder="")
+# (one transformers model, no VAE)
 
 
 def _facts(module: str, like: FamilyFacts, vae: tuple[str, ...] = (), transformer: tuple[str, ...] = (),
@@ -96,7 +117,7 @@ FAMILIES: dict[str, FamilyFacts] = {
     "flux": _facts("flux", _IMAGE, transformer=("tiny-dev",), parallel="cp"),
     "hunyuandit": _facts("hunyuandit", _IMAGE),
     "internvl": _facts("internvl", _SEQUENCE, vision_tower=True),
-    "kolors": _facts("kolors", _IMAGE),
+    "kolors": _facts("kolors", _IMAGE, denoiser_subfolder="unet"),
     "llava": _facts("llava", _SEQUENCE, vision_tower=True),
     "opensora": _facts("opensora", _VIDEO, ("sd-vae-ft-ema",), ("STDiT-XL/2", "STDiT-XL/2-512"), "cp", frames="any"),
     "opensora1.2": _facts("opensora", _VIDEO, ("opensora-vae-v1.2",), ("STDiT3-XL/2",), "cp dsp", frames="any"),
@@ -105,7 +126,7 @@ FAMILIES: dict[str, FamilyFacts] = {
     "qihoo_t2x": _facts("qihoo_t2x", _VIDEO, ("causalvae-v1.2-488",), ("Qihoo-T2I-1.1B",), "cp", size_multiple=64),
     "qwen2_vl": _facts("qwen2_vl", _SEQUENCE, vision_tower=True),
     "sd3": _facts("sd3", _IMAGE, transformer=("tiny-3.5",)),
-    "sdxl": _facts("sdxl", _IMAGE),
+    "sdxl": _facts("sdxl", _IMAGE, denoiser_subfolder="unet"),
     "whisper": _facts("whisper", _SEQUENCE),
 }
 

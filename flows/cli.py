@@ -322,14 +322,12 @@ def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list
             if command == "run":
                 from flows.pipeline import pipeline
 
-                _load_family_while_prefect_starts(command, cfg)
                 _wait_for_prefect()
                 out = pipeline(cfg)
             else:
                 from flows import stages
 
                 flow = {"prep": stages.prep, "train": stages.train, "eval": stages.evaluate}[command]
-                _load_family_while_prefect_starts(command, cfg)
                 _wait_for_prefect()
                 out = {command: flow(cfg)}
     except KeyboardInterrupt:
@@ -340,21 +338,6 @@ def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list
         _summary(cfg, out)
     except KeyboardInterrupt:
         _exit_interrupted(_signalled[-1] if _signalled else signal.SIGINT)
-
-
-def _load_family_while_prefect_starts(command: str, cfg: Any) -> None:
-    """Import the config's model family now, if the command needs it whatever is cached: train and eval check
-    their cached outputs through it, so a no-op rerun imports it too. Imported here, before waiting for the
-    embedded Prefect API, it uses the seconds that server takes to boot in its own process instead of adding
-    to them. Only that family's module: the cost does not grow with the number of families."""
-    if command not in ("run", "train", "eval") or _embedded_server is None or _embedded_server.ready:
-        return
-    from engines.models import get_family
-
-    try:
-        get_family(cfg.model.family)
-    except ValueError:
-        pass  # the stage that needs it reports an unknown family with what to do
 
 
 def _wait_for_prefect() -> None:

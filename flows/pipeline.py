@@ -18,7 +18,7 @@ from engines.tracking import runs
 from engines.tracking.tracker import tracking_uri
 from flows.stages import evaluate, in_stage_run, prep, train
 from tasks import tracking as tr
-from tasks.registry import register_model, resolve_init_model
+from tasks.registry import init_model, register_model
 
 
 def _register(cfg: PipelineConfig, run_id: str, out: dict[str, Any], metrics: dict[str, float]) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def _register(cfg: PipelineConfig, run_id: str, out: dict[str, Any], metrics: di
 def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     def body(run_id: str) -> dict[str, Any]:
         out = {"prep": prep(cfg, run_id)}
-        run_cfg, init_from = resolve_init_model(cfg)  # after prep: the training dir is keyed by champion and data
+        run_cfg, init_from = init_model(cfg)  # after prep: the training dir is keyed by champion and data
         tr.set_tags(cfg, run_id, {"flowspeed.init_from": init_from})
         out |= {"train": train(run_cfg, run_id), "eval": evaluate(run_cfg, run_id)}
         metrics = dict(out["eval"]["metrics"])

@@ -6,6 +6,7 @@ calls its task, logs what the stage produced, and closes the run as FINISHED or 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -15,12 +16,13 @@ from prefect import flow, unmapped
 from prefect.exceptions import TerminationSignal
 
 from configs import PipelineConfig
-from engines.common.io import file_digest
+from configs.catalog import FAMILIES
+from engines.common.io import atomic_write_text, file_digest
 from engines.tracking import runs
 from engines.tracking.tracker import UNDELIVERED_DIR, tracking_uri
 from tasks import tracking as tr
 from tasks.caching import run_cached
-from tasks.registry import resolve_init_model
+from tasks.registry import init_model
 from tasks.stages import evaluate_model, make_task_runner, merge_prep_task, prep_latents, prep_slice_task, train_model
 
 
@@ -104,6 +106,42 @@ def _init_source(cfg: PipelineConfig, resolved: str) -> str:
     )
 
 
+_MODELS_DIR = Path(__file__).resolve().parents[1] / "engines" / "models"
+_SERVING = _MODELS_DIR.parent / "tracking" / "serving.py"
+
+
+def _mlmodel_key(cfg: PipelineConfig, final: Path) -> str | None:
+    """What the export's MLmodel and serving settings are written from: the config's data/eval/model sections,
+    the export's own marker file (a retrain rewrites it) and the code that writes them (serving and the family
+    modules). None: not known without the family (not in the catalog) or no export yet; then always rewrite."""
+    facts = FAMILIES.get(cfg.model.family)
+    marker = facts.export_files(final)[0] if facts is not None else None
+    if marker is None or not marker.is_file():
+        return None
+    code = [_SERVING, *sorted(_MODELS_DIR.glob("*.py"))]
+    parts = {
+        "cfg": cfg.model_dump(mode="json", include={"data", "eval", "model"}),
+        "export": [str(marker.resolve()), marker.stat().st_mtime_ns],
+        "code": [file_digest(p) for p in code if p.is_file()],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _ensure_mlmodel(final: Path, cfg: PipelineConfig) -> None:
+    """Write the export's MLmodel (engines.tracking.serving.write_mlmodel) unless the one there was written from
+    the same key: a cached (no-op) train stage then imports neither the family nor torch. The key lives beside
+    the export, not in it, so the model logged to MLflow is unchanged."""
+    key = _mlmodel_key(cfg, final)
+    stamp = final.parent / f".{final.name}.mlmodel-key"
+    if key is not None and (final / "MLmodel").is_file() and stamp.is_file() and stamp.read_text() == key:
+        return
+    from engines.tracking.serving import write_mlmodel  # torch, pandas, the family: when used
+
+    write_mlmodel(final, cfg)
+    if key is not None:
+        atomic_write_text(stamp, key)
+
+
 @flow(name="train", log_prints=True)
 def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Cached latents -> checkpoints and a diffusers export; per-step metrics go to this MLflow run (the
@@ -112,11 +150,9 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
     # Resolved before the run opens: the training dir (keyed by champion and data) says which killed
     # run this continues, and a new champion is a new input for the cached task, so it retrains. (The
     # pipeline resolves before calling this flow; then this is a no-op and the tag says where it started.)
-    start_cfg, init_from = resolve_init_model(cfg)
+    start_cfg, init_from = init_model(cfg)
 
     def body(run_id: str) -> dict[str, Any]:
-        from engines.tracking.serving import write_mlmodel, write_pointer_model  # torch, pandas: when used
-
         tr.set_tags(cfg, run_id, {"flowspeed.init_from": _init_source(start_cfg, init_from)})
         res = run_cached(train_model, cfg=start_cfg, run_id=run_id, tracking_uri=tracking_uri(cfg))
         # Metrics that training could not deliver while MLflow was away: sent now if the server is back.
@@ -125,7 +161,7 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
             tr.set_tags(cfg, run_id, {"reused_from_run": res.get("run_id")})
         tr.log_dataset(cfg, run_id, cfg.prep_dir / "samples.jsonl", context="training")
         final = Path(res["final_dir"]).resolve()
-        write_mlmodel(final, start_cfg)  # the export is also an MLflow pyfunc model with a signature
+        _ensure_mlmodel(final, start_cfg)  # the export is also an MLflow pyfunc model with a signature
         tr.set_tags(
             cfg,
             run_id,
@@ -134,6 +170,8 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
         if tr.should_log_model(cfg, final):
             tr.log_artifacts(cfg, run_id, final, "model")
         else:  # too big to copy: a pointer model (MLmodel + where the weights are) is what gets registered
+            from engines.tracking.serving import write_pointer_model  # torch, pandas: when used
+
             tr.log_artifacts(cfg, run_id, write_pointer_model(final, cfg.workdir / ".pointer-model" / run_id), "model")
         return res
 

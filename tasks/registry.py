@@ -81,3 +81,11 @@ def resolve_init_model(cfg: PipelineConfig) -> tuple[PipelineConfig, str]:
     train = cfg.train.model_copy(update={"init_from": "config", "output_dir": out})
     resolved = cfg.model_copy(update={"model": model, "train": train})
     return resolved, f"models:/{name}@champion (version {version})"
+
+
+def init_model(cfg: PipelineConfig) -> tuple[PipelineConfig, str]:
+    """`resolve_init_model`, run as a Prefect task (retries, a task run to read) only when there is a champion to
+    look up: a config that trains from itself resolves to itself, without a task run's API calls on every rerun."""
+    if cfg.train.init_from != "champion":
+        return cfg, "config"
+    return resolve_init_model(cfg)

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import task
 
 from configs import PipelineConfig
+from configs.catalog import FamilyFacts, family_facts
 from datasets_prep.manifest import Entry, read_sources
 from engines.common.io import file_digest
 from tasks.caching import files_policy, retry_if_transient
@@ -21,11 +22,26 @@ from tasks.caching import files_policy, retry_if_transient
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def _denoiser_weights(cfg: PipelineConfig) -> Path:
-    from engines.models import get_family
-    from evaluation.run import trained_export
+def _export_facts(cfg: PipelineConfig) -> FamilyFacts:
+    """What makes the family's export whole, from the catalog: a cache check (every no-op rerun makes two) then
+    imports no model library; a family the catalog does not list yet is asked of the real registry."""
+    facts = family_facts(cfg.model.family)
+    if facts is None:
+        raise ValueError(f"unknown model family {cfg.model.family!r}")
+    return facts
 
-    return trained_export(cfg) / get_family(cfg.model.family).denoiser_subfolder / WEIGHTS
+
+def _denoiser_weights(cfg: PipelineConfig) -> Path:
+    """The weights an eval of `cfg` reads (its cache key's source). The plain case is `<train_dir>/final`, known
+    without importing evaluation (torch); a registry version, a checkpoint or the newest champion finetune are
+    found by `evaluation.run.trained_export`."""
+    if cfg.eval.model or cfg.train.init_from == "champion":
+        from evaluation.run import trained_export
+
+        export = trained_export(cfg)
+    else:
+        export = cfg.train_dir / "final"  # what trained_export returns for it
+    return export / _export_facts(cfg).denoiser_subfolder / WEIGHTS
 
 
 def _cfg(inputs: dict[str, Any]) -> PipelineConfig:
@@ -59,10 +75,8 @@ def _prep_current(inputs: dict[str, Any], result: dict[str, Any]) -> bool:
 
 
 def _train_outputs(inputs: dict[str, Any]) -> list[Path]:
-    from engines.models import get_family
-
     cfg = _cfg(inputs)
-    return [*get_family(cfg.model.family).export_files(cfg.train_dir / "final"), cfg.train_dir / "losses.json"]
+    return [*_export_facts(cfg).export_files(cfg.train_dir / "final"), cfg.train_dir / "losses.json"]
 
 
 def _eval_outputs(inputs: dict[str, Any]) -> list[Path]:

@@ -251,15 +251,17 @@ def continue_train_run(
     """The recorded run of a training that was killed (checkpoints, no `final/`), reopened as RUNNING,
     nested under this pipeline and counted in `flowspeed.resumes`; None when there is none to continue:
     no record, another server, a finished run, a live owner (another flowspeed trains here), a deleted run."""
-    from engines.torch_engine.checkpoint import list_checkpoints
-
     path = train_dir / RUN_RECORD
     try:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     uri = tracking_uri(cfg)
-    if rec.get("uri") != uri or (train_dir / "final").exists() or not list_checkpoints(train_dir):
+    if rec.get("uri") != uri or (train_dir / "final").exists():  # finished: a rerun never imports torch here
+        return None
+    from engines.torch_engine.checkpoint import list_checkpoints
+
+    if not list_checkpoints(train_dir):
         return None
     if owner_alive(rec):
         return None

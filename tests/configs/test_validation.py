@@ -240,6 +240,22 @@ def test_the_catalog_is_the_registries() -> None:
                 REAL_CAPTIONERS[name](CaptionConfig(model=name, preset=preset), torch.device("cpu"))
 
 
+def test_the_catalog_export_files_are_each_familys(tmp_path: Path) -> None:
+    """Prefect's cache checks read what makes an export whole from the catalog (a cached stage then imports no
+    model library): the same files and denoiser folder as the family's own, sharded transformers weights too."""
+    from engines.models import get_family
+
+    final = tmp_path / "final"
+    for name, facts in FAMILIES.items():
+        family = get_family(name)
+        assert facts.export_files(final) == family.export_files(final), name
+        assert facts.denoiser_subfolder == family.denoiser_subfolder, name
+    final.mkdir()
+    (final / "model.safetensors.index.json").write_text("{}")  # a sharded transformers export
+    for name, facts in FAMILIES.items():
+        assert facts.export_files(final) == get_family(name).export_files(final), name
+
+
 def _presets_the_loader_knows(family: object, component: str) -> list[str]:
     """Ask `family`'s own loader for `component` built from an unknown preset: it refuses, listing the ones it
     builds (`pick_preset`'s "known presets: ..." or the video DiTs' `build_component` "known: ...")."""
@@ -328,6 +344,10 @@ def test_a_family_missing_from_the_catalog_is_asked_of_the_registry(monkeypatch:
             load_config(SDXL, ["data.height=60"])
         with pytest.raises(ConfigError, match="'sdxl' has no vision tower"):
             load_config(SDXL, ["model.freeze_vision_tower=false"])
+        facts = catalog.family_facts("sdxl")
+        assert facts is not None and facts.denoiser_subfolder == "unet"  # the cache checks' facts, from the family
+        files = facts.export_files(Path("final"))
+        assert files == [Path("final/model_index.json"), Path("final/unet/diffusion_pytorch_model.safetensors")]
     finally:
         catalog._registered.cache_clear()
 

@@ -65,3 +65,37 @@ def test_a_family_imports_only_its_own_module(tmp_path: Path) -> None:
     assert "engines.models.aaa_sd3_copy" in modules
     assert sorted(m for m in modules if m in FAMILY_MODULES) == ["engines.models.sd3"]
     assert "diffusers" in modules  # sd3's own library did load
+
+
+def test_a_cached_rerun_imports_no_family(tmp_path: Path) -> None:
+    """What a no-op rerun evaluates beyond the imports above (the train and eval cache checks, the train stage's
+    MLmodel already written from the same key, its look for a killed run to continue) needs no family module,
+    diffusers, transformers or torch: the export's files come from the catalog, for a diffusers family and a
+    transformers one."""
+    code = (
+        "from pathlib import Path\n"
+        "from configs import load_config\n"
+        "from engines.tracking import runs\n"
+        "from engines.tracking.tracker import tracking_uri\n"
+        "from flows.stages import _ensure_mlmodel, _mlmodel_key\n"
+        "from tasks.stages import _denoiser_weights, _train_outputs\n"
+        "for family, first in (('cogvideox', 'model_index.json'), ('qwen2_vl', 'config.json')):\n"
+        f"    sets = ['workdir={tmp_path}/' + family, 'model.family=' + family]\n"
+        "    cfg = load_config('configs/quickstart.yaml', sets)\n"
+        "    outputs = _train_outputs({'cfg': cfg})\n"
+        "    final = cfg.train_dir / 'final'\n"
+        "    assert outputs[0] == final / first and outputs[-1] == cfg.train_dir / 'losses.json', outputs\n"
+        "    assert final in _denoiser_weights(cfg).parents, _denoiser_weights(cfg)\n"
+        "    for path in outputs[:-1]:\n"
+        "        path.parent.mkdir(parents=True, exist_ok=True)\n"
+        "        path.write_text('{}')\n"
+        "    (final / 'MLmodel').write_text('written before')\n"
+        "    (final.parent / '.final.mlmodel-key').write_text(_mlmodel_key(cfg, final))\n"
+        "    _ensure_mlmodel(final, cfg)  # current: left as it is\n"
+        "    assert (final / 'MLmodel').read_text() == 'written before'\n"
+        "    runs.record_train_run(cfg.train_dir, tracking_uri(cfg), 'finished-run')\n"
+        "    assert runs.continue_train_run(cfg, cfg.train_dir, None, {}) is None  # finished: nothing to continue\n"
+    )
+    modules = imported_after(code)
+    assert model_libraries(modules) == []
+    assert "torch" not in modules
