@@ -36,6 +36,29 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Raw videos to a trained, evaluated model.")
+
+
+def _version(value: bool) -> None:
+    """`flowspeed --version`: the installed distribution's version, for bug reports and run records."""
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"flowspeed {version('flowspeed')}")
+        except PackageNotFoundError:
+            typer.echo("flowspeed (not installed as a package: run `pip install -e .`)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Raw videos to a trained, evaluated model."""
+
+
 console = Console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="pipeline YAML, e.g. configs/quickstart.yaml")]
