@@ -32,15 +32,11 @@ def _export_facts(cfg: PipelineConfig) -> FamilyFacts:
 
 
 def _denoiser_weights(cfg: PipelineConfig) -> Path:
-    """The weights an eval of `cfg` reads (its cache key's source). The plain case is `<train_dir>/final`, known
-    without importing evaluation (torch); a registry version, a checkpoint or the newest champion finetune are
-    found by `evaluation.run.trained_export`."""
-    if cfg.eval.model or cfg.train.init_from == "champion":
-        from evaluation.run import trained_export
+    """The weights an eval of `cfg` reads (its cache key's source): `evaluation.exports.trained_export`, which
+    imports no model library for the plain `<train_dir>/final`."""
+    from evaluation.exports import trained_export
 
-        export = trained_export(cfg)
-    else:
-        export = cfg.train_dir / "final"  # what trained_export returns for it
+    export = trained_export(cfg)
     return export / _export_facts(cfg).denoiser_subfolder / WEIGHTS
 
 

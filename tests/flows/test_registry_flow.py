@@ -59,7 +59,7 @@ def test_pipeline_registers_versions_and_gates_the_champion(tmp_path: Path, demo
     assert next(champion_weights).stat().st_size > 0
     assert nightly["registry"]["version"] == "3"
     # `flowspeed eval` alone, with the nightly config as written, evaluates what that finetune made.
-    from evaluation.run import trained_export
+    from evaluation.exports import trained_export
 
     nightly_cfg = make_config(tmp_path / "c", demo_manifest, *common, "train.init_from=champion")
     assert trained_export(nightly_cfg) == final

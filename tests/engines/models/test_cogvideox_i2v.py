@@ -25,7 +25,8 @@ from engines.models import get_family
 from engines.models.cogvideox import encode_pixels, to_pixels
 from engines.models.cogvideox_i2v import image_condition, noised_first_frame
 from engines.torch_engine.lora import apply_lora, load_adapter, merge, save_adapter
-from evaluation.run import _trained_transformer, run_eval
+from evaluation.common import trained_model
+from evaluation.run import run_eval
 from tests.conftest import REPO
 
 CASES = [("cogvideox_i2v", "tiny"), ("cogvideox_i2v", "tiny-1.5"), ("cogvideox1.5", "tiny-1.5")]
@@ -241,7 +242,7 @@ def test_i2v_prep_train_eval_on_demo_data(preset: str, tmp_path: Path, demo_mani
     fam = get_family("cogvideox_i2v")
     before = _fixed_noise_loss(cfg, fam.load_transformer(cfg.model, 32, 4))
     out = launch(cfg, None, None)
-    after = _fixed_noise_loss(cfg, _trained_transformer(cfg, Path(out.final_dir)))
+    after = _fixed_noise_loss(cfg, trained_model(cfg, Path(out.final_dir)))
     assert after < 0.9 * before
     assert CogVideoXImageToVideoPipeline.from_pretrained(out.final_dir).transformer.config.in_channels == 8
     ev = run_eval(cfg)  # eval passes no images: the grey default frame conditions the videos

@@ -23,7 +23,8 @@ from engines.models.registry import get_family
 from engines.models.variants import family_summary
 from engines.torch_engine import checkpoint as ckpt
 from engines.torch_engine.lora import load_adapter
-from evaluation.run import _trained_transformer, run_eval
+from evaluation.common import trained_model
+from evaluation.run import run_eval
 from tests.conftest import REPO
 
 # family -> (recipe, cached tensors, text_embeds shape): BERT 77 tokens (+ mT5 256 beside it) / ChatGLM 256.
@@ -80,7 +81,7 @@ def test_prep_train_eval_on_the_demo_data(family: str, tmp_path: Path, demo_mani
     before = statistics.mean(fixed_noise_losses(cfg, fam.load_transformer(cfg.model, 32, 4)))
     out = launch(cfg, None, None)
     assert len(out.losses) == 20 and all(math.isfinite(x) for x in out.losses)
-    after = statistics.mean(fixed_noise_losses(cfg, _trained_transformer(cfg, Path(out.final_dir))))
+    after = statistics.mean(fixed_noise_losses(cfg, trained_model(cfg, Path(out.final_dir))))
     assert after < 0.9 * before, (before, after)
     (png,) = run_eval(cfg).videos
     with Image.open(png) as img:
@@ -132,7 +133,7 @@ def test_lora_exports_adapter_and_merged_model(family: str, tmp_path: Path, demo
     trained = plain_model(fam, cfg, args)
     ckpt.load_model_weights(ckpt.latest(cfg.train_dir), trained)
     reloaded = load_adapter(plain_model(fam, cfg, args), final / "lora")
-    merged = _trained_transformer(cfg, final)
+    merged = trained_model(cfg, final)
     assert not any("lora" in k for k in merged.state_dict())
     y_trained = denoiser_output(cfg, trained)
     assert torch.equal(denoiser_output(cfg, reloaded), y_trained)

@@ -13,7 +13,8 @@ from datasets_prep.prep import run_prep
 from engines.common.io import read_jsonl
 from engines.launch import launch
 from engines.models import get_family
-from evaluation.run import _trained_transformer, run_eval
+from evaluation.common import trained_model
+from evaluation.run import run_eval
 from tests.conftest import REPO
 
 # family -> (its quickstart, per-token text width, the cached text tensor shape)
@@ -61,7 +62,7 @@ def test_image_family_prep_train_eval(family: str, tmp_path: Path, demo_manifest
     fam = get_family(family)
     before = _fixed_noise_loss(cfg, fam.load_transformer(cfg.model, FAMILIES[family][1], 4))
     out = launch(cfg, None, None)
-    after = _fixed_noise_loss(cfg, _trained_transformer(cfg, Path(out.final_dir)))
+    after = _fixed_noise_loss(cfg, trained_model(cfg, Path(out.final_dir)))
     assert after < 0.9 * before
     ev = run_eval(cfg)
     (png,) = ev.videos

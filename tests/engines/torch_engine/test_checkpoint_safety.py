@@ -24,7 +24,7 @@ from configs import PipelineConfig
 from engines.launch import launch
 from engines.torch_engine import checkpoint as ckpt
 from engines.torch_engine.trainer import export_checkpoint
-from evaluation.run import model_to_evaluate
+from evaluation.exports import model_to_evaluate
 from tests.conftest import make_config
 
 

@@ -18,7 +18,7 @@ from engines.launch import launch
 from engines.torch_engine import checkpoint as ckpt
 from engines.torch_engine.launch import validate_layout
 from engines.torch_engine.trainer import export_checkpoint
-from evaluation.run import _trained_transformer
+from evaluation.common import trained_model
 from tests.conftest import make_config
 
 STEPS = 5
@@ -41,7 +41,7 @@ def baselines(tmp_path_factory: pytest.TempPathFactory, prepped: PipelineConfig)
 
 
 def _weights(cfg: PipelineConfig, final_dir: str) -> dict[str, torch.Tensor]:
-    return _trained_transformer(cfg, Path(final_dir)).state_dict()
+    return trained_model(cfg, Path(final_dir)).state_dict()
 
 
 LAYOUTS = {

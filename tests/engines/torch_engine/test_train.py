@@ -14,7 +14,7 @@ from engines.launch import launch
 from engines.models import get_family
 from engines.torch_engine import checkpoint as ckpt
 from engines.tracking.tracker import ensure_experiment, tracking_uri
-from evaluation.run import _trained_transformer
+from evaluation.common import trained_model
 from tests.conftest import make_config
 from tests.file_modes import assert_tree_modes
 
@@ -51,7 +51,7 @@ def test_loss_falls_on_a_fixed_tiny_batch(tmp_path: Path, two_clip_manifest: Pat
     res = launch(cfg, None, None)
     assert len(res.losses) == 30
     assert statistics.mean(res.losses[-5:]) < 0.95 * statistics.mean(res.losses[:5])
-    after = _fixed_noise_loss(cfg, _trained_transformer(cfg, Path(res.final_dir)))
+    after = _fixed_noise_loss(cfg, trained_model(cfg, Path(res.final_dir)))
     assert after < 0.9 * before
 
 
@@ -85,7 +85,7 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path: Path, prepped:
     assert (latest / "state" / ".metadata").is_file() and (latest / "rng" / "rank-00000.pt").is_file()
     model = get_family("cogvideox").load_transformer(split.model, **state["model_args"])
     ckpt.load_model_weights(latest, model)
-    trained = _trained_transformer(split, Path(resumed.final_dir))
+    trained = trained_model(split, Path(resumed.final_dir))
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in model.state_dict().items())  # final == last
     assert (latest / "config.yaml").is_file()
 
