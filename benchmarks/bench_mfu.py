@@ -5,9 +5,9 @@
 
 Side by side in one process, on the same model shape and the same synthetic batch:
   plain   : the model, AdamW, bf16 autocast: the diffusers training-script loop
-  engine  : FSDP2 (bf16 params, fp32 reduce) via engines.torch_engine.parallelize, with
+  engine  : FSDP2 (bf16 params, fp32 reduce) via flowspeed.engines.torch_engine.parallelize, with
             compile and recomputation off/on
-Prints step time, model TFLOPS and MFU per variant (FLOPs from engines.common.flops).
+Prints step time, model TFLOPS and MFU per variant (FLOPs from flowspeed.engines.common.flops).
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from engines.common.device import device_name, peak_memory_bytes, resolve_device, set_current, synchronize
-from engines.common.flops import mfu, peak_tflops, train_flops
-from engines.models import get_family
-from engines.models.cogvideox import TRANSFORMER_PRESETS
-from engines.torch_engine.parallel_dims import ParallelDims
-from engines.torch_engine.parallelize import apply_ac, apply_compile, apply_fsdp, compile_cache
+from flowspeed.engines.common.device import device_name, peak_memory_bytes, resolve_device, set_current, synchronize
+from flowspeed.engines.common.flops import mfu, peak_tflops, train_flops
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.cogvideox import TRANSFORMER_PRESETS
+from flowspeed.engines.torch_engine.parallel_dims import ParallelDims
+from flowspeed.engines.torch_engine.parallelize import apply_ac, apply_compile, apply_fsdp, compile_cache
 
 
 def build(preset: str, device: torch.device):  # noqa: ANN201

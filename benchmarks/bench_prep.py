@@ -2,7 +2,7 @@
 
     python benchmarks/bench_prep.py [--clips 32] [--size 128]
 
-1. decode path: our decode + sample + resize/crop (datasets_prep.decode) against raw
+1. decode path: our decode + sample + resize/crop (flowspeed.datasets_prep.decode) against raw
    `decord.VideoReader.get_batch` on the same clips and indices (frames/s ratio; target >= 0.9).
 2. scale-out: a whole prep (probe, decode, VAE + text encode, shard writes) with 1 rank against
    2 torchrun ranks on this machine's cores (clips/s ratio; target >= 1.8x for CPU-bound work).
@@ -22,13 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import decord  # noqa: E402
 import torch  # noqa: E402
-
-from configs import load_config  # noqa: E402
-from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices  # noqa: E402
-from datasets_prep.demo import make_demo_dataset  # noqa: E402
-from datasets_prep.prep import launch_prep, run_prep  # noqa: E402
-from datasets_prep.probe import probe  # noqa: E402
-from engines.common.io import read_jsonl  # noqa: E402
+from flowspeed.configs import load_config  # noqa: E402
+from flowspeed.datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices  # noqa: E402
+from flowspeed.datasets_prep.demo import make_demo_dataset  # noqa: E402
+from flowspeed.datasets_prep.prep import launch_prep, run_prep  # noqa: E402
+from flowspeed.datasets_prep.probe import probe  # noqa: E402
+from flowspeed.engines.common.io import read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

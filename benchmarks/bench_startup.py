@@ -14,7 +14,8 @@ rerun is measured three ways, side by side:
    interpreter's start and exit.
    The rows add up to the wall time; the time spent in imports (all of them, and the family's module alone)
    is printed beside them, from `-X importtime`;
-3. the pieces alone, each in a fresh process: `import flows.cli`, `import flows.stages`, importing the
+3. the pieces alone, each in a fresh process: `import flowspeed.flows.cli`, `import flowspeed.flows.stages`,
+   importing the
    config's model family after that, and the embedded Prefect API server's start on the run's database.
 
 Timings are printed, never asserted. The machine's load matters (the Prefect API server boots in its own
@@ -145,27 +146,31 @@ def drive(argv: list[str]) -> None:
     def patch_registry(m: Any) -> None:
         m._import_family = ledger.timed("family_import", m._import_family)
 
-    _patch_after_import("flows.stages", patch_stages)
-    _patch_after_import("engines.models.registry", patch_registry)
+    _patch_after_import("flowspeed.flows.stages", patch_stages)
+    _patch_after_import("flowspeed.engines.models.registry", patch_registry)
     _patch_after_import("mlflow.store.tracking.sqlalchemy_store", patch_store)
-    import flows.cli
+    import flowspeed.flows.cli
 
-    patch_cli(flows.cli)
-    exit_now = flows.cli._exit_without_teardown
+    patch_cli(flowspeed.flows.cli)
+    exit_now = flowspeed.flows.cli._exit_without_teardown
 
     def write_then_exit(code: int) -> None:  # the exit itself (threads, hooks) is timed from outside
         Path(os.environ[PHASES_ENV]).write_text(json.dumps(ledger.result()))
         exit_now(code)
 
-    flows.cli._exit_without_teardown = write_then_exit
+    flowspeed.flows.cli._exit_without_teardown = write_then_exit
     sys.argv = ["flowspeed", *argv]
-    flows.cli.main()
+    flowspeed.flows.cli.main()
 
 
 # ---- the measurements --------------------------------------------------------------------------------
 def _flowspeed() -> list[str]:
     exe = Path(sys.executable).with_name("flowspeed")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-c", "import sys; from flows.cli import main; main()"]
+    return (
+        [str(exe)]
+        if exe.is_file()
+        else [sys.executable, "-c", "import sys; from flowspeed.flows.cli import main; main()"]
+    )
 
 
 def _timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
@@ -194,7 +199,7 @@ def _python(code: str, cwd: Path) -> float:
 
 def _prefect_api_start(prefect_home: Path, cwd: Path) -> float:
     code = (
-        "from tasks.embedded_prefect import EmbeddedPrefectServer\n"
+        "from flowspeed.tasks.embedded_prefect import EmbeddedPrefectServer\n"
         "s = EmbeddedPrefectServer().start(); s.wait(300); s.stop()"
     )
     env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -216,9 +221,9 @@ def _family_and_workdir(config: Path) -> tuple[str, str]:
 
 
 def _family_module(family: str) -> str:
-    from configs.catalog import FAMILIES
+    from flowspeed.configs.catalog import FAMILIES
 
-    return FAMILIES[family].module if family in FAMILIES else f"engines.models.{family}"
+    return FAMILIES[family].module if family in FAMILIES else f"flowspeed.engines.models.{family}"
 
 
 def main() -> None:
@@ -282,14 +287,17 @@ def main() -> None:
 
         family, workdir = _family_and_workdir(work / args.config)
         workdir = work / workdir
-        cli = _python("import flows.cli", REPO)
-        stage = _python("import flows.stages", REPO)
-        fam = _python(f"import flows.stages\n_t = time.perf_counter()\nfrom engines.models import get_family\n"
-                      f"get_family({family!r})", REPO)  # fmt: skip
+        cli = _python("import flowspeed.flows.cli", REPO)
+        stage = _python("import flowspeed.flows.stages", REPO)
+        fam = _python(
+            "import flowspeed.flows.stages\n_t = time.perf_counter()\n"
+            f"from flowspeed.engines.models import get_family\nget_family({family!r})",
+            REPO,
+        )
         api = _prefect_api_start(workdir / "prefect", REPO)
         print("[3] pieces alone, each in a fresh process")
-        print(f"    import flows.cli                                       : {cli:6.2f} s")
-        print(f"    import flows.stages                                    : {stage:6.2f} s")
+        print(f"    import flowspeed.flows.cli                                       : {cli:6.2f} s")
+        print(f"    import flowspeed.flows.stages                                    : {stage:6.2f} s")
         print(f"    get_family({family!r}) after that (its module only)     : {fam:6.2f} s")
         print(f"    embedded Prefect API server start, existing database   : {api:6.2f} s")
     finally:

@@ -22,15 +22,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-
-from configs import load_config  # noqa: E402
-from datasets_prep.cache import CachedLatents, collate  # noqa: E402
-from datasets_prep.decode import decode, resize_center_crop  # noqa: E402
-from datasets_prep.demo import make_demo_dataset  # noqa: E402
-from datasets_prep.prep import load_samples, run_prep  # noqa: E402
-from datasets_prep.probe import probe  # noqa: E402
-from engines.models import get_family  # noqa: E402
-from engines.torch_engine.trainer import step_generator, train  # noqa: E402
+from flowspeed.configs import load_config  # noqa: E402
+from flowspeed.datasets_prep.cache import CachedLatents, collate  # noqa: E402
+from flowspeed.datasets_prep.decode import decode, resize_center_crop  # noqa: E402
+from flowspeed.datasets_prep.demo import make_demo_dataset  # noqa: E402
+from flowspeed.datasets_prep.prep import load_samples, run_prep  # noqa: E402
+from flowspeed.datasets_prep.probe import probe  # noqa: E402
+from flowspeed.engines.models import get_family  # noqa: E402
+from flowspeed.engines.torch_engine.trainer import step_generator, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +60,7 @@ def main() -> None:
     overrides = []
     if args.layers:
         # A bigger denoiser than the tiny preset, so a step costs what per-step bookkeeping is measured against.
-        from engines.models import cogvideox
+        from flowspeed.engines.models import cogvideox
 
         dims = dict(num_layers=args.layers, num_attention_heads=args.heads, attention_head_dim=args.head_dim)
         cogvideox.TRANSFORMER_PRESETS["bench"] = {**cogvideox.TRANSFORMER_PRESETS["tiny"], **dims}

@@ -1,7 +1,7 @@
 """Typed stage configs (pydantic), YAML presets and the loader that composes them."""
 
-from configs.loader import ConfigError, dump_config, flatten, load_config, save_config
-from configs.schema import (
+from flowspeed.configs.loader import ConfigError, dump_config, flatten, load_config, save_config
+from flowspeed.configs.schema import (
     BucketsConfig,
     CaptionConfig,
     ClipConfig,
@@ -15,7 +15,7 @@ from configs.schema import (
     TrackingConfig,
     TrainConfig,
 )
-from configs.validate import check_stage, config_problems, stage_problems
+from flowspeed.configs.validate import check_stage, config_problems, stage_problems
 
 __all__ = [
     "BucketsConfig",

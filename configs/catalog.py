@@ -3,7 +3,7 @@
 Checking `model.family`, its frame rule, its presets or `data.caption.model` through the real
 registries means importing every family module, hence diffusers, transformers and torch: 10+ s before
 a typo is reported. This table holds the few facts the config checks need, per registered name, and
-`tests/configs/test_validation.py` holds it to the real registries (`engines.models.known_families()`,
+`tests/configs/test_validation.py` holds it to the real registries (`flowspeed.engines.models.known_families()`,
 each family's `frame_count_error`, `size_multiple`, `vision_tower` and the presets its loaders build,
 megatron's `MODELS`, prep's `CAPTIONERS` and `DECODERS`, the task runners, the benchmarks and prompt
 templates, open_clip's models), so the table cannot drift from what the stages will do.
@@ -102,7 +102,7 @@ def _facts(module: str, like: FamilyFacts, vae: tuple[str, ...] = (), transforme
     for comp, extra in (("vae", vae), ("transformer", transformer)):
         if extra:
             presets[comp] += extra
-    return replace(like, module=f"engines.models.{module}", presets=presets, **changes)
+    return replace(like, module=f"flowspeed.engines.models.{module}", presets=presets, **changes)
 
 
 _OSP_VAES = ("tiny-causalvae", "wfvae-v1.3", "causalvae-v1.2-488")
@@ -144,7 +144,7 @@ def _named_in_family_modules(name: str) -> bool:
 
 @cache
 def _registered(name: str) -> FamilyFacts | None:
-    from engines.models import get_family
+    from flowspeed.engines.models import get_family
 
     try:
         return RegisteredFamilyFacts(get_family(name))

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from flowspeed.configs.schema import PipelineConfig
+from flowspeed.configs.validate import ConfigError, config_problems, explain
 from pydantic import BaseModel, ValidationError
-
-from configs.schema import PipelineConfig
-from configs.validate import ConfigError, config_problems, explain
 
 __all__ = ["ConfigError", "apply_overrides", "dump_config", "flatten", "load_config", "parse_override", "save_config"]
 
@@ -111,7 +110,7 @@ def load_config(
     reveals (configs/validate.py: layout vs world size, engine vs family, registry names, frame
     rules), so `flowspeed run` fails in a second instead of after prep. `check=False` returns such a
     config anyway: for showing it, or for testing the launchers' own refusal. What depends on the
-    machine (paths that must exist) is `configs.validate.check_stage`, run when a stage starts.
+    machine (paths that must exist) is `flowspeed.configs.validate.check_stage`, run when a stage starts.
     """
     data: dict[str, Any] = {}
     source = "<defaults>"

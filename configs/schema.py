@@ -166,7 +166,7 @@ class DataConfig(Section):
     incoming: Path | None = Field(
         None, description="a folder of new media (+ .txt captions) every run also ingests; cached ones are free"
     )
-    manifest_format: str = Field("auto", description="auto, or one of datasets_prep.manifest.known_formats()")
+    manifest_format: str = Field("auto", description="auto, or one of flowspeed.datasets_prep.manifest.known_formats()")
     roots: list[Path] = Field(default_factory=list, description="extra folders media paths may resolve into")
     output_dir: Path | None = Field(None, description="prep output; default <workdir>/prep")
     cache_dir: Path | None = Field(
@@ -437,7 +437,7 @@ class GateConfig(Section):
     @model_validator(mode="after")
     def _known_direction(self) -> GateConfig:
         if self.direction is None:
-            from evaluation.directions import DIRECTIONS, direction_of
+            from flowspeed.evaluation.directions import DIRECTIONS, direction_of
 
             found = direction_of(self.metric)
             if found is None:

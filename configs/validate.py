@@ -13,7 +13,7 @@ Two kinds of checks, split by what they depend on:
   checkpoint or an evaluated model folder exists, an optional task runner is installed. A recipe whose
   data lives on the cluster still loads elsewhere.
 
-Nothing here imports torch or a model library: names and rules come from `configs.catalog`, which a
+Nothing here imports torch or a model library: names and rules come from `flowspeed.configs.catalog`, which a
 test holds to the real registries, or from registries that are cheap to import. The one exception is a
 family the catalog does not list yet: the real registry is asked (`catalog.family_facts`). The layout rules are
 the ones both engines' launchers call (`engines/torch_engine/launch.py:validate_layout`,
@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, get_args
 
-from configs.catalog import (
+from flowspeed.configs.catalog import (
     BENCHMARKS,
     CAPTIONERS,
     FAMILIES,
@@ -40,7 +40,7 @@ from configs.catalog import (
     clip_models,
     family_facts,
 )
-from configs.schema import ParallelConfig, PipelineConfig
+from flowspeed.configs.schema import ParallelConfig, PipelineConfig
 
 
 class ConfigError(ValueError):
@@ -255,7 +255,7 @@ def _family_problems(cfg: PipelineConfig) -> list[str]:
 
 
 def _registry_problems(cfg: PipelineConfig) -> list[str]:
-    from datasets_prep.manifest import known_formats  # stdlib only: the registry itself
+    from flowspeed.datasets_prep.manifest import known_formats  # stdlib only: the registry itself
 
     out = []
     fmt = cfg.data.manifest_format

@@ -21,9 +21,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from configs.schema import BucketsConfig, DataConfig, resolution_area
-from datasets_prep.probe import MediaInfo, ProbeError
-from engines.common.io import text_digest
+from flowspeed.configs.schema import BucketsConfig, DataConfig, resolution_area
+from flowspeed.datasets_prep.probe import MediaInfo, ProbeError
+from flowspeed.engines.common.io import text_digest
 
 # Height / width ratios a clip may be bucketed at (portrait 9:21 ... landscape 21:9).
 ASPECT_RATIOS = (21 / 9, 16 / 9, 4 / 3, 1.0, 3 / 4, 9 / 16, 9 / 21)

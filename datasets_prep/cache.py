@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flowspeed.engines.common.io import atomic_write, write_jsonl
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-from engines.common.io import atomic_write, write_jsonl
 
 # r<rank>-<seq>-<writer>.safetensors: the writer token keeps two runs sharing one cache from ever
 # picking the same name (the old r<rank>-<seq> form is still read).

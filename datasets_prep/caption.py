@@ -22,16 +22,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from flowspeed.configs.schema import CaptionConfig, PipelineConfig
+from flowspeed.datasets_prep.decode import cover_size, decode
+from flowspeed.datasets_prep.manifest import Entry
+from flowspeed.datasets_prep.probe import ProbeError, probe
+from flowspeed.engines.common.device import resolve_device
+from flowspeed.engines.common.io import RecordStore, file_digest
+from flowspeed.engines.common.progress import reporter
+from flowspeed.engines.models.registry import seeded_init
 from PIL import Image
-
-from configs.schema import CaptionConfig, PipelineConfig
-from datasets_prep.decode import cover_size, decode
-from datasets_prep.manifest import Entry
-from datasets_prep.probe import ProbeError, probe
-from engines.common.device import resolve_device
-from engines.common.io import RecordStore, file_digest
-from engines.common.progress import reporter
-from engines.models.registry import seeded_init
 
 SINGLE_IMAGE = {"llava"}
 
@@ -89,6 +88,7 @@ QWEN2_VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_st
 
 def tiny_qwen2_vl(seed: int = 0) -> tuple[Any, Any]:
     """A 146k-parameter Qwen2-VL and its processor, built offline (no hub): Qwen2-VL's real classes."""
+    from flowspeed.engines.models.tokenizer import _tokenizer_json
     from tokenizers import Tokenizer
     from transformers import (
         PreTrainedTokenizerFast,
@@ -98,8 +98,6 @@ def tiny_qwen2_vl(seed: int = 0) -> tuple[Any, Any]:
         Qwen2VLProcessor,
     )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    from engines.models.tokenizer import _tokenizer_json
 
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()), pad_token="<pad>",
                                   eos_token="<|im_end|>", unk_token="<unk>", padding_side="left")  # fmt: skip

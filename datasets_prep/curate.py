@@ -19,15 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from flowspeed.configs.schema import AestheticConfig, CurateConfig, PipelineConfig, SceneSplitConfig
+from flowspeed.datasets_prep.decode import decode
+from flowspeed.datasets_prep.probe import MediaInfo, ProbeError, probe
+from flowspeed.engines.common.device import resolve_device
+from flowspeed.engines.common.io import RecordStore, atomic_write
+from flowspeed.engines.common.progress import reporter
 from PIL import Image
 from safetensors.torch import load_file, save_file
-
-from configs.schema import AestheticConfig, CurateConfig, PipelineConfig, SceneSplitConfig
-from datasets_prep.decode import decode
-from datasets_prep.probe import MediaInfo, ProbeError, probe
-from engines.common.device import resolve_device
-from engines.common.io import RecordStore, atomic_write
-from engines.common.progress import reporter
 
 
 def config_hash(obj: Any) -> str:
@@ -56,8 +55,8 @@ def clip_view(info: MediaInfo, start: int, end: int) -> MediaInfo:
 
 def write_scene_clip(path: Path, info: MediaInfo, start: int, end: int, out_dir: Path, content_hash: str) -> Path:
     """Frames [start, end) as their own mp4 (for tools that want files, not ranges); idempotent."""
-    from datasets_prep.decode import DECODERS
-    from datasets_prep.mp4 import write_mp4
+    from flowspeed.datasets_prep.decode import DECODERS
+    from flowspeed.datasets_prep.mp4 import write_mp4
 
     target = Path(out_dir) / f"{content_hash}_{start:06d}_{end:06d}.mp4"
     if not target.exists():
@@ -133,7 +132,7 @@ class ClipScorer:
     """CLIP embeddings (for dedup) and aesthetic scores from the same forward pass."""
 
     def __init__(self, cfg: AestheticConfig, device: torch.device) -> None:
-        from evaluation.clip_score import load_clip
+        from flowspeed.evaluation.clip_score import load_clip
 
         self.model, self.preprocess, _ = load_clip(cfg.clip, device)
         self.device = device

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from datasets_prep.probe import MediaInfo, ProbeError
+from flowspeed.datasets_prep.probe import MediaInfo, ProbeError
 
 
 def sample_indices(info: MediaInfo, num_frames: int, target_fps: float | None, stride: int) -> list[int]:

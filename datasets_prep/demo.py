@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from flowspeed.datasets_prep.mp4 import write_mp4
+from flowspeed.engines.common.io import atomic_write, atomic_write_text
 from PIL import Image, ImageDraw
-
-from datasets_prep.mp4 import write_mp4
-from engines.common.io import atomic_write, atomic_write_text
 
 COLOURS = {
     "red": (230, 40, 40),

@@ -213,7 +213,7 @@ def opened_under(path: Path, allowed: Iterable[Path]) -> Iterator[Path]:
 
 def media_digest(entry: Entry) -> str:
     """The content hash of an entry's primary media file, read from the descriptor checked under its roots."""
-    from engines.common.io import file_digest
+    from flowspeed.engines.common.io import file_digest
 
     with opened_under(entry.path, entry.roots) as path:
         return file_digest(path)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-
-from engines.common.io import atomic_write
+from flowspeed.engines.common.io import atomic_write
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: float, crf: int = 18) -> Path:

@@ -7,7 +7,7 @@ Idempotent: samples whose content key is already cached are neither decoded nor 
 encoders are not even loaded when nothing is new. Under torchrun each rank takes the manifest
 records i with i % world == rank, writes its own shards (`r<rank>-*`) and a part file; rank 0
 merges the parts. Outputs (under `cfg.prep_dir`):
-    cache/            the latent cache (see datasets_prep.cache)
+    cache/            the latent cache (see flowspeed.datasets_prep.cache)
     samples.jsonl     the records this run's manifest and config select: the training set
     rejects.jsonl     {"path", "stage", "reason", "code"} per unusable record or file
     summary.json      counts (per rejection reason too); config.yaml the resolved config
@@ -27,22 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flowspeed.configs import DataConfig, PipelineConfig, save_config
+from flowspeed.datasets_prep.buckets import Bucket, assign, drop_minorities
+from flowspeed.datasets_prep.cache import LatentCache
+from flowspeed.datasets_prep.caption import caption_items
+from flowspeed.datasets_prep.curate import SceneCache, clip_view, curate, dedup, write_scene_clip
+from flowspeed.datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
+from flowspeed.datasets_prep.manifest import Entry, EscapedRoot, Rejection, media_digest, opened_under, read_sources
+from flowspeed.datasets_prep.probe import IMAGE_SUFFIXES, MediaInfo, ProbeError, probe
+from flowspeed.datasets_prep.sequence_prep import sequence_slice
+from flowspeed.engines.common.device import resolve_device, torch_dtype
+from flowspeed.engines.common.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
+from flowspeed.engines.common.progress import reporter
+from flowspeed.engines.models import ModelFamily, get_family
+from flowspeed.engines.models.registry import Capability
 from torch.distributed.elastic.multiprocessing.errors import record
-
-from configs import DataConfig, PipelineConfig, save_config
-from datasets_prep.buckets import Bucket, assign, drop_minorities
-from datasets_prep.cache import LatentCache
-from datasets_prep.caption import caption_items
-from datasets_prep.curate import SceneCache, clip_view, curate, dedup, write_scene_clip
-from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
-from datasets_prep.manifest import Entry, EscapedRoot, Rejection, media_digest, opened_under, read_sources
-from datasets_prep.probe import IMAGE_SUFFIXES, MediaInfo, ProbeError, probe
-from datasets_prep.sequence_prep import sequence_slice
-from engines.common.device import resolve_device, torch_dtype
-from engines.common.io import atomic_write_text, file_digest, read_jsonl, text_digest, write_jsonl
-from engines.common.progress import reporter
-from engines.models import ModelFamily, get_family
-from engines.models.registry import Capability
 
 
 @dataclass
@@ -463,12 +462,12 @@ def _result_from_disk(prep_dir: Path) -> PrepResult:
 
 def launch_prep(cfg: PipelineConfig) -> PrepResult:
     """In this process, or as a torchrun job of `data.nproc_per_node` ranks."""
-    from engines.common.torchrun import in_distributed_job, run_torchrun
+    from flowspeed.engines.common.torchrun import in_distributed_job, run_torchrun
 
     if in_distributed_job() or cfg.data.nproc_per_node == 1:
         return run_prep(cfg)
     cfg_path = save_config(cfg, cfg.prep_dir, "launch_config.yaml")
-    run_torchrun("datasets_prep.prep", ["--config", str(cfg_path)], cfg.data.nproc_per_node)
+    run_torchrun("flowspeed.datasets_prep.prep", ["--config", str(cfg_path)], cfg.data.nproc_per_node)
     return _result_from_disk(cfg.prep_dir)
 
 
@@ -477,9 +476,8 @@ def main() -> None:
     import argparse
 
     import torch.distributed as dist
-
-    from configs import load_config
-    from engines.common.device import init_process_group
+    from flowspeed.configs import load_config
+    from flowspeed.engines.common.device import init_process_group
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, type=Path)

@@ -18,15 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from configs import PipelineConfig
-from datasets_prep.cache import LatentCache
-from datasets_prep.decode import decode, resize_center_crop
-from datasets_prep.manifest import Entry, EscapedRoot, Rejection, opened_under
-from datasets_prep.probe import IMAGE_SUFFIXES, MediaInfo, ProbeError, probe
-from engines.common.io import file_digest, text_digest
-from engines.common.progress import reporter
-from engines.models.sequence import SequenceFamily, SequenceSample
+from flowspeed.configs import PipelineConfig
+from flowspeed.datasets_prep.cache import LatentCache
+from flowspeed.datasets_prep.decode import decode, resize_center_crop
+from flowspeed.datasets_prep.manifest import Entry, EscapedRoot, Rejection, opened_under
+from flowspeed.datasets_prep.probe import IMAGE_SUFFIXES, MediaInfo, ProbeError, probe
+from flowspeed.engines.common.io import file_digest, text_digest
+from flowspeed.engines.common.progress import reporter
+from flowspeed.engines.models.sequence import SequenceFamily, SequenceSample
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
          "system": "system"}  # fmt: skip
@@ -74,7 +73,7 @@ def load_sample(entry: Entry, family: SequenceFamily, cfg: PipelineConfig) -> Se
     Decoders read each file as opened once and checked under the entry's roots (`opened_under`), so a
     symlink swapped in after the manifest was read cannot hand them a file from elsewhere."""
     if "audio" in family.media:
-        from datasets_prep.audio import load_audio
+        from flowspeed.datasets_prep.audio import load_audio
 
         if not entry.caption:
             raise ValueError("no transcript (text/transcript/sentence column)")

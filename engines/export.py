@@ -9,16 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from configs import PipelineConfig, save_config
-from engines.common.io import replaced_dir
+from flowspeed.configs import PipelineConfig, save_config
+from flowspeed.engines.common.io import replaced_dir
 
 
 def plain_model(family, cfg: PipelineConfig, model_args: dict[str, int]) -> torch.nn.Module:  # noqa: ANN001
     """The family's model as one process builds it (with adapters when LoRA is on), on CPU."""
     model = family.load_transformer(cfg.model, **model_args)
     if cfg.train.lora.enabled:  # LoRA trains on the torch engine only (the megatron engine refuses it)
-        from engines.torch_engine.lora import apply_lora
+        from flowspeed.engines.torch_engine.lora import apply_lora
 
         apply_lora(model, cfg.train.lora, family.lora_targets, family.lora_exclude)
     return model
@@ -34,7 +33,7 @@ def export_weights(family, cfg: PipelineConfig, model_args: dict, state: dict, f
                          f"unexpected {unexpected[:5]}")  # fmt: skip
     with replaced_dir(final_dir) as tmp:  # `final/` is always whole: the old one until the new one is in
         if cfg.train.lora.enabled:
-            from engines.torch_engine.lora import merge, save_adapter
+            from flowspeed.engines.torch_engine.lora import merge, save_adapter
 
             save_adapter(model, tmp / "lora", cfg.train.lora, family.lora_targets)
             merge(model)

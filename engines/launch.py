@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs import PipelineConfig, save_config
-from engines.common.torchrun import in_distributed_job, run_torchrun
-from engines.loop import TrainResult
+from flowspeed.configs import PipelineConfig, save_config
+from flowspeed.engines.common.torchrun import in_distributed_job, run_torchrun
+from flowspeed.engines.loop import TrainResult
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,10 @@ class Engine:
 
 
 ENGINES = {
-    "torch": Engine("engines.torch_engine.trainer", "engines.torch_engine.launch:validate_layout", True),
-    "megatron": Engine("engines.megatron.trainer", "engines.megatron.trainer:validate", False),
+    "torch": Engine(
+        "flowspeed.engines.torch_engine.trainer", "flowspeed.engines.torch_engine.launch:validate_layout", True
+    ),
+    "megatron": Engine("flowspeed.engines.megatron.trainer", "flowspeed.engines.megatron.trainer:validate", False),
 }
 
 

@@ -31,18 +31,17 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-
-from configs import PipelineConfig, load_config, save_config
-from datasets_prep.cache import CachedLatents, split_records
-from datasets_prep.prep import load_samples
-from engines.common.checkpoints import STEP_RE, PendingCheckpoint, clean_partial, latest, latest_intact
-from engines.common.device import device_name, peak_memory_bytes
-from engines.common.flops import mfu, peak_tflops, train_flops
-from engines.common.io import atomic_write_text
-from engines.common.progress import reporter
-from engines.common.sampler import BucketBatchSampler
-from engines.models import get_family
-from engines.tracking.tracker import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
+from flowspeed.configs import PipelineConfig, load_config, save_config
+from flowspeed.datasets_prep.cache import CachedLatents, split_records
+from flowspeed.datasets_prep.prep import load_samples
+from flowspeed.engines.common.checkpoints import STEP_RE, PendingCheckpoint, clean_partial, latest, latest_intact
+from flowspeed.engines.common.device import device_name, peak_memory_bytes
+from flowspeed.engines.common.flops import mfu, peak_tflops, train_flops
+from flowspeed.engines.common.io import atomic_write_text
+from flowspeed.engines.common.progress import reporter
+from flowspeed.engines.common.sampler import BucketBatchSampler
+from flowspeed.engines.models import get_family
+from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
 
 
 @dataclass

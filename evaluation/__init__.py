@@ -1,5 +1,5 @@
 """Evaluation: held-out loss, generated samples and their metrics, answers, transcripts and benchmark scores of a
-trained export. No Prefect here; the eval stage (tasks/stages.py) calls `evaluation.run.run_eval`.
+trained export. No Prefect here; the eval stage (tasks/stages.py) calls `flowspeed.evaluation.run.run_eval`.
 
 The modules form layers, each importing only from the layers below it (tests/evaluation/test_import_graph.py
 fails on a circle). Metric definitions, which import no other evaluation module but `directions` (which way is

@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from configs import PipelineConfig
-from configs.schema import BenchmarkConfig
-from engines.common.io import write_jsonl
-from engines.models.registry import ModelFamily
-from engines.models.sequence import SequenceSample
-from evaluation.benchmarks import (
+from flowspeed.configs import PipelineConfig
+from flowspeed.configs.schema import BenchmarkConfig
+from flowspeed.engines.common.io import write_jsonl
+from flowspeed.engines.models.registry import ModelFamily
+from flowspeed.engines.models.sequence import SequenceSample
+from flowspeed.evaluation.benchmarks import (
     PROMPT_TEMPLATES,
     BenchmarkItem,
     build_prompt,
@@ -31,8 +30,8 @@ from evaluation.benchmarks import (
     load_benchmark,
     score_benchmark,
 )
-from evaluation.common import max_new_tokens
-from evaluation.sharded import Ranks, run_sharded, task_folder
+from flowspeed.evaluation.common import max_new_tokens
+from flowspeed.evaluation.sharded import Ranks, run_sharded, task_folder
 
 
 def _sample(item: BenchmarkItem, prompt: str, cfg: PipelineConfig) -> SequenceSample:

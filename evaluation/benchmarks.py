@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
+from flowspeed.evaluation.directions import DIRECTIONS
 from PIL import Image
-
-from evaluation.directions import DIRECTIONS
 
 MetricName = Literal["accuracy", "relaxed_accuracy", "anls"]
 TaskKind = Literal["multiple_choice", "open", "mixed"]

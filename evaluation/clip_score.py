@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+from flowspeed.configs import ClipConfig
+from flowspeed.engines.models.registry import seeded_init
 from PIL import Image
-
-from configs import ClipConfig
-from engines.models.registry import seeded_init
 
 _CONFIGS = Path(__file__).parent / "clip_configs"
 open_clip.add_model_config(_CONFIGS)

@@ -11,13 +11,12 @@ import logging
 from pathlib import Path
 
 import torch
+from flowspeed.configs import ComponentConfig, PipelineConfig
+from flowspeed.datasets_prep.cache import CachedLatents, split_records
+from flowspeed.datasets_prep.prep import load_samples
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.registry import Capability, ModelFamily
 from torch import nn
-
-from configs import ComponentConfig, PipelineConfig
-from datasets_prep.cache import CachedLatents, split_records
-from datasets_prep.prep import load_samples
-from engines.models import get_family
-from engines.models.registry import Capability, ModelFamily
 
 
 def held_out_records(cfg: PipelineConfig) -> list[dict]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from configs import PipelineConfig
+from flowspeed.configs import PipelineConfig
 
 
 def trained_export(cfg: PipelineConfig) -> Path:
@@ -18,7 +18,7 @@ def trained_export(cfg: PipelineConfig) -> Path:
     final = cfg.train_dir / "final"
     if cfg.train.init_from != "champion":
         return final
-    from engines.models import get_family  # the registry imports torch: only past the plain case
+    from flowspeed.engines.models import get_family  # the registry imports torch: only past the plain case
 
     family = get_family(cfg.model.family)
     done = [d / "final" for d in cfg.train_dir.glob("from-*") if family.export_files(d / "final")[0].is_file()]
@@ -28,11 +28,11 @@ def trained_export(cfg: PipelineConfig) -> Path:
 def model_to_evaluate(cfg: PipelineConfig, model: str) -> Path:
     """`eval.model` as a local export folder: a registry version (downloaded once under the
     workdir), a training checkpoint (exported once beside the eval outputs), or an export."""
-    from engines.tracking.serving import SETTINGS, weights_dir
+    from flowspeed.engines.tracking.serving import SETTINGS, weights_dir
 
     if model.startswith("models:/"):
-        from engines.tracking.registry import fetch_version, resolve_version
-        from engines.tracking.tracker import tracking_uri
+        from flowspeed.engines.tracking.registry import fetch_version, resolve_version
+        from flowspeed.engines.tracking.tracker import tracking_uri
 
         uri = tracking_uri(cfg)
         name, version = resolve_version(uri, model)
@@ -45,8 +45,8 @@ def model_to_evaluate(cfg: PipelineConfig, model: str) -> Path:
         return weights_dir(local)
     path = Path(model)
     if (path / "trainer_state.pt").is_file():
-        from engines.models import get_family
-        from engines.torch_engine.trainer import export_checkpoint
+        from flowspeed.engines.models import get_family
+        from flowspeed.engines.torch_engine.trainer import export_checkpoint
 
         out = cfg.eval_dir.parent / ".eval-exports" / f"{path.parent.parent.name}-{path.name}"
         if not get_family(cfg.model.family).export_files(out)[0].is_file():

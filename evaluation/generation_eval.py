@@ -16,14 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from configs import PipelineConfig
-from datasets_prep.mp4 import write_mp4
-from engines.common.io import atomic_write, text_digest
-from engines.models.registry import ModelFamily, loaded
-from evaluation import generation_metrics as gm
-from evaluation.clip_score import clip_image_features, clip_score_of, load_clip, video_clip_score
-from evaluation.sharded import Ranks, run_sharded, task_folder
+from flowspeed.configs import PipelineConfig
+from flowspeed.datasets_prep.mp4 import write_mp4
+from flowspeed.engines.common.io import atomic_write, text_digest
+from flowspeed.engines.models.registry import ModelFamily, loaded
+from flowspeed.evaluation import generation_metrics as gm
+from flowspeed.evaluation.clip_score import clip_image_features, clip_score_of, load_clip, video_clip_score
+from flowspeed.evaluation.sharded import Ranks, run_sharded, task_folder
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +107,15 @@ def _reference_sources(cfg: PipelineConfig) -> list[tuple[Path, list[int] | None
     ref = cfg.eval.generation.reference
     assert ref is not None
     if ref == "held_out":
-        from datasets_prep.cache import split_records
-        from datasets_prep.prep import load_samples
+        from flowspeed.datasets_prep.cache import split_records
+        from flowspeed.datasets_prep.prep import load_samples
 
         _, val = split_records(load_samples(cfg.prep_dir), cfg.train.val_fraction)
         return [(Path(r["source"]), list(r["frame_indices"])) for r in val]
     folder = Path(ref)
     if not folder.is_dir():
         raise FileNotFoundError(f"eval.generation.reference={ref}: not a folder of videos/images (or held_out)")
-    from datasets_prep.probe import IMAGE_SUFFIXES
+    from flowspeed.datasets_prep.probe import IMAGE_SUFFIXES
 
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES | IMAGE_SUFFIXES)
     return [(p, None) for p in files]
@@ -126,8 +125,8 @@ def reference_videos(cfg: PipelineConfig) -> list[np.ndarray]:
     """The reference clips as the model's samples look: (T, H, W, 3) uint8 at data.num_frames x height x
     width, decoded and cropped the way prep treats training clips. Unreadable or too-short files are
     skipped with a warning naming them."""
-    from datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
-    from datasets_prep.probe import ProbeError, probe
+    from flowspeed.datasets_prep.decode import cover_size, decode, resize_center_crop, sample_indices
+    from flowspeed.datasets_prep.probe import ProbeError, probe
 
     d = cfg.data
     out, skipped = [], []

@@ -27,9 +27,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from flowspeed.evaluation.directions import DIRECTIONS
 from torch import nn
-
-from evaluation.directions import DIRECTIONS
 
 try:  # scipy is what the reference FID implementations use; it arrives with mlflow but is not a declared dependency
     import scipy.linalg as _scipy_linalg

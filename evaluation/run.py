@@ -2,7 +2,7 @@
 metrics (GENERATION), answers or transcripts and benchmark scores (ANSWERS, TRANSCRIPTION), for a trained
 export, a checkpoint or a registered version.
 
-With `eval.nproc_per_node > 1` it runs as a torchrun job (`python -m evaluation.run`): samples and
+With `eval.nproc_per_node > 1` it runs as a torchrun job (`python -m flowspeed.evaluation.run`): samples and
 benchmark items are split across the ranks and gathered on rank 0 (evaluation/sharded.py), which
 writes the outputs. Every task keeps per-item rows as it goes, so a killed eval resumes.
 
@@ -22,17 +22,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from flowspeed.configs import PipelineConfig, load_config, save_config
+from flowspeed.engines.common.device import resolve_device
+from flowspeed.engines.common.io import atomic_write_text, write_jsonl
+from flowspeed.engines.common.torchrun import in_distributed_job, run_torchrun
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.registry import Capability, ModelFamily, keep_loaded
+from flowspeed.evaluation.common import held_out_metrics, held_out_records, validation_loss
+from flowspeed.evaluation.exports import trained_export
+from flowspeed.evaluation.sharded import Ranks, join
 from torch.distributed.elastic.multiprocessing.errors import record
-
-from configs import PipelineConfig, load_config, save_config
-from engines.common.device import resolve_device
-from engines.common.io import atomic_write_text, write_jsonl
-from engines.common.torchrun import in_distributed_job, run_torchrun
-from engines.models import get_family
-from engines.models.registry import Capability, ModelFamily, keep_loaded
-from evaluation.common import held_out_metrics, held_out_records, validation_loss
-from evaluation.exports import trained_export
-from evaluation.sharded import Ranks, join
 
 
 @dataclass
@@ -61,7 +60,7 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
     if cfg.eval.nproc_per_node > 1 and not in_distributed_job():
         (out / "metrics.json").unlink(missing_ok=True)  # never read a previous eval's result as this one's
         path = save_config(cfg, out, "launch_config.yaml")
-        run_torchrun("evaluation.run", ["--config", str(path), "--final-dir", str(final_dir)],
+        run_torchrun("flowspeed.evaluation.run", ["--config", str(path), "--final-dir", str(final_dir)],
                      cfg.eval.nproc_per_node)  # fmt: skip
         return EvalResult(**json.loads((out / "metrics.json").read_text()))
     device = resolve_device(cfg.train.device)
@@ -96,8 +95,8 @@ def _evaluate(
     then what the family can do: generated samples and their metrics, answers or transcripts and benchmarks."""
     # imported here: CLIP (open_clip, torchvision) and the benchmark code load only when an eval runs, not when a
     # pipeline checks whether its cached eval is still current (trained_export)
-    from evaluation.generation_eval import generate_and_score
-    from evaluation.sequence_eval import run_sequence_eval
+    from flowspeed.evaluation.generation_eval import generate_and_score
+    from flowspeed.evaluation.sequence_eval import run_sequence_eval
 
     val = held_out_records(cfg) if ranks.main else []
     loss, n_val = validation_loss(cfg, final_dir, device, val) if ranks.main else (float("nan"), 0)

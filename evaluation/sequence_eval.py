@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from configs import PipelineConfig
-from datasets_prep.sequence_prep import sample_of
-from engines.common.io import write_jsonl
-from engines.models.registry import Capability, ModelFamily
-from evaluation.common import max_new_tokens
-from evaluation.sharded import Ranks, run_sharded, task_folder
+from flowspeed.configs import PipelineConfig
+from flowspeed.datasets_prep.sequence_prep import sample_of
+from flowspeed.engines.common.io import write_jsonl
+from flowspeed.engines.models.registry import Capability, ModelFamily
+from flowspeed.evaluation.common import max_new_tokens
+from flowspeed.evaluation.sharded import Ranks, run_sharded, task_folder
 
 
 def answer_held_out(
@@ -66,7 +65,7 @@ def run_sequence_eval(
     scored = []
     if cfg.eval.benchmarks and family.can(Capability.ANSWERS):
         # pandas and PIL: imported only when a benchmark runs, not with the stage machinery
-        from evaluation.benchmark_eval import run_benchmark
+        from flowspeed.evaluation.benchmark_eval import run_benchmark
 
         scored = [run_benchmark(cfg, bench, family, final_dir, device, ranks) for bench in cfg.eval.benchmarks]
     if not ranks.main:
@@ -77,7 +76,7 @@ def run_sequence_eval(
         metrics["eval/exact_match"] = sum(r["exact_match"] for r in rows) / len(rows)
     if rows and family.can(Capability.TRANSCRIPTION):  # published ASR numbers: WER/CER after Whisper's normaliser
         # transformers' Whisper normaliser and jiwer: imported only when transcripts are scored
-        from evaluation.speech_metrics import score_transcripts
+        from flowspeed.evaluation.speech_metrics import score_transcripts
 
         scores = score_transcripts([r["reference"] for r in rows], [r["response"] for r in rows])
         metrics |= {"eval/wer": scores["wer"], "eval/cer": scores["cer"]}

@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from engines.common.progress import reporter
+from flowspeed.engines.common.progress import reporter
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def join(device: torch.device, timeout_s: int = 1800) -> Ranks:
     """This process's place in a torchrun eval job (joining its process group), or a lone rank 0."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
-        from engines.common.device import init_process_group
+        from flowspeed.engines.common.device import init_process_group
 
         init_process_group(device, timeout_s)
     if dist.is_initialized():
@@ -79,7 +78,7 @@ def task_folder(eval_dir: Path, name: str, export_files: list[Path], settings: d
     """Where one eval task keeps its shards: named by the evaluated export (path, size and mtime of its
     files) and the settings that change its rows, so a rerun reuses rows only of the same work. The
     world size and batch size are left out on purpose: a crashed eval may resume on other ranks."""
-    from engines.common.io import text_digest
+    from flowspeed.engines.common.io import text_digest
 
     stamps = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in export_files if f.exists()]
     return (

@@ -32,9 +32,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import jiwer
+from flowspeed.evaluation.directions import DIRECTIONS
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
-
-from evaluation.directions import DIRECTIONS
 
 METRIC_DIRECTIONS: dict[str, str] = {m: DIRECTIONS[m] for m in ("wer", "cer")}  # one table: evaluation/directions.py
 _ENGLISH = {"en", "eng", "english"}

@@ -86,7 +86,7 @@ class RichReporter:
             self.progress.update(self.tasks[name], completed=self.progress.tasks[self.tasks[name]].total)
 
 
-_embedded_server: Any = None  # the Prefect API flowspeed started (tasks.embedded_prefect), if any
+_embedded_server: Any = None  # the Prefect API flowspeed started (flowspeed.tasks.embedded_prefect), if any
 
 
 def prepare_environment(workdir: Path, debug: bool = False) -> None:
@@ -100,7 +100,7 @@ def prepare_environment(workdir: Path, debug: bool = False) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if _embedded_server is None:
         # Our own ephemeral API, which dies with this process even on SIGKILL; it boots during the imports below.
-        from tasks.embedded_prefect import start_embedded_server
+        from flowspeed.tasks.embedded_prefect import start_embedded_server
 
         _embedded_server = start_embedded_server()
     # Flow and task logs go to the Prefect API (the UI shows them); the terminal shows the progress
@@ -262,7 +262,7 @@ def _fail(command: str, exc: BaseException, debug: bool, where: Path | None = No
             console.print("Run again with --debug for the full traceback.")
         raise typer.Exit(1)
     if isinstance(exc, _checkpoint_exception()):
-        from engines.common.safe_load import describe
+        from flowspeed.engines.common.safe_load import describe
 
         msg = f"a checkpoint could not be read or written ({describe(exc)})"
     console.print(
@@ -313,7 +313,7 @@ def _hard_exit_after(seconds: float, code: int) -> None:
 def _no_credentials_in_urls(cfg: Any) -> None:
     """Team-mode credentials come from the environment (MLFLOW_TRACKING_USERNAME/PASSWORD,
     PREFECT_API_AUTH_STRING); one written into a server URL would be printed and stored in run tags."""
-    from engines.tracking.tracker import refuse_credentials_in_url, tracking_uri
+    from flowspeed.engines.tracking.tracker import refuse_credentials_in_url, tracking_uri
 
     tracking_uri(cfg)  # refuses a tracking URI with user:password@
     if os.environ.get("PREFECT_API_URL"):
@@ -326,7 +326,7 @@ def _stage_dir(command: str, cfg: Any) -> Path:
 
 
 def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list[str] | None, debug: bool) -> None:
-    from configs import ConfigError, check_stage, load_config
+    from flowspeed.configs import ConfigError, check_stage, load_config
 
     try:
         cfg = load_config(config, overrides or [], workdir)
@@ -338,17 +338,17 @@ def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         prepare_environment(cfg.workdir, debug)
-        from engines.common.progress import use_reporter
+        from flowspeed.engines.common.progress import use_reporter
 
         columns = (TextColumn("[bold]{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress, use_reporter(RichReporter(progress)):
             if command == "run":
-                from flows.pipeline import pipeline
+                from flowspeed.flows.pipeline import pipeline
 
                 _wait_for_prefect()
                 out = pipeline(cfg)
             else:
-                from flows import stages
+                from flowspeed.flows import stages
 
                 flow = {"prep": stages.prep, "train": stages.train, "eval": stages.evaluate}[command]
                 _wait_for_prefect()
@@ -370,8 +370,8 @@ def _wait_for_prefect() -> None:
 
 
 def _summary(cfg: Any, out: dict[str, Any]) -> None:
-    from engines.tracking.tracker import tracking_uri
-    from tasks.tracking import prefect_run_url, ui_link
+    from flowspeed.engines.tracking.tracker import tracking_uri
+    from flowspeed.tasks.tracking import prefect_run_url, ui_link
 
     table = Table(title="flowspeed run", show_header=False)
     table.add_column(style="bold", no_wrap=True)
@@ -436,7 +436,7 @@ def demo_data(
     seed: int = 0,
 ) -> None:
     """Write a small dataset of moving coloured shapes with true captions (no downloads)."""
-    from datasets_prep.demo import make_demo_audio, make_demo_dataset
+    from flowspeed.datasets_prep.demo import make_demo_audio, make_demo_dataset
 
     manifest = make_demo_dataset(out_dir, num_videos, num_images, seed)
     audio = make_demo_audio(out_dir)
@@ -478,7 +478,7 @@ def export(
 ) -> None:
     """Turn a sharded training checkpoint (any parallel layout) into the family's native release folder."""
     try:
-        from engines.torch_engine.trainer import export_checkpoint
+        from flowspeed.engines.torch_engine.trainer import export_checkpoint
 
         final = export_checkpoint(checkpoint, out, use_ema=ema)
     except (Exception, *_checkpoint_exception()) as exc:  # noqa: BLE001  (one paragraph; --debug: traceback)
@@ -498,13 +498,13 @@ def compare(
     """The last N pipeline runs of an experiment side by side: what they trained, loss, eval, throughput."""
     import json as _json
 
-    from engines.tracking.compare import COLUMNS, compare_runs
+    from flowspeed.engines.tracking.compare import COLUMNS, compare_runs
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
         uri = f"sqlite:///{(workdir or Path.cwd()).resolve() / 'mlflow.db'}"
     try:
-        from engines.tracking.tracker import MLFLOW_CREDENTIALS, refuse_credentials_in_url
+        from flowspeed.engines.tracking.tracker import MLFLOW_CREDENTIALS, refuse_credentials_in_url
 
         refuse_credentials_in_url(uri, "the MLflow tracking URI", MLFLOW_CREDENTIALS)
         rows = compare_runs(uri, experiment, last)
@@ -531,7 +531,7 @@ def sync_metrics(
 ) -> None:
     """Deliver what MLflow missed while its server was away: training metrics, and the stages' tags,
     artifacts, tables and final status."""
-    from engines.tracking.runs import sync_undelivered
+    from flowspeed.engines.tracking.runs import sync_undelivered
 
     if not folder.is_dir():
         typer.echo(f"nothing to send: {folder} does not exist")
@@ -542,7 +542,7 @@ def sync_metrics(
         raise typer.Exit(1)
 
 
-from flows.config_cli import config_app  # noqa: E402 - beside the other sub-commands
+from flowspeed.flows.config_cli import config_app  # noqa: E402 - beside the other sub-commands
 
 app.add_typer(config_app, name="config")
 
@@ -551,8 +551,8 @@ app.add_typer(cache_app, name="cache")
 
 
 def _cache_for(config: Path, workdir: Path | None, overrides: list[str] | None):
-    from configs import ConfigError, load_config
-    from datasets_prep.cache import LatentCache
+    from flowspeed.configs import ConfigError, load_config
+    from flowspeed.datasets_prep.cache import LatentCache
 
     try:
         cfg = load_config(config, overrides or [], workdir)
@@ -610,7 +610,7 @@ def cache_prune(
     dry_run: Annotated[bool, typer.Option(help="report what would go, change nothing")] = False,
 ) -> None:
     """Keep only the samples this config's last prep selected; drop the rest (other settings, old files)."""
-    from datasets_prep.prep import load_samples
+    from flowspeed.datasets_prep.prep import load_samples
 
     cfg, cache = _cache_for(config, workdir, set_)
     keep = {r["key"] for r in load_samples(cfg.prep_dir)}
@@ -649,8 +649,8 @@ def models_list(debug: DebugOpt = False) -> None:
     """Families, the variants `models inspect` builds (tiny = the training preset) and what each trains for."""
     _quiet_model_libraries()
     try:
-        from engines.models import known_families
-        from engines.models.variants import family_summary
+        from flowspeed.engines.models import known_families
+        from flowspeed.engines.models.variants import family_summary
 
         rows = [family_summary(f) for f in known_families()]
     except Exception as exc:  # noqa: BLE001  (one paragraph; --debug for the traceback)
@@ -673,7 +673,7 @@ def models_inspect(
     """Build a variant on the meta device (no memory, no weights) and print its parameter counts."""
     _quiet_model_libraries()
     try:
-        from engines.models.variants import parameter_counts
+        from flowspeed.engines.models.variants import parameter_counts
 
         counts = parameter_counts(family, variant)
     except Exception as exc:  # noqa: BLE001  (unknown family/variant: one paragraph listing the known ones)
@@ -716,7 +716,7 @@ def _convert(command: str, debug: bool, do: Any) -> Any:
 
 
 def _megatron_written(out: Path) -> None:
-    from engines.megatron.checkpoint_io import read_meta
+    from flowspeed.engines.megatron.checkpoint_io import read_meta
 
     meta = read_meta(out)
     Console().print(
@@ -736,7 +736,7 @@ def convert_hf_to_megatron(
     debug: DebugOpt = False,
 ) -> None:
     """Split a Llama/Qwen2/Mistral (or Qwen2-VL) HF folder into megatron-core shards at (tp, pp)."""
-    from engines.megatron.checkpoint_io import save_megatron
+    from flowspeed.engines.megatron.checkpoint_io import save_megatron
 
     out = _convert("hf-to-megatron", debug, lambda: save_megatron(hf_dir, out_dir, tp, pp, overwrite=overwrite))
     _megatron_written(out)
@@ -750,7 +750,7 @@ def convert_megatron_to_hf(
     debug: DebugOpt = False,
 ) -> None:
     """Join megatron shards back into a HF folder that from_pretrained loads, with the original key names."""
-    from engines.megatron.checkpoint_io import HF_WEIGHTS, read_meta, save_hf
+    from flowspeed.engines.megatron.checkpoint_io import HF_WEIGHTS, read_meta, save_hf
 
     out = _convert("megatron-to-hf", debug, lambda: save_hf(megatron_dir, out_dir, overwrite=overwrite))
     meta = read_meta(megatron_dir)
@@ -771,7 +771,7 @@ def convert_reshard(
     debug: DebugOpt = False,
 ) -> None:
     """Rewrite megatron shards at another (tp, pp) layout."""
-    from engines.megatron.checkpoint_io import reshard
+    from flowspeed.engines.megatron.checkpoint_io import reshard
 
     out = _convert("reshard", debug, lambda: reshard(megatron_dir, out_dir, tp, pp, overwrite=overwrite))
     _megatron_written(out)

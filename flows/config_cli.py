@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from configs.validate import STAGES
+from flowspeed.configs.validate import STAGES
 
 config_app = typer.Typer(no_args_is_help=True, help="Show the resolved config, or check it without running anything.")
 
@@ -32,8 +31,8 @@ def _refuse(message: str) -> None:
 @config_app.command("show")
 def show(config: ConfigArg, set_: SetOpt = None, workdir: WorkdirOpt = None) -> None:
     """Print the resolved config (file + includes + --set + defaults) as YAML; exit 1 if a run would refuse it."""
-    from configs.loader import ConfigError, dump_config, load_config
-    from configs.validate import config_problems, explain
+    from flowspeed.configs.loader import ConfigError, dump_config, load_config
+    from flowspeed.configs.validate import config_problems, explain
 
     try:  # unchecked first: a config with a mistake is still worth seeing whole
         cfg = load_config(config, set_ or [], workdir, check=False)
@@ -57,8 +56,8 @@ def validate(
     ] = True,
 ) -> None:
     """Check a config as `flowspeed <stage>` would before starting: print "ok", or each mistake and its fix (exit 1)."""
-    from configs.loader import ConfigError, load_config
-    from configs.validate import check_stage
+    from flowspeed.configs.loader import ConfigError, load_config
+    from flowspeed.configs.validate import check_stage
 
     if stage not in STAGES:
         _refuse(f"--stage {stage!r}: use one of {', '.join(STAGES)}")

@@ -9,16 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flowspeed.configs import PipelineConfig
+from flowspeed.engines.common.io import file_digest
+from flowspeed.engines.tracking import runs
+from flowspeed.engines.tracking.tracker import tracking_uri
+from flowspeed.flows.stages import evaluate, in_stage_run, prep, train
+from flowspeed.tasks import tracking as tr
+from flowspeed.tasks.registry import init_model, register_model
 from prefect import flow
 from prefect.runtime import flow_run
-
-from configs import PipelineConfig
-from engines.common.io import file_digest
-from engines.tracking import runs
-from engines.tracking.tracker import tracking_uri
-from flows.stages import evaluate, in_stage_run, prep, train
-from tasks import tracking as tr
-from tasks.registry import init_model, register_model
 
 
 def _register(cfg: PipelineConfig, run_id: str, out: dict[str, Any], metrics: dict[str, float]) -> dict[str, Any]:

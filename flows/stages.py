@@ -12,18 +12,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flowspeed.configs import PipelineConfig
+from flowspeed.configs.catalog import FAMILIES
+from flowspeed.engines.common.io import atomic_write_text, file_digest
+from flowspeed.engines.tracking import runs
+from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, tracking_uri
+from flowspeed.tasks import tracking as tr
+from flowspeed.tasks.caching import run_cached
+from flowspeed.tasks.registry import init_model
+from flowspeed.tasks.stages import (
+    evaluate_model,
+    make_task_runner,
+    merge_prep_task,
+    prep_latents,
+    prep_slice_task,
+    train_model,
+)
 from prefect import flow, unmapped
 from prefect.exceptions import TerminationSignal
-
-from configs import PipelineConfig
-from configs.catalog import FAMILIES
-from engines.common.io import atomic_write_text, file_digest
-from engines.tracking import runs
-from engines.tracking.tracker import UNDELIVERED_DIR, tracking_uri
-from tasks import tracking as tr
-from tasks.caching import run_cached
-from tasks.registry import init_model
-from tasks.stages import evaluate_model, make_task_runner, merge_prep_task, prep_latents, prep_slice_task, train_model
 
 
 def in_stage_run(
@@ -35,7 +41,7 @@ def in_stage_run(
 ) -> dict[str, Any]:
     """The stage's work inside its MLflow run. The server is checked first (an unreachable one fails in
     seconds with what to do, or is waited for: `tracking.server_wait_s`); once the work is done, an
-    outage no longer fails the stage: `tasks.tracking` keeps what it could not record for
+    outage no longer fails the stage: `flowspeed.tasks.tracking` keeps what it could not record for
     `flowspeed sync-metrics`. `train_dir`: the train stage, whose killed run the resume continues."""
     runs.ready(cfg)
     run_id = tr.start_run(cfg, stage, parent, train_dir)
@@ -128,14 +134,15 @@ def _mlmodel_key(cfg: PipelineConfig, final: Path) -> str | None:
 
 
 def _ensure_mlmodel(final: Path, cfg: PipelineConfig) -> None:
-    """Write the export's MLmodel (engines.tracking.serving.write_mlmodel) unless the one there was written from
+    """Write the export's MLmodel (flowspeed.engines.tracking.serving.write_mlmodel) unless the one there was
+    written from
     the same key: a cached (no-op) train stage then imports neither the family nor torch. The key lives beside
     the export, not in it, so the model logged to MLflow is unchanged."""
     key = _mlmodel_key(cfg, final)
     stamp = final.parent / f".{final.name}.mlmodel-key"
     if key is not None and (final / "MLmodel").is_file() and stamp.is_file() and stamp.read_text() == key:
         return
-    from engines.tracking.serving import write_mlmodel  # torch, pandas, the family: when used
+    from flowspeed.engines.tracking.serving import write_mlmodel  # torch, pandas, the family: when used
 
     write_mlmodel(final, cfg)
     if key is not None:
@@ -170,7 +177,7 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
         if tr.should_log_model(cfg, final):
             tr.log_artifacts(cfg, run_id, final, "model")
         else:  # too big to copy: a pointer model (MLmodel + where the weights are) is what gets registered
-            from engines.tracking.serving import write_pointer_model  # torch, pandas: when used
+            from flowspeed.engines.tracking.serving import write_pointer_model  # torch, pandas: when used
 
             tr.log_artifacts(cfg, run_id, write_pointer_model(final, cfg.workdir / ".pointer-model" / run_id), "model")
         return res
@@ -184,7 +191,7 @@ def pin_eval_model(cfg: PipelineConfig) -> PipelineConfig:
     model = cfg.eval.model
     if not model or not model.startswith("models:/") or "@" not in model:
         return cfg
-    from engines.tracking.registry import resolve_version
+    from flowspeed.engines.tracking.registry import resolve_version
 
     name, version = resolve_version(tracking_uri(cfg), model)
     return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"model": f"models:/{name}/{version}"})})

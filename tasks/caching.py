@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flowspeed.engines.common.io import file_digest
 from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
-
-from engines.common.io import file_digest
 
 PathsFn = Callable[[dict[str, Any]], list[Path]]
 SMALL_FILE = 16 * 2**20

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from engines.common.lifetime import die_with_parent, stop
+from flowspeed.engines.common.lifetime import die_with_parent, stop
 
 MARKER = "FLOWSPEED_EMBEDDED_PREFECT_API"
 

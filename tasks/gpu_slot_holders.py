@@ -20,9 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
+from flowspeed.engines.common.processes import process_alive
 from prefect.settings import get_current_settings
-
-from engines.common.processes import process_alive
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from uuid import UUID
 
+from flowspeed.configs import PipelineConfig
+from flowspeed.configs.schema import GpuSlotsConfig
+from flowspeed.engines.common.device import resolve_device
+from flowspeed.tasks import gpu_slot_holders as slot_holders
+from flowspeed.tasks.embedded_prefect import MARKER as EMBEDDED_API
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
@@ -25,12 +30,6 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.logging import get_logger
 from prefect.settings import get_current_settings
-
-from configs import PipelineConfig
-from configs.schema import GpuSlotsConfig
-from engines.common.device import resolve_device
-from tasks import gpu_slot_holders as slot_holders
-from tasks.embedded_prefect import MARKER as EMBEDDED_API
 
 log = get_logger("flowspeed.gpu_slots")
 
@@ -135,7 +134,9 @@ def _release_dead_holders(name: str) -> bool:
     slots are decremented here (nobody else ever would); a real server's repossessor frees them when
     the dead holder's lease runs out, so there only the record goes."""
     freed = False
-    url = get_current_settings().api.url  # flowspeed's embedded API (tasks.embedded_prefect) is the ephemeral one
+    url = (
+        get_current_settings().api.url
+    )  # flowspeed's embedded API (flowspeed.tasks.embedded_prefect) is the ephemeral one
     ephemeral = url is None or url == os.environ.get(EMBEDDED_API)
     for path, h in slot_holders.read_holders(name):
         if h.is_alive() or not slot_holders.claim(path):

@@ -9,16 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flowspeed.configs import PipelineConfig
+from flowspeed.engines.common.io import file_digest
+from flowspeed.engines.tracking.registry import register_and_promote
+from flowspeed.engines.tracking.tracker import tracking_uri
+from flowspeed.tasks.caching import retry_if_transient
 from mlflow import MlflowClient
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
-
-from configs import PipelineConfig
-from engines.common.io import file_digest
-from engines.tracking.registry import register_and_promote
-from engines.tracking.tracker import tracking_uri
-from tasks.caching import retry_if_transient
 
 
 def model_source(client: MlflowClient, train_run_id: str | None, export_dir: Path) -> tuple[str, str | None]:
@@ -58,10 +57,10 @@ def resolve_init_model(cfg: PipelineConfig) -> tuple[PipelineConfig, str]:
     weights, and where they came from. No champion yet: the configured model, said so."""
     if cfg.train.init_from != "champion":
         return cfg, "config"
-    from configs import ComponentConfig
-    from engines.models import get_family
-    from engines.tracking.registry import fetch_champion
-    from engines.tracking.serving import weights_dir
+    from flowspeed.configs import ComponentConfig
+    from flowspeed.engines.models import get_family
+    from flowspeed.engines.tracking.registry import fetch_champion
+    from flowspeed.engines.tracking.serving import weights_dir
 
     name = cfg.tracking.registry.model_name or cfg.tracking.experiment
     found = fetch_champion(tracking_uri(cfg), name, cfg.workdir / ".champion" / name)

@@ -11,13 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flowspeed.configs import PipelineConfig
+from flowspeed.configs.catalog import FamilyFacts, family_facts
+from flowspeed.datasets_prep.manifest import Entry, read_sources
+from flowspeed.engines.common.io import file_digest
+from flowspeed.tasks.caching import files_policy, retry_if_transient
 from prefect import task
-
-from configs import PipelineConfig
-from configs.catalog import FamilyFacts, family_facts
-from datasets_prep.manifest import Entry, read_sources
-from engines.common.io import file_digest
-from tasks.caching import files_policy, retry_if_transient
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -32,9 +31,9 @@ def _export_facts(cfg: PipelineConfig) -> FamilyFacts:
 
 
 def _denoiser_weights(cfg: PipelineConfig) -> Path:
-    """The weights an eval of `cfg` reads (its cache key's source): `evaluation.exports.trained_export`, which
+    """The weights an eval of `cfg` reads (its cache key's source): `flowspeed.evaluation.exports.trained_export`, which
     imports no model library for the plain `<train_dir>/final`."""
-    from evaluation.exports import trained_export
+    from flowspeed.evaluation.exports import trained_export
 
     export = trained_export(cfg)
     return export / _export_facts(cfg).denoiser_subfolder / WEIGHTS
@@ -60,7 +59,7 @@ def _prep_outputs(inputs: dict[str, Any]) -> list[Path]:
 
 
 def _part_path(cfg: PipelineConfig, index: int) -> Path:
-    from datasets_prep.prep import part_path
+    from flowspeed.datasets_prep.prep import part_path
 
     return part_path(cfg, index)
 
@@ -93,7 +92,7 @@ def _eval_outputs(inputs: dict[str, Any]) -> list[Path]:
 )
 def prep_latents(cfg: PipelineConfig) -> dict[str, Any]:
     """Probe, decode and encode the manifest into the latent cache (skips what is cached)."""
-    from datasets_prep.prep import launch_prep
+    from flowspeed.datasets_prep.prep import launch_prep
 
     return launch_prep(cfg).as_dict()
 
@@ -108,14 +107,14 @@ def prep_latents(cfg: PipelineConfig) -> dict[str, Any]:
 )
 def prep_slice_task(cfg: PipelineConfig, index: int, count: int) -> dict[str, Any]:
     """One slice of the manifest (records i with i % count == index), on whatever worker runs it."""
-    from datasets_prep.prep import prep_slice
+    from flowspeed.datasets_prep.prep import prep_slice
 
     return prep_slice(cfg, index, count)
 
 
 @task(name="merge-prep-slices", retries=1, retry_condition_fn=retry_if_transient)
 def merge_prep_task(cfg: PipelineConfig, count: int) -> dict[str, Any]:
-    from datasets_prep.prep import merge_slices
+    from flowspeed.datasets_prep.prep import merge_slices
 
     return merge_slices(cfg, count).as_dict()
 
@@ -128,7 +127,9 @@ def make_task_runner(cfg: PipelineConfig) -> Any:
     if d.task_runner == "thread":
         return ThreadPoolTaskRunner(max_workers=d.slices)
     if d.task_runner == "process":
-        from engines.common.lifetime import exit_with_parent  # workers would wait on their queue forever after a kill
+        from flowspeed.engines.common.lifetime import (
+            exit_with_parent,  # workers would wait on their queue forever after a kill
+        )
 
         return ProcessPoolTaskRunner(max_workers=d.slices, initializer=exit_with_parent)
     try:
@@ -163,8 +164,8 @@ def make_task_runner(cfg: PipelineConfig) -> Any:
 def train_model(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) -> dict[str, Any]:
     """Train (in process, or torchrun for nproc_per_node > 1) while holding the node's GPU slots;
     a retry resumes from the last checkpoint."""
-    from engines.launch import launch
-    from tasks.gpu_slots import gpu_slots  # torch: only when training runs
+    from flowspeed.engines.launch import launch
+    from flowspeed.tasks.gpu_slots import gpu_slots  # torch: only when training runs
 
     with gpu_slots(cfg) as slots:
         out = launch(cfg, run_id, tracking_uri).as_dict()
@@ -182,6 +183,6 @@ def train_model(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | Non
     cache_policy=files_policy(sources=lambda i: [_denoiser_weights(_cfg(i))], outputs=_eval_outputs),
 )
 def evaluate_model(cfg: PipelineConfig) -> dict[str, Any]:
-    from evaluation.run import run_eval
+    from flowspeed.evaluation.run import run_eval
 
     return run_eval(cfg).as_dict()

@@ -17,16 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from flowspeed.configs import PipelineConfig, flatten, save_config
+from flowspeed.engines.tracking import runs
+from flowspeed.engines.tracking.tracker import ensure_experiment, tracking_uri
+from flowspeed.tasks.caching import retry_if_transient
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from prefect import task
 from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
-
-from configs import PipelineConfig, flatten, save_config
-from engines.tracking import runs
-from engines.tracking.tracker import ensure_experiment, tracking_uri
-from tasks.caching import retry_if_transient
 
 
 def ui_link(uri: str, experiment_id: str, run_id: str) -> str:

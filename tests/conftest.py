@@ -20,8 +20,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 
 import pytest  # noqa: E402
-
-from configs import PipelineConfig, load_config  # noqa: E402
+from flowspeed.configs import PipelineConfig, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -29,7 +28,7 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 @pytest.fixture(scope="session")
 def demo_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from datasets_prep.demo import make_demo_dataset
+    from flowspeed.datasets_prep.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), num_videos=6, num_images=2)
 
@@ -43,7 +42,7 @@ def make_config(workdir: Path, manifest: Path, *overrides: str, check: bool = Tr
 @pytest.fixture(scope="session")
 def prepped(tmp_path_factory: pytest.TempPathFactory, demo_manifest: Path) -> PipelineConfig:
     """A workdir whose prep stage has run on the demo data (read-only for the tests that use it)."""
-    from datasets_prep.prep import run_prep
+    from flowspeed.datasets_prep.prep import run_prep
 
     cfg = make_config(
         tmp_path_factory.mktemp("prepped"), demo_manifest, "train.max_steps=6", "train.checkpoint_every=3"

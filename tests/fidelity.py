@@ -45,7 +45,7 @@ def released_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     """
     state = module.state_dict()
     owner = sys.modules[type(module).__module__]
-    if type(module).__module__.startswith("engines.models.dits") and hasattr(owner, "to_published"):
+    if type(module).__module__.startswith("flowspeed.engines.models.dits") and hasattr(owner, "to_published"):
         state = owner.to_published(state)
     else:
         from transformers import PreTrainedModel

@@ -28,7 +28,9 @@ def imported_modules(path: Path) -> set[str]:
 def test_libraries_never_import_prefect_or_the_layers_above(package: str) -> None:
     offenders = {
         str(path.relative_to(ROOT)): sorted(
-            m for m in imported_modules(path) if m.split(".")[0] in {"prefect", "tasks", "flows"}
+            m
+            for m in imported_modules(path)
+            if m.split(".")[0] == "prefect" or m.split(".")[:2] in (["flowspeed", "tasks"], ["flowspeed", "flows"])
         )
         for path in sorted((ROOT / package).rglob("*.py"))
     }
@@ -38,5 +40,5 @@ def test_libraries_never_import_prefect_or_the_layers_above(package: str) -> Non
 
 def test_the_check_sees_function_level_imports(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    from prefect import task\n    import flows.cli\n")
-    assert {"prefect", "flows.cli"} <= imported_modules(f)
+    f.write_text("def f():\n    from prefect import task\n    import flowspeed.flows.cli\n")
+    assert {"prefect", "flowspeed.flows.cli"} <= imported_modules(f)

@@ -206,11 +206,11 @@ def wqkv_forward_check() -> None:
     Prints the max |difference| of the logits and the first logits, which
     tests/engines/models/test_vlm_reference_encodings.py holds our side to.
     """
+    from flowspeed.engines.models.internvl_remote import OriginalLayoutInternVL
     from internvl.model.internlm2.configuration_internlm2 import InternLM2Config
     from internvl.model.internlm2.modeling_internlm2 import InternLM2ForCausalLM
     from transformers import InternVLConfig
 
-    from engines.models.internvl_remote import OriginalLayoutInternVL
     from tests.fidelity import seeded_weights
 
     text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -82,10 +82,9 @@ def image() -> Image.Image:
 
 def qwen2_vl() -> None:
     _stub("datasets", "torchaudio")
+    from flowspeed.engines.models.qwen2_vl import tiny_processor
     from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
     from llamafactory.data.template import TEMPLATES
-
-    from engines.models.qwen2_vl import tiny_processor
 
     proc = tiny_processor()
     args = types.SimpleNamespace(cutoff_len=4096, train_on_prompt=False, mask_history=False)
@@ -100,11 +99,10 @@ def qwen2_vl() -> None:
 
 def llava() -> None:
     import transformers
+    from flowspeed.engines.models.llava import tiny_tokenizer
     from llava import conversation as conversation_lib
     from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
     from llava.mm_utils import tokenizer_image_token
-
-    from engines.models.llava import tiny_tokenizer
 
     # train.py imports the whole model zoo; run only its preprocess_v1, with the globals it reads
     source = open(sys.modules["llava"].__path__[0] + "/train/train.py").read()
@@ -134,14 +132,13 @@ def llava() -> None:
 
 
 def _internvl_tokenizer(bos: bool) -> Any:
+    from flowspeed.engines.models.internvl import MM_TOKENS, SPECIAL_TOKENS
+    from flowspeed.engines.models.tokenizer import byte_level_bpe
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
-    from engines.models.internvl import MM_TOKENS, SPECIAL_TOKENS
-    from engines.models.tokenizer import byte_level_bpe
-
     if not bos:
-        from engines.models.internvl import tiny_tokenizer
+        from flowspeed.engines.models.internvl import tiny_tokenizer
 
         return tiny_tokenizer()
     raw = byte_level_bpe(head=("<s>",), tail=SPECIAL_TOKENS)

@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from flowspeed.engines.common.io import default_modes
+from flowspeed.engines.common.safe_load import CheckpointError, checkpoint_error, read_metadata
 from torch.distributed.checkpoint.api import CheckpointException
-
-from engines.common.io import default_modes
-from engines.common.safe_load import CheckpointError, checkpoint_error, read_metadata
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 log = logging.getLogger(__name__)

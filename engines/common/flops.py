@@ -15,8 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from engines.common.device import device_name
+from flowspeed.engines.common.device import device_name
 
 # Dense (no sparsity) peak TFLOPS per device, by dtype. Sources: NVIDIA H100 SXM and H200 datasheets
 # (989 bf16 / 67 fp32 non-tensor), NVIDIA A100 datasheet (312 bf16 / 19.5 fp32), Huawei Atlas 800T A2

@@ -17,7 +17,7 @@ import sys
 import threading
 from collections import deque
 
-from engines.common.lifetime import die_with_parent, stop
+from flowspeed.engines.common.lifetime import die_with_parent, stop
 
 
 class DistributedJobFailed(RuntimeError):

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engines.common.io import replaced_dir
-from engines.megatron.convert import Tensors, hf_to_megatron, megatron_to_hf
-from engines.megatron.gpt import DecoderShape
+from flowspeed.engines.common.io import replaced_dir
+from flowspeed.engines.megatron.convert import Tensors, hf_to_megatron, megatron_to_hf
+from flowspeed.engines.megatron.gpt import DecoderShape
 
 FORMAT = "flowspeed-megatron"
 VERSION = 1

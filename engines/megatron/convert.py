@@ -14,8 +14,7 @@ megatron-core builds them.
 from __future__ import annotations
 
 import torch
-
-from engines.megatron.gpt import DecoderShape
+from flowspeed.engines.megatron.gpt import DecoderShape
 
 Tensors = dict[str, torch.Tensor]
 

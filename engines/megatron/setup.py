@@ -12,7 +12,7 @@ def init_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, cp: in
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if not torch.cuda.is_available():
-        from engines.megatron import cpu_compat
+        from flowspeed.engines.megatron import cpu_compat
 
         cpu_compat.apply()
     world = torch.distributed.get_world_size()

@@ -1,6 +1,6 @@
 """The megatron-core engine's training loop (`train.engine: megatron`), one rank of a torchrun job.
 
-    torchrun --nproc_per_node 2 -m engines.megatron.trainer --config runs/x/train/launch_config.yaml
+    torchrun --nproc_per_node 2 -m flowspeed.engines.megatron.trainer --config runs/x/train/launch_config.yaml
 
 `MegatronBackend` plugs into the loop both engines share (engines/loop.py: the prep stage's cache, the
 same metric names in MLflow, resumable checkpoints under `<train_dir>/checkpoints/`, `final/` in the
@@ -24,18 +24,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
-
-from configs import PipelineConfig, save_config
-from datasets_prep.cache import CachedLatents
-from engines.common import checkpoints as ckpt
-from engines.common.device import init_process_group, resolve_device, synchronize
-from engines.common.safe_load import check_state_dir
-from engines.export import export_weights
-from engines.loop import Facts, OptimizerOutput, StepOutput, TrainResult, lr_lambda, rank_main, run_training
-from engines.megatron.convert import hf_to_megatron, megatron_to_hf
-from engines.megatron.gpt import DecoderShape, transformer_config
-from engines.megatron.training import (
+from flowspeed.configs import PipelineConfig, save_config
+from flowspeed.datasets_prep.cache import CachedLatents
+from flowspeed.engines.common import checkpoints as ckpt
+from flowspeed.engines.common.device import init_process_group, resolve_device, synchronize
+from flowspeed.engines.common.safe_load import check_state_dir
+from flowspeed.engines.export import export_weights
+from flowspeed.engines.loop import Facts, OptimizerOutput, StepOutput, TrainResult, lr_lambda, rank_main, run_training
+from flowspeed.engines.megatron.convert import hf_to_megatron, megatron_to_hf
+from flowspeed.engines.megatron.gpt import DecoderShape, transformer_config
+from flowspeed.engines.megatron.training import (
     Layout,
     build_chunks,
     load_state,
@@ -45,9 +43,10 @@ from engines.megatron.training import (
     train_step,
     unwrap,
 )
-from engines.megatron.vlm import MODELS, frozen_vision, join_hf_state, split_hf_state
-from engines.models import get_family
-from engines.models.sequence import IGNORE_INDEX
+from flowspeed.engines.megatron.vlm import MODELS, frozen_vision, join_hf_state, split_hf_state
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.sequence import IGNORE_INDEX
+from torch.distributed.elastic.multiprocessing.errors import record
 
 #: families whose model the megatron engine builds (engines/megatron/vlm.py)
 FAMILIES = tuple(MODELS)
@@ -74,7 +73,7 @@ def num_microbatches(cfg: PipelineConfig) -> int:
 
 def validate(cfg: PipelineConfig) -> None:
     """What can be refused before any process starts: the family, LoRA, the torch-engine-only settings."""
-    from configs.validate import check_layout  # the rules load_config applies too: one place for both engines
+    from flowspeed.configs.validate import check_layout  # the rules load_config applies too: one place for both engines
 
     check_layout(cfg)
     get_family(cfg.model.family).frozen_prefixes(cfg.model)  # refuses a freeze the family cannot honour
@@ -221,7 +220,7 @@ def load_checkpoint(path: Path, chunks: Chunks, optimizer: Any) -> dict[str, Any
 
 
 class MegatronBackend:
-    """The megatron-core engine behind engines.loop.run_training: TP/SP/PP/CP, its DDP and distributed
+    """The megatron-core engine behind flowspeed.engines.loop.run_training: TP/SP/PP/CP, its DDP and distributed
     optimizer, dist_checkpointing checkpoints. Its schedule applies the optimizer inside the step (and skips
     an update whose gradients are not finite), so `forward_backward` runs both."""
 
@@ -241,9 +240,8 @@ class MegatronBackend:
         return self.rank, self.world, self.device
 
     def build(self, records: list[dict], dataset: CachedLatents) -> Facts:
+        from flowspeed.engines.megatron.setup import init_model_parallel
         from megatron.core import parallel_state as ps
-
-        from engines.megatron.setup import init_model_parallel
 
         cfg, t, layout = self.cfg, self.t, self.layout
         self.records, self.dataset = records, dataset

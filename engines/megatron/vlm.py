@@ -21,8 +21,7 @@ from abc import ABCMeta, abstractmethod
 from typing import Any
 
 import torch
-
-from engines.megatron.gpt import DecoderShape, build_gpt
+from flowspeed.engines.megatron.gpt import DecoderShape, build_gpt
 
 
 def mrope_position_ids(hf_config: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

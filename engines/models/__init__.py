@@ -14,9 +14,9 @@ __all__ = ["Capability", "ModelFamily", "get_family", "known_families", "registe
 
 
 def __getattr__(name: str) -> Any:
-    """`from engines.models import get_family` (and the other public names) without importing a family."""
+    """`from flowspeed.engines.models import get_family` (and the other public names) without importing a family."""
     if name in __all__:
-        from engines.models import registry
+        from flowspeed.engines.models import registry
 
         return getattr(registry, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

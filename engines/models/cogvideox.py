@@ -22,11 +22,8 @@ from diffusers import (
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
 )
-from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, T5Config, T5EncoderModel
-
-from configs.schema import ModelConfig
-from engines.models.registry import (
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.registry import (
     GeneratingFamily,
     LatentFamily,
     from_pretrained,
@@ -37,7 +34,9 @@ from engines.models.registry import (
     seeded_init,
     uniform_timesteps,
 )
-from engines.models.tokenizer import byte_level_tokenizer
+from flowspeed.engines.models.tokenizer import byte_level_tokenizer
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, T5Config, T5EncoderModel
 
 VAE_PRESETS: dict[str, dict[str, Any]] = {
     # 4 blocks -> 8x spatial, 4x temporal compression, like the published 2B/5B VAE, at 1/32 the width.

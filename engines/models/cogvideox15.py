@@ -13,11 +13,10 @@ from typing import Any
 
 import torch
 from diffusers import CogVideoXTransformer3DModel
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.cogvideox import CogVideoX
+from flowspeed.engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
 from torch import nn
-
-from configs.schema import ModelConfig
-from engines.models.cogvideox import CogVideoX
-from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
 
 # The tiny preset with 1.5's layout: temporal patches of 2, no patch bias, 3D RoPE sliced from a
 # fixed grid (1.5 ships sample_height = sample_width = 300 latents for any resolution; 64 covers 512 px).

@@ -29,14 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import CogVideoXImageToVideoPipeline
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.cogvideox import TRANSFORMER_PRESETS as T2V_PRESETS
+from flowspeed.engines.models.cogvideox import CogVideoX, encode_pixels, to_pixels
+from flowspeed.engines.models.cogvideox15 import TINY_15, build_transformer, pad_frames, patch_tokens
+from flowspeed.engines.models.registry import register_family
 from PIL import Image
 from torch import nn
-
-from configs.schema import ModelConfig
-from engines.models.cogvideox import TRANSFORMER_PRESETS as T2V_PRESETS
-from engines.models.cogvideox import CogVideoX, encode_pixels, to_pixels
-from engines.models.cogvideox15 import TINY_15, build_transformer, pad_frames, patch_tokens
-from engines.models.registry import register_family
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": T2V_PRESETS["tiny"],  # 1.0 layout

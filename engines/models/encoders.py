@@ -12,12 +12,18 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from flowspeed.configs.schema import ComponentConfig, ModelConfig
+from flowspeed.engines.models.registry import (
+    GeneratingFamily,
+    LatentFamily,
+    from_pretrained,
+    loaded,
+    pick_preset,
+    seeded_init,
+)
+from flowspeed.engines.models.tokenizer import byte_level_tokenizer
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, T5Config, T5EncoderModel
-
-from configs.schema import ComponentConfig, ModelConfig
-from engines.models.registry import GeneratingFamily, LatentFamily, from_pretrained, loaded, pick_preset, seeded_init
-from engines.models.tokenizer import byte_level_tokenizer
 
 CLIP_MAX = 77
 CLIP_PRESETS: dict[str, dict[str, Any]] = {

@@ -18,12 +18,17 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.training_utils import compute_density_for_timestep_sampling
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.encoders import CLIP_PRESETS, ImageFamily, denoiser_config, load_image_vae
+from flowspeed.engines.models.registry import (
+    from_pretrained,
+    latents_and_noise,
+    pick_preset,
+    register_family,
+    seeded_init,
+)
 from torch import nn
 from transformers import CLIPTextModel, T5EncoderModel
-
-from configs.schema import ModelConfig
-from engines.models.encoders import CLIP_PRESETS, ImageFamily, denoiser_config, load_image_vae
-from engines.models.registry import from_pretrained, latents_and_noise, pick_preset, register_family, seeded_init
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     # schnell-style: timestep-distilled, no guidance embedding

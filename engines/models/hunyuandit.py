@@ -27,13 +27,18 @@ import torch
 from diffusers import DDPMScheduler, HunyuanDiT2DModel, HunyuanDiTPipeline
 from diffusers.models.embeddings import get_2d_rotary_pos_embed
 from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.encoders import (
+    T5_PRESETS,
+    ImageFamily,
+    denoiser_config,
+    load_image_vae,
+    load_text_encoders,
+)
+from flowspeed.engines.models.registry import ddpm_noised, from_pretrained, pick_preset, register_family, seeded_init
+from flowspeed.engines.models.tokenizer import byte_level_tokenizer
 from torch import nn
 from transformers import BertConfig, BertModel, T5Config, T5EncoderModel
-
-from configs.schema import ModelConfig
-from engines.models.encoders import T5_PRESETS, ImageFamily, denoiser_config, load_image_vae, load_text_encoders
-from engines.models.registry import ddpm_noised, from_pretrained, pick_preset, register_family, seeded_init
-from engines.models.tokenizer import byte_level_tokenizer
 
 # The pipeline pads CLIP prompts to 77 and mT5 prompts to 256 tokens whatever the config says, and the
 # transformer's learned padding embedding (text_len + text_len_t5 rows) is sized for exactly these.

@@ -26,6 +26,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flowspeed.configs.schema import ComponentConfig, ModelConfig
+from flowspeed.engines.models.internvl_remote import (
+    MARKER,
+    SYSTEM_V25,
+    RemoteInternVLProcessor,
+    encode_remote,
+    load_remote_model,
+    load_remote_processor,
+    remote_config,
+    respond_remote,
+)
+from flowspeed.engines.models.qwen2_vl import answer_labels  # ChatML answers located in token space, shared
+from flowspeed.engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
+from flowspeed.engines.models.sequence import SequenceSample, VisionLanguageFamily, chat_with_media, prompt_of
+from flowspeed.engines.models.tokenizer import byte_level_bpe, chat_tokenizer
 from torch import nn
 from transformers import (
     AutoProcessor,
@@ -36,22 +51,6 @@ from transformers import (
     InternVLVideoProcessor,
     PreTrainedTokenizerFast,
 )
-
-from configs.schema import ComponentConfig, ModelConfig
-from engines.models.internvl_remote import (
-    MARKER,
-    SYSTEM_V25,
-    RemoteInternVLProcessor,
-    encode_remote,
-    load_remote_model,
-    load_remote_processor,
-    remote_config,
-    respond_remote,
-)
-from engines.models.qwen2_vl import answer_labels  # ChatML answers located in token space, shared
-from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
-from engines.models.sequence import SequenceSample, VisionLanguageFamily, chat_with_media, prompt_of
-from engines.models.tokenizer import byte_level_bpe, chat_tokenizer
 
 # Qwen2's specials first, then InternVL's (in the same relative order as InternVL3-hf's vocabulary).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")

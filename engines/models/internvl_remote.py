@@ -29,13 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from flowspeed.configs.schema import ComponentConfig
+from flowspeed.engines.models.registry import from_pretrained, loaded
+from flowspeed.engines.models.sequence import IGNORE_INDEX, SequenceSample
 from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 from transformers import InternVLForConditionalGeneration
-
-from configs.schema import ComponentConfig
-from engines.models.registry import from_pretrained, loaded
-from engines.models.sequence import IGNORE_INDEX, SequenceSample
 
 MARKER = "flowspeed_trust_remote_code.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -13,7 +13,7 @@ Tokenizer: real Kolors weights bring `ChatGLMTokenizer` (a sentencepiece model; 
 `ChatGLMTokenizer.from_pretrained`, which needs the `sentencepiece` package). No sentencepiece model ships
 offline, so the tiny preset uses `ByteGLMTokenizer`: the byte-level tokenizer, padded on the left and
 returning ChatGLM's `position_ids`, which is all `encode_prompt` asks of a tokenizer. It has no [gMASK]/sop
-prefix and ends prompts with </s>; an export records it as `engines.models.kolors.ByteGLMTokenizer`, so
+prefix and ends prompts with </s>; an export records it as `flowspeed.engines.models.kolors.ByteGLMTokenizer`, so
 loading a tiny export needs this package importable.
 """
 
@@ -29,14 +29,13 @@ from diffusers import UNet2DConditionModel
 # while diffusers.pipelines.kolors exports the real classes (only ChatGLMTokenizer needs sentencepiece).
 from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer, KolorsPipeline
 from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, RMSNorm
+from flowspeed.configs.schema import ComponentConfig, ModelConfig
+from flowspeed.engines.models import sdxl
+from flowspeed.engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
+from flowspeed.engines.models.tokenizer import byte_level_tokenizer
 from tokenizers import Tokenizer
 from torch import nn
 from transformers import BatchEncoding, PreTrainedTokenizerFast
-
-from configs.schema import ComponentConfig, ModelConfig
-from engines.models import sdxl
-from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
-from engines.models.tokenizer import byte_level_tokenizer
 
 GLM_PRESETS: dict[str, dict[str, Any]] = {
     # ChatGLM3-6B's layout (multi-query attention, qkv bias, RMSNorm, original RoPE) at toy width;

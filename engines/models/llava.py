@@ -19,6 +19,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
+from flowspeed.engines.models.sequence import (
+    IGNORE_INDEX,
+    SequenceSample,
+    VisionLanguageFamily,
+    chat_with_media,
+    prompt_of,
+)
+from flowspeed.engines.models.tokenizer import byte_level_bpe, chat_tokenizer
 from tokenizers import processors
 from torch import nn
 from transformers import (
@@ -29,11 +39,6 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
-
-from configs.schema import ModelConfig
-from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
-from engines.models.sequence import IGNORE_INDEX, SequenceSample, VisionLanguageFamily, chat_with_media, prompt_of
-from engines.models.tokenizer import byte_level_bpe, chat_tokenizer
 
 # Llama's <unk>=0, <s>=1, </s>=2 first; LLaVA adds <image> and <pad> after the vocabulary.
 HEAD_SPECIALS = ("<unk>", "<s>", "</s>")

@@ -30,16 +30,15 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.dits import opensora_vae, stdit, stdit3
+from flowspeed.engines.models.dits.opensora_vae import OpenSoraVAE
+from flowspeed.engines.models.dits.stdit import STDiT
+from flowspeed.engines.models.dits.stdit3 import STDiT3
+from flowspeed.engines.models.registry import register_family
+from flowspeed.engines.models.video_dit import VideoDiTFamily
+from flowspeed.engines.models.video_objectives import IDDPM, RectifiedFlow
 from torch import nn
-
-from configs.schema import ModelConfig
-from engines.models.dits import opensora_vae, stdit, stdit3
-from engines.models.dits.opensora_vae import OpenSoraVAE
-from engines.models.dits.stdit import STDiT
-from engines.models.dits.stdit3 import STDiT3
-from engines.models.registry import register_family
-from engines.models.video_dit import VideoDiTFamily
-from engines.models.video_objectives import IDDPM, RectifiedFlow
 
 # stabilityai/sd-vae-ft-ema's config.json (diffusers AutoencoderKL defaults but for these)
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=256,

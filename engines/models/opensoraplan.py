@@ -34,22 +34,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from torch import nn
-
-from configs.schema import ModelConfig
-from engines.models.dits import causalvae, opensoraplan, wfvae
-from engines.models.dits.causalvae import CausalVAEModel
-from engines.models.dits.opensoraplan import (
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.dits import causalvae, opensoraplan, wfvae
+from flowspeed.engines.models.dits.causalvae import CausalVAEModel
+from flowspeed.engines.models.dits.opensoraplan import (
     MODEL_CLASSES,
     OpenSoraInpaint_v1_3,
     OpenSoraT2V,
     OpenSoraT2V_v1_3,
     compress_mask,
 )
-from engines.models.dits.wfvae import WFVAEModel
-from engines.models.registry import register_family
-from engines.models.video_dit import (
+from flowspeed.engines.models.dits.wfvae import WFVAEModel
+from flowspeed.engines.models.registry import register_family
+from flowspeed.engines.models.video_dit import (
     Specs,
     VideoDiTFamily,
     VideoDiTPipeline,
@@ -57,7 +54,9 @@ from engines.models.video_dit import (
     export_class,
     normalized_posterior,
 )
-from engines.models.video_objectives import EpsilonPrediction, Objective, VPrediction
+from flowspeed.engines.models.video_objectives import EpsilonPrediction, Objective, VPrediction
+from PIL import Image
+from torch import nn
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from configs.schema import ModelConfig
-from engines.models.dits import causalvae, pt_dit
-from engines.models.dits.causalvae import CausalVAEModel
-from engines.models.dits.pt_dit import PTDiT
-from engines.models.registry import register_family
-from engines.models.video_dit import VideoDiTFamily
-from engines.models.video_objectives import RectifiedFlow
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.dits import causalvae, pt_dit
+from flowspeed.engines.models.dits.causalvae import CausalVAEModel
+from flowspeed.engines.models.dits.pt_dit import PTDiT
+from flowspeed.engines.models.registry import register_family
+from flowspeed.engines.models.video_dit import VideoDiTFamily
+from flowspeed.engines.models.video_objectives import RectifiedFlow
 
 
 def shift_frames(latent_frames: int) -> int:

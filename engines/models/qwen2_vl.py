@@ -14,6 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
+from flowspeed.engines.models.sequence import (
+    IGNORE_INDEX,
+    SequenceSample,
+    VisionLanguageFamily,
+    chat_with_media,
+    prompt_of,
+)
+from flowspeed.engines.models.tokenizer import byte_level_bpe, chat_tokenizer
 from torch import nn
 from transformers import (
     AutoProcessor,
@@ -24,11 +34,6 @@ from transformers import (
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
 )
-
-from configs.schema import ModelConfig
-from engines.models.registry import from_pretrained, pick_preset, register_family, seeded_init
-from engines.models.sequence import IGNORE_INDEX, SequenceSample, VisionLanguageFamily, chat_with_media, prompt_of
-from engines.models.tokenizer import byte_level_bpe, chat_tokenizer
 
 # In Qwen2-VL's vocabulary order (after the regular tokens); pad is <|endoftext|>, eos <|im_end|>.
 SPECIAL_TOKENS = (

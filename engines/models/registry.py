@@ -18,9 +18,8 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
+from flowspeed.configs.schema import ComponentConfig, ModelConfig
 from torch import nn
-
-from configs.schema import ComponentConfig, ModelConfig
 
 T = TypeVar("T")
 
@@ -117,7 +116,7 @@ class ModelFamily(ABC):
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Same-bucket samples stack as they are."""
-        from datasets_prep.cache import collate
+        from flowspeed.datasets_prep.cache import collate
 
         return collate(items)
 
@@ -155,8 +154,8 @@ class ModelFamily(ABC):
     def parallel_plans(self, model: nn.Module) -> dict[str, bool]:
         """Which of the engine's registered plans cover this family's trained model: tensor parallel
         (engines/torch_engine/tensor_parallel.py) and context parallel (context_parallel.py)."""
-        from engines.torch_engine.context_parallel import supported_cp_models
-        from engines.torch_engine.tensor_parallel import supported_tp_models
+        from flowspeed.engines.torch_engine.context_parallel import supported_cp_models
+        from flowspeed.engines.torch_engine.tensor_parallel import supported_tp_models
 
         names = {c.__name__ for c in type(model).__mro__}
         return {"tp": bool(names & set(supported_tp_models())), "cp": bool(names & set(supported_cp_models()))}
@@ -293,7 +292,7 @@ def _family_modules() -> list[str]:
     """Every module directly under engines/models, in name order (a new family's module included)."""
     import pkgutil
 
-    from engines import models
+    from flowspeed.engines import models
 
     return [info.name for info in pkgutil.iter_modules(models.__path__, f"{models.__name__}.")]
 
@@ -308,7 +307,7 @@ def _import_family(name: str) -> None:
     import importlib
 
     try:
-        from configs.catalog import FAMILIES
+        from flowspeed.configs.catalog import FAMILIES
     except ImportError:  # an install without the config package: the scan below still finds it
         FAMILIES = {}
     facts = FAMILIES.get(name)

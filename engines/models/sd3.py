@@ -17,12 +17,17 @@ from typing import Any
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
+from flowspeed.engines.models.registry import (
+    from_pretrained,
+    latents_and_noise,
+    pick_preset,
+    register_family,
+    seeded_init,
+)
 from torch import nn
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
-
-from configs.schema import ModelConfig
-from engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
-from engines.models.registry import from_pretrained, latents_and_noise, pick_preset, register_family, seeded_init
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(sample_size=8, patch_size=2, num_layers=2, attention_head_dim=16, num_attention_heads=2,

@@ -13,12 +13,11 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
+from flowspeed.engines.models.registry import ddpm_noised, from_pretrained, pick_preset, register_family, seeded_init
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-from configs.schema import ModelConfig
-from engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
-from engines.models.registry import ddpm_noised, from_pretrained, pick_preset, register_family, seeded_init
 
 TIME_EMBED = 8  # addition_time_embed_dim of the tiny UNet (256 in the published one)
 UNET_PRESETS: dict[str, dict[str, Any]] = {

@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.registry import Capability, ModelFamily, loaded
 from torch import nn
-
-from configs.schema import ModelConfig
-from engines.models.registry import Capability, ModelFamily, loaded
 
 IGNORE_INDEX = -100  # label value transformers' losses skip: prompt, system and padding tokens
 

@@ -27,6 +27,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.pipelines.kolors import ChatGLMModel
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.registry import Capability, get_family, known_families
 from torch import nn
 from transformers import (
     BertModel,
@@ -39,9 +41,6 @@ from transformers import (
     T5EncoderModel,
     WhisperForConditionalGeneration,
 )
-
-from configs.schema import ModelConfig
-from engines.models.registry import Capability, get_family, known_families
 
 TINY = "tiny"
 MODEL = "model"  # a token-loss family's one component
@@ -387,7 +386,7 @@ _VIT_6B = dict(_VIT_300M, hidden_size=3200, intermediate_size=12800, num_hidden_
 
 
 def _internvl2(vision: dict[str, Any], vocab: int, hidden: int, ffn: int, layers: int, heads: int) -> Component:
-    from engines.models.internvl_remote import OriginalLayoutInternVL, OriginalLayoutInternVLLlama
+    from flowspeed.engines.models.internvl_remote import OriginalLayoutInternVL, OriginalLayoutInternVLLlama
 
     cls = OriginalLayoutInternVLLlama if vocab > 100_000 else OriginalLayoutInternVL  # Llama-3's vocabulary
     return Component(cls, dict(
@@ -500,8 +499,8 @@ for _v in (
 # qihoo_t2x.py). Each `published` figure and its source sit beside the model's PRESETS in its dits module; where the
 # authors' stated size is rounded or disagrees with their own module tree, that module says so. ----------------------
 def _dits_variants() -> list[Variant]:
-    from engines.models.dits import causalvae, opensora_vae, opensoraplan, pt_dit, stdit, stdit3, wfvae
-    from engines.models.opensora import SD_VAE
+    from flowspeed.engines.models.dits import causalvae, opensora_vae, opensoraplan, pt_dit, stdit, stdit3, wfvae
+    from flowspeed.engines.models.opensora import SD_VAE
 
     # google/mt5-xxl, encoder only (OpenSoraPlan's text encoder)
     mt5_xxl = Component(

@@ -30,12 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
-from torch import nn
-
-from configs.schema import ComponentConfig, ModelConfig
-from engines.models.cogvideox import load_t5
-from engines.models.dits.checkpoint import load_published
-from engines.models.registry import (
+from flowspeed.configs.schema import ComponentConfig, ModelConfig
+from flowspeed.engines.models.cogvideox import load_t5
+from flowspeed.engines.models.dits.checkpoint import load_published
+from flowspeed.engines.models.registry import (
     GeneratingFamily,
     LatentFamily,
     from_pretrained,
@@ -43,7 +41,8 @@ from engines.models.registry import (
     sample_latents,
     seeded_init,
 )
-from engines.models.video_objectives import Objective
+from flowspeed.engines.models.video_objectives import Objective
+from torch import nn
 
 #: preset name -> (module class, constructor kwargs)
 Specs = dict[str, tuple[type, dict[str, Any]]]

@@ -18,6 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.registry import from_pretrained, loaded, pick_preset, register_family, seeded_init
+from flowspeed.engines.models.sequence import IGNORE_INDEX, SequenceSample, SpeechFamily
+from flowspeed.engines.models.tokenizer import byte_vocab
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import (
@@ -29,11 +33,6 @@ from transformers import (
     WhisperTokenizer,
 )
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TASK_IDS
-
-from configs.schema import ModelConfig
-from engines.models.registry import from_pretrained, loaded, pick_preset, register_family, seeded_init
-from engines.models.sequence import IGNORE_INDEX, SequenceSample, SpeechFamily
-from engines.models.tokenizer import byte_vocab
 
 SAMPLING_RATE = 16000  # every Whisper checkpoint's feature extractor
 HOP_LENGTH = 160  # 10 ms mel frames; the encoder's two convolutions halve them: 2 frames per position
@@ -172,11 +171,13 @@ class Whisper(SpeechFamily):
         """A sample's audio -> log-mel (num_mel_bins, frames), padded to the encoder's fixed length."""
         fe = processor.feature_extractor
         if sample.audio is None:
-            raise ValueError("no audio: a whisper sample needs its decoded audio (datasets_prep.audio.load_audio)")
+            raise ValueError(
+                "no audio: a whisper sample needs its decoded audio (flowspeed.datasets_prep.audio.load_audio)"
+            )
         if sample.sampling_rate != fe.sampling_rate:
             raise ValueError(
                 f"audio at {sample.sampling_rate} Hz, Whisper takes {fe.sampling_rate} Hz: decode it with "
-                f"datasets_prep.audio.load_audio(path, {fe.sampling_rate})"
+                f"flowspeed.datasets_prep.audio.load_audio(path, {fe.sampling_rate})"
             )
         audio = np.asarray(sample.audio, dtype=np.float32)
         if audio.ndim != 1 or audio.size == 0:

@@ -24,16 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
-
-from configs import PipelineConfig, save_config
-from engines.common.checkpoints import (  # noqa: F401  (the publishing side, engine-neutral; re-exported for callers)
+from flowspeed.configs import PipelineConfig, save_config
+from flowspeed.engines.common.checkpoints import (  # noqa: F401  (the publishing side, engine-neutral; re-exported for callers)
     STEP_RE,
     PendingCheckpoint,
     _rank_world,
@@ -46,8 +38,15 @@ from engines.common.checkpoints import (  # noqa: F401  (the publishing side, en
     shared_tmp,
     verify,
 )
-from engines.common.device import accelerator_rng_state, set_accelerator_rng_state
-from engines.common.safe_load import CheckpointError, dcp_load, read_metadata  # noqa: F401  (re-exported)
+from flowspeed.engines.common.device import accelerator_rng_state, set_accelerator_rng_state
+from flowspeed.engines.common.safe_load import CheckpointError, dcp_load, read_metadata  # noqa: F401  (re-exported)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 
 def rng_state() -> dict[str, Any]:

@@ -146,7 +146,7 @@ def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh, mode: str = "u
     attention); "dsp" is STDiT3's Dynamic Sequence Parallel, delegated to engines/torch_engine/dsp.py (no attention
     collective, so not in MODES). Every rank of the job must call this (building the CP sub-meshes is collective)."""
     if mode == "dsp":
-        from engines.torch_engine.dsp import apply_dsp
+        from flowspeed.engines.torch_engine.dsp import apply_dsp
 
         return apply_dsp(model, cp_mesh)
     if mode not in MODES:

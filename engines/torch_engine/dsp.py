@@ -43,10 +43,9 @@ from typing import Any
 
 import torch
 import torch.distributed._functional_collectives as fc
+from flowspeed.engines.models.dits.stdit3 import STDiT3
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-
-from engines.models.dits.stdit3 import STDiT3
 
 
 def apply_dsp(model: nn.Module, cp_mesh: DeviceMesh) -> None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from configs import PipelineConfig
-from engines.models import get_family
-from engines.torch_engine.parallel_dims import ParallelDims
+from flowspeed.configs import PipelineConfig
+from flowspeed.engines.models import get_family
+from flowspeed.engines.torch_engine.parallel_dims import ParallelDims
 
 
 def validate_layout(cfg: PipelineConfig) -> ParallelDims:
     """Fail in milliseconds, before any process starts or model loads, on a layout the ranks can't form."""
-    from configs.validate import check_layout  # the rules load_config applies too: one place for both engines
+    from flowspeed.configs.validate import check_layout  # the rules load_config applies too: one place for both engines
 
     check_layout(cfg)
     get_family(cfg.model.family).frozen_prefixes(cfg.model)  # refuses a freeze the family cannot honour

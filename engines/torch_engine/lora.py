@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from flowspeed.configs.schema import LoraConfig
+from flowspeed.engines.common.io import atomic_write, atomic_write_text
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-from configs.schema import LoraConfig
-from engines.common.io import atomic_write, atomic_write_text
 
 ADAPTER_FILE = "adapter_model.safetensors"
 

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from flowspeed.configs.schema import TrainConfig
+from flowspeed.engines.common.device import torch_dtype
+from flowspeed.engines.torch_engine.parallel_dims import Meshes, ParallelDims
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -25,10 +28,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-from configs.schema import TrainConfig
-from engines.common.device import torch_dtype
-from engines.torch_engine.parallel_dims import Meshes, ParallelDims
 
 # Where each library keeps its repeated blocks: diffusers DiTs and UNets; transformers decoders,
 # VLM language models and vision towers, encoder-decoder (Whisper) stacks.
@@ -128,17 +127,17 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str, reduce_d
 def parallelize(model: nn.Module, mesh: Meshes | None, dims: ParallelDims, cfg: TrainConfig) -> nn.Module:
     """Apply the configured layout in order, on the meta device; DDP comes after `materialize`."""
     if dims.tp > 1:
-        from engines.torch_engine.tensor_parallel import apply_tp
+        from flowspeed.engines.torch_engine.tensor_parallel import apply_tp
 
         apply_tp(model, mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
     dsp = dims.cp > 1 and cfg.parallel.cp_mode == "dsp"
     if dims.cp > 1 and not dsp:
-        from engines.torch_engine.context_parallel import apply_context_parallel
+        from flowspeed.engines.torch_engine.context_parallel import apply_context_parallel
 
         apply_context_parallel(model, mesh["cp"], cfg.parallel.cp_mode)
     apply_ac(model, cfg.activation_checkpointing)
     if dsp:  # after AC: its all-to-all hooks then sit on the checkpoint wrappers, outside the recomputed region
-        from engines.torch_engine.dsp import apply_dsp
+        from flowspeed.engines.torch_engine.dsp import apply_dsp
 
         apply_dsp(model, mesh["cp"])
     if cfg.compile:

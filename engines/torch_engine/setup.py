@@ -1,6 +1,6 @@
 """Everything a training process sets up before its first step, in one place.
 
-`init_distributed` joins the process group (engines.common.device.init_process_group: NCCL, HCCL or gloo,
+`init_distributed` joins the process group (flowspeed.engines.common.device.init_process_group: NCCL, HCCL or gloo,
 with the configured collective timeout), `build_model` makes the sharded model from rank 0's weights,
 `Ema` keeps shadow weights in the parameters' own (sharded) layout, and `step_profiler` records a
 step window with torch.profiler.
@@ -16,22 +16,27 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.tensor import DTensor
-
-from configs import PipelineConfig
-from configs.schema import ProfileConfig
-from engines.common.device import (
+from flowspeed.configs import PipelineConfig
+from flowspeed.configs.schema import ProfileConfig
+from flowspeed.engines.common.device import (
     init_process_group,
     profiler_activities,
     profiler_module,
     resolve_device,
     set_current,
 )
-from engines.models.registry import ModelFamily, seeded_init
-from engines.torch_engine.lora import apply_lora
-from engines.torch_engine.parallel_dims import Meshes, ParallelDims, dp_coordinates
-from engines.torch_engine.parallelize import _plain, compile_cache, materialize, parallelize, wrap_data_parallel
+from flowspeed.engines.models.registry import ModelFamily, seeded_init
+from flowspeed.engines.torch_engine.lora import apply_lora
+from flowspeed.engines.torch_engine.parallel_dims import Meshes, ParallelDims, dp_coordinates
+from flowspeed.engines.torch_engine.parallelize import (
+    _plain,
+    compile_cache,
+    materialize,
+    parallelize,
+    wrap_data_parallel,
+)
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 @dataclass

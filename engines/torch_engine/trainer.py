@@ -1,10 +1,10 @@
 """The torch engine's training step: one process, or one rank of a torchrun job (NCCL, HCCL or gloo).
 
-    torchrun --nproc_per_node 2 -m engines.torch_engine.trainer --config runs/x/train/config.yaml
+    torchrun --nproc_per_node 2 -m flowspeed.engines.torch_engine.trainer --config runs/x/train/config.yaml
 
-`TorchBackend` is what engines.loop.run_training (the loop both engines share: tracking, cadence,
+`TorchBackend` is what flowspeed.engines.loop.run_training (the loop both engines share: tracking, cadence,
 resume, export, result) calls for this engine. The layout (train.parallel: FSDP2/HSDP/DDP x TP x CP)
-is applied by engines.torch_engine.setup; the step only sees a module to call, an optimizer and the
+is applied by flowspeed.engines.torch_engine.setup; the step only sees a module to call, an optimizer and the
 data-parallel coordinates.
 
 Reads the prep stage's cached latents, never raw media. Exact resume: the sample order and the
@@ -23,17 +23,24 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from flowspeed.configs import PipelineConfig, load_config
+from flowspeed.datasets_prep.cache import CachedLatents
+from flowspeed.engines.common.device import synchronize
+from flowspeed.engines.common.io import text_digest
+from flowspeed.engines.export import export_weights, plain_model
+from flowspeed.engines.loop import Facts, OptimizerOutput, StepOutput, TrainResult, lr_lambda, rank_main, run_training
+from flowspeed.engines.models import get_family
+from flowspeed.engines.torch_engine import checkpoint as ckpt
+from flowspeed.engines.torch_engine.setup import (
+    Ema,
+    build_model,
+    full_value,
+    grad_sync,
+    init_distributed,
+    step_profiler,
+    unwrap,
+)
 from torch.distributed.elastic.multiprocessing.errors import record
-
-from configs import PipelineConfig, load_config
-from datasets_prep.cache import CachedLatents
-from engines.common.device import synchronize
-from engines.common.io import text_digest
-from engines.export import export_weights, plain_model
-from engines.loop import Facts, OptimizerOutput, StepOutput, TrainResult, lr_lambda, rank_main, run_training
-from engines.models import get_family
-from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.setup import Ema, build_model, full_value, grad_sync, init_distributed, step_profiler, unwrap
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -42,7 +49,7 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
 
 
 class TorchBackend:
-    """The torch engine behind engines.loop.run_training: FSDP2/HSDP/DDP x TP x CP, DCP checkpoints."""
+    """The torch engine behind flowspeed.engines.loop.run_training: FSDP2/HSDP/DDP x TP x CP, DCP checkpoints."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
         self.cfg = cfg
@@ -55,7 +62,8 @@ class TorchBackend:
         if env.dims.pp > 1:
             raise ValueError(
                 "train.parallel.pp > 1: pipeline parallel is available for transformers language backbones "
-                "(engines.torch_engine.pipeline_parallel); the diffusion denoisers train with fsdp/tp/cp instead"
+                "(flowspeed.engines.torch_engine.pipeline_parallel); the diffusion denoisers train with fsdp/tp/cp "
+                "instead"
             )
         return env.rank, env.world, env.device
 
@@ -122,7 +130,7 @@ class TorchBackend:
             n = len(idx)
             counts = [counts[0] + n, counts[1] + n * rec.get("num_frames", 0), counts[2] + n * tokens]
         if env.dims.cp > 1:  # each CP rank's weight gradients cover only its part of the sequence
-            from engines.torch_engine.context_parallel import reduce_cp_grads
+            from flowspeed.engines.torch_engine.context_parallel import reduce_cp_grads
 
             reduce_cp_grads(self.model, env.mesh["cp"])
         # [loss sum, samples, frames, tokens] summed over the data-parallel ranks in one collective, before the

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flowspeed.configs.schema import GateConfig
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-
-from configs.schema import GateConfig
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 

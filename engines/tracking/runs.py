@@ -9,12 +9,12 @@ Three things went wrong without this:
   `bound_http_retries` caps what every later request may wait.
 - A SIGKILLed flowspeed left its runs RUNNING forever. Each run carries its owner (host, pid, process
   start time) as tags; the next start in the experiment closes as KILLED the runs whose owner on this
-  host is dead (the liveness check of `tasks.gpu_slot_holders`), never one whose owner still runs. A
+  host is dead (the liveness check of `flowspeed.tasks.gpu_slot_holders`), never one whose owner still runs. A
   killed training's run is instead continued by the resume: the train stage records its run id in the
   training dir (`mlflow-run.json`), and `continue_train_run` reopens it, so a resumed training's steps
   stay on one step axis.
 - The calls after the work (tags, dataset, artifacts, tables, the terminal status) failed a finished
-  stage when the server was away. `tasks.tracking` now keeps what it could not send in a journal,
+  stage when the server was away. `flowspeed.tasks.tracking` now keeps what it could not send in a journal,
   `<workdir>/mlflow-undelivered/<run_id>.journal` (JSON lines, in order: the status comes last), and
   `sync_undelivered` delivers it: `flowspeed sync-metrics <workdir>`, or the next start in the workdir.
 """
@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from flowspeed.configs import PipelineConfig
+from flowspeed.engines.common.processes import process_alive
+from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, _refused, replay_undelivered, tracking_uri
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunTag
 from mlflow.exceptions import MlflowException
-
-from configs import PipelineConfig
-from engines.common.processes import process_alive
-from engines.tracking.tracker import UNDELIVERED_DIR, _refused, replay_undelivered, tracking_uri
 
 RUN_RECORD = "mlflow-run.json"
 JOURNAL_SUFFIX = ".journal"
@@ -259,7 +258,7 @@ def continue_train_run(
     uri = tracking_uri(cfg)
     if rec.get("uri") != uri or (train_dir / "final").exists():  # finished: a rerun never imports torch here
         return None
-    from engines.torch_engine.checkpoint import list_checkpoints
+    from flowspeed.engines.torch_engine.checkpoint import list_checkpoints
 
     if not list_checkpoints(train_dir):
         return None
@@ -409,7 +408,7 @@ def replay_journal(folder: Path, only: str | None = None) -> tuple[int, int]:
 
 def sync_undelivered(path: Path) -> tuple[int, int]:
     """Everything an outage kept back under `path` (a workdir, a training dir or an mlflow-undelivered
-    folder): the stages' journals and the training metrics `engines.tracking.tracker` wrote. What
+    folder): the stages' journals and the training metrics `flowspeed.engines.tracking.tracker` wrote. What
     `flowspeed sync-metrics` runs."""
     bound_http_retries()  # a server still away: a few seconds per file, not minutes
     path = Path(path)

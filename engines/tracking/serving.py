@@ -37,20 +37,19 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from flowspeed.configs import PipelineConfig
+from flowspeed.configs.schema import DataConfig, ModelConfig
+from flowspeed.engines.common.io import atomic_write, atomic_write_text
+from flowspeed.engines.models import ModelFamily, get_family
+from flowspeed.engines.models.registry import Capability
+from flowspeed.engines.models.sequence import SequenceSample
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-from configs import PipelineConfig
-from configs.schema import DataConfig, ModelConfig
-from engines.common.io import atomic_write, atomic_write_text
-from engines.models import ModelFamily, get_family
-from engines.models.registry import Capability
-from engines.models.sequence import SequenceSample
 
 MLMODEL = "MLmodel"
 SETTINGS = "flowspeed_serving.json"
 SETTINGS_VERSION = 1
-LOADER_MODULE = "engines.tracking.serving"  # what MLflow imports to call `_load_pyfunc`: this module
+LOADER_MODULE = "flowspeed.engines.tracking.serving"  # what MLflow imports to call `_load_pyfunc`: this module
 SPEECH_SAMPLING_RATE = 16000  # what prep decodes audio at for every speech family (Whisper's rate)
 
 
@@ -118,7 +117,8 @@ def serving_settings(cfg: PipelineConfig) -> dict[str, Any]:
         "seed": e.seed,
         "fps": e.fps,
         "max_text_length": m.max_text_length,
-        "max_new_tokens": m.max_text_length // 4 or 16,  # as evaluation.sequence_eval answers held-out samples
+        "max_new_tokens": m.max_text_length // 4
+        or 16,  # as flowspeed.evaluation.sequence_eval answers held-out samples
     }
 
 
@@ -191,7 +191,7 @@ def _rgb(path: Path) -> np.ndarray:
 
 def _write_output(folder: Path, i: int, frames: np.ndarray, fps: int) -> Path:
     """One generation as mp4, or png when it is a single frame: the files eval writes for its samples."""
-    from datasets_prep.mp4 import write_mp4
+    from flowspeed.datasets_prep.mp4 import write_mp4
 
     if len(frames) == 1:
         from PIL import Image
@@ -229,7 +229,7 @@ class FlowspeedPyfunc:
         return self.settings[name] if value is None else value
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        from engines.common.device import resolve_device
+        from flowspeed.engines.common.device import resolve_device
 
         rows = _records(model_input)
         device = resolve_device("auto")
@@ -274,13 +274,13 @@ class FlowspeedPyfunc:
     def _samples(self, rows: list[dict[str, Any]]) -> list[SequenceSample]:
         family = self.family
         if family.can(Capability.TRANSCRIPTION):
-            from datasets_prep.audio import load_audio
+            from flowspeed.datasets_prep.audio import load_audio
 
             rate = SPEECH_SAMPLING_RATE
             paths = [_media_path(p, "audio") for p in _required(rows, "audio")]
             return [SequenceSample(audio=load_audio(p, rate), sampling_rate=rate) for p in paths]
-        from datasets_prep.manifest import Entry
-        from datasets_prep.sequence_prep import load_sample
+        from flowspeed.datasets_prep.manifest import Entry
+        from flowspeed.datasets_prep.sequence_prep import load_sample
 
         samples = []
         for i, (prompt, row) in enumerate(zip(_required(rows, "prompt"), rows, strict=True)):
@@ -345,12 +345,12 @@ def _load_pyfunc(data_path: str) -> FlowspeedPyfunc:
     settings_file = Path(data_path).resolve() / SETTINGS
     if not settings_file.is_file():
         raise FileNotFoundError(
-            f"{settings_file} is missing: write the MLmodel with engines.tracking.serving.write_mlmodel"
+            f"{settings_file} is missing: write the MLmodel with flowspeed.engines.tracking.serving.write_mlmodel"
         )
     settings = json.loads(settings_file.read_text())
     if settings.get("version") != SETTINGS_VERSION:
         raise ValueError(
             f"{settings_file} is format {settings.get('version')!r}, this flowspeed reads {SETTINGS_VERSION}: "
-            "rewrite it with engines.tracking.serving.write_mlmodel"
+            "rewrite it with flowspeed.engines.tracking.serving.write_mlmodel"
         )
     return FlowspeedPyfunc(export_dir, settings)

@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from flowspeed.configs import PipelineConfig
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
-
-from configs import PipelineConfig
 
 log = logging.getLogger(__name__)
 

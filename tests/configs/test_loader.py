@@ -1,8 +1,8 @@
 from pathlib import Path
 
 import pytest
+from flowspeed.configs import ConfigError, load_config
 
-from configs import ConfigError, load_config
 from tests.conftest import QUICKSTART
 
 

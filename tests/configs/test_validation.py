@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
-from typer.testing import CliRunner
-
-from configs import ConfigError, catalog, load_config
-from configs.catalog import (
+from flowspeed.configs import ConfigError, catalog, load_config
+from flowspeed.configs.catalog import (
     BENCHMARKS,
     CAPTIONERS,
     DECODERS,
@@ -25,8 +23,10 @@ from configs.catalog import (
     TASK_RUNNERS,
     clip_models,
 )
-from configs.validate import check_stage, config_problems, stage_problems
-from flows.config_cli import config_app
+from flowspeed.configs.validate import check_stage, config_problems, stage_problems
+from flowspeed.flows.config_cli import config_app
+from typer.testing import CliRunner
+
 from tests.conftest import QUICKSTART, REPO
 
 PIPELINES = REPO / "configs" / "pipelines"
@@ -193,7 +193,7 @@ def test_every_mistake_is_listed_at_once() -> None:
 
 
 def test_unchecked_load_returns_the_config_and_the_launchers_refuse_it_in_the_same_words() -> None:
-    from engines.torch_engine.launch import validate_layout
+    from flowspeed.engines.torch_engine.launch import validate_layout
 
     cfg = load_config(QUICKSTART, ["train.nproc_per_node=2", "train.parallel.tp=3"], check=False)
     assert config_problems(cfg)
@@ -204,7 +204,7 @@ def test_unchecked_load_returns_the_config_and_the_launchers_refuse_it_in_the_sa
 
 
 def test_the_megatron_launcher_refuses_in_the_same_words() -> None:
-    from engines.megatron.trainer import validate
+    from flowspeed.engines.megatron.trainer import validate
 
     cfg = load_config(QUICKSTART, ["train.engine=megatron"], check=False)
     with pytest.raises(ValueError, match="train.engine=megatron trains qwen2_vl, llava; 'cogvideox'"):
@@ -216,12 +216,11 @@ def test_the_catalog_is_the_registries() -> None:
     """The light table the checks read agrees with what the stages will do: names, frame rules, sizes,
     vision towers, the megatron engine's models, prep's captioners (and their presets), the benchmarks."""
     import torch
-
-    from configs.schema import CaptionConfig
-    from datasets_prep.caption import CAPTIONERS as REAL_CAPTIONERS
-    from engines.megatron.vlm import MODELS
-    from engines.models import get_family, known_families
-    from evaluation import benchmarks
+    from flowspeed.configs.schema import CaptionConfig
+    from flowspeed.datasets_prep.caption import CAPTIONERS as REAL_CAPTIONERS
+    from flowspeed.engines.megatron.vlm import MODELS
+    from flowspeed.engines.models import get_family, known_families
+    from flowspeed.evaluation import benchmarks
 
     assert sorted(FAMILIES) == known_families()
     for name, facts in FAMILIES.items():
@@ -243,7 +242,7 @@ def test_the_catalog_is_the_registries() -> None:
 def test_the_catalog_export_files_are_each_familys(tmp_path: Path) -> None:
     """Prefect's cache checks read what makes an export whole from the catalog (a cached stage then imports no
     model library): the same files and denoiser folder as the family's own, sharded transformers weights too."""
-    from engines.models import get_family
+    from flowspeed.engines.models import get_family
 
     final = tmp_path / "final"
     for name, facts in FAMILIES.items():
@@ -259,7 +258,7 @@ def test_the_catalog_export_files_are_each_familys(tmp_path: Path) -> None:
 def _presets_the_loader_knows(family: object, component: str) -> list[str]:
     """Ask `family`'s own loader for `component` built from an unknown preset: it refuses, listing the ones it
     builds (`pick_preset`'s "known presets: ..." or the video DiTs' `build_component` "known: ...")."""
-    from configs.schema import ComponentConfig, ModelConfig
+    from flowspeed.configs.schema import ComponentConfig, ModelConfig
 
     cfg = ModelConfig(family=family.name, **{component: ComponentConfig(preset="no-such-preset")})  # type: ignore[attr-defined]
     load = {
@@ -278,8 +277,8 @@ def test_the_catalog_presets_are_what_each_family_builds() -> None:
     """`model.<component>.preset` is refused at load exactly when the family's loader would refuse it: the
     components each family builds from the config (all three for latent families, the one model otherwise)
     and, for each, the presets its loader takes."""
-    from engines.models import get_family
-    from engines.models.registry import Capability
+    from flowspeed.engines.models import get_family
+    from flowspeed.engines.models.registry import Capability
 
     for name, facts in FAMILIES.items():
         family = get_family(name)
@@ -295,9 +294,9 @@ def test_the_catalog_presets_are_what_each_family_builds() -> None:
 def test_the_catalog_parallel_plans_are_the_torch_engines() -> None:
     """TP/CP/DSP are refused at load for a family exactly when the engine has no plan for its trained model (each
     family's tiny build on the meta device; every named variant of a family is the same class, see variants.py)."""
-    from engines.models import get_family
-    from engines.models.dits.stdit3 import STDiT3
-    from engines.models.variants import MODEL, build_on_meta
+    from flowspeed.engines.models import get_family
+    from flowspeed.engines.models.dits.stdit3 import STDiT3
+    from flowspeed.engines.models.variants import MODEL, build_on_meta
 
     for name, facts in FAMILIES.items():
         family = get_family(name)
@@ -308,12 +307,11 @@ def test_the_catalog_parallel_plans_are_the_torch_engines() -> None:
 
 
 def test_the_catalog_runners_decoders_and_clip_models_are_the_real_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flowspeed.evaluation.clip_score  # noqa: F401  (adds our open_clip configs, as an eval does)
     import open_clip
-
-    import evaluation.clip_score  # noqa: F401  (adds our open_clip configs, as an eval does)
-    from configs.schema import DataConfig
-    from datasets_prep.decode import DECODERS as REAL_DECODERS
-    from tasks.stages import make_task_runner
+    from flowspeed.configs.schema import DataConfig
+    from flowspeed.datasets_prep.decode import DECODERS as REAL_DECODERS
+    from flowspeed.tasks.stages import make_task_runner
 
     assert DECODERS == tuple(REAL_DECODERS) == get_args(DataConfig.model_fields["decoder"].annotation)
     assert clip_models() == frozenset(open_clip.list_models())
@@ -355,7 +353,7 @@ def test_a_family_missing_from_the_catalog_is_asked_of_the_registry(monkeypatch:
 def test_an_unknown_family_is_refused_without_importing_a_model_library() -> None:
     code = (
         "import sys\n"
-        "from configs import ConfigError, load_config\n"
+        "from flowspeed.configs import ConfigError, load_config\n"
         "try:\n"
         "    load_config('configs/quickstart.yaml', ['model.family=cogvidex'])\n"
         "except ConfigError as e:\n"
@@ -363,7 +361,7 @@ def test_an_unknown_family_is_refused_without_importing_a_model_library() -> Non
         "else:\n"
         "    raise SystemExit('accepted')\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers') "
-        "or m.startswith('engines.models'))\n"
+        "or m.startswith('flowspeed.engines.models'))\n"
         "assert not heavy, heavy[:5]\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -489,8 +487,7 @@ def test_flowspeed_run_on_a_mistake_fails_naming_the_key_and_writes_nothing(tmp_
     """`flowspeed run bad.yaml` in a fresh folder: exit 1, one paragraph naming the key, and not a file or folder
     more than was there (no workdir, no prep, no MLflow store, no Prefect database)."""
     import yaml
-
-    from configs.loader import apply_overrides
+    from flowspeed.configs.loader import apply_overrides
 
     overrides, key = RUN_MISTAKES[name]
     (tmp_path / "data.jsonl").write_text('{"path": "clip.mp4", "caption": "a clip"}\n')
@@ -498,7 +495,7 @@ def test_flowspeed_run_on_a_mistake_fails_naming_the_key_and_writes_nothing(tmp_
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(recipe))
     before = _files(tmp_path)
     script = Path(sys.executable).with_name("flowspeed")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "flowspeed.flows.cli"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([*command, "run", "bad.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120)  # fmt: skip
@@ -513,7 +510,7 @@ def test_flowspeed_run_refuses_before_writing_anything(tmp_path: Path) -> None:
     work = tmp_path / "work"
     for mistake, named in (("model.family=nope", "model.family"), ("train.parallel.tp=3", "tp=3")):
         out = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "run", "configs/quickstart.yaml", "--workdir", str(work),
+            [sys.executable, "-m", "flowspeed.flows.cli", "run", "configs/quickstart.yaml", "--workdir", str(work),
              "--set", mistake],
             cwd=REPO, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
@@ -529,7 +526,7 @@ def test_flowspeed_config_show_and_validate_through_the_installed_command(tmp_pa
 
     (tmp_path / "data.jsonl").write_text("")
     script = Path(sys.executable).with_name("flowspeed")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "flowspeed.flows.cli"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def flowspeed(*args: str) -> subprocess.CompletedProcess[str]:

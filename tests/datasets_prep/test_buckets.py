@@ -1,14 +1,14 @@
 from pathlib import Path
 
 import pytest
+from flowspeed.configs import DataConfig
+from flowspeed.datasets_prep.buckets import assign, drop_minorities, valid_frames
+from flowspeed.datasets_prep.prep import run_prep
+from flowspeed.datasets_prep.probe import MediaInfo, ProbeError
+from flowspeed.engines.common.io import read_jsonl
+from flowspeed.engines.launch import launch
+from flowspeed.engines.models import get_family
 
-from configs import DataConfig
-from datasets_prep.buckets import assign, drop_minorities, valid_frames
-from datasets_prep.prep import run_prep
-from datasets_prep.probe import MediaInfo, ProbeError
-from engines.common.io import read_jsonl
-from engines.launch import launch
-from engines.models import get_family
 from tests.conftest import make_config
 
 

@@ -2,15 +2,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from datasets_prep.cache import LatentCache
-from datasets_prep.prep import run_prep
-from engines.common.io import read_jsonl
+from flowspeed.datasets_prep.cache import LatentCache
+from flowspeed.datasets_prep.prep import run_prep
+from flowspeed.engines.common.io import read_jsonl
+
 from tests.conftest import REPO, make_config
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "cache", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "flowspeed.flows.cli", "cache", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -66,7 +71,7 @@ def test_experiments_share_one_cache_and_live_writers_keep_their_temp_files(
 
     # A live writer's temp file survives clean_partial; a dead writer's does not.
     code = (
-        "import sys, time; from datasets_prep.cache import LatentCache\n"
+        "import sys, time; from flowspeed.datasets_prep.cache import LatentCache\n"
         "c = LatentCache(sys.argv[1]); c._hold_writer_lock(); print(c.token, flush=True); time.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, str(shared)], cwd=REPO, stdout=subprocess.PIPE, text=True)

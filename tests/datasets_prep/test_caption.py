@@ -2,11 +2,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from flowspeed.configs import CaptionConfig
+from flowspeed.datasets_prep.caption import load_captioner, tiny_qwen2_vl
+from flowspeed.datasets_prep.prep import run_prep
+from flowspeed.engines.common.io import read_jsonl, write_jsonl
 
-from configs import CaptionConfig
-from datasets_prep.caption import load_captioner, tiny_qwen2_vl
-from datasets_prep.prep import run_prep
-from engines.common.io import read_jsonl, write_jsonl
 from tests.conftest import make_config
 
 
@@ -29,7 +29,7 @@ def test_tiny_qwen2_vl_captions_every_clip_and_records_the_model(
     assert samples[0]["caption"] == keep and all(s["caption"] for s in samples)
 
     # A re-run reuses the captions: no captioner is even built.
-    import datasets_prep.caption as mod
+    import flowspeed.datasets_prep.caption as mod
 
     monkeypatch.setattr(mod, "load_captioner", None)
     again = run_prep(cfg)

@@ -4,13 +4,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flowspeed.datasets_prep.curate import detect_scenes, load_head, motion_score
+from flowspeed.datasets_prep.demo import render_clip
+from flowspeed.datasets_prep.mp4 import write_mp4
+from flowspeed.datasets_prep.prep import run_prep
+from flowspeed.engines.common.io import read_jsonl, write_jsonl
 from safetensors.torch import save_file
 
-from datasets_prep.curate import detect_scenes, load_head, motion_score
-from datasets_prep.demo import render_clip
-from datasets_prep.mp4 import write_mp4
-from datasets_prep.prep import run_prep
-from engines.common.io import read_jsonl, write_jsonl
 from tests.conftest import make_config
 
 SCENES = [("circle", "red", "black", "from left to right", 30), ("square", "blue", "grey", "from top to bottom", 25),
@@ -107,7 +107,7 @@ def test_aesthetic_head_from_a_file_scores_and_near_duplicates_are_dropped(
     assert len(samples) == 8 and all(np.isfinite(s["aesthetic"]) for s in samples)
 
     # New thresholds: nothing is rescored, the scores decide.
-    import datasets_prep.curate as mod
+    import flowspeed.datasets_prep.curate as mod
 
     monkeypatch.setattr(mod, "ClipScorer", None)  # would fail if anything were scored again
     median = float(np.median([s["aesthetic"] for s in samples]))
@@ -120,8 +120,8 @@ def test_aesthetic_head_from_a_file_scores_and_near_duplicates_are_dropped(
 
 
 def test_slices_keep_every_score_and_dedup_sees_across_slices(tmp_path: Path, demo_manifest: Path) -> None:
-    from datasets_prep.curate import ScoreCache
-    from datasets_prep.prep import merge_slices, prep_slice
+    from flowspeed.datasets_prep.curate import ScoreCache
+    from flowspeed.datasets_prep.prep import merge_slices, prep_slice
 
     data = tmp_path / "data"
     shutil.copytree(demo_manifest.parent, data)

@@ -3,9 +3,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from datasets_prep.decode import DECODERS, decode, resize_center_crop, sample_indices
-from datasets_prep.probe import ProbeError, probe
+from flowspeed.datasets_prep.decode import DECODERS, decode, resize_center_crop, sample_indices
+from flowspeed.datasets_prep.probe import ProbeError, probe
 
 
 def _videos(manifest: Path) -> list[Path]:
@@ -34,7 +33,7 @@ def test_decord_and_pyav_return_the_same_frames(demo_manifest: Path) -> None:
 
 
 def test_decord_failure_falls_back_to_pyav(tmp_path: Path) -> None:
-    from datasets_prep.mp4 import write_mp4
+    from flowspeed.datasets_prep.mp4 import write_mp4
 
     frames = np.random.default_rng(0).integers(0, 255, (6, 64, 72, 3), dtype=np.uint8)
     path = write_mp4(tmp_path / "w72.mp4", frames, 8)  # 72 px wide: decord 0.6 rejects it
@@ -60,7 +59,7 @@ def test_resize_center_crop_covers_then_crops() -> None:
 
 
 def test_decoder_side_scaling_agrees_across_decoders_and_with_resizing_after(demo_manifest: Path) -> None:
-    from datasets_prep.decode import cover_size
+    from flowspeed.datasets_prep.decode import cover_size
 
     path = _videos(demo_manifest)[0]  # 96x64
     info = probe(path)

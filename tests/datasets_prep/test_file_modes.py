@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from flowspeed.engines.common.io import atomic_write_text, default_modes
 
-from engines.common.io import atomic_write_text, default_modes
 from tests.file_modes import mode as _mode
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from datasets_prep.manifest import Entry, Rejection, detect_format, known_formats, read_manifest
+from flowspeed.datasets_prep.manifest import Entry, Rejection, detect_format, known_formats, read_manifest
 
 ROWS = [("videos/a.mp4", "a red circle"), ("videos/b.mp4", "a blue square"), ("images/c.png", "a still")]
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flowspeed.datasets_prep.cache import LatentCache
+from flowspeed.datasets_prep.mp4 import write_mp4
+from flowspeed.datasets_prep.prep import run_prep
+from flowspeed.engines.common.io import read_jsonl
+from flowspeed.engines.models import get_family
 
-from datasets_prep.cache import LatentCache
-from datasets_prep.mp4 import write_mp4
-from datasets_prep.prep import run_prep
-from engines.common.io import read_jsonl
-from engines.models import get_family
 from tests.conftest import REPO, make_config
 from tests.datasets_prep.media import write_audio_only, write_rotated, write_vfr
 
@@ -93,8 +93,8 @@ def test_bad_inputs_are_recorded_and_the_rest_is_cached(tmp_path: Path, demo_man
 
 
 def test_rotation_is_applied_the_same_by_both_decoders(tmp_path: Path) -> None:
-    from datasets_prep.decode import decode
-    from datasets_prep.probe import probe
+    from flowspeed.datasets_prep.decode import decode
+    from flowspeed.datasets_prep.probe import probe
 
     info = probe(write_rotated(tmp_path / "r.mp4"))
     assert (info.width, info.height, info.rotation) == (64, 96, 90)
@@ -145,14 +145,14 @@ def test_num_frames_the_vae_cannot_take_is_refused(tmp_path: Path, demo_manifest
 
 KILL_SCRIPT = """
 import sys
-from configs import load_config
-from datasets_prep.prep import run_prep
+from flowspeed.configs import load_config
+from flowspeed.datasets_prep.prep import run_prep
 run_prep(load_config(sys.argv[1], sys.argv[2:]))
 """
 
 
 def test_sigkill_mid_prep_resumes_to_a_complete_duplicate_free_index(tmp_path: Path) -> None:
-    from datasets_prep.demo import make_demo_dataset
+    from flowspeed.datasets_prep.demo import make_demo_dataset
 
     manifest = make_demo_dataset(tmp_path / "data", num_videos=16, num_images=4)
     args = [
@@ -178,7 +178,7 @@ def test_sigkill_mid_prep_resumes_to_a_complete_duplicate_free_index(tmp_path: P
     written = len(list(shards.glob("*.safetensors")))
     assert 2 <= written < 20
 
-    from configs import load_config
+    from flowspeed.configs import load_config
 
     res = run_prep(load_config(args[0], args[1:]))
     assert res.num_cached == written and res.num_encoded == 20 - written  # finished shards are not redone
@@ -193,7 +193,7 @@ def test_sigkill_mid_prep_resumes_to_a_complete_duplicate_free_index(tmp_path: P
 
 @pytest.mark.slow
 def test_two_rank_extraction_gives_the_same_index_as_one_rank(tmp_path: Path, demo_manifest: Path) -> None:
-    from datasets_prep.prep import launch_prep
+    from flowspeed.datasets_prep.prep import launch_prep
 
     one = launch_prep(make_config(tmp_path / "one", demo_manifest))
     two = launch_prep(make_config(tmp_path / "two", demo_manifest, "data.nproc_per_node=2"))
@@ -222,7 +222,7 @@ def test_a_family_with_several_text_outputs_caches_and_batches_them_all(
     tmp_path: Path, demo_manifest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The extension point image families (pooled + per-token text states) rely on."""
-    from datasets_prep.cache import CachedLatents, collate
+    from flowspeed.datasets_prep.cache import CachedLatents, collate
 
     family = get_family("cogvideox")
     real = type(family).encode_text

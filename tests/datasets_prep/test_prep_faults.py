@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flowspeed.datasets_prep.cache import CachedLatents, LatentCache
+from flowspeed.datasets_prep.decode import decode
+from flowspeed.datasets_prep.manifest import Entry, Rejection, read_manifest
+from flowspeed.datasets_prep.prep import load_samples, run_prep
+from flowspeed.datasets_prep.probe import probe
+from flowspeed.engines.common.io import read_jsonl
 from PIL import Image
 
-from datasets_prep.cache import CachedLatents, LatentCache
-from datasets_prep.decode import decode
-from datasets_prep.manifest import Entry, Rejection, read_manifest
-from datasets_prep.prep import load_samples, run_prep
-from datasets_prep.probe import probe
-from engines.common.io import read_jsonl
 from tests.conftest import make_config
 
 
@@ -51,7 +51,7 @@ def test_hostile_manifest_lines_become_rejections_and_the_rest_is_cached(tmp_pat
 def test_an_exception_decoding_one_record_rejects_only_that_record(
     tmp_path: Path, demo_manifest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import datasets_prep.prep as prep
+    import flowspeed.datasets_prep.prep as prep
 
     first = read_jsonl(demo_manifest)[0]["file"]
     real = prep.decode
@@ -147,7 +147,8 @@ def test_an_unreadable_shard_is_named_and_its_samples_re_encoded(
 
 
 def _recipe(name: str, workdir: Path, manifest: Path) -> "PipelineConfig":  # noqa: F821
-    from configs import load_config
+    from flowspeed.configs import load_config
+
     from tests.conftest import REPO
 
     return load_config(REPO / "configs" / "pipelines" / f"{name}.yaml", [f"data.manifest={manifest}"], workdir=workdir)
@@ -188,8 +189,8 @@ def test_hostile_conversations_are_rejected_one_by_one(tmp_path: Path, demo_mani
 def test_hostile_speech_records_are_rejected_one_by_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A corrupt audio file, a lone-surrogate transcript, and any exception the feature extractor raises
     for one clip (here a RuntimeError) each become that record's rejection with the exception's type."""
-    from datasets_prep.demo import make_demo_audio
-    from engines.models import get_family
+    from flowspeed.datasets_prep.demo import make_demo_audio
+    from flowspeed.engines.models import get_family
 
     manifest = make_demo_audio(tmp_path / "data", num_clips=4)
     good = read_jsonl(manifest)

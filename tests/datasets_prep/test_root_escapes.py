@@ -12,8 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from datasets_prep.manifest import Entry, Rejection, read_manifest
+from flowspeed.datasets_prep.manifest import Entry, Rejection, read_manifest
 
 SECRET = "the contents of a file outside the dataset"
 
@@ -175,8 +174,9 @@ def test_unresolvable_paths_are_rejections_not_crashes(tree: tuple[Path, Path], 
 
 @pytest.mark.slow
 def test_prep_records_escapes_in_rejects_jsonl_and_carries_on(tmp_path: Path, demo_manifest: Path) -> None:
-    from datasets_prep.prep import run_prep
-    from engines.common.io import read_jsonl
+    from flowspeed.datasets_prep.prep import run_prep
+    from flowspeed.engines.common.io import read_jsonl
+
     from tests.conftest import make_config
 
     root, outside = tmp_path / "clips", tmp_path / "outside"
@@ -204,7 +204,7 @@ def test_prep_records_escapes_in_rejects_jsonl_and_carries_on(tmp_path: Path, de
 def _swap_after_check(monkeypatch: pytest.MonkeyPatch, target: Path, swap) -> None:  # noqa: ANN001
     """Run `swap()` right after `resolve_under` has accepted `target`: the window between a path's check
     and its read, made deterministic."""
-    import datasets_prep.manifest as manifest
+    import flowspeed.datasets_prep.manifest as manifest
 
     real = manifest.resolve_under
 
@@ -271,8 +271,9 @@ def test_media_swapped_for_a_symlink_after_its_check_is_not_hashed_or_decoded(
     """Decoders open files by path: they are handed the checked descriptor's own file (/proc/self/fd) instead,
     so a clip swapped (or a folder on its way) for a link out of the dataset, after the manifest was read or
     after the probe, is a rejection, not a sample made of the file outside."""
-    import datasets_prep.prep as prep
-    from engines.common.io import read_jsonl
+    import flowspeed.datasets_prep.prep as prep
+    from flowspeed.engines.common.io import read_jsonl
+
     from tests.conftest import make_config
 
     root, outside = tmp_path / "data", tmp_path / "outside"
@@ -315,10 +316,11 @@ def test_media_swapped_for_a_symlink_after_its_check_is_not_hashed_or_decoded(
 def test_audio_swapped_for_a_symlink_after_its_check_is_not_decoded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from configs import load_config
-    from datasets_prep.demo import make_demo_audio
-    from datasets_prep.prep import run_prep
-    from engines.common.io import read_jsonl
+    from flowspeed.configs import load_config
+    from flowspeed.datasets_prep.demo import make_demo_audio
+    from flowspeed.datasets_prep.prep import run_prep
+    from flowspeed.engines.common.io import read_jsonl
+
     from tests.conftest import REPO
 
     manifest = make_demo_audio(tmp_path / "data", num_clips=3)

@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 import torch
+from flowspeed.configs import PipelineConfig, load_config
+from flowspeed.engines.launch import launch
+from flowspeed.engines.loop import NonFiniteLoss, non_finite_message
+from flowspeed.engines.models import get_family
+from flowspeed.engines.torch_engine import checkpoint as ckpt
+from flowspeed.engines.tracking.tracker import ensure_experiment, tracking_uri
 from mlflow import MlflowClient
 
-from configs import PipelineConfig, load_config
-from engines.launch import launch
-from engines.loop import NonFiniteLoss, non_finite_message
-from engines.models import get_family
-from engines.torch_engine import checkpoint as ckpt
-from engines.tracking.tracker import ensure_experiment, tracking_uri
 from tests.conftest import make_config
 from tests.distributed import run_ranks
 
@@ -91,7 +91,7 @@ def _two_ranks(rank: int, world: int, workdir: str, manifest: str, prep_dir: str
         "train.checkpoint_every=2",
     )
     _nan_from_call(get_family(cfg.model.family), 3, only_rank=1)  # rank 0's own loss stays finite
-    from engines.torch_engine.trainer import train
+    from flowspeed.engines.torch_engine.trainer import train
 
     try:
         train(cfg)
@@ -113,7 +113,7 @@ def test_two_ranks_stop_together_when_one_rank_sees_nan(tmp_path: Path, prepped:
 
 
 def _megatron_rank(rank: int, world: int, recipe: str, overrides: list[str], workdir: str) -> str:
-    import engines.megatron.trainer as megatron_trainer
+    import flowspeed.engines.megatron.trainer as megatron_trainer
 
     cfg = load_config(Path(recipe), overrides, workdir=Path(workdir))
     original = megatron_trainer.token_loss
@@ -134,8 +134,9 @@ def _megatron_rank(rank: int, world: int, recipe: str, overrides: list[str], wor
 @pytest.mark.slow
 def test_the_megatron_engine_stops_on_a_nan_loss_too(tmp_path: Path) -> None:
     """megatron's optimizer skips an update whose gradients are not finite; the loop then stops the run."""
-    from datasets_prep.demo import make_demo_dataset
-    from datasets_prep.prep import run_prep
+    from flowspeed.datasets_prep.demo import make_demo_dataset
+    from flowspeed.datasets_prep.prep import run_prep
+
     from tests.conftest import REPO
 
     make_demo_dataset(tmp_path / "demo", num_videos=2, num_images=2)

@@ -16,9 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from flowspeed.evaluation.benchmarks import (
+    anls_distance,
+    extract_choice,
+    load_benchmark,
+    relaxed_correct,
+    score_benchmark,
+)
 from PIL import Image
-
-from evaluation.benchmarks import anls_distance, extract_choice, load_benchmark, relaxed_correct, score_benchmark
 
 OPTION_SETS = {
     "animals": {"A": "dog", "B": "cat", "C": "black cat", "D": "horse"},

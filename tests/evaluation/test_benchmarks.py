@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from PIL import Image
-
-from evaluation.benchmarks import (
+from flowspeed.evaluation.benchmarks import (
     BENCHMARKS,
     METRIC_DIRECTIONS,
     PromptTemplate,
@@ -29,6 +27,7 @@ from evaluation.benchmarks import (
     relaxed_correct,
     score_benchmark,
 )
+from PIL import Image
 
 
 def _png_b64(size: tuple[int, int], color: tuple[int, int, int]) -> str:

@@ -5,12 +5,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-
-from configs import ClipConfig, PipelineConfig
-from engines.common.device import resolve_device
-from engines.launch import launch
-from evaluation.clip_score import clip_score
-from evaluation.run import run_eval, validation_loss
+from flowspeed.configs import ClipConfig, PipelineConfig
+from flowspeed.engines.common.device import resolve_device
+from flowspeed.engines.launch import launch
+from flowspeed.evaluation.clip_score import clip_score
+from flowspeed.evaluation.run import run_eval, validation_loss
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +61,7 @@ def test_eval_without_a_trained_model_explains(tmp_path: Path, prepped: Pipeline
 
 def test_clip_pretrained_accepts_a_local_checkpoint_file(tmp_path: Path) -> None:
     import torch
-
-    from evaluation.clip_score import load_clip
+    from flowspeed.evaluation.clip_score import load_clip
 
     device = resolve_device("cpu")
     model, _, _ = load_clip(ClipConfig(), device)
@@ -180,14 +178,14 @@ def test_a_killed_eval_resumes_where_it_stopped(trained: PipelineConfig, tmp_pat
     import sys
     import time
 
-    from configs import save_config
+    from flowspeed.configs import save_config
 
     settings = {"samples_per_prompt": 12, "batch_size": 1}
     cfg = _with_eval(trained, tmp_path / "killed", **settings)
     path = save_config(cfg, tmp_path, "eval.yaml")
     final = trained.train_dir / "final"
-    proc = subprocess.Popen([sys.executable, "-m", "evaluation.run", "--config", str(path), "--final-dir", str(final)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    cmd = [sys.executable, "-m", "flowspeed.evaluation.run", "--config", str(path), "--final-dir", str(final)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
     partial = cfg.eval_dir / ".partial"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

@@ -11,10 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
-from evaluation import generation_metrics as gm
-from evaluation.generation_metrics import (
+from flowspeed.evaluation import generation_metrics as gm
+from flowspeed.evaluation.generation_metrics import (
     I3D_MIN_FRAMES,
     METRIC_DIRECTIONS,
     RANDOM_INIT,
@@ -33,6 +31,7 @@ from evaluation.generation_metrics import (
     temporal_flickering,
     video_dimensions,
 )
+from safetensors.torch import save_file
 
 HAVE_SCIPY = gm._scipy_linalg is not None
 METHODS = ["eigh", "sqrtm"] if HAVE_SCIPY else ["eigh"]

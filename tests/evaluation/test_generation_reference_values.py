@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flowspeed.evaluation import generation_metrics as gm
+from flowspeed.evaluation.clip_score import clip_score_of, frame_cosines, video_clip_score
+from flowspeed.evaluation.generation_eval import dino_pixels
 
-from evaluation import generation_metrics as gm
-from evaluation.clip_score import clip_score_of, frame_cosines, video_clip_score
-from evaluation.generation_eval import dino_pixels
 from tests.fidelity import seeded_tensor
 
 # --------------------------------------------------------------------------- CLIP score (torchmetrics)

@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "evaluation"
+PREFIX = ["flowspeed", "evaluation"]
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -15,23 +16,24 @@ def _modules() -> dict[str, ast.Module]:
 
 
 def _imported(tree: ast.Module, names: set[str]) -> set[str]:
-    """The evaluation modules a module imports, at any depth: `import evaluation.x`, `from evaluation.x import y`,
-    `from evaluation import x`, `from .x import y`, `from . import x`."""
+    """The evaluation modules a module imports, at any depth: `import flowspeed.evaluation.x`,
+    `from flowspeed.evaluation.x import y`, `from flowspeed.evaluation import x`, `from .x import y`,
+    `from . import x`."""
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
-                if parts[0] == "evaluation" and len(parts) > 1:
-                    found.add(parts[1])
+                if parts[:2] == PREFIX and len(parts) > 2:
+                    found.add(parts[2])
         elif isinstance(node, ast.ImportFrom):
             parts = (node.module or "").split(".")
-            if node.level == 0 and parts[0] != "evaluation":
+            if node.level == 0 and parts[:2] != PREFIX:
                 continue
-            sub = parts[1:] if node.level == 0 else [p for p in parts if p]
+            sub = parts[2:] if node.level == 0 else [p for p in parts if p]
             if sub:
                 found.add(sub[0])
-            else:  # `from evaluation import x`: x is a module when the package has it
+            else:  # `from flowspeed.evaluation import x`: x is a module when the package has it
                 found |= {a.name for a in node.names if a.name in names}
     return found & names
 
@@ -66,17 +68,19 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_cycle_finder_sees_a_circle_through_a_function_level_import() -> None:
-    tree = ast.parse("def f():\n    from evaluation.b import x\n")
+    tree = ast.parse("def f():\n    from flowspeed.evaluation.b import x\n")
     graph = {"a": _imported(tree, {"a", "b"}), "b": {"a"}}
     assert _cycle(graph) == ["a", "b", "a"]
-    assert _imported(ast.parse("from evaluation import b as m\nfrom .a import y\n"), {"a", "b"}) == {"a", "b"}
+    assert _imported(ast.parse("from flowspeed.evaluation import b as m\nfrom .a import y\n"), {"a", "b"}) == {"a", "b"}
 
 
 def test_evaluation_modules_import_each_other_without_a_circle() -> None:
     graph = _graph()
     assert graph["run"] and "sequence_eval" in graph["run"]  # the walk sees the package's real imports
     assert _cycle(graph) is None, f"import circle in evaluation/: {' -> '.join(_cycle(graph) or [])}"
-    assert not [m for m, deps in graph.items() if "run" in deps], "evaluation.run is the top: nothing imports it"
+    assert not [m for m, deps in graph.items() if "run" in deps], (
+        "flowspeed.evaluation.run is the top: nothing imports it"
+    )
 
 
 def test_eval_asks_families_for_capabilities_not_class_or_kind() -> None:

@@ -8,8 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-
-from evaluation.speech_metrics import (
+from flowspeed.evaluation.speech_metrics import (
     METRIC_DIRECTIONS,
     WHISPER_SPELLING,
     cer,

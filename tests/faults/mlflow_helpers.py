@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from flowspeed.configs import PipelineConfig
 from mlflow import MlflowClient
 
-from configs import PipelineConfig
 from tests.conftest import REPO
 from tests.servers import BIN, Server, base_env, free_port
 
@@ -46,7 +46,7 @@ def flowspeed_argv(command: str, workdir: Path, prepped: PipelineConfig, experim
     sets = [f"data.manifest={prepped.data.manifest}", f"data.output_dir={prepped.prep_dir}", "train.max_steps=6",
             "train.checkpoint_every=2", "train.log_every=1", f"tracking.experiment={experiment}",
             "train.gpu_slots.enabled=false", *overrides]  # fmt: skip
-    argv = [sys.executable, "-m", "flows.cli", command, "configs/quickstart.yaml", "--workdir", str(workdir)]
+    argv = [sys.executable, "-m", "flowspeed.flows.cli", command, "configs/quickstart.yaml", "--workdir", str(workdir)]
     for s in sets:
         argv += ["--set", s]
     return argv

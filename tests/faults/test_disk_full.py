@@ -29,14 +29,14 @@ from pathlib import Path
 disk, manifest, quickstart = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 from rich.console import Console
 import typer
-from configs import load_config
-from datasets_prep.cache import LatentCache
-from engines.common.io import read_jsonl
-from datasets_prep.prep import run_prep
-from engines.torch_engine import checkpoint as ckpt
-from engines.launch import launch
-from evaluation.run import run_eval
-from flows import cli
+from flowspeed.configs import load_config
+from flowspeed.datasets_prep.cache import LatentCache
+from flowspeed.engines.common.io import read_jsonl
+from flowspeed.datasets_prep.prep import run_prep
+from flowspeed.engines.torch_engine import checkpoint as ckpt
+from flowspeed.engines.launch import launch
+from flowspeed.evaluation.run import run_eval
+from flowspeed.flows import cli
 
 work = disk / "work"
 filler = disk / "filler"

@@ -1,6 +1,6 @@
 """SIGKILL of `flowspeed prep` and `flowspeed eval` at chosen points, then a rerun.
 
-Each kill runs the real command line (`flows.cli`, with its Prefect flow, MLflow run and embedded
+Each kill runs the real command line (`flowspeed.flows.cli`, with its Prefect flow, MLflow run and embedded
 Prefect API) in a child process of its own session; the child wraps one product function so that it
 SIGKILLs itself at the chosen call (no test hooks in the product). After the kill: nothing of the
 child's session lives on; the rerun finishes, reuses what was finished (samples cached, encoder
@@ -25,10 +25,10 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from flowspeed.configs import PipelineConfig
+from flowspeed.datasets_prep.cache import TMP_RE, LatentCache
+from flowspeed.engines.common.io import read_jsonl
 
-from configs import PipelineConfig
-from datasets_prep.cache import TMP_RE, LatentCache
-from engines.common.io import read_jsonl
 from tests.conftest import QUICKSTART, REPO, make_config
 from tests.faults.conftest import assert_no_survivors, log_tail, session_survivors, wait_killed
 
@@ -45,7 +45,7 @@ def die():
     sys.stdout.flush(); sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 """
-CLI = "\nfrom flows.cli import main\nsys.argv[0] = 'flowspeed'\nmain()\n"
+CLI = "\nfrom flowspeed.flows.cli import main\nsys.argv[0] = 'flowspeed'\nmain()\n"
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def _tmp_files(cfg: PipelineConfig) -> list[str]:
 # Kill while encoding, after 2 of the 4 shards are published: at the 3rd shard's rename, its temp file
 # written whole (the dead writer's leftover the rerun must clear), samples 5 and 6 encoded and lost.
 KILL_AT_THIRD_SHARD = """
-import datasets_prep.cache as cache
+import flowspeed.datasets_prep.cache as cache
 from pathlib import Path
 replace, renames = os.replace, []
 def replace_or_die(src, dst):
@@ -119,7 +119,7 @@ cache.os.replace = replace_or_die
 
 # Kill during the publication of the outputs: samples.jsonl replaced, rejects/summary/config not yet.
 KILL_AFTER_SAMPLES = """
-import datasets_prep.prep as prep
+import flowspeed.datasets_prep.prep as prep
 from pathlib import Path
 write_jsonl = prep.write_jsonl
 def write_then_die(target, rows):
@@ -157,7 +157,7 @@ def test_a_prep_killed_while_encoding_then_while_publishing_resumes_to_the_unint
     assert len(LatentCache(cfg.cache_dir).shards()) == 4 and _tmp_files(cfg) == []
     assert not (cfg.prep_dir / "summary.json").exists()
 
-    from datasets_prep.prep import run_prep
+    from flowspeed.datasets_prep.prep import run_prep
 
     res = run_prep(cfg)  # this process, as the next rerun's prep task would: nothing left to encode
     assert (res.num_cached, res.num_encoded, res.encoder_calls) == (n, 0, 0)
@@ -187,8 +187,8 @@ os.replace = replace_or_die
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, prepped: PipelineConfig) -> SimpleNamespace:
     """A 2-step model on the session's prep, and its uninterrupted eval (in a folder of its own)."""
-    from engines.launch import launch
-    from evaluation.run import run_eval
+    from flowspeed.engines.launch import launch
+    from flowspeed.evaluation.run import run_eval
 
     work = tmp_path_factory.mktemp("kill-eval")
     sets = [f"data.manifest={prepped.data.manifest}", f"data.output_dir={prepped.prep_dir}", *TRAIN, *EVAL]
@@ -204,8 +204,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, prepped: PipelineConfig) -
 def test_a_killed_eval_resumes_without_regenerating_what_it_kept(
     trained: SimpleNamespace, env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from engines.models import get_family
-    from evaluation.run import run_eval
+    from flowspeed.engines.models import get_family
+    from flowspeed.evaluation.run import run_eval
 
     cfg = trained.cfg
     n = len(cfg.eval.prompts) * cfg.eval.samples_per_prompt

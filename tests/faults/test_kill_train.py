@@ -19,12 +19,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from flowspeed.configs import PipelineConfig, load_config, save_config
+from flowspeed.engines.launch import launch
+from flowspeed.engines.torch_engine import checkpoint as ckpt
+from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, replay_undelivered
 from mlflow import MlflowClient
 
-from configs import PipelineConfig, load_config, save_config
-from engines.launch import launch
-from engines.torch_engine import checkpoint as ckpt
-from engines.tracking.tracker import UNDELIVERED_DIR, replay_undelivered
 from tests.conftest import make_config
 from tests.faults.conftest import assert_no_survivors, die, python_child, wait_killed
 
@@ -59,7 +59,7 @@ def child(spec_file: str) -> None:
     kind, at = spec["kill"], int(spec["at"])
     name = f"step-{at:08d}"
     if kind == "after_log":  # between checkpoints, once step `at`'s metrics are logged
-        from engines.tracking.tracker import Tracker
+        from flowspeed.engines.tracking.tracker import Tracker
 
         log_metrics = Tracker.log_metrics
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from flowspeed.configs import PipelineConfig
+from flowspeed.engines.torch_engine.checkpoint import list_checkpoints
+from flowspeed.engines.tracking import runs
+from flowspeed.engines.tracking.tracker import ensure_experiment, tracking_uri
 from mlflow import MlflowClient
 
-from configs import PipelineConfig
-from engines.torch_engine.checkpoint import list_checkpoints
-from engines.tracking import runs
-from engines.tracking.tracker import ensure_experiment, tracking_uri
 from tests.conftest import make_config
 from tests.faults.mlflow_helpers import finish, flowspeed_argv, reap, stage_runs, start, steps, tail
 from tests.faults.mlflow_helpers import wait_until as wait_for

@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from flowspeed.configs import PipelineConfig
+from flowspeed.engines.torch_engine.checkpoint import list_checkpoints
+from flowspeed.engines.tracking import runs
 from mlflow import MlflowClient
 
-from configs import PipelineConfig
-from engines.torch_engine.checkpoint import list_checkpoints
-from engines.tracking import runs
 from tests.conftest import REPO, make_config
 from tests.faults.mlflow_helpers import (
     cli_env,
@@ -87,7 +87,7 @@ def test_a_finished_training_survives_mlflow_going_away_before_its_end(
     assert run.info.status == "RUNNING"  # its status waits in the journal with the rest
     assert (work / "mlflow-undelivered" / f"{run.info.run_id}{runs.JOURNAL_SUFFIX}").is_file()
 
-    sync = subprocess.run([sys.executable, "-m", "flows.cli", "sync-metrics", str(work)], cwd=REPO,
+    sync = subprocess.run([sys.executable, "-m", "flowspeed.flows.cli", "sync-metrics", str(work)], cwd=REPO,
                           env=cli_env(uri), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert sync.returncode == 0 and "0 still waiting" in sync.stdout, sync.stdout + sync.stderr
     client = MlflowClient(uri)

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from flowspeed.configs import PipelineConfig
 
-from configs import PipelineConfig
 from tests.conftest import REPO
 
-TRAINER = "engines.torch_engine.trainer"
+TRAINER = "flowspeed.engines.torch_engine.trainer"
 PREFECT_SERVER = "prefect.server.api.server:create_app"
 BOUND_S = 60.0  # how long the dead may take to go: a torchrun agent stops its ranks with a grace period
 
@@ -46,7 +46,7 @@ class Child:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "flowspeed.flows.cli", *args], cwd=REPO, env=env,
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         self.seen: dict[int, psutil.Process] = {}
 
@@ -215,7 +215,7 @@ def test_sigterm_is_honoured_while_waiting_on_an_unreachable_mlflow(
 _POOL = """
 import multiprocessing, os, sys, time
 from concurrent.futures import ProcessPoolExecutor
-from engines.common.lifetime import exit_with_parent
+from flowspeed.engines.common.lifetime import exit_with_parent
 
 if __name__ == "__main__":
     ex = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"),

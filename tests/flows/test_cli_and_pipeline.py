@@ -20,7 +20,7 @@ def _env(workdir: Path) -> dict[str, str]:
 
 def flowspeed(*args: str, workdir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [sys.executable, "-m", "flowspeed.flows.cli", *args],
         cwd=REPO,
         env=_env(workdir),
         capture_output=True,

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from flowspeed.configs import PipelineConfig
+from flowspeed.engines.tracking.tracker import tracking_uri
 
-from configs import PipelineConfig
-from engines.tracking.tracker import tracking_uri
 from tests.conftest import QUICKSTART, REPO
 
 SECRET = "s3cr3t-Pa55"
@@ -36,7 +36,7 @@ def test_the_cli_refuses_a_server_url_with_credentials_before_writing_anything(v
     demo = tmp_path / "data.jsonl"
     demo.write_text("")
     work = tmp_path / "work"
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "train", str(QUICKSTART), "--workdir", str(work),
+    out = subprocess.run([sys.executable, "-m", "flowspeed.flows.cli", "train", str(QUICKSTART), "--workdir", str(work),
                           "--set", f"data.manifest={demo}"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)  # fmt: skip
     text = " ".join(re.sub("[│╭╮╰╯─]", " ", out.stdout + out.stderr).split())  # the error box wraps lines

@@ -4,8 +4,8 @@ Deploying it to a real (PostgreSQL-backed) Prefect server and running it on a pr
 tests/flows/test_team_mode.py."""
 
 import yaml
+from flowspeed.configs import PipelineConfig
 
-from configs import PipelineConfig
 from tests.conftest import REPO
 
 

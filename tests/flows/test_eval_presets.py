@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from flowspeed.configs import load_config
+from flowspeed.engines.models import known_families
 from mlflow import MlflowClient
 
-from configs import load_config
-from engines.models import known_families
 from tests.conftest import REPO
 from tests.engines.tracking.test_serving import _export
 from tests.flows.test_recipes import _ai2d_tsv
@@ -27,9 +27,8 @@ def test_every_family_has_an_eval_preset_that_loads() -> None:
 
 
 def _flowspeed_eval(workdir: Path, *overrides: str) -> dict:
+    from flowspeed.flows.cli import app
     from typer.testing import CliRunner
-
-    from flows.cli import app
 
     args = ["eval", str(PRESETS / "qwen2_vl.yaml"), "--workdir", str(workdir)]
     for item in overrides:

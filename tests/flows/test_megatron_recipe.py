@@ -9,9 +9,9 @@ import math
 from pathlib import Path
 
 import pytest
+from flowspeed.configs import load_config
 from mlflow import MlflowClient
 
-from configs import load_config
 from tests.conftest import REPO
 
 RECIPE = REPO / "configs" / "pipelines" / "qwen2_vl-sft-megatron.yaml"
@@ -25,7 +25,7 @@ TORCH_ENGINE_METRICS = {
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from datasets_prep.demo import make_demo_dataset
+    from flowspeed.datasets_prep.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_dataset(root, num_videos=6, num_images=2)
@@ -33,7 +33,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_megatron_recipe_trains_exports_and_logs_the_torch_engine_metrics(demo: Path, tmp_path: Path) -> None:
-    from flows.pipeline import pipeline
+    from flowspeed.flows.pipeline import pipeline
 
     cfg = load_config(RECIPE, ["train.max_steps=4", "train.checkpoint_every=2", f"data.manifest={demo}"],
                       workdir=tmp_path)  # fmt: skip
@@ -61,7 +61,7 @@ def test_megatron_recipe_trains_exports_and_logs_the_torch_engine_metrics(demo: 
 
     # Resume from step 2's checkpoint in a fresh output folder: steps 3-4 repeat the uninterrupted run's losses
     # (model, optimizer moments and sampler position all restored).
-    from engines.launch import launch
+    from flowspeed.engines.launch import launch
 
     resumed = cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"output_dir": tmp_path / "resumed", "resume": str(ckpts[0])})})  # fmt: skip
@@ -83,7 +83,7 @@ def test_megatron_recipe_trains_exports_and_logs_the_torch_engine_metrics(demo: 
 def test_megatron_settings_it_cannot_honour_are_refused_before_launch(
     overrides: list[str], message: str, tmp_path: Path
 ) -> None:
-    from engines.launch import launch
+    from flowspeed.engines.launch import launch
 
     with pytest.raises(ValueError, match=message):  # refused when the config loads ...
         load_config(RECIPE, overrides, workdir=tmp_path)

@@ -9,7 +9,7 @@ from tests.conftest import REPO
 
 def flowspeed(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "flowspeed.flows.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
     )
 
 
@@ -33,9 +33,8 @@ def test_models_inspect_json_is_one_object_with_the_counts() -> None:
 
 def test_models_inspect_unknown_names_fail_with_one_paragraph() -> None:
     """In-process (each CLI subprocess pays ~6 s of imports): exit 1, the known names, no traceback."""
+    from flowspeed.flows.cli import app
     from typer.testing import CliRunner
-
-    from flows.cli import app
 
     runner = CliRunner(env={"COLUMNS": "400"})
     out = runner.invoke(app, ["models", "inspect", "cogvideox", "--variant", "cogvideox-50b", "--json"])

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
+from flowspeed.datasets_prep.prep import run_prep
+from flowspeed.engines.common.io import read_jsonl
 from prefect.testing.utilities import prefect_test_harness
 
-from datasets_prep.prep import run_prep
-from engines.common.io import read_jsonl
 from tests.conftest import make_config
 
 
@@ -25,7 +25,7 @@ def _content(prep_dir: Path) -> dict:
 
 
 def test_thread_slices_match_one_process_and_rerun_is_cached(tmp_path: Path, demo_manifest: Path, harness) -> None:
-    from flows.stages import prep
+    from flowspeed.flows.stages import prep
 
     single = make_config(tmp_path / "one", demo_manifest)
     run_prep(single)
@@ -41,8 +41,8 @@ def test_thread_slices_match_one_process_and_rerun_is_cached(tmp_path: Path, dem
 
 @pytest.mark.slow
 def test_dask_local_cluster_runs_the_slices(tmp_path: Path, demo_manifest: Path, harness) -> None:
-    from flows.stages import prep_slices
-    from tasks.stages import make_task_runner
+    from flowspeed.flows.stages import prep_slices
+    from flowspeed.tasks.stages import make_task_runner
 
     single = make_config(tmp_path / "one", demo_manifest)
     run_prep(single)
@@ -55,7 +55,7 @@ def test_dask_local_cluster_runs_the_slices(tmp_path: Path, demo_manifest: Path,
 
 
 def test_a_missing_cluster_runner_says_what_to_install(tmp_path: Path, demo_manifest: Path) -> None:
-    from tasks.stages import make_task_runner
+    from flowspeed.tasks.stages import make_task_runner
 
     with pytest.raises(ValueError, match=r"pip install 'flowspeed\[ray\]'"):
         make_task_runner(make_config(tmp_path, demo_manifest, "data.slices=2", "data.task_runner=ray"))

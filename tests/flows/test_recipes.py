@@ -10,12 +10,12 @@ import math
 from pathlib import Path
 
 import pytest
+from flowspeed.configs import load_config
+from flowspeed.configs.schema import BenchmarkConfig
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.sequence import SequenceFamily
 from mlflow import MlflowClient
 
-from configs import load_config
-from configs.schema import BenchmarkConfig
-from engines.models import get_family
-from engines.models.sequence import SequenceFamily
 from tests.conftest import REPO
 
 # qwen2_vl-sft-megatron has its own, fuller test (tests/flows/test_megatron_recipe.py): not run twice
@@ -25,7 +25,7 @@ DEFAULT = {"cogvideox-t2v", "qwen2_vl-sft", "whisper-asr"}
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from datasets_prep.demo import make_demo_audio, make_demo_dataset
+    from flowspeed.datasets_prep.demo import make_demo_audio, make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_dataset(root, num_videos=6, num_images=2)
@@ -53,7 +53,7 @@ def _ai2d_tsv(path: Path, repeat: int = 1) -> Path:
 
 
 def test_every_family_has_a_recipe() -> None:
-    from engines.models import known_families
+    from flowspeed.engines.models import known_families
 
     names = {p.stem.split("-")[0] for p in RECIPES}
     assert set(known_families()) <= names, f"families without a recipe: {set(known_families()) - names}"
@@ -63,7 +63,7 @@ def test_every_family_has_a_recipe() -> None:
     "recipe", [pytest.param(p, id=p.stem, marks=() if p.stem in DEFAULT else pytest.mark.slow) for p in RECIPES]
 )
 def test_recipe_runs_end_to_end(recipe: Path, demo: Path, tmp_path: Path) -> None:
-    from flows.pipeline import pipeline
+    from flowspeed.flows.pipeline import pipeline
 
     cfg = load_config(recipe, ["train.max_steps=4", "train.checkpoint_every=4"], workdir=tmp_path)
     family = get_family(cfg.model.family)
@@ -85,7 +85,7 @@ def test_recipe_runs_end_to_end(recipe: Path, demo: Path, tmp_path: Path) -> Non
         rows = [json.loads(line) for line in (cfg.eval_dir / "samples" / "responses.jsonl").read_text().splitlines()]
         assert rows and all(isinstance(r["response"], str) and r["reference"] for r in rows)
         if family.kind == "speech":  # corpus WER after Whisper's normaliser, recomputed from the logged rows
-            from evaluation.speech_metrics import wer
+            from flowspeed.evaluation.speech_metrics import wer
 
             assert metrics["eval/wer"] == pytest.approx(
                 wer([r["reference"] for r in rows], [r["response"] for r in rows])

@@ -13,10 +13,9 @@ from tests.conftest import make_config
 
 @pytest.mark.slow
 def test_pipeline_registers_versions_and_gates_the_champion(tmp_path: Path, demo_manifest: Path) -> None:
+    from flowspeed.flows.pipeline import pipeline
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    from flows.pipeline import pipeline
 
     common = [f"data.output_dir={tmp_path / 'prep'}", "train.max_steps=3", "train.checkpoint_every=3",
               "tracking.registry.enabled=true", "tracking.registry.model_name=quick",
@@ -59,13 +58,13 @@ def test_pipeline_registers_versions_and_gates_the_champion(tmp_path: Path, demo
     assert next(champion_weights).stat().st_size > 0
     assert nightly["registry"]["version"] == "3"
     # `flowspeed eval` alone, with the nightly config as written, evaluates what that finetune made.
-    from evaluation.exports import trained_export
+    from flowspeed.evaluation.exports import trained_export
 
     nightly_cfg = make_config(tmp_path / "c", demo_manifest, *common, "train.init_from=champion")
     assert trained_export(nightly_cfg) == final
 
     # Any registered version (an alias pinned to its version) or a training checkpoint, evaluated alone.
-    from flows.stages import evaluate
+    from flowspeed.flows.stages import evaluate
 
     champion = str(client.get_model_version_by_alias("quick", "champion").version)
     by_alias = evaluate(make_config(tmp_path / "e", demo_manifest, *common, "eval.model=models:/quick@champion"))

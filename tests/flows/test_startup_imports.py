@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from configs.catalog import FAMILIES
+from flowspeed.configs.catalog import FAMILIES
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILY_MODULES = {facts.module for facts in FAMILIES.values()}
@@ -29,14 +29,17 @@ def model_libraries(modules: list[str]) -> list[str]:
     return [
         m
         for m in modules
-        if m in FAMILY_MODULES or m.startswith(("diffusers", "transformers.models.", "engines.models.dits"))
+        if m in FAMILY_MODULES or m.startswith(("diffusers", "transformers.models.", "flowspeed.engines.models.dits"))
     ]
 
 
 def test_importing_the_stage_machinery_imports_no_family() -> None:
-    """`import flows.stages` / `flows.pipeline` / `flows.cli` (what `flowspeed run` imports before any stage)
+    """`import flowspeed.flows.stages` / `flowspeed.flows.pipeline` / `flowspeed.flows.cli` (what `flowspeed run`
+    imports before any stage)
     loads no family module and no diffusers or transformers model code."""
-    modules = imported_after("import flows.cli, flows.pipeline, flows.stages, tasks.stages")
+    modules = imported_after(
+        "import flowspeed.flows.cli, flowspeed.flows.pipeline, flowspeed.flows.stages, flowspeed.tasks.stages"
+    )
     assert model_libraries(modules) == []
     assert "torch" not in modules  # a cached stage never needs it; training, prep and eval import it
 
@@ -47,23 +50,23 @@ def test_a_family_imports_only_its_own_module(tmp_path: Path) -> None:
     engines/models one by one until it is registered (its catalog line is then a speed-up). One interpreter
     for both (a fresh one costs seconds of imports)."""
     (tmp_path / "aaa_sd3_copy.py").write_text(
-        "from engines.models.registry import register_family\n"
-        "from engines.models.sd3 import SD3\n\n\n"
+        "from flowspeed.engines.models.registry import register_family\n"
+        "from flowspeed.engines.models.sd3 import SD3\n\n\n"
         "class SD3Copy(SD3):\n"
         '    name = "sd3-copy"\n\n\n'
         "register_family(SD3Copy())\n"
     )
     assert "sd3-copy" not in FAMILIES
     code = (
-        "from engines import models\n"
+        "from flowspeed.engines import models\n"
         f"models.__path__.insert(0, {str(tmp_path)!r})  # searched first, so the scan stops there\n"
-        "from engines.models import get_family\n"
+        "from flowspeed.engines.models import get_family\n"
         "assert type(get_family('sd3-copy')).__name__ == 'SD3Copy'\n"
         "assert get_family('sd3').name == 'sd3'"
     )
     modules = imported_after(code)
-    assert "engines.models.aaa_sd3_copy" in modules
-    assert sorted(m for m in modules if m in FAMILY_MODULES) == ["engines.models.sd3"]
+    assert "flowspeed.engines.models.aaa_sd3_copy" in modules
+    assert sorted(m for m in modules if m in FAMILY_MODULES) == ["flowspeed.engines.models.sd3"]
     assert "diffusers" in modules  # sd3's own library did load
 
 
@@ -74,11 +77,11 @@ def test_a_cached_rerun_imports_no_family(tmp_path: Path) -> None:
     transformers one."""
     code = (
         "from pathlib import Path\n"
-        "from configs import load_config\n"
-        "from engines.tracking import runs\n"
-        "from engines.tracking.tracker import tracking_uri\n"
-        "from flows.stages import _ensure_mlmodel, _mlmodel_key\n"
-        "from tasks.stages import _denoiser_weights, _train_outputs\n"
+        "from flowspeed.configs import load_config\n"
+        "from flowspeed.engines.tracking import runs\n"
+        "from flowspeed.engines.tracking.tracker import tracking_uri\n"
+        "from flowspeed.flows.stages import _ensure_mlmodel, _mlmodel_key\n"
+        "from flowspeed.tasks.stages import _denoiser_weights, _train_outputs\n"
         "for family, first in (('cogvideox', 'model_index.json'), ('qwen2_vl', 'config.json')):\n"
         f"    sets = ['workdir={tmp_path}/' + family, 'model.family=' + family]\n"
         "    cfg = load_config('configs/quickstart.yaml', sets)\n"

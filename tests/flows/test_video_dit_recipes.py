@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from flowspeed.configs import load_config
+from flowspeed.datasets_prep.buckets import valid_frames
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.dits import opensoraplan
+from flowspeed.engines.models.variants import known_variants
+from flowspeed.engines.torch_engine.parallel_dims import ParallelDims
 from safetensors.torch import load_file
 
-from configs import load_config
-from datasets_prep.buckets import valid_frames
-from engines.models import get_family
-from engines.models.dits import opensoraplan
-from engines.models.variants import known_variants
-from engines.torch_engine.parallel_dims import ParallelDims
 from tests.conftest import REPO
 
 PUBLISHED = sorted((REPO / "configs" / "pipelines" / "published").glob("*.yaml"))
@@ -50,8 +50,8 @@ def test_released_weights_recipes_name_real_variants_and_a_layout_that_fits(reci
 def test_finetune_starts_from_the_authors_checkpoint(tmp_path: Path) -> None:
     """opensoraplan-t2v with `model.transformer.pretrained` = a v1.3 checkpoint in the authors' layout (their
     trainer's nesting): at a vanishing learning rate the export is that checkpoint, so the pipeline loaded it."""
-    from datasets_prep.demo import make_demo_dataset
-    from flows.pipeline import pipeline
+    from flowspeed.datasets_prep.demo import make_demo_dataset
+    from flowspeed.flows.pipeline import pipeline
 
     demo = tmp_path / "demo"
     make_demo_dataset(demo, num_videos=4, num_images=0)

@@ -1,12 +1,11 @@
 from pathlib import Path
 
 import pytest
+from flowspeed.configs import PipelineConfig
+from flowspeed.tasks.caching import files_policy, run_cached
+from flowspeed.tasks.stages import prep_latents
 from prefect import task
 from prefect.testing.utilities import prefect_test_harness
-
-from configs import PipelineConfig
-from tasks.caching import files_policy, run_cached
-from tasks.stages import prep_latents
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +55,8 @@ def test_prep_task_logic_runs_without_an_orchestrator(tmp_path: Path, demo_manif
 
 
 def test_bad_input_fails_at_once_while_transient_errors_are_retried(harness: None) -> None:
+    from flowspeed.tasks.caching import retry_if_transient
     from prefect import flow, task
-
-    from tasks.caching import retry_if_transient
 
     attempts = {"user": 0, "io": 0}
 
@@ -87,7 +85,8 @@ def test_bad_input_fails_at_once_while_transient_errors_are_retried(harness: Non
 def test_a_rerun_after_a_failed_stage_does_only_that_stage(tmp_path: Path, demo_manifest: Path) -> None:
     """Eval fails (its output path is taken by a file: a full or broken disk looks the same); prep and
     train finished. Running the flow again, as a Prefect retry of the flow run does, reuses both."""
-    from flows.pipeline import pipeline
+    from flowspeed.flows.pipeline import pipeline
+
     from tests.conftest import make_config
 
     cfg = make_config(tmp_path / "w", demo_manifest, "train.max_steps=2", "train.checkpoint_every=2",

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from flowspeed.tasks.gpu_slots import gpu_slots, slot_name
 from prefect.client.orchestration import get_client
 
-from tasks.gpu_slots import gpu_slots, slot_name
 from tests.conftest import QUICKSTART, REPO, make_config
 
 
@@ -65,8 +65,8 @@ def test_size_comes_from_config_and_an_impossible_request_says_so(tmp_path: Path
 
 _HOLDER = """
 import sys, time
-from configs import load_config
-from tasks.gpu_slots import gpu_slots
+from flowspeed.configs import load_config
+from flowspeed.tasks.gpu_slots import gpu_slots
 cfg = load_config(sys.argv[1], sys.argv[2:])
 with gpu_slots(cfg):
     print("holding", flush=True)

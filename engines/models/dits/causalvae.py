@@ -24,9 +24,7 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from torch import nn
-
-from engines.models.dits.wfvae import (
+from flowspeed.engines.models.dits.wfvae import (
     AttnBlock3DFix,
     CausalConv3d,
     Conv2d,
@@ -41,6 +39,7 @@ from engines.models.dits.wfvae import (
     nonlinearity,
     vae_training_loss,
 )
+from torch import nn
 
 __all__ = ["CausalVAEModel", "PRESETS", "PUBLISHED", "from_published", "to_published", "vae_training_loss"]
 

@@ -44,9 +44,8 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.embeddings import PixArtAlphaTextProjection
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
+from flowspeed.engines.models.dits.opensoraplan_layers import NEG_BIAS, OpenSoraPlanBlock, OpenSoraRoPE3D, PatchEmbed2D
 from torch import nn
-
-from engines.models.dits.opensoraplan_layers import NEG_BIAS, OpenSoraPlanBlock, OpenSoraRoPE3D, PatchEmbed2D
 
 # Blocks [_SPARSE_FROM, _SPARSE_UNTIL) use Skiparse when sparse1d (modeling_opensora.py v1.3.0: `i > 1 and i < 30`).
 _SPARSE_FROM, _SPARSE_UNTIL = 2, 30

@@ -24,9 +24,7 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from torch import nn
-
-from engines.models.dits.opensora_layers import (
+from flowspeed.engines.models.dits.opensora_layers import (
     CaptionEmbedder,
     Mlp,
     MultiHeadCrossAttention,
@@ -40,6 +38,7 @@ from engines.models.dits.opensora_layers import (
     t2i_modulate,
     unpatchify,
 )
+from torch import nn
 
 _XL = dict(hidden_size=1152, depth=28, num_attention_heads=16)
 PRESETS: dict[str, dict] = {

@@ -31,9 +31,7 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from torch import nn
-
-from engines.models.dits.opensora_layers import (
+from flowspeed.engines.models.dits.opensora_layers import (
     STDIT_CP_PLAN,
     CaptionEmbedder,
     Mlp,
@@ -48,6 +46,7 @@ from engines.models.dits.opensora_layers import (
     t2i_modulate,
     unpatchify,
 )
+from torch import nn
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=32, depth=2, num_attention_heads=2, caption_channels=16, model_max_length=8),

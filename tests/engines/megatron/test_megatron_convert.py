@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flowspeed.engines.megatron.convert import hf_to_megatron, megatron_to_hf
+from flowspeed.engines.megatron.gpt import DecoderShape
 
-from engines.megatron.convert import hf_to_megatron, megatron_to_hf
-from engines.megatron.gpt import DecoderShape
 from tests.distributed import run_ranks
 
 
@@ -29,8 +29,8 @@ def _hf_model(kind: str, layers: int = 2) -> torch.nn.Module:
 
 
 def _megatron_logits(rank: int, world: int, kind: str, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    from engines.megatron.gpt import build_gpt, transformer_config
-    from engines.megatron.setup import init_model_parallel
+    from flowspeed.engines.megatron.gpt import build_gpt, transformer_config
+    from flowspeed.engines.megatron.setup import init_model_parallel
 
     hf = _hf_model(kind)
     shape = DecoderShape.from_hf(hf.config)

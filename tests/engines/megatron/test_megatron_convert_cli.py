@@ -14,9 +14,8 @@ from tests.engines.megatron.test_megatron_convert import _hf_model
 
 
 def flowspeed(*args: str | Path) -> object:
+    from flowspeed.flows.cli import app
     from typer.testing import CliRunner
-
-    from flows.cli import app
 
     return CliRunner(env={"COLUMNS": "400"}).invoke(app, ["convert", *map(str, args)])
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from flowspeed.engines.megatron.training import Layout
 
-from engines.megatron.training import Layout
 from tests.distributed import run_ranks
 from tests.engines.megatron.test_megatron_convert import _hf_model
 
@@ -51,12 +51,11 @@ def _global_batch(seed: int) -> list[dict[str, torch.Tensor]]:
 def _train(layout: Layout, steps: int = STEPS, load: str | None = None, save: str | None = None) -> list[float]:
     """`steps` steps of the tiny Qwen2 (converted from the same HF weights) on this rank's share of the batch;
     first restoring the checkpoint `load`, then writing `save`."""
+    from flowspeed.engines.megatron.convert import hf_to_megatron
+    from flowspeed.engines.megatron.gpt import DecoderShape, build_gpt, transformer_config
+    from flowspeed.engines.megatron.setup import init_model_parallel
+    from flowspeed.engines.megatron.training import build_chunks, load_state, make_optimizer, save_state, train_step
     from megatron.core import parallel_state as ps
-
-    from engines.megatron.convert import hf_to_megatron
-    from engines.megatron.gpt import DecoderShape, build_gpt, transformer_config
-    from engines.megatron.setup import init_model_parallel
-    from engines.megatron.training import build_chunks, load_state, make_optimizer, save_state, train_step
 
     hf = _hf_model("qwen2", layers=4)
     shape = DecoderShape.from_hf(hf.config)

@@ -99,12 +99,11 @@ def _all_logits(rank: int, world: int, sps: list[bool]) -> dict[tuple[str, bool]
 
 
 def _megatron_logits(rank: int, world: int, sp: bool, family: str = "qwen2_vl") -> torch.Tensor:
+    from flowspeed.engines.megatron.convert import hf_to_megatron
+    from flowspeed.engines.megatron.gpt import DecoderShape, transformer_config
+    from flowspeed.engines.megatron.setup import init_model_parallel
+    from flowspeed.engines.megatron.vlm import MODELS, split_hf_state
     from megatron.core import parallel_state as ps
-
-    from engines.megatron.convert import hf_to_megatron
-    from engines.megatron.gpt import DecoderShape, transformer_config
-    from engines.megatron.setup import init_model_parallel
-    from engines.megatron.vlm import MODELS, split_hf_state
 
     make_model, make_batch = CASES[family]
     hf = make_model()

@@ -13,17 +13,17 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import flowspeed.engines.models.cogvideox15  # noqa: F401  (registers cogvideox1.5)
+import flowspeed.engines.models.cogvideox_i2v  # noqa: F401  (registers cogvideox_i2v)
 import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+from flowspeed.configs import ComponentConfig, ModelConfig
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.cogvideox import SCHEDULER_CONFIG, authors_sampler
+from flowspeed.engines.models.cogvideox_i2v import IMAGE_DROPOUT
+from flowspeed.engines.models.variants import get_variant
 
-import engines.models.cogvideox15  # noqa: F401  (registers cogvideox1.5)
-import engines.models.cogvideox_i2v  # noqa: F401  (registers cogvideox_i2v)
-from configs import ComponentConfig, ModelConfig
-from engines.models import get_family
-from engines.models.cogvideox import SCHEDULER_CONFIG, authors_sampler
-from engines.models.cogvideox_i2v import IMAGE_DROPOUT
-from engines.models.variants import get_variant
 from tests.engines.models.cogvideox_probe import CASES, ProbeTransformer, case_id, fixed_inputs, fixed_noise
 
 # docs/fidelity/ref_cogvideox_loss.py output (THUDM's compute_loss, diffusers 0.42.1, CPU float32)

@@ -8,25 +8,25 @@ an even latent frame count, padded at the front.
 import statistics
 from pathlib import Path
 
+import flowspeed.engines.models.cogvideox15  # noqa: F401  (registers cogvideox1.5)
+import flowspeed.engines.models.cogvideox_i2v  # noqa: F401  (registers cogvideox_i2v)
 import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXImageToVideoPipeline
+from flowspeed.configs import ComponentConfig, LoraConfig, ModelConfig, PipelineConfig, load_config
+from flowspeed.datasets_prep.cache import CachedLatents, collate
+from flowspeed.datasets_prep.demo import render_clip
+from flowspeed.datasets_prep.prep import run_prep
+from flowspeed.engines.common.io import read_jsonl
+from flowspeed.engines.launch import launch
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.cogvideox import encode_pixels, to_pixels
+from flowspeed.engines.models.cogvideox_i2v import image_condition, noised_first_frame
+from flowspeed.engines.torch_engine.lora import apply_lora, load_adapter, merge, save_adapter
+from flowspeed.evaluation.common import trained_model
+from flowspeed.evaluation.run import run_eval
 
-import engines.models.cogvideox15  # noqa: F401  (registers cogvideox1.5)
-import engines.models.cogvideox_i2v  # noqa: F401  (registers cogvideox_i2v)
-from configs import ComponentConfig, LoraConfig, ModelConfig, PipelineConfig, load_config
-from datasets_prep.cache import CachedLatents, collate
-from datasets_prep.demo import render_clip
-from datasets_prep.prep import run_prep
-from engines.common.io import read_jsonl
-from engines.launch import launch
-from engines.models import get_family
-from engines.models.cogvideox import encode_pixels, to_pixels
-from engines.models.cogvideox_i2v import image_condition, noised_first_frame
-from engines.torch_engine.lora import apply_lora, load_adapter, merge, save_adapter
-from evaluation.common import trained_model
-from evaluation.run import run_eval
 from tests.conftest import REPO
 
 CASES = [("cogvideox_i2v", "tiny"), ("cogvideox_i2v", "tiny-1.5"), ("cogvideox1.5", "tiny-1.5")]

@@ -11,11 +11,11 @@ from functools import lru_cache
 
 import pytest
 import torch
+from flowspeed.engines.models import get_family, known_families
+from flowspeed.engines.models.dits.checkpoint import load_published
+from flowspeed.engines.models.variants import TINY, build_on_meta, get_variant, known_variants
 from torch import nn
 
-from engines.models import get_family, known_families
-from engines.models.dits.checkpoint import load_published
-from engines.models.variants import TINY, build_on_meta, get_variant, known_variants
 from tests.fidelity import load_facts, released_shapes
 
 TABLES = load_facts()

@@ -5,26 +5,26 @@ import math
 import statistics
 from pathlib import Path
 
+import flowspeed.engines.models.hunyuandit  # noqa: F401  (registers the family)
+import flowspeed.engines.models.kolors  # noqa: F401
 import numpy as np
 import pytest
 import torch
+from flowspeed.configs import ComponentConfig, PipelineConfig, load_config
+from flowspeed.datasets_prep.cache import CachedLatents, collate
+from flowspeed.datasets_prep.prep import run_prep
+from flowspeed.engines.common.io import read_jsonl
+from flowspeed.engines.export import plain_model
+from flowspeed.engines.launch import launch
+from flowspeed.engines.models.registry import get_family
+from flowspeed.engines.models.variants import family_summary
+from flowspeed.engines.torch_engine import checkpoint as ckpt
+from flowspeed.engines.torch_engine.lora import load_adapter
+from flowspeed.evaluation.common import trained_model
+from flowspeed.evaluation.run import run_eval
 from PIL import Image
 from safetensors.torch import load_file
 
-import engines.models.hunyuandit  # noqa: F401  (registers the family)
-import engines.models.kolors  # noqa: F401
-from configs import ComponentConfig, PipelineConfig, load_config
-from datasets_prep.cache import CachedLatents, collate
-from datasets_prep.prep import run_prep
-from engines.common.io import read_jsonl
-from engines.export import plain_model
-from engines.launch import launch
-from engines.models.registry import get_family
-from engines.models.variants import family_summary
-from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.lora import load_adapter
-from evaluation.common import trained_model
-from evaluation.run import run_eval
 from tests.conftest import REPO
 
 # family -> (recipe, cached tensors, text_embeds shape): BERT 77 tokens (+ mT5 256 beside it) / ChatGLM 256.

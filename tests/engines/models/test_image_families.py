@@ -5,16 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from flowspeed.configs import ComponentConfig, PipelineConfig, load_config
+from flowspeed.datasets_prep.cache import CachedLatents, collate
+from flowspeed.datasets_prep.prep import run_prep
+from flowspeed.engines.common.io import read_jsonl
+from flowspeed.engines.launch import launch
+from flowspeed.engines.models import get_family
+from flowspeed.evaluation.common import trained_model
+from flowspeed.evaluation.run import run_eval
 from PIL import Image
 
-from configs import ComponentConfig, PipelineConfig, load_config
-from datasets_prep.cache import CachedLatents, collate
-from datasets_prep.prep import run_prep
-from engines.common.io import read_jsonl
-from engines.launch import launch
-from engines.models import get_family
-from evaluation.common import trained_model
-from evaluation.run import run_eval
 from tests.conftest import REPO
 
 # family -> (its quickstart, per-token text width, the cached text tensor shape)

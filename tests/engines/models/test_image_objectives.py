@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from flowspeed.configs import ComponentConfig, PipelineConfig
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.hunyuandit import V1_2_SCHEDULER_CONFIG
 
-from configs import ComponentConfig, PipelineConfig
-from engines.models import get_family
-from engines.models.hunyuandit import V1_2_SCHEDULER_CONFIG
 from tests.fidelity import seeded_tensor, seeded_weights
 
 # (family, transformer preset) -> (text width, pooled width, text tokens, scaling, shift)
@@ -143,9 +143,9 @@ def test_every_shared_encoder_and_image_component_has_a_fact_table() -> None:
     """Every variant component built from a shared encoder / image VAE class, and every image-family component, is
     listed in some tests/facts table's `used_by`, so test_fact_tables checks it against the released layout."""
     from diffusers import AutoencoderKL
+    from flowspeed.engines.models.variants import get_variant, known_variants
     from transformers import BertModel, CLIPTextModel, T5EncoderModel
 
-    from engines.models.variants import get_variant, known_variants
     from tests.fidelity import load_facts
 
     covered = {tuple(u) for table in load_facts() for u in table["used_by"]}

@@ -9,15 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flowspeed.engines.models.internvl  # noqa: F401  (registers the family)
 import numpy as np
 import pytest
 import torch
-
-import engines.models.internvl  # noqa: F401  (registers the family)
-from configs import ComponentConfig, LoraConfig, ModelConfig
-from engines.models.registry import get_family
-from engines.models.sequence import IGNORE_INDEX, SequenceSample
-from engines.torch_engine.lora import apply_lora, load_adapter, merge, save_adapter
+from flowspeed.configs import ComponentConfig, LoraConfig, ModelConfig
+from flowspeed.engines.models.registry import get_family
+from flowspeed.engines.models.sequence import IGNORE_INDEX, SequenceSample
+from flowspeed.engines.torch_engine.lora import apply_lora, load_adapter, merge, save_adapter
 
 FAM = get_family("internvl")
 CFG = ModelConfig(family="internvl", max_text_length=512)  # the default system turn is ~150 byte tokens
@@ -195,7 +194,7 @@ def test_lora_adapts_only_the_language_model_reloads_and_merges(processor, tmp_p
 
 
 def test_internvl3_1b_variant_is_within_one_percent_of_published() -> None:
-    from engines.models.variants import family_summary, get_variant, parameter_counts
+    from flowspeed.engines.models.variants import family_summary, get_variant, parameter_counts
 
     counts = parameter_counts("internvl", "internvl3-1b")
     assert counts["components"]["model"] == pytest.approx(get_variant("internvl", "internvl3-1b").published, rel=0.01)
@@ -205,7 +204,7 @@ def test_internvl3_1b_variant_is_within_one_percent_of_published() -> None:
 def test_tiny_tokenizer_ids_are_the_same_in_every_process() -> None:
     """Prep, training and inference tokenize in different processes: ids must not follow hash seeds."""
     code = (
-        "from engines.models.internvl import tiny_tokenizer as t; "
+        "from flowspeed.engines.models.internvl import tiny_tokenizer as t; "
         "print(t()('<|im_start|>user\\n<img><IMG_CONTEXT></img>a red circle<|im_end|>').input_ids)"
     )
     procs = [
@@ -319,7 +318,7 @@ class TinyChatModel(PreTrainedModel):
 
 
 def write_remote_checkpoint(root: Path, template: str = "internvl2_5") -> Path:
-    from engines.models.internvl import tiny_tokenizer
+    from flowspeed.engines.models.internvl import tiny_tokenizer
 
     root.mkdir()
     (root / "configuration_tiny_chat.py").write_text(REMOTE_CONFIG_PY)

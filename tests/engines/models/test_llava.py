@@ -7,14 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flowspeed.engines.models.llava  # noqa: F401  (registers the family)
 import numpy as np
 import pytest
 import torch
-
-import engines.models.llava  # noqa: F401  (registers the family)
-from configs import ComponentConfig, ModelConfig
-from engines.models.registry import get_family
-from engines.models.sequence import IGNORE_INDEX, SequenceSample
+from flowspeed.configs import ComponentConfig, ModelConfig
+from flowspeed.engines.models.registry import get_family
+from flowspeed.engines.models.sequence import IGNORE_INDEX, SequenceSample
 
 FAM = get_family("llava")
 CFG = ModelConfig(family="llava", max_text_length=512)  # vicuna_v1 system prompt: ~150 byte tokens
@@ -141,7 +140,8 @@ def test_lora_targets_cover_the_language_model_attention() -> None:
 def test_tiny_tokenizer_ids_are_the_same_in_every_process() -> None:
     """Prep, training and inference tokenize in different processes: ids must not follow hash seeds."""
     code = (
-        "from engines.models.llava import tiny_tokenizer as t; print(t()('USER: <image>\\na red circle</s>').input_ids)"
+        "from flowspeed.engines.models.llava import tiny_tokenizer as t; "
+        "print(t()('USER: <image>\\na red circle</s>').input_ids)"
     )
     procs = [
         subprocess.Popen(

@@ -2,9 +2,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from configs import ComponentConfig, ModelConfig
-from engines.models import get_family, known_families
+from flowspeed.configs import ComponentConfig, ModelConfig
+from flowspeed.engines.models import get_family, known_families
 
 
 def test_unknown_family_and_preset_list_the_known_ones() -> None:
@@ -77,7 +76,9 @@ def test_tiny_tokenizer_ids_are_the_same_in_every_process() -> None:
     import subprocess
     import sys
 
-    code = "from engines.models.tokenizer import byte_level_tokenizer as t; print(t()('a red circle').input_ids)"
+    code = (
+        "from flowspeed.engines.models.tokenizer import byte_level_tokenizer as t; print(t()('a red circle').input_ids)"
+    )
     outs = set()
     for seed in (1, 2):
         env = {**os.environ, "PYTHONHASHSEED": str(seed)}
@@ -87,8 +88,7 @@ def test_tiny_tokenizer_ids_are_the_same_in_every_process() -> None:
 
 def test_a_pretrained_cogvideox_trains_on_its_own_releases_noise_schedule(tmp_path: Path) -> None:
     from diffusers import CogVideoXDDIMScheduler
-
-    from engines.models.cogvideox import SCHEDULER_CONFIG
+    from flowspeed.engines.models.cogvideox import SCHEDULER_CONFIG
 
     CogVideoXDDIMScheduler(**{**SCHEDULER_CONFIG, "snr_shift_scale": 1.0}).save_pretrained(tmp_path / "scheduler")
     fam = get_family("cogvideox")

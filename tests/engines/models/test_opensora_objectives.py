@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flowspeed.engines.models import get_family
 
-from engines.models import get_family
 from tests.fidelity import seeded_tensor
 
 # ref_opensora_objectives.py: bucket -> (latent (T', H', W'), loss) at t = [0, 417, 999]
@@ -156,7 +156,7 @@ def test_opensora_1_0_guidance_mixes_the_first_three_eps_channels() -> None:
 def test_shift_frame_count_is_their_num_frames_rule() -> None:
     """Their `timestep_transform` counts `num_frames // 17 * 5` (1 for an image); we only see latent frames, which
     the family maps back exactly for every clip of 17+ frames (and for images)."""
-    from engines.models.opensora import shift_frames
+    from flowspeed.engines.models.opensora import shift_frames
 
     fam = get_family("opensora1.2")
     assert shift_frames(fam.latent_frame_count(1)) == 1

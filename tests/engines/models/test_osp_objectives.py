@@ -15,11 +15,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from flowspeed.configs.schema import ComponentConfig, ModelConfig
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.dits.opensoraplan import OpenSoraInpaint_v1_3, OpenSoraT2V, OpenSoraT2V_v1_3
+from flowspeed.engines.models.video_objectives import EpsilonPrediction, VPrediction
 
-from configs.schema import ComponentConfig, ModelConfig
-from engines.models import get_family
-from engines.models.dits.opensoraplan import OpenSoraInpaint_v1_3, OpenSoraT2V, OpenSoraT2V_v1_3
-from engines.models.video_objectives import EpsilonPrediction, VPrediction
 from tests.fidelity import seeded_tensor
 
 LOSS_T = (0, 999, 500, 37)

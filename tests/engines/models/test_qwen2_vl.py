@@ -7,14 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flowspeed.engines.models.qwen2_vl  # noqa: F401  (registers the family)
 import numpy as np
 import pytest
 import torch
-
-import engines.models.qwen2_vl  # noqa: F401  (registers the family)
-from configs import ComponentConfig, ModelConfig
-from engines.models.registry import get_family
-from engines.models.sequence import IGNORE_INDEX, SequenceSample
+from flowspeed.configs import ComponentConfig, ModelConfig
+from flowspeed.engines.models.registry import get_family
+from flowspeed.engines.models.sequence import IGNORE_INDEX, SequenceSample
 
 FAM = get_family("qwen2_vl")
 CFG = ModelConfig(family="qwen2_vl", max_text_length=256)
@@ -144,7 +143,7 @@ def test_lora_targets_are_the_language_model_attention() -> None:
 def test_tiny_tokenizer_ids_are_the_same_in_every_process() -> None:
     """Prep, training and inference tokenize in different processes: ids must not follow hash seeds."""
     code = (
-        "from engines.models.qwen2_vl import tiny_tokenizer as t; "
+        "from flowspeed.engines.models.qwen2_vl import tiny_tokenizer as t; "
         "print(t()('<|im_start|>user\\na red circle<|im_end|><|image_pad|>').input_ids)"
     )
     procs = [

@@ -11,10 +11,16 @@ InternVL2 2B / 8B / 26B / Llama3-76B 2.2B / 8.1B / 25.5B / 76B (the model cards'
 """
 
 import pytest
-
-from engines.models import get_family, known_families
-from engines.models.sequence import SequenceFamily
-from engines.models.variants import TINY, build_on_meta, family_summary, get_variant, known_variants, parameter_counts
+from flowspeed.engines.models import get_family, known_families
+from flowspeed.engines.models.sequence import SequenceFamily
+from flowspeed.engines.models.variants import (
+    TINY,
+    build_on_meta,
+    family_summary,
+    get_variant,
+    known_variants,
+    parameter_counts,
+)
 
 REAL = [(f, n) for f in known_families() for n in known_variants(f) if n != TINY]
 
@@ -48,8 +54,8 @@ def test_meta_build_allocates_nothing() -> None:
 
 
 def test_tiny_counts_what_preset_tiny_trains() -> None:
-    from configs import ModelConfig
-    from engines.models import get_family
+    from flowspeed.configs import ModelConfig
+    from flowspeed.engines.models import get_family
 
     fam, cfg = get_family("cogvideox"), ModelConfig()
     _, enc = fam.load_text_encoder(cfg)

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flowspeed.configs.schema import ComponentConfig, ModelConfig
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.dits import causalvae, opensoraplan, pt_dit, stdit, stdit3, wfvae
 from safetensors.torch import save_file
 
-from configs.schema import ComponentConfig, ModelConfig
-from engines.models import get_family
-from engines.models.dits import causalvae, opensoraplan, pt_dit, stdit, stdit3, wfvae
 from tests.distributed import run_ranks
 
 FAMILIES = ["opensora", "opensora1.2", "opensoraplan", "opensoraplan_i2v", "qihoo_t2x"]
@@ -185,10 +185,9 @@ def test_clear_errors() -> None:
 def _fsdp_matches_one_process(rank: int, world: int) -> dict[str, tuple[float, float]]:
     """Each family's tiny denoiser: one training step's loss and gradients under FSDP2 (2 shards, every rank the
     same batch, so the mean-reduced gradient is the single process's) vs the same model unsharded."""
+    from flowspeed.engines.torch_engine.parallelize import apply_fsdp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
-
-    from engines.torch_engine.parallelize import apply_fsdp
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",))
     out = {}

@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-
-from engines.models.video_objectives import IDDPM, RectifiedFlow, VPrediction
+from flowspeed.engines.models.video_objectives import IDDPM, RectifiedFlow, VPrediction
 
 X0 = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
 

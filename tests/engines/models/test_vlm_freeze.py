@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from flowspeed.configs import ComponentConfig, ModelConfig, load_config
+from flowspeed.engines.models import get_family
+from flowspeed.engines.torch_engine.lora import apply_lora
 from torch import nn
 
-from configs import ComponentConfig, ModelConfig, load_config
-from engines.models import get_family
-from engines.torch_engine.lora import apply_lora
 from tests.conftest import REPO
 
 FAMILIES = ("qwen2_vl", "llava", "internvl")
@@ -82,7 +82,7 @@ def test_families_without_a_tower_refuse_the_switch(family: str, value: bool) ->
 
 @pytest.mark.parametrize(("recipe", "family"), [("whisper-asr", "whisper"), ("sd3-t2i", "sd3")])
 def test_launch_refuses_the_switch_before_any_process_starts(recipe: str, family: str, tmp_path: Path) -> None:
-    from engines.launch import launch
+    from flowspeed.engines.launch import launch
 
     path, switch = REPO / "configs" / "pipelines" / f"{recipe}.yaml", ["model.freeze_vision_tower=true"]
     with pytest.raises(ValueError, match=f"'{family}' has no vision tower"):  # at load ...
@@ -93,7 +93,7 @@ def test_launch_refuses_the_switch_before_any_process_starts(recipe: str, family
 
 
 def test_megatron_chunks_name_the_same_tower() -> None:
-    from engines.megatron.vlm import LlavaMegatron, Qwen2VLMegatron, frozen_vision
+    from flowspeed.engines.megatron.vlm import LlavaMegatron, Qwen2VLMegatron, frozen_vision
 
     qwen = get_family("qwen2_vl").frozen_prefixes(ModelConfig(family="qwen2_vl"))
     assert frozen_vision(qwen, Qwen2VLMegatron) == ("visual.patch_embed.", "visual.blocks.")  # merger trains
@@ -118,7 +118,7 @@ def test_a_layout_without_the_tower_is_refused() -> None:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from datasets_prep.demo import make_demo_dataset
+    from flowspeed.datasets_prep.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_dataset(root, num_videos=2, num_images=2)
@@ -146,8 +146,8 @@ def test_megatron_engine_freezes_the_tower_too(family: str, demo: Path, tmp_path
 
 def train_and_compare(recipe: str, demo: Path, tmp_path: Path, *overrides: str) -> None:
     """The engine's own path (prep, launch, export); then export vs the seeded start, parameter by parameter."""
-    from datasets_prep.prep import run_prep
-    from engines.launch import launch
+    from flowspeed.datasets_prep.prep import run_prep
+    from flowspeed.engines.launch import launch
 
     steps = ["train.max_steps=1", "train.checkpoint_every=1", "train.warmup_steps=0"]
     cfg = load_config(REPO / "configs" / "pipelines" / f"{recipe}.yaml", [*steps, *overrides], workdir=tmp_path)

@@ -14,14 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.internvl_remote import TEMPLATES, RemoteInternVLProcessor, encode_remote, image_tiles
+from flowspeed.engines.models.sequence import IGNORE_INDEX, SequenceSample
+from flowspeed.engines.models.tokenizer import byte_level_bpe
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
-
-from configs.schema import ModelConfig
-from engines.models import get_family
-from engines.models.internvl_remote import TEMPLATES, RemoteInternVLProcessor, encode_remote, image_tiles
-from engines.models.sequence import IGNORE_INDEX, SequenceSample
-from engines.models.tokenizer import byte_level_bpe
 
 CHAT = [
     {"role": "user", "content": "What is in the picture?"},
@@ -94,7 +93,7 @@ def runs(labels: torch.Tensor) -> list[list[int]]:
 
 def test_qwen2_vl_matches_llama_factory_qwen2_vl_template() -> None:
     fam = get_family("qwen2_vl")
-    from engines.models.qwen2_vl import tiny_processor
+    from flowspeed.engines.models.qwen2_vl import tiny_processor
 
     proc = tiny_processor()
     enc = fam.encode_sample(proc, SAMPLE, 4096)
@@ -104,7 +103,7 @@ def test_qwen2_vl_matches_llama_factory_qwen2_vl_template() -> None:
 
 def test_llava_matches_preprocess_v1_with_vicuna_v1() -> None:
     fam = get_family("llava")
-    from engines.models.llava import tiny_processor
+    from flowspeed.engines.models.llava import tiny_processor
 
     proc = tiny_processor()
     enc = fam.encode_sample(proc, SAMPLE, 4096)
@@ -119,7 +118,7 @@ def test_llava_matches_preprocess_v1_with_vicuna_v1() -> None:
 
 
 def test_llava_pads_images_to_square_like_expand2square() -> None:
-    from engines.models.llava import square_images, tiny_processor
+    from flowspeed.engines.models.llava import square_images, tiny_processor
 
     for (h, w), expected in LLAVA_PAD.items():
         (padded,) = square_images(tiny_processor(), [np.full((h, w, 3), 7, np.uint8)])
@@ -129,7 +128,7 @@ def test_llava_pads_images_to_square_like_expand2square() -> None:
 
 def test_internvl_native_matches_preprocess_internvl2_5() -> None:
     fam = get_family("internvl")
-    from engines.models.internvl import tiny_processor
+    from flowspeed.engines.models.internvl import tiny_processor
 
     proc = tiny_processor()
     enc = fam.encode_sample(proc, SAMPLE, 4096)
@@ -140,7 +139,7 @@ def test_internvl_native_matches_preprocess_internvl2_5() -> None:
 
 def _bos_tokenizer() -> PreTrainedTokenizerFast:
     """The tiny InternVL vocabulary behind a <s> that the tokenizer adds, as InternLM2's does."""
-    from engines.models.internvl import MM_TOKENS, SPECIAL_TOKENS
+    from flowspeed.engines.models.internvl import MM_TOKENS, SPECIAL_TOKENS
 
     raw = byte_level_bpe(head=("<s>",), tail=SPECIAL_TOKENS)
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
@@ -153,7 +152,7 @@ def _bos_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.mark.parametrize("template", list(INTERNVL))
 def test_internvl_original_layout_matches_the_authors_preprocess(template: str) -> None:
-    from engines.models.internvl import tiny_tokenizer
+    from flowspeed.engines.models.internvl import tiny_tokenizer
 
     tok = _bos_tokenizer() if template == "internlm2-chat" else tiny_tokenizer()
     proc = RemoteInternVLProcessor(tokenizer=tok, template=template, system_message=TEMPLATES[template]["system"],
@@ -165,7 +164,7 @@ def test_internvl_original_layout_matches_the_authors_preprocess(template: str) 
 
 
 def test_internvl_tiling_matches_dynamic_preprocess() -> None:
-    from engines.models.internvl import tiny_processor, tiny_tokenizer
+    from flowspeed.engines.models.internvl import tiny_processor, tiny_tokenizer
 
     proc = RemoteInternVLProcessor(tokenizer=tiny_tokenizer(), template="internvl2_5", system_message="",
                                    image_size=56, num_image_token=4, max_tiles=4)  # fmt: skip
@@ -178,7 +177,7 @@ def test_internvl_tiling_matches_dynamic_preprocess() -> None:
 
 
 def test_whisper_decoder_prompt_matches_openai_tokenizer() -> None:
-    from engines.models.whisper import byte_level_whisper_tokenizer
+    from flowspeed.engines.models.whisper import byte_level_whisper_tokenizer
 
     tok = byte_level_whisper_tokenizer()
     sot = tok.convert_tokens_to_ids("<|startoftranscript|>")
@@ -198,9 +197,9 @@ INTERNLM2_LOGITS = [-0.388086, -0.349474, -1.278077, 1.06572, 0.766784, -0.03543
 
 
 def test_internvl2_original_layout_computes_what_internlm2_computes() -> None:
+    from flowspeed.engines.models.internvl_remote import OriginalLayoutInternVL
     from transformers import InternVLConfig
 
-    from engines.models.internvl_remote import OriginalLayoutInternVL
     from tests.fidelity import seeded_weights
 
     text = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -8,15 +8,14 @@ import sys
 from pathlib import Path
 
 import av
+import flowspeed.engines.models.whisper  # noqa: F401  (registers the family)
 import numpy as np
 import pytest
 import torch
-
-import engines.models.whisper  # noqa: F401  (registers the family)
-from configs.schema import ComponentConfig, ModelConfig
-from datasets_prep.audio import load_audio
-from engines.models.registry import get_family
-from engines.models.sequence import IGNORE_INDEX, SequenceSample
+from flowspeed.configs.schema import ComponentConfig, ModelConfig
+from flowspeed.datasets_prep.audio import load_audio
+from flowspeed.engines.models.registry import get_family
+from flowspeed.engines.models.sequence import IGNORE_INDEX, SequenceSample
 
 SR = 16000
 
@@ -181,7 +180,7 @@ def test_seeded_preset_is_reproducible(family, cfg) -> None:
 def test_tiny_tokenizer_ids_are_the_same_in_every_process() -> None:
     """Labels are cached by prep and read by training and eval in other processes: ids must not move."""
     code = (
-        "from engines.models.whisper import byte_level_whisper_tokenizer as t; "
+        "from flowspeed.engines.models.whisper import byte_level_whisper_tokenizer as t; "
         "print(t()('a red circle, naïve').input_ids)"
     )
     outs = set()

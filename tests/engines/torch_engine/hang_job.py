@@ -10,10 +10,9 @@ import time
 
 import torch
 import torch.distributed as dist
+from flowspeed.configs import PipelineConfig
+from flowspeed.engines.torch_engine.setup import init_distributed
 from torch.distributed.elastic.multiprocessing.errors import record
-
-from configs import PipelineConfig
-from engines.torch_engine.setup import init_distributed
 
 
 @record

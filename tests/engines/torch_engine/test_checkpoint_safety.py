@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from flowspeed.configs import PipelineConfig
+from flowspeed.engines.launch import launch
+from flowspeed.engines.torch_engine import checkpoint as ckpt
+from flowspeed.engines.torch_engine.trainer import export_checkpoint
+from flowspeed.evaluation.exports import model_to_evaluate
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from configs import PipelineConfig
-from engines.launch import launch
-from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.trainer import export_checkpoint
-from evaluation.exports import model_to_evaluate
 from tests.conftest import make_config
 
 
@@ -217,9 +217,8 @@ def test_a_damaged_checkpoint_on_explicit_resume_is_one_line_naming_it(
 
 
 def _cli(*args: str | Path) -> object:
+    from flowspeed.flows.cli import app
     from typer.testing import CliRunner
-
-    from flows.cli import app
 
     return CliRunner(env={"COLUMNS": "200"}).invoke(app, [*map(str, args)])
 
@@ -236,7 +235,7 @@ def test_cli_export_of_a_damaged_checkpoint_prints_one_paragraph(tmp_path: Path,
 
 def test_cli_turns_a_raw_checkpoint_exception_into_one_paragraph(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch's CheckpointException is a BaseException; from any path (megatron's, a save) the CLI must catch it."""
-    import engines.torch_engine.trainer as trainer
+    import flowspeed.engines.torch_engine.trainer as trainer
 
     def fail(*_: object, **__: object) -> None:
         dcp.load({"x": torch.zeros(1)}, checkpoint_id="/nonexistent/flowspeed-ckpt", no_dist=True)
@@ -260,7 +259,8 @@ def _megatron_checkpoint(rank: int, world: int, directory: str) -> None:
 def test_megatron_checkpoints_are_read_safely_and_tampered_ones_refused(tmp_path: Path) -> None:
     """megatron-core unpickles its dist checkpoint's `.metadata` and non-tensor values with code allowed: the trainer
     checks both first."""
-    from engines.megatron.trainer import load_checkpoint
+    from flowspeed.engines.megatron.trainer import load_checkpoint
+
     from tests.distributed import run_ranks
 
     step = tmp_path / "step-00000001"

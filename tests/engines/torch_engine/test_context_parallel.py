@@ -10,11 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from flowspeed.engines.torch_engine.context_parallel import apply_context_parallel, reduce_cp_grads, supported_cp_models
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from engines.torch_engine.context_parallel import apply_context_parallel, reduce_cp_grads, supported_cp_models
 from tests.distributed import run_ranks
 
 TOL = 1e-5
@@ -23,8 +23,7 @@ STEPS = 5
 
 def _cogvideox(rotary: bool = True) -> tuple[torch.nn.Module, dict]:
     from diffusers import CogVideoXTransformer3DModel
-
-    from engines.models.cogvideox import TRANSFORMER_PRESETS, CogVideoX
+    from flowspeed.engines.models.cogvideox import TRANSFORMER_PRESETS, CogVideoX
 
     torch.manual_seed(0)
     kwargs = dict(TRANSFORMER_PRESETS["tiny"], in_channels=4, out_channels=4, text_embed_dim=32, max_text_seq_length=8)
@@ -39,8 +38,7 @@ def _cogvideox(rotary: bool = True) -> tuple[torch.nn.Module, dict]:
 
 def _flux() -> tuple[torch.nn.Module, dict]:
     from diffusers import FluxPipeline, FluxTransformer2DModel
-
-    from engines.models.flux import TRANSFORMER_PRESETS
+    from flowspeed.engines.models.flux import TRANSFORMER_PRESETS
 
     torch.manual_seed(0)
     model = FluxTransformer2DModel(in_channels=16, joint_attention_dim=32, pooled_projection_dim=32,

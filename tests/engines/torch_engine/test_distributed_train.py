@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from flowspeed.configs import PipelineConfig
+from flowspeed.engines.launch import launch
+from flowspeed.engines.torch_engine import checkpoint as ckpt
+from flowspeed.engines.torch_engine.launch import validate_layout
+from flowspeed.engines.torch_engine.trainer import export_checkpoint
+from flowspeed.evaluation.common import trained_model
 
-from configs import PipelineConfig
-from engines.launch import launch
-from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.launch import validate_layout
-from engines.torch_engine.trainer import export_checkpoint
-from evaluation.common import trained_model
 from tests.conftest import make_config
 
 STEPS = 5
@@ -102,9 +102,8 @@ def test_impossible_layout_fails_before_any_process_starts(tmp_path: Path, prepp
 
 
 def test_mfu_and_step_split_are_logged(tmp_path: Path, prepped: PipelineConfig) -> None:
+    from flowspeed.engines.tracking.tracker import ensure_experiment, tracking_uri
     from mlflow import MlflowClient
-
-    from engines.tracking.tracker import ensure_experiment, tracking_uri
 
     cfg = _cfg(tmp_path, prepped, "train.peak_tflops=0.5", "train.metrics_flush_every=1")
     uri = tracking_uri(cfg)

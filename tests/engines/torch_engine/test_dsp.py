@@ -10,17 +10,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from flowspeed.configs.schema import ParallelConfig, TrainConfig
+from flowspeed.engines.models.dits import stdit3
+from flowspeed.engines.torch_engine.context_parallel import apply_context_parallel, reduce_cp_grads
+from flowspeed.engines.torch_engine.dsp import apply_dsp
+from flowspeed.engines.torch_engine.parallel_dims import ParallelDims
+from flowspeed.engines.torch_engine.parallelize import apply_ac, parallelize
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from configs.schema import ParallelConfig, TrainConfig
-from engines.models.dits import stdit3
-from engines.torch_engine.context_parallel import apply_context_parallel, reduce_cp_grads
-from engines.torch_engine.dsp import apply_dsp
-from engines.torch_engine.parallel_dims import ParallelDims
-from engines.torch_engine.parallelize import apply_ac, parallelize
 from tests.distributed import run_ranks
 
 TOL = 1e-5

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from flowspeed.configs import PipelineConfig
+from flowspeed.engines.launch import launch
+from flowspeed.engines.torch_engine.parallel_dims import ParallelDims
+from flowspeed.engines.torch_engine.parallelize import apply_ac, apply_fsdp, block_lists
 from torch import nn
 
-from configs import PipelineConfig
-from engines.launch import launch
-from engines.torch_engine.parallel_dims import ParallelDims
-from engines.torch_engine.parallelize import apply_ac, apply_fsdp, block_lists
 from tests.conftest import make_config
 from tests.distributed import run_ranks
 
@@ -113,7 +113,7 @@ def test_hsdp_on_a_2d_mesh_matches_one_process() -> None:
 def test_a_hanging_rank_fails_the_job_after_the_collective_timeout() -> None:
     import time
 
-    from engines.common.torchrun import DistributedJobFailed, run_torchrun
+    from flowspeed.engines.common.torchrun import DistributedJobFailed, run_torchrun
 
     t0 = time.monotonic()
     with pytest.raises(DistributedJobFailed) as err:

@@ -2,13 +2,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from flowspeed.configs import ComponentConfig, PipelineConfig
+from flowspeed.engines.launch import launch
+from flowspeed.engines.models import get_family
+from flowspeed.engines.torch_engine import checkpoint as ckpt
+from flowspeed.engines.torch_engine.lora import apply_lora, load_adapter, merge, save_adapter
 from safetensors.torch import load_file
 
-from configs import ComponentConfig, PipelineConfig
-from engines.launch import launch
-from engines.models import get_family
-from engines.torch_engine import checkpoint as ckpt
-from engines.torch_engine.lora import apply_lora, load_adapter, merge, save_adapter
 from tests.conftest import make_config
 
 
@@ -54,7 +54,7 @@ def test_lora_trains_adapters_only_and_reloads_and_merges(tmp_path: Path, preppe
 
 
 def test_lora_targets_that_match_nothing_are_refused() -> None:
-    from configs import LoraConfig
+    from flowspeed.configs import LoraConfig
 
     fam = get_family("cogvideox")
     model = fam.load_transformer(PipelineConfig().model, 32, 4)
@@ -64,8 +64,8 @@ def test_lora_targets_that_match_nothing_are_refused() -> None:
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "llava"])
 def test_lora_on_transformers_vlms_adapts_the_language_model_and_merges(name: str, tmp_path: Path) -> None:
-    from configs import LoraConfig
-    from configs.schema import ModelConfig
+    from flowspeed.configs import LoraConfig
+    from flowspeed.configs.schema import ModelConfig
 
     fam = get_family(name)
     lora = LoraConfig(enabled=True, rank=4)
@@ -90,8 +90,8 @@ def test_lora_on_transformers_vlms_adapts_the_language_model_and_merges(name: st
 
 
 def test_lora_on_whisper_reloads_and_merges(tmp_path: Path) -> None:
-    from configs import LoraConfig
-    from configs.schema import ModelConfig
+    from flowspeed.configs import LoraConfig
+    from flowspeed.configs.schema import ModelConfig
 
     fam = get_family("whisper")
     lora = LoraConfig(enabled=True, rank=4)

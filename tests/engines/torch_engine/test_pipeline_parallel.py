@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flowspeed.engines.torch_engine.pipeline_parallel import build_pipeline, causal_lm_loss
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from engines.torch_engine.pipeline_parallel import build_pipeline, causal_lm_loss
 from tests.distributed import run_ranks
 
 TOL = 1e-5

@@ -1,6 +1,5 @@
 import pytest
-
-from engines.common.sampler import BucketBatchSampler
+from flowspeed.engines.common.sampler import BucketBatchSampler
 
 BUCKETS = ["a"] * 13 + ["b"] * 7 + ["c"] * 5
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flowspeed.engines.torch_engine.tensor_parallel import apply_tp, supported_tp_models
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
-from engines.torch_engine.tensor_parallel import apply_tp, supported_tp_models
 from tests.distributed import run_ranks
 
 TOL = 1e-5
@@ -23,8 +23,7 @@ STEPS = 5
 
 def _cogvideox(heads: int = 2) -> nn.Module:
     from diffusers import CogVideoXTransformer3DModel
-
-    from engines.models.cogvideox import TRANSFORMER_PRESETS
+    from flowspeed.engines.models.cogvideox import TRANSFORMER_PRESETS
 
     torch.manual_seed(0)
     preset = dict(TRANSFORMER_PRESETS["tiny"], num_attention_heads=heads)
@@ -46,8 +45,7 @@ def _causal_lm(kind: str, heads: int = 4, kv_heads: int = 2, tie: bool = False) 
 def _cogvideox_losses(text_len: int = 8):
     """The family's own training loss, untouched: TP must be invisible to it."""
     from diffusers import CogVideoXDDIMScheduler
-
-    from engines.models.cogvideox import SCHEDULER_CONFIG, CogVideoX
+    from flowspeed.engines.models.cogvideox import SCHEDULER_CONFIG, CogVideoX
 
     family, scheduler = CogVideoX(), CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
     g = torch.Generator().manual_seed(1)

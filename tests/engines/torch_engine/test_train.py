@@ -4,30 +4,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from flowspeed.configs import PipelineConfig
+from flowspeed.datasets_prep.cache import CachedLatents, collate
+from flowspeed.datasets_prep.prep import run_prep
+from flowspeed.engines.common.torchrun import DistributedJobFailed
+from flowspeed.engines.launch import launch
+from flowspeed.engines.models import get_family
+from flowspeed.engines.torch_engine import checkpoint as ckpt
+from flowspeed.engines.tracking.tracker import ensure_experiment, tracking_uri
+from flowspeed.evaluation.common import trained_model
 from mlflow import MlflowClient
 
-from configs import PipelineConfig
-from datasets_prep.cache import CachedLatents, collate
-from datasets_prep.prep import run_prep
-from engines.common.torchrun import DistributedJobFailed
-from engines.launch import launch
-from engines.models import get_family
-from engines.torch_engine import checkpoint as ckpt
-from engines.tracking.tracker import ensure_experiment, tracking_uri
-from evaluation.common import trained_model
 from tests.conftest import make_config
 from tests.file_modes import assert_tree_modes
 
 
 @pytest.fixture(scope="module")
 def two_clip_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from datasets_prep.demo import make_demo_dataset
+    from flowspeed.datasets_prep.demo import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("two"), num_videos=2, num_images=0)
 
 
 def _fixed_noise_loss(cfg: PipelineConfig, model: torch.nn.Module) -> float:
-    from datasets_prep.prep import load_samples
+    from flowspeed.datasets_prep.prep import load_samples
 
     family = get_family("cogvideox")
     data = CachedLatents(cfg.prep_dir / "cache", load_samples(cfg.prep_dir))

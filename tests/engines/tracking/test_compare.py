@@ -6,9 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
+from flowspeed.engines.tracking.compare import compare_runs
 from mlflow import MlflowClient
-
-from engines.tracking.compare import compare_runs
 
 
 def test_rows_are_newest_first_with_pipeline_and_train_metrics(tmp_path: Path) -> None:

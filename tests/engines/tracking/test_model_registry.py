@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flowspeed.configs.schema import GateConfig
+from flowspeed.engines.tracking.registry import check_gates, register_and_promote
 from mlflow import MlflowClient
-
-from configs.schema import GateConfig
-from engines.tracking.registry import check_gates, register_and_promote
 
 GATES = [GateConfig(metric="eval/val_loss", direction="lower", min_improvement=0.01),
          GateConfig(metric="eval/clip_score", direction="higher")]  # fmt: skip

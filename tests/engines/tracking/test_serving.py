@@ -16,17 +16,17 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from flowspeed.configs import PipelineConfig, load_config
+from flowspeed.datasets_prep.mp4 import write_mp4
+from flowspeed.datasets_prep.probe import probe
+from flowspeed.engines.export import export_weights
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.cogvideox import TEXT_PRESETS, VAE_PRESETS
+from flowspeed.engines.models.sequence import SequenceFamily
+from flowspeed.engines.tracking.serving import MLMODEL, SETTINGS, _load_pyfunc, signature_for, write_mlmodel
 from mlflow import MlflowClient
 from PIL import Image
 
-from configs import PipelineConfig, load_config
-from datasets_prep.mp4 import write_mp4
-from datasets_prep.probe import probe
-from engines.export import export_weights
-from engines.models import get_family
-from engines.models.cogvideox import TEXT_PRESETS, VAE_PRESETS
-from engines.models.sequence import SequenceFamily
-from engines.tracking.serving import MLMODEL, SETTINGS, _load_pyfunc, signature_for, write_mlmodel
 from tests.conftest import QUICKSTART, REPO
 
 RECIPES: dict[str, tuple[Path, list[str]]] = {  # family -> (config, overrides)
@@ -98,7 +98,7 @@ def test_mlmodel_in_the_export_carries_the_family_signature(tmp_path: Path, fami
 
     info = mlflow.models.get_model_info(str(final))
     assert info.signature == signature_for(family_name)
-    assert info.flavors["python_function"]["loader_module"] == "engines.tracking.serving"
+    assert info.flavors["python_function"]["loader_module"] == "flowspeed.engines.tracking.serving"
     assert info.flavors["python_function"]["data"] == "."  # the weights where they are
     # Two small files added, nothing copied or moved, and the export still counts as whole.
     assert {p.relative_to(final) for p in final.rglob("*")} - before == {Path(MLMODEL), Path(SETTINGS)}
@@ -202,7 +202,7 @@ def test_media_are_loaded_as_prep_loads_them(exports, tmp_path: Path) -> None:
 
 
 def test_whisper_transcribes_audio_paths(exports, tmp_path: Path) -> None:
-    from datasets_prep.demo import make_demo_audio
+    from flowspeed.datasets_prep.demo import make_demo_audio
 
     final, _ = exports["whisper"]
     make_demo_audio(tmp_path, num_clips=2)

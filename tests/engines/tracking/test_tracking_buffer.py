@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from flowspeed.engines.tracking.tracker import Tracker, replay_undelivered
 from mlflow import MlflowClient
-
-from engines.tracking.tracker import Tracker, replay_undelivered
 
 
 class Outage:
@@ -111,9 +110,8 @@ def test_an_outage_past_the_grace_period_leaves_a_file_that_sync_delivers(tmp_pa
     assert left == len(rows) and {r["step"] for r in rows if "metric" in r} >= set(range(2, 11))
     assert _steps(uri, run_id, "train/loss") == [1]  # the rest never reached the store
 
+    from flowspeed.flows.cli import app
     from typer.testing import CliRunner
-
-    from flows.cli import app
 
     out = CliRunner().invoke(app, ["sync-metrics", str(folder.parent)])
     assert out.exit_code == 0, out.output

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flowspeed.engines.models.dits import opensora_vae, stdit, stdit3
 
-from engines.models.dits import opensora_vae, stdit, stdit3
 from tests.fidelity import seeded_tensor, seeded_weights
 
 # docs/fidelity/ref_opensora_forward.py output (torch 2.14.1 CPU float32): name -> (sum, abs_sum, picks)

@@ -10,10 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from flowspeed.engines.models.dits.checkpoint import load_published
+from flowspeed.engines.models.dits.opensora_vae import PRESETS, PUBLISHED, OpenSoraVAE, from_published, to_published
 from safetensors.torch import save_file
-
-from engines.models.dits.checkpoint import load_published
-from engines.models.dits.opensora_vae import PRESETS, PUBLISHED, OpenSoraVAE, from_published, to_published
 
 # Keys and shapes of the released pipeline state dict (hpcai-tech/OpenSora-VAE-v1.2), as the authors' v1.2.0 code
 # builds them: VideoAutoencoderPipeline.{spatial_vae.module (diffusers AutoencoderKL), temporal_vae (VAE_Temporal_SD),

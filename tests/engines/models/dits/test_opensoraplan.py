@@ -6,11 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
-from torch.distributed.device_mesh import init_device_mesh
-
-from engines.models.dits import checkpoint
-from engines.models.dits.opensoraplan import (
+from flowspeed.engines.models.dits import checkpoint
+from flowspeed.engines.models.dits.opensoraplan import (
     MODEL_CLASSES,
     PRESETS,
     PUBLISHED,
@@ -22,7 +19,14 @@ from engines.models.dits.opensoraplan import (
     from_published,
     to_published,
 )
-from engines.models.dits.opensoraplan_layers import OpenSoraAttention, OpenSoraPlanAttnProcessor, OpenSoraRoPE3D
+from flowspeed.engines.models.dits.opensoraplan_layers import (
+    OpenSoraAttention,
+    OpenSoraPlanAttnProcessor,
+    OpenSoraRoPE3D,
+)
+from safetensors.torch import save_file
+from torch.distributed.device_mesh import init_device_mesh
+
 from tests.distributed import run_ranks
 
 
@@ -105,7 +109,7 @@ def test_rope_matches_complex_rotation() -> None:
     rope = OpenSoraRoPE3D(12, (1.0, 2.0, 0.5))
     cos, sin = rope(2, 3, 4, torch.device("cpu"), torch.float32)
     x = torch.randn(1, 24, 2, 12)
-    from engines.models.dits.opensoraplan_layers import apply_rope3d
+    from flowspeed.engines.models.dits.opensoraplan_layers import apply_rope3d
 
     got = apply_rope3d(x, cos, sin)
     t, y, w = torch.meshgrid(torch.arange(2.0), torch.arange(3.0), torch.arange(4.0), indexing="ij")
@@ -159,7 +163,11 @@ def test_v12_and_v13_dense_are_the_same_function() -> None:
 
 # ---- context parallelism --------------------------------------------------------------------------------------------
 def _cp_on_ranks(rank: int, world: int) -> dict:
-    from engines.torch_engine.context_parallel import apply_context_parallel, reduce_cp_grads, register_cp_plan
+    from flowspeed.engines.torch_engine.context_parallel import (
+        apply_context_parallel,
+        reduce_cp_grads,
+        register_cp_plan,
+    )
 
     register_cp_plan("OpenSoraT2V_v1_3")
     register_cp_plan("OpenSoraInpaint_v1_3")

@@ -15,11 +15,11 @@ import json
 
 import pytest
 import torch
+from flowspeed.configs.schema import ComponentConfig, ModelConfig
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.dits import causalvae, opensoraplan, wfvae
 from safetensors.torch import save_file
 
-from configs.schema import ComponentConfig, ModelConfig
-from engines.models import get_family
-from engines.models.dits import causalvae, opensoraplan, wfvae
 from tests.fidelity import released_shapes, seeded_tensor, seeded_weights
 
 # docs/fidelity/ref_osp.py: TINY_DIT, TINY_WF, TINY_CAUSAL (ours spell the same configs with our argument names)

@@ -9,11 +9,10 @@ import json
 
 import pytest
 import torch
-
-from configs.schema import ComponentConfig, ModelConfig
-from engines.models import get_family
-from engines.models.dits import causalvae, wfvae
-from engines.models.dits.checkpoint import load_published
+from flowspeed.configs.schema import ComponentConfig, ModelConfig
+from flowspeed.engines.models import get_family
+from flowspeed.engines.models.dits import causalvae, wfvae
+from flowspeed.engines.models.dits.checkpoint import load_published
 
 MODULES = {"wfvae": (wfvae, wfvae.WFVAEModel), "causalvae": (causalvae, causalvae.CausalVAEModel)}
 

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from flowspeed.engines.models.dits import checkpoint, pt_dit
 from torch.distributed.device_mesh import init_device_mesh
 
-from engines.models.dits import checkpoint, pt_dit
 from tests.distributed import run_ranks
 
 
@@ -181,7 +181,7 @@ def test_caption_mask_and_image_video_inputs() -> None:
 
 # ---- context parallelism ------------------------------------------------------------------------------------------
 def _cp_on_ranks(rank: int, world: int) -> dict:
-    from engines.torch_engine.context_parallel import apply_context_parallel, register_cp_plan
+    from flowspeed.engines.torch_engine.context_parallel import apply_context_parallel, register_cp_plan
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
     register_cp_plan("PTDiT")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flowspeed.engines.models.dits import pt_dit
+from flowspeed.engines.models.qihoo_t2x import QihooT2X
+from flowspeed.engines.models.registry import get_family
 
-from engines.models.dits import pt_dit
-from engines.models.qihoo_t2x import QihooT2X
-from engines.models.registry import get_family
 from tests.fidelity import seeded_tensor, seeded_weights
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,

@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from flowspeed.engines.models.dits import checkpoint, stdit, stdit3
+from flowspeed.engines.models.dits.opensora_layers import SinCosPosEmbed2D, apply_interleaved_rope
+from flowspeed.engines.models.video_objectives import RectifiedFlow
 from torch.distributed.device_mesh import init_device_mesh
 
-from engines.models.dits import checkpoint, stdit, stdit3
-from engines.models.dits.opensora_layers import SinCosPosEmbed2D, apply_interleaved_rope
-from engines.models.video_objectives import RectifiedFlow
 from tests.distributed import run_ranks
 from tests.fidelity import FACTS
 
@@ -168,7 +168,7 @@ def test_blocks_take_t_and_s_keywords() -> None:
 
 # ---- context parallelism ------------------------------------------------------------------------------------------
 def _cp_on_ranks(rank: int, world: int) -> dict:
-    from engines.torch_engine.context_parallel import apply_context_parallel, register_cp_plan
+    from flowspeed.engines.torch_engine.context_parallel import apply_context_parallel, register_cp_plan
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
     errors = {}
