@@ -26,7 +26,7 @@ from flowspeed.engines.common.device import (
     set_current,
 )
 from flowspeed.engines.models.registry import ModelFamily, seeded_init
-from flowspeed.engines.torch_engine.lora import apply_lora
+from flowspeed.engines.torch_engine.lora import apply_lora, load_adapter
 from flowspeed.engines.torch_engine.parallel_dims import Meshes, ParallelDims, dp_coordinates
 from flowspeed.engines.torch_engine.parallelize import (
     _plain,
@@ -80,6 +80,8 @@ def build_model(family: ModelFamily, cfg: PipelineConfig, model_args: dict[str, 
     if full is not None and t.lora.enabled:
         with seeded_init(t.seed):  # the adapters' random init is the same on every layout
             apply_lora(full, t.lora, family.lora_targets, family.lora_exclude)
+        if t.lora.init_from:  # an adapter trained elsewhere; the other ranks receive it with rank 0's weights
+            load_adapter(full, t.lora.init_from, getattr(family, "pipeline_cls", None), family.denoiser_subfolder)
     if env.world == 1:
         parallelize(full, None, env.dims, t)
         return full.to(env.device)

@@ -184,7 +184,7 @@ def test_lora_adapters_apply_reload_and_merge(family: str, preset: str, tmp_path
     with torch.no_grad():
         adapted = model(**_inputs(model), return_dict=False)[0]
         base = fam.load_transformer(cfg, 32, 4).eval()(**_inputs(model), return_dict=False)[0]
-    save_adapter(model, tmp_path / "lora", lora, fam.lora_targets)
+    save_adapter(model, tmp_path / "lora", f"{fam.name}/tiny")
     again = load_adapter(apply_lora(fam.load_transformer(cfg, 32, 4), lora, fam.lora_targets), tmp_path / "lora")
     merged = merge(model)
     assert not any("lora" in k for k in merged.state_dict())
