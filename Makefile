@@ -6,10 +6,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: install quickstart test test-fast lint bench
 
-$(VENV)/.installed: pyproject.toml
+# every extra (the dev extra) at the exact builds CI runs (constraints.txt); pyproject.toml itself states ranges
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -23,6 +23,7 @@ from flowspeed.configs.schema import AestheticConfig, CurateConfig, PipelineConf
 from flowspeed.datasets_prep.decode import decode
 from flowspeed.datasets_prep.probe import MediaInfo, ProbeError, probe
 from flowspeed.engines.common.device import resolve_device
+from flowspeed.engines.common.extras import require
 from flowspeed.engines.common.io import RecordStore, atomic_write
 from flowspeed.engines.common.progress import reporter
 from PIL import Image
@@ -37,11 +38,10 @@ def config_hash(obj: Any) -> str:
 
 
 def detect_scenes(path: Path, cfg: SceneSplitConfig) -> list[tuple[int, int]]:
-    from scenedetect import ContentDetector, detect
-
+    scenedetect = require("scenedetect", "data.curate.scene_split")
+    detector = scenedetect.ContentDetector(threshold=cfg.threshold, min_scene_len=cfg.min_scene_frames)
     try:
-        scenes = detect(str(path), ContentDetector(threshold=cfg.threshold, min_scene_len=cfg.min_scene_frames),
-                        backend="pyav")  # fmt: skip
+        scenes = scenedetect.detect(str(path), detector, backend="pyav")
     except Exception as exc:  # scenedetect wraps decoder errors in its own types
         raise ProbeError("scene_detect_failed", f"scene detection failed: {type(exc).__name__}: {exc}") from exc
     return [(int(s.frame_num), int(e.frame_num)) for s, e in scenes]
@@ -88,7 +88,7 @@ class SceneCache:
 
 def motion_score(frames: np.ndarray, method: str = "farneback") -> float:
     """(T, H, W, C) uint8 -> mean motion between consecutive frames, in pixels (flow) or grey levels (diff)."""
-    import cv2
+    cv2 = require("cv2", "data.curate.motion")
 
     grey = [cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames]
     if len(grey) < 2:

@@ -1,4 +1,4 @@
-"""Frame sampling and decoding with decord (default) or PyAV, registered by name.
+"""Frame sampling and decoding with PyAV (default) or decord (`pip install 'flowspeed[video-decode]'`), by name.
 
 Both decoders take the same frame indices and return uint8 (T, H, W, C) RGB; tests hold them to
 the same frames. Sampling is deterministic (start of clip), so a cached sample is reproducible.
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from flowspeed.datasets_prep.probe import MediaInfo, ProbeError
+from flowspeed.engines.common.extras import MissingExtraError, missing, require
 
 
 def sample_indices(info: MediaInfo, num_frames: int, target_fps: float | None, stride: int) -> list[int]:
@@ -33,7 +34,8 @@ def sample_indices(info: MediaInfo, num_frames: int, target_fps: float | None, s
 
 
 def _decode_decord(path: Path, indices: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
-    import decord
+    # an extra (no wheels for macOS or aarch64); PyAV is core
+    decord = require("decord", "data.decoder: decord", "use data.decoder: pyav")
 
     hw = {"height": size[0], "width": size[1]} if size else {}
     vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, **hw)
@@ -104,16 +106,23 @@ def decode(
         raise ValueError(f"unknown decoder {decoder!r}; known decoders: {', '.join(sorted(DECODERS))}")
     if size == (info.height, info.width) or info.rotation != 0:
         size = None  # nothing to scale (a scaler would only add a copy), or sizes ambiguous under rotation
-    order = [decoder] + [d for d in DECODERS if d != decoder]
+    # the fallbacks are the decoders installed here; the one asked for, missing, is refused (MissingExtraError)
+    order = [decoder] + [d for d in DECODERS if d != decoder and _installed(d)]
     errors = []
     for name in order:
         try:
             return DECODERS[name](Path(info.path), indices, size), name
+        except MissingExtraError:
+            raise
         except ProbeError as exc:
             errors.append(f"{name}: {exc}")
         except Exception as exc:  # decoders raise library-specific types for corrupt streams
             errors.append(f"{name}: {type(exc).__name__}: {str(exc)[-200:]}")
     raise ProbeError("decode_failed", "failed to decode: " + "; ".join(errors))
+
+
+def _installed(decoder: str) -> bool:
+    return decoder != "decord" or missing("decord", "data.decoder: decord") is None
 
 
 def resize_center_crop(frames: np.ndarray, height: int, width: int) -> torch.Tensor:

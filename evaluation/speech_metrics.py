@@ -31,9 +31,11 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 
-import jiwer
+from flowspeed.engines.common.extras import require
 from flowspeed.evaluation.directions import DIRECTIONS
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+
+jiwer = require("jiwer", "WER/CER scoring (speech eval)")  # the `speech` extra
 
 METRIC_DIRECTIONS: dict[str, str] = {m: DIRECTIONS[m] for m in ("wer", "cer")}  # one table: evaluation/directions.py
 _ENGLISH = {"en", "eng", "english"}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+from flowspeed.engines.common.extras import require
 
 
 def init_model_parallel(tp: int = 1, pp: int = 1, vpp: int | None = None, cp: int = 1, seed: int = 1234) -> None:
     """megatron-core's TP/PP/CP groups and its per-TP-rank RNG streams. On CPU ranks the CUDA-only parts
     of megatron-core are patched first (engines/megatron/cpu_compat.py); GPU runs never load that."""
+    require("megatron.core", "train.engine: megatron")  # the `megatron` extra
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 

@@ -28,6 +28,7 @@ from flowspeed.configs import PipelineConfig, save_config
 from flowspeed.datasets_prep.cache import CachedLatents
 from flowspeed.engines.common import checkpoints as ckpt
 from flowspeed.engines.common.device import init_process_group, resolve_device, synchronize
+from flowspeed.engines.common.extras import require
 from flowspeed.engines.common.safe_load import check_state_dir
 from flowspeed.engines.export import export_weights
 from flowspeed.engines.loop import Facts, OptimizerOutput, StepOutput, TrainResult, lr_lambda, rank_main, run_training
@@ -76,6 +77,7 @@ def validate(cfg: PipelineConfig) -> None:
     from flowspeed.configs.validate import check_layout  # the rules load_config applies too: one place for both engines
 
     check_layout(cfg)
+    require("megatron.core", "train.engine: megatron")  # before torchrun starts any rank
     get_family(cfg.model.family).frozen_prefixes(cfg.model)  # refuses a freeze the family cannot honour
     t = cfg.train
     # what only this process can tell (CP needs CUDA here); the layer split is checked where the depth is known
