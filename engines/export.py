@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from flowspeed.configs import PipelineConfig, save_config
 from flowspeed.engines.common.io import replaced_dir
+from flowspeed.engines.model_card import write_model_card
 
 
 def plain_model(family, cfg: PipelineConfig, model_args: dict[str, int]) -> torch.nn.Module:  # noqa: ANN001
@@ -23,9 +24,20 @@ def plain_model(family, cfg: PipelineConfig, model_args: dict[str, int]) -> torc
     return model
 
 
-def export_weights(family, cfg: PipelineConfig, model_args: dict, state: dict, final_dir: Path) -> Path:  # noqa: ANN001
+def base_model_name(cfg: PipelineConfig) -> str:
+    """What an adapter records as its base model (peft's `base_model_name_or_path`): the weights' source, or
+    `family/preset` for a seeded preset, which only flowspeed builds."""
+    comp = cfg.model.transformer
+    return comp.pretrained or f"{cfg.model.family}/{comp.preset}"
+
+
+def export_weights(  # noqa: ANN001
+    family, cfg: PipelineConfig, model_args: dict, state: dict, final_dir: Path, *, steps: int | None = None
+) -> Path:
     """Unsharded weights -> the family's native (diffusers) layout, written beside and swapped in,
-    so `final/` is always whole. With LoRA: the adapter alone, then a plain model with it merged."""
+    so `final/` is always whole. With LoRA: the adapter alone, then a plain model with it merged.
+    A model card (README.md, engines/model_card.py) says what made it; `steps` defaults to train.max_steps,
+    the only step a run writes `final/` at (a checkpoint's export passes its own step)."""
     model = plain_model(family, cfg, model_args)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -35,8 +47,11 @@ def export_weights(family, cfg: PipelineConfig, model_args: dict, state: dict, f
         if cfg.train.lora.enabled:
             from flowspeed.engines.torch_engine.lora import merge, save_adapter
 
-            save_adapter(model, tmp / "lora", cfg.train.lora, family.lora_targets)
+            # peft's format, plus diffusers' LoRA file where the family's pipeline loads LoRA (see lora.py)
+            save_adapter(model, tmp / "lora", base_model_name(cfg), getattr(family, "pipeline_cls", None),
+                         family.denoiser_subfolder)  # fmt: skip
             merge(model)
         family.save_pretrained(tmp, cfg.model, model)
         save_config(cfg, tmp)
+        write_model_card(tmp, cfg, family, steps=cfg.train.max_steps if steps is None else steps)
     return final_dir

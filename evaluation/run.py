@@ -26,6 +26,7 @@ from flowspeed.configs import PipelineConfig, load_config, save_config
 from flowspeed.engines.common.device import resolve_device
 from flowspeed.engines.common.io import atomic_write_text, write_jsonl
 from flowspeed.engines.common.torchrun import in_distributed_job, run_torchrun
+from flowspeed.engines.model_card import add_eval_results
 from flowspeed.engines.models import get_family
 from flowspeed.engines.models.registry import Capability, ModelFamily, keep_loaded
 from flowspeed.evaluation.common import held_out_metrics, held_out_records, validation_loss
@@ -73,6 +74,8 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
     metrics["eval/seconds"] = time.perf_counter() - t0
     result = EvalResult(str(out), metrics, paths, info)
     atomic_write_text(out / "metrics.json", json.dumps(result.as_dict(), indent=2))
+    if not cfg.eval.model:  # this config's own export: its model card gains the metrics (a registry version,
+        add_eval_results(final_dir, metrics)  # a checkpoint or another folder is someone else's: left alone)
     shutil.rmtree(out / ".partial", ignore_errors=True)  # done: the per-item shards served their purpose
     return result
 

@@ -193,7 +193,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, *, use_ema: bool = False)
     family = get_family(cfg.model.family)
     model = plain_model(family, cfg, state["model_args"])
     ckpt.load_model_weights(checkpoint, model, ema=use_ema)
-    return export_weights(family, cfg, state["model_args"], model.state_dict(), Path(out_dir))
+    return export_weights(family, cfg, state["model_args"], model.state_dict(), Path(out_dir), steps=state["step"])
 
 
 @record

@@ -3,9 +3,10 @@
 The registry points a model version at the export folder (`train/final`), a diffusers or
 transformers release layout. MLflow only treats a folder as a model when it holds an `MLmodel`
 file, and only a model with a signature says what a client must send. `write_mlmodel` adds that
-file to the export itself, using MLflow's custom-loader pyfunc pattern (`loader_module` =
-this module, `data` = the folder), so nothing is copied: gigabytes of weights stay where the
-trainer wrote them, and the folder still loads with `from_pretrained` as before.
+file (and the environment files MLflow writes beside it) to the export itself, using MLflow's
+custom-loader pyfunc pattern (`loader_module` = this module, `data` = the folder), so nothing is
+copied: gigabytes of weights stay where the trainer wrote them, and the folder still loads with
+`from_pretrained` as before.
 
     write_mlmodel(final_dir, cfg)
     mlflow.models.get_model_info(str(final_dir)).signature  # == signature_for(cfg.model.family)
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from flowspeed.engines.common.io import atomic_write, atomic_write_text
 from flowspeed.engines.models import ModelFamily, get_family
 from flowspeed.engines.models.registry import Capability
 from flowspeed.engines.models.sequence import SequenceSample
+from flowspeed.engines.tracking.environment import pip_requirements
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -50,6 +53,8 @@ MLMODEL = "MLmodel"
 SETTINGS = "flowspeed_serving.json"
 SETTINGS_VERSION = 1
 LOADER_MODULE = "flowspeed.engines.tracking.serving"  # what MLflow imports to call `_load_pyfunc`: this module
+#: the environment MLflow writes beside an MLmodel (what `mlflow models serve` and `load_model` check or build)
+ENV_FILES = ("requirements.txt", "python_env.yaml", "conda.yaml", "constraints.txt")
 SPEECH_SAMPLING_RATE = 16000  # what prep decodes audio at for every speech family (Whisper's rate)
 
 
@@ -122,13 +127,23 @@ def serving_settings(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
+def _serving_extras(family: ModelFamily, cfg: PipelineConfig) -> list[str]:
+    """flowspeed's extras a prediction needs: a VLM's video inputs are decoded as prep did (`data.decoder`), and
+    decord is the `video-decode` extra; generation reads at most an image (PIL), speech decodes with PyAV."""
+    return ["video-decode"] if family.can(Capability.ANSWERS) and cfg.data.decoder == "decord" else []
+
+
 def write_mlmodel(export_dir: Path, cfg: PipelineConfig) -> Path:
     """Make the export folder a pyfunc model in place; returns the MLmodel path.
 
-    Both files are replaced atomically, so a registry or server reading the folder meanwhile sees
+    Beside the MLmodel go the environment files MLflow's `save_model` writes (requirements.txt with
+    flowspeed and its dependencies pinned as installed, see engines/tracking/environment.py;
+    python_env.yaml; conda.yaml), so `mlflow.pyfunc.load_model` and `mlflow models serve` work in a
+    fresh virtualenv holding only flowspeed, and `--env-manager virtualenv|uv|conda` can build one.
+    Every file is replaced atomically, so a registry or server reading the folder meanwhile sees
     the old description or the new one, never half of one; rerunning simply rewrites them. The
     MLmodel is written last: its presence is what makes the folder a model, so it only appears
-    once the settings it relies on are there.
+    once the settings and environment it relies on are there.
     """
     export_dir = Path(export_dir)
     family = get_family(cfg.model.family)
@@ -138,9 +153,28 @@ def write_mlmodel(export_dir: Path, cfg: PipelineConfig) -> Path:
             f"no {cfg.model.family} export at {export_dir} ({marker.name} is missing): run `flowspeed train` first"
         )
     atomic_write_text(export_dir / SETTINGS, json.dumps(serving_settings(cfg), indent=2, sort_keys=True) + "\n")
-    model = Model(signature=signature_for(cfg.model.family), metadata={"flowspeed_family": cfg.model.family})
+    with tempfile.TemporaryDirectory(prefix="flowspeed-mlmodel-") as scratch, warnings.catch_warnings():
+        # its advice to log an input example: running a prediction to check one would load the weights
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        # MLflow's own save_model writes the model description and its environment (requirements.txt,
+        # python_env.yaml, conda.yaml) into an empty folder; no data is given, so nothing is copied there.
+        saved = Path(scratch) / "model"
+        mlflow.pyfunc.save_model(
+            saved,
+            loader_module=LOADER_MODULE,
+            signature=signature_for(cfg.model.family),
+            metadata={"flowspeed_family": cfg.model.family},
+            pip_requirements=pip_requirements(_serving_extras(family, cfg)),
+        )
+        model = Model.load(str(saved / MLMODEL))
+        for name in ENV_FILES:  # one that MLflow did not write this time must not linger from an earlier write
+            if (saved / name).is_file():
+                atomic_write_text(export_dir / name, (saved / name).read_text())
+            else:
+                (export_dir / name).unlink(missing_ok=True)
     # data="." : MLflow hands _load_pyfunc the folder itself, where from_pretrained finds the weights.
-    mlflow.pyfunc.add_to_model(model, loader_module=LOADER_MODULE, data=".")
+    model.flavors["python_function"]["data"] = "."
+    model.model_size_bytes = sum(p.stat().st_size for p in export_dir.rglob("*") if p.is_file())
     return atomic_write(export_dir / MLMODEL, lambda tmp: model.save(str(tmp)))
 
 
@@ -319,6 +353,9 @@ def write_pointer_model(export_dir: Path, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     atomic_write_text(dst / SETTINGS, json.dumps({**settings, "weights_at": str(export_dir)}, indent=2,
                                                  sort_keys=True) + "\n")  # fmt: skip
+    for name in ENV_FILES:  # the environment travels with the description: a registered version is servable
+        if (export_dir / name).is_file():
+            atomic_write_text(dst / name, (export_dir / name).read_text())
     atomic_write(dst / MLMODEL, lambda tmp: tmp.write_bytes((export_dir / MLMODEL).read_bytes()))
     return dst
 

@@ -100,8 +100,10 @@ def test_mlmodel_in_the_export_carries_the_family_signature(tmp_path: Path, fami
     assert info.signature == signature_for(family_name)
     assert info.flavors["python_function"]["loader_module"] == "flowspeed.engines.tracking.serving"
     assert info.flavors["python_function"]["data"] == "."  # the weights where they are
-    # Two small files added, nothing copied or moved, and the export still counts as whole.
-    assert {p.relative_to(final) for p in final.rglob("*")} - before == {Path(MLMODEL), Path(SETTINGS)}
+    # Small files added (the description, its settings, MLflow's environment files), nothing copied or moved,
+    # and the export still counts as whole.
+    added = {p.relative_to(final) for p in final.rglob("*")} - before
+    assert added == {Path(n) for n in (MLMODEL, SETTINGS, "requirements.txt", "python_env.yaml", "conda.yaml")}
     assert all(p.is_file() for p in family.export_files(final))
     settings = json.loads((final / SETTINGS).read_text())
     assert settings["family"] == family_name
