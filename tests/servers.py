@@ -216,10 +216,17 @@ def _pgpass(folder: Path, role: Role) -> Path:
 
 
 def _auth_ini(folder: Path, auth_db: str, role: Role) -> Path:
-    """deploy/mlflow-basic-auth.ini with the test's auth database: the README's file, not a copy of it."""
+    """deploy/mlflow-basic-auth.ini with the test's auth database: the README's file, not a copy of it.
+
+    Unless that file sets it, the server also caches a verified credential for ten minutes (MLflow's
+    `auth_cache_ttl_seconds`, off by default): without it every request re-runs werkzeug's scrypt
+    password check, 0.2-0.7 s of CPU on a 2-core CI machine, and one pipeline run makes hundreds of
+    requests with the same account. A wrong or missing password is never a cache hit (the key is the
+    user and an HMAC of the password), so the 401 checks still reach the password store."""
     config = configparser.ConfigParser()
     config.read(MLFLOW_AUTH_TEMPLATE)
     config["mlflow"]["database_uri"] = f"postgresql+psycopg2://{role.name}@{PG['host']}:{PG['port']}/{auth_db}"
+    config["mlflow"].setdefault("auth_cache_ttl_seconds", "600")
     path = folder / "mlflow-basic-auth.ini"
     with open(path, "w") as out:
         config.write(out)
