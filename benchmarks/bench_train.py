@@ -85,7 +85,7 @@ def main() -> None:
     run_prep(cfg)
     family = get_family(cfg.model.family)
     records = load_samples(cfg.prep_dir)
-    data = CachedLatents(cfg.prep_dir / "cache", records)
+    data = CachedLatents(cfg.cache_dir, records)
     bs = args.batch_size
     first = records[0]
     model = family.load_transformer(cfg.model, first["text_shape"][-1], first["latent_shape"][0] // 2)

@@ -81,7 +81,7 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML mapping; `include: [files]` (relative to it) are merged underneath it, in order."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist (try configs/quickstart.yaml)")
+        raise ConfigError(f"config file {path} does not exist (a YAML file or a recipe: `flowspeed recipes list`)")
     if path.resolve() in seen:
         raise ConfigError(f"config include cycle: {' -> '.join(map(str, seen + (path,)))}")
     try:
@@ -115,8 +115,13 @@ def load_config(
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        data = _read_yaml(Path(path))
+        from flowspeed.configs.recipes import resolve_config  # a shipped recipe's name works where no file is
+
+        path = resolve_config(path)
+        data = _read_yaml(path)
         source = str(path)
+        if isinstance(data.get("tracking", {}), dict):  # tagged flowspeed.recipe: runs of one workdir told apart
+            data.setdefault("tracking", {}).setdefault("recipe", Path(path).stem)
     data = apply_overrides(data, list(overrides or []))
     if workdir is not None:
         data["workdir"] = str(workdir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -168,11 +169,12 @@ class DataConfig(Section):
     )
     manifest_format: str = Field("auto", description="auto, or one of flowspeed.datasets_prep.manifest.known_formats()")
     roots: list[Path] = Field(default_factory=list, description="extra folders media paths may resolve into")
-    output_dir: Path | None = Field(None, description="prep output; default <workdir>/prep")
+    output_dir: Path | None = Field(None, description="prep output; default <workdir>/prep/<family>-<digest>")
     cache_dir: Path | None = Field(
-        None, description="latent cache; default <prep dir>/cache. Point runs and experiments at one shared folder"
+        None, description="latent cache; default <workdir>/prep/cache. Point runs and experiments at one shared folder"
     )
-    decoder: Literal["decord", "pyav"] = "decord"
+    # PyAV is a core dependency; decord is the `video-decode` extra (no wheels for macOS or aarch64)
+    decoder: Literal["decord", "pyav"] = Field("pyav", description="decord needs flowspeed[video-decode]")
     num_frames: int = Field(9, ge=1)
     target_fps: float | None = Field(8.0, gt=0, description="sample at this fps; None uses `stride`")
     stride: int = Field(1, ge=1, description="frame stride when target_fps is None")
@@ -257,6 +259,27 @@ class LoraConfig(Section):
     alpha: float = Field(8.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, description="None: the family's default targets")
+    init_from: str | None = Field(
+        None,
+        description="an adapter trained elsewhere to start from: a peft save_pretrained folder, a diffusers "
+        "pytorch_lora_weights.safetensors (or its folder), or a flowspeed export's final/lora; rank, alpha and "
+        "target_modules left unset are taken from it (configs/adapters.py), set ones must agree with it",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _settings_of_init_from(cls, data: Any) -> Any:
+        """The adapter's own rank/alpha/targets fill what the config leaves out, so its weights fit the model and
+        the resolved config says what was trained; an unreadable adapter is left to configs/validate.py's message."""
+        if not isinstance(data, dict) or not data.get("init_from"):
+            return data
+        from flowspeed.configs.adapters import adapter_settings
+
+        try:
+            found = adapter_settings(data["init_from"])
+        except (OSError, ValueError):
+            return data
+        return {"rank": found.rank, "alpha": found.alpha, "target_modules": found.target_modules, **data}
 
 
 class GpuSlotsConfig(Section):
@@ -306,7 +329,7 @@ class TrainConfig(Section):
         "distributed optimizer (qwen2_vl, llava)",
     )
     megatron: MegatronConfig = MegatronConfig()
-    output_dir: Path | None = Field(None, description="checkpoints; default <workdir>/train")
+    output_dir: Path | None = Field(None, description="checkpoints; default <workdir>/train/<family>-<digest>")
     max_steps: int = Field(30, ge=1)
     batch_size: int = Field(2, ge=1, description="micro-batch per rank")
     grad_accum: int = Field(1, ge=1)
@@ -396,7 +419,7 @@ class GenerationMetricsConfig(Section):
 
 
 class EvalConfig(Section):
-    output_dir: Path | None = Field(None, description="eval outputs; default <workdir>/eval")
+    output_dir: Path | None = Field(None, description="eval outputs; default <workdir>/eval/<family>-<digest>")
     model: str | None = Field(
         None,
         description="what to evaluate: models:/NAME/VERSION or models:/NAME@ALIAS (the registry), a training "
@@ -453,21 +476,46 @@ class RegistryConfig(Section):
     """MLflow model registry: every pipeline run registers a version; the gates decide its alias."""
 
     enabled: bool = False
-    model_name: str | None = Field(None, description="registered model name; default: tracking.experiment")
+    model_name: str | None = Field(None, description="registered model name; default: <experiment>-<family>")
     gates: list[GateConfig] = Field(
         default_factory=lambda: [GateConfig(metric="eval/val_loss", direction="lower")],
         description="all must pass for the new version to become `champion`; otherwise `challenger`",
     )
 
 
+class SamplesConfig(Section):
+    """Samples logged to MLflow at checkpoints (engines/tracking/samples.py), so the run page shows the model
+    improving: a frame grid (and the clips) for generating families, a table of answers for the others."""
+
+    enabled: bool = Field(
+        default_factory=lambda: os.environ.get("FLOWSPEED_SAMPLES", "1") != "0",
+        description="log samples at checkpoints (an export and a short generation each); default on, off where "
+        "the environment has FLOWSPEED_SAMPLES=0 (a test suite, a benchmark)",
+    )
+    prompts: list[str] | None = Field(
+        None, description="generating families' prompts; default: the first `count` of eval.prompts"
+    )
+    count: int = Field(
+        1, ge=1, description="prompts (generating) or held-out samples (answering, transcribing) per checkpoint"
+    )
+    num_inference_steps: int | None = Field(None, ge=1, description="default: eval.num_inference_steps")
+    every: int = Field(1, ge=1, description="sample at every N-th checkpoint, and at the last step of the run")
+
+
 class TrackingConfig(Section):
     tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI or sqlite under workdir")
-    experiment: str = "flowspeed"
+    experiment: str | None = Field(
+        None, description="MLflow experiment; default flowspeed-<workdir name>: one per workdir, every family in it"
+    )
+    recipe: str | None = Field(
+        None, description="tagged flowspeed.recipe (with family, variant): default the config file's name"
+    )
     run_name: str | None = None
     log_model: Literal["auto", "always", "never"] = Field(
         "auto", description="copy the exported model into MLflow artifacts; auto: only below 512 MiB"
     )
     registry: RegistryConfig = RegistryConfig()
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)
     outage_grace_s: float = Field(
         300.0,
         ge=0,
@@ -486,6 +534,25 @@ class TrackingConfig(Section):
     system_metrics_interval_s: float = Field(10.0, gt=0, description="seconds between system metric samples")
 
 
+# How prep's work is spread and where it goes: not part of the prep folder's key.
+_PREP_RUNTIME = {
+    "output_dir", "cache_dir", "batch_size", "num_workers", "nproc_per_node", "slices", "task_runner",
+    "cluster_address", "shard_size", "device",
+}  # fmt: skip
+# What a resume may change (see `PipelineConfig.train_key`): not part of the training folder's key.
+_TRAIN_RESUMABLE = {
+    "output_dir", "resume", "max_steps", "stop_after_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
+    "max_grad_norm", "mixed_precision", "fsdp", "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id",
+    "parallel", "device", "log_every", "metrics_flush_every", "checkpoint_every", "keep_checkpoints", "gpu_slots",
+    "activation_checkpointing", "compile", "compile_cache_dir", "async_checkpoint", "profile", "peak_tflops",
+    "collective_timeout_s",
+}  # fmt: skip
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class PipelineConfig(Section):
     workdir: Path = Path("runs/quickstart")
     data: DataConfig = DataConfig()
@@ -494,23 +561,65 @@ class PipelineConfig(Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
-    # Derived locations: every output lives under the workdir unless a section says otherwise.
+    # Derived locations: every output lives under the workdir unless a section says otherwise. Each
+    # stage's folder is named by the family and a digest of what decides its content
+    # (`prep/cogvideox-1a2b3c4d`), so any recipes can share one workdir: a second recipe gets folders of
+    # its own instead of resuming the first one's checkpoint. An explicit `output_dir` is used as given.
     @property
     def prep_dir(self) -> Path:
-        return self.data.output_dir or self.workdir / "prep"
+        return self.data.output_dir or self.workdir / "prep" / self.folder_name(self.prep_key())
 
     @property
     def cache_dir(self) -> Path:
-        """Content-addressed, so any number of workdirs can share one."""
-        return self.data.cache_dir or self.prep_dir / "cache"
+        """Content-addressed, so every prep folder of the workdir (and any number of workdirs) can share
+        one: `<workdir>/prep/cache`, or `<data.output_dir>/cache` beside an explicit prep folder."""
+        if self.data.cache_dir is not None:
+            return self.data.cache_dir
+        return self.data.output_dir / "cache" if self.data.output_dir else self.workdir / "prep" / "cache"
 
     @property
     def train_dir(self) -> Path:
-        return self.train.output_dir or self.workdir / "train"
+        return self.train.output_dir or self.workdir / "train" / self.folder_name(self.train_key())
 
     @property
     def eval_dir(self) -> Path:
-        return self.eval.output_dir or self.workdir / "eval"
+        return self.eval.output_dir or self.workdir / "eval" / self.folder_name(self.eval_key())
+
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment: `tracking.experiment`, else one per workdir (`flowspeed-<workdir name>`),
+        whatever the family, so every recipe run into a workdir lands in one experiment (told apart by
+        the tags `flowspeed.family`, `flowspeed.variant`, `flowspeed.recipe`)."""
+        return self.tracking.experiment or f"flowspeed-{Path(os.path.abspath(self.workdir)).name}"
+
+    @property
+    def registered_model(self) -> str:
+        """`tracking.registry.model_name`, else `<experiment>-<family>`: families sharing an experiment
+        never compete for one `champion`."""
+        return self.tracking.registry.model_name or f"{self.experiment}-{self.model.family}"
+
+    def folder_name(self, key: str) -> str:
+        return f"{self.model.family}-{key[:8]}"
+
+    def prep_key(self) -> str:
+        """Digest of what decides prep's output: the data section but for how the work is spread (ranks,
+        slices, batch sizes, where it goes) and the model section (its encoders, text length, processor)."""
+        data = self.data.model_dump(mode="json", exclude=_PREP_RUNTIME)
+        return _digest({"data": data, "model": self.model.model_dump(mode="json")})
+
+    def train_key(self) -> str:
+        """Digest of what decides which checkpoints a training folder holds: its data (the prep key), the
+        model, and the train settings a resume cannot change. Left out are those a resume may change:
+        the layout (checkpoints reshard), the length of the run (`max_steps`, to extend it), the
+        optimiser's knobs the divergence advice names (lr, warmup, clipping, precision) and cadence."""
+        train = self.train.model_dump(mode="json", exclude=_TRAIN_RESUMABLE)
+        return _digest({"prep": self.prep_key(), "model": self.model.model_dump(mode="json"), "train": train})
+
+    def eval_key(self) -> str:
+        """Digest of what an eval folder scores (the training it reads, or `eval.model`) and how; not
+        `nproc_per_node`/`batch_size`, so a killed eval resumes on any number of ranks."""
+        ev = self.eval.model_dump(mode="json", exclude={"output_dir", "nproc_per_node", "batch_size"})
+        return _digest({"train": self.train_key(), "eval": ev})
 
     def prep_hash(self) -> str:
         """Hash of everything that changes what prep writes for a sample (not where it goes)."""

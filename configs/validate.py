@@ -10,7 +10,8 @@ Two kinds of checks, split by what they depend on:
   (The schema's Literal fields, e.g. `data.decoder` and `data.task_runner`, are pydantic's.)
 - `stage_problems` (run at the start of a stage, before anything is written): what depends on this
   machine: the manifest and media roots exist (prep), local `pretrained:` folders exist, a resume
-  checkpoint or an evaluated model folder exists, an optional task runner is installed. A recipe whose
+  checkpoint or an evaluated model folder exists, an optional task runner or stack (a pip extra: decord,
+  megatron-core, PySceneDetect/OpenCV, jiwer) the config uses is installed. A recipe whose
   data lives on the cluster still loads elsewhere.
 
 Nothing here imports torch or a model library: names and rules come from `flowspeed.configs.catalog`, which a
@@ -29,6 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, get_args
 
+from flowspeed.configs.adapters import adapter_settings
 from flowspeed.configs.catalog import (
     BENCHMARKS,
     CAPTIONERS,
@@ -40,6 +42,7 @@ from flowspeed.configs.catalog import (
     clip_models,
     family_facts,
 )
+from flowspeed.configs.resume import resume_problems
 from flowspeed.configs.schema import ParallelConfig, PipelineConfig
 
 
@@ -313,9 +316,41 @@ def _value_problems(cfg: PipelineConfig) -> list[str]:
     return out
 
 
+def _lora_init_problems(cfg: PipelineConfig) -> list[str]:
+    """`train.lora.init_from`: the adapter is there, is plain LoRA for this family's denoiser, and the LoRA
+    settings the config gives agree with it (those it leaves out were taken from it by the schema). Checked at
+    load, not stage start: the settings the config resolves to are read from the adapter."""
+    lora = cfg.train.lora
+    if not lora.init_from:
+        return []
+    key = f"train.lora.init_from={lora.init_from}"
+    if not lora.enabled:
+        return [f"{key} needs train.lora.enabled: true (or remove init_from)"]
+    try:
+        found = adapter_settings(lora.init_from)
+    except FileNotFoundError as exc:
+        return [f"{key}: {exc}; point it at a peft adapter folder or a diffusers pytorch_lora_weights.safetensors"]
+    except ValueError as exc:
+        return [f"{key}: {exc}"]
+    out = []
+    facts = family_facts(cfg.model.family)
+    if found.component and facts and found.component != facts.denoiser_subfolder:
+        out.append(f"{key} adapts a pipeline's {found.component}; {cfg.model.family} trains its "
+                   f"{facts.denoiser_subfolder or 'model'}: use an adapter made for {cfg.model.family}")  # fmt: skip
+    given = {"rank": (lora.rank, found.rank), "alpha": (lora.alpha, found.alpha)}
+    if lora.target_modules is not None:
+        given["target_modules"] = (sorted(lora.target_modules), found.target_modules)
+    for name, (ours, theirs) in given.items():
+        if ours != theirs:
+            out.append(f"train.lora.{name}={ours} but the adapter {lora.init_from} was trained with {theirs}: "
+                       f"remove train.lora.{name} (it is taken from the adapter) or set it to {theirs}")  # fmt: skip
+    return out
+
+
 def config_problems(cfg: PipelineConfig) -> list[str]:
     """Every mistake `load_config` refuses: each a paragraph naming the key, the value and the fix."""
-    return _family_problems(cfg) + layout_problems(cfg) + _registry_problems(cfg) + _value_problems(cfg)
+    return (_family_problems(cfg) + layout_problems(cfg) + _registry_problems(cfg) + _value_problems(cfg)
+            + _lora_init_problems(cfg))  # fmt: skip
 
 
 # ---- what depends on this machine: checked when a stage starts, before it writes anything ------------
@@ -365,6 +400,7 @@ def stage_problems(cfg: PipelineConfig, stage: str) -> list[str]:
     if train and cfg.train.resume not in ("auto", "never"):
         fix = "use auto, never, or an existing step-N folder"
         wanted.append(("train.resume", cfg.train.resume, "the checkpoint directory", fix, True))
+    resumes = resume_problems(cfg) if train else []  # a checkpoint of another model: refused before prep
     if ev:
         # a path this very run writes (its own export or checkpoint) need not exist before it starts
         model = e.model if e.model and not e.model.startswith("models:/") else None
@@ -383,7 +419,7 @@ def stage_problems(cfg: PipelineConfig, stage: str) -> list[str]:
         for key in ("inception_weights", "i3d_weights", "dino"):
             wanted.append((f"eval.generation.{key}", getattr(g, key), "the file", "unset it for a random init", False))
     found = (_missing(key, value, what, fix, folder) for key, value, what, fix, folder in wanted if value)
-    out = [f for f in found if f]
+    out = [f for f in found if f] + resumes
     package = TASK_RUNNERS.get(d.task_runner)
     if prep and d.slices > 1 and d.nproc_per_node == 1 and package and importlib.util.find_spec(package) is None:
         extra = d.task_runner
@@ -391,7 +427,24 @@ def stage_problems(cfg: PipelineConfig, stage: str) -> list[str]:
             f"data.task_runner={extra} needs {package.replace('_', '-')}, which is not installed here: "
             f"pip install 'flowspeed[{extra}]', or use data.task_runner: process"
         )
-    return out
+    return out + _extra_problems(cfg, prep, train, ev)
+
+
+def _extra_problems(cfg: PipelineConfig, prep: bool, train: bool, ev: bool) -> list[str]:
+    """The optional stacks (pip extras) this config needs and this machine lacks, each with its install line;
+    found without importing them (engines/common/extras.py, the same words the code's own guards use)."""
+    from flowspeed.engines.common.extras import missing
+
+    d, cur = cfg.data, cfg.data.curate
+    needs = [
+        (prep or ev) and d.decoder == "decord" and ("decord", "data.decoder: decord", "use data.decoder: pyav"),
+        prep and cur.scene_split.enabled and ("scenedetect", "data.curate.scene_split"),
+        prep and cur.motion.enabled and ("cv2", "data.curate.motion"),
+        train and cfg.train.engine == "megatron" and ("megatron.core", "train.engine: megatron"),
+        # WER/CER of the transcription family (evaluation/sequence_eval.py), scored after every transcript is made
+        ev and cfg.model.family == "whisper" and ("jiwer", "the whisper eval (WER/CER)"),
+    ]
+    return [problem for need in needs if need and (problem := missing(*need))]
 
 
 def _clip_file(value: str | None) -> str | None:

@@ -34,13 +34,22 @@ import torch.distributed as dist
 from flowspeed.configs import PipelineConfig, load_config, save_config
 from flowspeed.datasets_prep.cache import CachedLatents, split_records
 from flowspeed.datasets_prep.prep import load_samples
-from flowspeed.engines.common.checkpoints import STEP_RE, PendingCheckpoint, clean_partial, latest, latest_intact
+from flowspeed.engines.common.checkpoints import (
+    STEP_RE,
+    PendingCheckpoint,
+    check_resumable,
+    clean_partial,
+    latest,
+    latest_intact,
+)
 from flowspeed.engines.common.device import device_name, peak_memory_bytes
 from flowspeed.engines.common.flops import mfu, peak_tflops, train_flops
 from flowspeed.engines.common.io import atomic_write_text
 from flowspeed.engines.common.progress import reporter
 from flowspeed.engines.common.sampler import BucketBatchSampler
 from flowspeed.engines.models import get_family
+from flowspeed.engines.tracking.samples import checkpoint_samples
+from flowspeed.engines.tracking.samples import due as checkpoint_due
 from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
 
 
@@ -167,10 +176,13 @@ def resume_path(cfg: PipelineConfig) -> Path | None:
     if mode == "never":
         return None
     if mode == "auto":
-        return latest_intact(cfg.train_dir)  # a damaged newest one is skipped, with a warning
-    path = Path(mode)
-    if not (path / "trainer_state.pt").is_file():
-        raise FileNotFoundError(f"train.resume={mode} is not a checkpoint directory (no trainer_state.pt)")
+        path = latest_intact(cfg.train_dir)  # a damaged newest one is skipped, with a warning
+    else:
+        path = Path(mode)
+        if not (path / "trainer_state.pt").is_file():
+            raise FileNotFoundError(f"train.resume={mode} is not a checkpoint directory (no trainer_state.pt)")
+    if path is not None:
+        check_resumable(path, cfg)  # another model's checkpoint: refused by name, not a DCP failure per rank
     return path
 
 
@@ -206,10 +218,10 @@ def run_training(
                            grace_s=cfg.tracking.outage_grace_s)  # fmt: skip
     monitor = start_system_metrics(cfg, tracking_uri, run_id)
     try:
+        resume_from = resume_path(cfg)  # before the model is built: a refused checkpoint fails in a second
         records, _ = split_records(load_samples(cfg.prep_dir), t_cfg.val_fraction)
         facts = backend.build(records, CachedLatents(cfg.cache_dir, records))
         sampler = make_sampler(cfg, records, facts.dp_rank, facts.dp_world)
-        resume_from = resume_path(cfg)
         state = backend.load(resume_from)
         start_step, samples_seen = 0, 0
         if state is not None:
@@ -302,6 +314,8 @@ def run_training(
                     if not backend.async_checkpoint:
                         last_ckpt = published(pending.wait())
                         pending = None
+                    if checkpoint_due(cfg, done, end_step):  # samples in MLflow: engines/tracking/samples.py
+                        checkpoint_samples(cfg, backend.export, tracker, done, rank, device)
         if pending is not None:
             last_ckpt = published(pending.wait())
         if rank == 0:

@@ -14,12 +14,15 @@ whether the files on disk are still the ones the cached result describes; when n
 from __future__ import annotations
 
 import errno
+import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flowspeed.engines.common.io import file_digest
+from flowspeed.engines.common.torchrun import DistributedJobFailed
 from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
@@ -85,18 +88,92 @@ def run_cached(task: Any, **inputs: Any) -> dict[str, Any]:
     return out
 
 
-# Errors that say the input or config is wrong: retrying cannot fix them, only delay the message.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, TypeError, NotImplementedError)
+# Retries are for failures that may pass on their own: the network, a server, a busy or stale file
+# system. Everything else (a config, checkpoint or data error, a bug) fails the same way again, so a
+# retry only delays the message (and, for training, reloads the model to fail again).
+TRANSIENT_ERRNOS = frozenset({
+    errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.ESTALE, errno.EPIPE, errno.ECONNRESET,
+    errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ENETUNREACH,
+    errno.ENETDOWN, errno.ENETRESET,
+})  # fmt: skip
+# A failed torchrun job carries its rank's error as text: transient when the network or a peer went away.
+_RANK_TRANSIENT = re.compile(
+    r"\b(ConnectionError|ConnectionResetError|ConnectionRefusedError|ConnectionAbortedError|TimeoutError"
+    r"|DistNetworkError|DistStoreError|Connection reset by peer|Connection refused|timed out)\b"
+)
+_RANK_PERMANENT = re.compile(
+    r"\b(ValueError|ConfigError|KeyError|TypeError|FileNotFoundError|PermissionError|NotImplementedError"
+    r"|CheckpointError|CheckpointException|CheckpointMismatch|ImportError|ModuleNotFoundError|AssertionError)\b"
+)
+
+
+# Never retried, whatever they wrap: the config, the data or the code is wrong (ValueError covers
+# ConfigError and CheckpointMismatch; a missing file or permission is not fixed by waiting).
+PERMANENT: tuple[type[BaseException], ...] = (
+    ValueError, LookupError, TypeError, NotImplementedError, AssertionError, ImportError, FileNotFoundError,
+    PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+)  # fmt: skip
+
+
+def _loaded(module: str, name: str) -> tuple[type[BaseException], ...]:
+    """An exception class of a library, only if that library is loaded (otherwise nothing raised it):
+    deciding on a retry imports neither mlflow nor requests."""
+    mod = sys.modules.get(module)
+    cls = getattr(mod, name, None) if mod is not None else None
+    return (cls,) if isinstance(cls, type) and issubclass(cls, BaseException) else ()
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status of an MLflow or requests error, when it has one."""
+    if hasattr(exc, "get_http_status_code"):
+        return int(exc.get_http_status_code())
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _transient_here(exc: BaseException) -> bool:
+    if isinstance(exc, DistributedJobFailed):
+        text = str(exc)
+        return bool(_RANK_TRANSIENT.search(text)) and not _RANK_PERMANENT.search(text)
+    if isinstance(exc, _loaded("flowspeed.engines.tracking.runs", "TrackingServerUnreachable")):
+        return True  # the MLflow server does not answer (yet)
+    http = _loaded("mlflow.exceptions", "MlflowException") + _loaded("requests.exceptions", "HTTPError")
+    if isinstance(exc, http):
+        status = _status(exc)
+        return status is not None and (status >= 500 or status == 429)  # server away or busy; a 4xx is final
+    if isinstance(exc, _loaded("requests.exceptions", "ConnectionError") + _loaded("requests.exceptions", "Timeout")):
+        return True
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    dist = _loaded("torch.distributed", "DistNetworkError") + _loaded("torch.distributed", "DistStoreError")
+    if isinstance(exc, dist):
+        return True  # a collective's peer or the rendezvous store went away
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A network or OS timeout, a server that is away or busy, a stale or busy file system, a torchrun job
+    whose rank lost its peers: worth a retry. A config, checkpoint or data error never is (a full disk
+    neither: a retry only repeats the write), nor anything unrecognised. Looks at the exception and what it
+    was raised from."""
+    if not isinstance(exc, Exception):  # Ctrl-C, SystemExit, torch's CheckpointException
+        return False
+    if isinstance(exc, PERMANENT + _loaded("flowspeed.engines.common.safe_load", "CheckpointError")):
+        return False  # a checkpoint that cannot be read or written stays so
+    seen: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and not any(e is s for s in seen):
+        if _transient_here(e):
+            return True
+        seen.append(e)
+        e = e.__cause__
+    return False
 
 
 def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry I/O hiccups and crashed ranks, not a bad config."""
+    """Prefect `retry_condition_fn`: retry only what `is_transient` accepts."""
     try:
         state.result()
-    except USER_ERRORS:
-        return False
-    except OSError as exc:  # a full disk or quota is not transient: a retry only repeats the write
-        return exc.errno not in (errno.ENOSPC, errno.EDQUOT)
-    except BaseException:
-        return True
-    return True
+    except BaseException as exc:  # noqa: BLE001 - classified, not handled
+        return is_transient(exc)
+    return False

@@ -34,7 +34,7 @@ def register_model(
     cfg: PipelineConfig, run_id: str, train_run_id: str | None, export_dir: str, metrics: dict[str, float]
 ) -> dict[str, Any]:
     reg = cfg.tracking.registry
-    name = reg.model_name or cfg.tracking.experiment
+    name = cfg.registered_model
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
     source, source_run = model_source(client, train_run_id, Path(export_dir))
@@ -62,7 +62,7 @@ def resolve_init_model(cfg: PipelineConfig) -> tuple[PipelineConfig, str]:
     from flowspeed.engines.tracking.registry import fetch_champion
     from flowspeed.engines.tracking.serving import weights_dir
 
-    name = cfg.tracking.registry.model_name or cfg.tracking.experiment
+    name = cfg.registered_model
     found = fetch_champion(tracking_uri(cfg), name, cfg.workdir / ".champion" / name)
     if found is None:
         return cfg, f"config (no champion of {name} yet)"
@@ -78,7 +78,9 @@ def resolve_init_model(cfg: PipelineConfig) -> tuple[PipelineConfig, str]:
     data = file_digest(samples)[:8] if samples.is_file() else "nodata"
     out = cfg.train_dir / f"from-{name}-v{version}-{data}"
     train = cfg.train.model_copy(update={"init_from": "config", "output_dir": out})
-    resolved = cfg.model_copy(update={"model": model, "train": train})
+    # The data stays what prep made for the configured model: its folder is keyed by the model section.
+    prepped = cfg.data.model_copy(update={"output_dir": cfg.prep_dir, "cache_dir": cfg.cache_dir})
+    resolved = cfg.model_copy(update={"model": model, "train": train, "data": prepped})
     return resolved, f"models:/{name}@champion (version {version})"
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from flowspeed.configs import PipelineConfig
+from flowspeed.configs.resume import mismatch_message, resume_conflicts
 from flowspeed.engines.common.io import default_modes
 from flowspeed.engines.common.safe_load import CheckpointError, checkpoint_error, read_metadata
 from torch.distributed.checkpoint.api import CheckpointException
@@ -70,6 +72,19 @@ def verify(ckpt: Path) -> None:
         if sizes[shard] < info.offset + info.length:
             state = "missing" if sizes[shard] < 0 else f"cut short ({sizes[shard]} bytes)"
             raise CheckpointError(f"{shard} is {state}: the metadata needs {info.offset + info.length} bytes")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint written for another model or layout than the config resuming it (a config error:
+    never retried)."""
+
+
+def check_resumable(ckpt: Path, cfg: PipelineConfig) -> None:
+    """Refuse `ckpt` unless the config that wrote it (its config.yaml) agrees with `cfg` on what the state
+    depends on (flowspeed.configs.resume.STATE_KEYS), naming both values of each difference."""
+    conflicts = resume_conflicts(ckpt, cfg)
+    if conflicts:
+        raise CheckpointMismatch(mismatch_message(ckpt, conflicts))
 
 
 def latest_intact(train_dir: Path) -> Path | None:

@@ -1,6 +1,6 @@
 """Side-by-side numbers for the last runs of an experiment (`flowspeed compare`).
 
-One row per pipeline run, newest first: what it trained (family, model, layout, config hash) and how
+One row per pipeline run, newest first: what it trained (family, recipe, model, layout, config hash) and how
 it did (final loss, held-out loss, CLIP score or answer match, throughput and MFU from its train
 stage). The same runs compare in the MLflow UI: select them in the experiment and press Compare.
 """
@@ -48,6 +48,7 @@ def compare_runs(uri: str, experiment: str, last: int = 10) -> list[dict[str, An
             "started": datetime.fromtimestamp(run.info.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
             "status": run.info.status,
             "family": tags.get("flowspeed.family", ""),
+            "recipe": tags.get("flowspeed.recipe", ""),  # recipes sharing a workdir share its experiment
             "model": tags.get("flowspeed.model", ""),
             "layout": tags.get("flowspeed.parallel_layout", ""),
             "config_hash": tags.get("flowspeed.config_hash", ""),

@@ -190,7 +190,7 @@ def ready(cfg: PipelineConfig) -> None:
     if delivered or waiting:
         say(f"MLflow records kept during an earlier outage: {delivered} delivered now, {waiting} still waiting")
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         close_dead_runs(client, exp.experiment_id, skip=pending_runs(cfg.workdir))
 
@@ -271,7 +271,7 @@ def continue_train_run(
         if is_transport_error(exc):
             raise
         return None  # gone from the store: a new run
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp = client.get_experiment_by_name(cfg.experiment)
     if (run.info.lifecycle_stage != "active" or run.info.status == "FINISHED"
             or exp is None or run.info.experiment_id != exp.experiment_id):  # fmt: skip
         return None
@@ -414,8 +414,8 @@ def sync_undelivered(path: Path) -> tuple[int, int]:
     path = Path(path)
     if path.name == UNDELIVERED_DIR:
         folders = [path]
-    else:  # the workdir's own, a training dir's, a champion finetune's (train/from-*/): no walk of the cache
-        patterns = (UNDELIVERED_DIR, f"*/{UNDELIVERED_DIR}", f"*/*/{UNDELIVERED_DIR}")
+    else:  # the workdir's own, a training dir's (train/<family>-<digest>/), a champion finetune's (its from-*/)
+        patterns = (UNDELIVERED_DIR, *(f"{'*/' * depth}{UNDELIVERED_DIR}" for depth in (1, 2, 3)))
         folders = sorted({p for pat in patterns for p in path.glob(pat) if p.is_dir()})
     delivered = waiting = 0
     for folder in folders:

@@ -75,14 +75,14 @@ def tracking_uri(cfg: PipelineConfig) -> str:
 
 
 def ensure_experiment(client: MlflowClient, cfg: PipelineConfig) -> str:
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
     artifacts = None
     if client.tracking_uri.startswith("sqlite:"):
         # A local store keeps its artifacts beside it, under the workdir, not in the cwd.
         artifacts = (cfg.workdir / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
+    return client.create_experiment(cfg.experiment, artifact_location=artifacts)
 
 
 def _refused(exc: MlflowException) -> bool:

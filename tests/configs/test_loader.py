@@ -1,9 +1,10 @@
+import re
 from pathlib import Path
 
 import pytest
 from flowspeed.configs import ConfigError, load_config
 
-from tests.conftest import QUICKSTART
+from tests.conftest import QUICKSTART, REPO
 
 
 def test_unknown_key_names_the_valid_keys(tmp_path: Path) -> None:
@@ -50,5 +51,32 @@ def test_bad_values_and_overrides_are_explained(tmp_path: Path) -> None:
 
 def test_workdir_moves_every_default_output(tmp_path: Path) -> None:
     cfg = load_config(QUICKSTART, workdir=tmp_path)
-    assert cfg.prep_dir == tmp_path / "prep" and cfg.train_dir == tmp_path / "train"
-    assert cfg.eval_dir == tmp_path / "eval"
+    for stage, folder in (("prep", cfg.prep_dir), ("train", cfg.train_dir), ("eval", cfg.eval_dir)):
+        assert folder.parent == tmp_path / stage and re.fullmatch(r"cogvideox-[0-9a-f]{8}", folder.name)
+    assert cfg.cache_dir == tmp_path / "prep" / "cache"  # content-addressed: one per workdir, every recipe's
+
+
+def test_stage_folders_are_keyed_by_what_decides_their_content(tmp_path: Path) -> None:
+    """Another family gets folders of its own in the same workdir (never the first one's checkpoints); what a
+    resume may change (length, lr, layout) keeps the training folder; eval settings move only the eval folder."""
+    base = load_config(QUICKSTART, workdir=tmp_path)
+    sd3 = load_config(REPO / "configs" / "pipelines" / "sd3-t2i.yaml", workdir=tmp_path)
+    assert sd3.prep_dir.name.startswith("sd3-") and sd3.train_dir.name.startswith("sd3-")
+    assert {sd3.prep_dir, sd3.train_dir, sd3.eval_dir}.isdisjoint({base.prep_dir, base.train_dir, base.eval_dir})
+    assert sd3.cache_dir == base.cache_dir and sd3.experiment == base.experiment == f"flowspeed-{tmp_path.name}"
+    assert (sd3.tracking.recipe, base.tracking.recipe) == ("sd3-t2i", "quickstart")
+
+    resumed = load_config(QUICKSTART, ["train.max_steps=60", "train.lr=1e-4", "train.nproc_per_node=2",
+                                       "train.mixed_precision=bf16"], workdir=tmp_path)  # fmt: skip
+    assert (resumed.prep_dir, resumed.train_dir) == (base.prep_dir, base.train_dir)
+    lora = load_config(QUICKSTART, ["train.lora.enabled=true"], workdir=tmp_path)
+    assert lora.prep_dir == base.prep_dir and lora.train_dir != base.train_dir
+    frames = load_config(QUICKSTART, ["data.num_frames=5"], workdir=tmp_path)
+    assert frames.prep_dir != base.prep_dir and frames.train_dir != base.train_dir
+    more_steps = load_config(QUICKSTART, ["eval.num_inference_steps=8"], workdir=tmp_path)
+    assert more_steps.train_dir == base.train_dir and more_steps.eval_dir != base.eval_dir
+
+    explicit = load_config(QUICKSTART, [f"data.output_dir={tmp_path / 'p'}", f"train.output_dir={tmp_path / 't'}",
+                                        f"eval.output_dir={tmp_path / 'e'}"], workdir=tmp_path)  # fmt: skip
+    assert (explicit.prep_dir, explicit.cache_dir) == (tmp_path / "p", tmp_path / "p" / "cache")
+    assert (explicit.train_dir, explicit.eval_dir) == (tmp_path / "t", tmp_path / "e")

@@ -391,7 +391,8 @@ def test_media_roots_subfolders_and_clip_checkpoints_are_checked_where_they_are_
     cfg = load_config(
         QUICKSTART,
         [f"data.roots=[{tmp_path}, {tmp_path / 'gone'}]", f"model.vae.pretrained={weights}",
-         "model.vae.subfolder=vae", f"eval.clip.pretrained={tmp_path / 'clip.pt'}", "eval.clip.model=ViT-B-32",
+         f"data.manifest={tmp_path / 'none.jsonl'}", "model.vae.subfolder=vae",
+         f"eval.clip.pretrained={tmp_path / 'clip.pt'}", "eval.clip.model=ViT-B-32",
          "data.curate.aesthetic.enabled=true", f"data.curate.aesthetic.clip.pretrained={tmp_path / 'a.safetensors'}"],
     )  # fmt: skip
     keys = {s: [p.split("=")[0] for p in stage_problems(cfg, s)] for s in ("prep", "eval")}
@@ -419,8 +420,8 @@ def test_a_complete_setup_passes_every_stage(tmp_path: Path) -> None:
     for stage in ("prep", "train", "eval", "run"):
         assert stage_problems(cfg, stage) == []
     # the export this very run will write is not required to exist before it starts, only by `eval` alone
-    later = load_config(QUICKSTART, [f"data.manifest={manifest}", f"eval.model={tmp_path / 'train' / 'final'}"],
-                        workdir=tmp_path)  # fmt: skip
+    final = cfg.train_dir / "final"  # the training folder is keyed by the model, not by what evaluates it
+    later = load_config(QUICKSTART, [f"data.manifest={manifest}", f"eval.model={final}"], workdir=tmp_path)
     assert stage_problems(later, "run") == []
     assert [p.split("=")[0] for p in stage_problems(later, "eval")] == ["eval.model"]
 

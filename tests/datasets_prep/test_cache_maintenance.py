@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_verify_catches_a_flipped_byte_and_fix_lets_prep_re_encode(tmp_path: Path, demo_manifest: Path) -> None:
     cfg = make_config(tmp_path, demo_manifest, "data.shard_size=3")
     run_prep(cfg)
-    cache = LatentCache(cfg.prep_dir / "cache")
+    cache = LatentCache(cfg.cache_dir)
     assert cache.verify() == []
     shard = cache.shards()[1]
     raw = bytearray(shard.read_bytes())
@@ -36,25 +37,31 @@ def test_verify_catches_a_flipped_byte_and_fix_lets_prep_re_encode(tmp_path: Pat
     assert bad.returncode == 1 and "checksum mismatch" in bad.stderr
     assert _cli("verify", *args, "--fix").returncode == 0
     again = run_prep(cfg)
-    assert again.num_encoded == 3 and again.num_cached == 5 and LatentCache(cfg.prep_dir / "cache").verify() == []
+    assert again.num_encoded == 3 and again.num_cached == 5 and LatentCache(cfg.cache_dir).verify() == []
 
 
-def test_prune_keeps_only_what_the_config_selects(tmp_path: Path, demo_manifest: Path) -> None:
+def test_prune_keeps_only_what_the_workdirs_prep_folders_select(tmp_path: Path, demo_manifest: Path) -> None:
+    """Two preps of one workdir (other settings: other folders) share its cache; prune keeps what either
+    selects, until a folder is deleted."""
     old = make_config(tmp_path, demo_manifest, "data.num_frames=5")
     run_prep(old)
     cfg = make_config(tmp_path, demo_manifest)
     run_prep(cfg)
-    cache = LatentCache(cfg.prep_dir / "cache")
+    cache = LatentCache(cfg.cache_dir)
+    assert old.cache_dir == cfg.cache_dir and old.prep_dir != cfg.prep_dir
     assert cache.summary()["samples"] == 16 and len(cache.summary()["groups"]) == 2
 
     args = ["configs/quickstart.yaml", "--workdir", str(tmp_path), "--set", f"data.manifest={demo_manifest}"]
     listed = _cli("list", *args)
     assert listed.returncode == 0 and "16 samples" in listed.stdout
+    assert f"{old.prep_dir.name}: 8 samples" in listed.stdout and f"{cfg.prep_dir.name}: 8 samples" in listed.stdout
+    assert "would remove 0 samples" in _cli("prune", *args, "--dry-run").stdout  # the other prep still uses them
+    shutil.rmtree(old.prep_dir)
     dry = _cli("prune", *args, "--dry-run")
     assert "would remove 8 samples" in dry.stdout and cache.summary()["samples"] == 16
     assert _cli("prune", *args).returncode == 0
     assert cache.summary()["samples"] == 8
-    assert {r["key"] for r in read_jsonl(cfg.prep_dir / "cache" / "index.jsonl")} == {
+    assert {r["key"] for r in read_jsonl(cfg.cache_dir / "index.jsonl")} == {
         r["key"] for r in read_jsonl(cfg.prep_dir / "samples.jsonl")
     }
     assert run_prep(cfg).encoder_calls == 0  # what the config uses survived the prune

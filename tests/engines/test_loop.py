@@ -42,6 +42,7 @@ def _config(tmp_path: Path, prepped: PipelineConfig, *overrides: str) -> Pipelin
         tmp_path,
         prepped.data.manifest,
         f"data.output_dir={prepped.prep_dir}",
+        f"data.cache_dir={prepped.cache_dir}",
         "train.max_steps=6",
         "train.checkpoint_every=2",
         "train.metrics_flush_every=1",
@@ -81,11 +82,12 @@ def test_the_message_says_when_there_is_no_checkpoint(tmp_path: Path, prepped: P
     assert "bf16" in msg and "fp32" in msg
 
 
-def _two_ranks(rank: int, world: int, workdir: str, manifest: str, prep_dir: str) -> str:
+def _two_ranks(rank: int, world: int, workdir: str, manifest: str, prep_dir: str, cache_dir: str) -> str:
     cfg = make_config(
         Path(workdir),
         Path(manifest),
         f"data.output_dir={prep_dir}",
+        f"data.cache_dir={cache_dir}",
         f"train.nproc_per_node={world}",
         "train.max_steps=6",
         "train.checkpoint_every=2",
@@ -104,7 +106,9 @@ def _two_ranks(rank: int, world: int, workdir: str, manifest: str, prep_dir: str
 def test_two_ranks_stop_together_when_one_rank_sees_nan(tmp_path: Path, prepped: PipelineConfig) -> None:
     """The check reads the loss after the data-parallel all-reduce: both ranks stop at the same step (no rank
     left waiting in a collective), though only rank 1's micro-batch went non-finite."""
-    messages = run_ranks(_two_ranks, 2, str(tmp_path), str(prepped.data.manifest), str(prepped.prep_dir))
+    messages = run_ranks(
+        _two_ranks, 2, str(tmp_path), str(prepped.data.manifest), str(prepped.prep_dir), str(prepped.cache_dir)
+    )
     train_dir = _config(tmp_path, prepped).train_dir
     good = train_dir / "checkpoints" / "step-00000002"
     for msg in messages:

@@ -10,6 +10,7 @@ from flowspeed.engines.common.device import resolve_device
 from flowspeed.engines.launch import launch
 from flowspeed.evaluation.clip_score import clip_score
 from flowspeed.evaluation.run import run_eval, validation_loss
+from huggingface_hub import ModelCard
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,10 @@ def test_eval_writes_decodable_videos_and_finite_metrics(trained: PipelineConfig
     assert math.isfinite(m["eval/clip_cosine"]) and math.isfinite(m["eval/val_loss"])
     assert m["eval/val_samples"] >= 1
     assert (Path(res.eval_dir) / "metrics.json").is_file() and (Path(res.eval_dir) / "config.yaml").is_file()
+    # The trained export's model card (written at export, read by huggingface_hub) now carries the metrics.
+    card = ModelCard.load(trained.train_dir / "final" / "README.md")
+    assert {r.metric_name: r.metric_value for r in card.data.eval_results}["eval/val_loss"] == m["eval/val_loss"]
+    assert card.data.to_dict()["flowspeed"]["steps"] == trained.train.max_steps
 
 
 def test_validation_loss_is_deterministic(trained: PipelineConfig) -> None:

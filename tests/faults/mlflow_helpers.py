@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flowspeed.configs import PipelineConfig
+from flowspeed.configs import PipelineConfig, load_config
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
@@ -40,16 +40,24 @@ def shared_server(folder: Path) -> Server:
     return server
 
 
+def _sets(prepped: PipelineConfig, experiment: str, *overrides: str) -> list[str]:
+    return [f"data.manifest={prepped.data.manifest}", f"data.output_dir={prepped.prep_dir}",
+            f"data.cache_dir={prepped.cache_dir}", "train.max_steps=6", "train.checkpoint_every=2", "train.log_every=1",
+            f"tracking.experiment={experiment}", "train.gpu_slots.enabled=false", *overrides]  # fmt: skip
+
+
 def flowspeed_argv(command: str, workdir: Path, prepped: PipelineConfig, experiment: str, *overrides: str) -> list[str]:
     """The tiny quickstart on the session's prepped data (data.output_dir: no prep of its own), 6 steps,
     a checkpoint every 2, a metric every step."""
-    sets = [f"data.manifest={prepped.data.manifest}", f"data.output_dir={prepped.prep_dir}", "train.max_steps=6",
-            "train.checkpoint_every=2", "train.log_every=1", f"tracking.experiment={experiment}",
-            "train.gpu_slots.enabled=false", *overrides]  # fmt: skip
     argv = [sys.executable, "-m", "flowspeed.flows.cli", command, "configs/quickstart.yaml", "--workdir", str(workdir)]
-    for s in sets:
+    for s in _sets(prepped, experiment, *overrides):
         argv += ["--set", s]
     return argv
+
+
+def argv_config(workdir: Path, prepped: PipelineConfig, experiment: str, *overrides: str) -> PipelineConfig:
+    """The config `flowspeed_argv` runs: where its training folder is (keyed by the config)."""
+    return load_config(REPO / "configs" / "quickstart.yaml", _sets(prepped, experiment, *overrides), workdir)
 
 
 def cli_env(uri: str) -> dict[str, str]:

@@ -191,7 +191,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory, prepped: PipelineConfig) -
     from flowspeed.evaluation.run import run_eval
 
     work = tmp_path_factory.mktemp("kill-eval")
-    sets = [f"data.manifest={prepped.data.manifest}", f"data.output_dir={prepped.prep_dir}", *TRAIN, *EVAL]
+    sets = [
+        f"data.manifest={prepped.data.manifest}",
+        f"data.output_dir={prepped.prep_dir}",
+        f"data.cache_dir={prepped.cache_dir}",
+        *TRAIN,
+        *EVAL,
+    ]
     cfg = make_config(work, prepped.data.manifest, *sets[1:])
     launch(cfg, None, None)
     ref = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"output_dir": work / "eval-uninterrupted"})})

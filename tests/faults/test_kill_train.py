@@ -36,7 +36,14 @@ KEYS = ("train/loss", "train/lr", "perf/step_time_s")
 
 
 def _config(workdir: Path, prepped: PipelineConfig, *extra: str) -> PipelineConfig:
-    return make_config(workdir, prepped.data.manifest, f"data.output_dir={prepped.prep_dir}", *STEPS, *extra)
+    return make_config(
+        workdir,
+        prepped.data.manifest,
+        f"data.output_dir={prepped.prep_dir}",
+        f"data.cache_dir={prepped.cache_dir}",
+        *STEPS,
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")

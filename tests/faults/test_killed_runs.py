@@ -27,7 +27,7 @@ from flowspeed.engines.tracking.tracker import ensure_experiment, tracking_uri
 from mlflow import MlflowClient
 
 from tests.conftest import make_config
-from tests.faults.mlflow_helpers import finish, flowspeed_argv, reap, stage_runs, start, steps, tail
+from tests.faults.mlflow_helpers import argv_config, finish, flowspeed_argv, reap, stage_runs, start, steps, tail
 from tests.faults.mlflow_helpers import wait_until as wait_for
 from tests.servers import Server
 
@@ -139,9 +139,10 @@ def test_a_sigkilled_flowspeed_train_is_continued_in_one_run(
     the dead run KILLED, the live one untouched."""
     uri, experiment, work = mlflow_server.url, "killed-runs", tmp_path / "work"
     argv = flowspeed_argv("train", work, prepped, experiment)
+    train_dir = argv_config(work, prepped, experiment).train_dir
     log = tmp_path / "flowspeed.log"
     killed = start(argv, uri, log)
-    wait_for(lambda: bool(list_checkpoints(work / "train")), killed, log, "first checkpoint")
+    wait_for(lambda: bool(list_checkpoints(train_dir)), killed, log, "first checkpoint")
     killed.send_signal(signal.SIGKILL)  # the flowspeed process alone, as `kill -9` or the OOM killer does
     killed.wait()
     reap(killed)
@@ -158,7 +159,7 @@ def test_a_sigkilled_flowspeed_train_is_continued_in_one_run(
         wait_for(lambda: client.get_run(first.info.run_id).data.tags.get(runs.RESUMES) == "1", resumed, log,
                  "the killed run continued")  # fmt: skip
         mlflow_server.stop()  # mid-training outage: the tracker buffers, the stage's calls keep what fails
-        wait_for(lambda: len(list_checkpoints(work / "train")) >= 2, resumed, log, "a checkpoint after the resume")
+        wait_for(lambda: len(list_checkpoints(train_dir)) >= 2, resumed, log, "a checkpoint after the resume")
         mlflow_server.start()
         assert finish(resumed, log) == 0, tail(log)
     finally:

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import REPO, make_config
 from tests.faults.mlflow_helpers import (
+    argv_config,
     cli_env,
     finish,
     flowspeed_argv,
@@ -61,7 +62,8 @@ def test_waiting_for_a_server_says_so_and_sigterm_ends_it(tmp_path: Path, preppe
         assert "interrupted: finished shards and checkpoints are kept" in tail(log)
     finally:
         reap(proc)
-    assert not (tmp_path / "work" / "train" / "checkpoints").exists()  # it never started training
+    train_dir = argv_config(tmp_path / "work", prepped, "waiting", "tracking.server_wait_s=600").train_dir
+    assert not (train_dir / "checkpoints").exists()  # it never started training
 
 
 @pytest.mark.slow
@@ -74,8 +76,9 @@ def test_a_finished_training_survives_mlflow_going_away_before_its_end(
     uri, experiment, work = mlflow_server.url, "away-at-the-end", tmp_path / "work"
     log = tmp_path / "flowspeed.log"
     proc = start(flowspeed_argv("train", work, prepped, experiment, "tracking.outage_grace_s=0"), uri, log)
+    train_dir = argv_config(work, prepped, experiment, "tracking.outage_grace_s=0").train_dir
     try:
-        wait_for(lambda: bool(list_checkpoints(work / "train")), proc, log, "first checkpoint")
+        wait_for(lambda: bool(list_checkpoints(train_dir)), proc, log, "first checkpoint")
         mlflow_server.stop()
         rc = finish(proc, log)
     finally:
@@ -93,7 +96,7 @@ def test_a_finished_training_survives_mlflow_going_away_before_its_end(
     client = MlflowClient(uri)
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["export_path"] == str((work / "train" / "final").resolve())
+    assert run.data.tags["export_path"] == str((train_dir / "final").resolve())
     assert run.data.tags["checkpoint_path"].endswith("step-00000006")
     for key in ("train/loss", "train/lr"):
         assert steps(uri, run.info.run_id, key) == [1, 2, 3, 4, 5, 6], key

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from flowspeed.configs import PipelineConfig
+from flowspeed.configs import PipelineConfig, load_config
 
 from tests.conftest import REPO
 
@@ -128,12 +128,15 @@ def _ranks_training(child: Child, train_dir: Path | None = None) -> Callable[[],
     return ready
 
 
-def _training(prepped: PipelineConfig) -> list[str]:
+def _training_sets(prepped: PipelineConfig) -> list[str]:
     """Two gloo ranks on the session's prepped cache, long enough never to finish on their own."""
-    sets = [f"data.manifest={prepped.data.manifest}", f"data.cache_dir={prepped.cache_dir}",
+    return [f"data.manifest={prepped.data.manifest}", f"data.cache_dir={prepped.cache_dir}",
             "train.nproc_per_node=2", "train.max_steps=100000", "train.checkpoint_every=2", "train.batch_size=1",
             "train.gpu_slots.enabled=false", "train.val_fraction=0"]  # fmt: skip
-    return [arg for s in sets for arg in ("--set", s)]
+
+
+def _training(prepped: PipelineConfig) -> list[str]:
+    return [arg for s in _training_sets(prepped) for arg in ("--set", s)]
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +156,8 @@ def test_a_sigkilled_run_leaves_no_process_behind(tmp_path: Path, prepped: Pipel
     child = Child(["run", "configs/quickstart.yaml", "--workdir", str(work), *_training(prepped)],
                   _env(prefect_home), tmp_path / "run.log")  # fmt: skip
     try:
-        child.wait_for(_ranks_training(child, work / "train"), "training on 2 ranks")
+        train_dir = load_config(REPO / "configs" / "quickstart.yaml", _training_sets(prepped), work).train_dir
+        child.wait_for(_ranks_training(child, train_dir), "training on 2 ranks")
         port = child.server_port()
         assert sum(TRAINER in c for c in child.cmdlines()) >= 2 and any(PREFECT_SERVER in c for c in child.cmdlines())
         child.proc.send_signal(signal.SIGKILL)

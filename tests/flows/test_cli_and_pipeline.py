@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from flowspeed.configs import load_config
+from huggingface_hub import ModelCard
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
@@ -53,8 +55,9 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     assert "MLflow run" in run.stdout and "mlflow ui --backend-store-uri" in run.stderr
     assert "prefect server start" in run.stderr
 
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [f"data.manifest={manifest}"], work)
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("flowspeed-quickstart")
+    exp = client.get_experiment_by_name(f"flowspeed-{work.name}")  # the workdir's experiment
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("flowspeed.stage") == "pipeline"]
     assert len(parents) == 1
@@ -85,8 +88,9 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     assert videos == ["videos/sample_00.mp4", "videos/sample_01.mp4"]
     for key in ("eval/val_loss", "eval/clip_score"):
         assert key in eval_run.data.metrics and key in parent.data.metrics
-    for path in ("prep/config.yaml", "train/config.yaml", "eval/config.yaml", "train/final/model_index.json"):
-        assert (work / path).is_file(), path
+    for path in (cfg.prep_dir / "config.yaml", cfg.train_dir / "config.yaml", cfg.eval_dir / "config.yaml",
+                 cfg.train_dir / "final" / "model_index.json"):  # fmt: skip
+        assert path.is_file() and path.is_relative_to(work), path
 
     # The Prefect flow run behind the MLflow run, read back from the workdir's Prefect database.
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
@@ -109,6 +113,8 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     exported = flowspeed("export", str(ckpt), "--out", str(tmp_path / "release"), workdir=work)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert (tmp_path / "release" / "model_index.json").is_file()
+    card = ModelCard.load(tmp_path / "release" / "README.md")  # a model card, with the checkpoint's own step
+    assert card.data.to_dict()["flowspeed"]["steps"] == int(ckpt.name.removeprefix("step-"))
     bad = flowspeed("export", str(tmp_path), "--out", str(tmp_path / "x"), workdir=work)
     said = " ".join(bad.stderr.replace("│", " ").split())  # the error box wraps lines where the path length puts them
     assert bad.returncode == 1 and "not a checkpoint directory" in said and "Traceback" not in bad.stderr
@@ -119,8 +125,31 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reused" in again.stdout and "prep, train, eval" in again.stdout
-    summary = json.loads((work / "prep" / "summary.json").read_text())
+    summary = json.loads((cfg.prep_dir / "summary.json").read_text())
     assert summary["num_encoded"] == 20  # untouched: the cached prep task did not run again
+    # Decided before any stage flow: no stage runs; the pipeline's MLflow run records the reuse and the run that
+    # trained the model, its Prefect flow run the three stage tasks as cache hits.
+    rerun = next(r for r in client.search_runs([exp.experiment_id], "tags.`flowspeed.stage` = 'pipeline'")
+                 if r.info.run_id != parent.info.run_id)  # fmt: skip
+    assert rerun.data.tags["flowspeed.reused"] == "prep,train,eval"
+    assert rerun.data.tags["reused_from_run"] == train_run.info.run_id
+    assert rerun.data.metrics["eval/val_loss"] == pytest.approx(parent.data.metrics["eval/val_loss"])
+    assert not client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{rerun.info.run_id}'")
+    tasks = (
+        "import sys\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[sys.argv[1]])))\n"
+        "    for t in runs: print(t.task_key.rsplit('-', 1)[0], t.state.name)\n"
+    )
+    slow_start = env | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}  # Prefect's own: 20 s, busy CI
+    read = subprocess.run([sys.executable, "-c", tasks, rerun.data.tags["prefect.flow_run_id"]], env=slow_start,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    states = dict(line.split() for line in read.stdout.splitlines())
+    assert {k: states.get(k) for k in ("prep_latents", "train_model", "evaluate_model")} == dict.fromkeys(
+        ("prep_latents", "train_model", "evaluate_model"), "Cached"
+    ), read.stdout + read.stderr[-2000:]
 
     # What a run is, searchable: family, model, layout, config hash, dataset digest, commit, Prefect link.
     tags = client.get_run(parent.info.run_id).data.tags
@@ -130,7 +159,7 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     assert tags["mlflow.source.git.commit"]
     assert "cogvideox-tiny" in parent.info.run_name
     # Both pipeline runs side by side, newest first.
-    cmp = flowspeed("compare", "flowspeed-quickstart", "--workdir", str(work), "--json", workdir=work)
+    cmp = flowspeed("compare", f"flowspeed-{work.name}", "--workdir", str(work), "--json", workdir=work)
     assert cmp.returncode == 0, cmp.stderr[-2000:]
     rows = json.loads(cmp.stdout)
     assert len(rows) == 2 and rows[1]["run_id"] == parent.info.run_id
@@ -153,7 +182,9 @@ def test_sd3_quickstart_runs_through_the_same_pipeline(tmp_path: Path, demo_mani
                     f"data.manifest={demo_manifest}", "--set", "train.max_steps=5", workdir=work)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("flowspeed-sd3-quickstart")
+    exp = client.get_experiment_by_name("flowspeed-sd3")  # the workdir's
     (eval_run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("flowspeed.stage") == "eval"]
     assert [f.path for f in client.list_artifacts(eval_run.info.run_id, "videos")][0].endswith(".png")
-    assert (work / "train" / "final" / "model_index.json").read_text().count("StableDiffusion3Pipeline") == 1
+    cfg = load_config(REPO / "configs" / "sd3-quickstart.yaml", [f"data.manifest={demo_manifest}", "train.max_steps=5"],
+                      work)  # fmt: skip
+    assert (cfg.train_dir / "final" / "model_index.json").read_text().count("StableDiffusion3Pipeline") == 1

@@ -26,6 +26,10 @@ def test_every_family_has_an_eval_preset_that_loads() -> None:
         assert cfg.eval.benchmarks or cfg.eval.generation.reference or cfg.eval.split == "all", name
 
 
+def _eval_dir(workdir: Path, *overrides: str) -> Path:
+    return load_config(PRESETS / "qwen2_vl.yaml", list(overrides), workdir).eval_dir
+
+
 def _flowspeed_eval(workdir: Path, *overrides: str) -> dict:
     from flowspeed.flows.cli import app
     from typer.testing import CliRunner
@@ -35,7 +39,7 @@ def _flowspeed_eval(workdir: Path, *overrides: str) -> dict:
         args += ["--set", item]
     out = CliRunner(env={"COLUMNS": "200"}).invoke(app, args)
     assert out.exit_code == 0, out.output
-    return json.loads((workdir / "eval" / "metrics.json").read_text())
+    return json.loads((_eval_dir(workdir, *overrides) / "metrics.json").read_text())
 
 
 @pytest.mark.slow
@@ -48,13 +52,15 @@ def test_qwen2_vl_preset_scores_ai2d_alone_on_one_and_two_ranks(tmp_path: Path) 
               "data.width=56", "eval.max_new_tokens=4", "eval.batch_size=2"]  # fmt: skip
     one = _flowspeed_eval(tmp_path / "one", *common)
     two = _flowspeed_eval(tmp_path / "two", *common, "eval.nproc_per_node=2")
-    assert (tmp_path / "two" / "eval" / "launch_config.yaml").is_file()  # the second ran as a torchrun job
+    two_dir = _eval_dir(tmp_path / "two", *common, "eval.nproc_per_node=2")
+    assert (two_dir / "launch_config.yaml").is_file()  # the second ran as a torchrun job
     assert "eval/val_loss" not in one["metrics"]  # nothing prepared: benchmark scores only
     for key, value in one["metrics"].items():
         if key != "eval/seconds":
             assert two["metrics"][key] == pytest.approx(value, rel=1e-9), key
-    rows = {k: (tmp_path / k / "eval" / "samples" / "benchmark_ai2d.jsonl").read_text() for k in ("one", "two")}
-    assert rows["one"] == rows["two"]
+    one_dir = _eval_dir(tmp_path / "one", *common)
+    rows = [(d / "samples" / "benchmark_ai2d.jsonl").read_text() for d in (one_dir, two_dir)]
+    assert rows[0] == rows[1]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'two' / 'mlflow.db'}")
     (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])

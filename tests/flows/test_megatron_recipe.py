@@ -48,7 +48,7 @@ def test_megatron_recipe_trains_exports_and_logs_the_torch_engine_metrics(demo: 
     metrics = json.loads((cfg.eval_dir / "metrics.json").read_text())["metrics"]
     assert math.isfinite(metrics["eval/val_loss"])
     client = MlflowClient(out["tracking_uri"])
-    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
     train_run = next(r for r in runs if r.data.tags.get("flowspeed.stage") == "train")
     assert TORCH_ENGINE_METRICS <= set(train_run.data.metrics), TORCH_ENGINE_METRICS - set(train_run.data.metrics)
     history = client.get_metric_history(train_run.info.run_id, "train/loss")

@@ -33,7 +33,7 @@ def test_thread_slices_match_one_process_and_rerun_is_cached(tmp_path: Path, dem
     first = prep(cfg)
     assert first["num_samples"] == 8 and first["cache_hit"] is False and first["world_size"] == 3
     assert _content(cfg.prep_dir) == _content(single.prep_dir)
-    names = {p.name[:4] for p in (cfg.prep_dir / "cache" / "shards").glob("*.safetensors")}
+    names = {p.name[:4] for p in (cfg.cache_dir / "shards").glob("*.safetensors")}
     assert names == {"r000", "r001", "r002"}
     again = prep(cfg)
     assert again["cache_hit"] is True and again["num_samples"] == 8

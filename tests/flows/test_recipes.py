@@ -92,7 +92,7 @@ def test_recipe_runs_end_to_end(recipe: Path, demo: Path, tmp_path: Path) -> Non
             )
             assert all(0 <= r["cer"] for r in rows) and "eval/cer" in metrics
     client = MlflowClient(out["tracking_uri"])
-    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])
     by_stage = {r.data.tags.get("flowspeed.stage"): r for r in runs}
     assert {"pipeline", "prep", "train", "eval"} <= set(by_stage)
     # Per-sample eval rows as an MLflow table: answers for text families, generated files otherwise.

@@ -60,7 +60,8 @@ def test_pipeline_registers_versions_and_gates_the_champion(tmp_path: Path, demo
     # `flowspeed eval` alone, with the nightly config as written, evaluates what that finetune made.
     from flowspeed.evaluation.exports import trained_export
 
-    nightly_cfg = make_config(tmp_path / "c", demo_manifest, *common, "train.init_from=champion")
+    nightly_cfg = make_config(tmp_path / "c", demo_manifest, *common, "train.init_from=champion",
+                              f"data.incoming={incoming}")  # fmt: skip
     assert trained_export(nightly_cfg) == final
 
     # Any registered version (an alias pinned to its version) or a training checkpoint, evaluated alone.

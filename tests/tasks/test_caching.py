@@ -58,12 +58,19 @@ def test_bad_input_fails_at_once_while_transient_errors_are_retried(harness: Non
     from flowspeed.tasks.caching import retry_if_transient
     from prefect import flow, task
 
-    attempts = {"user": 0, "io": 0}
+    attempts = {"user": 0, "checkpoint": 0, "io": 0}
 
     @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_if_transient)
     def user_error() -> None:
         attempts["user"] += 1
         raise ValueError("data.num_frames must be 4k+1")
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_if_transient)
+    def checkpoint_error() -> None:  # a RuntimeError, as a damaged checkpoint or a rank's failure is
+        from flowspeed.engines.common.safe_load import CheckpointError
+
+        attempts["checkpoint"] += 1
+        raise CheckpointError("could not load checkpoint step-00000010 (rank 0: RuntimeError: Missing key)")
 
     @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_if_transient)
     def flaky_io() -> str:
@@ -75,10 +82,11 @@ def test_bad_input_fails_at_once_while_transient_errors_are_retried(harness: Non
     @flow
     def both() -> str:
         assert user_error(return_state=True).is_failed()
+        assert checkpoint_error(return_state=True).is_failed()
         return flaky_io()
 
     assert both() == "ok"
-    assert attempts == {"user": 1, "io": 3}
+    assert attempts == {"user": 1, "checkpoint": 1, "io": 3}
 
 
 @pytest.mark.slow
@@ -91,7 +99,7 @@ def test_a_rerun_after_a_failed_stage_does_only_that_stage(tmp_path: Path, demo_
 
     cfg = make_config(tmp_path / "w", demo_manifest, "train.max_steps=2", "train.checkpoint_every=2",
                       "model.max_text_length=32", 'eval.prompts=["a red circle"]')  # fmt: skip
-    cfg.workdir.mkdir(parents=True)
+    cfg.eval_dir.parent.mkdir(parents=True)
     cfg.eval_dir.write_text("not a folder")
     with pytest.raises(Exception, match="eval"):
         pipeline(cfg)
@@ -105,15 +113,18 @@ def test_a_rerun_after_a_failed_stage_does_only_that_stage(tmp_path: Path, demo_
 def test_a_cached_prep_whose_outputs_another_manifest_rewrote_is_rerun(
     tmp_path: Path, demo_manifest: Path, harness: None
 ) -> None:
-    """Prep on A, then on B (same workdir), then on A again: A's cache key matches, but samples.jsonl
-    holds B's rows; replaying the entry would train on B's data while reporting A's counts."""
+    """Prep on A, then on B (one explicit prep folder), then on A again: A's cache key matches, but
+    samples.jsonl holds B's rows; replaying the entry would train on B's data while reporting A's counts.
+    (The default folders are keyed by the data section, so there each manifest has its own.)"""
     from tests.conftest import make_config
 
     rows = demo_manifest.read_text().splitlines()
     part = demo_manifest.with_name(f"part-{tmp_path.name}.jsonl")  # beside the media its paths name
     part.write_text("\n".join(rows[:3]) + "\n")
+    assert make_config(tmp_path, demo_manifest).prep_dir != make_config(tmp_path, part).prep_dir
+    shared = f"data.output_dir={tmp_path / 'prep'}"
     try:
-        full, small = make_config(tmp_path, demo_manifest), make_config(tmp_path, part)
+        full, small = make_config(tmp_path, demo_manifest, shared), make_config(tmp_path, part, shared)
         assert run_cached(prep_latents, cfg=full)["num_samples"] == 8
         assert run_cached(prep_latents, cfg=small)["num_samples"] == 3
         again = run_cached(prep_latents, cfg=full)

@@ -52,6 +52,7 @@ def _cfg(workdir: Path, prepped: PipelineConfig, *overrides: str) -> PipelineCon
         workdir,
         prepped.data.manifest,
         f"data.output_dir={prepped.prep_dir}",
+        f"data.cache_dir={prepped.cache_dir}",
         "train.checkpoint_every=2",
         "train.keep_checkpoints=2",
         *overrides,

@@ -25,8 +25,9 @@ STEPS = 5
 
 
 def _cfg(tmp: Path, prepped: PipelineConfig, *overrides: str, check: bool = True) -> PipelineConfig:
-    common = [f"data.output_dir={prepped.prep_dir}", f"train.max_steps={STEPS}", "train.batch_size=1",
-              "train.checkpoint_every=100", "train.warmup_steps=0", "train.val_fraction=0"]  # fmt: skip
+    common = [f"data.output_dir={prepped.prep_dir}", f"data.cache_dir={prepped.cache_dir}", f"train.max_steps={STEPS}",
+              "train.batch_size=1", "train.checkpoint_every=100", "train.warmup_steps=0",
+              "train.val_fraction=0"]  # fmt: skip
     return make_config(tmp, prepped.data.manifest, *common, *overrides, check=check)
 
 

@@ -19,8 +19,9 @@ from tests.distributed import run_ranks
 
 
 def _cfg(tmp: Path, prepped: PipelineConfig, *overrides: str) -> PipelineConfig:
-    return make_config(tmp, prepped.data.manifest, f"data.output_dir={prepped.prep_dir}", "train.max_steps=3",
-                       "train.checkpoint_every=100", *overrides)  # fmt: skip
+    return make_config(tmp, prepped.data.manifest, f"data.output_dir={prepped.prep_dir}",
+                       f"data.cache_dir={prepped.cache_dir}", "train.max_steps=3", "train.checkpoint_every=100",
+                       *overrides)  # fmt: skip
 
 
 def test_recomputation_changes_memory_not_results(tmp_path: Path, prepped: PipelineConfig) -> None:

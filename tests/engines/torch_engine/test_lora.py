@@ -19,8 +19,9 @@ def _inputs(seed: int = 0) -> dict:
 
 
 def test_lora_trains_adapters_only_and_reloads_and_merges(tmp_path: Path, prepped: PipelineConfig) -> None:
-    cfg = make_config(tmp_path, prepped.data.manifest, f"data.output_dir={prepped.prep_dir}", "train.max_steps=5",
-                      "train.lora.enabled=true", "train.lora.rank=4", "train.lr=1e-2")  # fmt: skip
+    cfg = make_config(tmp_path, prepped.data.manifest, f"data.output_dir={prepped.prep_dir}",
+                      f"data.cache_dir={prepped.cache_dir}", "train.max_steps=5", "train.lora.enabled=true",
+                      "train.lora.rank=4", "train.lr=1e-2")  # fmt: skip
     fam = get_family("cogvideox")
     base = fam.load_transformer(cfg.model, 32, 4)
     out = launch(cfg, None, None)
@@ -79,7 +80,7 @@ def test_lora_on_transformers_vlms_adapts_the_language_model_and_merges(name: st
     ids = torch.randint(10, 200, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         adapted = model(input_ids=ids).logits
-    save_adapter(model, tmp_path / "lora", lora, fam.lora_targets)
+    save_adapter(model, tmp_path / "lora", f"{fam.name}/tiny")
     again = apply_lora(fam.load_model(ModelConfig(family=name)), lora, fam.lora_targets, fam.lora_exclude)
     load_adapter(again, tmp_path / "lora")
     merged = merge(model)
@@ -106,7 +107,7 @@ def test_lora_on_whisper_reloads_and_merges(tmp_path: Path) -> None:
                   decoder_input_ids=torch.randint(0, 200, (1, 6), generator=g))  # fmt: skip
     with torch.no_grad():
         adapted = model(**inputs).logits
-    save_adapter(model, tmp_path / "lora", lora, fam.lora_targets)
+    save_adapter(model, tmp_path / "lora", f"{fam.name}/tiny")
     again = load_adapter(apply_lora(fam.load_model(ModelConfig(family="whisper")), lora, fam.lora_targets),
                          tmp_path / "lora")  # fmt: skip
     merged = merge(model)

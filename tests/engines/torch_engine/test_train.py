@@ -30,7 +30,7 @@ def _fixed_noise_loss(cfg: PipelineConfig, model: torch.nn.Module) -> float:
     from flowspeed.datasets_prep.prep import load_samples
 
     family = get_family("cogvideox")
-    data = CachedLatents(cfg.prep_dir / "cache", load_samples(cfg.prep_dir))
+    data = CachedLatents(cfg.cache_dir, load_samples(cfg.prep_dir))
     batch = collate([data[i] for i in range(len(data))])
     with torch.no_grad():
         return statistics.mean(
@@ -57,7 +57,13 @@ def test_loss_falls_on_a_fixed_tiny_batch(tmp_path: Path, two_clip_manifest: Pat
 
 def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path: Path, prepped: PipelineConfig) -> None:
     common = ["train.max_steps=10", "train.checkpoint_every=5", "train.grad_accum=2"]
-    straight = make_config(tmp_path / "a", prepped.data.manifest, *common, f"data.output_dir={prepped.prep_dir}")
+    straight = make_config(
+        tmp_path / "a",
+        prepped.data.manifest,
+        *common,
+        f"data.output_dir={prepped.prep_dir}",
+        f"data.cache_dir={prepped.cache_dir}",
+    )
     full = launch(straight, None, None).losses
 
     split = make_config(
@@ -65,6 +71,7 @@ def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path: Path, prepped:
         prepped.data.manifest,
         *common,
         f"data.output_dir={prepped.prep_dir}",
+        f"data.cache_dir={prepped.cache_dir}",
         "train.stop_after_steps=5",
         "train.async_checkpoint=true",  # written in the background: the same checkpoint, the same resume
     )
@@ -95,6 +102,7 @@ def test_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path: Path, prepped
         tmp_path,
         prepped.data.manifest,
         f"data.output_dir={prepped.prep_dir}",
+        f"data.cache_dir={prepped.cache_dir}",
         "train.max_steps=6",
         "train.checkpoint_every=2",
         "train.keep_checkpoints=2",
@@ -115,6 +123,7 @@ def test_two_rank_ddp_run_completes_and_only_rank0_logs(tmp_path: Path, prepped:
         tmp_path,
         prepped.data.manifest,
         f"data.output_dir={prepped.prep_dir}",
+        f"data.cache_dir={prepped.cache_dir}",
         "train.nproc_per_node=2",
         "train.max_steps=4",
         "train.checkpoint_every=2",
@@ -151,6 +160,7 @@ def test_a_failing_rank_surfaces_its_error(tmp_path: Path, prepped: PipelineConf
         tmp_path,
         prepped.data.manifest,
         f"data.output_dir={prepped.prep_dir}",
+        f"data.cache_dir={prepped.cache_dir}",
         "train.nproc_per_node=2",
         f"train.resume={tmp_path / 'no-such-checkpoint'}",
     )
@@ -163,6 +173,7 @@ def test_bf16_autocast_and_grad_accumulation_train(tmp_path: Path, prepped: Pipe
         tmp_path,
         prepped.data.manifest,
         f"data.output_dir={prepped.prep_dir}",
+        f"data.cache_dir={prepped.cache_dir}",
         "train.mixed_precision=bf16",
         "train.grad_accum=2",
         "train.max_steps=3",

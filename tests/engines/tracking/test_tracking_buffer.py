@@ -94,7 +94,8 @@ def test_a_batch_sent_twice_is_stored_once(tmp_path: Path) -> None:
 
 def test_an_outage_past_the_grace_period_leaves_a_file_that_sync_delivers(tmp_path: Path) -> None:
     uri, run_id = _store(tmp_path)
-    folder = tmp_path / "train" / "mlflow-undelivered"
+    # a champion finetune's training folder, the deepest a workdir holds: `sync-metrics WORKDIR` finds it
+    folder = tmp_path / "train" / "cogvideox-0123abcd" / "from-m-v1-0123abcd" / "mlflow-undelivered"
     tracker = Tracker(uri, run_id, flush_every=3, undelivered_dir=folder, grace_s=0.5, max_backoff_s=0.1)
     outage = Outage(tracker.client)
     tracker.log_metrics({"train/loss": 1.0}, 1)
@@ -113,7 +114,7 @@ def test_an_outage_past_the_grace_period_leaves_a_file_that_sync_delivers(tmp_pa
     from flowspeed.flows.cli import app
     from typer.testing import CliRunner
 
-    out = CliRunner().invoke(app, ["sync-metrics", str(folder.parent)])
+    out = CliRunner().invoke(app, ["sync-metrics", str(tmp_path)])
     assert out.exit_code == 0, out.output
     assert f"delivered {len(rows)}" in out.output
     assert _steps(uri, run_id, "train/loss") == list(range(1, 11))
