@@ -31,6 +31,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -61,7 +62,7 @@ def _root(
 
 console = Console(stderr=True)
 
-ConfigArg = Annotated[Path, typer.Argument(help="pipeline YAML, e.g. configs/quickstart.yaml")]
+ConfigArg = Annotated[Path, typer.Argument(help="pipeline YAML or recipe, e.g. configs/quickstart.yaml, quickstart")]
 WorkdirOpt = Annotated[Path | None, typer.Option("--workdir", help="where everything this run writes goes")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. --set train.max_steps=20")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="print the full traceback on failure")]
@@ -160,6 +161,24 @@ def _quiet_when_imported() -> None:
             _quiet(sys.modules[name])
         elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
             sys.meta_path.insert(0, _AfterImport(name, _quiet))
+
+
+_STOPS = (KeyboardInterrupt, SystemExit, GeneratorExit)  # the ways a process is meant to stop, not failures
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    """What a command reports as one paragraph: every exception but Ctrl-C, an exit and a closing generator.
+    torch's CheckpointException (and Prefect's signals) derive from BaseException, so `except Exception`
+    alone lets them through as a page of tracebacks; BaseException's direct subclasses are listed when the
+    error is handled, so whatever a library loaded by then defines is covered."""
+    others = (c for c in BaseException.__subclasses__() if c is not Exception and not issubclass(c, _STOPS))
+    return (Exception, *others)
+
+
+def _termination(exc: BaseException) -> bool:
+    """Prefect's own SIGTERM signal, when it reaches the CLI instead of the signal itself."""
+    mod = sys.modules.get("prefect.exceptions")
+    return mod is not None and isinstance(exc, mod.TerminationSignal)
 
 
 def _checkpoint_exception() -> tuple[type[BaseException], ...]:
@@ -267,7 +286,7 @@ def _fail(command: str, exc: BaseException, debug: bool, where: Path | None = No
         msg = f"a checkpoint could not be read or written ({describe(exc)})"
     console.print(
         Panel(
-            f"[bold]{type(exc).__name__}[/]: {msg}",
+            f"[bold]{type(exc).__name__}[/]: {rich_escape(msg)}",  # a message's [..] (pip extras, lists) is text
             title=f"flowspeed {command} failed",
             border_style="red",
             expand=False,
@@ -312,7 +331,11 @@ def _hard_exit_after(seconds: float, code: int) -> None:
 
 def _no_credentials_in_urls(cfg: Any) -> None:
     """Team-mode credentials come from the environment (MLFLOW_TRACKING_USERNAME/PASSWORD,
-    PREFECT_API_AUTH_STRING); one written into a server URL would be printed and stored in run tags."""
+    PREFECT_API_AUTH_STRING); one written into a server URL would be printed and stored in run tags.
+    Only a configured URL can carry them: the embedded defaults (a sqlite file, flowspeed's own Prefect API)
+    are checked without importing MLflow, which would delay the embedded API's start by its import."""
+    if not (cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or os.environ.get("PREFECT_API_URL")):
+        return
     from flowspeed.engines.tracking.tracker import refuse_credentials_in_url, tracking_uri
 
     tracking_uri(cfg)  # refuses a tracking URI with user:password@
@@ -339,28 +362,45 @@ def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list
     try:
         prepare_environment(cfg.workdir, debug)
         from flowspeed.engines.common.progress import use_reporter
+        from flowspeed.tasks.embedded_prefect import flow_settings  # no heartbeats to the embedded API
 
         columns = (TextColumn("[bold]{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress, use_reporter(RichReporter(progress)):
+            _open_local_tracking(cfg)
             if command == "run":
                 from flowspeed.flows.pipeline import pipeline
 
                 _wait_for_prefect()
-                out = pipeline(cfg)
+                with flow_settings():
+                    out = pipeline(cfg)
             else:
                 from flowspeed.flows import stages
 
                 flow = {"prep": stages.prep, "train": stages.train, "eval": stages.evaluate}[command]
                 _wait_for_prefect()
-                out = {command: flow(cfg)}
+                with flow_settings():
+                    out = {command: flow(cfg)}
     except KeyboardInterrupt:
         _exit_interrupted(_signalled[-1] if _signalled else signal.SIGINT)
-    except (Exception, *_checkpoint_exception()) as exc:  # one readable paragraph, not a bare traceback
+    except _errors() as exc:  # one readable paragraph, not a bare traceback
+        if _termination(exc):
+            _exit_interrupted(signal.SIGTERM)
         _fail(command, exc, debug, _stage_dir(command, cfg))
     try:
         _summary(cfg, out)
     except KeyboardInterrupt:
         _exit_interrupted(_signalled[-1] if _signalled else signal.SIGINT)
+
+
+def _open_local_tracking(cfg: Any) -> None:
+    """While the embedded Prefect API boots: open a local MLflow store (sqlite, files), as the flow's first
+    stage would (MLflow's store imports, the schema check, the sweep of runs left open by dead processes),
+    so that ~1 s overlaps the boot. A tracking server is left to the flow: waiting for one is its business."""
+    from flowspeed.engines.tracking import runs
+    from flowspeed.engines.tracking.tracker import tracking_uri
+
+    if _embedded_server is not None and not tracking_uri(cfg).startswith(("http://", "https://")):
+        runs.ready(cfg)
 
 
 def _wait_for_prefect() -> None:
@@ -379,8 +419,8 @@ def _summary(cfg: Any, out: dict[str, Any]) -> None:
     if "mlflow_run_id" in out:
         table.add_row("MLflow run", out["mlflow_run_id"])
     for stage in ("prep", "train", "eval"):
-        if stage in out:
-            table.add_row(f"{stage} run", out[stage].get("mlflow_run_id", ""))
+        if stage in out:  # a rerun with nothing to do opens no stage runs: the pipeline run records the reuse
+            table.add_row(f"{stage} run", out[stage].get("mlflow_run_id") or "none (reused, see the MLflow run)")
     if "prep" in out:
         p = out["prep"]
         counts = (
@@ -471,7 +511,7 @@ def eval_(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, de
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint directory: <workdir>/train/checkpoints/step-N")],
+    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint directory: <train folder>/checkpoints/step-N")],
     out: Annotated[Path, typer.Option("--out", "-o", help="folder to write the release model into")],
     ema: Annotated[bool, typer.Option(help="export the EMA weights (train.ema) instead of the raw ones")] = False,
     debug: DebugOpt = False,
@@ -481,14 +521,14 @@ def export(
         from flowspeed.engines.torch_engine.trainer import export_checkpoint
 
         final = export_checkpoint(checkpoint, out, use_ema=ema)
-    except (Exception, *_checkpoint_exception()) as exc:  # noqa: BLE001  (one paragraph; --debug: traceback)
+    except _errors() as exc:  # one paragraph; --debug: traceback
         _fail("export", exc, debug)
     console.print(f"exported [bold]{checkpoint}[/] -> [bold]{final}[/]")
 
 
 @app.command()
 def compare(
-    experiment: Annotated[str, typer.Argument(help="MLflow experiment name (tracking.experiment)")],
+    experiment: Annotated[str, typer.Argument(help="MLflow experiment (default: flowspeed-<workdir name>)")],
     workdir: Annotated[Path | None, typer.Option(help="the runs' workdir: its sqlite MLflow store")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="an MLflow server or store URI instead")] = None,
     last: Annotated[int, typer.Option(min=1, help="how many of the newest pipeline runs")] = 10,
@@ -508,18 +548,18 @@ def compare(
 
         refuse_credentials_in_url(uri, "the MLflow tracking URI", MLFLOW_CREDENTIALS)
         rows = compare_runs(uri, experiment, last)
-    except Exception as exc:  # noqa: BLE001  (one paragraph; --debug for the traceback)
+    except _errors() as exc:  # one paragraph; --debug for the traceback
         _fail("compare", exc, debug)
     if as_json:
         print(_json.dumps(rows, indent=2))
         return
     table = Table(title=f"{experiment}: last {len(rows)} runs ({uri})")
     shown = [c for c in COLUMNS if any(c in r for r in rows)]
-    for col in ("name", "started", "status", "model", "layout", *shown):
+    for col in ("name", "started", "status", "recipe", "model", "layout", *shown):
         table.add_column(col, overflow="fold")
     for r in rows:
         values = [f"{r[c]:.4g}" if c in r else "" for c in shown]
-        table.add_row(r["name"], r["started"], r["status"], r["model"], r["layout"], *values)
+        table.add_row(r["name"], r["started"], r["status"], r["recipe"], r["model"], r["layout"], *values)
     console.print(table)
     console.print("In the MLflow UI: open the experiment, tick these runs, press Compare.")
 
@@ -546,6 +586,10 @@ from flowspeed.flows.config_cli import config_app  # noqa: E402 - beside the oth
 
 app.add_typer(config_app, name="config")
 
+from flowspeed.flows.recipes_cli import recipes_app  # noqa: E402
+
+app.add_typer(recipes_app, name="recipes")
+
 cache_app = typer.Typer(help="Inspect, verify and prune the latent cache of a config's prep stage.")
 app.add_typer(cache_app, name="cache")
 
@@ -566,8 +610,8 @@ def _cache_for(config: Path, workdir: Path | None, overrides: list[str] | None):
 
 @cache_app.command("list")
 def cache_list(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None) -> None:
-    """Samples, shards and size, grouped by prep settings and encoder."""
-    _, cache = _cache_for(config, workdir, set_)
+    """Samples, shards and size, grouped by prep settings and encoder, and the prep folders using it."""
+    cfg, cache = _cache_for(config, workdir, set_)
     info = cache.summary()
     table = Table(title=f"latent cache {info['root']}")
     for col in ("prep hash", "encoder", "samples"):
@@ -576,6 +620,10 @@ def cache_list(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = Non
         table.add_row(g["prep_hash"], g["encoder"], str(g["samples"]))
     Console().print(table)
     Console().print(f"{info['samples']} samples in {info['shards']} shards, {info['bytes'] / 2**20:.1f} MiB")
+    from flowspeed.engines.common.io import read_jsonl
+
+    for folder in _prep_folders(cfg):  # which recipes' preps select from it (what `cache prune` keeps)
+        typer.echo(f"prep folder {folder}: {len(read_jsonl(folder / 'samples.jsonl'))} samples")  # paths unwrapped
 
 
 @cache_app.command("verify")
@@ -609,17 +657,36 @@ def cache_prune(
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option(help="report what would go, change nothing")] = False,
 ) -> None:
-    """Keep only the samples this config's last prep selected; drop the rest (other settings, old files)."""
-    from flowspeed.datasets_prep.prep import load_samples
+    """Keep only the samples that the workdir's prep folders on this cache selected (this config's and
+    other recipes'); drop the rest (other settings, old files). Delete a prep folder to let its samples go."""
+    from flowspeed.engines.common.io import read_jsonl
 
     cfg, cache = _cache_for(config, workdir, set_)
-    keep = {r["key"] for r in load_samples(cfg.prep_dir)}
+    folders = _prep_folders(cfg)
+    keep = {r["key"] for folder in folders for r in read_jsonl(folder / "samples.jsonl")}
     out = cache.prune(keep, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     Console().print(
         f"{verb} {out['removed_samples']} samples ({out['rewritten_shards']} shards rewritten, "
-        f"{out['deleted_shards']} deleted); kept {len(keep)}"
+        f"{out['deleted_shards']} deleted); kept {len(keep)}, selected by {', '.join(f.name for f in folders)}"
     )
+
+
+def _prep_folders(cfg: Any) -> list[Path]:
+    """The prep folders whose samples live in `cfg`'s cache: its own, and every folder under
+    `<workdir>/prep/` whose saved config names the same cache (one it cannot read counts: keep, not lose)."""
+    from flowspeed.configs import load_config
+
+    def same_cache(folder: Path) -> bool:
+        try:
+            saved = load_config(folder / "config.yaml", check=False)
+        except Exception:  # noqa: BLE001 - an unreadable config: its samples are kept
+            return True
+        return saved.cache_dir.resolve() == cfg.cache_dir.resolve()
+
+    found = {p.parent for p in (cfg.workdir / "prep").glob("*/samples.jsonl") if same_cache(p.parent)}
+    own = {cfg.prep_dir} if (cfg.prep_dir / "samples.jsonl").is_file() else set()
+    return sorted(own | found)
 
 
 models_app = typer.Typer(help="Model families, their named real variants and parameter counts (no weights needed).")
@@ -653,7 +720,7 @@ def models_list(debug: DebugOpt = False) -> None:
         from flowspeed.engines.models.variants import family_summary
 
         rows = [family_summary(f) for f in known_families()]
-    except Exception as exc:  # noqa: BLE001  (one paragraph; --debug for the traceback)
+    except _errors() as exc:  # one paragraph; --debug for the traceback
         _fail("models list", exc, debug)
     table = Table(title="model families")
     for col in ("family", "denoiser", "variants", "tasks"):
@@ -676,7 +743,7 @@ def models_inspect(
         from flowspeed.engines.models.variants import parameter_counts
 
         counts = parameter_counts(family, variant)
-    except Exception as exc:  # noqa: BLE001  (unknown family/variant: one paragraph listing the known ones)
+    except _errors() as exc:  # unknown family/variant: one paragraph listing the known ones
         _fail("models inspect", exc, debug)
     if as_json:
         import json
@@ -711,7 +778,7 @@ def _convert(command: str, debug: bool, do: Any) -> Any:
     _quiet_model_libraries()
     try:
         return do()
-    except Exception as exc:  # noqa: BLE001  (one paragraph; --debug for the traceback)
+    except _errors() as exc:  # one paragraph; --debug for the traceback
         _fail(f"convert {command}", exc, debug)
 
 
@@ -787,6 +854,12 @@ def main() -> None:
         code: Any = 0
     except SystemExit as exc:
         code = exc.code
+    except _errors() as exc:  # whatever a command let through: still one paragraph, never a bare traceback
+        try:
+            command = next((a for a in sys.argv[1:2] if not a.startswith("-")), "command")
+            _fail(command, exc, "--debug" in sys.argv)
+        except typer.Exit as done:
+            code = done.exit_code
     if code is not None and not isinstance(code, int):  # a message to print: Python's own exit does it
         raise SystemExit(code)
     _exit_without_teardown(code or 0)

@@ -2,6 +2,13 @@
 
 flowspeed run configs/quickstart.yaml
 # or, deployed: prefect deploy --all (see prefect.yaml), then run `pipeline/flowspeed-pipeline`
+
+A rerun with nothing to do (every stage's result in Prefect's cache, its outputs present and current)
+is decided before any stage flow starts and recorded on the pipeline's own runs: its Prefect flow run
+holds the three stage tasks, each in state Cached, and its MLflow run the metrics, the paths, which
+stages were reused and the run that trained the model. No stage flow or nested MLflow run is opened
+for it: three flow runs and three MLflow runs per rerun that only repeated the first run's record (and
+re-uploaded its model and samples) were most of a no-op rerun's time.
 """
 
 from __future__ import annotations
@@ -12,11 +19,14 @@ from typing import Any
 from flowspeed.configs import PipelineConfig
 from flowspeed.engines.common.io import file_digest
 from flowspeed.engines.tracking import runs
-from flowspeed.engines.tracking.tracker import tracking_uri
-from flowspeed.flows.stages import evaluate, in_stage_run, prep, train
+from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, tracking_uri
+from flowspeed.flows.stages import _ensure_mlmodel, evaluate, in_stage_run, pin_eval_model, prep, train
 from flowspeed.tasks import tracking as tr
+from flowspeed.tasks.caching import FilesPolicy, run_cached
 from flowspeed.tasks.registry import init_model, register_model
+from flowspeed.tasks.stages import evaluate_model, prep_latents, train_model
 from prefect import flow
+from prefect.results import get_result_store
 from prefect.runtime import flow_run
 
 
@@ -38,13 +48,71 @@ def _register(cfg: PipelineConfig, run_id: str, out: dict[str, Any], metrics: di
         return {"skipped": f"MLflow unreachable: {exc}"}
 
 
+def _cached(task: Any, **inputs: Any) -> dict[str, Any] | None:
+    """The result `run_cached(task, **inputs)` would take from Prefect's cache, found without running anything:
+    the key the task's own cache policy computes, looked up in Prefect's result store, with the outputs it
+    promised present and still the ones the result describes. None when the task would run."""
+    policy = task.cache_policy
+    try:
+        if not isinstance(policy, FilesPolicy) or policy.missing_outputs(inputs):
+            return None
+        key = policy.compute_key(None, inputs, {})  # FilesPolicy keys on the inputs and source files only
+    except Exception:  # noqa: BLE001 - as Prefect's task engine does: no key, the task runs (its stage flow reports)
+        return None
+    store = get_result_store().update_for_task(task)
+    if key is None or not store.exists(key):
+        return None
+    result = store.read(key).result
+    if not isinstance(result, dict) or (policy.current is not None and not policy.current(inputs, result)):
+        return None
+    return result
+
+
+def _all_reused(cfg: PipelineConfig, run_id: str) -> dict[str, Any] | None:
+    """Every stage's result from Prefect's cache, or None (nothing done) when any stage has work, or when the
+    stage flows must run anyway: a sliced prep (its own flow maps the slices) and the registry (a version's
+    source is the model its train run logged in this tracking store).
+
+    The checks go in stage order on the files they read: a cached prep rewrites nothing, so the train
+    check sees the samples the train stage would. Then the same three tasks run in this flow run, as
+    Prefect cache hits, and the train stage's upkeep is done here: the export's MLmodel rewritten if its
+    inputs changed, training metrics an MLflow outage kept delivered."""
+    if cfg.tracking.registry.enabled or (cfg.data.slices > 1 and cfg.data.nproc_per_node == 1):
+        return None
+    if _cached(prep_latents, cfg=cfg) is None:
+        return None
+    run_cfg, init_from = init_model(cfg)
+    train_inputs = {"cfg": run_cfg, "run_id": run_id, "tracking_uri": tracking_uri(cfg)}
+    eval_cfg = pin_eval_model(run_cfg)
+    if _cached(train_model, **train_inputs) is None or _cached(evaluate_model, cfg=eval_cfg) is None:
+        return None
+    out = {"prep": run_cached(prep_latents, cfg=cfg), "train": run_cached(train_model, **train_inputs),
+           "eval": run_cached(evaluate_model, cfg=eval_cfg)}  # fmt: skip
+    runs.deliver_training_metrics(cfg, run_cfg.train_dir / UNDELIVERED_DIR)
+    _ensure_mlmodel(Path(out["train"]["final_dir"]).resolve(), run_cfg)  # the train stage's MLmodel upkeep
+    reused = [stage for stage, res in out.items() if res["cache_hit"]]  # all, unless an output went meanwhile
+    tags = {
+        "flowspeed.init_from": init_from,
+        "flowspeed.reused": ",".join(reused),
+        "prefect_cache_hit": bool(reused),
+        "reused_from_run": out["train"].get("run_id") or "",  # the train run with the per-step metrics
+        "prep_dir": Path(out["prep"]["prep_dir"]).resolve(),
+    }
+    if eval_cfg.eval.model:
+        tags["flowspeed.eval_model"] = eval_cfg.eval.model
+    tr.set_tags(cfg, run_id, tags)
+    return out
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     def body(run_id: str) -> dict[str, Any]:
-        out = {"prep": prep(cfg, run_id)}
-        run_cfg, init_from = init_model(cfg)  # after prep: the training dir is keyed by champion and data
-        tr.set_tags(cfg, run_id, {"flowspeed.init_from": init_from})
-        out |= {"train": train(run_cfg, run_id), "eval": evaluate(run_cfg, run_id)}
+        out = _all_reused(cfg, run_id)
+        if out is None:
+            out = {"prep": prep(cfg, run_id)}
+            run_cfg, init_from = init_model(cfg)  # after prep: the training dir is keyed by champion and data
+            tr.set_tags(cfg, run_id, {"flowspeed.init_from": init_from})
+            out |= {"train": train(run_cfg, run_id), "eval": evaluate(run_cfg, run_id)}
         metrics = dict(out["eval"]["metrics"])
         losses = out["train"].get("losses") or []
         if losses:

@@ -16,6 +16,7 @@ from flowspeed.configs import PipelineConfig
 from flowspeed.configs.catalog import FAMILIES
 from flowspeed.engines.common.io import atomic_write_text, file_digest
 from flowspeed.engines.tracking import runs
+from flowspeed.engines.tracking.environment import pip_requirements
 from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, tracking_uri
 from flowspeed.tasks import tracking as tr
 from flowspeed.tasks.caching import run_cached
@@ -114,21 +115,24 @@ def _init_source(cfg: PipelineConfig, resolved: str) -> str:
 
 _MODELS_DIR = Path(__file__).resolve().parents[1] / "engines" / "models"
 _SERVING = _MODELS_DIR.parent / "tracking" / "serving.py"
+_ENVIRONMENT = _MODELS_DIR.parent / "tracking" / "environment.py"
 
 
 def _mlmodel_key(cfg: PipelineConfig, final: Path) -> str | None:
     """What the export's MLmodel and serving settings are written from: the config's data/eval/model sections,
-    the export's own marker file (a retrain rewrites it) and the code that writes them (serving and the family
-    modules). None: not known without the family (not in the catalog) or no export yet; then always rewrite."""
+    the export's own marker file (a retrain rewrites it), the code that writes them (serving and the family
+    modules) and the installed versions its requirements.txt pins. None: not known without the family (not in
+    the catalog) or no export yet; then always rewrite."""
     facts = FAMILIES.get(cfg.model.family)
     marker = facts.export_files(final)[0] if facts is not None else None
     if marker is None or not marker.is_file():
         return None
-    code = [_SERVING, *sorted(_MODELS_DIR.glob("*.py"))]
+    code = [_SERVING, _ENVIRONMENT, *sorted(_MODELS_DIR.glob("*.py"))]
     parts = {
         "cfg": cfg.model_dump(mode="json", include={"data", "eval", "model"}),
         "export": [str(marker.resolve()), marker.stat().st_mtime_ns],
         "code": [file_digest(p) for p in code if p.is_file()],
+        "requirements": pip_requirements(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -71,7 +71,9 @@ def run_tags(cfg: PipelineConfig) -> dict[str, str]:
         "flowspeed.config_hash": config_hash(cfg),
         "flowspeed.family": cfg.model.family,
         "flowspeed.model": _model_source(cfg),
-        "flowspeed.engine": "torch",
+        "flowspeed.variant": _model_source(cfg),  # with family and recipe: what tells a shared workdir's runs apart
+        "flowspeed.recipe": cfg.tracking.recipe or "",
+        "flowspeed.engine": cfg.train.engine,
         "flowspeed.parallel_layout": layout,
         "flowspeed.device": t.device,
     }

@@ -1,6 +1,7 @@
 """Start-up cost does not grow with the zoo: the stage machinery imports no family's model library until the run
 asks for that family, and then only that family's module (issue 19). Each check runs in a fresh interpreter,
-since this test process has long imported everything. Timings are benchmarks/bench_startup.py's, never asserted.
+since this test process has long imported everything. The embedded Prefect API skips only the set-up its database
+already had, and flows against it send no heartbeats. Timings are benchmarks/bench_startup.py's, never asserted.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from flowspeed.configs.catalog import FAMILIES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,3 +104,69 @@ def test_a_cached_rerun_imports_no_family(tmp_path: Path) -> None:
     modules = imported_after(code)
     assert model_libraries(modules) == []
     assert "torch" not in modules
+
+
+@pytest.mark.slow
+def test_the_embedded_api_skips_its_set_up_only_on_a_database_it_set_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first start migrates the database and leaves a stamp; the next start on the same database and packages
+    runs with Prefect's migrations and block registration off, and the API still serves reads and writes. A
+    database migrated elsewhere (another alembic revision) or a stamp from other packages gets a full start."""
+    import sqlite3
+    import urllib.request
+
+    from flowspeed.tasks import embedded_prefect as ep
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    first = ep.EmbeddedPrefectServer().start()
+    assert first.database == tmp_path / "prefect.db"  # no database yet: a full start
+    try:
+        first.wait(300)
+    finally:
+        first.stop()
+    assert (tmp_path / ep.STAMP).is_file() and ep._already_set_up(tmp_path / "prefect.db")
+
+    again = ep.EmbeddedPrefectServer().start()
+    assert again.database is None  # set up before: Prefect's set-up switched off
+    try:
+        again.wait(300)
+        request = urllib.request.Request(f"{again.api_url}/flows/", data=b'{"name": "startup-check"}', method="POST",
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as made:
+            assert made.status in (200, 201)
+        with urllib.request.urlopen(f"{again.api_url}/flows/name/startup-check", timeout=60) as read:
+            assert json.loads(read.read())["name"] == "startup-check"
+    finally:
+        again.stop()
+
+    stamp = json.loads((tmp_path / ep.STAMP).read_text())
+    (tmp_path / ep.STAMP).write_text(json.dumps({**stamp, "site": {}}))  # packages installed since
+    assert not ep._already_set_up(tmp_path / "prefect.db")
+    (tmp_path / ep.STAMP).write_text(json.dumps(stamp))
+    with sqlite3.connect(tmp_path / "prefect.db") as db:  # another Prefect migrated it further
+        db.execute("UPDATE alembic_version SET version_num = 'elsewhere'")
+    assert not ep._already_set_up(tmp_path / "prefect.db")
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "postgresql+asyncpg://db/prefect")
+    assert ep._database() is None  # a configured database: its migrations are Prefect's alone
+
+
+def test_flows_send_no_heartbeats_only_to_the_embedded_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against the embedded API (which dies with the process) flows run without heartbeats; against a configured
+    server (or Prefect's own ephemeral one) the setting stays as Prefect has it."""
+    from flowspeed.tasks.embedded_prefect import MARKER, flow_settings
+    from prefect.settings import get_current_settings
+
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None
+    monkeypatch.delenv(MARKER, raising=False)
+    with flow_settings():
+        assert get_current_settings().flows.heartbeat_frequency == default
+    monkeypatch.setenv(MARKER, "http://127.0.0.1:4321/api")
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")  # a server, not ours
+    with flow_settings():
+        assert get_current_settings().flows.heartbeat_frequency == default
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4321/api")
+    with flow_settings():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == default
