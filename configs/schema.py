@@ -578,6 +578,12 @@ class PipelineConfig(Section):
         return self.data.output_dir / "cache" if self.data.output_dir else self.workdir / "prep" / "cache"
 
     @property
+    def curation_dir(self) -> Path:
+        """Curation's scores and scene cuts, keyed inside by content and scorer: shared by the workdir's
+        prep folders like the latent cache, so a new threshold (hence a new prep folder) rescores nothing."""
+        return self.data.output_dir / "curation" if self.data.output_dir else self.workdir / "prep" / "curation"
+
+    @property
     def train_dir(self) -> Path:
         return self.train.output_dir or self.workdir / "train" / self.folder_name(self.train_key())
 

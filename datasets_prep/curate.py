@@ -193,7 +193,7 @@ def near_duplicates(keys: list[str], emb: dict[str, torch.Tensor], threshold: fl
 def score_all(cfg: PipelineConfig, cands: list[tuple[str, dict]], writer: int = 0) -> ScoreCache:
     """Motion, aesthetic and CLIP embedding for every candidate not scored under these settings."""
     cur = cfg.data.curate
-    cache = ScoreCache(cfg.prep_dir / "curation", cur, writer)
+    cache = ScoreCache(cfg.curation_dir, cur, writer)
 
     def missing(key: str) -> bool:  # scores made with other scorers enabled may lack a field
         sc = cache.scores.get(key)
@@ -262,7 +262,7 @@ def dedup(cfg: PipelineConfig, keys: list[str]) -> dict[str, tuple[str, str]]:
     cur = cfg.data.curate
     if not cur.dedup.enabled:
         return {}
-    emb = ScoreCache(cfg.prep_dir / "curation", cur).emb
+    emb = ScoreCache(cfg.curation_dir, cur).emb
     found = near_duplicates(keys, emb, cur.dedup.threshold)
     return {k: ("duplicate", f"near duplicate (CLIP cosine >= {cur.dedup.threshold}) of sample {o}")
             for k, o in found.items()}  # fmt: skip

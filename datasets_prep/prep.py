@@ -63,6 +63,9 @@ class PrepResult:
     # The published samples.jsonl's content hash: a cached result whose file has since been replaced (by another
     # manifest's prep, or a killed one's publication) can be told from the file it describes.
     samples_digest: str = ""
+    # Where the latents are: the workdir's shared content-addressed cache, not inside prep_dir (empty in
+    # summaries written before the two were apart).
+    cache_dir: str = ""
 
     @property
     def throughput(self) -> dict[str, float]:
@@ -108,7 +111,7 @@ def _plan(
     """Split manifest records into those already cached (their cache records) and those to encode."""
     d, cur = cfg.data, cfg.data.curate
     prep_hash, encoder = cfg.prep_hash(), cfg.encoder_identity()
-    scenes = SceneCache(cfg.prep_dir / "curation", cur.scene_split, writer) if cur.scene_split.enabled else None
+    scenes = SceneCache(cfg.curation_dir, cur.scene_split, writer) if cur.scene_split.enabled else None
     selected: dict[str, dict] = {}
     pending: dict[str, _Pending] = {}
     rep = reporter()
@@ -448,6 +451,7 @@ def _finish(cfg: PipelineConfig, cache: LatentCache, parts: list[dict], seconds:
         rejected_by_reason=dict(Counter(r["code"] for r in rejects).most_common()), world_size=len(parts),
         num_records=sum(p["records"] for p in parts),
         encoded_frames=sum(p["frames"] for p in parts), samples_digest=file_digest(samples),
+        cache_dir=str(cfg.cache_dir),
     )  # fmt: skip
     save_config(cfg, out)
     atomic_write_text(out / "summary.json", json.dumps(result.as_dict(), indent=2))

@@ -141,7 +141,7 @@ def test_slices_keep_every_score_and_dedup_sees_across_slices(tmp_path: Path, de
     res = merge_slices(cfg, 3)
     assert [r["code"] for r in read_jsonl(Path(res.rejects))] == ["duplicate"]
     assert res.num_samples == 8
-    files = sorted(p.name for p in (cfg.prep_dir / "curation").glob("scores-*.jsonl"))
+    files = sorted(p.name for p in (cfg.curation_dir).glob("scores-*.jsonl"))
     assert len(files) == 3
-    cache = ScoreCache(cfg.prep_dir / "curation", cfg.data.curate)
+    cache = ScoreCache(cfg.curation_dir, cfg.data.curate)
     assert len(cache.scores.rows) == 9 and len(cache.emb) == 9  # no slice's scores were lost

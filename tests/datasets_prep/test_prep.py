@@ -86,7 +86,7 @@ def test_bad_inputs_are_recorded_and_the_rest_is_cached(tmp_path: Path, demo_man
     samples = {Path(r["source"]).name: r for r in read_jsonl(Path(res.samples))}
     assert samples["rotated.mp4"]["rotation"] == 90 and samples["rotated.mp4"]["src_size"] == [64, 96]
     assert samples["vfr.mp4"]["vfr"] is True and samples[Path(good[0]["file"]).name]["vfr"] is False
-    cache = LatentCache(Path(res.prep_dir) / "cache")
+    cache = LatentCache(Path(res.cache_dir))
     t = cache.load(samples["rotated.mp4"])
     assert t["latent_params"].shape == (8, 3, 8, 8) and t["text_embeds"].shape == (128, 32)
     assert {"source", "content_hash", "encoder", "prep_hash"} <= samples["rotated.mp4"].keys()
@@ -164,7 +164,10 @@ def test_sigkill_mid_prep_resumes_to_a_complete_duplicate_free_index(tmp_path: P
         "data.height=128",
         "data.width=128",
     ]
-    shards = tmp_path / "w" / "prep" / "cache" / "shards"
+    from flowspeed.configs import load_config
+
+    cache_dir = load_config(args[0], args[1:]).cache_dir
+    shards = cache_dir / "shards"
     proc = subprocess.Popen(
         [sys.executable, "-c", KILL_SCRIPT, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -178,15 +181,13 @@ def test_sigkill_mid_prep_resumes_to_a_complete_duplicate_free_index(tmp_path: P
     written = len(list(shards.glob("*.safetensors")))
     assert 2 <= written < 20
 
-    from flowspeed.configs import load_config
-
     res = run_prep(load_config(args[0], args[1:]))
     assert res.num_cached == written and res.num_encoded == 20 - written  # finished shards are not redone
     index = read_jsonl(Path(res.index))
     keys = [r["key"] for r in index]
     assert len(keys) == len(set(keys)) == res.num_samples == 20
     assert not list(shards.glob(".*.tmp"))
-    cache = LatentCache(tmp_path / "w" / "prep" / "cache")
+    cache = LatentCache(cache_dir)
     for rec in index:  # every indexed sample is readable: no half-written shard is visible
         assert cache.load(rec)["latent_params"].shape[0] == 8
 
@@ -207,9 +208,9 @@ def test_two_rank_extraction_gives_the_same_index_as_one_rank(tmp_path: Path, de
         }
 
     assert content(one) == content(two)
-    shards = sorted(p.name for p in (Path(two.prep_dir) / "cache" / "shards").glob("*.safetensors"))
+    shards = sorted(p.name for p in (Path(two.cache_dir) / "shards").glob("*.safetensors"))
     assert any(s.startswith("r000-") for s in shards) and any(s.startswith("r001-") for s in shards)
-    c1, c2 = LatentCache(Path(one.prep_dir) / "cache"), LatentCache(Path(two.prep_dir) / "cache")
+    c1, c2 = LatentCache(Path(one.cache_dir)), LatentCache(Path(two.cache_dir))
     by_key = {r["key"]: r for r in read_jsonl(Path(two.index))}
     for rec in read_jsonl(Path(one.index)):
         a, b = c1.load(rec), c2.load(by_key[rec["key"]])
@@ -236,7 +237,7 @@ def test_a_family_with_several_text_outputs_caches_and_batches_them_all(
     samples = read_jsonl(Path(res.samples))
     assert samples[0]["tensors"] == ["latent_params", "pooled_embeds", "text_embeds"]
     assert samples[0]["text_shape"] == [128, 32]
-    batch = collate([CachedLatents(Path(res.prep_dir) / "cache", samples)[i] for i in range(2)])
+    batch = collate([CachedLatents(Path(res.cache_dir), samples)[i] for i in range(2)])
     assert batch["pooled_embeds"].shape == (2, 32)
     assert torch.allclose(batch["pooled_embeds"], batch["text_embeds"].mean(dim=1), atol=1e-6)
-    assert LatentCache(Path(res.prep_dir) / "cache").verify() == []
+    assert LatentCache(Path(res.cache_dir)).verify() == []

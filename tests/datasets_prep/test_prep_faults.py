@@ -99,7 +99,10 @@ def test_images_are_resized_once_before_being_repeated_per_frame(tmp_path: Path)
 
 
 def test_a_failed_prep_leaves_the_previous_training_set_intact(tmp_path: Path, demo_manifest: Path) -> None:
-    cfg = make_config(tmp_path / "w", demo_manifest)
+    # one prep folder for both runs (a changed config gets a folder of its own by default): the case of a
+    # rerun whose data went bad, which must not replace the training set the last good run published
+    folder = f"data.output_dir={tmp_path / 'w' / 'prep'}"
+    cfg = make_config(tmp_path / "w", demo_manifest, folder)
     ok = run_prep(cfg)
     before = {name: (cfg.prep_dir / name).read_bytes() for name in ("samples.jsonl", "rejects.jsonl", "summary.json")}
     before["config.yaml"] = (cfg.prep_dir / "config.yaml").read_bytes()
@@ -108,7 +111,7 @@ def test_a_failed_prep_leaves_the_previous_training_set_intact(tmp_path: Path, d
     bad = tmp_path / "bad" / "data.jsonl"
     bad.parent.mkdir()
     bad.write_text(json.dumps({"file": "missing.mp4", "captions": "nothing here"}) + "\n")
-    failing = make_config(tmp_path / "w", bad, "data.num_frames=5")
+    failing = make_config(tmp_path / "w", bad, "data.num_frames=5", folder)
     with pytest.raises(ValueError, match="no usable samples") as err:
         run_prep(failing)
     assert "rejects.failed.jsonl" in str(err.value) and "left as they were" in str(err.value)
