@@ -627,6 +627,11 @@ class PipelineConfig(Section):
         ev = self.eval.model_dump(mode="json", exclude={"output_dir", "nproc_per_node", "batch_size"})
         return _digest({"train": self.train_key(), "eval": ev})
 
+    def config_hash(self) -> str:
+        """The whole resolved config (paths included): runs with the same hash trained the same recipe,
+        whatever their names. The MLflow tag `flowspeed.config_hash` and the exports' model cards carry it."""
+        return _digest(self.model_dump(mode="json"))[:16]
+
     def prep_hash(self) -> str:
         """Hash of everything that changes what prep writes for a sample (not where it goes)."""
         keys = ("decoder", "num_frames", "target_fps", "stride", "height", "width", "dtype")

@@ -19,7 +19,6 @@ export that was never evaluated says so.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -37,12 +36,6 @@ CARD = "README.md"
 #: a Hub repository id ("org/name"); a local directory is not one, and the Hub rejects it as `base_model`
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_CACHE_DIR = re.compile(r"models--([^/]+?)--([^/]+)")  # a snapshot in the HF cache: .../models--org--name/...
-
-
-def config_hash(cfg: PipelineConfig) -> str:
-    """The same hash as the MLflow tag `flowspeed.config_hash` (flowspeed.tasks.tracking.config_hash; a test
-    holds the two together), so a card and its run can be matched."""
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def flowspeed_version() -> str:
@@ -126,7 +119,7 @@ def card_facts(cfg: PipelineConfig, family: ModelFamily, steps: int | None, name
         "variant": t.identity(),  # "preset:tiny" (random init) or "pretrained:<id or folder>[/<subfolder>]"
         "pretrained": t.pretrained,  # the weights training started from (a hub id or a folder), None: random init
         "engine": cfg.train.engine,
-        "config_hash": config_hash(cfg),
+        "config_hash": cfg.config_hash(),
         "steps": steps,
         "data": _data_facts(cfg),
     }

@@ -7,8 +7,6 @@ because Prefect may run tasks on other threads than the flow.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import subprocess
 import time
@@ -43,11 +41,6 @@ def prefect_run_url(flow_run_id: str) -> str:
     return f"{(ui or 'http://127.0.0.1:4200').rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
-def config_hash(cfg: PipelineConfig) -> str:
-    """Runs with the same hash trained the same recipe (paths included), whatever their names."""
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _model_source(cfg: PipelineConfig) -> str:
     t = cfg.model.transformer
     return Path(t.pretrained).name if t.pretrained else str(t.preset)
@@ -68,7 +61,7 @@ def run_tags(cfg: PipelineConfig) -> dict[str, str]:
     layout = (f"nnodes={t.nnodes} nproc={t.nproc_per_node} dp_replicate={p.dp_replicate} dp_shard={p.dp_shard} "
               f"tp={p.tp} cp={p.cp} pp={p.pp}")  # fmt: skip
     tags = {
-        "flowspeed.config_hash": config_hash(cfg),
+        "flowspeed.config_hash": cfg.config_hash(),
         "flowspeed.family": cfg.model.family,
         "flowspeed.model": _model_source(cfg),
         "flowspeed.variant": _model_source(cfg),  # with family and recipe: what tells a shared workdir's runs apart

@@ -24,7 +24,6 @@ from flowspeed.engines.model_card import (
 )
 from flowspeed.engines.models import get_family
 from flowspeed.engines.models.cogvideox import TEXT_PRESETS, VAE_PRESETS
-from flowspeed.tasks.tracking import config_hash
 from huggingface_hub import ModelCard
 
 from tests.conftest import REPO
@@ -55,8 +54,8 @@ def test_full_export_card_states_data_config_and_steps(prepped: PipelineConfig, 
     assert (facts["family"], facts["variant"], facts["engine"]) == ("cogvideox", "preset:tiny", "torch")
     assert facts["steps"] == prepped.train.max_steps == 6
     # The hash of the MLflow tag, and of the config saved beside the weights.
-    assert facts["config_hash"] == config_hash(prepped)
-    assert facts["config_hash"] == config_hash(load_config(final / "config.yaml", check=False))
+    assert facts["config_hash"] == prepped.config_hash()
+    assert facts["config_hash"] == load_config(final / "config.yaml", check=False).config_hash()
     summary = json.loads((prepped.prep_dir / "summary.json").read_text())
     data = facts["data"]
     assert data["digest"] == file_digest(prepped.prep_dir / "samples.jsonl")
@@ -97,7 +96,7 @@ def test_lora_export_card_states_the_adapter(prepped: PipelineConfig, tmp_path: 
     lora = meta["flowspeed"]["lora"]
     assert (lora["rank"], lora["alpha"], lora["dropout"]) == (4, 16.0, 0.1)
     assert lora["target_modules"] == list(get_family("cogvideox").lora_targets)
-    assert meta["flowspeed"]["config_hash"] == config_hash(cfg) != config_hash(prepped)
+    assert meta["flowspeed"]["config_hash"] == cfg.config_hash() != prepped.config_hash()
     assert "rank 4, alpha 16, dropout 0.1" in card.text and "`lora/`" in card.text
 
 
