@@ -6,6 +6,7 @@ the same frames. Sampling is deterministic (start of clip), so a cached sample i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,6 +122,7 @@ def decode(
     raise ProbeError("decode_failed", "failed to decode: " + "; ".join(errors))
 
 
+@functools.cache  # asked once per clip in the decode loop; what is installed does not change mid-run
 def _installed(decoder: str) -> bool:
     return decoder != "decord" or missing("decord", "data.decoder: decord") is None
 
