@@ -108,7 +108,7 @@ class SceneSplitConfig(Section):
     enabled: bool = False
     threshold: float = Field(27.0, gt=0, description="PySceneDetect ContentDetector threshold")
     min_scene_frames: int = Field(8, ge=1)
-    reencode: bool = Field(False, description="also write each scene as its own H.264 mp4 under <prep>/clips")
+    reencode: bool = Field(False, description="also write each scene as its own H.264 mp4 under `<prep>/clips`")
 
 
 class AestheticConfig(Section):
@@ -169,9 +169,9 @@ class DataConfig(Section):
     )
     manifest_format: str = Field("auto", description="auto, or one of flowspeed.datasets_prep.manifest.known_formats()")
     roots: list[Path] = Field(default_factory=list, description="extra folders media paths may resolve into")
-    output_dir: Path | None = Field(None, description="prep output; default <workdir>/prep/<family>-<digest>")
+    output_dir: Path | None = Field(None, description="prep output; default `<workdir>/prep/<family>-<digest>`")
     cache_dir: Path | None = Field(
-        None, description="latent cache; default <workdir>/prep/cache. Point runs and experiments at one shared folder"
+        None, description="latent cache; default `<workdir>/prep/cache`. Runs and experiments may share one folder"
     )
     # PyAV is a core dependency; decord is the `video-decode` extra (no wheels for macOS or aarch64)
     decoder: Literal["decord", "pyav"] = Field("pyav", description="decord needs flowspeed[video-decode]")
@@ -287,7 +287,7 @@ class GpuSlotsConfig(Section):
     on one node (or GPU pool) queue instead of fighting over the same devices."""
 
     enabled: bool = True
-    name: str | None = Field(None, description="the limit's name; default gpu-<hostname>, one per node")
+    name: str | None = Field(None, description="the limit's name; default `gpu-<hostname>`, one per node")
     size: int | None = Field(
         None,
         ge=1,
@@ -329,7 +329,7 @@ class TrainConfig(Section):
         "distributed optimizer (qwen2_vl, llava)",
     )
     megatron: MegatronConfig = MegatronConfig()
-    output_dir: Path | None = Field(None, description="checkpoints; default <workdir>/train/<family>-<digest>")
+    output_dir: Path | None = Field(None, description="checkpoints; default `<workdir>/train/<family>-<digest>`")
     max_steps: int = Field(30, ge=1)
     batch_size: int = Field(2, ge=1, description="micro-batch per rank")
     grad_accum: int = Field(1, ge=1)
@@ -365,7 +365,7 @@ class TrainConfig(Section):
     )
     compile: bool = Field(False, description="torch.compile each transformer block (regional compile)")
     compile_cache_dir: Path | None = Field(
-        None, description="persistent inductor cache; default <workdir>/.cache/inductor"
+        None, description="persistent inductor cache; default `<workdir>/.cache/inductor`"
     )
     async_checkpoint: bool = Field(
         False, description="write checkpoint shards in the background (DCP async_save) while training continues"
@@ -419,7 +419,7 @@ class GenerationMetricsConfig(Section):
 
 
 class EvalConfig(Section):
-    output_dir: Path | None = Field(None, description="eval outputs; default <workdir>/eval/<family>-<digest>")
+    output_dir: Path | None = Field(None, description="eval outputs; default `<workdir>/eval/<family>-<digest>`")
     model: str | None = Field(
         None,
         description="what to evaluate: models:/NAME/VERSION or models:/NAME@ALIAS (the registry), a training "
@@ -476,7 +476,7 @@ class RegistryConfig(Section):
     """MLflow model registry: every pipeline run registers a version; the gates decide its alias."""
 
     enabled: bool = False
-    model_name: str | None = Field(None, description="registered model name; default: <experiment>-<family>")
+    model_name: str | None = Field(None, description="registered model name; default: `<experiment>-<family>`")
     gates: list[GateConfig] = Field(
         default_factory=lambda: [GateConfig(metric="eval/val_loss", direction="lower")],
         description="all must pass for the new version to become `champion`; otherwise `challenger`",
@@ -505,7 +505,7 @@ class SamplesConfig(Section):
 class TrackingConfig(Section):
     tracking_uri: str | None = Field(None, description="default: MLFLOW_TRACKING_URI or sqlite under workdir")
     experiment: str | None = Field(
-        None, description="MLflow experiment; default flowspeed-<workdir name>: one per workdir, every family in it"
+        None, description="MLflow experiment; default `flowspeed-<workdir name>`: one per workdir, every family in it"
     )
     recipe: str | None = Field(
         None, description="tagged flowspeed.recipe (with family, variant): default the config file's name"
@@ -520,7 +520,7 @@ class TrackingConfig(Section):
         300.0,
         ge=0,
         description="at the end of training, how long to wait for an unreachable MLflow server before the "
-        "buffered metrics go to <train_dir>/mlflow-undelivered/ (`flowspeed sync-metrics` sends them)",
+        "buffered metrics go to `<train_dir>/mlflow-undelivered/` (`flowspeed sync-metrics` sends them)",
     )
     server_wait_s: float = Field(
         0.0,

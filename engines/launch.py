@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowspeed.configs import PipelineConfig, save_config
+from flowspeed.engines.common.progress import relay_progress
 from flowspeed.engines.common.torchrun import in_distributed_job, run_torchrun
 from flowspeed.engines.loop import TrainResult
 
@@ -59,5 +60,6 @@ def launch(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) ->
     rdzv = None
     if t.nnodes > 1:
         rdzv = {"nnodes": t.nnodes, "node_rank": t.node_rank, "endpoint": t.rdzv_endpoint, "id": t.rdzv_id}
-    run_torchrun(engine.module, args, t.nproc_per_node, rdzv=rdzv)
+    with relay_progress(cfg.train_dir / "progress.log"):  # rank 0's step lines into this process's log
+        run_torchrun(engine.module, args, t.nproc_per_node, rdzv=rdzv)
     return TrainResult(**json.loads((Path(cfg.train_dir) / "losses.json").read_text()))

@@ -11,7 +11,7 @@ export), in the spirit of torchtitan's train_step / forward_backward_step split:
 (engines/torch_engine/trainer.py) and the megatron engine (engines/megatron/trainer.py).
 
 A non-finite loss stops the run before the optimizer applies it (`NonFiniteLoss`): the error names the
-step, the last good checkpoint and what to change, MLflow gets a `stopped_reason` tag, and no checkpoint
+step, the last good checkpoint and what to change, MLflow gets a `flowspeed.stopped_reason` tag, and no checkpoint
 of the bad state is written.
 """
 
@@ -45,7 +45,7 @@ from flowspeed.engines.common.checkpoints import (
 from flowspeed.engines.common.device import device_name, peak_memory_bytes
 from flowspeed.engines.common.flops import mfu, peak_tflops, train_flops
 from flowspeed.engines.common.io import atomic_write_text
-from flowspeed.engines.common.progress import reporter
+from flowspeed.engines.common.progress import log_train_step, reporter
 from flowspeed.engines.common.sampler import BucketBatchSampler
 from flowspeed.engines.models import get_family
 from flowspeed.engines.tracking.samples import checkpoint_samples
@@ -78,7 +78,7 @@ class Facts:
     device: torch.device
     n_params: int
     n_trainable: int
-    layout: str  # the `parallel_layout` tag
+    layout: str  # the `flowspeed.engine_layout` tag
     compute_dtype: str  # "bfloat16" or "float32": which peak FLOPS MFU is measured against
     flops_config: Any  # the model config train_flops reads (layers, hidden size)
     tags: dict[str, Any] = field(default_factory=dict)  # engine-specific run tags, e.g. {"engine": "megatron"}
@@ -231,16 +231,16 @@ def run_training(
         if rank == 0:
             clean_partial(train_dir)
             save_config(cfg, train_dir)
-            tracker.set_tags({
-                **facts.tags,
-                "resumed_from_step": start_step,
-                "world_size": world,
-                "parallel_layout": facts.layout,
-                "device": device.type,
-                "device_name": device_name(device),
-                "n_params": facts.n_params,
-                "n_trainable_params": facts.n_trainable,
-                "mfu": "measured" if peak else f"n/a (no peak FLOPS known for {device_name(device)})",
+            tracker.set_tags({  # every tag under flowspeed.: the config's layout and device are the run's
+                **{k if k.startswith("flowspeed.") else f"flowspeed.{k}": v for k, v in facts.tags.items()},
+                "flowspeed.resumed_from_step": start_step,
+                "flowspeed.world_size": world,
+                "flowspeed.engine_layout": facts.layout,  # what the engine built (flowspeed.parallel_layout: asked)
+                "flowspeed.device_type": device.type,
+                "flowspeed.device_name": device_name(device),
+                "flowspeed.n_params": facts.n_params,
+                "flowspeed.n_trainable_params": facts.n_trainable,
+                "flowspeed.mfu": "measured" if peak else f"n/a (no peak FLOPS known for {device_name(device)})",
             })  # fmt: skip
         batches = iter(sampler)
         state_samples = samples_seen
@@ -258,7 +258,7 @@ def run_training(
         def published(path: Path) -> Path:
             if rank == 0:
                 step = int(STEP_RE.match(path.name).group(1))
-                tracker.set_tags({"checkpoint_path": str(path.resolve()), "checkpoint_step": step})
+                tracker.set_tags({"flowspeed.checkpoint_path": str(path.resolve()), "flowspeed.checkpoint_step": step})
             return path
 
         with backend.profiler(train_dir / "profile") as prof:
@@ -270,7 +270,7 @@ def run_training(
                         last_ckpt = published(pending.wait())
                     message = non_finite_message(cfg, step, out.loss, last_ckpt)
                     if rank == 0:
-                        tracker.set_tags({"stopped_reason": f"non-finite loss at step {step + 1}"})
+                        tracker.set_tags({"flowspeed.stopped_reason": f"non-finite loss at step {step + 1}"})
                     raise NonFiniteLoss(message)
                 opt = backend.optimizer_step(step)
                 dt = time.perf_counter() - t0
@@ -302,6 +302,7 @@ def run_training(
                         if m is not None:
                             metrics["perf/mfu"] = m
                         tracker.log_metrics(metrics, step=step + 1)
+                        log_train_step(step + 1, end_step, out.loss, out.samples / dt, step_times)  # flow-run logs
                 done = step + 1
                 if done % t_cfg.checkpoint_every == 0 or done == end_step:
                     data_state = {**sampler.state_dict(), "samples_seen": samples_seen}

@@ -410,42 +410,17 @@ def _wait_for_prefect() -> None:
 
 
 def _summary(cfg: Any, out: dict[str, Any]) -> None:
+    """What this run did: a reused stage says which run did its work, and its counts, speeds and scores are never
+    shown as this run's."""
     from flowspeed.engines.tracking.tracker import tracking_uri
+    from flowspeed.flows.summary import summary_rows
     from flowspeed.tasks.tracking import prefect_run_url, ui_link
 
     table = Table(title="flowspeed run", show_header=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")  # paths are for copying: fold, never truncate with an ellipsis
-    if "mlflow_run_id" in out:
-        table.add_row("MLflow run", out["mlflow_run_id"])
-    for stage in ("prep", "train", "eval"):
-        if stage in out:  # a rerun with nothing to do opens no stage runs: the pipeline run records the reuse
-            table.add_row(f"{stage} run", out[stage].get("mlflow_run_id") or "none (reused, see the MLflow run)")
-    if "prep" in out:
-        p = out["prep"]
-        counts = (
-            f"{p['num_samples']} ({p['num_encoded']} encoded, {p['num_cached']} cached, "
-            f"{p['num_rejected']} rejected -> {p['rejects']})"
-        )
-        table.add_row("samples", counts)
-        if p.get("rejected_by_reason"):
-            table.add_row("rejected", ", ".join(f"{code}: {n}" for code, n in p["rejected_by_reason"].items()))
-        if p.get("num_encoded"):
-            table.add_row("prep speed", f"{p['clips_per_s']:.1f} clips/s, {p['frames_per_s']:.0f} frames/s")
-    if "train" in out:
-        t = out["train"]
-        table.add_row("checkpoint", t["checkpoint"])
-        table.add_row("export", t["final_dir"])
-        if t.get("losses"):
-            table.add_row("loss", f"{t['losses'][0]:.4f} -> {t['losses'][-1]:.4f} over {len(t['losses'])} steps")
-            table.add_row("throughput", f"{t['samples_per_s']:.1f} samples/s")
-    reused = [s for s in ("prep", "train", "eval") if out.get(s, {}).get("cache_hit")]
-    if reused:
-        table.add_row("reused", f"{', '.join(reused)}: inputs unchanged and outputs present (Prefect cache)")
-    if "eval" in out:
-        for k, v in out["eval"]["metrics"].items():
-            table.add_row(k, f"{v:.4f}")
-        table.add_row("samples", ", ".join(out["eval"]["videos"]))  # media, or a text family's answers
+    for item, value in summary_rows(out):
+        table.add_row(item, value)
     Console().print(table)
     uri = tracking_uri(cfg)
     prefect_home = os.environ.get("PREFECT_HOME")
@@ -492,9 +467,46 @@ def run(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, debu
 
 
 @app.command()
-def prep(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+def prep(
+    config: ConfigArg,
+    workdir: WorkdirOpt = None,
+    set_: SetOpt = None,
+    debug: DebugOpt = False,
+    preview: Annotated[
+        int | None,
+        typer.Option(
+            "--preview",
+            min=1,
+            help="only draw the contact sheet of the first N manifest records (probe and decode: nothing is "
+            "encoded, no runs are made)",
+        ),
+    ] = None,
+) -> None:
     """Probe, decode and encode the manifest into the latent cache."""
+    if preview is not None:
+        _preview(config, workdir, set_, debug, preview)
+        return
     _run_stage("prep", config, workdir, set_, debug)
+
+
+def _preview(config: Path, workdir: Path | None, overrides: list[str] | None, debug: bool, n: int) -> None:
+    """`prep --preview N`: what prep would take from the first N records, as pictures, in seconds (no model
+    is loaded, no Prefect or MLflow run is opened)."""
+    from flowspeed.configs import check_stage, load_config
+
+    try:
+        cfg = load_config(config, overrides or [], workdir)
+        check_stage(cfg, "prep", str(config))
+        from flowspeed.datasets_prep.preview import preview_manifest
+
+        pv = preview_manifest(cfg, n)
+    except _errors() as exc:
+        _fail("prep --preview", exc, debug)
+    console.print(f"{len(pv.tiles)} samples, {len(pv.rejects)} rejected, of the first {n} records")
+    for r in pv.rejects:
+        console.print(f"  rejected {r['source']}: {r['code']}: {rich_escape(r['reason'])}", soft_wrap=True)
+    for page in pv.pages:
+        typer.echo(page)  # stdout: the sheet's path, for scripts
 
 
 @app.command()
@@ -532,13 +544,15 @@ def compare(
     workdir: Annotated[Path | None, typer.Option(help="the runs' workdir: its sqlite MLflow store")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="an MLflow server or store URI instead")] = None,
     last: Annotated[int, typer.Option(min=1, help="how many of the newest pipeline runs")] = 10,
+    wide: Annotated[bool, typer.Option("--wide", help="every column in full (the default fits 80 columns)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the rows as JSON")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """The last N pipeline runs of an experiment side by side: what they trained, loss, eval, throughput."""
+    """The last N pipeline runs of an experiment side by side: family, variant, median samples/s, final and
+    held-out loss, eval metrics, registry. Reads an existing store only (never creates one)."""
     import json as _json
 
-    from flowspeed.engines.tracking.compare import COLUMNS, compare_runs
+    from flowspeed.engines.tracking.compare import compare_runs, compare_table
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None:
@@ -553,15 +567,21 @@ def compare(
     if as_json:
         print(_json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{experiment}: last {len(rows)} runs ({uri})")
-    shown = [c for c in COLUMNS if any(c in r for r in rows)]
-    for col in ("name", "started", "status", "recipe", "model", "layout", *shown):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        values = [f"{r[c]:.4g}" if c in r else "" for c in shown]
-        table.add_row(r["name"], r["started"], r["status"], r["recipe"], r["model"], r["layout"], *values)
-    console.print(table)
-    console.print("In the MLflow UI: open the experiment, tick these runs, press Compare.")
+    out = Console()  # stdout at the terminal's width: the default table fits 80 columns
+    table, notes = compare_table(rows, f"{experiment}: last {len(rows)} runs", wide)
+    if wide:  # every column whole, wider than the terminal if need be (it wraps lines, rich would fold cells)
+        from rich.measure import Measurement
+
+        whole = Measurement.get(out, out.options.update_width(10_000), table).maximum
+        out = Console(width=max(out.width, whole))
+    out.print(table)
+    for note in notes:
+        out.print(note, highlight=False, markup=False)
+    out.print(
+        f"store: {uri}. In the MLflow UI: open the experiment, tick these runs, press Compare.",
+        highlight=False,
+        markup=False,
+    )
 
 
 @app.command("sync-metrics")

@@ -18,6 +18,7 @@ from flowspeed.engines.common.io import atomic_write_text, file_digest
 from flowspeed.engines.tracking import runs
 from flowspeed.engines.tracking.environment import pip_requirements
 from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, tracking_uri
+from flowspeed.evaluation.labels import random_init_tags
 from flowspeed.tasks import tracking as tr
 from flowspeed.tasks.caching import run_cached
 from flowspeed.tasks.registry import init_model
@@ -83,21 +84,27 @@ def prep(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any
 
     def body(run_id: str) -> dict[str, Any]:
         res = _prep_result(cfg)
-        counts = ("num_records", "num_samples", "num_rejected", "num_cached", "num_encoded", "encoder_calls")
-        speed = ("seconds", "clips_per_s", "frames_per_s")
-        metrics = {f"prep/{k}": res[k] for k in counts + speed}
-        metrics |= {f"prep/rejected/{code}": n for code, n in res["rejected_by_reason"].items()}
-        tr.log_metrics(cfg, run_id, metrics)
+        reuse, res["reused_from_run"] = runs.reuse_tags(
+            Path(res["prep_dir"]), run_id, res.get("samples_digest"), res["cache_hit"]
+        )
+        if not res["cache_hit"]:  # a reused prep did no work here: its counts and speed belong to the run that did
+            counts = ("num_records", "num_samples", "num_rejected", "num_cached", "num_encoded", "encoder_calls")
+            speed = ("seconds", "clips_per_s", "frames_per_s")
+            metrics = {f"prep/{k}": res[k] for k in counts + speed}
+            metrics |= {f"prep/rejected/{code}": n for code, n in res["rejected_by_reason"].items()}
+            tr.log_metrics(cfg, run_id, metrics)
         tr.log_dataset(cfg, run_id, Path(res["samples"]), context="prep")
         for name in ("rejects", "samples"):
             tr.log_artifacts(cfg, run_id, Path(res[name]), "prep")
+        tr.log_prep_preview(cfg, run_id, Path(res["prep_dir"]))  # contact sheet, samples and rejects tables
         tr.set_tags(
             cfg,
             run_id,
             {
-                "prep_dir": Path(res["prep_dir"]).resolve(),
-                "prep_hash": cfg.prep_hash(),
-                "prefect_cache_hit": res["cache_hit"],
+                **reuse,
+                "flowspeed.prep_dir": Path(res["prep_dir"]).resolve(),
+                "flowspeed.prep_hash": cfg.prep_hash(),
+                "flowspeed.prefect_cache_hit": res["cache_hit"],
                 "flowspeed.dataset_digest": file_digest(Path(res["samples"])),
             },
         )
@@ -168,15 +175,20 @@ def train(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, An
         res = run_cached(train_model, cfg=start_cfg, run_id=run_id, tracking_uri=tracking_uri(cfg))
         # Metrics that training could not deliver while MLflow was away: sent now if the server is back.
         runs.deliver_training_metrics(cfg, start_cfg.train_dir / UNDELIVERED_DIR)
-        if res["cache_hit"]:  # the per-step metrics live in the run that produced the model
-            tr.set_tags(cfg, run_id, {"reused_from_run": res.get("run_id")})
+        # A reused model: this run logs no training metrics; the per-step ones live in the run that produced it.
+        res["reused_from_run"] = res.get("run_id") if res["cache_hit"] else None
+        reuse = {runs.REUSED: "true", runs.REUSED_FROM: res.get("run_id") or "unknown"} if res["cache_hit"] else {}
+        tr.set_tags(cfg, run_id, reuse or {runs.REUSED: "false"})
         tr.log_dataset(cfg, run_id, cfg.prep_dir / "samples.jsonl", context="training")
         final = Path(res["final_dir"]).resolve()
         _ensure_mlmodel(final, start_cfg)  # the export is also an MLflow pyfunc model with a signature
         tr.set_tags(
             cfg,
             run_id,
-            {"checkpoint_path": Path(res["checkpoint"]).resolve() if res["checkpoint"] else "", "export_path": final},
+            {
+                "flowspeed.checkpoint_path": Path(res["checkpoint"]).resolve() if res["checkpoint"] else "",
+                "flowspeed.export_path": final,
+            },
         )
         if tr.should_log_model(cfg, final):
             tr.log_artifacts(cfg, run_id, final, "model")
@@ -210,9 +222,14 @@ def evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str,
         if cfg_.eval.model:
             tr.set_tags(cfg, run_id, {"flowspeed.eval_model": cfg_.eval.model})
         res = run_cached(evaluate_model, cfg=cfg_)
-        tr.log_metrics(cfg, run_id, res["metrics"])
-        if res.get("info"):  # e.g. which weights FID/FVD features came from: random-init is never a real FID
-            tr.set_tags(cfg, run_id, {f"flowspeed.eval.{k}": v for k, v in res["info"].items()})
+        metrics_file = Path(res["eval_dir"]) / "metrics.json"
+        digest = file_digest(metrics_file) if metrics_file.is_file() else None
+        reuse, res["reused_from_run"] = runs.reuse_tags(Path(res["eval_dir"]), run_id, digest, res["cache_hit"])
+        if not res["cache_hit"]:  # a reused eval's scores are the producing run's: not logged again as new
+            tr.log_metrics(cfg, run_id, res["metrics"])
+        # which weights each scorer had: a random-init CLIP, FID or FVD is never a real score (labels.py)
+        info = {f"flowspeed.eval.{k}": v for k, v in (res.get("info") or {}).items()}
+        tr.set_tags(cfg, run_id, {**reuse, **info, **random_init_tags(res.get("info") or {})})
         for kind in ("videos", "samples"):  # generated media, or a text family's answers
             if (Path(res["eval_dir"]) / kind).is_dir():
                 tr.log_artifacts(cfg, run_id, Path(res["eval_dir"]) / kind, kind)

@@ -7,6 +7,7 @@ because Prefect may run tasks on other threads than the flow.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import subprocess
 import time
@@ -21,14 +22,17 @@ from flowspeed.engines.tracking.tracker import ensure_experiment, tracking_uri
 from flowspeed.tasks.caching import retry_if_transient
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
 
 def ui_link(uri: str, experiment_id: str, run_id: str) -> str:
-    """Where `mlflow ui` (default 127.0.0.1:5000) shows this run; a remote server shows it at its own URL."""
-    base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
+    """The run in the MLflow UI: at FLOWSPEED_MLFLOW_UI_URL when set (the address browsers reach: a proxy,
+    another host or port), else at the tracking server's own URL, else where `mlflow ui` serves a local
+    store by default (127.0.0.1:5000; the CLI prints the `mlflow ui` command for a sqlite store)."""
+    base = os.environ.get("FLOWSPEED_MLFLOW_UI_URL") or (uri if uri.startswith("http") else "http://127.0.0.1:5000")
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
@@ -99,9 +103,10 @@ def start_run(cfg: PipelineConfig, stage: str, parent_run_id: str | None = None,
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
     exp = ensure_experiment(client, cfg)
-    flow_tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or "")}
+    flow_tags = {"flowspeed.prefect.flow_run_id": str(flow_run.id or ""),
+                 "flowspeed.prefect.flow_run_name": str(flow_run.name or "")}  # fmt: skip
     if flow_run.id:
-        flow_tags["prefect.flow_run_url"] = prefect_run_url(str(flow_run.id))
+        flow_tags["flowspeed.prefect.flow_run_url"] = prefect_run_url(str(flow_run.id))
     if train_dir is not None:
         run_id = runs.continue_train_run(cfg, train_dir, parent_run_id, flow_tags)
         if run_id is not None:
@@ -206,8 +211,13 @@ def set_tags(cfg: PipelineConfig, run_id: str, tags: dict[str, Any]) -> None:
               lambda: MlflowClient(tracking_uri(cfg)).log_batch(run_id, tags=batch))  # fmt: skip
 
 
-def log_table(cfg: PipelineConfig, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
-    """Rows as an MLflow table artifact: the UI's evaluation view lists and compares them across runs."""
+def log_table(
+    cfg: PipelineConfig, run_id: str, rows: list[dict[str, Any]], artifact_file: str, image_column: str | None = None
+) -> None:
+    """Rows as an MLflow table artifact: the UI's evaluation view lists and compares them across runs.
+    `image_column`: a column of PNG paths, logged as pictures (MLflow stores a column of PIL images as artifacts
+    beside the table and the UI shows them); with the server away the journal keeps the paths (the sync logs
+    them as text)."""
     if not rows:
         return
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -215,9 +225,44 @@ def log_table(cfg: PipelineConfig, run_id: str, rows: list[dict[str, Any]], arti
     row = {"kind": "table", "data": data, "artifact_file": artifact_file}
 
     def call() -> None:
-        MlflowClient(tracking_uri(cfg)).log_table(run_id, data=data, artifact_file=artifact_file)
+        sent = data
+        if image_column is not None:
+            from PIL import Image
+
+            images = []
+            for path in data[image_column]:
+                with Image.open(path) as img:
+                    images.append(img.convert("RGB"))  # a loaded copy: the file is closed before the upload
+            sent = {**data, image_column: images}
+        MlflowClient(tracking_uri(cfg)).log_table(run_id, data=sent, artifact_file=artifact_file)
 
     _tolerant(cfg, run_id, lambda: [row], call)
+
+
+def log_prep_preview(cfg: PipelineConfig, run_id: str, prep_dir: Path) -> None:
+    """What prep took and refused, to look at in the MLflow UI: the contact sheet (`prep/contact_sheet*.png`),
+    the samples with thumbnails (`prep_samples.json`) and the rejects with their reasons (`prep_rejects.json`),
+    drawn by flowspeed.datasets_prep.preview (reused as drawn while the prep outputs are unchanged).
+    Pictures are for people: failing to draw or log them is a warning and the tag `flowspeed.prep_preview`,
+    never a failed prep."""
+    from flowspeed.datasets_prep.preview import media_roots, render_prep
+
+    try:
+        pv = render_prep(prep_dir, cfg.data.decoder, media_roots(cfg))
+        for page in pv.pages:
+            log_artifacts(cfg, run_id, page, "prep")
+        log_table(cfg, run_id, pv.samples, "prep_samples.json", image_column="thumbnail")
+        log_table(cfg, run_id, pv.rejects, "prep_rejects.json")
+    except Exception as exc:  # noqa: BLE001 - the prep itself succeeded; its pictures are optional
+        why = f"failed: {type(exc).__name__}: {exc}"
+        try:
+            get_run_logger().warning("prep preview %s", why)
+        except MissingContextError:  # called outside a flow run
+            logging.getLogger("flowspeed").warning("prep preview %s", why)
+        set_tags(cfg, run_id, {"flowspeed.prep_preview": why})
+        return
+    shown = f"{len(pv.tiles)} of {pv.total_samples} samples, {len(pv.rejects)} rejects, {len(pv.pages)} sheet(s)"
+    set_tags(cfg, run_id, {"flowspeed.prep_preview": shown})
 
 
 def log_artifacts(cfg: PipelineConfig, run_id: str, local: Path, artifact_path: str | None = None) -> None:
@@ -237,7 +282,7 @@ def log_artifacts(cfg: PipelineConfig, run_id: str, local: Path, artifact_path: 
 
 def should_log_model(cfg: PipelineConfig, model_dir: Path, limit: int = 512 * 2**20) -> bool:
     """Copying a 10 GB export into the artifact store doubles storage; past `limit` the
-    `export_path` tag is the record (auto), unless the config says always/never."""
+    `flowspeed.export_path` tag is the record (auto), unless the config says always/never."""
     mode = cfg.tracking.log_model
     if mode != "auto":
         return mode == "always"

@@ -275,12 +275,33 @@ def prefect_server(folder: Path, db: str, role: Role, keys: Secrets, port: int |
     return Server("prefect", argv, env, f"http://127.0.0.1:{port}/api/health", folder)
 
 
-def render(url: str, until: Callable[[str], bool], headers: dict[str, str] | None = None, timeout: float = 90) -> str:
+#: A `render` expression: the DOM, then a comment listing the images the browser has loaded and decoded
+#: (`naturalWidth` > 0): an <img> in the DOM whose file failed or is still on its way is not listed.
+DOM_AND_LOADED_IMAGES = (
+    "document.documentElement.outerHTML + '<!-- loaded images: ' + [...document.images]"
+    ".filter(i => i.complete && i.naturalWidth > 0).map(i => i.src).join(' ') + ' -->'"
+)
+
+
+def render(
+    url: str,
+    until: Callable[[str], bool],
+    headers: dict[str, str] | None = None,
+    timeout: float = 90,
+    *,
+    expression: str = "document.documentElement.outerHTML",
+    screenshot: Path | None = None,
+    size: tuple[int, int] = (1280, 1600),
+) -> str:
     """The DOM of a single-page app once `until(dom)` holds (or at `timeout`), in headless Chromium
     driven over the DevTools protocol, which is what lets a test log in: `headers` go with every
     request the page makes. That is how both UIs authenticate: MLflow's with the basic-auth header a
     browser sends after its login prompt, Prefect's with the header its login form makes the UI add
-    (`Authorization: Basic base64(auth string)`)."""
+    (`Authorization: Basic base64(auth string)`).
+
+    `expression` (JavaScript) is what is polled and handed to `until` (default: the DOM; see
+    `DOM_AND_LOADED_IMAGES`); `screenshot`: a PNG of the page at that moment; `size`: the window, tall
+    enough that lazily drawn parts (MLflow's charts) are in view."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("needs Debian's chromium (apt-get install chromium); .ci/run installs it")
@@ -316,15 +337,21 @@ def render(url: str, until: Callable[[str], bool], headers: dict[str, str] | Non
                         return msg.get("result", {})
 
             call("Network.enable")
+            width, height = size
+            call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
             if headers:
                 call("Network.setExtraHTTPHeaders", headers=headers)
             call("Page.navigate", url=url)
             deadline = time.monotonic() + timeout
             while True:
                 # Mid-navigation the old document is gone and the new one not there yet: no value.
-                got = call("Runtime.evaluate", expression="document.documentElement.outerHTML", returnByValue=True)
+                got = call("Runtime.evaluate", expression=expression, returnByValue=True)
                 dom = got.get("result", {}).get("value") or ""
                 if until(dom) or time.monotonic() > deadline:
+                    if screenshot is not None:
+                        png = call("Page.captureScreenshot", format="png")["data"]
+                        screenshot.parent.mkdir(parents=True, exist_ok=True)
+                        screenshot.write_bytes(base64.b64decode(png))
                     return dom
                 time.sleep(0.5)
     finally:

@@ -1,12 +1,34 @@
-"""Progress reporting that libraries call and front-ends render (rich in the CLI, logs elsewhere)."""
+"""Progress reporting that libraries call and front-ends render (rich in the CLI, logs elsewhere).
+
+In a Prefect deployment the `flowspeed` logger is one of Prefect's extra loggers
+(`PREFECT_LOGGING_EXTRA_LOGGERS=flowspeed`, prefect.yaml), so these lines land in the flow run's logs.
+Prefect gives such a logger its API handler but no level, and the root's WARNING would drop them: this
+module sets INFO there. A torchrun job's rank 0 is another process, outside the flow run: `relay_progress`
+has it append the lines to a file that the launching process reads back into its own `flowspeed` logger.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Protocol
 
 log = logging.getLogger("flowspeed")
+if "flowspeed" in os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "").replace(" ", "").split(","):
+    log.setLevel(logging.INFO)
+
+RELAY_ENV = "FLOWSPEED_PROGRESS_FILE"  # set by relay_progress for the torchrun job it launches
+if os.environ.get(RELAY_ENV) and os.environ.get("RANK") == "0":  # rank 0 of that job: its lines to the file
+    _to_file = logging.FileHandler(os.environ[RELAY_ENV], encoding="utf-8")
+    _to_file.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(_to_file)
+    log.setLevel(logging.INFO)
 
 
 class Reporter(Protocol):
@@ -52,3 +74,61 @@ def use_reporter(r: Reporter):
         yield r
     finally:
         _current = prev
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def log_train_step(step: int, end_step: int, loss: float, samples_per_s: float, step_times: Sequence[float]) -> None:
+    """The line a flow run's log shows every `train.log_every` steps (rank 0). ETA: the steps left times the
+    mean of the last 20 step times, so a slow first step (compilation, warm-up) fades out of it."""
+    recent = list(step_times[-20:])
+    eta = (end_step - step) * sum(recent) / len(recent) if recent else 0.0
+    log.info("train step %d/%d: loss %.4f, %.1f samples/s, ETA %s", step, end_step, loss, samples_per_s,
+             _duration(eta))  # fmt: skip
+
+
+@contextmanager
+def relay_progress(path: Path, poll_s: float = 0.5) -> Iterator[None]:
+    """Around launching a torchrun job: its rank 0 appends its progress lines to `path` (told by the
+    environment the job inherits), and a thread logs each line here, in this process's run context (a
+    Prefect task's: the line is in its flow run's logs). Does nothing where no one reads INFO lines of the
+    `flowspeed` logger (the CLI draws its own progress bars)."""
+    if not log.isEnabledFor(logging.INFO):
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")  # this launch's lines only (a log, appended to by one writer: no atomic write needed)
+    done = threading.Event()
+
+    def follow() -> None:
+        with open(path, encoding="utf-8") as lines:
+            partial = ""
+            while True:
+                finished = done.is_set()  # read once more after the job ended: its last lines
+                partial += lines.read()
+                *whole, partial = partial.split("\n")
+                for line in whole:
+                    if line.strip():
+                        log.info("%s", line)
+                if finished:
+                    return
+                time.sleep(poll_s)
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(follow,), name="progress-relay",
+                              daemon=True)  # fmt: skip
+    previous = os.environ.get(RELAY_ENV)
+    os.environ[RELAY_ENV] = str(path)
+    thread.start()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(RELAY_ENV, None)
+        else:
+            os.environ[RELAY_ENV] = previous
+        done.set()
+        thread.join(timeout=10)

@@ -33,6 +33,7 @@ from typing import Any
 
 import psutil
 from flowspeed.configs import PipelineConfig
+from flowspeed.engines.common.io import atomic_write_text
 from flowspeed.engines.common.processes import process_alive
 from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, _refused, replay_undelivered, tracking_uri
 from mlflow import MlflowClient
@@ -43,6 +44,9 @@ RUN_RECORD = "mlflow-run.json"
 JOURNAL_SUFFIX = ".journal"
 OWNER_HOST, OWNER_PID, OWNER_STARTED = "flowspeed.owner.host", "flowspeed.owner.pid", "flowspeed.owner.started"
 RESUMES = "flowspeed.resumes"
+# A stage whose result came from Prefect's cache did no work in this run: it says so, and which run did it.
+PRODUCER_RECORD = "mlflow-producer.json"
+REUSED, REUSED_FROM = "flowspeed.reused", "flowspeed.reused_from_run"
 
 # What one MLflow HTTP request may cost at most, unless the environment says otherwise: MLflow's
 # defaults (7 retries, backoff factor 2, 120 s timeout) let one call to a stopped server take minutes.
@@ -284,6 +288,46 @@ def continue_train_run(
     say(f"continuing MLflow run {run.info.run_id} of the interrupted training (resume {resumes}; it was "
         f"{run.info.status})")  # fmt: skip
     return run.info.run_id
+
+
+# -- reuse: which run made a cached stage result ---------------------------------------------------------------
+def record_producer(folder: Path, run_id: str, digest: str) -> None:
+    """Beside a stage's outputs: the MLflow run that made them, and the digest of the file that identifies them
+    (samples.jsonl, metrics.json). Kept out of the cached result: Prefect's cache key and stored result stay
+    what they were, and a rerun that reuses them can still name the run that did the work."""
+    atomic_write_text(folder / PRODUCER_RECORD, json.dumps({"run_id": run_id, "digest": digest}))
+
+
+def producer_of(folder: Path, digest: str | None) -> str | None:
+    """The run `record_producer` named for these outputs; None when unknown (older outputs, or the file
+    rewritten since by a run outside a stage flow)."""
+    try:
+        rec = json.loads((folder / PRODUCER_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec.get("run_id") if digest and rec.get("digest") == digest else None
+
+
+def reuse_tags(folder: Path, run_id: str, digest: str | None, cache_hit: bool) -> tuple[dict[str, str], str | None]:
+    """(tags, the producing run) for a stage run: a stage that did the work records itself as the producer; a
+    reused one is tagged `flowspeed.reused=true` and `flowspeed.reused_from_run=<the run that did it>`."""
+    if not cache_hit:
+        if digest:
+            record_producer(folder, run_id, digest)
+        return {REUSED: "false"}, None
+    source = producer_of(folder, digest)
+    return {REUSED: "true", REUSED_FROM: source or "unknown (made before flowspeed recorded it)"}, source
+
+
+def parent_of(uri: str, run_id: str | None) -> str | None:
+    """The pipeline run a stage run is nested under (its `mlflow.parentRunId`); None when it has none or the
+    server cannot say now (a rerun is never failed for a label)."""
+    if not run_id or is_away(uri):
+        return None
+    try:
+        return MlflowClient(uri).get_run(run_id).data.tags.get("mlflow.parentRunId")
+    except Exception:  # noqa: BLE001 - away, or a deleted run: the tag falls back to the stage run
+        return None
 
 
 # -- the journal of what an outage kept back ------------------------------------------------------------------

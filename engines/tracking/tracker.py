@@ -74,15 +74,26 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return f"sqlite:///{(cfg.workdir / 'mlflow.db').resolve()}"
 
 
+# MLflow 3's UI opens an experiment on what its kind says: without this tag it lands on the GenAI traces
+# overview; with it, on the runs and their metric charts (the UI's ExperimentKind values; the Python client
+# has no constant for it).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_experiment(client: MlflowClient, cfg: PipelineConfig) -> str:
+    """The config's experiment, created if new, tagged as model development (an existing one without a kind
+    gets the tag; a kind someone set is left alone)."""
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     artifacts = None
     if client.tracking_uri.startswith("sqlite:"):
         # A local store keeps its artifacts beside it, under the workdir, not in the cwd.
         artifacts = (cfg.workdir / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(cfg.experiment, artifact_location=artifacts)
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    return client.create_experiment(cfg.experiment, artifact_location=artifacts, tags=tags)
 
 
 def _refused(exc: MlflowException) -> bool:

@@ -70,7 +70,7 @@ def test_a_nan_loss_stops_before_the_update_naming_the_last_good_checkpoint(
     assert [p.name for p in ckpt.list_checkpoints(cfg.train_dir)] == ["step-00000002", "step-00000004"]
     assert not (cfg.train_dir / "final").exists() and not (cfg.train_dir / "losses.json").exists()
     tags = client.get_run(run.info.run_id).data.tags
-    assert tags["stopped_reason"] == "non-finite loss at step 5" and tags["checkpoint_step"] == "4"
+    assert tags["flowspeed.stopped_reason"] == "non-finite loss at step 5" and tags["flowspeed.checkpoint_step"] == "4"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert steps == [1, 2, 3, 4]  # the NaN step is not logged as a loss
 

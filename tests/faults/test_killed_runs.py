@@ -109,13 +109,13 @@ def test_a_killed_trainings_run_is_continued_under_the_new_parent(
     (train_dir / runs.RUN_RECORD).write_text(json.dumps(record))
     parent = _run(client, exp, "pipeline", runs.owner_tags())
 
-    assert runs.continue_train_run(cfg, train_dir, parent, {"prefect.flow_run_id": "new"}) == killed
+    assert runs.continue_train_run(cfg, train_dir, parent, {"flowspeed.prefect.flow_run_id": "new"}) == killed
     run = client.get_run(killed)
     assert run.info.status == "RUNNING"
     assert run.data.tags["mlflow.parentRunId"] == parent
     assert run.data.tags[runs.RESUMES] == "1"
     assert run.data.tags[runs.OWNER_PID] == str(os.getpid())
-    assert run.data.tags["prefect.flow_run_id"] == "new"
+    assert run.data.tags["flowspeed.prefect.flow_run_id"] == "new"
 
     # Recorded as ours now: a live owner (another flowspeed training here) is never taken over.
     runs.record_train_run(train_dir, uri, killed)
@@ -171,7 +171,7 @@ def test_a_sigkilled_flowspeed_train_is_continued_in_one_run(
     assert train.info.run_id == first.info.run_id, tail(log)
     assert train.info.status == "FINISHED"
     assert train.data.tags[runs.RESUMES] == "1"
-    assert "export_path" in train.data.tags
+    assert "flowspeed.export_path" in train.data.tags
     for key in ("train/loss", "train/lr"):
         assert steps(uri, train.info.run_id, key) == [1, 2, 3, 4, 5, 6], key
     assert _status(client, dead_pipeline) == "KILLED"

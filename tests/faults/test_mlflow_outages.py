@@ -96,8 +96,8 @@ def test_a_finished_training_survives_mlflow_going_away_before_its_end(
     client = MlflowClient(uri)
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["export_path"] == str((train_dir / "final").resolve())
-    assert run.data.tags["checkpoint_path"].endswith("step-00000006")
+    assert run.data.tags["flowspeed.export_path"] == str((train_dir / "final").resolve())
+    assert run.data.tags["flowspeed.checkpoint_path"].endswith("step-00000006")
     for key in ("train/loss", "train/lr"):
         assert steps(uri, run.info.run_id, key) == [1, 2, 3, 4, 5, 6], key
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/MLmodel"}

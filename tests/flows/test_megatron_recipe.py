@@ -53,8 +53,8 @@ def test_megatron_recipe_trains_exports_and_logs_the_torch_engine_metrics(demo: 
     assert TORCH_ENGINE_METRICS <= set(train_run.data.metrics), TORCH_ENGINE_METRICS - set(train_run.data.metrics)
     history = client.get_metric_history(train_run.info.run_id, "train/loss")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(losses)
-    assert train_run.data.tags["engine"] == "megatron"
-    assert "pp=2" in train_run.data.tags["parallel_layout"]
+    assert train_run.data.tags["flowspeed.engine"] == "megatron"
+    assert "pp=2" in train_run.data.tags["flowspeed.engine_layout"]
     ckpts = sorted((cfg.train_dir / "checkpoints").glob("step-*"))
     assert [p.name for p in ckpts] == ["step-00000002", "step-00000004"]
     assert (ckpts[-1] / "megatron" / "metadata.json").is_file()

@@ -59,7 +59,7 @@ def test_a_video_an_image_and_a_vlm_recipe_share_one_workdir(tmp_path: Path, dem
         "cogvideox": ("quickstart", "tiny"), "sd3": ("sd3-quickstart", "tiny"), "qwen2_vl": ("qwen2_vl-sft", "tiny")
     }  # fmt: skip
     trains = [r for r in client.search_runs([exp]) if r.data.tags.get("flowspeed.stage") == "train"]
-    assert sorted(r.data.tags["resumed_from_step"] for r in trains) == ["0", "0", "0"]
+    assert sorted(r.data.tags["flowspeed.resumed_from_step"] for r in trains) == ["0", "0", "0"]
     rows = compare_runs(uri, f"flowspeed-{work.name}")  # `flowspeed compare`: side by side
     assert {r["recipe"] for r in rows} == {"quickstart", "sd3-quickstart", "qwen2_vl-sft"}
     assert all(r.get("train/final_loss", 0) > 0 for r in rows), rows

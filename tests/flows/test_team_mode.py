@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import REPO
 from tests.servers import (
+    DOM_AND_LOADED_IMAGES,
     Secrets,
     Server,
     base_env,
@@ -48,6 +50,13 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+POOL = "team-pool"  # not prefect.toml's default `local`: named by PREFECT_DEFAULT_WORK_POOL_NAME at deploy time
+
+
+def _screenshot(team: Team, name: str) -> Path:
+    """Where a UI's screenshot goes: FLOWSPEED_SCREENSHOTS_DIR when set (kept for a look, e.g. a CI artifact),
+    else the module's folder."""
+    return Path(os.environ.get("FLOWSPEED_SCREENSHOTS_DIR") or team.folder / "screenshots") / name
 
 
 @dataclass
@@ -156,19 +165,37 @@ def _cfg(team: Team, name: str, manifest: Path, **sections: Any) -> dict[str, An
     return cfg
 
 
+def _recipe_overrides(team: Team, manifest: Path) -> list[str]:
+    """`--set` items for the recipe deployment's second recipe: tiny, and with samples at its checkpoint
+    (the suite turns them off by default), so its MLflow run page has an image to show."""
+    return [f"data.manifest={manifest}", "data.max_samples=4", "model.max_text_length=32", "train.max_steps=2",
+            "train.checkpoint_every=2", "train.gpu_slots.name=gpu-team-node", "eval.prompts=[a red circle]",
+            "tracking.experiment=team-recipe", "tracking.samples.enabled=true"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def deployed(team: Team, demo_manifest: Path) -> dict[str, Any]:
-    """prefect.yaml deployed to the server; the pipeline deployment run by a process worker."""
-    team.prefect("work-pool", "create", "local", "--type", "process")
-    team.prefect("--no-prompt", "deploy", "--all")
+    """prefect.yaml deployed to the server into a work pool of another name than the default; two runs
+    taken by one poll of a process worker: the pipeline deployment with a full typed config, and the
+    recipe deployment with a second recipe picked by name plus `--set` style overrides."""
+    team.prefect("work-pool", "create", POOL, "--type", "process")
+    team.run(str(BIN / "prefect"), "--no-prompt", "deploy", "--all",
+             env=team.env | {"PREFECT_DEFAULT_WORK_POOL_NAME": POOL})  # fmt: skip
     params = {"cfg": _cfg(team, "deployed", demo_manifest)}
     created = team.prefect("deployment", "run", "pipeline/flowspeed-pipeline", "--params", json.dumps(params))
     flow_run_id = created.split("UUID:")[1].split()[0]
-    team.prefect("worker", "start", "--pool", "local", "--run-once")
+    recipe_params = {"recipe": "sd3-quickstart", "overrides": _recipe_overrides(team, demo_manifest),
+                     "workdir": str(team.folder / "recipe")}  # fmt: skip
+    with team.prefect_client() as client:  # as the run form or `prefect deployment run --param` would
+        recipe_dep = client.read_deployment_by_name("recipe/flowspeed-recipe")
+        recipe_run_id = client.create_flow_run_from_deployment(recipe_dep.id, parameters=recipe_params).id
+    team.prefect("worker", "start", "--pool", POOL, "--run-once")
     with team.prefect_client() as client:
         flow_run = client.read_flow_run(UUID(flow_run_id))
-    team.assert_no_secret(flow_run.model_dump_json(), "the deployed flow run")
-    return {"flow_run_id": flow_run_id, "flow_run": flow_run}
+        recipe_run = client.read_flow_run(recipe_run_id)
+    team.assert_no_secret(flow_run.model_dump_json() + recipe_run.model_dump_json(), "the deployed flow runs")
+    return {"flow_run_id": flow_run_id, "flow_run": flow_run, "recipe_run": recipe_run,
+            "recipe_deployment_id": str(recipe_dep.id)}  # fmt: skip
 
 
 def _runs(team: Team, experiment: str) -> dict[str, Any]:
@@ -181,8 +208,9 @@ def test_deployed_pipeline_runs_on_a_worker_into_the_mlflow_server(team: Team, d
     assert deployed["flow_run"].state.is_completed(), deployed["flow_run"].state
     assert deployed["flow_run"].empirical_policy.retries == 1  # the work pool's job variables gave it its retry
     with team.prefect_client() as client:
-        for name in ("prep/flowspeed-prep", "train/flowspeed-train", "evaluate/flowspeed-evaluate"):
-            assert client.read_deployment_by_name(name).work_pool_name == "local", name
+        for name in ("prep/flowspeed-prep", "train/flowspeed-train", "evaluate/flowspeed-evaluate",
+                     "recipe/flowspeed-recipe"):  # fmt: skip
+            assert client.read_deployment_by_name(name).work_pool_name == POOL, name
         nightly = client.read_deployment_by_name("pipeline/flowspeed-nightly-finetune")
         gcl = client.read_global_concurrency_limit_by_name("gpu-team-node")
     (schedule,) = nightly.schedules
@@ -197,13 +225,55 @@ def test_deployed_pipeline_runs_on_a_worker_into_the_mlflow_server(team: Team, d
     history = team.client.get_metric_history(train.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == [1, 2, 3]
     assert any(k.startswith("system/cpu_utilization") for k in train.data.metrics), sorted(train.data.metrics)
-    assert train.data.tags["prefect.flow_run_url"].startswith(team.pf.url)
+    assert train.data.tags["flowspeed.prefect.flow_run_url"].startswith(team.pf.url)
     assert train.data.tags["flowspeed.parallel_layout"].startswith("nnodes=1")
     artifacts = {a.path for a in team.client.list_artifacts(runs["eval"].info.run_id)}
     assert {"eval_samples.json", "videos", "metrics.json"} <= artifacts  # in the server's artifact store
     model = {a.path for a in team.client.list_artifacts(train.info.run_id, "model")}
     assert "model/MLmodel" in model and "model/model_index.json" in model
     assert gcl.name == "gpu-team-node" and gcl.limit >= 1
+
+
+def test_a_second_recipe_runs_through_the_recipe_deployment(team: Team, deployed: dict[str, Any]) -> None:
+    """The recipe deployment ran sd3-quickstart (not its default) with overrides; its flow-run logs show
+    prep counts and the training steps (step, loss, samples/s, ETA), and it left a summary table and a
+    link to its MLflow run, at the tracking server's address."""
+    from prefect.client.schemas.filters import ArtifactFilter, LogFilter
+
+    run = deployed["recipe_run"]
+    assert run.state.is_completed(), run.state
+    assert run.parameters["recipe"] == "sd3-quickstart"
+    runs = _runs(team, "team-recipe")
+    assert set(runs) == {"pipeline", "prep", "train", "eval"}
+    assert runs["train"].data.tags["flowspeed.family"] == "sd3" and runs["train"].data.params["train.max_steps"] == "2"
+    assert runs["pipeline"].data.tags["flowspeed.recipe"] == "sd3-quickstart"
+
+    def messages(stage: str) -> list[str]:
+        flow_run_id = runs[stage].data.tags["flowspeed.prefect.flow_run_id"]  # the stage's (sub)flow run
+        log_filter = LogFilter(flow_run_id={"any_": [flow_run_id]})
+        with team.prefect_client() as client:
+            return [log.message for log in client.read_logs(log_filter=log_filter, limit=200)]
+
+    prep, train = messages("prep"), messages("train")
+    assert any(re.fullmatch(r"encode: (\d+)/\1", m) for m in prep), prep  # the prep counts, to the last
+    steps = [m for m in train if m.startswith("train step ")]
+    assert re.fullmatch(r"train step 2/2: loss \d+\.\d{4}, \d+\.\d samples/s, ETA 0m00s", steps[-1]), train
+    assert len(steps) == 2, steps  # train.log_every: 1
+
+    with team.prefect_client() as client:
+        pipeline_run = runs["pipeline"].data.tags["flowspeed.prefect.flow_run_id"]  # the recipe flow's subflow
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id={"any_": [pipeline_run]}))
+    by_key = {a.key: a for a in artifacts}
+    table = by_key["flowspeed-run-summary"]
+    assert table.type == "table"
+    rows = {r["item"]: r["value"] for r in (json.loads(table.data) if isinstance(table.data, str) else table.data)}
+    assert rows["MLflow run"] == runs["pipeline"].info.run_id and rows["family"] == "sd3"
+    assert re.fullmatch(r"\d+ \(\d+ encoded, 0 cached, \d+ rejected -> .*rejects.*\)", rows["samples"]), rows
+    assert re.fullmatch(r"\d+\.\d{4} -> \d+\.\d{4} over 2 steps", rows["loss"]) and "eval/val_loss" in rows
+    link = by_key["flowspeed-mlflow-run"]
+    url = f"{team.ml.url}/#/experiments/{runs['pipeline'].info.experiment_id}/runs/{rows['MLflow run']}"
+    assert link.type == "markdown" and f"({url})" in link.data, link.data  # no FLOWSPEED_MLFLOW_UI_URL: the server
+    team.assert_no_secret(json.dumps([a.model_dump(mode="json") for a in artifacts]), "the artifacts")
 
 
 def test_registry_gates_and_incremental_data_on_the_servers(team: Team, demo_manifest: Path) -> None:
@@ -309,6 +379,32 @@ def test_the_uis_show_the_compared_runs_and_the_deployments(team: Team, deployed
     page = render(f"{team.pf.url}/deployments", lambda dom: all(n in dom for n in deployments), headers=login)
     for name in deployments:
         assert name in page
+    # The recipe deployment's run form: a dropdown of the shipped recipes (pydantic Literal -> JSON schema
+    # enum -> the UI's select), its default chosen, and the overrides list; screenshots beside the test's logs.
+    form = f"{team.pf.url}/deployments/deployment/{deployed['recipe_deployment_id']}/run"
+    page = render(form, lambda dom: "<select" in dom and 'value="sd3-quickstart"' in dom, headers=login,
+                  screenshot=_screenshot(team, "prefect-recipe-run-form.png"))  # fmt: skip
+    (select,) = [s for s in re.findall(r"<select.*?</select>", page, re.S) if 'value="sd3-quickstart"' in s]
+    options = re.findall(r'<option[^>]*value="([^"]+)"', select)
+    assert {"quickstart", "sd3-quickstart", "flux-t2i", "published/opensora-v1.2"} <= set(options), options
+    assert not any(o.startswith("eval/") for o in options)  # eval presets are `flowspeed eval`'s
+    assert re.search(r'<option[^>]*selected[^>]*value="quickstart"', select), select[:500]
+    assert "overrides" in page and "Add item" in page
+    assert _screenshot(team, "prefect-recipe-run-form.png").stat().st_size > 10_000
+
+    # The MLflow run page of the recipe's train run: the sample logged at its checkpoint (log_image, key
+    # `samples`) is in the page as an image the browser loaded from the artifact store.
+    train = _runs(team, "team-recipe")["train"]
+    charts = f"{team.ml.url}/#/experiments/{train.info.experiment_id}/runs/{train.info.run_id}/model-metrics"
+    in_view = "(document.querySelector('img[src*=\"get-artifact\"]')?.scrollIntoView(), " + DOM_AND_LOADED_IMAGES + ")"
+    page = render(charts, lambda dom: re.search(r"loaded images: [^>]*get-artifact\?path=images%2Fsamples", dom),
+                  headers=user, expression=in_view, size=(1280, 2400),
+                  screenshot=_screenshot(team, "mlflow-train-run-samples.png"))  # fmt: skip
+    loaded = page[page.rindex("<!-- loaded images: ") :]
+    sample = rf"get-artifact\?path=images%2Fsamples%2Bstep%2B2%2B[^ ]*run_uuid={train.info.run_id}"  # step 2's
+    assert re.search(sample, loaded), loaded
+    assert _screenshot(team, "mlflow-train-run-samples.png").stat().st_size > 10_000
+
     # Without the auth string the UI's code loads (static files are public) but shows only its login form.
     page = render(f"{team.pf.url}/deployments", lambda dom: "Authentication failed" in dom and "Login" in dom)
     assert "Authentication failed" in page and "Login" in page and "flowspeed-pipeline" not in page

@@ -138,7 +138,7 @@ def test_two_rank_ddp_run_completes_and_only_rank0_logs(tmp_path: Path, prepped:
     # Rank 1 logging too would double every step.
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(res.losses)
-    assert client.get_run(run.info.run_id).data.tags["world_size"] == "2"
+    assert client.get_run(run.info.run_id).data.tags["flowspeed.world_size"] == "2"
     for name in (
         "perf/samples_per_s",
         "perf/frames_per_s",
