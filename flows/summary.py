@@ -1,5 +1,5 @@
 """The run's summary on its Prefect flow run: a table artifact (what `flowspeed run` prints) and a link
-artifact to its MLflow run (`FLOWSPEED_MLFLOW_UI_URL`, see `flowspeed.tasks.tracking.ui_link`).
+artifact to its MLflow run (`mlflow-pipeline`, made when that run opens: flowspeed.tasks.tracking).
 
 Published by the `pipeline` flow itself, so every way of starting it (`flowspeed run`, the full-config
 `flowspeed-pipeline` deployment, the `flowspeed-recipe` deployment's subflow) leaves the same two
@@ -11,11 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowspeed.configs import PipelineConfig
-from flowspeed.engines.tracking.tracker import tracking_uri
-from flowspeed.tasks.tracking import ui_link
-from mlflow import MlflowClient
-from prefect import get_run_logger
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 
 
 def _reused_from(res: dict[str, Any]) -> str:
@@ -81,26 +77,11 @@ def summary_rows(out: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def publish_summary(cfg: PipelineConfig, out: dict[str, Any]) -> None:
-    """The summary table and the MLflow link on the current flow run (its Artifacts tab)."""
-    what = cfg.tracking.recipe or cfg.model.family
+    """The summary table on the current flow run (its Artifacts tab), beside the `mlflow-pipeline` link
+    artifact the pipeline's MLflow run left there when it opened (flowspeed.tasks.tracking)."""
     rows = [("family", cfg.model.family), ("workdir", str(cfg.workdir)), *summary_rows(out)]
     create_table_artifact(
         [{"item": item, "value": value} for item, value in rows],
         key="flowspeed-run-summary",
-        description=f"{what}: what this run did; a reused stage's figures say so",
-    )
-    run_id = out.get("mlflow_run_id")
-    if not run_id:
-        return
-    uri = tracking_uri(cfg)
-    try:
-        experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
-    except Exception as exc:  # noqa: BLE001 - the server went away at the end: the run id is in the table
-        get_run_logger().warning("no MLflow link: %s is unreachable (%s)", uri, exc)
-        return
-    create_link_artifact(
-        ui_link(uri, experiment, run_id),
-        link_text=f"MLflow run {run_id[:8]} ({what})",
-        key="flowspeed-mlflow-run",
-        description="The pipeline's MLflow run: its stages are nested under it",
+        description=f"{cfg.tracking.recipe or cfg.model.family}: what this run did; a reused stage's figures say so",
     )

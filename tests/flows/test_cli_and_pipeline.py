@@ -123,6 +123,8 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     assert state.stdout.split()[0] == "COMPLETED", state.stderr[-2000:]
     links = [line for line in state.stdout.splitlines() if line.startswith("mlflow-pipeline ")]
     assert links and parent.info.run_id in links[0]  # the MLflow run link is a Prefect artifact
+    (table,) = [line for line in state.stdout.splitlines() if line.startswith("flowspeed-run-summary ")]
+    assert "20 encoded" in table and "eval/val_loss" in table  # the CLI's summary, as a table artifact
 
     # The sharded checkpoint becomes a release folder; a wrong path is one readable paragraph.
     exported = flowspeed("export", str(ckpt), "--out", str(tmp_path / "release"), workdir=work)

@@ -270,7 +270,7 @@ def test_a_second_recipe_runs_through_the_recipe_deployment(team: Team, deployed
     assert rows["MLflow run"] == runs["pipeline"].info.run_id and rows["family"] == "sd3"
     assert re.fullmatch(r"\d+ \(\d+ encoded, 0 cached, \d+ rejected -> .*rejects.*\)", rows["samples"]), rows
     assert re.fullmatch(r"\d+\.\d{4} -> \d+\.\d{4} over 2 steps", rows["loss"]) and "eval/val_loss" in rows
-    link = by_key["flowspeed-mlflow-run"]
+    link = by_key["mlflow-pipeline"]
     url = f"{team.ml.url}/#/experiments/{runs['pipeline'].info.experiment_id}/runs/{rows['MLflow run']}"
     assert link.type == "markdown" and f"({url})" in link.data, link.data  # no FLOWSPEED_MLFLOW_UI_URL: the server
     team.assert_no_secret(json.dumps([a.model_dump(mode="json") for a in artifacts]), "the artifacts")
