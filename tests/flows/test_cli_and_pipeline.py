@@ -103,29 +103,6 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
                  cfg.train_dir / "final" / "model_index.json"):  # fmt: skip
         assert path.is_file() and path.is_relative_to(work), path
 
-    # The Prefect flow run behind the MLflow run, read back from the workdir's Prefect database.
-    flow_run_id = parent.data.tags["flowspeed.prefect.flow_run_id"]
-    check = (
-        "import sys\n"
-        "from prefect.client.orchestration import get_client\n"
-        "with get_client(sync_client=True) as c:\n"
-        "    fr = c.read_flow_run(sys.argv[1]); print(fr.state.type.value, fr.name)\n"
-        "    for a in c.read_artifacts(): print(a.key, a.data)\n"
-    )
-    # Prefect's own ephemeral start timeout (20 s) is too short on a busy CI machine
-    env = _env(work) | {
-        "PREFECT_HOME": str(work / "prefect"),
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    }
-    state = subprocess.run(
-        [sys.executable, "-c", check, flow_run_id], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert state.stdout.split()[0] == "COMPLETED", state.stderr[-2000:]
-    links = [line for line in state.stdout.splitlines() if line.startswith("mlflow-pipeline ")]
-    assert links and parent.info.run_id in links[0]  # the MLflow run link is a Prefect artifact
-    (table,) = [line for line in state.stdout.splitlines() if line.startswith("flowspeed-run-summary ")]
-    assert "20 encoded" in table and "eval/val_loss" in table  # the CLI's summary, as a table artifact
-
     # The sharded checkpoint becomes a release folder; a wrong path is one readable paragraph.
     exported = flowspeed("export", str(ckpt), "--out", str(tmp_path / "release"), workdir=work)
     assert exported.returncode == 0, exported.stderr[-3000:]
@@ -161,18 +138,34 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     }
     assert rerun.data.metrics == {}  # a rerun creates no metrics that claim new work
     assert not client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{rerun.info.run_id}'")
-    tasks = (
+    # Both Prefect flow runs behind the MLflow runs, read back from the workdir's Prefect database in one process
+    # (each start of the embedded server costs seconds): the first run's state and artifacts, the rerun's tasks.
+    flow_run_id = parent.data.tags["flowspeed.prefect.flow_run_id"]
+    check = (
         "import sys\n"
         "from prefect.client.orchestration import get_client\n"
         "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId\n"
         "with get_client(sync_client=True) as c:\n"
-        "    runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[sys.argv[1]])))\n"
-        "    for t in runs: print(t.task_key.rsplit('-', 1)[0], t.state.name)\n"
+        "    fr = c.read_flow_run(sys.argv[1]); print('state', fr.state.type.value, fr.name)\n"
+        "    for a in c.read_artifacts(): print('artifact', a.key, a.data)\n"
+        "    runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[sys.argv[2]])))\n"
+        "    for t in runs: print('task', t.task_key.rsplit('-', 1)[0], t.state.name)\n"
     )
-    slow_start = env | {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}  # Prefect's own: 20 s, busy CI
-    read = subprocess.run([sys.executable, "-c", tasks, rerun.data.tags["flowspeed.prefect.flow_run_id"]],
-                          env=slow_start, capture_output=True, text=True, timeout=300)  # fmt: skip
-    states = dict(line.split() for line in read.stdout.splitlines())
+    # Prefect's own ephemeral start timeout (20 s) is too short on a busy CI machine
+    env = _env(work) | {
+        "PREFECT_HOME": str(work / "prefect"),
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    }
+    read = subprocess.run([sys.executable, "-c", check, flow_run_id, rerun.data.tags["flowspeed.prefect.flow_run_id"]],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = [line.split(" ", 1) for line in read.stdout.splitlines()]
+    said = {kind: [rest for k, rest in lines if k == kind] for kind in ("state", "artifact", "task")}
+    assert said["state"] and said["state"][0].split()[0] == "COMPLETED", read.stdout + read.stderr[-2000:]
+    links = [line for line in said["artifact"] if line.startswith("mlflow-pipeline ")]
+    assert links and parent.info.run_id in links[0]  # the MLflow run link is a Prefect artifact
+    tables = [line for line in said["artifact"] if line.startswith("flowspeed-run-summary ")]
+    assert any("20 encoded" in t and "eval/val_loss" in t for t in tables)  # the CLI's summary, as a table artifact
+    states = dict(line.split() for line in said["task"])
     assert {k: states.get(k) for k in ("prep_latents", "train_model", "evaluate_model")} == dict.fromkeys(
         ("prep_latents", "train_model", "evaluate_model"), "Cached"
     ), read.stdout + read.stderr[-2000:]
