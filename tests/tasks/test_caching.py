@@ -10,7 +10,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 @pytest.fixture(scope="module")
 def harness():
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):  # its 30 s default is short on a busy 2-core machine
         yield
 
 

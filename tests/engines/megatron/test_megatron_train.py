@@ -97,9 +97,17 @@ def _layouts(rank: int, world: int, names: list[str]) -> dict[str, list[float]]:
     return {name: _train(Layout(**LAYOUTS[name])) for name in names}
 
 
+@pytest.fixture(scope="module")
+def single() -> tuple[list[float], list[float]]:
+    """The uninterrupted one-process losses (fp32, bf16) both tests compare against: one spawn for the module."""
+    return run_ranks(_train_one, 1, True)[0]
+
+
 @pytest.mark.parametrize("names", [[n for n in LAYOUTS if n != "tp2+distributed_optimizer"]], ids=["all-layouts"])
-def test_parallel_layouts_reproduce_the_single_process_losses(names: list[str]) -> None:
-    fp32, bf16 = run_ranks(_train_one, 1, True)[0]
+def test_parallel_layouts_reproduce_the_single_process_losses(
+    names: list[str], single: tuple[list[float], list[float]]
+) -> None:
+    fp32, bf16 = single
     assert fp32[-1] < fp32[0], f"the tiny model did not learn: {fp32}"
     for rank_losses in run_ranks(_layouts, 2, names):
         for name in names:
@@ -107,12 +115,12 @@ def test_parallel_layouts_reproduce_the_single_process_losses(names: list[str]) 
             assert len(got) == STEPS
             # bf16 rounds activations to 8 mantissa bits, and TP sums in another order: close, not equal
             if "bf16" in name:
-                single = bf16
-                tolerance = max(BF16_RELATIVE_TOLERANCE * abs(v) for v in single)
+                want = bf16
+                tolerance = max(BF16_RELATIVE_TOLERANCE * abs(v) for v in want)
             else:
-                single, tolerance = fp32, FP32_TOLERANCE
-            diff = max(abs(a - b) for a, b in zip(got, single, strict=True))
-            assert diff < tolerance, f"{name}: losses {got} differ from the single process's {single} by {diff:.2e}"
+                want, tolerance = fp32, FP32_TOLERANCE
+            diff = max(abs(a - b) for a, b in zip(got, want, strict=True))
+            assert diff < tolerance, f"{name}: losses {got} differ from the single process's {want} by {diff:.2e}"
 
 
 def _train_one(rank: int, world: int, with_bf16: bool = False) -> list[float] | tuple[list[float], list[float]]:
@@ -133,15 +141,15 @@ def _reshard(rank: int, world: int, pairs: list[tuple[str, str]], root: str) -> 
     return out
 
 
-def test_checkpoints_resume_on_another_layout(tmp_path: Path) -> None:
+def test_checkpoints_resume_on_another_layout(tmp_path: Path, single: tuple[list[float], list[float]]) -> None:
     """3 steps on one layout, a megatron dist checkpoint (model + optimizer), 2 more steps on another layout: the
     5 losses are the uninterrupted single process's. The distributed optimizer's state moves from 2 DP shards to
     a TP=2 layout; the plain optimizer's from TP=2 to PP=2."""
-    single = run_ranks(_train_one, 1)[0]
+    fp32 = single[0]
     pairs = [("dp2+distributed_optimizer", "tp2+distributed_optimizer"), ("tp2", "pp2")]
     for name, got in run_ranks(_reshard, 2, pairs, str(tmp_path))[0].items():
-        diff = max(abs(a - b) for a, b in zip(got, single, strict=True))
-        assert diff < FP32_TOLERANCE, f"{name}: losses {got} differ from the uninterrupted {single} by {diff:.2e}"
+        diff = max(abs(a - b) for a, b in zip(got, fp32, strict=True))
+        assert diff < FP32_TOLERANCE, f"{name}: losses {got} differ from the uninterrupted {fp32} by {diff:.2e}"
 
 
 @pytest.mark.parametrize(

@@ -176,7 +176,7 @@ def test_wavelet_term_is_the_energy_flow_mismatch() -> None:
         wfvae.vae_training_loss(model, x, kl_weight=1e-6, perceptual_weight=1.0)
 
 
-@pytest.mark.parametrize("name,steps", [("wfvae", 20), ("causalvae", 12)])
+@pytest.mark.parametrize("name,steps", [("wfvae", 12), ("causalvae", 12)])  # both end ~37% below the start (bar: 30%)
 def test_training_loss_falls_and_reaches_encoder(name: str, steps: int) -> None:
     model = _tiny(name).train()
     t, h, w = torch.meshgrid(torch.arange(5.0), torch.arange(16.0), torch.arange(16.0), indexing="ij")
