@@ -19,10 +19,8 @@ quickstart: install
 	$(VENV)/bin/flowspeed demo-data runs/demo
 	$(VENV)/bin/flowspeed run configs/quickstart.yaml
 
-# two workers, whole files each (--dist loadfile keeps a file's module fixtures on one worker): the suite is
-# mostly single-threaded Python (imports, servers, subprocess waits), so 2 workers on 2 cores save a third
 test: install
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
