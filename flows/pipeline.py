@@ -27,7 +27,7 @@ from flowspeed.engines.common.io import file_digest
 from flowspeed.engines.tracking import runs
 from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, tracking_uri
 from flowspeed.evaluation.labels import random_init_tags
-from flowspeed.flows.stages import _ensure_mlmodel, evaluate, in_stage_run, pin_eval_model, prep, train
+from flowspeed.flows.stages import _ensure_mlmodel, eval_digest, evaluate, in_stage_run, pin_eval_model, prep, train
 from flowspeed.flows.summary import publish_summary
 from flowspeed.tasks import tracking as tr
 from flowspeed.tasks.caching import FilesPolicy, run_cached
@@ -102,9 +102,8 @@ def _all_reused(cfg: PipelineConfig, run_id: str) -> dict[str, Any] | None:
     _ensure_mlmodel(Path(out["train"]["final_dir"]).resolve(), run_cfg)  # the train stage's MLmodel upkeep
     # No stage run here: the runs that did the work are the ones beside the outputs (or, for train, in its result).
     out["prep"]["reused_from_run"] = runs.producer_of(Path(out["prep"]["prep_dir"]), out["prep"].get("samples_digest"))
-    metrics_file = Path(out["eval"]["eval_dir"]) / "metrics.json"
-    digest = file_digest(metrics_file) if metrics_file.is_file() else None
-    out["eval"]["reused_from_run"] = runs.producer_of(Path(out["eval"]["eval_dir"]), digest)
+    eval_dir = Path(out["eval"]["eval_dir"])
+    out["eval"]["reused_from_run"] = runs.producer_of(eval_dir, eval_digest(eval_dir))
     out["train"]["reused_from_run"] = out["train"].get("run_id")
     tags = {
         "flowspeed.init_from": init_from,

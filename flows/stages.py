@@ -213,6 +213,12 @@ def pin_eval_model(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"model": f"models:/{name}/{version}"})})
 
 
+def eval_digest(eval_dir: Path) -> str | None:
+    """What identifies an eval's outputs for `runs.producer_of`: its metrics.json (None before there is one)."""
+    metrics = eval_dir / "metrics.json"
+    return file_digest(metrics) if metrics.is_file() else None
+
+
 @flow(name="evaluate", log_prints=True)
 def evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Validation loss, sample videos and CLIP score for the exported model."""
@@ -222,8 +228,7 @@ def evaluate(cfg: PipelineConfig, parent_run_id: str | None = None) -> dict[str,
         if cfg_.eval.model:
             tr.set_tags(cfg, run_id, {"flowspeed.eval_model": cfg_.eval.model})
         res = run_cached(evaluate_model, cfg=cfg_)
-        metrics_file = Path(res["eval_dir"]) / "metrics.json"
-        digest = file_digest(metrics_file) if metrics_file.is_file() else None
+        digest = eval_digest(Path(res["eval_dir"]))
         reuse, res["reused_from_run"] = runs.reuse_tags(Path(res["eval_dir"]), run_id, digest, res["cache_hit"])
         if not res["cache_hit"]:  # a reused eval's scores are the producing run's: not logged again as new
             tr.log_metrics(cfg, run_id, res["metrics"])
