@@ -50,3 +50,14 @@ def prepped(tmp_path_factory: pytest.TempPathFactory, demo_manifest: Path) -> Pi
     )
     run_prep(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_flow_heartbeats() -> object:
+    """The flows tests run in-process report to Prefect's ephemeral API, which dies with pytest: like
+    the CLI against its embedded API (`tasks.embedded_prefect.flow_settings`), they send no heartbeats,
+    which nothing could read and whose thread every flow's end waits on (up to 1 s per flow run)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield

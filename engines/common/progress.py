@@ -13,7 +13,6 @@ import contextvars
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,7 +115,7 @@ def relay_progress(path: Path, poll_s: float = 0.5) -> Iterator[None]:
                         log.info("%s", line)
                 if finished:
                     return
-                time.sleep(poll_s)
+                done.wait(poll_s)  # wakes at once when the job ends: the stage does not wait out a poll
 
     thread = threading.Thread(target=contextvars.copy_context().run, args=(follow,), name="progress-relay",
                               daemon=True)  # fmt: skip
