@@ -52,6 +52,18 @@ def prepped(tmp_path_factory: pytest.TempPathFactory, demo_manifest: Path) -> Pi
     return cfg
 
 
+@pytest.fixture(scope="session")
+def mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, its schema made by MLflow's own migrations (seconds per new database on a
+    CPU), made once: `shutil.copyfile(mlflow_db, workdir / "mlflow.db")` gives a workdir the store its first
+    run would create there (the default tracking URI), without running them again."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_flow_heartbeats() -> object:
     """The flows tests run in-process report to Prefect's ephemeral API, which dies with pytest: like

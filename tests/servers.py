@@ -245,6 +245,9 @@ def mlflow_server(folder: Path, db: str, auth_db: str, role: Role, keys: Secrets
         "MLFLOW_AUTH_ADMIN_PASSWORD": keys.mlflow_admin_password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
         "PGPASSFILE": str(_pgpass(folder, role)),
+        # MLflow's job runner (GenAI scorers, trace roll-ups: nothing flowspeed calls) is 8 more processes that
+        # each import MLflow, ~10 s of CPU at every start on a 2-core machine; tests/faults' server has it off too.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     return Server("mlflow", argv, env, f"http://127.0.0.1:{port}/health", folder)
 

@@ -2,22 +2,25 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from flowspeed.datasets_prep.cache import LatentCache
 from flowspeed.datasets_prep.prep import run_prep
 from flowspeed.engines.common.io import read_jsonl
 
-from tests.conftest import REPO, make_config
+from tests.conftest import QUICKSTART, REPO, make_config
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "flowspeed.flows.cli", "cache", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _cli(*args: str) -> SimpleNamespace:
+    """`flowspeed cache ...` in this process (its stdout, stderr and exit status as a child's would be),
+    without starting an interpreter and importing the CLI again for each call."""
+    from flowspeed.flows.cli import app
+    from typer.testing import CliRunner
+
+    res = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["cache", *args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return SimpleNamespace(returncode=res.exit_code, stdout=res.stdout, stderr=res.stderr)
 
 
 def test_verify_catches_a_flipped_byte_and_fix_lets_prep_re_encode(tmp_path: Path, demo_manifest: Path) -> None:
@@ -32,7 +35,7 @@ def test_verify_catches_a_flipped_byte_and_fix_lets_prep_re_encode(tmp_path: Pat
     problems = cache.verify()
     assert [p["problem"] for p in problems] == ["checksum mismatch"] and problems[0]["shard"] == shard.name
 
-    args = ["configs/quickstart.yaml", "--workdir", str(tmp_path), "--set", f"data.manifest={demo_manifest}"]
+    args = [str(QUICKSTART), "--workdir", str(tmp_path), "--set", f"data.manifest={demo_manifest}"]
     bad = _cli("verify", *args)
     assert bad.returncode == 1 and "checksum mismatch" in bad.stderr
     assert _cli("verify", *args, "--fix").returncode == 0
@@ -51,7 +54,7 @@ def test_prune_keeps_only_what_the_workdirs_prep_folders_select(tmp_path: Path, 
     assert old.cache_dir == cfg.cache_dir and old.prep_dir != cfg.prep_dir
     assert cache.summary()["samples"] == 16 and len(cache.summary()["groups"]) == 2
 
-    args = ["configs/quickstart.yaml", "--workdir", str(tmp_path), "--set", f"data.manifest={demo_manifest}"]
+    args = [str(QUICKSTART), "--workdir", str(tmp_path), "--set", f"data.manifest={demo_manifest}"]
     listed = _cli("list", *args)
     assert listed.returncode == 0 and "16 samples" in listed.stdout
     assert f"{old.prep_dir.name}: 8 samples" in listed.stdout and f"{cfg.prep_dir.name}: 8 samples" in listed.stdout

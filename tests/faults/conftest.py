@@ -21,8 +21,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import _SESSION_TMP, REPO
 from tests.servers import Server
+
+# The Prefect home of every `flowspeed` CLI child of these tests: the embedded Prefect API migrates a fresh
+# database on its first start (seconds of CPU) and skips that on a database it has set up (its stamp), so one
+# home for the session costs one migration instead of one per test (or per workdir).
+CLI_PREFECT_HOME = _SESSION_TMP / "cli-prefect-home"
 
 
 def python_child(target: str, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -61,8 +61,12 @@ def argv_config(workdir: Path, prepped: PipelineConfig, experiment: str, *overri
 
 
 def cli_env(uri: str) -> dict[str, str]:
+    """No Prefect setting of this session but the CLI children's shared Prefect home (migrated once)."""
+    from tests.faults.conftest import CLI_PREFECT_HOME
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    return env | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    return env | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
+                  "PREFECT_HOME": str(CLI_PREFECT_HOME)}  # fmt: skip
 
 
 def start(argv: list[str], uri: str, log: Path) -> subprocess.Popen:

@@ -7,8 +7,8 @@ child's session lives on; the rerun finishes, reuses what was finished (samples 
 calls, generated samples), and its outputs equal those of an uninterrupted run.
 
 Costs are shared: the uninterrupted prep is the session's `prepped` fixture, the CLI children share
-one Prefect home and one SQLite MLflow store (their schemas are made once), and the eval works on a
-model trained in-process for 2 steps on that prep.
+one Prefect home (with the other fault tests) and one SQLite MLflow store (their schemas are made once),
+and the eval works on a model trained in-process for 2 steps on that prep.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -30,7 +31,7 @@ from flowspeed.datasets_prep.cache import TMP_RE, LatentCache
 from flowspeed.engines.common.io import read_jsonl
 
 from tests.conftest import QUICKSTART, REPO, make_config
-from tests.faults.conftest import assert_no_survivors, log_tail, session_survivors, wait_killed
+from tests.faults.conftest import CLI_PREFECT_HOME, assert_no_survivors, log_tail, session_survivors, wait_killed
 
 pytestmark = pytest.mark.slow
 
@@ -49,16 +50,14 @@ CLI = "\nfrom flowspeed.flows.cli import main\nsys.argv[0] = 'flowspeed'\nmain()
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The children's environment: one Prefect home and one MLflow store for all (made once), and none of
-    the test session's own Prefect settings."""
-    from mlflow import MlflowClient
-
+def env(tmp_path_factory: pytest.TempPathFactory, mlflow_db: Path) -> dict[str, str]:
+    """The children's environment: one Prefect home (the fault tests' CLI children's, migrated once) and one
+    MLflow store for all (made once), and none of the test session's own Prefect settings."""
     root = tmp_path_factory.mktemp("kill-env")
+    shutil.copyfile(mlflow_db, root / "mlflow.db")  # the schema, made once a session
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()  # creates the schema here, once
     out = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    out |= {"PREFECT_HOME": str(root / "prefect"), "MLFLOW_TRACKING_URI": uri}
+    out |= {"PREFECT_HOME": str(CLI_PREFECT_HOME), "MLFLOW_TRACKING_URI": uri}
     out |= {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     return out
 

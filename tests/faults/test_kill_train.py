@@ -1,8 +1,9 @@
 """SIGKILL of torch-engine training at several points, then a resume in a fresh process.
 
 Each case trains the tiny quickstart family for 6 steps with a checkpoint every 2, in a child process
-that logs into a real SQLite MLflow store and SIGKILLs itself at one point (a wrapped function: no
-test hooks in the product). The resume (this process, as a new `flowspeed train` would) must give the
+(forked from a fork server that imported torch, MLflow and the training code once for all cases) that
+logs into a real SQLite MLflow store and SIGKILLs itself at one point (a wrapped function: no test hooks
+in the product). The resume (this process, as a new `flowspeed train` would) must give the
 uninterrupted run's losses bit for bit, pick an intact checkpoint, leave no half checkpoint or stray
 process, and the MLflow run must hold every step 1..6 of every metric exactly once, with the
 uninterrupted run's values. The 2-rank torchrun variant is left out: a second rank pair costs about
@@ -26,7 +27,8 @@ from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, replay_undeliver
 from mlflow import MlflowClient
 
 from tests.conftest import make_config
-from tests.faults.conftest import assert_no_survivors, die, python_child, wait_killed
+from tests.faults.conftest import assert_no_survivors, die, wait_killed
+from tests.faults.forked import forked_child, start_fork_server
 
 pytestmark = pytest.mark.slow
 
@@ -48,14 +50,17 @@ def _config(workdir: Path, prepped: PipelineConfig, *extra: str) -> PipelineConf
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, prepped: PipelineConfig) -> list[float]:
-    """The uninterrupted run's losses, steps 1..6."""
+    """The uninterrupted run's losses, steps 1..6 (the children's fork server imports meanwhile)."""
+    start_fork_server()
     return launch(_config(tmp_path_factory.mktemp("straight"), prepped), None, None).losses
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One SQLite store for the module (its schema is made once); each test has a run of its own."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+def store(tmp_path_factory: pytest.TempPathFactory, mlflow_db: Path) -> str:
+    """One SQLite store for the module (its schema made once a session); each test has a run of its own."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    shutil.copyfile(mlflow_db, path)
+    uri = f"sqlite:///{path}"
     MlflowClient(uri).create_experiment("faults")
     return uri
 
@@ -125,7 +130,7 @@ def _kill_and_resume(tmp_path: Path, prepped: PipelineConfig, store: str, kill: 
     cfg_path = save_config(cfg, tmp_path / "cfg", "config.yaml")
     spec.write_text(json.dumps({"config": str(cfg_path), "run_id": run_id, "uri": store, "kill": kill, "at": at}))
     log = tmp_path / "child.log"
-    proc = python_child("tests.faults.test_kill_train:child", str(spec), log=log)
+    proc = forked_child("tests.faults.test_kill_train:child", str(spec), log=log)
     wait_killed(proc, log)
     assert_no_survivors(proc)
     return cfg, run_id, proc

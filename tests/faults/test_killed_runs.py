@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,9 +52,11 @@ def owners() -> Iterator[dict[str, dict[str, str]]]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One SQLite store for the module's in-process tests (its schema is made once), an experiment each."""
-    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+def store(tmp_path_factory: pytest.TempPathFactory, mlflow_db: Path) -> str:
+    """One SQLite store for the module's in-process tests (its schema made once a session), an experiment each."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    shutil.copyfile(mlflow_db, path)
+    return f"sqlite:///{path}"
 
 
 def _run(client: MlflowClient, exp: str, stage: str, owner: dict[str, str] | None) -> str:

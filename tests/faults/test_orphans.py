@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ import pytest
 from flowspeed.configs import PipelineConfig, load_config
 
 from tests.conftest import REPO
+from tests.faults.conftest import CLI_PREFECT_HOME
 
 TRAINER = "flowspeed.engines.torch_engine.trainer"
 PREFECT_SERVER = "prefect.server.api.server:create_app"
@@ -140,8 +142,9 @@ def _training(prepped: PipelineConfig) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("prefect-home")
+def prefect_home() -> Path:
+    """The fault tests' CLI children's Prefect home: its database is migrated once per session."""
+    return CLI_PREFECT_HOME
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +154,12 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.mark.slow
-def test_a_sigkilled_run_leaves_no_process_behind(tmp_path: Path, prepped: PipelineConfig, prefect_home: Path) -> None:
+def test_a_sigkilled_run_leaves_no_process_behind(
+    tmp_path: Path, prepped: PipelineConfig, prefect_home: Path, mlflow_db: Path
+) -> None:
     work = tmp_path / "work"
+    work.mkdir()
+    shutil.copyfile(mlflow_db, work / "mlflow.db")  # the store the run opens there, its schema made once a session
     child = Child(["run", "configs/quickstart.yaml", "--workdir", str(work), *_training(prepped)],
                   _env(prefect_home), tmp_path / "run.log")  # fmt: skip
     try:

@@ -32,6 +32,22 @@ def flowspeed(*args: str, workdir: Path) -> subprocess.CompletedProcess:
     )
 
 
+def flowspeed_started(*args: str, workdir: Path) -> subprocess.Popen:
+    """`flowspeed` started in the background (its outputs piped), for `finished` to collect: a command whose
+    result is checked later runs while the test does something else (a 2-core machine has a core to spare)."""
+    return subprocess.Popen([sys.executable, "-m", "flowspeed.flows.cli", *args], cwd=REPO, env=_env(workdir),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def test_bad_config_key_fails_with_one_readable_paragraph(tmp_path: Path) -> None:
     out = flowspeed(
         "run", "configs/quickstart.yaml", "--workdir", str(tmp_path), "--set", "train.max_step=3", workdir=tmp_path
@@ -82,6 +98,8 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
         assert len(client.get_metric_history(train_run.info.run_id, name)) == 30
     ckpt = Path(train_run.data.tags["flowspeed.checkpoint_path"])
     assert (ckpt / "state" / ".metadata").is_file() and ckpt.is_relative_to(work)
+    # The export reads only the checkpoint, which nothing below changes: it runs while the checks and the rerun do.
+    exporting = flowspeed_started("export", str(ckpt), "--out", str(tmp_path / "release"), workdir=work)
     model_files = [f.path for f in client.list_artifacts(train_run.info.run_id, "model")]
     assert "model/model_index.json" in model_files and "model/transformer" in model_files
 
@@ -103,20 +121,24 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
                  cfg.train_dir / "final" / "model_index.json"):  # fmt: skip
         assert path.is_file() and path.is_relative_to(work), path
 
-    # The sharded checkpoint becomes a release folder; a wrong path is one readable paragraph.
-    exported = flowspeed("export", str(ckpt), "--out", str(tmp_path / "release"), workdir=work)
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    assert (tmp_path / "release" / "model_index.json").is_file()
-    card = ModelCard.load(tmp_path / "release" / "README.md")  # a model card, with the checkpoint's own step
-    assert card.data.to_dict()["flowspeed"]["steps"] == int(ckpt.name.removeprefix("step-"))
-    bad = flowspeed("export", str(tmp_path), "--out", str(tmp_path / "x"), workdir=work)
-    said = " ".join(bad.stderr.replace("│", " ").split())  # the error box wraps lines where the path length puts them
-    assert bad.returncode == 1 and "not a checkpoint directory" in said and "Traceback" not in bad.stderr
-
     # Run again: nothing new to encode or train; Prefect's cache (outputs still present) reuses the work.
     again = flowspeed(
         "run", "configs/quickstart.yaml", "--workdir", str(work), "--set", f"data.manifest={manifest}", workdir=work
     )
+    # The sharded checkpoint becomes a release folder; a wrong path is one readable paragraph (in-process: the
+    # same command and handler, without a second interpreter's imports).
+    exported = finished(exporting)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (tmp_path / "release" / "model_index.json").is_file()
+    card = ModelCard.load(tmp_path / "release" / "README.md")  # a model card, with the checkpoint's own step
+    assert card.data.to_dict()["flowspeed"]["steps"] == int(ckpt.name.removeprefix("step-"))
+    from flowspeed.flows.cli import app
+    from typer.testing import CliRunner
+
+    bad = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "x")])
+    said = " ".join(bad.stderr.replace("│", " ").split())  # the error box wraps lines where the path length puts them
+    assert bad.exit_code == 1 and "not a checkpoint directory" in said and "Traceback" not in bad.stderr
+
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reused" in again.stdout and "prep, train, eval" in again.stdout
     said = " ".join(again.stdout.replace("│", " ").split())
@@ -141,6 +163,8 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
     # Both Prefect flow runs behind the MLflow runs, read back from the workdir's Prefect database in one process
     # (each start of the embedded server costs seconds): the first run's state and artifacts, the rerun's tasks.
     flow_run_id = parent.data.tags["flowspeed.prefect.flow_run_id"]
+    # `flowspeed compare` reads only MLflow: it runs while Prefect's database is read.
+    comparing = flowspeed_started("compare", f"flowspeed-{work.name}", "--workdir", str(work), "--json", workdir=work)
     check = (
         "import sys\n"
         "from prefect.client.orchestration import get_client\n"
@@ -182,7 +206,7 @@ def test_quickstart_end_to_end(tmp_path: Path) -> None:
         stray = [k for k in r.data.tags if not k.startswith(("flowspeed.", "mlflow."))]
         assert not stray, (r.data.tags.get("flowspeed.stage"), stray)
     # Both pipeline runs side by side, newest first.
-    cmp = flowspeed("compare", f"flowspeed-{work.name}", "--workdir", str(work), "--json", workdir=work)
+    cmp = finished(comparing)
     assert cmp.returncode == 0, cmp.stderr[-2000:]
     rows = json.loads(cmp.stdout)
     assert len(rows) == 2 and rows[1]["run_id"] == parent.info.run_id
@@ -204,13 +228,15 @@ def test_a_stage_failing_inside_its_flow_is_one_paragraph(tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_sd3_quickstart_runs_through_the_same_pipeline(tmp_path: Path, demo_manifest: Path) -> None:
     work = tmp_path / "sd3"
-    run = flowspeed("run", "configs/sd3-quickstart.yaml", "--workdir", str(work), "--set",
-                    f"data.manifest={demo_manifest}", "--set", "train.max_steps=5", workdir=work)  # fmt: skip
+    # two steps and one sample of one denoising step: what is checked is the image family's path, not its quality
+    sets = [f"data.manifest={demo_manifest}", "train.max_steps=2", "train.warmup_steps=0",
+            "eval.prompts=[a red circle]", "eval.num_inference_steps=1"]  # fmt: skip
+    run = flowspeed("run", "configs/sd3-quickstart.yaml", "--workdir", str(work),
+                    *(a for s in sets for a in ("--set", s)), workdir=work)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     exp = client.get_experiment_by_name("flowspeed-sd3")  # the workdir's
     (eval_run,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("flowspeed.stage") == "eval"]
     assert [f.path for f in client.list_artifacts(eval_run.info.run_id, "videos")][0].endswith(".png")
-    cfg = load_config(REPO / "configs" / "sd3-quickstart.yaml", [f"data.manifest={demo_manifest}", "train.max_steps=5"],
-                      work)  # fmt: skip
+    cfg = load_config(REPO / "configs" / "sd3-quickstart.yaml", sets, work)
     assert (cfg.train_dir / "final" / "model_index.json").read_text().count("StableDiffusion3Pipeline") == 1

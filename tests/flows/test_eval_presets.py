@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,12 @@ def _flowspeed_eval(workdir: Path, *overrides: str) -> dict:
 
 
 @pytest.mark.slow
-def test_qwen2_vl_preset_scores_ai2d_alone_on_one_and_two_ranks(tmp_path: Path) -> None:
+def test_qwen2_vl_preset_scores_ai2d_alone_on_one_and_two_ranks(tmp_path: Path, mlflow_db: Path) -> None:
     """`flowspeed eval configs/eval/qwen2_vl.yaml` on an export folder, nothing prepared or trained in the
     workdir: AI2D scored as logged == recomputed from the logged table, and 2 ranks == 1 rank."""
+    for workdir in (tmp_path / "one", tmp_path / "two"):  # each workdir's MLflow store, its schema made once
+        workdir.mkdir(exist_ok=True)
+        shutil.copyfile(mlflow_db, workdir / "mlflow.db")
     final, _ = _export("qwen2_vl", tmp_path / "model")
     tsv = _ai2d_tsv(tmp_path / "ai2d.tsv", repeat=2)  # 8 items: 4 per rank
     common = [f"eval.model={final}", f"eval.benchmarks=[{{name: ai2d, tsv: {tsv}}}]", "data.height=56",

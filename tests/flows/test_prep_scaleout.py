@@ -3,16 +3,23 @@
 from pathlib import Path
 
 import pytest
-from flowspeed.datasets_prep.prep import run_prep
+from flowspeed.configs import PipelineConfig
 from flowspeed.engines.common.io import read_jsonl
-from prefect.testing.utilities import prefect_test_harness
 
 from tests.conftest import make_config
 
 
 @pytest.fixture(scope="module")
 def harness():
-    with prefect_test_harness(server_startup_timeout=120):  # its 30 s default is short on a busy 2-core machine
+    """The session's ephemeral Prefect API (started once, on first use), named by PREFECT_API_URL in this
+    module's settings so that the Dask workers' processes reach it too, as prefect_test_harness did with a
+    server of its own (a second API start: seconds on a busy 2-core machine)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()  # the one Prefect's client starts for this process (a no-op when running)
+    server.start(timeout=120)
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield
 
 
@@ -24,11 +31,12 @@ def _content(prep_dir: Path) -> dict:
     }
 
 
-def test_thread_slices_match_one_process_and_rerun_is_cached(tmp_path: Path, demo_manifest: Path, harness) -> None:
+def test_thread_slices_match_one_process_and_rerun_is_cached(
+    tmp_path: Path, demo_manifest: Path, prepped: PipelineConfig, harness
+) -> None:
     from flowspeed.flows.stages import prep
 
-    single = make_config(tmp_path / "one", demo_manifest)
-    run_prep(single)
+    single = prepped  # the session's one-process prep of the same data (run_prep on this manifest)
     cfg = make_config(tmp_path / "sliced", demo_manifest, "data.slices=3", "data.task_runner=thread")
     first = prep(cfg)
     assert first["num_samples"] == 8 and first["cache_hit"] is False and first["world_size"] == 3
@@ -40,12 +48,13 @@ def test_thread_slices_match_one_process_and_rerun_is_cached(tmp_path: Path, dem
 
 
 @pytest.mark.slow
-def test_dask_local_cluster_runs_the_slices(tmp_path: Path, demo_manifest: Path, harness) -> None:
+def test_dask_local_cluster_runs_the_slices(
+    tmp_path: Path, demo_manifest: Path, prepped: PipelineConfig, harness
+) -> None:
     from flowspeed.flows.stages import prep_slices
     from flowspeed.tasks.stages import make_task_runner
 
-    single = make_config(tmp_path / "one", demo_manifest)
-    run_prep(single)
+    single = prepped  # the session's one-process prep of the same data (run_prep on this manifest)
     cfg = make_config(tmp_path / "dask", demo_manifest, "data.slices=2", "data.task_runner=dask")
     runner = make_task_runner(cfg)
     assert type(runner).__name__ == "DaskTaskRunner"

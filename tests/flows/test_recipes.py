@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from flowspeed.configs import load_config
 from flowspeed.configs.schema import BenchmarkConfig
 from flowspeed.engines.models import get_family
 from flowspeed.engines.models.sequence import SequenceFamily
+from flowspeed.engines.tracking.tracker import tracking_uri
 from mlflow import MlflowClient
 
 from tests.conftest import REPO
@@ -62,13 +64,20 @@ def test_every_family_has_a_recipe() -> None:
 @pytest.mark.parametrize(
     "recipe", [pytest.param(p, id=p.stem, marks=() if p.stem in DEFAULT else pytest.mark.slow) for p in RECIPES]
 )
-def test_recipe_runs_end_to_end(recipe: Path, demo: Path, tmp_path: Path) -> None:
+def test_recipe_runs_end_to_end(recipe: Path, demo: Path, mlflow_db: Path, tmp_path: Path) -> None:
     from flowspeed.flows.pipeline import pipeline
 
-    cfg = load_config(recipe, ["train.max_steps=4", "train.checkpoint_every=4"], workdir=tmp_path)
+    # Shorter than a user's run where no check looks: 4 steps, one fixed-noise pass for the held-out loss, one
+    # prompt sampled in 2 steps (still a multistep loop), 4-token answers. Every stage still runs and is tracked.
+    short = ["train.max_steps=4", "train.checkpoint_every=4", "eval.val_batches=1", "eval.num_inference_steps=2",
+             "eval.max_new_tokens=4"]  # fmt: skip
+    cfg = load_config(recipe, short, workdir=tmp_path)
+    assert tracking_uri(cfg) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"  # the workdir's own store
+    shutil.copyfile(mlflow_db, tmp_path / "mlflow.db")  # its schema made once (conftest), not per recipe
     family = get_family(cfg.model.family)
     manifest = Path(cfg.data.manifest).name  # data.jsonl, conversations.jsonl or audio.jsonl of the demo
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": demo / manifest})})
+    eval_ = cfg.eval.model_copy(update={"prompts": cfg.eval.prompts[:1]})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": demo / manifest}), "eval": eval_})
     if recipe.stem == "qwen2_vl-sft":  # and a benchmark: an AI2D-style TSV scored on the export
         bench = [BenchmarkConfig(name="ai2d", tsv=_ai2d_tsv(tmp_path / "ai2d.tsv"))]
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"benchmarks": bench})})

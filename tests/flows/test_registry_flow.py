@@ -19,7 +19,9 @@ def test_pipeline_registers_versions_and_gates_the_champion(tmp_path: Path, demo
 
     common = [f"data.output_dir={tmp_path / 'prep'}", "train.max_steps=3", "train.checkpoint_every=3",
               "tracking.registry.enabled=true", "tracking.registry.model_name=quick",
-              f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+              f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+              # one sample of one denoising step per eval: the gates read eval/val_loss, not the samples
+              "model.max_text_length=32", 'eval.prompts=["a red circle"]', "eval.num_inference_steps=1"]  # fmt: skip
     first = pipeline(make_config(tmp_path / "a", demo_manifest, *common))
     assert first["registry"]["alias"] == "champion" and first["registry"]["version"] == "1"
     # A gate no run can pass (an improvement of 1e9 in held-out loss): the new version is a challenger.

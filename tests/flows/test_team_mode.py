@@ -157,7 +157,7 @@ def _cfg(team: Team, name: str, manifest: Path, **sections: Any) -> dict[str, An
         "data": {"manifest": str(manifest), "output_dir": str(team.prep_dir)},
         "model": {"max_text_length": 32},
         "train": {"max_steps": 3, "checkpoint_every": 3, "gpu_slots": {"name": "gpu-team-node"}},
-        "eval": {"prompts": ["a red circle"]},
+        "eval": {"prompts": ["a red circle"], "num_inference_steps": 1},  # one sample, one denoising step
         "tracking": {"experiment": "team-deployed", "system_metrics": True, "system_metrics_interval_s": 1},
     }
     for key, value in sections.items():
@@ -170,6 +170,7 @@ def _recipe_overrides(team: Team, manifest: Path) -> list[str]:
     (the suite turns them off by default), so its MLflow run page has an image to show."""
     return [f"data.manifest={manifest}", "data.max_samples=4", "model.max_text_length=32", "train.max_steps=2",
             "train.checkpoint_every=2", "train.gpu_slots.name=gpu-team-node", "eval.prompts=[a red circle]",
+            "eval.num_inference_steps=1",
             "tracking.experiment=team-recipe", "tracking.samples.enabled=true"]  # fmt: skip
 
 
@@ -348,13 +349,17 @@ def test_flowspeed_takes_the_credentials_from_the_environment(team: Team, deploy
     """`flowspeed compare` against the server: with the environment's credentials it lists the deployed
     pipeline run; without them it fails in one paragraph that says MLflow refused (no secret printed:
     `Team.run` checks every command's output)."""
+    import concurrent.futures
+
     assert deployed["flow_run"].state.is_completed()
-    rows = json.loads(team.flowspeed("compare", "team-deployed", "--json"))
-    assert [r["status"] for r in rows] == ["FINISHED"]
     anonymous = {k: v for k, v in team.env.items() if not k.startswith("MLFLOW_TRACKING_")} | {
         "MLFLOW_TRACKING_URI": team.ml.url
     }
-    refused = team.run(str(BIN / "flowspeed"), "compare", "team-deployed", env=anonymous, ok=False)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two independent commands: both at once
+        listed = pool.submit(team.flowspeed, "compare", "team-deployed", "--json")
+        refusal = pool.submit(team.run, str(BIN / "flowspeed"), "compare", "team-deployed", env=anonymous, ok=False)
+        rows, refused = json.loads(listed.result()), refusal.result()
+    assert [r["status"] for r in rows] == ["FINISHED"]
     assert "401" in refused or "not authenticated" in refused.lower(), refused[-2000:]
     assert "Traceback" not in refused
 

@@ -4,6 +4,7 @@ namespace). Recipes, the demo data and the quickstart must work from the install
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -52,12 +53,16 @@ def test_the_wheel_runs_the_quickstart_recipe_beside_a_users_own_configs_package
     (project / "tasks").mkdir()
     (project / "tasks" / "__init__.py").write_text("")
 
-    listed = _flowspeed(wheel_venv, project, "recipes", "list").stdout
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two independent commands: both at once
+        listing = pool.submit(_flowspeed, wheel_venv, project, "recipes", "list")
+        demo = pool.submit(_flowspeed, wheel_venv, project, "demo-data", "runs/demo", "--num-videos", "4",
+                           "--num-images", "2")  # fmt: skip
+        listed = listing.result().stdout
+        demo.result()
     names = {line.split()[0] for line in listed.splitlines() if line.strip()}
     assert names == set(recipes())  # package data: every recipe of the checkout made it into the wheel
     assert {"quickstart", "sd3-t2i", "qwen2_vl-sft", "eval/sd3", "published/opensora-v1.2"} <= names
 
-    _flowspeed(wheel_venv, project, "demo-data", "runs/demo", "--num-videos", "4", "--num-images", "2")
     assert (project / "runs" / "demo" / "data.jsonl").is_file()
 
     # the quickstart recipe by name (no configs/ file here: the user's configs/ is a Python package), at its

@@ -5,12 +5,19 @@ from flowspeed.configs import PipelineConfig
 from flowspeed.tasks.caching import files_policy, run_cached
 from flowspeed.tasks.stages import prep_latents
 from prefect import task
-from prefect.testing.utilities import prefect_test_harness
 
 
 @pytest.fixture(scope="module")
 def harness():
-    with prefect_test_harness(server_startup_timeout=120):  # its 30 s default is short on a busy 2-core machine
+    """The session's ephemeral Prefect API (started once, on first use), named by PREFECT_API_URL in this
+    module's settings, where prefect_test_harness started a second server (seconds on a busy 2-core machine).
+    Cache records do not depend on it: every test here caches into paths of its own tmp_path."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()  # the one Prefect's client starts for this process (a no-op when running)
+    server.start(timeout=120)
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield
 
 
@@ -98,7 +105,8 @@ def test_a_rerun_after_a_failed_stage_does_only_that_stage(tmp_path: Path, demo_
     from tests.conftest import make_config
 
     cfg = make_config(tmp_path / "w", demo_manifest, "train.max_steps=2", "train.checkpoint_every=2",
-                      "model.max_text_length=32", 'eval.prompts=["a red circle"]')  # fmt: skip
+                      "model.max_text_length=32", 'eval.prompts=["a red circle"]',
+                      "eval.num_inference_steps=1")  # fmt: skip
     cfg.eval_dir.parent.mkdir(parents=True)
     cfg.eval_dir.write_text("not a folder")
     with pytest.raises(Exception, match="eval"):

@@ -79,13 +79,18 @@ def test_a_sigkilled_holder_does_not_keep_its_slot(
     tmp_path: Path, demo_manifest: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The resume of a SIGKILLed training used to wait forever, silently, for the slot the dead run held."""
+    from prefect.server.api.server import SubprocessASGIServer
+
     overrides = [f"data.manifest={demo_manifest}", "train.gpu_slots.name=gpu-test-node-killed"]
+    api = SubprocessASGIServer()  # this process's ephemeral API, which the holder uses too (no server of its own)
+    api.start(timeout=120)
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(QUICKSTART), *overrides], cwd=REPO,
+                              env=os.environ | {"PREFECT_API_URL": api.api_url},
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     helpers: list[psutil.Process] = []
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
-        helpers = psutil.Process(holder.pid).children(recursive=True)  # its ephemeral Prefect server
+        helpers = psutil.Process(holder.pid).children(recursive=True)  # anything it started
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait(timeout=30)
         cfg = make_config(tmp_path, demo_manifest, "train.gpu_slots.name=gpu-test-node-killed",

@@ -3,6 +3,8 @@ the way back to HF equal to the original state dict."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from flowspeed.engines.megatron.convert import hf_to_megatron, megatron_to_hf
@@ -47,14 +49,46 @@ def _megatron_logits(rank: int, world: int, kind: str, ids: torch.Tensor) -> tup
     return logits, state
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+KINDS = ("qwen2", "llama")
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def _every_kind(rank: int, world: int) -> dict[str, tuple[torch.Tensor, dict]]:
+    """Both decoders in one set of ranks (megatron's parallel state torn down in between): one spawn per TP size."""
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for kind in KINDS:
+        out[kind] = _megatron_logits(rank, world, kind, _ids())
+        ps.destroy_model_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def megatron_ranks() -> Callable[[int], list[dict[str, tuple[torch.Tensor, dict]]]]:
+    """Each TP size's ranks, spawned once for the module and shared by the tests of both decoders."""
+    spawned: dict[int, list] = {}
+
+    def ranks(tp: int) -> list[dict[str, tuple[torch.Tensor, dict]]]:
+        if tp not in spawned:
+            spawned[tp] = run_ranks(_every_kind, tp)
+        return spawned[tp]
+
+    return ranks
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("tp", [1, 2])
-def test_converted_model_gives_the_hf_logits_and_converts_back(kind: str, tp: int) -> None:
+def test_converted_model_gives_the_hf_logits_and_converts_back(
+    kind: str, tp: int, megatron_ranks: Callable[[int], list[dict[str, tuple[torch.Tensor, dict]]]]
+) -> None:
     hf = _hf_model(kind)
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = hf(ids).logits
-    results = run_ranks(_megatron_logits, tp, kind, ids)
+        expected = hf(_ids()).logits
+    results = [per_kind[kind] for per_kind in megatron_ranks(tp)]
     for logits, _ in results:
         assert logits.shape == expected.shape
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

@@ -3,8 +3,11 @@ distributed optimizer each reproduce the single-process losses over 5 optimizer 
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 import torch
 from flowspeed.engines.megatron.training import Layout
@@ -91,26 +94,41 @@ def _train(layout: Layout, steps: int = STEPS, load: str | None = None, save: st
     return losses
 
 
-def _layouts(rank: int, world: int, names: list[str]) -> dict[str, list[float]]:
-    """Every layout in one pair of processes (megatron's parallel state is torn down in between), which keeps
-    the test at one spawn instead of one per layout."""
-    return {name: _train(Layout(**LAYOUTS[name])) for name in names}
-
-
 @pytest.fixture(scope="module")
 def single() -> tuple[list[float], list[float]]:
     """The uninterrupted one-process losses (fp32, bf16) both tests compare against: one spawn for the module."""
     return run_ranks(_train_one, 1, True)[0]
 
 
-@pytest.mark.parametrize("names", [[n for n in LAYOUTS if n != "tp2+distributed_optimizer"]], ids=["all-layouts"])
+LAYOUT_NAMES = [n for n in LAYOUTS if n != "tp2+distributed_optimizer"]
+RESHARD_PAIRS = [("dp2+distributed_optimizer", "tp2+distributed_optimizer"), ("tp2", "pp2")]
+
+
+def _two_rank_jobs(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Every layout, then every checkpoint reshard, in one pair of processes (megatron's parallel state is torn
+    down in between), which keeps the module at one 2-rank spawn instead of one per layout or test. Also the
+    rank's child processes at its end, which the harness must end: megatron's checkpointing starts some, and a
+    plain `sleep` stands in for any other helper a rank leaves running."""
+    layouts = {name: _train(Layout(**LAYOUTS[name])) for name in LAYOUT_NAMES}
+    reshard = _reshard(rank, world, RESHARD_PAIRS, root)
+    subprocess.Popen(["sleep", "600"])  # never waited for here
+    children = [(c.pid, c.create_time()) for c in psutil.Process().children(recursive=True)]
+    return {"layouts": layouts, "reshard": reshard, "children": children}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_ranks(_two_rank_jobs, 2, str(tmp_path_factory.mktemp("reshard")))
+
+
 def test_parallel_layouts_reproduce_the_single_process_losses(
-    names: list[str], single: tuple[list[float], list[float]]
+    two_ranks: list[dict[str, Any]], single: tuple[list[float], list[float]]
 ) -> None:
     fp32, bf16 = single
     assert fp32[-1] < fp32[0], f"the tiny model did not learn: {fp32}"
-    for rank_losses in run_ranks(_layouts, 2, names):
-        for name in names:
+    for rank_results in two_ranks:
+        rank_losses = rank_results["layouts"]
+        for name in LAYOUT_NAMES:
             got = rank_losses[name]
             assert len(got) == STEPS
             # bf16 rounds activations to 8 mantissa bits, and TP sums in another order: close, not equal
@@ -141,15 +159,33 @@ def _reshard(rank: int, world: int, pairs: list[tuple[str, str]], root: str) -> 
     return out
 
 
-def test_checkpoints_resume_on_another_layout(tmp_path: Path, single: tuple[list[float], list[float]]) -> None:
+def test_checkpoints_resume_on_another_layout(
+    two_ranks: list[dict[str, Any]], single: tuple[list[float], list[float]]
+) -> None:
     """3 steps on one layout, a megatron dist checkpoint (model + optimizer), 2 more steps on another layout: the
     5 losses are the uninterrupted single process's. The distributed optimizer's state moves from 2 DP shards to
     a TP=2 layout; the plain optimizer's from TP=2 to PP=2."""
     fp32 = single[0]
-    pairs = [("dp2+distributed_optimizer", "tp2+distributed_optimizer"), ("tp2", "pp2")]
-    for name, got in run_ranks(_reshard, 2, pairs, str(tmp_path))[0].items():
+    assert list(two_ranks[0]["reshard"]) == [f"{a} -> {b}" for a, b in RESHARD_PAIRS]
+    for name, got in two_ranks[0]["reshard"].items():
         diff = max(abs(a - b) for a, b in zip(got, fp32, strict=True))
         assert diff < FP32_TOLERANCE, f"{name}: losses {got} differ from the uninterrupted {fp32} by {diff:.2e}"
+
+
+def test_no_child_process_of_a_rank_outlives_it(two_ranks: list[dict[str, Any]]) -> None:
+    """megatron's dist checkpointing left multiprocessing helpers (~800 MB each) alive after the rank's os._exit:
+    tests/distributed.py ends them (and fails a run where one survives); here, the ones it saw are all gone."""
+    children = [child for rank_results in two_ranks for child in rank_results["children"]]
+    assert len(children) >= len(two_ranks), children  # at least each rank's `sleep`
+    alive = []
+    for pid, started in children:
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    assert not alive, f"child processes {alive} of the ranks are still running"
 
 
 @pytest.mark.parametrize(

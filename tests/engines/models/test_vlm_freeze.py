@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from flowspeed.configs import ComponentConfig, ModelConfig, load_config
+from flowspeed.configs import ComponentConfig, ModelConfig, PipelineConfig, load_config
+from flowspeed.engines.loop import TrainResult
 from flowspeed.engines.models import get_family
 from flowspeed.engines.torch_engine.lora import apply_lora
 from torch import nn
@@ -130,33 +132,67 @@ def test_one_engine_step_leaves_the_tower_bit_identical(family: str, demo: Path,
     train_and_compare(f"{family}-sft", demo, tmp_path)
 
 
+# The 2-rank runs, in one torchrun job for the module (tests/engines/torch_engine/runs_job.py): each test compares
+# its own run's export, and a run that fails is named by its test.
+TWO_RANK_RUNS = {
+    "fsdp2-qwen2_vl": ("qwen2_vl-sft", ["train.nproc_per_node=2", "train.parallel.dp_shard=2"]),
+    "megatron-qwen2_vl": ("qwen2_vl-sft-megatron", []),  # the recipes' own 2 ranks, 2 pipeline stages
+    "megatron-llava": ("llava-sft-megatron", []),
+}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from tests.engines.torch_engine.runs_job import run_together
+
+    runs = {name: prepared(recipe, demo, tmp_path_factory.mktemp(name), *overrides)
+            for name, (recipe, overrides) in TWO_RANK_RUNS.items()}  # fmt: skip
+    return {"runs": runs, "job_error": run_together(runs, 2)}
+
+
+def _two_rank_result(two_rank_runs: dict[str, Any], name: str) -> tuple[PipelineConfig, TrainResult]:
+    from tests.engines.torch_engine.runs_job import result
+
+    return two_rank_runs["runs"][name], result(two_rank_runs["runs"], name, two_rank_runs["job_error"])
+
+
 @pytest.mark.slow
-def test_fsdp2_shards_a_partly_frozen_model(demo: Path, tmp_path: Path) -> None:
+def test_fsdp2_shards_a_partly_frozen_model(two_rank_runs: dict[str, Any]) -> None:
     """Two ranks, FSDP2: Qwen2-VL's root group holds the frozen patch_embed beside the trained merger and
     embeddings, and the frozen blocks are groups of their own; fully_shard reduces only what has a gradient."""
-    train_and_compare("qwen2_vl-sft", demo, tmp_path, "train.nproc_per_node=2", "train.parallel.dp_shard=2")
+    compare(*_two_rank_result(two_rank_runs, "fsdp2-qwen2_vl"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
-def test_megatron_engine_freezes_the_tower_too(family: str, demo: Path, tmp_path: Path) -> None:
+def test_megatron_engine_freezes_the_tower_too(family: str, two_rank_runs: dict[str, Any]) -> None:
     """The megatron recipe (2 pipeline stages): the tower lives in the first stage's torch modules."""
-    train_and_compare(f"{family}-sft-megatron", demo, tmp_path)
+    compare(*_two_rank_result(two_rank_runs, f"megatron-{family}"))
+
+
+def prepared(recipe: str, demo: Path, tmp_path: Path, *overrides: str) -> PipelineConfig:
+    """The recipe for one step on the demo data, its prep stage run."""
+    from flowspeed.datasets_prep.prep import run_prep
+
+    steps = ["train.max_steps=1", "train.checkpoint_every=1", "train.warmup_steps=0"]
+    cfg = load_config(REPO / "configs" / "pipelines" / f"{recipe}.yaml", [*steps, *overrides], workdir=tmp_path)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": demo / Path(cfg.data.manifest).name})})
+    run_prep(cfg)
+    return cfg
 
 
 def train_and_compare(recipe: str, demo: Path, tmp_path: Path, *overrides: str) -> None:
     """The engine's own path (prep, launch, export); then export vs the seeded start, parameter by parameter."""
-    from flowspeed.datasets_prep.prep import run_prep
     from flowspeed.engines.launch import launch
 
-    steps = ["train.max_steps=1", "train.checkpoint_every=1", "train.warmup_steps=0"]
-    cfg = load_config(REPO / "configs" / "pipelines" / f"{recipe}.yaml", [*steps, *overrides], workdir=tmp_path)
-    family = cfg.model.family
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"manifest": demo / Path(cfg.data.manifest).name})})
-    run_prep(cfg)
-    res = launch(cfg, None, None)
-    assert len(res.losses) == 1
+    cfg = prepared(recipe, demo, tmp_path, *overrides)
+    compare(cfg, launch(cfg, None, None))
 
+
+def compare(cfg: PipelineConfig, res: TrainResult) -> None:
+    """The run's export against the seeded start it trained from: the tower bit-identical, the rest trained."""
+    assert len(res.losses) == 1
+    family = cfg.model.family
     fam = get_family(family)
     before = dict(fam.load_model(cfg.model).named_parameters())  # the seeded preset the engine started from
     exported = ModelConfig(family=family, transformer=ComponentConfig(preset=None, pretrained=res.final_dir))

@@ -159,10 +159,23 @@ def _family_on_ranks(rank: int, world: int, family: str) -> dict:
     return result
 
 
+FAMILIES = ("cogvideox", "flux")
+
+
+def _every_family(rank: int, world: int) -> dict[str, dict]:
+    return {family: _family_on_ranks(rank, world, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def cp_ranks() -> list[dict[str, dict]]:
+    """Both families on one pair of ranks (each on its own CP mesh): one spawn for the module."""
+    return run_ranks(_every_family, 2)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["cogvideox", "flux"])
-def test_cp2_matches_single_process(family: str) -> None:
-    ranks = run_ranks(_family_on_ranks, 2, family)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cp2_matches_single_process(family: str, cp_ranks: list[dict[str, dict]]) -> None:
+    ranks = [r[family] for r in cp_ranks]
     for mode in ("ulysses", "ring"):
         for r in ranks:
             stats = r[mode]

@@ -4,22 +4,31 @@ Parity is exact in intent: one process accumulating 2 micro-batches sees the sam
 same noise as 2 data-parallel ranks with one micro-batch each (the sampler deals batches
 round-robin and the noise is keyed by the global micro-batch index); TP and CP ranks all see the
 one-process batch. Only the order of floating-point reductions differs, hence 1e-5, not equality.
+
+The 2-rank runs that need no launch of their own (every layout, the FSDP resume test's uninterrupted run and its
+first half) train one after another in one torchrun job (runs_job.py), each through the engine's own `train`
+with its own saved launch config, mesh and workdir: the job's start (two ranks importing the engine) is most of
+a tiny run's time. Each test still asserts on its own run, and a run that fails is named by its test. The
+resumed half is a launch of its own (a resume is a new process).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from flowspeed.configs import PipelineConfig
 from flowspeed.engines.launch import launch
+from flowspeed.engines.loop import TrainResult
 from flowspeed.engines.torch_engine import checkpoint as ckpt
 from flowspeed.engines.torch_engine.launch import validate_layout
 from flowspeed.engines.torch_engine.trainer import export_checkpoint
 from flowspeed.evaluation.common import trained_model
 
 from tests.conftest import make_config
+from tests.engines.torch_engine.runs_job import result, run_together
 
 STEPS = 5
 
@@ -56,22 +65,41 @@ LAYOUTS = {
 }
 
 
+FSDP_RESUME = ["train.nproc_per_node=2", "train.parallel.dp_shard=2", "train.checkpoint_every=2",
+               "train.ema.enabled=true", "train.async_checkpoint=true"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory: pytest.TempPathFactory, prepped: PipelineConfig) -> dict[str, Any]:
+    """Every 2-rank run of this module that needs no launch of its own, in one torchrun job (runs_job.py)."""
+    runs = {name: _cfg(tmp_path_factory.mktemp(name), prepped, "train.nproc_per_node=2", *overrides)
+            for name, (overrides, _) in LAYOUTS.items()}  # fmt: skip
+    runs["fsdp-straight"] = _cfg(tmp_path_factory.mktemp("fsdp-straight"), prepped, *FSDP_RESUME)
+    runs["fsdp-first-half"] = _cfg(tmp_path_factory.mktemp("fsdp-split"), prepped, *FSDP_RESUME,
+                                   "train.stop_after_steps=2")  # fmt: skip
+    return {"runs": runs, "job_error": run_together(runs, 2)}
+
+
+def _result(two_rank_runs: dict[str, Any], name: str) -> TrainResult:
+    return result(two_rank_runs["runs"], name, two_rank_runs["job_error"])
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_every_layout_matches_one_process(
-    name: str, tmp_path: Path, prepped: PipelineConfig, baselines: dict[int, list[float]]
+    name: str, two_rank_runs: dict[str, Any], baselines: dict[int, list[float]]
 ) -> None:
-    overrides, accum = LAYOUTS[name]
-    res = launch(_cfg(tmp_path, prepped, "train.nproc_per_node=2", *overrides), None, None)
+    _, accum = LAYOUTS[name]
+    res = _result(two_rank_runs, name)
     assert len(res.losses) == STEPS
     assert res.losses == pytest.approx(baselines[accum], abs=1e-5)
 
 
-def test_fsdp_resume_is_exact_and_its_checkpoint_loads_in_one_process(tmp_path: Path, prepped: PipelineConfig) -> None:
-    two = ["train.nproc_per_node=2", "train.parallel.dp_shard=2", "train.checkpoint_every=2", "train.ema.enabled=true",
-           "train.async_checkpoint=true"]  # fmt: skip
-    straight = launch(_cfg(tmp_path / "a", prepped, *two), None, None)
-    split = _cfg(tmp_path / "b", prepped, *two, "train.stop_after_steps=2")
-    first = launch(split, None, None)
+def test_fsdp_resume_is_exact_and_its_checkpoint_loads_in_one_process(
+    tmp_path: Path, two_rank_runs: dict[str, Any]
+) -> None:
+    straight = _result(two_rank_runs, "fsdp-straight")
+    first = _result(two_rank_runs, "fsdp-first-half")
+    split = two_rank_runs["runs"]["fsdp-first-half"]
     resumed = launch(split.model_copy(update={"train": split.train.model_copy(update={"stop_after_steps": None})}),
                      None, None)  # fmt: skip
     assert resumed.resumed_from == 2

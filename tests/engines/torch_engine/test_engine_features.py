@@ -24,8 +24,13 @@ def _cfg(tmp: Path, prepped: PipelineConfig, *overrides: str) -> PipelineConfig:
                        *overrides)  # fmt: skip
 
 
-def test_recomputation_changes_memory_not_results(tmp_path: Path, prepped: PipelineConfig) -> None:
-    plain = launch(_cfg(tmp_path / "plain", prepped), None, None).losses
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory, prepped: PipelineConfig) -> list[float]:
+    """The losses without recomputation or compile, which both tests compare against: one run for the module."""
+    return launch(_cfg(tmp_path_factory.mktemp("plain"), prepped), None, None).losses
+
+
+def test_recomputation_changes_memory_not_results(tmp_path: Path, prepped: PipelineConfig, plain: list[float]) -> None:
     for mode in ("full", "selective"):
         res = launch(_cfg(tmp_path / mode, prepped, f"train.activation_checkpointing={mode}"), None, None)
         assert res.losses == pytest.approx(plain, abs=1e-6), mode
@@ -47,8 +52,9 @@ def test_checkpoint_wrappers_wrap_every_block_and_unknown_modes_are_refused() ->
 
 
 @pytest.mark.slow
-def test_regional_compile_trains_the_same_and_fills_a_persistent_cache(tmp_path: Path, prepped: PipelineConfig) -> None:
-    plain = launch(_cfg(tmp_path / "plain", prepped), None, None).losses
+def test_regional_compile_trains_the_same_and_fills_a_persistent_cache(
+    tmp_path: Path, prepped: PipelineConfig, plain: list[float]
+) -> None:
     cache = tmp_path / "inductor"
     cfg = _cfg(tmp_path / "compiled", prepped, "train.compile=true", f"train.compile_cache_dir={cache}")
     res = launch(cfg, None, None)

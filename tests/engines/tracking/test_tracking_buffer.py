@@ -7,6 +7,7 @@ stopped server gives); tests/flows/test_team_mode.py stops and restarts a real M
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -33,7 +34,19 @@ class Outage:
         return self.real(*args, **kwargs)
 
 
-def _store(tmp_path: Path) -> tuple[str, str]:
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite database with its tables made, once: a new store's migrations take most of a second
+    (several under load), a copy of the file milliseconds. Each test still has a database of its own."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def store(tmp_path: Path, empty_store: Path) -> tuple[str, str]:
+    """This test's own store (a copy of the empty one) and a run in it: (uri, run_id)."""
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("outage"))
@@ -51,8 +64,8 @@ def _wait_for(ok, timeout: float = 30.0) -> None:  # noqa: ANN001
         time.sleep(0.05)
 
 
-def test_metrics_logged_during_an_outage_arrive_once_when_it_ends(tmp_path: Path) -> None:
-    uri, run_id = _store(tmp_path)
+def test_metrics_logged_during_an_outage_arrive_once_when_it_ends(tmp_path: Path, store: tuple[str, str]) -> None:
+    uri, run_id = store
     tracker = Tracker(uri, run_id, flush_every=2, undelivered_dir=tmp_path / "undelivered", grace_s=60,
                       max_backoff_s=0.2)  # fmt: skip
     outage = Outage(tracker.client)
@@ -72,9 +85,9 @@ def test_metrics_logged_during_an_outage_arrive_once_when_it_ends(tmp_path: Path
     assert not (tmp_path / "undelivered").exists()
 
 
-def test_a_batch_sent_twice_is_stored_once(tmp_path: Path) -> None:
+def test_a_batch_sent_twice_is_stored_once(tmp_path: Path, store: tuple[str, str]) -> None:
     """A reply lost after the server committed makes the sender repeat the batch: no duplicate rows."""
-    uri, run_id = _store(tmp_path)
+    uri, run_id = store
     tracker = Tracker(uri, run_id, flush_every=100, grace_s=30)
     real = tracker.client.log_batch
     calls = {"n": 0}
@@ -92,8 +105,10 @@ def test_a_batch_sent_twice_is_stored_once(tmp_path: Path) -> None:
     assert _steps(uri, run_id, "train/loss") == [1, 2, 3, 4, 5]
 
 
-def test_an_outage_past_the_grace_period_leaves_a_file_that_sync_delivers(tmp_path: Path) -> None:
-    uri, run_id = _store(tmp_path)
+def test_an_outage_past_the_grace_period_leaves_a_file_that_sync_delivers(
+    tmp_path: Path, store: tuple[str, str]
+) -> None:
+    uri, run_id = store
     # a champion finetune's training folder, the deepest a workdir holds: `sync-metrics WORKDIR` finds it
     folder = tmp_path / "train" / "cogvideox-0123abcd" / "from-m-v1-0123abcd" / "mlflow-undelivered"
     tracker = Tracker(uri, run_id, flush_every=3, undelivered_dir=folder, grace_s=0.5, max_backoff_s=0.1)
@@ -135,12 +150,14 @@ def test_sync_keeps_the_file_while_the_server_is_still_away(tmp_path: Path) -> N
     assert (folder / "r.jsonl").is_file()
 
 
-def test_a_batch_the_server_refuses_is_dropped_without_stalling_the_rest(tmp_path: Path) -> None:
+def test_a_batch_the_server_refuses_is_dropped_without_stalling_the_rest(
+    tmp_path: Path, store: tuple[str, str]
+) -> None:
     """A 4xx answer is not an outage: resending cannot help, so that batch goes and the queue moves on."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    uri, run_id = _store(tmp_path)
+    uri, run_id = store
     tracker = Tracker(uri, run_id, flush_every=100, undelivered_dir=tmp_path / "undelivered", grace_s=30)
     real = tracker.client.log_batch
 
@@ -166,12 +183,12 @@ def _journal_steps(folder: Path, key: str = "train/loss") -> list[int]:
     return sorted(r["step"] for r in rows if r.get("metric") == key)
 
 
-def test_identical_rows_are_stored_once_by_the_sqlite_store(tmp_path: Path) -> None:
+def test_identical_rows_are_stored_once_by_the_sqlite_store(store: tuple[str, str]) -> None:
     """What `persist` relies on when a row it wrote to the journal is delivered as well: the SQL store
     keeps one row per (key, timestamp, step, value), in one batch or across batches."""
     from mlflow.entities import Metric
 
-    uri, run_id = _store(tmp_path)
+    uri, run_id = store
     client = MlflowClient(uri)
     rows = [Metric("train/loss", 0.25, 1000, 1), Metric("train/loss", 0.5, 1000, 2)]
     client.log_batch(run_id, metrics=rows)
@@ -182,12 +199,14 @@ def test_identical_rows_are_stored_once_by_the_sqlite_store(tmp_path: Path) -> N
     ]  # fmt: skip
 
 
-def test_persist_delivers_or_journals_before_a_checkpoint_without_waiting_out_an_outage(tmp_path: Path) -> None:
+def test_persist_delivers_or_journals_before_a_checkpoint_without_waiting_out_an_outage(
+    tmp_path: Path, store: tuple[str, str]
+) -> None:
     """`persist` (called before a checkpoint is published): with the server up, everything is in the
     run when it returns; with the server hanging, it gives up after `persist_wait_s` and the rows are
     fsync'ed to the journal; during a known outage it does not wait at all. The journaled rows are
     still sent when the server answers, and the run holds every step once."""
-    uri, run_id = _store(tmp_path)
+    uri, run_id = store
     folder = tmp_path / "undelivered"
     tracker = Tracker(uri, run_id, flush_every=100, undelivered_dir=folder, grace_s=60, max_backoff_s=0.2,
                       persist_wait_s=0.5)  # fmt: skip
@@ -226,11 +245,11 @@ def test_persist_delivers_or_journals_before_a_checkpoint_without_waiting_out_an
     assert replay_undelivered(folder) == (0, 0)
 
 
-def test_a_resumed_run_logs_only_the_steps_its_mlflow_run_does_not_hold(tmp_path: Path) -> None:
+def test_a_resumed_run_logs_only_the_steps_its_mlflow_run_does_not_hold(tmp_path: Path, store: tuple[str, str]) -> None:
     """A run killed after delivering steps 1..5 resumes from its step-2 checkpoint into the same MLflow
     run: steps 3..5 are not logged again (they hold the same values), 6..8 are. The same resume into a
     new run logs everything it computes."""
-    uri, run_id = _store(tmp_path)
+    uri, run_id = store
     killed = Tracker(uri, run_id, flush_every=1, grace_s=30)
     for step in range(1, 6):
         killed.log_metrics({"train/loss": 1.0 / step, "train/lr": 0.1}, step)
@@ -251,11 +270,13 @@ def test_a_resumed_run_logs_only_the_steps_its_mlflow_run_does_not_hold(tmp_path
     assert _steps(uri, new_run, "train/loss") == list(range(3, 9))
 
 
-def test_steps_in_the_journal_are_not_logged_again_and_replay_keeps_one_row_per_step(tmp_path: Path) -> None:
+def test_steps_in_the_journal_are_not_logged_again_and_replay_keeps_one_row_per_step(
+    tmp_path: Path, store: tuple[str, str]
+) -> None:
     """A run killed while the server was away left steps 1..4 in its journal (a cut-short last line
     too). The resume from step 2 does not log 3 and 4 again; the journal, replayed, fills them in; a
     journal row of a step the run already holds (another timestamp) is skipped."""
-    uri, run_id = _store(tmp_path)
+    uri, run_id = store
     folder = tmp_path / "undelivered"
     folder.mkdir()
     rows = [{"run_id": run_id, "uri": uri, "metric": "train/loss", "value": 1.0 / s, "timestamp": 1000 + s,
@@ -274,10 +295,10 @@ def test_steps_in_the_journal_are_not_logged_again_and_replay_keeps_one_row_per_
     assert _steps(uri, run_id, "train/loss") == [1, 2, 3, 4, 5, 6]
 
 
-def test_batches_end_at_step_boundaries(tmp_path: Path) -> None:
+def test_batches_end_at_step_boundaries(tmp_path: Path, store: tuple[str, str]) -> None:
     """log_batch takes 1000 metrics: a kill between two calls must not leave half a step in the run
     (the resume skips whole steps by their train/loss)."""
-    uri, run_id = _store(tmp_path)
+    uri, run_id = store
     tracker = Tracker(uri, run_id, flush_every=100, grace_s=30)
     real, sent = tracker.client.log_batch, []
 
