@@ -119,6 +119,7 @@ FAMILIES: dict[str, FamilyFacts] = {
     "internvl": _facts("internvl", _SEQUENCE, vision_tower=True),
     "kolors": _facts("kolors", _IMAGE, denoiser_subfolder="unet"),
     "llava": _facts("llava", _SEQUENCE, vision_tower=True),
+    "ltx": _facts("ltx", _VIDEO, frames=8, size_multiple=32),  # LTX-Video's VAE: 8k+1 frames, 32x; 1x1 patches
     "opensora": _facts("opensora", _VIDEO, ("sd-vae-ft-ema",), ("STDiT-XL/2", "STDiT-XL/2-512"), "cp", frames="any"),
     "opensora1.2": _facts("opensora", _VIDEO, ("opensora-vae-v1.2",), ("STDiT3-XL/2",), "cp dsp", frames="any"),
     "opensoraplan": _facts("opensoraplan", _VIDEO, _OSP_VAES, ("tiny-v1.2", *_OSP_T2V, _OSP_INPAINT), "cp"),
@@ -127,6 +128,7 @@ FAMILIES: dict[str, FamilyFacts] = {
     "qwen2_vl": _facts("qwen2_vl", _SEQUENCE, vision_tower=True),
     "sd3": _facts("sd3", _IMAGE, transformer=("tiny-3.5",)),
     "sdxl": _facts("sdxl", _IMAGE, denoiser_subfolder="unet"),
+    "wan": _facts("wan", _VIDEO, parallel="cp"),  # Wan2.1's VAE: 4k+1 frames, 8x; 2x2 patches
     "whisper": _facts("whisper", _SEQUENCE),
 }
 

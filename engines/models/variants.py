@@ -284,7 +284,8 @@ def _build_tiny(family: str) -> dict[str, nn.Module]:
     tokenizer, encoder = fam.load_text_encoder(cfg)
     text = fam.encode_text(tokenizer, encoder, ["a"], 8)
     text = text["text_embeds"] if isinstance(text, dict) else text
-    channels = getattr(vae.config, "latent_channels", None) or vae.latent_channels  # OpenSoraPlan's VAEs: attribute
+    # OpenSoraPlan's VAEs: an attribute; Wan's AutoencoderKLWan: `z_dim`
+    channels = getattr(vae.config, "latent_channels", None) or getattr(vae.config, "z_dim", None) or vae.latent_channels
     denoiser = fam.load_transformer(cfg, text.shape[-1], channels)
     parts: dict[str, nn.Module] = {fam.denoiser_subfolder: denoiser}
     if isinstance(encoder, nn.ModuleList):  # image families: one encoder per pipeline text part
@@ -548,4 +549,87 @@ def _dits_variants() -> list[Variant]:
 
 
 for _v in _dits_variants():
+    register_variant(_v)
+
+
+# ---- Wan2.1 (engines/models/wan.py) ------------------------------------------------------------------------------
+def _wan_variants() -> list[Variant]:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    # google/umt5-xxl config.json, encoder only (what the released text_encoder/ folders hold): 5,680,910,336
+    umt5_xxl = Component(UMT5EncoderModel, dict(
+        vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False))  # fmt: skip
+    # Wan-AI/Wan2.1-*-Diffusers vae/config.json = AutoencoderKLWan's defaults (base_dim 96, z_dim 16, dim_mult
+    # [1, 2, 4, 4], 2 res blocks, temporal downsample [False, True, True], Wan's latents_mean/std): 126,892,531
+    vae = Component(AutoencoderKLWan, {})
+
+    def wan(dim_heads: int, ffn: int, layers: int) -> Component:
+        # transformer/config.json as diffusers' scripts/convert_wan_to_diffusers.py writes it (get_transformer_config)
+        return Component(WanTransformer3DModel, dict(
+            patch_size=(1, 2, 2), num_attention_heads=dim_heads, attention_head_dim=128, in_channels=16,
+            out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=ffn, num_layers=layers, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6))  # fmt: skip
+
+    # Exact counts: the authors' WanModel (Wan-Video/Wan2.1@9737cba wan/modules/model.py) built on meta with their
+    # wan/configs/wan_t2v_{1_3B,14B}.py (dim 1536 / 5120, ffn 8960 / 13824, 12 / 40 heads, 30 / 40 layers), which
+    # is the released checkpoint's layout (docs/fidelity/ref_wan_facts.py); the names say 1.3B and 14B.
+    return [
+        Variant("wan", "wan2.1-t2v-1.3b", {"transformer": wan(12, 8960, 30), "text_encoder": umt5_xxl, "vae": vae},
+                1_418_996_800, "1.3B (model name)", "Wan-Video/Wan2.1 WanModel(t2v_1_3B) built on meta"),
+        Variant("wan", "wan2.1-t2v-14b", {"transformer": wan(40, 13824, 40), "text_encoder": umt5_xxl, "vae": vae},
+                14_288_491_584, "14B (model name)", "Wan-Video/Wan2.1 WanModel(t2v_14B) built on meta"),
+        # Wan2.2 TI2V-5B: Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py (dim 3072, ffn 14336, 24 heads, 30 layers) on
+        # the 48-channel high-compression VAE (convert_wan_to_diffusers.py `vae22_diffusers_config`: base 160,
+        # decoder 256, residual, 2x2 patchified input, 16x spatial): 704,688,668. Its clips need sides that are
+        # multiples of 32 (16x VAE x 2x2 patches) and 4k+1 frames; this family trains it text-to-video.
+        Variant("wan", "wan2.2-ti2v-5b", {"transformer": Component(WanTransformer3DModel, {
+            **wan(24, 14336, 30).kwargs, "in_channels": 48, "out_channels": 48}), "text_encoder": umt5_xxl,
+            "vae": Component(AutoencoderKLWan, dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True,
+                                                    in_channels=12, out_channels=12, scale_factor_spatial=16,
+                                                    scale_factor_temporal=4, patch_size=2))},
+                4_999_787_712, "5B (model name)", "Wan-Video/Wan2.2 WanModel(ti2v_5B) built on meta"),
+    ]  # fmt: skip
+
+
+for _v in _wan_variants():
+    register_variant(_v)
+
+
+# ---- LTX-Video (engines/models/ltx.py) ----------------------------------------------------------------------------
+def _ltx_variants() -> list[Variant]:
+    from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
+
+    # transformer/config.json as diffusers' scripts/convert_ltx_to_diffusers.py `get_transformer_config` writes it (the
+    # 2B values are also the authors' DIFFUSERS_TRANSFORMER_CONFIG, Lightricks/LTX-Video utils/diffusers_config_mapping)
+    def dit(head_dim: int, cross_dim: int, layers: int) -> Component:
+        return Component(LTXVideoTransformer3DModel, dict(
+            in_channels=128, out_channels=128, num_attention_heads=32, attention_head_dim=head_dim,
+            cross_attention_dim=cross_dim, num_layers=layers, caption_channels=4096))  # fmt: skip
+
+    # the 0.9.7 VAE: get_vae_config("0.9.7") (4 LTXVideo095 down blocks, timestep-conditioned residual decoder)
+    vae_097 = Component(AutoencoderKLLTXVideo, dict(
+        block_out_channels=(128, 256, 512, 1024, 2048), down_block_types=("LTXVideo095DownBlock3D",) * 4,
+        decoder_block_out_channels=(256, 512, 1024), layers_per_block=(4, 6, 6, 2, 2),
+        decoder_layers_per_block=(5, 5, 5, 5), spatio_temporal_scaling=(True, True, True, True),
+        decoder_spatio_temporal_scaling=(True, True, True), decoder_inject_noise=(False, False, False, False),
+        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+        upsample_residual=(True, True, True), upsample_factor=(2, 2, 2), timestep_conditioning=True,
+        spatial_compression_ratio=32, temporal_compression_ratio=8))  # fmt: skip
+    # Exact counts: the authors' Transformer3DModel built on meta (docs/fidelity/ref_ltx_facts.py): the 2B from their
+    # own OURS_TRANSFORMER_CONFIG, the 13B at the conversion's 0.9.7 sizes; the names say 2B and 13B.
+    return [
+        # Lightricks/LTX-Video (0.9.0, diffusers folders): the VAE is AutoencoderKLLTXVideo's defaults =
+        # get_vae_config("0.9.0") (patch 4, 3 spatio-temporal downsamples: 32x / 8x), 419,193,649
+        Variant("ltx", "ltx-video-2b-v0.9", {"transformer": dit(64, 2048, 28), "text_encoder": T5_XXL,
+                                             "vae": Component(AutoencoderKLLTXVideo, {})},
+                1_923_385_472, "2B (model name)", "Lightricks/LTX-Video Transformer3DModel (2B config) built on meta"),
+        Variant("ltx", "ltx-video-13b-v0.9.7", {"transformer": dit(128, 4096, 48), "text_encoder": T5_XXL,
+                                                "vae": vae_097},
+                13_042_569_344, "13B (model name)", "Lightricks/LTX-Video Transformer3DModel (0.9.7 sizes) on meta"),
+    ]  # fmt: skip
+
+
+for _v in _ltx_variants():
     register_variant(_v)
