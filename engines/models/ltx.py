@@ -31,20 +31,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
 from flowspeed.configs.schema import ModelConfig
 from flowspeed.engines.models.cogvideox import load_t5
 from flowspeed.engines.models.registry import (
-    GeneratingFamily,
     LatentFamily,
     from_pretrained,
-    loaded,
     pick_preset,
     register_family,
     seeded_init,
 )
+from flowspeed.engines.models.text_video import TextToVideoPipelineFamily
 from torch import nn
 
 #: Lightricks/LTX-Video ltx_video/pipelines/pipeline_ltx_video.py `text_encoder_max_tokens: int = 256`
@@ -83,14 +81,17 @@ def token_shift(seq_len: int) -> float:
     return m * seq_len + (MIN_SHIFT - m * MIN_TOKENS)
 
 
-class LTXVideo(LatentFamily, GeneratingFamily):
-    """LTX-Video text-to-video (the 2B layouts of 0.9.x, and 13B where named)."""
+class LTXVideo(LatentFamily, TextToVideoPipelineFamily):
+    """LTX-Video text-to-video (the 2B layouts of 0.9.x, and 13B where named); export and sampling:
+    engines/models/text_video.py, with the authors' frame rate and decode noise (`pipeline_extras`)."""
 
     name = "ltx"
     temporal_compression = 8
     spatial_compression = 32
     size_multiple = 32  # 32x VAE, 1x1 patches
     pipeline_cls: type = LTXPipeline
+    negative_prompt = NEGATIVE_PROMPT
+    text_length = TEXT_LENGTH
 
     def frame_count_error(self, num_frames: int) -> str | None:
         if num_frames < 1 or (num_frames - 1) % self.temporal_compression:
@@ -214,65 +215,11 @@ class LTXVideo(LatentFamily, GeneratingFamily):
         p, pt = transformer_config.patch_size, transformer_config.patch_size_t
         return (t // pt) * (h // p) * (w // p)
 
-    # ---- export and inference -------------------------------------------------------------------
-    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
-        """An `LTXPipeline` folder; the tokenizer's `model_max_length` records the trained text length."""
-        tokenizer, encoder = self.load_text_encoder(cfg)
-        tokenizer.model_max_length = cfg.max_text_length
-        pipe = LTXPipeline(
-            tokenizer=tokenizer,
-            text_encoder=encoder,
-            vae=self.load_vae(cfg),
-            transformer=self.core_module(transformer),
-            scheduler=self.sample_scheduler(cfg),
-        )
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-        return out_dir
-
-    def generate(
-        self,
-        pretrained_dir: Path,
-        prompts: list[str],
-        *,
-        num_frames: int,
-        height: int,
-        width: int,
-        steps: int,
-        guidance_scale: float,
-        seed: int,
-        device: torch.device,
-        images: list[np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """(N, T, H, W, 3) uint8 videos from the export's `LTXPipeline`, with the authors' negative prompt."""
-        self.check_images(images, prompts, height, width)
-        if error := self.frame_count_error(num_frames):
-            raise ValueError(f"generate: {error}")
-        if height % self.size_multiple or width % self.size_multiple:
-            raise ValueError(f"generate: LTX-Video needs sides that are multiples of 32, not {height}x{width}")
-        pipe = loaded(lambda: self.pipeline_cls.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
-        pipe.set_progress_bar_config(disable=True)
-        text_length = pipe.tokenizer.model_max_length
-        text_length = text_length if text_length <= 4096 else TEXT_LENGTH  # unset in a hub tokenizer: huge
+    def pipeline_extras(self, pipe: Any) -> dict[str, Any]:
+        """The trainer's RoPE frame rate, and the decode noise of the authors' inference config where the VAE
+        is timestep-conditioned (0.9.1 and later)."""
         decode = (DECODE_TIMESTEP, DECODE_NOISE_SCALE) if pipe.vae.config.timestep_conditioning else (0.0, None)
-        videos = []
-        for i, prompt in enumerate(prompts):
-            video = pipe(
-                prompt=prompt,
-                negative_prompt=NEGATIVE_PROMPT,
-                num_frames=num_frames,
-                height=height,
-                width=width,
-                frame_rate=FRAME_RATE,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(seed + i),
-                max_sequence_length=text_length,
-                decode_timestep=decode[0],
-                decode_noise_scale=decode[1],
-                output_type="np",
-            ).frames[0]  # (T, H, W, C) in [0, 1]
-            videos.append((np.clip(video, 0, 1) * 255).round().astype(np.uint8))
-        return np.stack(videos)
+        return {"frame_rate": FRAME_RATE, "decode_timestep": decode[0], "decode_noise_scale": decode[1]}
 
 
 register_family(LTXVideo())

@@ -29,7 +29,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import (
     AutoencoderKLWan,
@@ -40,14 +39,13 @@ from diffusers import (
 )
 from flowspeed.configs.schema import ModelConfig
 from flowspeed.engines.models.registry import (
-    GeneratingFamily,
     LatentFamily,
     from_pretrained,
-    loaded,
     pick_preset,
     register_family,
     seeded_init,
 )
+from flowspeed.engines.models.text_video import TextToVideoPipelineFamily
 from flowspeed.engines.models.tokenizer import byte_level_tokenizer
 from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
@@ -96,14 +94,16 @@ def bsmntw_weights(timesteps: torch.Tensor, steps: int = NUM_TRAIN_TIMESTEPS) ->
     return y * (steps / y.sum())
 
 
-class Wan(LatentFamily, GeneratingFamily):
-    """Wan2.1 text-to-video (1.3B and 14B layouts)."""
+class Wan(LatentFamily, TextToVideoPipelineFamily):
+    """Wan2.1 text-to-video (1.3B and 14B layouts); export and sampling: engines/models/text_video.py."""
 
     name = "wan"
     temporal_compression = 4
     spatial_compression = 8
     size_multiple = 16  # 8x VAE, 2x2 patches
     pipeline_cls: type = WanPipeline
+    negative_prompt = NEGATIVE_PROMPT
+    text_length = TEXT_LENGTH
 
     def frame_count_error(self, num_frames: int) -> str | None:
         if num_frames < 1 or (num_frames - 1) % self.temporal_compression:
@@ -228,61 +228,6 @@ class Wan(LatentFamily, GeneratingFamily):
         _, t, h, w = latent_shape[-4:]  # (2*Cz, T', H', W')
         pt, ph, pw = transformer_config.patch_size
         return (t // pt) * (h // ph) * (w // pw)
-
-    # ---- export and inference -------------------------------------------------------------------
-    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
-        """A `WanPipeline` folder. The tokenizer's `model_max_length` records the text length the model trained on,
-        so `generate` pads prompts to it (the cross-attention sees the zero tail the cache had)."""
-        tokenizer, encoder = self.load_text_encoder(cfg)
-        tokenizer.model_max_length = cfg.max_text_length
-        pipe = WanPipeline(
-            tokenizer=tokenizer,
-            text_encoder=encoder,
-            vae=self.load_vae(cfg),
-            transformer=self.core_module(transformer),
-            scheduler=self.sample_scheduler(cfg),
-        )
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-        return out_dir
-
-    def generate(
-        self,
-        pretrained_dir: Path,
-        prompts: list[str],
-        *,
-        num_frames: int,
-        height: int,
-        width: int,
-        steps: int,
-        guidance_scale: float,
-        seed: int,
-        device: torch.device,
-        images: list[np.ndarray] | None = None,
-    ) -> np.ndarray:
-        """(N, T, H, W, 3) uint8 videos from the export's `WanPipeline`, with the authors' negative prompt."""
-        self.check_images(images, prompts, height, width)
-        if error := self.frame_count_error(num_frames):
-            raise ValueError(f"generate: {error}")
-        pipe = loaded(lambda: self.pipeline_cls.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
-        pipe.set_progress_bar_config(disable=True)
-        text_length = pipe.tokenizer.model_max_length
-        text_length = text_length if text_length <= 4096 else TEXT_LENGTH  # unset in a hub tokenizer: huge
-        videos = []
-        for i, prompt in enumerate(prompts):
-            video = pipe(
-                prompt=prompt,
-                negative_prompt=NEGATIVE_PROMPT,
-                num_frames=num_frames,
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(seed + i),
-                max_sequence_length=text_length,
-                output_type="np",
-            ).frames[0]  # (T, H, W, C) in [0, 1]
-            videos.append((np.clip(video, 0, 1) * 255).round().astype(np.uint8))
-        return np.stack(videos)
 
 
 def latent_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
