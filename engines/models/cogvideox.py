@@ -315,6 +315,14 @@ def encode_pixels(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return vae.encode(x.to(vae.device, vae.dtype)).latent_dist.parameters
 
 
+def affine_posterior(params: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The posterior (mean ++ logvar, (B, 2*Cz, ...)) of z' = (z - mean) * scale per channel, for families that train
+    on normalised latents (Wan, LTX-Video): z ~ N(mu, sigma^2) gives N((mu - mean) scale, (sigma scale)^2), so the
+    cache still holds a posterior and the engine's shared sampling from it needs no per-family step."""
+    mu, logvar = params.float().chunk(2, dim=1)
+    return torch.cat([(mu - mean) * scale, logvar + 2 * torch.log(scale)], dim=1)
+
+
 def authors_sampler(pipe: Any) -> bool:
     """Put the sampler THUDM recommends on `pipe`; True where it takes dynamic CFG.
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
 from flowspeed.configs.schema import ModelConfig
-from flowspeed.engines.models.cogvideox import load_t5
+from flowspeed.engines.models.cogvideox import affine_posterior, encode_pixels, load_t5, to_pixels
 from flowspeed.engines.models.registry import (
     LatentFamily,
     from_pretrained,
@@ -143,13 +143,10 @@ class LTXVideo(LatentFamily, TextToVideoPipelineFamily):
 
         z' = (z - m) * k / s per channel (k the VAE's scaling_factor), so z ~ N(mu, sigma^2) gives mean (mu - m) k / s
         and log-variance logvar + 2 log(k / s)."""
-        x = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (B, C, T, H, W) in [-1, 1]
-        params = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.parameters.float()
-        mu, logvar = params.chunk(2, dim=1)
+        params = encode_pixels(vae, to_pixels(frames))
         view = (1, -1, 1, 1, 1)
-        mean = vae.latents_mean.float().view(view)
         scale = float(vae.config.scaling_factor) / vae.latents_std.float().view(view)
-        return torch.cat([(mu - mean) * scale, logvar + 2 * torch.log(scale)], dim=1)
+        return affine_posterior(params, vae.latents_mean.float().view(view), scale)
 
     def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> dict:
         """{"text_embeds": (B, L, D), "text_mask": (B, L)}: the pipeline's T5 states and attention mask."""

@@ -38,6 +38,7 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from flowspeed.configs.schema import ModelConfig
+from flowspeed.engines.models.cogvideox import affine_posterior, encode_pixels, to_pixels
 from flowspeed.engines.models.registry import (
     LatentFamily,
     from_pretrained,
@@ -172,11 +173,9 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
         Wan trains on (z - latents_mean) / latents_std per channel; z ~ N(mu, sigma^2) gives N((mu - m) / s,
         (sigma / s)^2), so the cache holds mean (mu - m) / s and log-variance logvar - 2 log s, and the engine's
         scaling (1.0) and shift (0.0) leave it as it is."""
-        x = frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0  # (B, C, T, H, W) in [-1, 1]
-        params = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.parameters.float()
-        mu, logvar = params.chunk(2, dim=1)
-        mean, std = latent_stats(vae, mu)
-        return torch.cat([(mu - mean) / std, logvar - 2 * torch.log(std)], dim=1)
+        params = encode_pixels(vae, to_pixels(frames))
+        mean, std = latent_stats(vae, params)
+        return affine_posterior(params, mean, 1.0 / std)
 
     def encode_text(self, tokenizer: Any, encoder: nn.Module, captions: list[str], max_length: int) -> torch.Tensor:
         if encoder.device.type == "meta":  # sizing on meta (variants): the pipeline trims each caption by value

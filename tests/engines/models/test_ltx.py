@@ -8,21 +8,26 @@ counts by test_variants.py.
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import LTXPipeline, LTXVideoTransformer3DModel
-from flowspeed.configs import LoraConfig, ModelConfig, load_config
+from flowspeed.configs import ModelConfig, load_config
 from flowspeed.datasets_prep.demo import render_clip
 from flowspeed.engines.models import get_family
 from flowspeed.engines.models.ltx import token_shift
 from flowspeed.engines.models.registry import seeded_init
-from flowspeed.engines.torch_engine.lora import apply_lora, load_adapter, save_adapter
 
 from tests.conftest import REPO
+from tests.engines.models.family_checks import (
+    assert_lora_round_trip,
+    max_difference,
+    mean_loss,
+    moved,
+    train_steps,
+)
 
 TEXT_LEN = 16
 CFG = ModelConfig(family="ltx", max_text_length=TEXT_LEN)
@@ -106,20 +111,9 @@ def test_loss_falls_over_twenty_steps(batch: dict[str, torch.Tensor]) -> None:
     model = fam.load_transformer(CFG, batch["text_embeds"].shape[-1], batch["latent_params"].shape[1] // 2)
     data = {k: batch[k] for k in ("latent_params", "text_embeds", "text_mask")}
 
-    def mean_loss() -> float:
-        with torch.no_grad():
-            gens = (torch.Generator().manual_seed(s) for s in range(6))
-            return statistics.mean(fam.training_loss(model.eval(), None, data, g).item() for g in gens)
-
-    before = mean_loss()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for step in range(20):
-        loss = fam.training_loss(model, None, data, torch.Generator().manual_seed(100 + step))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = mean_loss()
+    before = mean_loss(fam, model, None, data)
+    train_steps(fam, model.train(), None, data, steps=20, lr=1e-2, first_seed=100)
+    after = mean_loss(fam, model, None, data)
     assert after < 0.85 * before, (before, after)
 
 
@@ -169,29 +163,11 @@ def test_released_folder_loads_back_and_keeps_its_own_sampler(tmp_path: Path) ->
 
 def test_lora_adapter_saves_and_reloads_exactly_in_peft_format(tmp_path: Path) -> None:
     fam = get_family("ltx")
-    lora = LoraConfig(enabled=True, rank=4)
-    model = apply_lora(fam.load_transformer(CFG, 32, 128), lora, fam.lora_targets).eval()
-    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    adapted = {n for n, _ in model.named_modules() if n.endswith("lora_A")}
-    assert any(".attn1.to_q." in n for n in adapted) and any(".attn2.to_out.0." in n for n in adapted)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:  # B starts at zero: give the adapters an effect to check
-            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     inputs = dict(hidden_states=torch.randn(1, 8, 128, generator=g), timestep=torch.tensor([500]),
                   encoder_hidden_states=torch.randn(1, 6, 32, generator=g), encoder_attention_mask=torch.ones(1, 6),
                   num_frames=2, height=2, width=2, return_dict=False)  # fmt: skip
-    with torch.no_grad():
-        out = model(**inputs)[0]
-        base = fam.load_transformer(CFG, 32, 128).eval()(**inputs)[0]
-    save_adapter(model, tmp_path / "lora", "ltx/tiny")
-    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4
-    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
-    again = load_adapter(apply_lora(fam.load_transformer(CFG, 32, 128), lora, fam.lora_targets), tmp_path / "lora")
-    with torch.no_grad():
-        assert torch.equal(again.eval()(**inputs)[0], out)
-    assert not torch.allclose(base, out, atol=1e-4)
+    assert_lora_round_trip(fam, lambda: fam.load_transformer(CFG, 32, 128), inputs, tmp_path / "lora", "ltx/tiny")
 
 
 PUBLISHED = sorted((REPO / "configs" / "pipelines" / "published").glob("ltx*.yaml"))
@@ -217,7 +193,6 @@ def _fsdp_on_two_ranks(rank: int, world: int) -> dict[str, float]:
     engines/torch_engine/context_parallel.py). Max differences of losses and weights."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
     fam, cfg = get_family("ltx"), ModelConfig(family="ltx", max_text_length=16)
     g = torch.Generator().manual_seed(3)
@@ -225,28 +200,13 @@ def _fsdp_on_two_ranks(rank: int, world: int) -> dict[str, float]:
              "text_embeds": torch.randn(2, 16, 32, generator=g), "text_mask": torch.ones(2, 16)}  # fmt: skip
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",))
 
-    def train(model: torch.nn.Module) -> tuple[list[float], list[torch.Tensor]]:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        losses = []
-        for step in range(3):
-            loss = fam.training_loss(model, None, batch, torch.Generator().manual_seed(10 + step))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        return losses, [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in model.parameters()]
-
-    ref_losses, ref_weights = train(fam.load_transformer(cfg, 32, 128))
-    fresh = fam.load_transformer(cfg, 32, 128).parameters()
-    moved = max((a - b).abs().max().item() for a, b in zip(ref_weights, fresh, strict=True))
+    ref = train_steps(fam, fam.load_transformer(cfg, 32, 128), None, batch)
     model = fam.load_transformer(cfg, 32, 128)
     for block in model.transformer_blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    losses, weights = train(model)
-    fsdp = max([abs(a - b) for a, b in zip(losses, ref_losses, strict=True)]
-               + [(a - b).abs().max().item() for a, b in zip(weights, ref_weights, strict=True)])  # fmt: skip
-    return {"moved": moved, "fsdp": fsdp}
+    fsdp = max_difference(train_steps(fam, model, None, batch), ref)
+    return {"moved": moved(ref[1], fam.load_transformer(cfg, 32, 128)), "fsdp": fsdp}
 
 
 @pytest.mark.slow

@@ -9,21 +9,26 @@ parameter counts by test_variants.py.
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flowspeed.configs import LoraConfig, ModelConfig, load_config
+from flowspeed.configs import ModelConfig, load_config
 from flowspeed.datasets_prep.demo import render_clip
 from flowspeed.engines.models import get_family
 from flowspeed.engines.models.variants import get_variant
 from flowspeed.engines.models.wan import NUM_TRAIN_TIMESTEPS, bsmntw_weights, latent_stats
-from flowspeed.engines.torch_engine.lora import apply_lora, load_adapter, save_adapter
 from torch import nn
 
 from tests.conftest import REPO
+from tests.engines.models.family_checks import (
+    assert_lora_round_trip,
+    max_difference,
+    mean_loss,
+    moved,
+    train_steps,
+)
 
 TEXT_LEN = 64
 CFG = ModelConfig(family="wan", max_text_length=TEXT_LEN)
@@ -102,20 +107,10 @@ def test_loss_falls_over_twenty_steps(batch: dict[str, torch.Tensor]) -> None:
     model = fam.load_transformer(CFG, batch["text_embeds"].shape[-1], batch["latent_params"].shape[1] // 2)
     data = {k: batch[k] for k in ("latent_params", "text_embeds")}
 
-    def mean_loss() -> float:
-        with torch.no_grad():
-            gens = (torch.Generator().manual_seed(s) for s in range(6))
-            return statistics.mean(fam.training_loss(model.eval(), scheduler, data, g).item() for g in gens)
-
-    before = mean_loss()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(20):
-        loss = fam.training_loss(model, scheduler, data, torch.Generator().manual_seed(100 + step))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert mean_loss() < 0.8 * before
+    before = mean_loss(fam, model, scheduler, data)
+    train_steps(fam, model.train(), scheduler, data, steps=20, lr=3e-3, first_seed=100)
+    after = mean_loss(fam, model, scheduler, data)
+    assert after < 0.8 * before, (before, after)
 
 
 def test_generate_returns_the_requested_shape(tmp_path: Path) -> None:
@@ -160,28 +155,10 @@ def test_released_folder_loads_back_and_keeps_its_own_sampler(tmp_path: Path) ->
 
 def test_lora_adapter_saves_and_reloads_exactly_in_peft_format(tmp_path: Path) -> None:
     fam = get_family("wan")
-    lora = LoraConfig(enabled=True, rank=4)
-    model = apply_lora(fam.load_transformer(CFG, 32, 16), lora, fam.lora_targets).eval()
-    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
-    adapted = {n for n, _ in model.named_modules() if n.endswith("lora_A")}
-    assert any(".attn1.to_q." in n for n in adapted) and any(".attn2.to_out.0." in n for n in adapted)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:  # B starts at zero: give the adapters an effect to check
-            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     inputs = dict(hidden_states=torch.randn(1, 16, 3, 4, 4, generator=g), timestep=torch.tensor([500]),
                   encoder_hidden_states=torch.randn(1, 8, 32, generator=g), return_dict=False)  # fmt: skip
-    with torch.no_grad():
-        out = model(**inputs)[0]
-        base = fam.load_transformer(CFG, 32, 16).eval()(**inputs)[0]
-    save_adapter(model, tmp_path / "lora", "wan/tiny")
-    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4
-    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
-    again = load_adapter(apply_lora(fam.load_transformer(CFG, 32, 16), lora, fam.lora_targets), tmp_path / "lora")
-    with torch.no_grad():
-        assert torch.equal(again.eval()(**inputs)[0], out)
-    assert not torch.allclose(base, out, atol=1e-4)
+    assert_lora_round_trip(fam, lambda: fam.load_transformer(CFG, 32, 16), inputs, tmp_path / "lora", "wan/tiny")
 
 
 PUBLISHED = sorted((REPO / "configs" / "pipelines" / "published").glob("wan*.yaml"))
@@ -213,7 +190,6 @@ def _family_on_two_ranks(rank: int, world: int) -> dict[str, float]:
     from flowspeed.engines.torch_engine.context_parallel import apply_context_parallel, reduce_cp_grads
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
 
     fam, cfg = get_family("wan"), ModelConfig(family="wan", max_text_length=16)
     scheduler = fam.load_scheduler(cfg)
@@ -222,25 +198,8 @@ def _family_on_two_ranks(rank: int, world: int) -> dict[str, float]:
              "text_embeds": torch.randn(2, 16, 32, generator=g)}  # fmt: skip
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
 
-    def train(model: nn.Module, cp: bool = False) -> tuple[list[float], list[torch.Tensor]]:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        losses = []
-        for step in range(3):
-            loss = fam.training_loss(model, scheduler, batch, torch.Generator().manual_seed(10 + step))
-            loss.backward()
-            if cp:
-                reduce_cp_grads(model, mesh)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        return losses, [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in model.parameters()]
-
-    ref_losses, ref_weights = train(fam.load_transformer(cfg, 32, 16))
-    moved = max(
-        (a - b).abs().max().item()
-        for a, b in zip(ref_weights, fam.load_transformer(cfg, 32, 16).parameters(), strict=False)
-    )
-    out = {"moved": moved}
+    ref = train_steps(fam, fam.load_transformer(cfg, 32, 16), scheduler, batch)
+    out = {"moved": moved(ref[1], fam.load_transformer(cfg, 32, 16))}
     for name in ("ulysses", "ring", "fsdp"):
         model = fam.load_transformer(cfg, 32, 16)
         if name == "fsdp":
@@ -249,9 +208,8 @@ def _family_on_two_ranks(rank: int, world: int) -> dict[str, float]:
             fully_shard(model, mesh=mesh)
         else:
             apply_context_parallel(model, mesh, name)
-        losses, weights = train(model, cp=name != "fsdp")
-        out[name] = max([abs(a - b) for a, b in zip(losses, ref_losses, strict=True)]
-                        + [(a - b).abs().max().item() for a, b in zip(weights, ref_weights, strict=True)])  # fmt: skip
+        reduce = None if name == "fsdp" else (lambda m: reduce_cp_grads(m, mesh))
+        out[name] = max_difference(train_steps(fam, model, scheduler, batch, reduce), ref)
     return out
 
 

@@ -17,7 +17,6 @@ not start.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -28,13 +27,8 @@ from pathlib import Path
 import pytest
 from flowspeed.configs import PipelineConfig, load_config, save_config
 from flowspeed.engines.common.torchrun import DistributedJobFailed, run_torchrun
-from flowspeed.engines.launch import ENGINES
+from flowspeed.engines.launch import ENGINES, _function
 from flowspeed.engines.loop import TrainResult
-
-
-def _function(ref: str):  # noqa: ANN202
-    module, name = ref.split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def run_together(runs: dict[str, PipelineConfig], nproc: int) -> str:

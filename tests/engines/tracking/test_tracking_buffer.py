@@ -34,19 +34,10 @@ class Outage:
         return self.real(*args, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow SQLite database with its tables made, once: a new store's migrations take most of a second
-    (several under load), a copy of the file milliseconds. Each test still has a database of its own."""
-    db = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
 @pytest.fixture
-def store(tmp_path: Path, empty_store: Path) -> tuple[str, str]:
-    """This test's own store (a copy of the empty one) and a run in it: (uri, run_id)."""
-    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+def store(tmp_path: Path, mlflow_db: Path) -> tuple[str, str]:
+    """This test's own store (a copy of the session's empty one, tests/conftest.py) and a run in it: (uri, run_id)."""
+    shutil.copyfile(mlflow_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("outage"))
