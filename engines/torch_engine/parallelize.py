@@ -13,6 +13,7 @@ Model code never sees any of it: diffusers/transformers classes are used as ship
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_map_only
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 # Where each library keeps its repeated blocks: diffusers DiTs and UNets; transformers decoders,
@@ -105,12 +107,22 @@ def compile_cache(cache_dir: Path | None, default: Path) -> Path:
     return chosen
 
 
-def apply_compile(model: nn.Module) -> None:
+@torch.compiler.disable  # eager, so the block's graph sees its result: compiling it would recompile it instead
+def _contiguous_inputs(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return tree_map_only(torch.Tensor, lambda t: t.contiguous(), (args, kwargs))
+
+
+def apply_compile(model: nn.Module, backend: str | Callable = "inductor") -> None:
     """Regional compile: each block compiled in place (nn.Module.compile keeps state-dict keys), so
-    identical blocks share one graph and a recompile never covers the whole model."""
+    identical blocks share one graph and a recompile never covers the whole model.
+
+    Dynamo guards on strides, and a model often hands its first block views (CogVideoX slices text and
+    video out of one tensor) but later blocks fresh contiguous outputs: one more graph for the same code.
+    An eager pre-hook gives every block contiguous inputs (a copy only where one was a view)."""
     for blocks in block_lists(model):
         for block in blocks:
-            block.compile(fullgraph=False)
+            block.register_forward_pre_hook(_contiguous_inputs, with_kwargs=True)
+            block.compile(fullgraph=False, backend=backend)
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str, reduce_dtype: str, reshard: bool) -> None:

@@ -76,6 +76,6 @@ def test_unknown_names_list_the_known_ones() -> None:
 
 
 def test_the_spec_names_the_parallel_plans_that_cover_each_family() -> None:
-    plans = {f: parameter_counts(f, TINY)["parallel_plans"] for f in ("cogvideox", "flux", "sdxl")}
+    plans = {f: parameter_counts(f, TINY)["parallel_plans"] for f in ("cogvideox", "flux", "sdxl", "wan")}
     assert plans == {"cogvideox": {"tp": True, "cp": True}, "flux": {"tp": False, "cp": True},
-                     "sdxl": {"tp": False, "cp": False}}  # fmt: skip
+                     "sdxl": {"tp": False, "cp": False}, "wan": {"tp": True, "cp": True}}  # fmt: skip
