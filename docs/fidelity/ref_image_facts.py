@@ -248,6 +248,7 @@ TABLES: dict[str, tuple[str, Callable[[], nn.Module], list]] = {
             ("flux", "flux.1-dev", "text_encoder"),
             ("flux", "flux.1-schnell", "text_encoder"),
             ("sdxl", "sdxl-base-1.0", "text_encoder"),
+            ("hunyuanvideo", "hunyuanvideo-13b", "text_encoder_2"),
         ],
     ),
     "clip_l_text_projection": (

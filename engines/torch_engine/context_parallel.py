@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
 from diffusers.models._modeling_parallel import ContextParallelConfig, ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
@@ -48,18 +50,25 @@ MODES = ("ulysses", "ring")
 @dataclass(frozen=True)
 class CPPlan:
     """How to split one model class. `plan` None: the class's own diffusers `_cp_plan`. `processor`: a zero-arg
-    factory for a CP-aware attention processor, installed on every attention module (None: keep the model's)."""
+    factory for a CP-aware attention processor, installed on every attention module (None: keep the model's), or
+    only on those whose names start with one of `processor_on` (the others run on whole, unsplit inputs)."""
 
     plan: dict[str, Any] | None = None
     processor: type | None = None
+    processor_on: tuple[str, ...] | None = None
 
 
 _PLANS: dict[str, CPPlan] = {}
 
 
-def register_cp_plan(class_name: str, plan: dict[str, Any] | None = None, processor: type | None = None) -> None:
+def register_cp_plan(
+    class_name: str,
+    plan: dict[str, Any] | None = None,
+    processor: type | None = None,
+    processor_on: tuple[str, ...] | None = None,
+) -> None:
     """Register how to split `class_name` (diffusers plan syntax, see diffusers.models._modeling_parallel)."""
-    _PLANS[class_name] = CPPlan(plan, processor)
+    _PLANS[class_name] = CPPlan(plan, processor, processor_on)
 
 
 def supported_cp_models() -> list[str]:
@@ -128,6 +137,101 @@ _COGVIDEOX_PLAN = {
     "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),  # (B, S_vid/N, p*p*C_out) -> (B, S_vid, ...)
 }
 register_cp_plan("CogVideoXTransformer3DModel", _COGVIDEOX_PLAN, CogVideoXCPAttnProcessor)
+
+
+class HunyuanVideoCPAttnProcessor:
+    """HunyuanVideo's joint attention on this rank's tokens, video chunk ++ text chunk (both streams split by N, see
+    the plan below), with the text padding mask kept. diffusers' `HunyuanVideoAttnProcessor2_0` receives the model's
+    key mask over the *whole* sequence, [all video ; all text], which no longer matches the keys once they are
+    sharded, so this processor builds the mask of its own keys ([ones ; its text chunk's mask], (B, 1, 1, S_local))
+    and lets the collective lay it out as it lays out the keys: Ulysses through diffusers' dispatcher (its all-to-all
+    gathers a local mask in rank order, [v_0 t_0 v_1 t_1 ...], as it gathers k and v); ring by gathering every rank's
+    keys, values and mask at once (diffusers 0.42's ring does the same all-gather, but its ring template takes no
+    mask) and attending this rank's queries to all of them in one masked SDPA call. Projections, RMS qk-norm and
+    RoPE on the video part are the original processor's (the rotary tables arrive sliced to the video chunk)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,  # (B, S_vid/N, C)
+        encoder_hidden_states: torch.Tensor,  # (B, S_txt/N, C)
+        attention_mask: torch.Tensor | None = None,  # (B, 1, 1, S_vid + S_txt): the model's mask, whole
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,  # 2 x (S_vid/N, D)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text_len = encoder_hidden_states.size(1)
+        joint = attn.add_q_proj is None  # single-stream blocks project both streams with the same weights
+        x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if joint else hidden_states
+        q, k, v = (proj(x).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))  # (B,S,H,D)
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        if image_rotary_emb is not None:
+            video = q.size(1) - text_len if joint else q.size(1)
+            q, k = (torch.cat([apply_rotary_emb(t[:, :video], image_rotary_emb, sequence_dim=1), t[:, video:]], dim=1)
+                    for t in (q, k))  # fmt: skip
+        if not joint:  # dual-stream blocks: the text stream's own projections and norms, appended
+            eq, ek, ev = (proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1))
+                          for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))  # fmt: skip
+            if attn.norm_added_q is not None:
+                eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            q, k, v = torch.cat([q, eq], dim=1), torch.cat([k, ek], dim=1), torch.cat([v, ev], dim=1)
+        mask = None if attention_mask is None else self._local_mask(attention_mask, q.size(1) - text_len, text_len)
+        out = self._attend(q, k, v, mask).flatten(2, 3).to(q.dtype)  # (B, S_local, H*D)
+        video_out, text_out = out.split([out.size(1) - text_len, text_len], dim=1)
+        if getattr(attn, "to_out", None) is not None:
+            video_out = attn.to_out[1](attn.to_out[0](video_out))
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return video_out, text_out
+
+    def _local_mask(self, mask: torch.Tensor, video_len: int, text_len: int) -> torch.Tensor:
+        """(B, 1, 1, S_vid + S_txt) over the whole sequence -> (B, 1, 1, video_len + text_len) over this rank's keys."""
+        cp = getattr(self._parallel_config, "context_parallel_config", None)
+        if cp is None:  # not split: the model's mask is this rank's
+            return mask
+        rank = dist.get_rank(cp._flattened_mesh.get_group())
+        text = mask[..., mask.size(-1) - text_len * cp._flattened_mesh.size() :]  # (B, 1, 1, S_txt): text at the end
+        ones = torch.ones(*mask.shape[:-1], video_len, dtype=mask.dtype, device=mask.device)
+        return torch.cat([ones, text[..., rank * text_len : (rank + 1) * text_len]], dim=-1)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, S_local, H, D) x 3 -> (B, S_local, H, D) over every rank's keys."""
+        cp = getattr(self._parallel_config, "context_parallel_config", None)
+        if cp is None or cp.ring_degree == 1:  # one process, or Ulysses (diffusers' all-to-all; it gathers the mask)
+            return dispatch_attention_fn(q, k, v, attn_mask=mask, backend=self._attention_backend,
+                                         parallel_config=self._parallel_config)  # fmt: skip
+        if cp.ulysses_degree != 1:
+            raise ValueError("HunyuanVideo context parallelism runs Ulysses or ring, not both at once")
+        group = cp._ring_mesh.get_group()
+        k, v = (torch.cat(dist_nn.all_gather(t.contiguous(), group=group), dim=1) for t in (k, v))  # (B, S, H, D)
+        if mask is not None:
+            masks = [torch.empty_like(mask) for _ in range(cp.ring_degree)]
+            dist.all_gather(masks, mask.contiguous(), group=group)
+            mask = torch.cat(masks, dim=-1)  # (B, 1, 1, S) in the keys' rank order
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return out.transpose(1, 2)
+
+
+# HunyuanVideo (diffusers 0.42 ships no `_cp_plan` for it): the token refiner (its own attention processor kept) and
+# the embeddings run whole on every rank; the dual-stream blocks' inputs are split (video and text by N each, so
+# every rank holds a [video ; text] chunk through the dual- and single-stream blocks), the RoPE tables at the rope
+# module's output, and proj_out gathers.
+_HUNYUANVIDEO_PLAN = {
+    "rope": {i: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True) for i in (0, 1)},  # (S_vid, D)
+    "transformer_blocks.0": {
+        "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),  # (B, S_vid, C)
+        "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),  # (B, S_txt, C)
+    },
+    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),  # (B, S_vid/N, p*p*C_out) -> (B, S_vid, ...)
+}
+register_cp_plan(
+    "HunyuanVideoTransformer3DModel",
+    _HUNYUANVIDEO_PLAN,
+    HunyuanVideoCPAttnProcessor,
+    processor_on=("transformer_blocks.", "single_transformer_blocks."),
+)
 # diffusers ships `_cp_plan` for these (tested here). Not LTXVideoTransformer3DModel: diffusers 0.42's Ulysses path
 # breaks on its cross-attention mask on CPU (SDPA broadcast error), and ring attention takes no mask.
 for _name in ("FluxTransformer2DModel", "WanTransformer3DModel"):
@@ -169,8 +273,12 @@ def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh, mode: str = "u
     plan = entry.plan if entry.plan is not None else getattr(model, "_cp_plan", None)
     if plan is None:
         raise ValueError(f"{name} has no `_cp_plan` in this diffusers version; register one with register_cp_plan().")
-    if entry.processor is not None:
+    if entry.processor is not None and entry.processor_on is None:
         model.set_attn_processor(entry.processor())
+    elif entry.processor is not None:
+        for module_name, module in model.named_modules():
+            if module_name.startswith(entry.processor_on) and hasattr(module, "set_processor"):
+                module.set_processor(entry.processor())
     sizes = (degree, 1) if mode == "ring" else (1, degree)
     config = ContextParallelConfig(
         ring_degree=sizes[0], ulysses_degree=sizes[1], mesh=cp_mesh._unflatten(0, sizes, ("ring", "ulysses"))
