@@ -45,6 +45,15 @@ class FamilyFacts:
     #: cache checks test for, known here so a cached (no-op) stage never imports the family's model library
     export: Literal["diffusers", "transformers"] = "diffusers"
     denoiser_subfolder: str = "transformer"  #: the trained model's folder inside the export ("": the export itself)
+    #: VAE presets whose sides divide by another multiple than `size_multiple` (Wan2.2's 16x VAE: 32); a pretrained
+    #: VAE's own config decides at prep (the family's `size_multiple_for`)
+    vae_size_multiples: dict[str, int] = field(default_factory=dict)
+
+    def size_multiple_for(self, model: Any) -> int:
+        """What data.height/width must divide by with `model`'s (a ModelConfig's) VAE preset."""
+        if model.vae.pretrained is not None:
+            return self.size_multiple
+        return self.vae_size_multiples.get(model.vae.preset, self.size_multiple)
 
     def export_files(self, final_dir: Path) -> list[Path]:
         """Files whose presence means an export is whole, the first the one eval and serving test for: what the
@@ -116,6 +125,8 @@ FAMILIES: dict[str, FamilyFacts] = {
     "cogvideox_i2v": _facts("cogvideox_i2v", _VIDEO, transformer=("tiny-1.5",), parallel="tp cp"),
     "flux": _facts("flux", _IMAGE, transformer=("tiny-dev",), parallel="cp"),
     "hunyuandit": _facts("hunyuandit", _IMAGE),
+    "hunyuanvideo": _facts("hunyuanvideo", _VIDEO, parallel="tp cp"),  # 4k+1 frames, 8x VAE; 2x2 patches
+    "hunyuanvideo15": _facts("hunyuanvideo15", _VIDEO, parallel="tp"),  # 4k+1 frames, 16x VAE; 1x1 patches
     "internvl": _facts("internvl", _SEQUENCE, vision_tower=True),
     "kolors": _facts("kolors", _IMAGE, denoiser_subfolder="unet"),
     "llava": _facts("llava", _SEQUENCE, vision_tower=True),
@@ -128,7 +139,10 @@ FAMILIES: dict[str, FamilyFacts] = {
     "qwen2_vl": _facts("qwen2_vl", _SEQUENCE, vision_tower=True),
     "sd3": _facts("sd3", _IMAGE, transformer=("tiny-3.5",)),
     "sdxl": _facts("sdxl", _IMAGE, denoiser_subfolder="unet"),
-    "wan": _facts("wan", _VIDEO, parallel="cp"),  # Wan2.1's VAE: 4k+1 frames, 8x; 2x2 patches
+    # Wan2.1's VAE: 4k+1 frames, 8x; 2x2 patches (Wan2.2's `tiny-2.2`: 16x, so 32 px)
+    "wan": _facts("wan", _VIDEO, ("tiny-2.2",), parallel="tp cp", vae_size_multiples={"tiny-2.2": 32}),
+    # Wan2.1 I2V: Wan's VAE and patches, plus the CLIP image encoder (model.image_encoder)
+    "wan_i2v": _facts("wan_i2v", replace(_VIDEO, presets={**_DIFFUSION, "image_encoder": _TINY}), parallel="tp cp"),
     "whisper": _facts("whisper", _SEQUENCE),
 }
 

@@ -43,6 +43,29 @@ class ComponentConfig(Section):
         return f"preset:{self.preset}"
 
 
+class ExpertsConfig(Section):
+    """Wan2.2 A14B's two denoisers split by timestep (Wan-Video/Wan2.2 wan/configs/wan_t2v_A14B.py): the high-noise
+    expert takes timesteps t >= boundary * 1000 (diffusers' `WanPipeline.transformer`), the low-noise one those below
+    (`transformer_2`). `model.transformer` is the expert this run trains, `train` says which one it is, and it draws
+    only its own timesteps (as DiffSynth-Studio trains Wan2.2 A14B); `other` is the expert it leaves as it is, which
+    the export carries beside it, so every export is a whole two-expert pipeline."""
+
+    train: Literal["high_noise", "low_noise"] = Field(description="which expert model.transformer is and trains")
+    other: ComponentConfig = Field(
+        description="the other expert's weights (e.g. a release's transformer/ or transformer_2/) or preset"
+    )
+    boundary: float = Field(
+        gt=0, lt=1, description="the switch as a fraction of the 1000 training timesteps; the authors' T2V-A14B: 0.875"
+    )
+
+
+#: the families whose denoiser is a pair of timestep experts (engines/models/wan.py: Wan2.2 A14B)
+EXPERT_FAMILIES = ("wan",)
+#: the families whose denoiser also takes an image encoder's features of the first frame (engines/models/wan_i2v.py:
+#: Wan2.1 I2V's CLIP ViT-H/14); prep caches those features beside the latents
+IMAGE_ENCODER_FAMILIES = ("wan_i2v",)
+
+
 class ModelConfig(Section):
     family: str = "cogvideox"
     vae: ComponentConfig = ComponentConfig()
@@ -56,6 +79,41 @@ class ModelConfig(Section):
         "and language model train). None = the family authors' default, which is True for qwen2_vl, llava and "
         "internvl; false trains the tower too. An error for families without a vision tower",
     )
+    experts: ExpertsConfig | None = Field(
+        None, description="Wan2.2 A14B: which timestep expert model.transformer is, the other one, the boundary"
+    )
+    image_encoder: ComponentConfig | None = Field(
+        None,
+        description="image-conditioned families (wan_i2v): the image encoder whose features of the first frame "
+        "condition the denoiser (Wan2.1 I2V: CLIP ViT-H/14, a release's image_encoder/); unset there: preset tiny. "
+        "An error for the other families",
+    )
+
+    @model_validator(mode="after")
+    def _experts_apply(self) -> ModelConfig:
+        if self.experts is not None and self.family not in EXPERT_FAMILIES:
+            raise ValueError(
+                f"model.experts (two denoisers split by timestep, Wan2.2 A14B) applies to the families "
+                f"{', '.join(EXPERT_FAMILIES)}; {self.family!r} has one denoiser: remove the block"
+            )
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_encoder_default(cls, data: Any) -> Any:
+        """An image-conditioned family's unset image encoder is `preset: tiny`, as its other components are."""
+        if isinstance(data, dict) and data.get("family") in IMAGE_ENCODER_FAMILIES:
+            return data if data.get("image_encoder") is not None else {**data, "image_encoder": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _image_encoder_applies(self) -> ModelConfig:
+        if self.image_encoder is not None and self.family not in IMAGE_ENCODER_FAMILIES:
+            raise ValueError(
+                f"model.image_encoder (image features conditioning the denoiser) applies to the families "
+                f"{', '.join(IMAGE_ENCODER_FAMILIES)}; {self.family!r} takes no image encoder: remove the key"
+            )
+        return self
 
 
 # Open-Sora's resolution names -> pixel area of their 16:9 base size; "<N>px" means N*N.
@@ -646,5 +704,7 @@ class PipelineConfig(Section):
 
     def encoder_identity(self) -> str:
         m = self.model
-        seed = f"seed={m.seed}" if m.vae.pretrained is None or m.text_encoder.pretrained is None else ""
-        return f"{m.family}|vae={m.vae.identity()}|text={m.text_encoder.identity()}|{seed}"
+        parts = [m.vae, m.text_encoder] + ([m.image_encoder] if m.image_encoder is not None else [])
+        seed = f"seed={m.seed}" if any(c.pretrained is None for c in parts) else ""
+        image = f"|image={m.image_encoder.identity()}" if m.image_encoder is not None else ""  # cached features too
+        return f"{m.family}|vae={m.vae.identity()}|text={m.text_encoder.identity()}{image}|{seed}"

@@ -244,11 +244,12 @@ def _family_problems(cfg: PipelineConfig) -> list[str]:
     if d.buckets.mode == "fixed":
         if err := facts.frame_error(name, d.num_frames):
             out.append(f"data.num_frames={d.num_frames}: {err}; set data.num_frames accordingly")
+        multiple = facts.size_multiple_for(cfg.model)
         for side, key in ((d.height, "height"), (d.width, "width")):
-            if side % facts.size_multiple:
+            if side % multiple:
                 out.append(
-                    f"data.{key}={side} must be a multiple of {facts.size_multiple} for {name} (e.g. "
-                    f"{max(side // facts.size_multiple, 1) * facts.size_multiple})"
+                    f"data.{key}={side} must be a multiple of {multiple} for {name} (e.g. "
+                    f"{max(side // multiple, 1) * multiple})"
                 )
     for res, frames in d.buckets.bucket_config.items():
         for n in frames:

@@ -91,9 +91,10 @@ def _check(cfg: PipelineConfig, family: ModelFamily) -> None:
     if d.buckets.mode == "fixed":
         if err := family.frame_count_error(d.num_frames):
             raise ValueError(f"data.num_frames: {err}")
+        multiple = family.size_multiple_for(cfg.model)
         for side, name in ((d.height, "height"), (d.width, "width")):
-            if side % family.size_multiple:
-                raise ValueError(f"data.{name}={side} must be a multiple of {family.size_multiple} for {family.name}")
+            if side % multiple:
+                raise ValueError(f"data.{name}={side} must be a multiple of {multiple} for {family.name}")
     for res, frames in d.buckets.bucket_config.items():
         for n in frames:
             if err := family.frame_count_error(int(n)):
@@ -112,6 +113,7 @@ def _plan(
     d, cur = cfg.data, cfg.data.curate
     prep_hash, encoder = cfg.prep_hash(), cfg.encoder_identity()
     scenes = SceneCache(cfg.curation_dir, cur.scene_split, writer) if cur.scene_split.enabled else None
+    size_multiple = family.size_multiple_for(cfg.model)  # this VAE's (Wan2.2's 16x VAE: 32 px)
     selected: dict[str, dict] = {}
     pending: dict[str, _Pending] = {}
     rep = reporter()
@@ -148,7 +150,7 @@ def _plan(
                     info = info or probe(item.path)
                     view = clip_view(info, *rng) if rng else info
                     _check_clip(view, d)
-                    bucket = assign(view, key, d, family.latent_frame_count, family.size_multiple, cfg.train.batch_size)
+                    bucket = assign(view, key, d, family.latent_frame_count, size_multiple, cfg.train.batch_size)
                     start = rng[0] if rng else 0
                     indices = [start + i for i in sample_indices(view, bucket.frames, d.target_fps, d.stride)]
                     _check_budget(view, len(indices), d)
@@ -291,6 +293,11 @@ def _encode(
     text_encoder = text_encoder.to(device)
     if dtype != torch.float32:
         vae, text_encoder = vae.to(dtype=dtype), text_encoder.to(dtype=dtype)
+    # image-conditioned families (Wan2.1 I2V's CLIP): its features are cached with the latents; the rest get no kwarg
+    image = {}
+    if (loaded_image := family.load_image_encoder(cfg.model)) is not None:
+        processor, image_encoder = loaded_image
+        image = {"image_encoder": (processor, image_encoder.to(device=device, dtype=dtype))}
     scaling = float(getattr(vae.config, "scaling_factor", None) or 1.0)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     rep = reporter()
@@ -304,22 +311,25 @@ def _encode(
     def flush(batch: list[tuple[_Pending, torch.Tensor]]) -> None:
         nonlocal calls
         with torch.no_grad():
-            latents = family.encode_video(vae, torch.stack([f for _, f in batch]))
+            videos = family.encode_video(vae, torch.stack([f for _, f in batch]), **image)
             texts = family.encode_text(
                 tokenizer, text_encoder, [p.entry.caption for p, _ in batch], cfg.model.max_text_length
             )
         calls += 1
+        if not isinstance(videos, dict):  # one tensor: the clip's latent parameters
+            videos = {"latent_params": videos}
+        videos = [{name: t[i] for name, t in videos.items()} for i in range(len(batch))]
         if isinstance(texts, dict):  # {name: (B, ...)} -> one {name: (...)} per sample
             texts = [{name: t[i] for name, t in texts.items()} for i in range(len(batch))]
-        for (p, _), lat, txt in zip(batch, latents, texts, strict=True):
+        for (p, _), vid, txt in zip(batch, videos, texts, strict=True):
             rec = {
                 **p.record,
-                "latent_shape": list(lat.shape),
+                "latent_shape": list(vid["latent_params"].shape),
                 "text_shape": list((txt.get("text_embeds") if isinstance(txt, dict) else txt).shape),
                 "scaling_factor": scaling,
                 "shift_factor": shift,
             }
-            shard.append((rec, {"latent_params": lat.to(dtype), **_text_tensors(txt, dtype)}))
+            shard.append((rec, {**{n: t.to(dtype) for n, t in vid.items()}, **_text_tensors(txt, dtype)}))
         rep.advance("encode", len(batch))
         batch.clear()
         while len(shard) >= d.shard_size:

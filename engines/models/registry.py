@@ -79,6 +79,11 @@ class ModelFamily(ABC):
     #: pixel sizes of the media must be multiples of this (a latent family: VAE downsampling x patch size)
     size_multiple: int = 1
 
+    def size_multiple_for(self, cfg: ModelConfig) -> int:
+        """What pixel sides must divide by with `cfg`'s components: `size_multiple`, unless a family's VAEs compress
+        differently (Wan2.1's 8x vs Wan2.2's 16x); prep checks and buckets with it."""
+        return self.size_multiple
+
     def frame_count_error(self, num_frames: int) -> str | None:
         """Why the family cannot take `num_frames` per sample, or None when it can (config checks and prep ask
         every family; a family reading media whole takes any count)."""
@@ -204,9 +209,23 @@ class LatentFamily(ModelFamily):
     def load_scheduler(self, cfg: ModelConfig) -> Any:
         """The noise schedule (or objective) `training_loss` draws timesteps and noise from."""
 
+    def load_image_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module] | None:
+        """(processor, encoder) whose features of each clip's first frame condition the denoiser (Wan2.1 I2V's
+        CLIP): prep loads it beside the VAE and hands it to `encode_video`. None for the families without one; the
+        config refuses `model.image_encoder` for them (configs/schema.py IMAGE_ENCODER_FAMILIES)."""
+        return None
+
     @abstractmethod
-    def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, T, H, W, C) -> per-sample latent distribution parameters, cached as-is."""
+    def encode_video(
+        self, vae: nn.Module, frames: torch.Tensor, image_encoder: tuple[Any, nn.Module] | None = None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """uint8 (B, T, H, W, C) -> per-sample latent distribution parameters, cached as-is.
+
+        One (B, ...) tensor is cached as `latent_params`; a family that conditions on more than the clip (an image
+        encoder's features, the VAE encoding of a first-frame-only video) returns {"latent_params": ..., name:
+        (B, ...)} and every name is cached and batched. Prep passes `image_encoder=(processor, encoder)` only to
+        families whose `load_image_encoder` gives one, so the others keep their two-argument method.
+        """
 
     @abstractmethod
     def encode_text(

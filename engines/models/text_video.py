@@ -1,7 +1,9 @@
-"""Export and sampling for text-to-video families whose export is one diffusers pipeline folder (tokenizer, text
-encoder, VAE, transformer, sampling scheduler) sampled prompt by prompt with the authors' negative prompt: Wan and
-LTX-Video. A family sets `pipeline_cls`, `negative_prompt`, `text_length` and `sample_scheduler`, and adds what
-else its pipeline call takes in `pipeline_extras`; nothing here is specific to one of them.
+"""Export and sampling for video families whose export is one diffusers pipeline folder (tokenizer, text encoder,
+VAE, transformer, sampling scheduler) sampled prompt by prompt with the authors' negative prompt: Wan (and its I2V and
+Wan2.2 variants), LTX-Video, HunyuanVideo and HunyuanVideo 1.5. A family sets `pipeline_cls`, `negative_prompt`,
+`text_length` and `sample_scheduler`, adds what else its pipeline call takes in `pipeline_extras` (or changes the
+call in `pipeline_call`), and overrides the few hooks where its export differs (`pipeline_denoisers`,
+`export_size_multiple`, `first_frames`, `sampling_pipeline`); nothing here is specific to one of them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from flowspeed.configs.schema import ModelConfig
 from flowspeed.engines.models.registry import GeneratingFamily, loaded
+from PIL import Image
 from torch import nn
 
 
@@ -33,6 +36,34 @@ class TextToVideoPipelineFamily(GeneratingFamily):
         """What this family's pipeline call takes besides prompt, size, steps, guidance and text length."""
         return {}
 
+    def pipeline_call(self, pipe: Any, guidance_scale: float) -> dict[str, Any]:
+        """The pipeline call's guidance and text length (what a family's pipeline takes differently, it overrides:
+        Wan2.2 A14B adds the low-noise expert's scale, HunyuanVideo 1.5 sets its guider), plus `pipeline_extras`.
+        The text length is the one the model trained on, recorded in the export's tokenizer by `save_pretrained`."""
+        length = pipe.tokenizer.model_max_length
+        length = length if length <= 4096 else self.text_length  # unset in a hub tokenizer: huge
+        return {"guidance_scale": guidance_scale, "max_sequence_length": length, **self.pipeline_extras(pipe)}
+
+    def export_size_multiple(self, folder: Path) -> int:
+        """What the sides a generation asks for must divide by with this export (its VAE's factor x the patch)."""
+        return self.size_multiple
+
+    def first_frames(
+        self, folder: Path, images: list[np.ndarray] | None, prompts: list[str], height: int, width: int
+    ) -> list[np.ndarray | None]:
+        """One first frame per prompt where this export is conditioned on one, else a None per prompt (see
+        `check_images`: a text-to-video export refuses images)."""
+        return self.check_images(images, prompts, height, width)
+
+    def sampling_pipeline(self, folder: Path, device: torch.device, with_images: bool) -> Any:
+        """The export loaded as `pipeline_cls` (kept loaded across calls, see `loaded`)."""
+        return loaded(lambda: self.pipeline_cls.from_pretrained(folder).to(device), folder, device)
+
+    def pipeline_denoisers(self, cfg: ModelConfig, transformer: nn.Module) -> dict[str, Any]:
+        """The export pipeline's denoiser arguments: the trained model as `transformer`, plus what a family's
+        pipeline keeps beside it (Wan2.2 A14B: the other expert and the boundary)."""
+        return {"transformer": self.core_module(transformer)}
+
     def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
         """The pipeline folder. The tokenizer's `model_max_length` records the text length the model trained on, so
         `generate` pads prompts to it (the cross-attention sees the zero tail the cache had)."""
@@ -42,8 +73,8 @@ class TextToVideoPipelineFamily(GeneratingFamily):
             tokenizer=tokenizer,
             text_encoder=encoder,
             vae=self.load_vae(cfg),
-            transformer=self.core_module(transformer),
             scheduler=self.sample_scheduler(cfg),
+            **self.pipeline_denoisers(cfg, transformer),
         )
         pipe.save_pretrained(out_dir, safe_serialization=True)
         return out_dir
@@ -62,22 +93,24 @@ class TextToVideoPipelineFamily(GeneratingFamily):
         device: torch.device,
         images: list[np.ndarray] | None = None,
     ) -> np.ndarray:
-        """(N, T, H, W, 3) uint8 videos from the export's pipeline, with the authors' negative prompt; the frame
-        and size rules are checked here so a bad request is refused before the pipeline loads."""
-        self.check_images(images, prompts, height, width)
+        """(N, T, H, W, 3) uint8 videos from the export's pipeline, prompt by prompt (each from its own seed, so a
+        prompt's video does not depend on the others), with the authors' negative prompt and, for an image-conditioned
+        export, each prompt's first frame; the frame, size and image rules are checked before the pipeline loads."""
+        folder = Path(pretrained_dir)
+        firsts = self.first_frames(folder, images, prompts, height, width)
         if error := self.frame_count_error(num_frames):
             raise ValueError(f"generate: {error}")
-        if height % self.size_multiple or width % self.size_multiple:
+        multiple = self.export_size_multiple(folder)
+        if height % multiple or width % multiple:
             raise ValueError(
-                f"generate: {self.name} needs sides that are multiples of {self.size_multiple}, not {height}x{width}"
+                f"generate: {self.name} needs sides that are multiples of {multiple}, not {height}x{width}"
             )
-        pipe = loaded(lambda: self.pipeline_cls.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
+        pipe = self.sampling_pipeline(folder, device, with_images=any(f is not None for f in firsts))
         pipe.set_progress_bar_config(disable=True)
-        text_length = pipe.tokenizer.model_max_length
-        text_length = text_length if text_length <= 4096 else self.text_length  # unset in a hub tokenizer: huge
-        extras = self.pipeline_extras(pipe)
+        call = self.pipeline_call(pipe, guidance_scale)
         videos = []
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, first) in enumerate(zip(prompts, firsts, strict=True)):
+            image = {} if first is None else {"image": Image.fromarray(first)}
             video = pipe(
                 prompt=prompt,
                 negative_prompt=self.negative_prompt,
@@ -85,11 +118,10 @@ class TextToVideoPipelineFamily(GeneratingFamily):
                 height=height,
                 width=width,
                 num_inference_steps=steps,
-                guidance_scale=guidance_scale,
                 generator=torch.Generator("cpu").manual_seed(seed + i),
-                max_sequence_length=text_length,
                 output_type="np",
-                **extras,
+                **image,
+                **call,
             ).frames[0]  # (T, H, W, C) in [0, 1]
             videos.append((np.clip(video, 0, 1) * 255).round().astype(np.uint8))
         return np.stack(videos)

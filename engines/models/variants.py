@@ -553,14 +553,19 @@ for _v in _dits_variants():
 
 
 # ---- Wan2.1 (engines/models/wan.py) ------------------------------------------------------------------------------
-def _wan_variants() -> list[Variant]:
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+def _umt5_xxl() -> Component:
+    """google/umt5-xxl config.json, encoder only (what every Wan release's text_encoder/ holds): 5,680,910,336."""
     from transformers import UMT5EncoderModel
 
-    # google/umt5-xxl config.json, encoder only (what the released text_encoder/ folders hold): 5,680,910,336
-    umt5_xxl = Component(UMT5EncoderModel, dict(
+    return Component(UMT5EncoderModel, dict(
         vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
         feed_forward_proj="gated-gelu", tie_word_embeddings=False))  # fmt: skip
+
+
+def _wan_variants() -> list[Variant]:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    umt5_xxl = _umt5_xxl()
     # Wan-AI/Wan2.1-*-Diffusers vae/config.json = AutoencoderKLWan's defaults (base_dim 96, z_dim 16, dim_mult
     # [1, 2, 4, 4], 2 res blocks, temporal downsample [False, True, True], Wan's latents_mean/std): 126,892,531
     vae = Component(AutoencoderKLWan, {})
@@ -590,10 +595,51 @@ def _wan_variants() -> list[Variant]:
                                                     in_channels=12, out_channels=12, scale_factor_spatial=16,
                                                     scale_factor_temporal=4, patch_size=2))},
                 4_999_787_712, "5B (model name)", "Wan-Video/Wan2.2 WanModel(ti2v_5B) built on meta"),
+        # Wan2.2 T2V-A14B: two experts of Wan-Video/Wan2.2@42bf4cf wan/configs/wan_t2v_A14B.py (dim 5120, ffn 13824,
+        # 40 heads, 40 layers: each the 14B layout) on the Wan2.1 VAE (`vae_checkpoint = 'Wan2.1_VAE.pth'`); in
+        # Wan-AI/Wan2.2-T2V-A14B-Diffusers `transformer/` is the high-noise expert, `transformer_2/` the low-noise one.
+        # The README: "Each expert model has about 14B parameters, ... 27B parameters but only 14B active".
+        Variant("wan", "wan2.2-t2v-a14b", {"transformer": wan(40, 13824, 40), "transformer_2": wan(40, 13824, 40),
+                                           "text_encoder": umt5_xxl, "vae": vae},
+                14_288_491_584, "A14B (14B per expert, 27B in all)",
+                "Wan-Video/Wan2.2 WanModel(t2v_A14B) built on meta, per expert"),
     ]  # fmt: skip
 
 
 for _v in _wan_variants():
+    register_variant(_v)
+
+
+# ---- Wan2.1 image-to-video (engines/models/wan_i2v.py) ------------------------------------------------------------
+def _wan_i2v_variants() -> list[Variant]:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import CLIPVisionModelWithProjection
+
+    # diffusers' scripts/convert_wan_to_diffusers.py `"Wan-I2V-14B-480p"` and `"-720p"` (one diffusers_config for both):
+    # the 14B block with CLIP features (image_dim 1280) projected to the image keys/values (added_kv_proj_dim 5120)
+    # and 36 input channels (16 noisy + 4 frame mask + 16 image latents)
+    transformer = Component(WanTransformer3DModel, dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120))  # fmt: skip
+    # the conversion's image_encoder: laion/CLIP-ViT-H-14-laion2B-s32B-b79K's vision tower with projection (open_clip
+    # ViT-H-14: width 1280, 32 layers, 16 heads of 80, 14 px patches at 224, embed 1024, GELU): 632,076,800
+    clip = Component(CLIPVisionModelWithProjection, dict(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
+        image_size=224, projection_dim=1024, hidden_act="gelu"))  # fmt: skip
+    parts = {"transformer": transformer, "text_encoder": _umt5_xxl(), "image_encoder": clip,
+             "vae": Component(AutoencoderKLWan, {})}  # fmt: skip
+    # Exact count: the authors' WanModel(model_type="i2v") (Wan-Video/Wan2.1@9737cba wan/modules/model.py, sized by
+    # wan/configs/wan_i2v_14B.py, in_dim 36) built on meta (docs/fidelity/ref_wan_i2v_facts.py); the name says 14B
+    # (the T2V 14B plus per-block image keys/values and the CLIP projection: 16.39B). 480P and 720P: one layout.
+    return [
+        Variant("wan_i2v", f"wan2.1-i2v-14b-{res}", parts, 16_394_878_784, "14B (model name)",
+                "Wan-Video/Wan2.1 WanModel(i2v_14B) built on meta")
+        for res in ("480p", "720p")
+    ]  # fmt: skip
+
+
+for _v in _wan_i2v_variants():
     register_variant(_v)
 
 
@@ -632,4 +678,78 @@ def _ltx_variants() -> list[Variant]:
 
 
 for _v in _ltx_variants():
+    register_variant(_v)
+
+
+# ---- HunyuanVideo 1.5 (engines/models/hunyuanvideo15.py) ----------------------------------------------------------
+def _hunyuanvideo15_variants() -> list[Variant]:
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+    from transformers import Qwen2_5_VLTextModel
+
+    # transformer/config.json as diffusers' scripts/convert_hunyuan_video1_5_to_diffusers.py writes it
+    # (TRANSFORMER_CONFIGS["480p_t2v"]): 54 dual-stream blocks of 16 x 128, 65 input channels (latent, condition
+    # latent, mask), Qwen2.5-VL states 3584 wide, ByT5 1472, SigLIP 1152
+    transformer = Component(HunyuanVideo15Transformer3DModel, dict(
+        in_channels=65, out_channels=32, num_attention_heads=16, attention_head_dim=128, num_layers=54,
+        num_refiner_layers=2, mlp_ratio=4.0, patch_size=1, patch_size_t=1, qk_norm="rms_norm", text_embed_dim=3584,
+        text_embed_2_dim=1472, image_embed_dim=1152, rope_theta=256.0, rope_axes_dim=(16, 56, 56),
+        use_meanflow=False, target_size=640, task_type="t2v"))  # fmt: skip
+    # the conversion's `AutoencoderKLHunyuanVideo15()`: its defaults (32 latent channels, 16x / 4x), 1,260,634,115
+    vae = Component(AutoencoderKLHunyuanVideo15, {})
+    # Qwen/Qwen2.5-VL-7B-Instruct config.json, the language model (the conversion's `load_mllm`): 7,070,619,136.
+    # The ByT5 glyph encoder (text_encoder_2: byt5-small plus Glyph-SDXL-v2's color/font tokens, whose count is in
+    # asset files not read here) is left out of the variant; see docs/fidelity/ref_hunyuanvideo15_facts.py.
+    qwen = Component(Qwen2_5_VLTextModel, dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, rms_norm_eps=1e-6, max_position_embeddings=128000, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}))  # fmt: skip
+    # Exact count: the authors' HunyuanVideo_1_5_DiffusionTransformer built on meta at the 480p_t2v sizes
+    # (docs/fidelity/ref_hunyuanvideo15_facts.py): 8,326,608,160; their README: "only 8.3 billion parameters".
+    return [
+        Variant("hunyuanvideo15", "hunyuanvideo1.5-t2v-480p",
+                {"transformer": transformer, "text_encoder": qwen, "vae": vae}, 8_326_608_160, "8.3B (README)",
+                "Tencent-Hunyuan/HunyuanVideo-1.5 HunyuanVideo_1_5_DiffusionTransformer (480p_t2v) built on meta"),
+    ]  # fmt: skip
+
+
+for _v in _hunyuanvideo15_variants():
+    register_variant(_v)
+
+
+# ---- HunyuanVideo (engines/models/hunyuanvideo.py) ----------------------------------------------------------------
+def _hunyuanvideo_variants() -> list[Variant]:
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+    from transformers import LlamaModel
+
+    # transformer/config.json as diffusers' scripts/convert_hunyuan_video_to_diffusers.py writes it
+    # (TRANSFORMER_CONFIGS["HYVideo-T/2-cfgdistill"]): 20 dual- + 40 single-stream blocks, 24 heads of 128, 2 refiner
+    # layers, 1x2x2 patches, RoPE (16, 56, 56), guidance embedding, Llama 4096 + CLIP-L 768 text
+    transformer = Component(HunyuanVideoTransformer3DModel, dict(
+        in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+        num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+        guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+        rope_axes_dim=(16, 56, 56)))  # fmt: skip
+    # text_encoder/config.json: the text tower of xtuner/llava-llama-3-8b-v1_1-transformers as a LlamaModel (the
+    # authors' hyvideo/utils/preprocess_text_encoder_tokenizer_utils.py extracts it): vocab 128320, 4096 wide, 14336
+    # ffn, 32 layers, 32 heads, 8 key/value heads, rope_theta 500000, 8192 positions, untied: 7,505,186,816
+    llama = Component(LlamaModel, dict(
+        vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        tie_word_embeddings=False))  # fmt: skip
+    # vae/config.json = AutoencoderKLHunyuanVideo's defaults (what convert_vae builds and strictly loads the authors'
+    # 884-16c-hy VAE into: 4 down blocks, 128..512 wide, 16 latent channels, scaling_factor 0.476986): 246,478,803,
+    # the released config's layout (tests/facts/hunyuanvideo_vae.json)
+    vae = Component(AutoencoderKLHunyuanVideo, {})
+    # Exact count: the authors' HYVideoDiffusionTransformer (Tencent/HunyuanVideo@fa14b00 hyvideo/modules/models.py,
+    # HUNYUAN_VIDEO_CONFIG["HYVideo-T/2-cfgdistill"]) built on meta (docs/fidelity/ref_hunyuanvideo_facts.py); the
+    # README and model card say 13B.
+    return [
+        Variant("hunyuanvideo", "hunyuanvideo-13b", {"transformer": transformer, "text_encoder": llama,
+                                                     "text_encoder_2": CLIP_L, "vae": vae},
+                12_821_012_544, "13B (README)",
+                "Tencent/HunyuanVideo HYVideoDiffusionTransformer(HYVideo-T/2-cfgdistill) built on meta"),
+    ]  # fmt: skip
+
+
+for _v in _hunyuanvideo_variants():
     register_variant(_v)

@@ -1,4 +1,5 @@
-"""Wan2.1 text-to-video: diffusers' `WanTransformer3DModel`, `AutoencoderKLWan`, `WanPipeline`; UMT5 text encoder.
+"""Wan2.1 text-to-video and Wan2.2 (TI2V-5B, the T2V-A14B expert pair): diffusers' `WanTransformer3DModel`,
+`AutoencoderKLWan`, `WanPipeline`; UMT5 text encoder.
 
 Nothing here is a copy of diffusers or of the authors' code; every piece is the library's own class, and the facts
 (shift, text length, latent statistics, sampler) carry their sources:
@@ -19,21 +20,33 @@ Nothing here is a copy of diffusers or of the authors' code; every piece is the 
 - **Sampling**: the authors' `generate.py` for text-to-video: UniPC flow solver (diffusers' `UniPCMultistepScheduler`
   with `use_flow_sigmas`), shift 5.0, 50 steps, guidance 5.0, their default negative prompt (`sample_neg_prompt`).
   A pretrained transformer's release folder keeps its own scheduler (diffusers' Wan2.1 folders ship flow_shift 3.0).
+- **Wan2.2 T2V-A14B** (`model.experts`): two 14B experts split at timestep boundary * 1000 (0.875, wan_t2v_A14B.py),
+  the high-noise one above. A run trains one expert on its own timesteps only, as DiffSynth-Studio trains Wan2.2
+  A14B (its `--max/min_timestep_boundary 0.417` are the grid indices of t = 875, `expert_indices`); the export is
+  the two-expert `WanPipeline` (`transformer` high noise, `transformer_2` low noise, `boundary_ratio`), the other
+  expert unchanged, sampled with the authors' shift 12, 40 steps and guidance (3.0 low noise, 4.0 high noise).
+- **Wan2.2 TI2V-5B** (Wan2.2's VAE: 16x, 48 channels, so sides are multiples of 32): training conditions on the clip's
+  clean first latent frame at timestep 0, outside the loss, as DiffSynth-Studio trains TI2V-5B and the authors'
+  textimage2video.py samples it; the export is `WanPipeline(expand_timesteps=True)`, and `generate` given first
+  frames samples image-to-video through `WanImageToVideoPipeline` on the same components.
 
 docs/fidelity.md (Wan) lists each choice and what is not reproduced.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
@@ -41,7 +54,9 @@ from flowspeed.configs.schema import ModelConfig
 from flowspeed.engines.models.cogvideox import affine_posterior, encode_pixels, to_pixels
 from flowspeed.engines.models.registry import (
     LatentFamily,
+    conditioning_images,
     from_pretrained,
+    loaded,
     pick_preset,
     register_family,
     seeded_init,
@@ -62,17 +77,48 @@ SAMPLE_SHIFT = 5.0
 GUIDANCE_SCALE = 5.0
 SAMPLE_STEPS = 50
 #: wan_shared_cfg.sample_neg_prompt, the negative prompt the authors sample with
+#: Wan-Video/Wan2.2@42bf4cf wan/configs/wan_t2v_A14B.py, the A14B pair: `boundary = 0.875` (the high-noise expert
+#: for t >= 0.875 * 1000, text2video.py `_prepare_model_for_timestep`), `sample_shift = 12.0`, `sample_steps = 40`,
+#: `sample_guide_scale = (3.0, 4.0)` (low noise, high noise); frames, fps and text length as Wan2.1 (shared_config)
+A14B_BOUNDARY = 0.875
+A14B_SAMPLE_SHIFT = 12.0
+A14B_SAMPLE_STEPS = 40
+A14B_GUIDANCE_LOW, A14B_GUIDANCE_HIGH = 3.0, 4.0
+HIGH_NOISE, LOW_NOISE = "high_noise", "low_noise"
+#: the transformers' patch, (1, 2, 2) in every Wan config (`patch_size`): pixel sides divide by the VAE's factor x 2
+PATCH = 2
 NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
     "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
     "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
+#: Wan2.2's VAE (TI2V-5B): per-channel latent statistics of its 48 channels, huggingface/diffusers@58eb52c
+#: scripts/convert_wan_to_diffusers.py `vae22_diffusers_config` (= Wan-Video/Wan2.2@42bf4cf wan/modules/vae2_2.py
+#: `Wan2_2_VAE`'s `mean` and `std`)
+WAN22_LATENTS_MEAN = [
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891, 0.1570,
+    -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502, -0.2055, -0.0322,
+    0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520,
+    0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+]  # fmt: skip
+WAN22_LATENTS_STD = [
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165,
+    0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659, 0.7069, 0.5338, 0.4889, 0.4917,
+    0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600,
+    0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+]  # fmt: skip
 VAE_PRESETS: dict[str, dict[str, Any]] = {
     # Wan2.1's VAE layout (3 spatial downsamples -> 8x, temporal [False, True, True] -> 4x, 16 latent channels and
     # the released per-channel latents_mean/std, AutoencoderKLWan's defaults) at 1/12 of the width.
     "tiny": dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
                  temperal_downsample=[False, True, True]),
+    # Wan2.2's VAE layout (`vae22_diffusers_config`: residual blocks, 2x2 patchified input -> 12 channels, then 3
+    # spatial downsamples -> 16x, 4x in time, 48 latent channels and their released statistics) at 1/20 of the width.
+    "tiny-2.2": dict(base_dim=8, decoder_base_dim=8, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+                     patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, dim_mult=[1, 2, 4, 4],
+                     num_res_blocks=1, attn_scales=[], temperal_downsample=[False, True, True],
+                     latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD),
 }  # fmt: skip
 TEXT_PRESETS: dict[str, dict[str, Any]] = {
     # UMT5 (per-layer relative attention bias, gated-GELU), 2 layers of width 32
@@ -95,8 +141,28 @@ def bsmntw_weights(timesteps: torch.Tensor, steps: int = NUM_TRAIN_TIMESTEPS) ->
     return y * (steps / y.sum())
 
 
+def is_high_noise(timesteps: torch.Tensor, boundary: float) -> torch.Tensor:
+    """Which timesteps the high-noise expert takes: t >= boundary * 1000, as the authors switch (text2video.py
+    `t.item() >= boundary`) and diffusers' `WanPipeline` (`t >= boundary_ratio * num_train_timesteps`)."""
+    return timesteps >= boundary * NUM_TRAIN_TIMESTEPS
+
+
+def expert_indices(scheduler: Any, boundary: float, expert: str) -> tuple[int, int]:
+    """The training grid's indices [lo, hi) whose timesteps are `expert`'s. The grid runs from t = 1000 down, so the
+    high-noise expert's are a prefix: on the shift-5 grid at boundary 0.875 that is [0, 417), DiffSynth-Studio's
+    `--max_timestep_boundary 0.417` for the high-noise expert and `--min_timestep_boundary 0.417` for the low-noise one
+    (examples/wanvideo/model_training/full/Wan2.2-T2V-A14B.sh: "boundary corresponds to timesteps [875, 1000]")."""
+    n_high = int(is_high_noise(scheduler.timesteps[:NUM_TRAIN_TIMESTEPS], boundary).sum())
+    if not 0 < n_high < NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"model.experts.boundary={boundary} leaves one expert no training timestep")
+    if expert not in (HIGH_NOISE, LOW_NOISE):
+        raise ValueError(f"unknown expert {expert!r}; use {HIGH_NOISE} or {LOW_NOISE}")
+    return (0, n_high) if expert == HIGH_NOISE else (n_high, NUM_TRAIN_TIMESTEPS)
+
+
 class Wan(LatentFamily, TextToVideoPipelineFamily):
-    """Wan2.1 text-to-video (1.3B and 14B layouts); export and sampling: engines/models/text_video.py."""
+    """Wan2.1 text-to-video (1.3B and 14B layouts), Wan2.2 TI2V-5B and the T2V-A14B pair; export and sampling:
+    engines/models/text_video.py (with the pair's and TI2V's pipeline arguments, and TI2V's image path here)."""
 
     name = "wan"
     temporal_compression = 4
@@ -143,28 +209,121 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
         return tokenizer, encoder.eval().requires_grad_(False)
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
-        if cfg.transformer.pretrained:
-            return from_pretrained(WanTransformer3DModel, cfg.transformer, "transformer")
-        preset = pick_preset(cfg.transformer, TRANSFORMER_PRESETS, "transformer")
-        with seeded_init(cfg.seed + 3):
-            return WanTransformer3DModel(
-                in_channels=latent_channels, out_channels=latent_channels, text_dim=text_embed_dim, **preset
+        """The trained denoiser; with `model.experts` (Wan2.2 A14B) the expert `experts.train` names. A two-expert
+        pipeline folder named by its `transformer` subfolder (how evaluation reads an export back) gives the trained
+        expert's own slot: `transformer_2` for the low-noise expert."""
+        self.check_experts(cfg)
+        comp = cfg.transformer
+        if cfg.experts is not None and cfg.experts.train == LOW_NOISE and _pair_slot(comp, "transformer"):
+            comp = comp.model_copy(update={"subfolder": "transformer_2"})
+        train = cfg.experts.train if cfg.experts is not None else HIGH_NOISE
+        return self._denoiser(cfg, comp, train, text_embed_dim, latent_channels)
+
+    def load_other_expert(self, cfg: ModelConfig, trained: nn.Module) -> nn.Module:
+        """The expert a run leaves as it is (`model.experts.other`), sized like the trained one when a preset."""
+        assert cfg.experts is not None
+        other = LOW_NOISE if cfg.experts.train == HIGH_NOISE else HIGH_NOISE
+        c = self.core_module(trained).config
+        return self._denoiser(cfg, cfg.experts.other, other, c.text_dim, c.in_channels).eval().requires_grad_(False)
+
+    def _denoiser(self, cfg: ModelConfig, comp: Any, expert: str, text_embed_dim: int, channels: int) -> nn.Module:
+        if comp.pretrained:
+            return from_pretrained(WanTransformer3DModel, comp, "transformer")
+        preset = pick_preset(comp, TRANSFORMER_PRESETS, "transformer")
+        with seeded_init(cfg.seed + (3 if expert == HIGH_NOISE else 4)):  # a random pair: two different experts
+            return WanTransformer3DModel(in_channels=channels, out_channels=channels, text_dim=text_embed_dim, **preset)
+
+    def check_experts(self, cfg: ModelConfig) -> None:
+        """`model.experts` is the A14B pair on the Wan2.1 VAE (TI2V-5B, on Wan2.2's VAE, is one dense model), naming two
+        different experts (the same weights twice is a config slip)."""
+        if cfg.experts is not None and self.first_frame_conditioned(cfg):
+            raise ValueError(
+                "model.experts is Wan2.2 A14B's expert pair, on the Wan2.1 VAE; this model.vae is Wan2.2's (TI2V-5B, "
+                "one dense model conditioned on the first frame): remove model.experts, or use the Wan2.1 VAE"
             )
+        if cfg.experts is not None and cfg.transformer.pretrained and cfg.experts.other.pretrained:
+            if cfg.transformer.identity() == cfg.experts.other.identity():
+                raise ValueError(
+                    f"model.transformer and model.experts.other name the same weights ({cfg.transformer.identity()}); "
+                    "the two experts are different models (a release's transformer/ and transformer_2/)"
+                )
 
     def load_scheduler(self, cfg: ModelConfig) -> FlowMatchEulerDiscreteScheduler:
-        """The training grid: 1000 sigmas (1000 - i) / 1000 shifted by 5, DiffSynth-Studio's training schedule."""
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=TRAIN_SHIFT)
+        """The training grid: 1000 sigmas (1000 - i) / 1000 shifted by 5, DiffSynth-Studio's training schedule. With
+        `model.experts` it also records the grid indices the trained expert draws from (`expert_indices`)."""
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=TRAIN_SHIFT)
+        if cfg.experts is not None:
+            scheduler.expert_indices = expert_indices(scheduler, cfg.experts.boundary, cfg.experts.train)
+        scheduler.first_frame = self.first_frame_conditioned(cfg)  # TI2V-5B: the clean first frame conditions
+        return scheduler
+
+    def first_frame_conditioned(self, cfg: ModelConfig) -> bool:
+        """Whether training conditions on the clean first frame as TI2V-5B does: with Wan2.2's VAE (residual, 48
+        channels), on which TI2V-5B is the one released model."""
+        return bool(_vae_config(cfg).get("is_residual", False))
+
+    def size_multiple_for(self, cfg: ModelConfig) -> int:
+        """What pixel sides must divide by with `cfg`'s VAE: its spatial factor x the 2x2 patches. Wan2.1's VAE: 8 x 2
+        = 16; Wan2.2's: 16 x 2 = 32 (wan/configs/wan_ti2v_5B.py `vae_stride = (4, 16, 16)`, sizes 704*1280)."""
+        return int(_vae_config(cfg).get("scale_factor_spatial", self.spatial_compression)) * PATCH
 
     def sample_scheduler(self, cfg: ModelConfig) -> Any:
         """What the export samples with: a pretrained release's own `scheduler/` folder where it has one, else the
-        authors' text-to-video sampler (UniPC flow solver, shift 5.0)."""
+        authors' sampler (UniPC flow solver; shift 5.0 for text-to-video, 12.0 for the A14B pair)."""
         comp = cfg.transformer
         if comp.pretrained and (Path(comp.pretrained) / "scheduler" / "scheduler_config.json").is_file():
             return UniPCMultistepScheduler.from_pretrained(comp.pretrained, subfolder="scheduler")
         return UniPCMultistepScheduler(
             prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-            flow_shift=SAMPLE_SHIFT,
+            flow_shift=A14B_SAMPLE_SHIFT if cfg.experts is not None else SAMPLE_SHIFT,
         )  # fmt: skip
+
+    def pipeline_denoisers(self, cfg: ModelConfig, transformer: nn.Module) -> dict[str, Any]:
+        """With `model.experts`: both experts in diffusers' slots (`transformer` high noise, `transformer_2` low
+        noise) and the boundary as `boundary_ratio`, the layout of Wan-AI/Wan2.2-T2V-A14B-Diffusers; on Wan2.2's VAE
+        `expand_timesteps` (Wan-AI/Wan2.2-TI2V-5B-Diffusers' layout, as diffusers' conversion script writes it)."""
+        if cfg.experts is None:  # TI2V-5B: per-token timesteps, the first frame's at 0 when an image conditions
+            ti2v = {"expand_timesteps": True} if self.first_frame_conditioned(cfg) else {}
+            return {**super().pipeline_denoisers(cfg, transformer), **ti2v}
+        trained, other = self.core_module(transformer), self.load_other_expert(cfg, transformer)
+        high, low = (trained, other) if cfg.experts.train == HIGH_NOISE else (other, trained)
+        return {"transformer": high, "transformer_2": low, "boundary_ratio": cfg.experts.boundary}
+
+    def pipeline_call(self, pipe: Any, guidance_scale: float) -> dict[str, Any]:
+        """A two-expert export also gives the low-noise expert the authors' low/high ratio of the guidance (3.0 / 4.0,
+        so `guidance_scale` 4.0 gives their (3.0, 4.0)); diffusers' default would give both experts the same."""
+        call = super().pipeline_call(pipe, guidance_scale)
+        if pipe.config.get("boundary_ratio") is not None and getattr(pipe, "transformer_2", None) is not None:
+            call["guidance_scale_2"] = guidance_scale * A14B_GUIDANCE_LOW / A14B_GUIDANCE_HIGH
+        return call
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def export_size_multiple(self, folder: Path) -> int:
+        """The export's own VAE decides: 16 px on Wan2.1's (8x), 32 on Wan2.2's (16x), with the 2x2 patches."""
+        vae_config = folder / "vae" / "config.json"
+        factor = json.loads(vae_config.read_text()).get("scale_factor_spatial", 8) if vae_config.is_file() else 8
+        return int(factor) * PATCH
+
+    def first_frames(
+        self, folder: Path, images: list[np.ndarray] | None, prompts: list[str], height: int, width: int
+    ) -> list[np.ndarray | None]:
+        """A TI2V export (`expand_timesteps`) also takes one first frame per prompt (none: text-to-video); the
+        others follow `check_images`."""
+        if images is not None and _is_ti2v_export(folder):
+            return conditioning_images(images, prompts, height, width)
+        return super().first_frames(folder, images, prompts, height, width)
+
+    def sampling_pipeline(self, folder: Path, device: torch.device, with_images: bool) -> Any:
+        """A TI2V export with first frames samples through diffusers' `WanImageToVideoPipeline` on the same
+        components: the image latent replaces the first latent frame, whose tokens denoise at timestep 0 (the authors'
+        textimage2video.py `i2v`); everything else through the export's own pipeline."""
+        if not (with_images and _is_ti2v_export(folder)):
+            return super().sampling_pipeline(folder, device, with_images)
+
+        def load() -> Any:
+            return WanImageToVideoPipeline.from_pipe(WanPipeline.from_pretrained(folder)).to(device)
+
+        return loaded(load, folder, device, "image-to-video")
 
     # ---- encoding (prep) ------------------------------------------------------------------------
     def encode_video(self, vae: nn.Module, frames: torch.Tensor) -> torch.Tensor:
@@ -173,6 +332,12 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
         Wan trains on (z - latents_mean) / latents_std per channel; z ~ N(mu, sigma^2) gives N((mu - m) / s,
         (sigma / s)^2), so the cache holds mean (mu - m) / s and log-variance logvar - 2 log s, and the engine's
         scaling (1.0) and shift (0.0) leave it as it is."""
+        multiple = int(getattr(vae.config, "scale_factor_spatial", self.spatial_compression)) * PATCH
+        if frames.shape[2] % multiple or frames.shape[3] % multiple:
+            raise ValueError(
+                f"this Wan VAE ({multiple // PATCH}x) with 2x2 patches takes sides that are multiples of {multiple}, "
+                f"not {frames.shape[2]}x{frames.shape[3]}; set data.height/width accordingly"
+            )
         params = encode_pixels(vae, to_pixels(frames))
         mean, std = latent_stats(vae, params)
         return affine_posterior(params, mean, 1.0 / std)
@@ -195,12 +360,15 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
         self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
         """DiffSynth-Studio's Wan objective, one timestep per sample: x0 the normalised posterior mean (the authors'
-        VAE wrapper encodes to `mu`), index i ~ U{0..999} on the shifted grid, flow target eps - x0, bsmntw weight."""
+        VAE wrapper encodes to `mu`), index i ~ U{0..999} on the shifted grid (an A14B expert: U over its own indices,
+        `expert_indices`), flow target eps - x0, bsmntw weight; TI2V-5B's first frame conditions (`flow_loss`)."""
         params = batch["latent_params"].float()
         x0 = params[:, : params.shape[1] // 2]  # (B, C, T', H', W'), already normalised at prep
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        idx = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=generator)
-        return self.flow_loss(transformer, scheduler, x0, noise, idx, batch["text_embeds"])
+        lo, hi = getattr(scheduler, "expert_indices", (0, NUM_TRAIN_TIMESTEPS))  # an A14B expert: its own range
+        idx = torch.randint(lo, hi, (x0.shape[0],), generator=generator)
+        first_frame = getattr(scheduler, "first_frame", False)
+        return self.flow_loss(transformer, scheduler, x0, noise, idx, batch["text_embeds"], first_frame=first_frame)
 
     def flow_loss(
         self,
@@ -210,23 +378,68 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
         noise: torch.Tensor,
         idx: torch.Tensor,
         text: torch.Tensor,
+        *,
+        first_frame: bool = False,
     ) -> torch.Tensor:
         """The loss at given grid indices `idx` (B,) and noise: per sample the weighted mean squared error of the
-        predicted velocity against eps - x0, then the batch mean."""
+        predicted velocity against eps - x0, then the batch mean.
+
+        `first_frame` (TI2V-5B): the first latent frame is the clean latent (the image's: the VAE is causal, so a
+        clip's first latent frame encodes its first frame alone), its tokens get timestep 0 and the rest t (a (B, S)
+        timestep, diffusers' `expand_timesteps`, the authors' textimage2video.py `mask2 * t`), and the loss leaves it
+        out, as DiffSynth-Studio trains TI2V-5B (`FlowMatchSFTLoss` with `first_frame_latents`)."""
         device = x0.device
         sigma = scheduler.sigmas[idx].to(device, torch.float32).view(-1, 1, 1, 1, 1)
         timestep = scheduler.timesteps[idx].to(device)
         noisy = (1.0 - sigma) * x0 + sigma * noise
+        target = noise - x0
+        if first_frame:
+            if x0.shape[2] < 2:
+                raise ValueError("first-frame conditioning needs clips of 2+ latent frames (5+ frames), not 1")
+            noisy = torch.cat([x0[:, :, :1], noisy[:, :, 1:]], dim=2)
+            _, _, t, h, w = x0.shape
+            frames = torch.ones(t, h // PATCH, w // PATCH, device=device)
+            frames[0] = 0  # one entry per token: (T', H'/2, W'/2), the first frame's at 0
+            timestep = frames.flatten()[None] * timestep.view(-1, 1)  # (B, S)
         pred = transformer(
             hidden_states=noisy, timestep=timestep, encoder_hidden_states=text.to(noisy.dtype), return_dict=False
         )[0].float()
+        if first_frame:
+            pred, target = pred[:, :, 1:], target[:, :, 1:]
         weight = bsmntw_weights(scheduler.timesteps[:NUM_TRAIN_TIMESTEPS])[idx].to(device)
-        return (weight * ((pred - (noise - x0)) ** 2).flatten(1).mean(1)).mean()
+        return (weight * ((pred - target) ** 2).flatten(1).mean(1)).mean()
 
     def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
         _, t, h, w = latent_shape[-4:]  # (2*Cz, T', H', W')
         pt, ph, pw = transformer_config.patch_size
         return (t // pt) * (h // ph) * (w // pw)
+
+
+def _vae_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The VAE's config without building it: its preset's, or the pretrained folder's config.json."""
+    comp = cfg.vae
+    if not comp.pretrained:
+        return pick_preset(comp, VAE_PRESETS, "vae")
+    try:
+        return dict(AutoencoderKLWan.load_config(comp.pretrained, **({"subfolder": comp.subfolder} if comp.subfolder
+                                                                      else {})))  # fmt: skip
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"could not read the VAE config under {comp.identity()}: {exc}") from exc
+
+
+def _is_ti2v_export(folder: Path) -> bool:
+    """Whether `folder` is a Wan2.2 TI2V-5B export (per-token timesteps: `expand_timesteps` in its model_index.json)."""
+    index = folder / "model_index.json"
+    return index.is_file() and bool(json.loads(index.read_text()).get("expand_timesteps"))
+
+
+def _pair_slot(comp: Any, subfolder: str) -> bool:
+    """Whether `comp` names a two-expert pipeline folder (its model_index.json has a `transformer_2`), through
+    `subfolder` ("" for any)."""
+    if not comp.pretrained or (subfolder and comp.subfolder != subfolder):
+        return False
+    index = Path(comp.pretrained) / "model_index.json"
+    return index.is_file() and (json.loads(index.read_text()).get("transformer_2") or [None])[0] is not None
 
 
 def latent_stats(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from flowspeed.configs.catalog import (
     TASK_RUNNERS,
     clip_models,
 )
+from flowspeed.configs.schema import ComponentConfig, ModelConfig
 from flowspeed.configs.validate import check_stage, config_problems, stage_problems
 from flowspeed.flows.config_cli import config_app
 from typer.testing import CliRunner
@@ -229,6 +230,9 @@ def test_the_catalog_is_the_registries() -> None:
         for n in range(1, 70):
             assert (family.frame_count_error(n) is None) == (facts.frame_error(name, n) is None), (name, n)
         assert family.size_multiple == facts.size_multiple, name
+        for vae in (facts.presets or {}).get("vae", ()):  # each VAE preset's size rule (Wan2.2's 16x VAE: 32)
+            model = ModelConfig(family=name, vae=ComponentConfig(preset=vae))
+            assert family.size_multiple_for(model) == facts.size_multiple_for(model), (name, vae)
         assert bool(family.vision_tower) == facts.vision_tower, name
     assert MEGATRON_FAMILIES == tuple(MODELS)
     assert BENCHMARKS == tuple(benchmarks.BENCHMARKS) and PROMPT_TEMPLATES == tuple(benchmarks.PROMPT_TEMPLATES)
@@ -258,13 +262,12 @@ def test_the_catalog_export_files_are_each_familys(tmp_path: Path) -> None:
 def _presets_the_loader_knows(family: object, component: str) -> list[str]:
     """Ask `family`'s own loader for `component` built from an unknown preset: it refuses, listing the ones it
     builds (`pick_preset`'s "known presets: ..." or the video DiTs' `build_component` "known: ...")."""
-    from flowspeed.configs.schema import ComponentConfig, ModelConfig
-
     cfg = ModelConfig(family=family.name, **{component: ComponentConfig(preset="no-such-preset")})  # type: ignore[attr-defined]
     load = {
         "vae": lambda: family.load_vae(cfg),  # type: ignore[attr-defined]
         "text_encoder": lambda: family.load_text_encoder(cfg),  # type: ignore[attr-defined]
         "transformer": lambda: family.load_transformer(cfg, 32, 4),  # type: ignore[attr-defined]
+        "image_encoder": lambda: family.load_image_encoder(cfg),  # type: ignore[attr-defined]
     }[component]
     with pytest.raises(ValueError, match="no-such-preset") as err:
         load()
@@ -283,6 +286,8 @@ def test_the_catalog_presets_are_what_each_family_builds() -> None:
     for name, facts in FAMILIES.items():
         family = get_family(name)
         built = ("vae", "text_encoder", "transformer") if family.can(Capability.LATENTS) else ("transformer",)
+        if family.can(Capability.LATENTS) and family.load_image_encoder(ModelConfig(family=name)) is not None:
+            built += ("image_encoder",)
         assert facts.presets is not None and sorted(facts.presets) == sorted(built), name
         for component in built:
             assert sorted(facts.presets[component]) == sorted(_presets_the_loader_knows(family, component)), (

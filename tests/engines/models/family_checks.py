@@ -22,11 +22,25 @@ def assert_lora_round_trip(
 ) -> None:
     """Rank-4 LoRA on the family's targets (self- and cross-attention adapted, nothing else trainable), saved in
     peft's layout and loaded onto a fresh model: the same output bit for bit, and not the base model's."""
+    assert_lora_adapts(fam, build, inputs, folder, base_name, (".attn1.to_q.", ".attn2.to_out.0."))
+
+
+def assert_lora_adapts(
+    fam: ModelFamily,
+    build: Callable[[], nn.Module],
+    inputs: dict[str, Any],
+    folder: Path,
+    base_name: str,
+    expected: tuple[str, ...],
+) -> None:
+    """`assert_lora_round_trip` for any attention layout: each of `expected` (module-name fragments, e.g. a joint
+    attention's ".attn.to_q." and ".attn.add_k_proj.") must be among the adapted modules; the family's
+    `lora_exclude` applies, as in the engine."""
     lora = LoraConfig(enabled=True, rank=4)
-    model = apply_lora(build(), lora, fam.lora_targets).eval()
+    model = apply_lora(build(), lora, fam.lora_targets, fam.lora_exclude).eval()
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     adapted = {n for n, _ in model.named_modules() if n.endswith("lora_A")}
-    assert any(".attn1.to_q." in n for n in adapted) and any(".attn2.to_out.0." in n for n in adapted)
+    assert all(any(e in n for n in adapted) for e in expected), (expected, sorted(adapted))
     for n, p in model.named_parameters():
         if "lora_B" in n:  # B starts at zero: give the adapters an effect to check
             torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
@@ -37,7 +51,7 @@ def assert_lora_round_trip(
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
     assert (folder / "adapter_model.safetensors").is_file()
-    again = load_adapter(apply_lora(build(), lora, fam.lora_targets), folder)
+    again = load_adapter(apply_lora(build(), lora, fam.lora_targets, fam.lora_exclude), folder)
     with torch.no_grad():
         assert torch.equal(again.eval()(**inputs)[0], out)
     assert not torch.allclose(base, out, atol=1e-4)
