@@ -141,8 +141,11 @@ FAMILIES: dict[str, FamilyFacts] = {
     "sdxl": _facts("sdxl", _IMAGE, denoiser_subfolder="unet"),
     # Wan2.1's VAE: 4k+1 frames, 8x; 2x2 patches (Wan2.2's `tiny-2.2`: 16x, so 32 px)
     "wan": _facts("wan", _VIDEO, ("tiny-2.2",), parallel="tp cp", vae_size_multiples={"tiny-2.2": 32}),
-    # Wan2.1 I2V: Wan's VAE and patches, plus the CLIP image encoder (model.image_encoder)
-    "wan_i2v": _facts("wan_i2v", replace(_VIDEO, presets={**_DIFFUSION, "image_encoder": _TINY}), parallel="tp cp"),
+    # Wan2.1 I2V: Wan's VAE and patches, plus the CLIP image encoder (model.image_encoder); Wan2.2 I2V-A14B's
+    # transformer without an image embedding: `tiny-2.2`
+    "wan_i2v": _facts(
+        "wan_i2v", replace(_VIDEO, presets={**_DIFFUSION, "image_encoder": _TINY}), (), ("tiny-2.2",), parallel="tp cp"
+    ),
     "whisper": _facts("whisper", _SEQUENCE),
 }
 

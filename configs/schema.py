@@ -48,19 +48,26 @@ class ExpertsConfig(Section):
     expert takes timesteps t >= boundary * 1000 (diffusers' `WanPipeline.transformer`), the low-noise one those below
     (`transformer_2`). `model.transformer` is the expert this run trains, `train` says which one it is, and it draws
     only its own timesteps (as DiffSynth-Studio trains Wan2.2 A14B); `other` is the expert it leaves as it is, which
-    the export carries beside it, so every export is a whole two-expert pipeline."""
+    the export carries beside it, so every export is a whole two-expert pipeline. `train: both` trains the pair in one
+    run: `model.transformer` is then the high-noise expert and `other` the low-noise one, each training call runs one
+    of them on its own timesteps (engines/models/wan.py `WanExpertPair`), and the export holds both as trained."""
 
-    train: Literal["high_noise", "low_noise"] = Field(description="which expert model.transformer is and trains")
+    train: Literal["high_noise", "low_noise", "both"] = Field(
+        description="which expert model.transformer is and trains; both: model.transformer is the high-noise expert, "
+        "experts.other the low-noise one, and both train (FSDP2/HSDP; tensor/context parallel take one expert)"
+    )
     other: ComponentConfig = Field(
-        description="the other expert's weights (e.g. a release's transformer/ or transformer_2/) or preset"
+        description="the other expert's weights (e.g. a release's transformer/ or transformer_2/) or preset; with "
+        "train: both the low-noise expert (a release's transformer_2/)"
     )
     boundary: float = Field(
         gt=0, lt=1, description="the switch as a fraction of the 1000 training timesteps; the authors' T2V-A14B: 0.875"
     )
 
 
-#: the families whose denoiser is a pair of timestep experts (engines/models/wan.py: Wan2.2 A14B)
-EXPERT_FAMILIES = ("wan",)
+#: the families whose denoiser is a pair of timestep experts (engines/models/wan.py: Wan2.2 T2V-A14B;
+#: engines/models/wan_i2v.py: Wan2.2 I2V-A14B)
+EXPERT_FAMILIES = ("wan", "wan_i2v")
 #: the families whose denoiser also takes an image encoder's features of the first frame (engines/models/wan_i2v.py:
 #: Wan2.1 I2V's CLIP ViT-H/14); prep caches those features beside the latents
 IMAGE_ENCODER_FAMILIES = ("wan_i2v",)
@@ -85,8 +92,9 @@ class ModelConfig(Section):
     image_encoder: ComponentConfig | None = Field(
         None,
         description="image-conditioned families (wan_i2v): the image encoder whose features of the first frame "
-        "condition the denoiser (Wan2.1 I2V: CLIP ViT-H/14, a release's image_encoder/); unset there: preset tiny. "
-        "An error for the other families",
+        "condition the denoiser (Wan2.1 I2V: CLIP ViT-H/14, a release's image_encoder/); unset there: preset tiny; "
+        "null there: none, for a transformer without an image embedding (Wan2.2 I2V-A14B, conditioned on the first "
+        "frame's latents alone). An error for the other families",
     )
 
     @model_validator(mode="after")
@@ -101,9 +109,10 @@ class ModelConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _image_encoder_default(cls, data: Any) -> Any:
-        """An image-conditioned family's unset image encoder is `preset: tiny`, as its other components are."""
+        """An image-conditioned family's unset image encoder is `preset: tiny`, as its other components are; an
+        explicit `image_encoder: null` stays None: no image encoder (Wan2.2 I2V-A14B)."""
         if isinstance(data, dict) and data.get("family") in IMAGE_ENCODER_FAMILIES:
-            return data if data.get("image_encoder") is not None else {**data, "image_encoder": {}}
+            return data if "image_encoder" in data else {**data, "image_encoder": {}}
         return data
 
     @model_validator(mode="after")

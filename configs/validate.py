@@ -235,6 +235,8 @@ def _family_problems(cfg: PipelineConfig) -> list[str]:
     out = []
     for comp_name, presets in (facts.presets or {}).items():
         comp = getattr(cfg.model, comp_name)
+        if comp is None:  # a component the config leaves out (wan_i2v's `image_encoder: null`, Wan2.2 I2V-A14B)
+            continue
         if comp.pretrained is None and comp.preset not in presets:  # the preset alone decides what is built
             out.append(
                 f"model.{comp_name}.preset={comp.preset!r} is not a {comp_name} preset of {name}"

@@ -66,9 +66,15 @@ RELEASES = [
     ("wan2.2-ti2v-5b", "wan", "Wan2.2-TI2V-5B", "wan_ti2v_5B", "ti2v_5B", "ti2v", 48, "2.2"),
 ]
 # Releases on the same Wan2.1 VAE and UMT5-XXL whose transformer tables other scripts write: Wan2.1 image-to-video
-# 14B (family wan_i2v; docs/fidelity/ref_wan_i2v_facts.py, with its CLIP) and the Wan2.2 T2V-A14B expert pair
-# (wan/configs/wan_t2v_A14B.py `vae_checkpoint = 'Wan2.1_VAE.pth'`; docs/fidelity/ref_wan22_facts.py)
-I2V_VARIANTS = [("wan2.1-i2v-14b-480p", "wan_i2v"), ("wan2.1-i2v-14b-720p", "wan_i2v"), ("wan2.2-t2v-a14b", "wan")]
+# 14B (family wan_i2v; docs/fidelity/ref_wan_i2v_facts.py, with its CLIP) and the Wan2.2 T2V-A14B and I2V-A14B expert
+# pairs (wan/configs/wan_t2v_A14B.py and wan_i2v_A14B.py: `vae_checkpoint = 'Wan2.1_VAE.pth'`, `t5_checkpoint =
+# 'models_t5_umt5-xxl-enc-bf16.pth'`; docs/fidelity/ref_wan22_facts.py)
+SHARED_VAE_TEXT_VARIANTS = [
+    ("wan2.1-i2v-14b-480p", "wan_i2v"),
+    ("wan2.1-i2v-14b-720p", "wan_i2v"),
+    ("wan2.2-t2v-a14b", "wan"),
+    ("wan2.2-i2v-a14b", "wan_i2v"),
+]
 # google/umt5-xxl config.json
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # fmt: skip
@@ -177,14 +183,14 @@ def main() -> None:
         vae = getattr(script, convert)()
         assert all(p.is_meta for p in vae.parameters())
         used = [[r[1], r[0], "vae"] for r in RELEASES if r[7] == release]
-        used += [[family, variant, "vae"] for variant, family in I2V_VARIANTS if release == "2.1"]
+        used += [[family, variant, "vae"] for variant, family in SHARED_VAE_TEXT_VARIANTS if release == "2.1"]
         source = f"Wan-Video/Wan{release}@{rev} wan/{vae_file} WanVAE_ on meta -> {CONVERSION} {convert}()"
         _write(f"wan{release}_vae", source, used, vae)
 
     with torch.device("meta"):
         umt5 = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
     used = [[family, variant, "text_encoder"] for variant, family, *_ in RELEASES]
-    used += [[family, variant, "text_encoder"] for variant, family in I2V_VARIANTS]
+    used += [[family, variant, "text_encoder"] for variant, family in SHARED_VAE_TEXT_VARIANTS]
     _write("wan_umt5_xxl_encoder", "google/umt5-xxl config.json; transformers UMT5EncoderModel", used, umt5)
 
 

@@ -350,12 +350,12 @@ class HunyuanVideo15(LatentFamily, TextToVideoPipelineFamily):
     def pipeline_call(self, pipe: Any, guidance_scale: float) -> dict[str, Any]:
         """This pipeline takes its guidance from its guider and its text length and template crop from attributes,
         not from call arguments: set them (the text length the cache had, recorded in the tokenizer; the crop for this
-        tokenizer) and call with nothing more."""
+        tokenizer) and call with the negative prompt only."""
         length = pipe.tokenizer.model_max_length
         pipe.tokenizer_max_length = length if length <= 4096 else TEXT_LENGTH  # unset in a hub tokenizer: huge
         pipe.prompt_template_encode_start_idx = crop_start(pipe.tokenizer, pipe.system_message)
         pipe.guider = pipe.guider.new(guidance_scale=guidance_scale)
-        return {}
+        return {"negative_prompt": self.negative_prompt}
 
 
 register_family(HunyuanVideo15())

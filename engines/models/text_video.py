@@ -37,12 +37,14 @@ class TextToVideoPipelineFamily(GeneratingFamily):
         return {}
 
     def pipeline_call(self, pipe: Any, guidance_scale: float) -> dict[str, Any]:
-        """The pipeline call's guidance and text length (what a family's pipeline takes differently, it overrides:
-        Wan2.2 A14B adds the low-noise expert's scale, HunyuanVideo 1.5 sets its guider), plus `pipeline_extras`.
-        The text length is the one the model trained on, recorded in the export's tokenizer by `save_pretrained`."""
+        """The pipeline call's negative prompt, guidance and text length (what a family's pipeline takes differently,
+        it overrides: Wan2.2 A14B adds the low-noise expert's scale, HunyuanVideo 1.5 sets its guider), plus
+        `pipeline_extras`. The text length is the one the model trained on, recorded in the export's tokenizer by
+        `save_pretrained`."""
         length = pipe.tokenizer.model_max_length
         length = length if length <= 4096 else self.text_length  # unset in a hub tokenizer: huge
-        return {"guidance_scale": guidance_scale, "max_sequence_length": length, **self.pipeline_extras(pipe)}
+        return {"negative_prompt": self.negative_prompt, "guidance_scale": guidance_scale,
+                "max_sequence_length": length, **self.pipeline_extras(pipe)}  # fmt: skip
 
     def export_size_multiple(self, folder: Path) -> int:
         """What the sides a generation asks for must divide by with this export (its VAE's factor x the patch)."""
@@ -64,6 +66,10 @@ class TextToVideoPipelineFamily(GeneratingFamily):
         pipeline keeps beside it (Wan2.2 A14B: the other expert and the boundary)."""
         return {"transformer": self.core_module(transformer)}
 
+    def pipeline_components(self, cfg: ModelConfig) -> dict[str, Any]:
+        """What else the export pipeline holds (Wan2.1 I2V: its image processor and encoder)."""
+        return {}
+
     def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
         """The pipeline folder. The tokenizer's `model_max_length` records the text length the model trained on, so
         `generate` pads prompts to it (the cross-attention sees the zero tail the cache had)."""
@@ -74,6 +80,7 @@ class TextToVideoPipelineFamily(GeneratingFamily):
             text_encoder=encoder,
             vae=self.load_vae(cfg),
             scheduler=self.sample_scheduler(cfg),
+            **self.pipeline_components(cfg),
             **self.pipeline_denoisers(cfg, transformer),
         )
         pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -94,8 +101,9 @@ class TextToVideoPipelineFamily(GeneratingFamily):
         images: list[np.ndarray] | None = None,
     ) -> np.ndarray:
         """(N, T, H, W, 3) uint8 videos from the export's pipeline, prompt by prompt (each from its own seed, so a
-        prompt's video does not depend on the others), with the authors' negative prompt and, for an image-conditioned
-        export, each prompt's first frame; the frame, size and image rules are checked before the pipeline loads."""
+        prompt's video does not depend on the others), called with `pipeline_call`'s arguments (the authors' negative
+        prompt, guidance, text length) and, for an image-conditioned export, each prompt's first frame; the frame,
+        size and image rules are checked before the pipeline loads."""
         folder = Path(pretrained_dir)
         firsts = self.first_frames(folder, images, prompts, height, width)
         if error := self.frame_count_error(num_frames):
@@ -113,7 +121,6 @@ class TextToVideoPipelineFamily(GeneratingFamily):
             image = {} if first is None else {"image": Image.fromarray(first)}
             video = pipe(
                 prompt=prompt,
-                negative_prompt=self.negative_prompt,
                 num_frames=num_frames,
                 height=height,
                 width=width,

@@ -643,6 +643,34 @@ for _v in _wan_i2v_variants():
     register_variant(_v)
 
 
+# ---- Wan2.2 image-to-video, the I2V-A14B expert pair (engines/models/wan_i2v.py) ----------------------------------
+def _wan22_i2v_variants() -> list[Variant]:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    # diffusers' scripts/convert_wan_to_diffusers.py "Wan2.2-I2V-14B-720p" (one diffusers_config for both experts):
+    # the 14B block, 36 input channels (16 noisy + 4 frame mask + 16 image latents), and NO image embedding
+    # (added_kv_proj_dim None, image_dim unset): Wan2.2's I2V has no CLIP; the pipeline has no image_encoder/
+    expert = Component(WanTransformer3DModel, dict(
+        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6))  # fmt: skip
+    # Exact count per expert: the authors' WanModel(model_type="i2v") (Wan-Video/Wan2.2@42bf4cf wan/modules/model.py,
+    # sized by wan/configs/wan_i2v_A14B.py: dim 5120, ffn 13824, 40 heads, 40 layers, in_dim 36) built on meta
+    # (docs/fidelity/ref_wan22_facts.py): the T2V 14B plus the patch embedding's 20 extra input channels. On the
+    # Wan2.1 VAE and UMT5-XXL (wan_i2v_A14B.py `vae_checkpoint = 'Wan2.1_VAE.pth'`); `transformer/` is the high-noise
+    # expert, `transformer_2/` the low-noise one.
+    return [
+        Variant("wan_i2v", "wan2.2-i2v-a14b", {"transformer": expert, "transformer_2": expert,
+                                               "text_encoder": _umt5_xxl(), "vae": Component(AutoencoderKLWan, {})},
+                14_288_901_184, "A14B (14B per expert, 27B in all)",
+                "Wan-Video/Wan2.2 WanModel(i2v_A14B) built on meta, per expert"),
+    ]  # fmt: skip
+
+
+for _v in _wan22_i2v_variants():
+    register_variant(_v)
+
+
 # ---- LTX-Video (engines/models/ltx.py) ----------------------------------------------------------------------------
 def _ltx_variants() -> list[Variant]:
     from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel

@@ -25,6 +25,9 @@ Nothing here is a copy of diffusers or of the authors' code; every piece is the 
   A14B (its `--max/min_timestep_boundary 0.417` are the grid indices of t = 875, `expert_indices`); the export is
   the two-expert `WanPipeline` (`transformer` high noise, `transformer_2` low noise, `boundary_ratio`), the other
   expert unchanged, sampled with the authors' shift 12, 40 steps and guidance (3.0 low noise, 4.0 high noise).
+  `train: both` (ours; DiffSynth runs one expert per run) trains the pair in one run as a `WanExpertPair`: each
+  training call runs one expert, the same on every rank (FSDP2 needs it), on its own timesteps, the high-noise one for
+  its grid share (417 of 1000 calls, `high_noise_call`), and the export holds both as trained.
 - **Wan2.2 TI2V-5B** (Wan2.2's VAE: 16x, 48 channels, so sides are multiples of 32): training conditions on the clip's
   clean first latent frame at timestep 0, outside the loss, as DiffSynth-Studio trains TI2V-5B and the authors'
   textimage2video.py samples it; the export is `WanPipeline(expand_timesteps=True)`, and `generate` given first
@@ -37,6 +40,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +55,7 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
+from flowspeed.configs.adapters import DIFFUSERS_WEIGHTS, PEFT_CONFIG
 from flowspeed.configs.schema import ModelConfig
 from flowspeed.engines.models.cogvideox import affine_posterior, encode_pixels, to_pixels
 from flowspeed.engines.models.registry import (
@@ -64,6 +70,7 @@ from flowspeed.engines.models.registry import (
 from flowspeed.engines.models.text_video import TextToVideoPipelineFamily
 from flowspeed.engines.models.tokenizer import byte_level_tokenizer
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 #: Wan-Video/Wan2.1 wan/configs/shared_config.py: `text_len = 512`, `num_train_timesteps = 1000`
@@ -84,7 +91,7 @@ A14B_BOUNDARY = 0.875
 A14B_SAMPLE_SHIFT = 12.0
 A14B_SAMPLE_STEPS = 40
 A14B_GUIDANCE_LOW, A14B_GUIDANCE_HIGH = 3.0, 4.0
-HIGH_NOISE, LOW_NOISE = "high_noise", "low_noise"
+HIGH_NOISE, LOW_NOISE, BOTH = "high_noise", "low_noise", "both"
 #: the transformers' patch, (1, 2, 2) in every Wan config (`patch_size`): pixel sides divide by the VAE's factor x 2
 PATCH = 2
 NEGATIVE_PROMPT = (
@@ -160,6 +167,80 @@ def expert_indices(scheduler: Any, boundary: float, expert: str) -> tuple[int, i
     return (0, n_high) if expert == HIGH_NOISE else (n_high, NUM_TRAIN_TIMESTEPS)
 
 
+def high_noise_call(calls: int, n_high: int, steps: int = NUM_TRAIN_TIMESTEPS) -> bool:
+    """Whether training call `calls` (0, 1, ...) of `train: both` trains the high-noise expert: the calls are shared
+    out in proportion to the experts' shares of the training grid (n_high of `steps` indices), spread evenly (a
+    Bresenham line: high iff floor((k + 1) p) > floor(k p), p = n_high / steps, in integers). Every rank computes
+    the same answer from the same count, so every rank runs the same expert, which FSDP2 requires."""
+    return (calls + 1) * n_high // steps > calls * n_high // steps
+
+
+class WanExpertPair(nn.Module):
+    """Wan2.2 A14B's two experts as ONE trained model (`model.experts.train: both`), under the names diffusers'
+    `WanPipeline` gives them, `transformer` (high noise) and `transformer_2` (low noise): the engine's FSDP2,
+    activation checkpointing and compile then find both experts' blocks (parallelize.py BLOCK_LISTS), and the export
+    puts each expert in its own slot as it is.
+
+    A call runs ONE expert on the whole batch (`expert="high_noise"` or "low_noise"), or, given a per-sample bool
+    mask (evaluation's loss over the whole grid), both experts on the whole batch in a fixed order, each sample then
+    taking its own expert's output. Every rank must run the same expert(s) in the same order: under FSDP2 the
+    per-block all-gathers of two same-shaped experts run in different orders on different ranks would silently pair
+    one expert's shards with the other's.
+
+    `calls` counts training calls (a persistent buffer: checkpoints carry it, so a resumed run continues the same
+    expert sequence, and every rank holds the same count); `next_expert` turns it into the schedule."""
+
+    #: both experts are this class with one config (the A14B pair: two 14B layouts)
+    expert_cls: type = WanTransformer3DModel
+
+    def __init__(self, transformer: nn.Module, transformer_2: nn.Module) -> None:
+        super().__init__()
+        arch = [{k: v for k, v in dict(m.config).items() if not k.startswith("_")}
+                for m in (transformer, transformer_2)]  # fmt: skip
+        if type(transformer) is not type(transformer_2) or arch[0] != arch[1]:
+            raise ValueError(
+                "model.experts.train: both trains two experts of one layout (Wan2.2 A14B: two 14B transformers); "
+                f"model.transformer and model.experts.other differ: {arch[0]} vs {arch[1]}"
+            )
+        self.transformer = transformer
+        self.transformer_2 = transformer_2
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def active_parameter_count(self) -> int:
+        """One expert's parameters: a step runs one expert (what the trainer's model FLOPs and MFU count)."""
+        return sum(p.numel() for p in self.transformer.parameters())
+
+    @property
+    def config(self) -> Any:
+        """One expert's config: what the engine sizes tokens and FLOPs by, and rebuilds the pair from on meta."""
+        return self.transformer.config
+
+    @classmethod
+    def from_config(cls, config: Any) -> WanExpertPair:
+        """Both experts from one config (the engine's meta-device build on every rank; weights arrive afterwards)."""
+        return cls(cls.expert_cls.from_config(config), cls.expert_cls.from_config(config))
+
+    def expert(self, name: str) -> nn.Module:
+        if name not in (HIGH_NOISE, LOW_NOISE):
+            raise ValueError(f"unknown expert {name!r}; use {HIGH_NOISE} or {LOW_NOISE}")
+        return self.transformer if name == HIGH_NOISE else self.transformer_2
+
+    @torch.no_grad()
+    def next_expert(self, n_high: int) -> str:
+        """The expert of this training call (`high_noise_call` of the count), counting the call."""
+        k = int(self.calls)
+        self.calls += 1
+        return HIGH_NOISE if high_noise_call(k, n_high) else LOW_NOISE
+
+    def forward(self, *, expert: str | torch.Tensor, **inputs: Any) -> tuple[torch.Tensor]:
+        inputs["return_dict"] = False
+        if isinstance(expert, str):
+            return self.expert(expert)(**inputs)
+        high, low = self.transformer(**inputs)[0], self.transformer_2(**inputs)[0]  # same order on every rank
+        pick = expert.to(high.device).view(-1, *(1,) * (high.ndim - 1))
+        return (torch.where(pick, high, low),)
+
+
 class Wan(LatentFamily, TextToVideoPipelineFamily):
     """Wan2.1 text-to-video (1.3B and 14B layouts), Wan2.2 TI2V-5B and the T2V-A14B pair; export and sampling:
     engines/models/text_video.py (with the pair's and TI2V's pipeline arguments, and TI2V's image path here)."""
@@ -171,6 +252,9 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
     pipeline_cls: type = WanPipeline
     negative_prompt = NEGATIVE_PROMPT
     text_length = TEXT_LENGTH
+    #: an A14B release's sampling facts, per release (the I2V-A14B family sets its own): shift, (low, high) guidance
+    a14b_sample_shift = A14B_SAMPLE_SHIFT
+    a14b_guidance = (A14B_GUIDANCE_LOW, A14B_GUIDANCE_HIGH)
 
     def frame_count_error(self, num_frames: int) -> str | None:
         if num_frames < 1 or (num_frames - 1) % self.temporal_compression:
@@ -211,9 +295,17 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
         """The trained denoiser; with `model.experts` (Wan2.2 A14B) the expert `experts.train` names. A two-expert
         pipeline folder named by its `transformer` subfolder (how evaluation reads an export back) gives the trained
-        expert's own slot: `transformer_2` for the low-noise expert."""
+        expert's own slot: `transformer_2` for the low-noise expert. `train: both` gives the pair (`WanExpertPair`):
+        model.transformer the high-noise expert, experts.other the low-noise one, except that a two-expert pipeline
+        named by its `transformer` subfolder (a release, an export read back, a champion) gives its own pair."""
         self.check_experts(cfg)
         comp = cfg.transformer
+        if cfg.experts is not None and cfg.experts.train == BOTH:
+            other = cfg.experts.other
+            if _pair_slot(comp, "transformer"):
+                other = comp.model_copy(update={"subfolder": "transformer_2"})
+            high = self._denoiser(cfg, comp, HIGH_NOISE, text_embed_dim, latent_channels)
+            return WanExpertPair(high, self._denoiser(cfg, other, LOW_NOISE, text_embed_dim, latent_channels))
         if cfg.experts is not None and cfg.experts.train == LOW_NOISE and _pair_slot(comp, "transformer"):
             comp = comp.model_copy(update={"subfolder": "transformer_2"})
         train = cfg.experts.train if cfg.experts is not None else HIGH_NOISE
@@ -221,10 +313,11 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
 
     def load_other_expert(self, cfg: ModelConfig, trained: nn.Module) -> nn.Module:
         """The expert a run leaves as it is (`model.experts.other`), sized like the trained one when a preset."""
-        assert cfg.experts is not None
+        if cfg.experts is None or cfg.experts.train == BOTH:
+            raise ValueError("only a run training one expert (model.experts.train high_noise or low_noise) has another")
         other = LOW_NOISE if cfg.experts.train == HIGH_NOISE else HIGH_NOISE
         c = self.core_module(trained).config
-        return self._denoiser(cfg, cfg.experts.other, other, c.text_dim, c.in_channels).eval().requires_grad_(False)
+        return self._denoiser(cfg, cfg.experts.other, other, c.text_dim, c.out_channels).eval().requires_grad_(False)
 
     def _denoiser(self, cfg: ModelConfig, comp: Any, expert: str, text_embed_dim: int, channels: int) -> nn.Module:
         if comp.pretrained:
@@ -252,7 +345,11 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
         """The training grid: 1000 sigmas (1000 - i) / 1000 shifted by 5, DiffSynth-Studio's training schedule. With
         `model.experts` it also records the grid indices the trained expert draws from (`expert_indices`)."""
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=TRAIN_SHIFT)
-        if cfg.experts is not None:
+        if cfg.experts is not None and cfg.experts.train == BOTH:  # both: each call draws from its expert's range
+            scheduler.expert_ranges = {
+                e: expert_indices(scheduler, cfg.experts.boundary, e) for e in (HIGH_NOISE, LOW_NOISE)
+            }
+        elif cfg.experts is not None:
             scheduler.expert_indices = expert_indices(scheduler, cfg.experts.boundary, cfg.experts.train)
         scheduler.first_frame = self.first_frame_conditioned(cfg)  # TI2V-5B: the clean first frame conditions
         return scheduler
@@ -275,7 +372,7 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
             return UniPCMultistepScheduler.from_pretrained(comp.pretrained, subfolder="scheduler")
         return UniPCMultistepScheduler(
             prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-            flow_shift=A14B_SAMPLE_SHIFT if cfg.experts is not None else SAMPLE_SHIFT,
+            flow_shift=self.a14b_sample_shift if cfg.experts is not None else SAMPLE_SHIFT,
         )  # fmt: skip
 
     def pipeline_denoisers(self, cfg: ModelConfig, transformer: nn.Module) -> dict[str, Any]:
@@ -285,16 +382,30 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
         if cfg.experts is None:  # TI2V-5B: per-token timesteps, the first frame's at 0 when an image conditions
             ti2v = {"expand_timesteps": True} if self.first_frame_conditioned(cfg) else {}
             return {**super().pipeline_denoisers(cfg, transformer), **ti2v}
+        if cfg.experts.train == BOTH:  # both trained: each in its own slot
+            pair = self.core_module(transformer)
+            if not isinstance(pair, WanExpertPair):
+                raise TypeError(f"model.experts.train: both exports a WanExpertPair, not {type(pair).__name__}")
+            return {"transformer": pair.transformer, "transformer_2": pair.transformer_2,
+                    "boundary_ratio": cfg.experts.boundary}  # fmt: skip
         trained, other = self.core_module(transformer), self.load_other_expert(cfg, transformer)
         high, low = (trained, other) if cfg.experts.train == HIGH_NOISE else (other, trained)
         return {"transformer": high, "transformer_2": low, "boundary_ratio": cfg.experts.boundary}
+
+    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
+        """The pipeline folder (text_video.py); after `train: both` with LoRA also diffusers' LoRA file per expert
+        (`split_pair_lora`), since the engine's adapter export names the pair's layers as one transformer's."""
+        out = super().save_pretrained(out_dir, cfg, transformer)
+        if cfg.experts is not None and cfg.experts.train == BOTH:
+            split_pair_lora(Path(out_dir) / "lora")
+        return out
 
     def pipeline_call(self, pipe: Any, guidance_scale: float) -> dict[str, Any]:
         """A two-expert export also gives the low-noise expert the authors' low/high ratio of the guidance (3.0 / 4.0,
         so `guidance_scale` 4.0 gives their (3.0, 4.0)); diffusers' default would give both experts the same."""
         call = super().pipeline_call(pipe, guidance_scale)
         if pipe.config.get("boundary_ratio") is not None and getattr(pipe, "transformer_2", None) is not None:
-            call["guidance_scale_2"] = guidance_scale * A14B_GUIDANCE_LOW / A14B_GUIDANCE_HIGH
+            call["guidance_scale_2"] = guidance_scale * self.a14b_guidance[0] / self.a14b_guidance[1]
         return call
 
     # ---- sampling -------------------------------------------------------------------------------
@@ -361,14 +472,45 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
     ) -> torch.Tensor:
         """DiffSynth-Studio's Wan objective, one timestep per sample: x0 the normalised posterior mean (the authors'
         VAE wrapper encodes to `mu`), index i ~ U{0..999} on the shifted grid (an A14B expert: U over its own indices,
-        `expert_indices`), flow target eps - x0, bsmntw weight; TI2V-5B's first frame conditions (`flow_loss`)."""
+        `expert_indices`), flow target eps - x0, bsmntw weight; TI2V-5B's first frame conditions (`flow_loss`).
+        `train: both` (a `WanExpertPair`): one expert per call, see `_pair_call`."""
         params = batch["latent_params"].float()
         x0 = params[:, : params.shape[1] // 2]  # (B, C, T', H', W'), already normalised at prep
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        pair = self.core_module(transformer)
+        if isinstance(pair, WanExpertPair):  # train: both
+            call, idx = self._pair_call(transformer, pair, scheduler, x0.shape[0], generator)
+            return self.flow_loss(call, scheduler, x0, noise, idx, batch["text_embeds"])
         lo, hi = getattr(scheduler, "expert_indices", (0, NUM_TRAIN_TIMESTEPS))  # an A14B expert: its own range
         idx = torch.randint(lo, hi, (x0.shape[0],), generator=generator)
         first_frame = getattr(scheduler, "first_frame", False)
         return self.flow_loss(transformer, scheduler, x0, noise, idx, batch["text_embeds"], first_frame=first_frame)
+
+    @staticmethod
+    def _pair_call(
+        transformer: nn.Module, pair: WanExpertPair, scheduler: Any, batch_size: int, generator: torch.Generator
+    ) -> tuple[Callable[..., Any], torch.Tensor]:
+        """(the denoiser call, grid indices) of `train: both`. Training: ONE expert for the whole micro-batch, the
+        same on every rank (`next_expert`: the high-noise one for 417 of every 1000 calls at boundary 0.875, spread
+        evenly), its timesteps drawn from its own index range, as a one-expert run draws them. Over many calls that is
+        the per-sample mixture (index uniform on the whole grid, each sample to its expert) in expectation: a call
+        trains the high-noise expert with the high range's share of the grid. The expert not run gets no gradient
+        (None, which AdamW skips). Evaluation (not `training`): indices over the whole grid, both experts run on the
+        whole batch, each sample scored on its own expert's output: the pair's loss as sampling uses it.
+        `transformer` may be the pair, its engine wrapper or wan_i2v's image wrapper (its `.transformer`)."""
+        callers = (transformer, getattr(transformer, "transformer", None))
+        if any(isinstance(m, DistributedDataParallel) for m in callers):
+            raise ValueError(
+                "model.experts.train: both runs one expert per step, which DDP (dp_replicate > 1, dp_shard = 1) "
+                "counts as unused parameters; train the pair with FSDP2/HSDP (train.parallel.dp_shard > 1)"
+            )
+        n_high = scheduler.expert_ranges[HIGH_NOISE][1]  # the high-noise expert's indices are [0, n_high)
+        if pair.training:
+            expert = pair.next_expert(n_high)
+            lo, hi = scheduler.expert_ranges[expert]
+            return partial(transformer, expert=expert), torch.randint(lo, hi, (batch_size,), generator=generator)
+        idx = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch_size,), generator=generator)
+        return partial(transformer, expert=idx < n_high), idx
 
     def flow_loss(
         self,
@@ -413,6 +555,30 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
         _, t, h, w = latent_shape[-4:]  # (2*Cz, T', H', W')
         pt, ph, pw = transformer_config.patch_size
         return (t // pt) * (h // ph) * (w // pw)
+
+
+def split_pair_lora(folder: Path) -> None:
+    """`train: both` with LoRA: the adapter export (engines/torch_engine/lora.py `save_adapter`) is ONE peft adapter
+    covering the pair, its keys under `transformer.` and `transformer_2.` (`load_adapter` and
+    `PeftModel.from_pretrained` put it onto a `WanExpertPair`), but diffusers keeps a LoRA per expert: the high-noise
+    one's in `folder` (`pipe.load_lora_weights(folder)`), the low-noise one's in `folder/transformer_2`
+    (`pipe.load_lora_weights(folder / "transformer_2", load_into_transformer_2=True)`, diffusers'
+    WanLoraLoaderMixin). The engine wrote the pair's layers as one transformer's; this rewrites them per expert from
+    the peft file. Nothing to do without a diffusers file (no LoRA)."""
+    if not (folder / DIFFUSERS_WEIGHTS).is_file():
+        return
+    from flowspeed.engines.torch_engine.lora import PEFT_PREFIX
+    from peft.utils import load_peft_weights
+
+    state = load_peft_weights(str(folder))  # keys under peft's wrapper prefix, as PeftModel.save_pretrained writes
+    config = json.loads((folder / PEFT_CONFIG).read_text())
+    for slot, out in (("transformer", folder), ("transformer_2", folder / "transformer_2")):
+        prefix = f"{PEFT_PREFIX}{slot}."
+        layers = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if not layers:
+            raise ValueError(f"{folder} holds no LoRA layers of the pair's {slot}: not a train: both adapter")
+        meta = {"transformer_lora_adapter_metadata": config}
+        WanPipeline.save_lora_weights(str(out), transformer_lora_layers=layers, **meta)
 
 
 def _vae_config(cfg: ModelConfig) -> dict[str, Any]:

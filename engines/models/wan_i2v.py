@@ -1,5 +1,6 @@
-"""Wan2.1 image-to-video (14B, 480P and 720P): diffusers' `WanImageToVideoPipeline`, its `WanTransformer3DModel` with
-an image embedding, `AutoencoderKLWan`, UMT5 and the CLIP ViT-H/14 vision tower (`CLIPVisionModel`).
+"""Wan image-to-video: Wan2.1 I2V-14B (480P and 720P) and the Wan2.2 I2V-A14B expert pair. diffusers'
+`WanImageToVideoPipeline`, its `WanTransformer3DModel` (Wan2.1: with an image embedding), `AutoencoderKLWan` (Wan2.1's
+VAE for both), UMT5 and, for Wan2.1 only, the CLIP ViT-H/14 vision tower (`CLIPVisionModel`).
 
 Everything the text-to-video family does (engines/models/wan.py: normalised latents, UMT5 at 512 tokens, DiffSynth-
 Studio's shift-5 flow matching with its timestep weights, the UniPC sampler) holds; the first frame adds two inputs,
@@ -16,21 +17,33 @@ built by the pipeline's own methods at prep so training sees exactly what sampli
   embedding (`image_dim`) into the cross-attention's image keys and values (`added_kv_proj_dim`).
 
 Both are cached by prep (`encode_video` returns them beside `latent_params`; the CLIP model is `model.image_encoder`).
+
 The objective is the text-to-video one: DiffSynth-Studio trains Wan2.1-I2V-14B with the same `FlowMatchSFTLoss`
 (`--extra_inputs input_image`, the video's first frame; examples/wanvideo/model_training/full/Wan2.1-I2V-14B-480P.sh),
 the loss over every latent frame (the first frame is noised too: only Wan2.2 TI2V keeps it clean). Sampling: the
 authors' generate.py for i2v-14B: 40 steps, guidance 5.0, shift 3.0 at 480P and 5.0 otherwise, their negative prompt
-with "镜头晃动，" in front (wan/configs/wan_i2v_14B.py). docs/fidelity.md (Wan2.1 image-to-video) has the audit.
+with "镜头晃动，" in front (wan/configs/wan_i2v_14B.py).
+
+**Wan2.2 I2V-A14B** (Wan-Video/Wan2.2 wan/configs/wan_i2v_A14B.py, wan/image2video.py) has no image encoder: its
+transformer has no image embedding (diffusers' convert_wan_to_diffusers.py "Wan2.2-I2V-14B-720p": `image_dim` unset,
+`added_kv_proj_dim` None; in_channels 36), so only the image condition above conditions it (`model.image_encoder:
+null`; prep caches the condition alone; the tiny layout is the transformer preset `tiny-2.2`). Two experts split at
+boundary 0.900 as the T2V pair (`model.experts`, engines/models/wan.py: each trains on its own timesteps,
+DiffSynth-Studio's `--max/min_timestep_boundary 0.358`, or both in one run, `train: both`); the export is a
+`WanImageToVideoPipeline` with `transformer` (high noise), `transformer_2`, `boundary_ratio` and no image encoder, the
+layout diffusers' conversion writes; sampled with the authors' shift 5.0, 40 steps, guidance (3.5, 3.5) and the shared
+negative prompt (wan_i2v_A14B.py adds no "镜头晃动，").
+
+docs/fidelity.md (Wan2.1 image-to-video and Wan2.2 I2V-A14B) has the audit.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
-from flowspeed.configs.schema import ComponentConfig, ModelConfig
+from flowspeed.configs.schema import ModelConfig
 from flowspeed.engines.models.registry import (
     ModelFamily,
     from_pretrained,
@@ -38,7 +51,7 @@ from flowspeed.engines.models.registry import (
     register_family,
     seeded_init,
 )
-from flowspeed.engines.models.wan import NEGATIVE_PROMPT, TEXT_LENGTH, VAE_PRESETS, Wan
+from flowspeed.engines.models.wan import HIGH_NOISE, NEGATIVE_PROMPT, TEXT_LENGTH, VAE_PRESETS, Wan
 from flowspeed.engines.models.wan import TRANSFORMER_PRESETS as T2V_PRESETS
 from PIL import Image
 from torch import nn
@@ -51,6 +64,12 @@ I2V_NEGATIVE_PROMPT = "镜头晃动，" + NEGATIVE_PROMPT
 SAMPLE_STEPS = 40
 #: the pipeline's frame mask spans one latent frame's pixel frames (`vae_scale_factor_temporal`): 4 channels
 MASK_CHANNELS = 4
+#: Wan-Video/Wan2.2@42bf4cf wan/configs/wan_i2v_A14B.py: `boundary = 0.900`, `sample_shift = 5.0`, `sample_steps =
+#: 40`, `sample_guide_scale = (3.5, 3.5)` (low noise, high noise); no `sample_neg_prompt` of its own (shared_config's)
+I2V_A14B_BOUNDARY = 0.9
+I2V_A14B_SAMPLE_SHIFT = 5.0
+I2V_A14B_SAMPLE_STEPS = 40
+I2V_A14B_GUIDANCE_LOW, I2V_A14B_GUIDANCE_HIGH = 3.5, 3.5
 
 #: Wan2.1 I2V runs on the Wan2.1 VAE (16 latent channels, `Wan2.1_VAE.pth` in wan_i2v_14B.py); Wan2.2's is TI2V-5B's
 WAN21_VAE_PRESETS: dict[str, dict[str, Any]] = {"tiny": VAE_PRESETS["tiny"]}
@@ -64,34 +83,42 @@ TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     # Wan2.1's tiny block plus the I2V image path: image_dim = the tiny CLIP's width, image keys/values projected from
     # the model width (added_kv_proj_dim = heads x head dim, as the release's 5120)
     "tiny": dict(T2V_PRESETS["tiny"], image_dim=32, added_kv_proj_dim=32),
+    # Wan2.2 I2V-A14B's layout (each expert): the same block without the image embedding (image_dim and
+    # added_kv_proj_dim unset, convert_wan_to_diffusers.py "Wan2.2-I2V-14B-720p"), still 36 input channels
+    "tiny-2.2": dict(T2V_PRESETS["tiny"]),
 }
 
 
 class _WithImage:
     """The transformer as Wan's flow loss calls it (hidden_states, timestep, encoder_hidden_states), with the cached
-    image condition concatenated on channels and the CLIP features passed, as the pipeline's denoising step does."""
+    image condition concatenated on channels and the CLIP features passed (Wan2.1; None for Wan2.2 I2V-A14B), as the
+    pipeline's denoising step does."""
 
-    def __init__(self, transformer: nn.Module, condition: torch.Tensor, image_embeds: torch.Tensor) -> None:
+    def __init__(self, transformer: nn.Module, condition: torch.Tensor, image_embeds: torch.Tensor | None) -> None:
         self.transformer = transformer
         self.module = ModelFamily.core_module(transformer)  # what `core_module` finds: the model's config
         self.condition, self.image_embeds = condition, image_embeds
 
     def __call__(self, hidden_states: torch.Tensor, **kwargs: Any) -> Any:
         cond = self.condition.to(hidden_states.device, hidden_states.dtype)
+        image = None if self.image_embeds is None else self.image_embeds.to(hidden_states.device, hidden_states.dtype)
         return self.transformer(
             hidden_states=torch.cat([hidden_states, cond], dim=1),  # (B, 16 + 4 + 16, T', H', W')
-            encoder_hidden_states_image=self.image_embeds.to(hidden_states.device, hidden_states.dtype),
+            encoder_hidden_states_image=image,
             **kwargs,
         )
 
 
 class WanI2V(Wan):
-    """Wan2.1 image-to-video (the 14B at 480P and 720P): the first frame of each clip conditions it."""
+    """Wan image-to-video (Wan2.1's 14B at 480P and 720P; Wan2.2's A14B pair): the first frame of each clip
+    conditions it."""
 
     name = "wan_i2v"
     conditioning = "image"
     pipeline_cls: type = WanImageToVideoPipeline
-    negative_prompt = I2V_NEGATIVE_PROMPT
+    negative_prompt = I2V_NEGATIVE_PROMPT  # Wan2.1's; an export without image encoder (Wan2.2) samples with Wan's
+    a14b_sample_shift = I2V_A14B_SAMPLE_SHIFT
+    a14b_guidance = (I2V_A14B_GUIDANCE_LOW, I2V_A14B_GUIDANCE_HIGH)
 
     # ---- loading -------------------------------------------------------------------------------
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
@@ -107,10 +134,16 @@ class WanI2V(Wan):
             )
         return vae
 
-    def load_image_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module]:
+    def load_image_encoder(self, cfg: ModelConfig) -> tuple[Any, nn.Module] | None:
         """CLIP's image processor and vision tower: a release's `image_processor/` beside its `image_encoder/`
-        (diffusers' Wan2.1-I2V folders: laion/CLIP-ViT-H-14-laion2B-s32B-b79K), or the tiny preset."""
-        comp = cfg.image_encoder or ComponentConfig()
+        (diffusers' Wan2.1-I2V folders: laion/CLIP-ViT-H-14-laion2B-s32B-b79K), or the tiny preset; None for
+        `model.image_encoder: null` (Wan2.2 I2V-A14B). Refuses an encoder the transformer cannot take, and none for one
+        that needs it, before prep spends time on either."""
+        comp = cfg.image_encoder
+        if (transformer_config := _transformer_config(cfg)) is not None:  # unreadable: training's check_batch tells
+            self.check_image_path(cfg, transformer_config)
+        if comp is None:
+            return None
         if comp.pretrained:
             sub = "image_processor" if comp.subfolder == "image_encoder" else comp.subfolder
             processor = from_pretrained(CLIPImageProcessor, comp.model_copy(update={"subfolder": sub}), "image_encoder")
@@ -124,24 +157,48 @@ class WanI2V(Wan):
         return processor, encoder.eval().requires_grad_(False)
 
     def load_transformer(self, cfg: ModelConfig, text_embed_dim: int, latent_channels: int) -> nn.Module:
-        if cfg.transformer.pretrained:
-            model = from_pretrained(WanTransformer3DModel, cfg.transformer, "transformer")
+        """The trained denoiser (with `model.experts`, Wan2.2 I2V-A14B, the expert `experts.train` names: wan.py's
+        slot logic), checked to be an image-to-video layout that matches `model.image_encoder`."""
+        model = super().load_transformer(cfg, text_embed_dim, latent_channels)
+        self.check_image_path(cfg, self.core_module(model).config)
+        return model
+
+    def _denoiser(self, cfg: ModelConfig, comp: Any, expert: str, text_embed_dim: int, channels: int) -> nn.Module:
+        """One image-to-video transformer (Wan's `load_transformer` and `load_other_expert` build through this):
+        `channels` latent channels out, 2 x channels + the 4 mask channels in."""
+        if comp.pretrained:
+            model = from_pretrained(WanTransformer3DModel, comp, "transformer")
         else:
-            preset = pick_preset(cfg.transformer, TRANSFORMER_PRESETS, "transformer")
-            with seeded_init(cfg.seed + 3):
+            preset = pick_preset(comp, TRANSFORMER_PRESETS, "transformer")
+            with seeded_init(cfg.seed + (3 if expert == HIGH_NOISE else 4)):  # a random pair: two different experts
                 model = WanTransformer3DModel(
-                    in_channels=2 * latent_channels + MASK_CHANNELS, out_channels=latent_channels,
-                    text_dim=text_embed_dim, **preset,
-                )  # fmt: skip
+                    in_channels=2 * channels + MASK_CHANNELS, out_channels=channels, text_dim=text_embed_dim, **preset
+                )
         c = model.config
-        if c.image_dim is None or c.in_channels != 2 * c.out_channels + MASK_CHANNELS:
+        if c.in_channels != 2 * c.out_channels + MASK_CHANNELS:
             raise ValueError(
-                f"model.transformer: image_dim={c.image_dim}, in_channels={c.in_channels}, out_channels="
-                f"{c.out_channels} is not a Wan2.1 image-to-video transformer (it takes CLIP features and the noisy "
-                f"latents + {MASK_CHANNELS} mask + image-latent channels: image_dim 1280, 36 in, 16 out); use a "
-                "Wan2.1-I2V-14B-*-Diffusers transformer/, or `model.family: wan` for text-to-video"
+                f"model.transformer: in_channels={c.in_channels}, out_channels={c.out_channels} is not a Wan "
+                f"image-to-video transformer (it takes the noisy latents + {MASK_CHANNELS} mask + image-latent "
+                "channels: 36 in, 16 out); use a Wan2.1-I2V-14B-*-Diffusers or Wan2.2-I2V-A14B-Diffusers transformer/"
+                ", or `model.family: wan` for text-to-video"
             )
         return model
+
+    def check_image_path(self, cfg: ModelConfig, transformer_config: Any) -> None:
+        """`model.image_encoder` and the transformer agree: CLIP features exactly when it has an image embedding
+        (Wan2.1 I2V: `image_dim`), none when it has not (Wan2.2 I2V-A14B)."""
+        image_dim = _get(transformer_config, "image_dim")
+        if image_dim is None and cfg.image_encoder is not None:
+            raise ValueError(
+                "model.image_encoder: this transformer has no image embedding (image_dim unset: Wan2.2 I2V-A14B, "
+                "conditioned on the first frame's latents alone), so it takes no image features; set "
+                "model.image_encoder: null"
+            )
+        if image_dim is not None and cfg.image_encoder is None:
+            raise ValueError(
+                f"model.image_encoder is null, but this transformer takes image features (image_dim={image_dim}: "
+                "Wan2.1 I2V-14B's CLIP ViT-H/14); name its image encoder (a release's image_encoder/, or preset: tiny)"
+            )
 
     # ---- encoding (prep) ------------------------------------------------------------------------
     def encode_video(
@@ -149,13 +206,9 @@ class WanI2V(Wan):
     ) -> dict[str, torch.Tensor]:
         """uint8 (B, T, H, W, C) -> {"latent_params": the clip's normalised posterior (B, 32, T', H', W'),
         "image_condition": (B, 20, T', H', W'), "image_embeds": (B, N, D)}, the last two from the first frame by
-        `WanImageToVideoPipeline`'s own `prepare_latents` and `encode_image`."""
-        if image_encoder is None:
-            raise ValueError(
-                "wan_i2v caches CLIP features of each clip's first frame: encode_video needs "
-                "image_encoder=(processor, encoder), from load_image_encoder(model config)"
-            )
-        processor, clip = image_encoder
+        `WanImageToVideoPipeline`'s own `prepare_latents` and `encode_image`. Without `image_encoder` (what
+        `load_image_encoder` gives for `model.image_encoder: null`, Wan2.2 I2V-A14B) no "image_embeds"."""
+        processor, clip = image_encoder if image_encoder is not None else (None, None)
         _, t, h, w, _ = frames.shape
         pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=None,
                                        image_processor=processor, image_encoder=clip)  # fmt: skip
@@ -175,11 +228,13 @@ class WanI2V(Wan):
                 pixels, 1, vae.config.z_dim, h, w, t, torch.float32, vae.device, latents=lat
             )
             conditions.append(condition)
-        return {
+        out = {
             "latent_params": super().encode_video(vae, frames),
             "image_condition": torch.cat(conditions),  # (B, 4 + 16, T', H', W'): mask, then the image latents
-            "image_embeds": pipe.encode_image(firsts, clip.device),  # (B, N, D): CLIP's second-to-last states
         }
+        if clip is not None:
+            out["image_embeds"] = pipe.encode_image(firsts, clip.device)  # (B, N, D): CLIP's second-to-last states
+        return out
 
     # ---- training -------------------------------------------------------------------------------
     def training_loss(
@@ -188,19 +243,33 @@ class WanI2V(Wan):
         """The text-to-video objective (same draws: timestep index, noise) on a transformer that also takes the
         cached image condition and CLIP features, as DiffSynth-Studio's I2V training (`FlowMatchSFTLoss`)."""
         self.check_batch(self.core_module(transformer), batch)
-        conditioned = _WithImage(transformer, batch["image_condition"], batch["image_embeds"])
+        conditioned = _WithImage(transformer, batch["image_condition"], batch.get("image_embeds"))
         return super().training_loss(conditioned, scheduler, batch, generator)  # type: ignore[arg-type]
 
     def check_batch(self, core: nn.Module, batch: dict[str, torch.Tensor]) -> None:
-        """Refuse a cache that is not this model's: a text-to-video cache (no image inputs), features of another
-        image encoder width, or a text length diffusers' attention does not split correctly."""
-        missing = {"image_condition", "image_embeds"} - set(batch)
-        if missing:
+        """Refuse a cache that is not this model's: a text-to-video cache (no image inputs), image features for a
+        transformer without an image embedding or none for one with it, features of another image encoder width,
+        or a text length diffusers' attention does not split correctly."""
+        c = core.config
+        if "image_condition" not in batch:
             raise ValueError(
-                f"the cache has no {sorted(missing)}: it was prepared for another family; prep it again with "
-                "model.family: wan_i2v (the first frame's VAE condition and CLIP features are cached then)"
+                "the cache has no ['image_condition']: it was prepared for another family; prep it again with "
+                "model.family: wan_i2v (the first frame's VAE condition, and CLIP features where the transformer "
+                "takes them, are cached then)"
             )
-        c, width = core.config, batch["image_embeds"].shape[-1]
+        if c.image_dim is None:
+            if "image_embeds" in batch:
+                raise ValueError(
+                    "the cache holds image features, but this transformer has no image embedding (Wan2.2 I2V-A14B); "
+                    "prep again with model.image_encoder: null"
+                )
+            return  # no image tokens: diffusers' attention splits nothing off the text
+        if "image_embeds" not in batch:
+            raise ValueError(
+                f"the cache has no image features, but this transformer takes them (image_dim={c.image_dim}, Wan2.1 "
+                "I2V-14B); prep again with its image encoder (model.image_encoder)"
+            )
+        width = batch["image_embeds"].shape[-1]
         if width != c.image_dim:
             raise ValueError(
                 f"the cached image features are {width} wide but the transformer's image_dim is {c.image_dim}: prep "
@@ -214,28 +283,53 @@ class WanI2V(Wan):
             )
 
     # ---- export and inference -------------------------------------------------------------------
-    def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
-        """A `WanImageToVideoPipeline` folder: the text-to-video parts plus image_processor/ and image_encoder/."""
-        tokenizer, encoder = self.load_text_encoder(cfg)
-        tokenizer.model_max_length = cfg.max_text_length
-        processor, image_encoder = self.load_image_encoder(cfg)
-        pipe = WanImageToVideoPipeline(
-            tokenizer=tokenizer,
-            text_encoder=encoder,
-            vae=self.load_vae(cfg),
-            scheduler=self.sample_scheduler(cfg),
-            image_processor=processor,
-            image_encoder=image_encoder,
-            transformer=self.core_module(transformer),
-        )
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-        return out_dir
+    def pipeline_components(self, cfg: ModelConfig) -> dict[str, Any]:
+        """The export is a `WanImageToVideoPipeline` folder: Wan2.1's also holds image_processor/ and image_encoder/;
+        Wan2.2 I2V-A14B's none (as diffusers' conversion writes Wan-AI/Wan2.2-I2V-A14B-Diffusers)."""
+        processor, image_encoder = self.load_image_encoder(cfg) or (None, None)
+        return {"image_processor": processor, "image_encoder": image_encoder}
+
+    def pipeline_denoisers(self, cfg: ModelConfig, transformer: nn.Module) -> dict[str, Any]:
+        """Wan's (the trained model; with `model.experts` both experts and the boundary), refused where the two
+        experts' image embeddings differ."""
+        denoisers = super().pipeline_denoisers(cfg, transformer)
+        dims = {n: m.config.image_dim for n, m in denoisers.items() if n.startswith("transformer")}
+        if len(set(dims.values())) > 1:
+            raise ValueError(
+                f"model.experts.other: the two experts' image embeddings differ ({dims}); both are one release's "
+                "(a Wan2.2-I2V-A14B-Diffusers transformer/ and transformer_2/)"
+            )
+        return denoisers
 
     def pipeline_call(self, pipe: Any, guidance_scale: float) -> dict[str, Any]:
-        """Always 512 text tokens, whatever the tokenizer records: diffusers' I2V attention splits the image tokens
-        off before the last 512 (see `check_batch`). Sampling goes through text_video.py's `generate` with each
-        prompt's first frame (mid-grey when none is given, `check_images`) and the authors' I2V negative prompt."""
-        return {**super().pipeline_call(pipe, guidance_scale), "max_sequence_length": TEXT_LENGTH}
+        """With image features (Wan2.1), always 512 text tokens, whatever the tokenizer records: diffusers' I2V
+        attention splits the image tokens off before the last 512 (see `check_batch`), and the authors' I2V negative
+        prompt; without (Wan2.2 I2V-A14B) the recorded length and Wan's shared negative prompt (wan_i2v_A14B.py). A
+        two-expert export also gets the low-noise expert's guidance (wan.py: this release's (3.5, 3.5)). Sampling goes
+        through text_video.py's `generate` with each prompt's first frame (mid-grey when none is given)."""
+        call = super().pipeline_call(pipe, guidance_scale)
+        if pipe.transformer.config.image_dim is None:
+            return {**call, "negative_prompt": NEGATIVE_PROMPT}
+        return {**call, "max_sequence_length": TEXT_LENGTH}
+
+
+def _get(config: Any, key: str) -> Any:
+    """`key` of a model config, a FrozenDict or a plain dict (a preset's)."""
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def _transformer_config(cfg: ModelConfig) -> dict[str, Any] | None:
+    """The trained transformer's config without building it: its preset's, or the pretrained folder's config.json
+    (a release's experts share one layout, so either slot tells); None where prep cannot read it (weights not on
+    this machine), which prep does not need."""
+    comp = cfg.transformer
+    if not comp.pretrained:
+        return pick_preset(comp, TRANSFORMER_PRESETS, "transformer")
+    try:
+        return dict(WanTransformer3DModel.load_config(comp.pretrained, **({"subfolder": comp.subfolder} if
+                                                                          comp.subfolder else {})))  # fmt: skip
+    except (OSError, ValueError):
+        return None
 
 
 register_family(WanI2V())

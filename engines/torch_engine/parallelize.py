@@ -38,6 +38,7 @@ BLOCK_LISTS = (
     "model.layers", "layers", "model.language_model.layers", "model.visual.blocks", "visual.blocks",
     "model.encoder.layers", "model.decoder.layers", "model.vision_tower.vision_model.encoder.layers",
     "blocks", "spatial_blocks", "temporal_blocks",  # OpenSora's STDiT / STDiT3 (engines/models/dits)
+    "transformer.blocks", "transformer_2.blocks",  # Wan2.2 A14B's expert pair trained together (wan.WanExpertPair)
 )  # fmt: skip
 
 

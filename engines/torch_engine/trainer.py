@@ -94,7 +94,7 @@ class TorchBackend:
             dp_rank=env.dp_rank,
             dp_world=env.dp_world,
             device=env.device,
-            n_params=sum(p.numel() for p in model.parameters()),  # a DTensor's numel is its global size
+            n_params=_active_parameters(self.core, model),
             n_trainable=sum(p.numel() for p in self.trainable),
             layout=env.dims.describe(),
             compute_dtype="bfloat16" if bf16 else "float32",
@@ -203,3 +203,11 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _active_parameters(core: torch.nn.Module, model: torch.nn.Module) -> int:
+    """Parameters one step computes with, what model FLOPs (MFU) count: all of them, unless the model says fewer run
+    per step (`active_parameter_count`: Wan2.2 A14B's expert pair runs one expert a step). A DTensor's numel is its
+    global size."""
+    active = getattr(core, "active_parameter_count", None)
+    return int(active()) if callable(active) else sum(p.numel() for p in model.parameters())

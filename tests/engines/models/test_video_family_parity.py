@@ -5,7 +5,8 @@ Ulysses path breaks on its text mask in diffusers 0.42, and none for HunyuanVide
 
 Each family is 3 AdamW steps of its loss on one tiny batch, the same batch and noise on every rank (the ranks of a CP
 group are one data-parallel replica; FSDP's averaged gradients are then the one-process ones). All families run in
-ONE 2-rank spawn: the ranks' start-up (importing torch and diffusers) is most of the cost of such a test.
+ONE 2-rank spawn, with Wan2.2 A14B's `train: both` (test_wan22.py `both_on_two_ranks`): the ranks' start-up
+(importing torch and diffusers) is most of the cost of such a test.
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ def _families_on_two_ranks(rank: int, world: int) -> dict[str, dict[str, float]]
             reduce = None if mode == "fsdp" else (lambda m: reduce_cp_grads(m, mesh))
             result[mode] = max_difference(train_steps(fam, model, scheduler, batch, reduce), ref)
         out[name] = result
+    from tests.engines.models.test_wan22 import both_on_two_ranks
+
+    out["wan-both"] = both_on_two_ranks(rank, world)  # Wan2.2 A14B: both experts trained in one run
     return out
 
 
@@ -113,6 +117,10 @@ def test_context_parallel_and_fsdp2_on_two_ranks_match_one_process() -> None:
     from tests.distributed import run_ranks
 
     for r in run_ranks(_families_on_two_ranks, 2):
+        both = r.pop("wan-both")  # `model.experts.train: both` (test_wan22.py): FSDP2, with and without accumulation
+        assert both["moved_high"] > 1e-4 and both["moved_low"] > 1e-4, both  # both experts trained
+        assert both["fsdp"] < 1e-5 and both["fsdp_accum"] < 1e-5, both
+        assert both["ddp_refused"] == 1.0, "DDP would see the idle expert's parameters as unused: refused"
         assert sorted(r) == sorted(CASES)
         for name, result in r.items():
             assert result["moved"] > 1e-4, f"{name}: training did not change the weights: the comparison is vacuous"

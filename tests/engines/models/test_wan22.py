@@ -1,5 +1,5 @@
-"""Wan2.2 in the `wan` family: the T2V-A14B pair of timestep experts (`model.experts`: the split, training one expert,
-the two-expert export sampled with both, the recipes).
+"""Wan2.2 in the `wan` family: the T2V-A14B pair of timestep experts (`model.experts`: the split, training one expert
+or both, the two-expert export sampled with both, LoRA on the pair, FSDP2 parity of `train: both`, the recipes).
 
 The released layouts are held by tests/engines/models/test_fact_tables.py (wan2.2-t2v-a14b_transformer.json, written
 from the authors' modules through diffusers' conversion script by docs/fidelity/ref_wan22_facts.py) and the parameter
@@ -27,9 +27,12 @@ from flowspeed.engines.models.wan import (
     A14B_SAMPLE_SHIFT,
     A14B_SAMPLE_STEPS,
     NUM_TRAIN_TIMESTEPS,
+    WanExpertPair,
     expert_indices,
+    high_noise_call,
     is_high_noise,
 )
+from flowspeed.engines.torch_engine.parallelize import block_lists
 from PIL import Image
 from torch import nn
 
@@ -168,12 +171,12 @@ def test_generate_samples_with_both_experts_split_at_the_boundary(tmp_path: Path
 
 
 def test_the_experts_block_is_checked() -> None:
-    with pytest.raises(ValueError, match="applies to the families wan; 'ltx' has one denoiser"):
+    with pytest.raises(ValueError, match="applies to the families wan.*; 'ltx' has one denoiser"):
         ModelConfig.model_validate({"family": "ltx", "experts": {"train": "high_noise", "other": {}, "boundary": 0.9}})
     with pytest.raises(ValueError, match="less than 1"):
         ModelConfig.model_validate({"family": "wan", "experts": {"train": "high_noise", "other": {}, "boundary": 1.0}})
     with pytest.raises(ValueError, match="train"):
-        ModelConfig.model_validate({"family": "wan", "experts": {"train": "both", "other": {}, "boundary": 0.9}})
+        ModelConfig.model_validate({"family": "wan", "experts": {"train": "all", "other": {}, "boundary": 0.9}})
     same = {"pretrained": "/models/Wan2.2-T2V-A14B-Diffusers", "subfolder": "transformer"}
     experts = {"train": "high_noise", "other": same, "boundary": 0.875}
     cfg = ModelConfig.model_validate({"family": "wan", "transformer": same, "experts": experts})
@@ -203,7 +206,207 @@ def test_released_pair_recipe_follows_the_authors() -> None:
     assert cfg.data.height % FAM.size_multiple == 0 and cfg.data.width % FAM.size_multiple == 0
     tiny = load_config(REPO / "configs" / "pipelines" / "wan-t2v-a14b.yaml")
     assert tiny.model.experts.boundary == A14B_BOUNDARY and tiny.model.experts.other.preset == "tiny"
+    assert tiny.model.experts.train == "both"  # the tiny recipe trains the pair; one expert: the unit tests above
     assert (tiny.eval.guidance_scale, tiny.eval.num_inference_steps) == (A14B_GUIDANCE_HIGH, A14B_SAMPLE_STEPS)
+
+
+# ---- train: both (the pair trained together in one run) ------------------------------------------------------------
+def both_cfg() -> ModelConfig:
+    return pair_cfg("both")
+
+
+def test_both_shares_calls_out_evenly_by_the_experts_grid_shares() -> None:
+    n_high = FAM.load_scheduler(both_cfg()).expert_ranges["high_noise"][1]
+    assert n_high == 417  # the high-noise range [0, 417) of DiffSynth-Studio's 0.417
+    highs = [k for k in range(1000) if high_noise_call(k, n_high)]
+    assert len(highs) == 417  # exactly its share of every 1000 calls
+    assert {b - a for a, b in zip(highs, highs[1:], strict=False)} == {2, 3}  # spread evenly, no runs
+    assert sum(high_noise_call(k, n_high) for k in range(7)) == 7 * 417 // 1000  # the first calls too
+
+
+def _recording(pair: WanExpertPair) -> dict[str, list[list[float]]]:
+    """Per expert, the timesteps of each call it ran (a forward pre-hook on each)."""
+    seen: dict[str, list[list[float]]] = {"high_noise": [], "low_noise": []}
+    for name, calls in seen.items():
+        pair.expert(name).register_forward_pre_hook(
+            lambda _m, _a, k, calls=calls: calls.append(k["timestep"].float().tolist()), with_kwargs=True
+        )
+    return seen
+
+
+def test_both_trains_one_expert_per_call_on_its_own_timesteps(batch: dict[str, torch.Tensor]) -> None:
+    cfg = both_cfg()
+    scheduler, pair = FAM.load_scheduler(cfg), FAM.load_transformer(cfg, 32, 16)
+    assert isinstance(pair, WanExpertPair) and len(block_lists(pair)) == 2  # FSDP2/AC/compile find both experts
+    seen, order = _recording(pair), []
+    for call in range(6):
+        before = {k: len(v) for k, v in seen.items()}
+        FAM.training_loss(pair.train(), scheduler, batch, torch.Generator().manual_seed(call)).backward()
+        ran = [k for k, v in seen.items() if len(v) > before[k]]
+        assert len(ran) == 1, ran  # one expert per call, for the whole micro-batch
+        order.append(ran[0])
+        times = seen[ran[0]][-1]
+        assert all((t >= 875) == (ran[0] == "high_noise") for t in times)  # its own timesteps
+        idle = pair.expert("low_noise" if ran[0] == "high_noise" else "high_noise")
+        assert all(p.grad is None for p in idle.parameters())  # no gradient: AdamW leaves it as it is
+        pair.zero_grad(set_to_none=True)
+    assert order == ["high_noise" if high_noise_call(k, 417) else "low_noise" for k in range(6)]
+    assert set(order) == {"high_noise", "low_noise"} and int(pair.calls) == 6
+    # the count is in the state dict (a checkpoint): a resumed pair continues the same sequence
+    again = FAM.load_transformer(cfg, 32, 16)
+    again.load_state_dict(pair.state_dict())
+    assert again.next_expert(417) == ("high_noise" if high_noise_call(6, 417) else "low_noise")
+    assert int(again.calls) == 7
+
+
+def test_both_evaluates_each_sample_on_its_own_expert(batch: dict[str, torch.Tensor]) -> None:
+    """Eval mode (held-out loss): indices over the whole grid, each sample scored on its expert's prediction."""
+    cfg = both_cfg()
+    scheduler, pair = FAM.load_scheduler(cfg), FAM.load_transformer(cfg, 32, 16).eval()
+    x0, text = batch["latent_params"][:, :16], batch["text_embeds"]
+    for seed in range(50):  # a draw with one sample on each side of the boundary
+        g = torch.Generator().manual_seed(seed)
+        noise, idx = torch.randn(x0.shape, generator=g), torch.randint(0, NUM_TRAIN_TIMESTEPS, (2,), generator=g)
+        if (idx < 417).sum() == 1:
+            break
+    with torch.no_grad():
+        loss = FAM.training_loss(pair, scheduler, batch, torch.Generator().manual_seed(seed))
+        per_sample = [FAM.flow_loss(pair.expert("high_noise" if idx[b] < 417 else "low_noise"), scheduler,
+                                    x0[b : b + 1], noise[b : b + 1], idx[b : b + 1], text[b : b + 1])
+                      for b in range(2)]  # fmt: skip
+    torch.testing.assert_close(loss, torch.stack(per_sample).mean())
+    assert int(pair.calls) == 0  # evaluation does not advance the training schedule
+
+
+def test_model_flops_count_the_one_expert_a_step_runs() -> None:
+    """MFU's model FLOPs: a `both` step runs one expert, so the trainer counts one expert's parameters (half the
+    pair's); any other model counts all of its own."""
+    from flowspeed.engines.torch_engine.trainer import _active_parameters
+
+    pair, single = FAM.load_transformer(both_cfg(), 32, 16), FAM.load_transformer(pair_cfg("high_noise"), 32, 16)
+    total = sum(p.numel() for p in pair.parameters())
+    assert _active_parameters(pair, pair) == total // 2 == sum(p.numel() for p in single.parameters())
+    assert _active_parameters(single, single) == total // 2
+
+
+def test_both_learns_and_exports_both_trained_experts(batch: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    cfg = both_cfg()
+    scheduler, pair = FAM.load_scheduler(cfg), FAM.load_transformer(cfg, 32, 16)
+    fresh = {k: v.clone() for k, v in pair.state_dict().items()}
+    before = mean_loss(FAM, pair, scheduler, batch)
+    train_steps(FAM, pair.train(), scheduler, batch, steps=20, lr=3e-3, first_seed=100)
+    assert mean_loss(FAM, pair, scheduler, batch) < 0.8 * before
+    for slot in ("transformer.", "transformer_2."):  # both experts trained
+        assert max((v - fresh[k]).abs().max().item() for k, v in pair.state_dict().items() if k.startswith(slot)) > 1e-3
+    FAM.save_pretrained(tmp_path / "final", cfg, pair)
+    index = json.loads((tmp_path / "final" / "model_index.json").read_text())
+    assert index["boundary_ratio"] == A14B_BOUNDARY and index["transformer_2"] == ["diffusers", "WanTransformer3DModel"]
+    # read back as evaluation (and a champion's init_from) reads an export: model.transformer = final/transformer
+    back = ModelConfig.model_validate({**cfg.model_dump(), "transformer": {"pretrained": str(tmp_path / "final"),
+                                                                           "subfolder": "transformer"}})  # fmt: skip
+    again = FAM.load_transformer(back, 0, 0)
+    assert isinstance(again, WanExpertPair)
+    trained = pair.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in again.state_dict().items() if k != "calls")
+    with pytest.raises(ValueError, match="only a run training one expert"):
+        FAM.load_other_expert(cfg, pair)
+
+
+def test_both_lora_exports_one_peft_adapter_and_diffusers_files_per_expert(tmp_path: Path) -> None:
+    """The engine's export path (engines/export.py) on a LoRA pair: peft's adapter covers both experts and loads
+    back onto the pair; diffusers' per-expert files load into a WanPipeline's two slots; the merged export equals
+    the adapted pair."""
+    from diffusers import WanPipeline
+    from flowspeed.engines.export import export_weights, plain_model
+    from flowspeed.engines.torch_engine.lora import load_adapter
+
+    cfg = load_config(REPO / "configs" / "pipelines" / "wan-t2v-a14b.yaml",
+                      ["train.lora.enabled=true", "train.lora.rank=4", f"model.max_text_length={TEXT_LEN}"],
+                      workdir=tmp_path)  # fmt: skip
+    args = {"text_embed_dim": 32, "latent_channels": 16}
+    model = plain_model(FAM, cfg, args)
+    assert isinstance(model, WanExpertPair)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # B starts at zero: give the adapters an effect to check
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    inputs = {"hidden_states": torch.randn(1, 16, 2, 4, 4, generator=g), "timestep": torch.tensor([500]),
+              "encoder_hidden_states": torch.randn(1, TEXT_LEN, 32, generator=g)}  # fmt: skip
+    with torch.no_grad():
+        want = {e: model(expert=e, **inputs)[0] for e in ("high_noise", "low_noise")}
+    export_weights(FAM, cfg, args, model.state_dict(), tmp_path / "final")
+    lora = tmp_path / "final" / "lora"
+    peft_again = load_adapter(plain_model(FAM, cfg, args), lora, WanPipeline, "transformer")
+    FAM.save_pretrained(tmp_path / "base", cfg.model, FAM.load_transformer(cfg.model, **args))
+    pipe = WanPipeline.from_pretrained(tmp_path / "base")
+    pipe.load_lora_weights(lora)
+    pipe.load_lora_weights(lora / "transformer_2", load_into_transformer_2=True)
+    merged = WanPipeline.from_pretrained(tmp_path / "final")
+    with torch.no_grad():
+        for expert, slot in (("high_noise", "transformer"), ("low_noise", "transformer_2")):
+            assert torch.equal(peft_again(expert=expert, **inputs)[0], want[expert])
+            torch.testing.assert_close(getattr(pipe, slot)(**inputs, return_dict=False)[0], want[expert])
+            torch.testing.assert_close(getattr(merged, slot)(**inputs, return_dict=False)[0], want[expert],
+                                       atol=1e-5, rtol=1e-5)  # fmt: skip
+        assert not torch.allclose(want["high_noise"], pipe.transformer_2(**inputs, return_dict=False)[0])
+
+
+def both_on_two_ranks(rank: int, world: int) -> dict[str, float]:
+    """(Run by tests/engines/models/test_video_family_parity.py, in the video families' one 2-rank spawn.)
+    `train: both` under FSDP2 (both experts' blocks and the root sharded) against one process: 3 steps of one
+    micro-batch (low, low, high), and 2 steps of 2 accumulated micro-batches (the first without gradient sync;
+    step 2 runs the high-noise expert only in its unsynchronised micro-batch). Also: DDP is refused."""
+    from flowspeed.engines.torch_engine.parallelize import block_lists
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tests.engines.models.family_checks import max_difference, moved, train_steps
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+    cfg = both_cfg()
+    scheduler = FAM.load_scheduler(cfg)
+    g = torch.Generator().manual_seed(3)
+    data = {"latent_params": torch.randn(2, 32, 2, 8, 8, generator=g),
+            "text_embeds": torch.randn(2, TEXT_LEN, 32, generator=g)}  # fmt: skip
+
+    def sharded() -> nn.Module:
+        model = FAM.load_transformer(cfg, 32, 16)
+        for blocks in block_lists(model):
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    def accumulated(model: nn.Module) -> tuple[list[float], list[torch.Tensor]]:
+        opt, losses = torch.optim.AdamW(model.parameters(), lr=1e-3), []
+        for step in range(2):
+            for micro in range(2):
+                if hasattr(model, "set_requires_gradient_sync"):
+                    model.set_requires_gradient_sync(micro == 1)
+                loss = FAM.training_loss(model, scheduler, data, torch.Generator().manual_seed(10 * step + micro))
+                (loss / 2).backward()
+                losses.append(loss.item())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return losses, [p.full_tensor() if isinstance(p, DTensor) else p.detach() for p in model.parameters()]
+
+    ref = train_steps(FAM, FAM.load_transformer(cfg, 32, 16), scheduler, data)
+    fresh = FAM.load_transformer(cfg, 32, 16)
+    n_high = sum(1 for n, _ in fresh.named_parameters() if n.startswith("transformer."))
+    out = {
+        "moved_high": moved(ref[1][:n_high], fresh.transformer),
+        "moved_low": moved(ref[1][n_high:], fresh.transformer_2),
+    }
+    out["fsdp"] = max_difference(train_steps(FAM, sharded(), scheduler, data), ref)
+    out["fsdp_accum"] = max_difference(accumulated(sharded()), accumulated(FAM.load_transformer(cfg, 32, 16)))
+    try:
+        FAM.training_loss(DistributedDataParallel(fresh), scheduler, data, torch.Generator().manual_seed(0))
+        out["ddp_refused"] = 0.0
+    except ValueError as exc:
+        out["ddp_refused"] = float("FSDP2" in str(exc))
+    return out
 
 
 # ---- TI2V-5B: Wan2.2's VAE and first-frame conditioning ------------------------------------------------------------
