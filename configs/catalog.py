@@ -126,11 +126,11 @@ FAMILIES: dict[str, FamilyFacts] = {
     "flux": _facts("flux", _IMAGE, transformer=("tiny-dev",), parallel="cp"),
     "hunyuandit": _facts("hunyuandit", _IMAGE),
     "hunyuanvideo": _facts("hunyuanvideo", _VIDEO, parallel="tp cp"),  # 4k+1 frames, 8x VAE; 2x2 patches
-    "hunyuanvideo15": _facts("hunyuanvideo15", _VIDEO, parallel="tp"),  # 4k+1 frames, 16x VAE; 1x1 patches
+    "hunyuanvideo15": _facts("hunyuanvideo15", _VIDEO, parallel="tp cp"),  # 4k+1 frames, 16x VAE; 1x1 patches
     "internvl": _facts("internvl", _SEQUENCE, vision_tower=True),
     "kolors": _facts("kolors", _IMAGE, denoiser_subfolder="unet"),
     "llava": _facts("llava", _SEQUENCE, vision_tower=True),
-    "ltx": _facts("ltx", _VIDEO, frames=8, size_multiple=32),  # LTX-Video's VAE: 8k+1 frames, 32x; 1x1 patches
+    "ltx": _facts("ltx", _VIDEO, parallel="cp", frames=8, size_multiple=32),  # LTX VAE: 8k+1 frames, 32x; 1x1 patch
     "opensora": _facts("opensora", _VIDEO, ("sd-vae-ft-ema",), ("STDiT-XL/2", "STDiT-XL/2-512"), "cp", frames="any"),
     "opensora1.2": _facts("opensora", _VIDEO, ("opensora-vae-v1.2",), ("STDiT3-XL/2",), "cp dsp", frames="any"),
     "opensoraplan": _facts("opensoraplan", _VIDEO, _OSP_VAES, ("tiny-v1.2", *_OSP_T2V, _OSP_INPAINT), "cp"),

@@ -132,15 +132,21 @@ def shifted(t: torch.Tensor, shift: float = TRAIN_SHIFT) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+#: what the trimmed text lengths are rounded up to: context parallel splits the text stream into cp equal parts, and
+#: the cached lengths (1000 and 256 tokens) are multiples of it, so any cp up to 8 divides a trimmed batch too
+TRIM_MULTIPLE = 8
+
+
 def trim_text_padding(text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The cached text cut after the batch's last real token, per encoder. The transformer zeroes padded tokens
-    and masks them out of every attention (and of the refiner's pooled mean), so the prediction is the same; the
-    cut spares the 2048-wide glyph projection its 256 mostly padded tokens. A batch without quoted text keeps no
-    glyph token at all."""
+    """The cached text cut after the batch's last real token, per encoder, rounded up to `TRIM_MULTIPLE` tokens
+    (capped at the cached length). The transformer zeroes padded tokens and masks them out of every attention (and of
+    the refiner's pooled mean), so the prediction is the same; the cut spares the 2048-wide glyph projection its 256
+    mostly padded tokens. A batch without quoted text keeps no glyph token at all."""
     out = dict(text)
     for states, mask in (("text_embeds", "text_mask"), ("text_embeds_2", "text_mask_2")):
         real = text[mask].bool().any(0).nonzero()
         keep = int(real.max()) + 1 if len(real) else 0
+        keep = min(-(-keep // TRIM_MULTIPLE) * TRIM_MULTIPLE, text[states].shape[1])
         out[states], out[mask] = text[states][:, :keep], text[mask][:, :keep]
     return out
 

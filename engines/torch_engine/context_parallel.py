@@ -15,9 +15,9 @@ How: through diffusers' own CP machinery (`ContextParallelConfig` + `ModelMixin.
 the model from outside: a *plan* names the module inputs to split and the module output to all-gather, and the
 attention processors route through `dispatch_attention_fn`'s Ulysses/ring autograd functions. Plans are data kept
 in a registry keyed by model class name (`register_cp_plan`): diffusers' shipped `_cp_plan` where there is one
-(Flux, Wan), our own plan plus a CP-aware attention processor for CogVideoX. The gather's backward keeps each
-rank's own slice of the output gradient, so after backward every CP rank holds a partial weight gradient over its
-tokens; `reduce_cp_grads` sums them.
+(Flux, Wan), our own plan plus a CP-aware attention processor for CogVideoX, HunyuanVideo, HunyuanVideo 1.5 and
+LTX-Video. The gather's backward keeps each rank's own slice of the output gradient, so after backward every CP rank
+holds a partial weight gradient over its tokens; `reduce_cp_grads` sums them.
 
 CPU (gloo) path, patched only when the mesh is on CPU: diffusers takes `rank % torch.accelerator.device_count()`,
 which is 0 without an accelerator, and its native attention backend cannot return the log-sum-exp that ring
@@ -232,8 +232,111 @@ register_cp_plan(
     HunyuanVideoCPAttnProcessor,
     processor_on=("transformer_blocks.", "single_transformer_blocks."),
 )
-# diffusers ships `_cp_plan` for these (tested here). Not LTXVideoTransformer3DModel: diffusers 0.42's Ulysses path
-# breaks on its cross-attention mask on CPU (SDPA broadcast error), and ring attention takes no mask.
+
+
+class HunyuanVideo15CPAttnProcessor(HunyuanVideoCPAttnProcessor):
+    """HunyuanVideo 1.5's double-stream joint attention under CP. diffusers' `HunyuanVideo15AttnProcessor2_0`
+    computes what HunyuanVideo's dual-stream path does (video q/k/v with RMS qk-norm and RoPE, the text stream's own
+    projections and norms appended, joint attention, the two output projections), so the parent runs it, collectives
+    included. Only the model's mask differs: HunyuanVideo 1.5 hands every block the text side alone, (B, S_txt) over
+    its reordered [image ; glyph ; prompt] tokens (valid first), which the original processor left-pads with True
+    for the video and turns into a query-and-key mask. Here it becomes HunyuanVideo's (B, 1, 1, S_vid + S_txt) key
+    mask, which the parent cuts to this rank's keys. Masking keys only changes the padded text tokens' own outputs,
+    which no video token ever attends to (they are masked keys) and which the model drops after the last block, so
+    the prediction and its gradients are the one-process ones."""
+
+    def _local_mask(self, mask: torch.Tensor, video_len: int, text_len: int) -> torch.Tensor:
+        """(B, S_txt) text mask of the whole sequence -> (B, 1, 1, video_len + text_len) over this rank's keys."""
+        cp = getattr(self._parallel_config, "context_parallel_config", None)
+        ranks = 1 if cp is None else cp._flattened_mesh.size()
+        if mask.dim() != 2 or mask.size(-1) != text_len * ranks:
+            raise ValueError(
+                f"HunyuanVideo 1.5 context parallelism expects the model's (batch, text tokens) mask over all "
+                f"{text_len * ranks} text tokens; got {tuple(mask.shape)}"
+            )
+        whole = F.pad(mask.bool(), (video_len * ranks, 0), value=True)  # (B, S_vid + S_txt): video keys all kept
+        return super()._local_mask(whole[:, None, None, :], video_len, text_len)
+
+
+# HunyuanVideo 1.5 (diffusers 0.42 ships no `_cp_plan`; the authors' own Ulysses, Tencent-Hunyuan/HunyuanVideo-1.5
+# @60783e7 `--sp_size`, `modules/attention.py` `sequence_parallel_attention`, keeps the text whole on every rank, cut
+# to the rank's heads): HunyuanVideo's design on its double-stream-only blocks, so Ulysses and ring share one path.
+# The refiner, the glyph and image projections and the reordering of the text tokens run whole on every rank; the
+# first block's video and joint text streams are split by N (so the joint text length, image + glyph + prompt tokens
+# after the family's padding trim, must be a multiple of N, as the video token count must), the RoPE tables at the
+# rope module's output, and proj_out gathers. The processor goes on the blocks only (the refiner keeps its own).
+_HUNYUANVIDEO15_PLAN = {
+    "rope": {i: ContextParallelInput(split_dim=0, expected_dims=2, split_output=True) for i in (0, 1)},  # (S_vid, D)
+    "transformer_blocks.0": {
+        "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),  # (B, S_vid, C)
+        "encoder_hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),  # (B, S_txt, C)
+    },
+    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),  # (B, S_vid/N, C_out) -> (B, S_vid, C_out)
+}
+register_cp_plan(
+    "HunyuanVideo15Transformer3DModel",
+    _HUNYUANVIDEO15_PLAN,
+    HunyuanVideo15CPAttnProcessor,
+    processor_on=("transformer_blocks.",),
+)
+
+
+class LTXVideoCPAttnProcessor:
+    """LTX-Video's attention with the video tokens split by N (see the plan below). Self-attention (`attn1`, no
+    mask) goes through diffusers' dispatcher, which runs Ulysses or ring attention over the ranks' video chunks.
+    Cross-attention (`attn2`) attends this rank's video queries to the WHOLE text, which every rank holds with its
+    padding mask, so it is an ordinary local attention with no collective: it is dispatched without the parallel
+    config. (diffusers 0.42's own `_cp_plan` leaves the per-token timesteps (B, S) of the training loss whole, a shape
+    mismatch in the first block, and splits the text and its mask: with a (B,) timestep its Ulysses path then fails on
+    the mask's shape on CPU, and ring attention refuses a mask.) Projections, RMS qk-norm, RoPE on q and k of the
+    self-attention (tables arrive sliced to the video chunk) and the mask's head expansion are the original
+    `LTXVideoAttnProcessor`'s."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,  # (B, S_vid/N, C)
+        encoder_hidden_states: torch.Tensor | None = None,  # (B, S_txt, C) whole, or None for self-attention
+        attention_mask: torch.Tensor | None = None,  # (B, 1, S_txt) additive bias over the text (cross only)
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,  # 2 x (B, S_vid/N, D)
+    ) -> torch.Tensor:
+        cross = encoder_hidden_states is not None
+        if attention_mask is not None and not cross:
+            raise ValueError("LTX-Video context parallelism takes no self-attention mask (the model passes none).")
+        context = encoder_hidden_states if cross else hidden_states
+        b = hidden_states.size(0)
+        if attention_mask is not None:  # (B, 1, S_txt) -> (B, H, 1, S_txt), as the original processor prepares it
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.size(1), b)
+            attention_mask = attention_mask.view(b, attn.heads, -1, attention_mask.size(-1))
+        q, k, v = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(context)), attn.to_v(context)
+        if image_rotary_emb is not None:  # LTX's interleaved-pair rotation over the channels (B, S, C), not diffusers'
+            from diffusers.models.transformers.transformer_ltx import apply_rotary_emb as ltx_rotary
+
+            q, k = ltx_rotary(q, image_rotary_emb), ltx_rotary(k, image_rotary_emb)
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # (B, S, H, D)
+        out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
+                                    parallel_config=None if cross else self._parallel_config)  # fmt: skip
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(q.dtype)))
+
+
+# LTX-Video: every block's self-attention runs on sequence shards; the text stream (caption projection, the key/value
+# side of the cross-attention, its mask) stays whole on every rank. The split is at the model input: the packed video
+# tokens and the per-token timesteps (B, S_vid) that the training loss passes (a (B,) timestep is left whole, it
+# broadcasts), the RoPE tables (B, S_vid, D) at the rope module's output (it builds them from the frame/height/width
+# counts, not from the split tokens); proj_out gathers.
+_LTX_PLAN = {
+    "": {
+        "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3),  # (B, S_vid, C_in)
+        "timestep": ContextParallelInput(split_dim=1, expected_dims=2),  # (B, S_vid) per token
+    },
+    "rope": {i: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True) for i in (0, 1)},  # cos, sin
+    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),  # (B, S_vid/N, C_out) -> (B, S_vid, C_out)
+}
+register_cp_plan("LTXVideoTransformer3DModel", _LTX_PLAN, LTXVideoCPAttnProcessor)
+# diffusers ships `_cp_plan` for these (tested here). (LTX-Video's shipped plan is not used: see above.)
 for _name in ("FluxTransformer2DModel", "WanTransformer3DModel"):
     register_cp_plan(_name)
 # The video DiTs flowspeed defines (engines/models/dits) carry their own `_cp_plan`, each tested against one process

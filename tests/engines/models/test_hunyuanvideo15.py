@@ -27,6 +27,7 @@ from flowspeed.engines.models.hunyuanvideo15 import (
     SYSTEM_MESSAGE,
     TEXT_LENGTH,
     TRAIN_EPS,
+    TRIM_MULTIPLE,
     crop_start,
     shifted,
     trim_text_padding,
@@ -152,7 +153,9 @@ def test_training_inputs_predict_as_the_pipelines_do(parts: dict) -> None:
     model, text = _model().eval(), parts["batch"]
     trimmed = trim_text_padding(text)
     glyphs = len(parts["toks"][1]('Text "STOP". ')["input_ids"])  # the longest glyph text in the batch
-    assert trimmed["text_embeds"].shape[1] < TEXT_LEN and trimmed["text_embeds_2"].shape[1] == glyphs
+    rounded = -(-glyphs // TRIM_MULTIPLE) * TRIM_MULTIPLE  # cut after the last real token, rounded up for CP
+    assert trimmed["text_embeds"].shape[1] < TEXT_LEN and trimmed["text_embeds_2"].shape[1] == rounded
+    assert trimmed["text_embeds"].shape[1] % TRIM_MULTIPLE == 0 and trimmed["text_mask_2"][:, glyphs:].sum() == 0
     assert trim_text_padding({**text, "text_mask_2": torch.zeros(2, GLYPH_LENGTH)})["text_embeds_2"].shape[1] == 0
     x = torch.randn(2, 65, 3, 2, 2, generator=torch.Generator().manual_seed(0))
 
@@ -167,7 +170,8 @@ def test_training_inputs_predict_as_the_pipelines_do(parts: dict) -> None:
 
     torch.testing.assert_close(predict(0, trimmed), predict(729, text), rtol=1e-5, atol=1e-6)
     # the check can fail: a real token cut off changes the prediction
-    cut = {**trimmed, "text_embeds": trimmed["text_embeds"][:, :-1], "text_mask": trimmed["text_mask"][:, :-1]}
+    last = int(text["text_mask"].bool().any(0).nonzero().max())  # the batch's last real prompt token
+    cut = {**trimmed, "text_embeds": trimmed["text_embeds"][:, :last], "text_mask": trimmed["text_mask"][:, :last]}
     assert not torch.allclose(predict(0, cut), predict(729, text), atol=1e-4)
 
 

@@ -1,7 +1,7 @@
 """The video families' own `training_loss` on 2 gloo ranks equals one process within 1e-5: FSDP2 (every block the
 engine finds and the root sharded) for each family, and Ulysses and ring context parallel for each family whose
-transformer has a plan (diffusers' `_cp_plan` for Wan and Wan I2V, ours for HunyuanVideo; none for LTX-Video, whose
-Ulysses path breaks on its text mask in diffusers 0.42, and none for HunyuanVideo 1.5).
+transformer has a plan (diffusers' `_cp_plan` for Wan and Wan I2V, ours for HunyuanVideo, HunyuanVideo 1.5 and
+LTX-Video, see engines/torch_engine/context_parallel.py): every video family.
 
 Each family is 3 AdamW steps of its loss on one tiny batch, the same batch and noise on every rank (the ranks of a CP
 group are one data-parallel replica; FSDP's averaged gradients are then the one-process ones). All families run in
@@ -49,9 +49,11 @@ def _hunyuanvideo(g: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def _ltx(g: torch.Generator) -> dict[str, torch.Tensor]:
-    # LTX's 1x1 patches on the 128-channel latents: 2 x 4 x 4 = 32 video tokens a sample
+    # LTX's 1x1 patches on the 128-channel latents: 2 x 4 x 4 = 32 video tokens a sample; the second sample's text is
+    # mostly padding: the cross-attention mask must reach every rank
     return {"latent_params": torch.randn(2, 256, 2, 4, 4, generator=g),
-            "text_embeds": torch.randn(2, 16, 32, generator=g), "text_mask": torch.ones(2, 16)}  # fmt: skip
+            "text_embeds": torch.randn(2, 16, 32, generator=g),
+            "text_mask": torch.tensor([[1.0] * 16, [1.0] * 5 + [0.0] * 11])}  # fmt: skip
 
 
 def _hunyuanvideo15(g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -69,8 +71,8 @@ CASES: dict[str, tuple[int, tuple[int, int], Callable[[torch.Generator], dict[st
     "wan": (16, (32, 16), _wan, CP),
     "wan_i2v": (512, (32, 16), _wan_i2v, CP),
     "hunyuanvideo": (8, (32, 16), _hunyuanvideo, CP),
-    "ltx": (16, (32, 128), _ltx, ()),
-    "hunyuanvideo15": (96, (32, 32), _hunyuanvideo15, ()),
+    "ltx": (16, (32, 128), _ltx, CP),
+    "hunyuanvideo15": (96, (32, 32), _hunyuanvideo15, CP),
 }
 
 
