@@ -48,6 +48,14 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(text_digest(str(seed), str(step), str(micro))[:15], 16))
 
 
+def _active_parameters(core: torch.nn.Module, model: torch.nn.Module) -> int:
+    """Parameters one step computes with, what model FLOPs (MFU) count: all of them, unless the model says fewer run
+    per step (`active_parameter_count`: Wan2.2 A14B's expert pair runs one expert a step). A DTensor's numel is its
+    global size."""
+    active = getattr(core, "active_parameter_count", None)
+    return int(active()) if callable(active) else sum(p.numel() for p in model.parameters())
+
+
 class TorchBackend:
     """The torch engine behind flowspeed.engines.loop.run_training: FSDP2/HSDP/DDP x TP x CP, DCP checkpoints."""
 
@@ -203,11 +211,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _active_parameters(core: torch.nn.Module, model: torch.nn.Module) -> int:
-    """Parameters one step computes with, what model FLOPs (MFU) count: all of them, unless the model says fewer run
-    per step (`active_parameter_count`: Wan2.2 A14B's expert pair runs one expert a step). A DTensor's numel is its
-    global size."""
-    active = getattr(core, "active_parameter_count", None)
-    return int(active()) if callable(active) else sum(p.numel() for p in model.parameters())
