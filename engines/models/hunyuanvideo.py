@@ -117,6 +117,8 @@ class HunyuanVideo(LatentFamily, TextToVideoPipelineFamily):
     temporal_compression = 4
     spatial_compression = 8
     size_multiple = 16  # 8x VAE, 2x2 patches
+    vae_name = "HunyuanVideo"
+    authors_frames = f"the authors: {SAMPLE_FRAMES}"
     pipeline_cls: type = HunyuanVideoPipeline
     negative_prompt: str | None = None  # the authors sample without one (true CFG off; guidance is embedded)
     text_length = TEXT_LENGTH
@@ -126,13 +128,6 @@ class HunyuanVideo(LatentFamily, TextToVideoPipelineFamily):
     #: not the text token refiner's attention
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     lora_exclude = r"context_embedder\..*"
-
-    def frame_count_error(self, num_frames: int) -> str | None:
-        if num_frames < 1 or (num_frames - 1) % self.temporal_compression:
-            k = max(num_frames - 1, 0) // 4
-            hint = f"e.g. {4 * k + 1} or {4 * k + 5}; the authors: {SAMPLE_FRAMES}"
-            return f"HunyuanVideo's VAE takes 4k+1 frames ({hint}), not {num_frames}"
-        return None
 
     # ---- loading -------------------------------------------------------------------------------
     def load_vae(self, cfg: ModelConfig) -> nn.Module:

@@ -160,6 +160,8 @@ class HunyuanVideo15(LatentFamily, TextToVideoPipelineFamily):
     temporal_compression = 4
     spatial_compression = 16
     size_multiple = 16  # 16x VAE, 1x1 patches
+    vae_name = "HunyuanVideo 1.5"
+    authors_frames = f"the authors: {NUM_FRAMES}"
     pipeline_cls: type = HunyuanVideo15Pipeline
     negative_prompt = NEGATIVE_PROMPT
     text_length = TEXT_LENGTH
@@ -175,13 +177,6 @@ class HunyuanVideo15(LatentFamily, TextToVideoPipelineFamily):
         ("text_encoder", "tokenizer", Qwen2_5_VLTextModel),
         ("text_encoder_2", "tokenizer_2", T5EncoderModel),
     ]
-
-    def frame_count_error(self, num_frames: int) -> str | None:
-        if num_frames < 1 or (num_frames - 1) % self.temporal_compression:
-            k = max(num_frames - 1, 0) // 4
-            hint = f"e.g. {4 * k + 1} or {4 * k + 5}; the authors: {NUM_FRAMES}"
-            return f"HunyuanVideo 1.5's VAE takes 4k+1 frames ({hint}), not {num_frames}"
-        return None
 
     # ---- loading -------------------------------------------------------------------------------
     def load_vae(self, cfg: ModelConfig) -> nn.Module:

@@ -89,16 +89,11 @@ class LTXVideo(LatentFamily, TextToVideoPipelineFamily):
     temporal_compression = 8
     spatial_compression = 32
     size_multiple = 32  # 32x VAE, 1x1 patches
+    vae_name = "LTX-Video"
+    authors_frames = "the trainer validates at 89"
     pipeline_cls: type = LTXPipeline
     negative_prompt = NEGATIVE_PROMPT
     text_length = TEXT_LENGTH
-
-    def frame_count_error(self, num_frames: int) -> str | None:
-        if num_frames < 1 or (num_frames - 1) % self.temporal_compression:
-            k = max(num_frames - 1, 0) // 8
-            hint = f"e.g. {8 * k + 1} or {8 * k + 9}; the trainer validates at 89"
-            return f"LTX-Video's VAE takes 8k+1 frames ({hint}), not {num_frames}"
-        return None
 
     # ---- loading -------------------------------------------------------------------------------
     def load_vae(self, cfg: ModelConfig) -> nn.Module:

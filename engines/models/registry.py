@@ -185,9 +185,18 @@ class LatentFamily(ModelFamily):
     temporal_compression: int = 1
     spatial_compression: int = 1
 
-    @abstractmethod
+    #: how a refused frame count names this family's VAE, and the frame count its authors use (the refusal's hint)
+    vae_name: str = ""
+    authors_frames: str = ""
+
     def frame_count_error(self, num_frames: int) -> str | None:
-        """Why the VAE cannot take `num_frames`, or None when it can."""
+        """Why the VAE cannot take `num_frames`, or None when it can: by default a causal video VAE's rule, t*k + 1
+        frames for `temporal_compression` t (a family whose VAE differs overrides this)."""
+        if self.latent_frame_count(num_frames) is not None:
+            return None
+        t, k = self.temporal_compression, max(num_frames - 1, 0) // self.temporal_compression
+        hint = f"e.g. {t * k + 1} or {t * k + t + 1}" + (f"; {self.authors_frames}" if self.authors_frames else "")
+        return f"{self.vae_name or self.name}'s VAE takes {t}k+1 frames ({hint}), not {num_frames}"
 
     def latent_frame_count(self, num_frames: int) -> int | None:
         """Latent frames of a `num_frames` clip, None when the VAE cannot take it; prep's buckets pick frame counts

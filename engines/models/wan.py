@@ -249,18 +249,14 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
     temporal_compression = 4
     spatial_compression = 8
     size_multiple = 16  # 8x VAE, 2x2 patches
+    vae_name = "Wan"
+    authors_frames = "the authors: 81"
     pipeline_cls: type = WanPipeline
     negative_prompt = NEGATIVE_PROMPT
     text_length = TEXT_LENGTH
     #: an A14B release's sampling facts, per release (the I2V-A14B family sets its own): shift, (low, high) guidance
     a14b_sample_shift = A14B_SAMPLE_SHIFT
     a14b_guidance = (A14B_GUIDANCE_LOW, A14B_GUIDANCE_HIGH)
-
-    def frame_count_error(self, num_frames: int) -> str | None:
-        if num_frames < 1 or (num_frames - 1) % self.temporal_compression:
-            k = max(num_frames - 1, 0) // 4
-            return f"Wan's VAE takes 4k+1 frames (e.g. {4 * k + 1} or {4 * k + 5}; the authors: 81), not {num_frames}"
-        return None
 
     # ---- loading -------------------------------------------------------------------------------
     def load_vae(self, cfg: ModelConfig) -> nn.Module:
