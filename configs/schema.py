@@ -318,6 +318,26 @@ class EmaConfig(Section):
     decay: float = Field(0.999, gt=0, lt=1)
 
 
+class PackingConfig(Section):
+    """Sequence packing for the token-loss families (VLMs, speech): micro-batches formed by a token budget
+    instead of a sample count, their samples laid end to end in one row with attention kept inside each
+    sample, and the loss a per-token mean over the whole global batch, so a packed step computes what
+    the padded step computes, without the pad tokens."""
+
+    max_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="token budget of one micro-batch (text + vision placeholder tokens); set it to pack. "
+        "train.batch_size is then unused: a micro-batch holds as many samples as fit",
+    )
+    max_vision_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="budget on the vision encoder's input patches of one micro-batch (images and videos), which "
+        "costs apart from the decoder's tokens; None: no separate limit",
+    )
+
+
 class LoraConfig(Section):
     """LoRA adapters (peft) on the denoiser's attention projections; the base weights stay frozen."""
 
@@ -393,7 +413,7 @@ class TrainConfig(Section):
     engine: Literal["torch", "megatron"] = Field(
         "torch",
         description="torch: FSDP2/DTensor TP/CP/pipelining (every family); megatron: megatron-core TP/SP/PP/VPP and "
-        "distributed optimizer (qwen2_vl, llava)",
+        "distributed optimizer (qwen2_vl, qwen2_5_vl, llava)",
     )
     megatron: MegatronConfig = MegatronConfig()
     output_dir: Path | None = Field(None, description="checkpoints; default `<workdir>/train/<family>-<digest>`")
@@ -419,6 +439,7 @@ class TrainConfig(Section):
     metrics_flush_every: int = Field(20, ge=1, description="steps per MLflow log_batch")
     val_fraction: float = Field(0.125, ge=0, lt=1, description="cached samples held out for eval")
     lora: LoraConfig = LoraConfig()
+    packing: PackingConfig = PackingConfig()
     init_from: Literal["config", "champion"] = Field(
         "config",
         description="champion: start from the registry's champion version (tracking.registry), the configured "

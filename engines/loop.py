@@ -46,7 +46,7 @@ from flowspeed.engines.common.device import device_name, peak_memory_bytes
 from flowspeed.engines.common.flops import mfu, peak_tflops, train_flops
 from flowspeed.engines.common.io import atomic_write_text
 from flowspeed.engines.common.progress import log_train_step, reporter
-from flowspeed.engines.common.sampler import BucketBatchSampler
+from flowspeed.engines.common.sampler import BucketBatchSampler, TokenBudgetBatchSampler
 from flowspeed.engines.models import get_family
 from flowspeed.engines.tracking.samples import checkpoint_samples
 from flowspeed.engines.tracking.samples import due as checkpoint_due
@@ -93,6 +93,9 @@ class StepOutput:
     frames: int
     tokens: int  # latent or text tokens, for throughput and FLOPs
     data_wait_s: float  # time spent loading and collating this step's batches
+    # token positions the model computed, pads included, when the family batches tokens (0: no padding notion);
+    # `tokens` counts only the real ones, so 1 - tokens / slots is what padding wasted
+    slots: int = 0
 
 
 @dataclass
@@ -159,10 +162,24 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return f
 
 
-def make_sampler(cfg: PipelineConfig, records: list[dict], rank: int, world: int) -> BucketBatchSampler:
+def make_sampler(
+    cfg: PipelineConfig, records: list[dict], rank: int, world: int
+) -> BucketBatchSampler | TokenBudgetBatchSampler:
     """Batches never mix shapes: the bucket is the cached latent shape. Open-Sora bucket configs
-    carry their own batch size per bucket; otherwise every bucket uses train.batch_size."""
+    carry their own batch size per bucket; otherwise every bucket uses train.batch_size. With
+    train.packing.max_tokens (token-loss families) micro-batches are cut by token budget instead."""
     family = get_family(cfg.model.family)
+    packing = cfg.train.packing
+    if packing.max_tokens is not None:
+        return TokenBudgetBatchSampler(
+            [family.sample_tokens(None, r) for r in records],
+            packing.max_tokens,
+            vision_lengths=[family.vision_tokens(r) for r in records],
+            max_vision_tokens=packing.max_vision_tokens,
+            seed=cfg.train.seed,
+            rank=rank,
+            world=world,
+        )
     shapes = [family.bucket_key(r) for r in records]
     bs: int | dict = cfg.train.batch_size
     if cfg.data.buckets.mode == "opensora" and all("bucket_batch_size" in r for r in records):
@@ -295,6 +312,7 @@ def run_training(
                             "perf/samples_per_s": out.samples / dt,
                             "perf/frames_per_s": out.frames / dt,
                             "perf/tokens_per_s": out.tokens / dt,
+                            **({"perf/padding_ratio": 1 - out.tokens / out.slots} if out.slots else {}),
                             "perf/model_tflops_per_s_per_rank": flops / dt / world / 1e12,
                             "perf/peak_memory_gb": peak_memory_bytes(device) / 2**30,
                         }

@@ -14,6 +14,8 @@ A family subclasses `VisionLanguageFamily` or `SpeechFamily` and implements `loa
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,8 @@ class SequenceSample:
 
     messages: [{"role": "system"|"user"|"assistant", "content": str}], images as (H, W, C) uint8,
     videos as (T, H, W, C) uint8, audio as mono float32 at `sampling_rate`; `text` is the target of
-    a speech sample (its transcript).
+    a speech sample (its transcript). `video_fps`: per video, the frame rate of its sampled frames
+    (None where unknown); Qwen2.5-VL's processor turns it into the absolute time of each temporal patch.
     """
 
     messages: list[dict[str, str]] = field(default_factory=list)
@@ -42,6 +45,7 @@ class SequenceSample:
     audio: np.ndarray | None = None
     sampling_rate: int = 16000
     text: str = ""
+    video_fps: list[float | None] = field(default_factory=list)
 
 
 def chat_with_media(sample: SequenceSample, system: str | None = None) -> list[dict[str, Any]]:
@@ -69,7 +73,7 @@ def prompt_of(sample: SequenceSample) -> SequenceSample:
     msgs = sample.messages
     if msgs and msgs[-1]["role"] == "assistant":
         msgs = msgs[:-1]
-    return SequenceSample(messages=msgs, images=sample.images, videos=sample.videos)
+    return SequenceSample(messages=msgs, images=sample.images, videos=sample.videos, video_fps=sample.video_fps)
 
 
 class TokenLossFamily(ModelFamily):
@@ -106,11 +110,19 @@ class TokenLossFamily(ModelFamily):
         return self.load_model(cfg)
 
     def bucket_key(self, record: dict[str, Any]) -> Any:
-        """Batches stack without padding only when shapes agree: bucket by every cached shape."""
-        return tuple(sorted((k, tuple(v)) for k, v in record.get("shapes", {}).items()))
+        """One bucket: `collate` pads token rows to the longest and concatenates media of any size, so any samples
+        batch together (exact-shape buckets would leave real data, whose lengths all differ, without full batches).
+        `train.packing` removes the padding this costs."""
+        return "tokens"
 
     def sample_tokens(self, transformer_config: Any, record: dict[str, Any]) -> int:
+        """The sample's decoder tokens (text and vision placeholders): what packing budgets and tokens/s counts."""
         return int(record["shapes"]["input_ids"][0])
+
+    def vision_tokens(self, record: dict[str, Any]) -> int:
+        """The vision encoder's input units of a sample: patches (Qwen-VL, GLM-4.1V) or tiles (InternVL, LLaVA),
+        the first dimension of each cached `pixel_values*` tensor; `train.packing.max_vision_tokens` budgets them."""
+        return sum(int(v[0]) for k, v in record.get("shapes", {}).items() if k.startswith("pixel_values"))
 
     #: token rows right-padded to the longest, with these values. Pad ids are 0 (a byte token):
     #: the attention mask and IGNORE_INDEX labels hide them, and 0 is never a media placeholder id.
@@ -131,11 +143,127 @@ class TokenLossFamily(ModelFamily):
                 batch[key] = torch.cat(parts, dim=0)  # (sum over the batch, ...) in token order
         return batch
 
+    #: decoder-only LMs predict token i+1 at position i (labels shift left by one); an encoder-decoder such as
+    #: Whisper aligns logits with its labels and builds its decoder inputs from them (False: labels stay in the call)
+    shift_labels: bool = True
+    #: whether `pack` applies: one row of end-to-end samples with attention kept inside each needs a decoder-only model
+    packable: bool = True
+
+    def loss_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens the loss averages over in this micro-batch: labelled targets after the shift."""
+        labels = batch["labels"][..., 1:] if self.shift_labels else batch["labels"]
+        return int((labels != IGNORE_INDEX).sum())
+
+    def token_slots(self, batch: dict[str, torch.Tensor]) -> int:
+        """Token positions the model computes for this micro-batch, pads included (a packed row has none)."""
+        return int(batch["input_ids"].numel()) if "input_ids" in batch else int(batch["labels"].numel())
+
+    def pack(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The samples end to end in ONE row (1, sum of lengths), no pad token anywhere.
+
+        `cu_seqlens` (n+1,) marks where each sample starts; `training_loss` turns it into position ids that
+        restart at every sample, from which transformers keeps attention inside each sample (a block-diagonal
+        mask with SDPA/eager, varlen kernels with flash attention). Each sample's first label is masked: in
+        the row it would be the target of the previous sample's last token, and alone it is never a target.
+        Media tensors concatenate exactly as `collate` does, so the vision encoders see the same input.
+        """
+        if not self.packable:
+            raise ValueError(f"{self.name} is an encoder-decoder model: its samples cannot be packed into one row")
+        lengths = [len(it["input_ids"]) for it in items]
+        batch: dict[str, torch.Tensor] = {}
+        for key in self.pad_values:
+            if key in items[0] and key != "attention_mask":
+                batch[key] = torch.cat([it[key] for it in items]).unsqueeze(0)  # (1, L)
+        firsts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+        batch["labels"][0, firsts] = IGNORE_INDEX
+        batch["cu_seqlens"] = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+        for key in self.concat_keys:
+            parts = [it[key] for it in items if key in it]
+            if parts:
+                batch[key] = torch.cat(parts, dim=0)
+        return batch
+
+    def packed_inputs(self, transformer: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A packed batch as the model's forward takes it: position ids restarting at each sample and no
+        attention mask, which is how transformers recognises packed rows. Models with multimodal RoPE
+        (a `get_rope_index`: Qwen-VL, GLM-4.1V) get their 3-D positions computed per sample by that very
+        method, with the text positions as a 4th leading row (transformers' packed M-RoPE layout)."""
+        batch = dict(batch)
+        cu = batch.pop("cu_seqlens").tolist()
+        lengths = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+        text = torch.cat([torch.arange(n) for n in lengths]).to(batch["input_ids"].device).view(1, -1)  # (1, L)
+        rope = next((m for m in transformer.modules() if callable(getattr(m, "get_rope_index", None))), None)
+        if rope is None:
+            batch["position_ids"] = text
+            return batch
+        batch["position_ids"] = torch.cat([text.view(1, 1, -1), _per_sample_mrope(rope, batch, lengths)], dim=0)
+        return batch
+
     def training_loss(
         self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
-        """transformers' own shifted cross-entropy over the labelled (answer) tokens."""
-        return transformer(**batch).loss
+        """Cross-entropy summed over the labelled (answer) tokens, divided by `loss_normalizer`.
+
+        The engine sets `loss_normalizer` to the labelled-token count of the whole global batch (over every
+        micro-batch and data-parallel rank, divided by the ranks its gradient all-reduce averages over), so a
+        step's gradient is the per-token mean over the global batch however its samples were split into
+        micro-batches or packed into rows. Without it (one batch on its own) this is the batch's per-token
+        mean, transformers' own loss.
+        """
+        batch = dict(batch)
+        normalizer = batch.pop("loss_normalizer", None)
+        # shifted labels: our reduction below, not the model's own mean
+        labels = batch.pop("labels") if self.shift_labels else batch["labels"]
+        if "cu_seqlens" in batch:
+            batch = self.packed_inputs(transformer, batch)
+        with self.vision_touch(transformer, batch) as touched:
+            # no KV cache in training (transformers also reads a packed row's boundaries only when there is none)
+            logits = transformer(**batch, use_cache=False).logits  # (B, L, vocab)
+        if self.shift_labels:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        total = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        if normalizer is None:
+            normalizer = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return total / normalizer + (sum(t.sum() for t in touched) * 0.0 if touched else 0.0)
+
+    def dummy_image(self, config: Any) -> dict[str, torch.Tensor] | None:
+        """A blank minimal image as the model's `get_image_features` takes it, or None (no vision tower)."""
+        return None
+
+    @contextmanager
+    def vision_touch(self, transformer: nn.Module, batch: dict[str, torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+        """Yields a list that the forward fills with the vision tower's output on a blank image when the micro-batch
+        has no media (the loss adds it times 0); empty otherwise.
+
+        Under FSDP every rank must gather and reduce the same parameters: a rank whose micro-batch is text-only
+        would skip the vision tower and leave its trainable parts (the projector) without gradients while the
+        other ranks reduce theirs, a collective mismatch that aborts the job. Touching the tower with zero
+        weight keeps every rank's collectives alike and changes no value (the gradient it adds is exactly 0).
+        It runs as a pre-hook of the innermost module with `get_image_features`, i.e. inside the sharded root's
+        forward (parameters gathered) and before the decoder, where the vision tower runs on the other ranks.
+        """
+        touched: list[torch.Tensor] = []
+        owners = [m for m in transformer.modules() if callable(getattr(m, "get_image_features", None))]
+        dummy = self.dummy_image(getattr(owners[-1], "config", None)) if owners else None
+        if dummy is None or any(k.startswith("pixel_values") for k in batch):
+            yield touched
+            return
+        device = batch["input_ids"].device
+
+        def run_tower(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            out = module.get_image_features(**{k: v.to(device) for k, v in dummy.items()})
+            # the features the model feeds its decoder (transformers' `pooler_output`), not e.g. the last layer's
+            # states a LLaVA never uses: touching those would give gradients that the media ranks do not have
+            features = out.get("pooler_output") if isinstance(out, dict) and "pooler_output" in out else out
+            touched.extend(t for t in _tensors(features) if t.requires_grad)
+
+        handle = owners[-1].register_forward_pre_hook(run_tower, with_kwargs=True)
+        try:
+            yield touched
+        finally:
+            handle.remove()
 
     def export_files(self, final_dir: Path) -> list[Path]:
         index = final_dir / "model.safetensors.index.json"  # big models save sharded weights
@@ -146,6 +274,41 @@ class TokenLossFamily(ModelFamily):
         transformer.save_pretrained(out_dir, safe_serialization=True)
         self.load_processor(cfg).save_pretrained(out_dir)
         return out_dir
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output (a ModelOutput, tuple, list or a tensor)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, list | tuple) else []
+    return [t for v in values for t in _tensors(v)]
+
+
+def _per_sample_mrope(rope_owner: nn.Module, batch: dict[str, torch.Tensor], lengths: list[int]) -> torch.Tensor:
+    """(3, 1, L) multimodal RoPE positions of a packed row: the samples laid out as the padded batch
+    (n, max length) the unpacked step would hand `get_rope_index`, computed there in one call, then the
+    valid positions of each row gathered back end to end, so packed and padded rotate identically."""
+    import inspect
+
+    ids = batch["input_ids"][0]
+    n, longest = len(lengths), max(lengths)
+    mask = torch.zeros(n, longest, dtype=torch.long, device=ids.device)
+    for i, length in enumerate(lengths):
+        mask[i, :length] = 1
+    keep = mask.bool()
+
+    def padded(row: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(n, longest, dtype=row.dtype, device=row.device)
+        out[keep] = row
+        return out
+
+    accepted = inspect.signature(rope_owner.get_rope_index).parameters
+    kwargs: dict[str, Any] = {"attention_mask": mask}
+    for key, value in batch.items():
+        if key in accepted and key not in ("input_ids", "attention_mask"):
+            kwargs[key] = padded(value[0]) if key == "mm_token_type_ids" else value
+    positions, _ = rope_owner.get_rope_index(padded(ids), **kwargs)  # (3, n, longest)
+    return positions[:, keep].unsqueeze(1)  # (3, 1, L)
 
 
 class RespondingFamily(ModelFamily):
@@ -188,6 +351,19 @@ class VisionLanguageFamily(SequenceFamily, AnsweringFamily):
     #: the transformers class an export loads as (`load_export`)
     model_cls: type
 
+    def dummy_image(self, config: Any) -> dict[str, torch.Tensor] | None:
+        """One merged token's worth of flattened patches and its (1, m, m) grid for a Qwen-VL-style tower
+        (a `temporal_patch_size`), else one blank image at the tower's input size (LLaVA, InternVL)."""
+        v = getattr(config, "vision_config", None)
+        if v is None:
+            return None
+        if hasattr(v, "temporal_patch_size"):
+            m = int(getattr(v, "spatial_merge_size", 1))
+            dim = int(getattr(v, "in_channels", 3)) * int(v.temporal_patch_size) * int(v.patch_size) ** 2
+            return {"pixel_values": torch.zeros(m * m, dim), "image_grid_thw": torch.tensor([[1, m, m]])}
+        size = v.image_size if isinstance(v.image_size, list | tuple) else (v.image_size, v.image_size)
+        return {"pixel_values": torch.zeros(1, int(getattr(v, "num_channels", 3)), int(size[0]), int(size[1]))}
+
     def load_export(self, pretrained_dir: Path, device: torch.device) -> tuple[nn.Module, Any]:
         """(model in eval mode on `device`, processor) of an export, kept across batches inside `keep_loaded`."""
         from transformers import AutoProcessor
@@ -196,8 +372,37 @@ class VisionLanguageFamily(SequenceFamily, AnsweringFamily):
         processor = loaded(lambda: AutoProcessor.from_pretrained(pretrained_dir), pretrained_dir, "processor")
         return model, processor
 
+    @torch.no_grad()
+    def generate_answers(
+        self,
+        model: nn.Module,
+        processor: Any,
+        samples: list[SequenceSample],
+        chats: list[list[dict[str, Any]]],
+        *,
+        max_new_tokens: int,
+        device: torch.device,
+        skip_special_tokens: bool = True,
+        **processor_kwargs: Any,
+    ) -> list[str]:
+        """Greedy answers to `chats` (one per sample, the sample's media in it), batched: each chat rendered with
+        its generation prompt, left-padded (generation continues from the right edge), the new tokens decoded."""
+        processor.tokenizer.padding_side = "left"
+        texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+        images = [im for s in samples for im in s.images]
+        videos = [v for s in samples for v in s.videos]
+        enc = processor(
+            text=texts, images=images or None, videos=videos or None, padding=True, return_tensors="pt",
+            **processor_kwargs,
+        )  # fmt: skip
+        out = model.generate(**enc.to(device), max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, enc["input_ids"].shape[1] :]  # (B, new tokens)
+        return processor.batch_decode(new, skip_special_tokens=skip_special_tokens)
+
 
 class SpeechFamily(SequenceFamily, TranscribingFamily):
     """Speech recognition: audio in, transcript out (TOKEN_LOSS + TRANSCRIPTION)."""
 
     media = ("audio",)
+    shift_labels = False  # Whisper: logits align with labels; the forward shifts them into decoder inputs
+    packable = False

@@ -42,21 +42,33 @@ BLOCK_LISTS = (
 )  # fmt: skip
 
 
-def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+# Blocks a forward calls a data-dependent number of times: a VLM's vision tower runs once for the images,
+# once for the videos, or not at all, so ranks holding different media would issue different FSDP
+# all-gathers (a collective mismatch). They stay in the root's unit, gathered once per forward.
+MEDIA_BLOCK_LISTS = ("model.visual.blocks", "visual.blocks")
+
+
+def block_lists(model: nn.Module, skip: tuple[str, ...] = ()) -> list[nn.ModuleList]:
     """The model's repeated-block containers: the unit of sharding, recomputation and compile."""
     found = []
+    skipped = [_at(model, path) for path in skip]
     for path in BLOCK_LISTS:
-        mod: nn.Module | None = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-        if isinstance(mod, nn.ModuleList) and len(mod) and all(mod is not f for f in found):
+        mod = _at(model, path)
+        if isinstance(mod, nn.ModuleList) and len(mod) and all(mod is not f for f in found + skipped):
             found.append(mod)
-    if not found:
+    if not found and not skipped:
         raise ValueError(
             f"{type(model).__name__} has none of the block lists {BLOCK_LISTS}; the engine shards, recomputes "
             "and compiles per block, so register where this model keeps its blocks in BLOCK_LISTS"
         )
     return found
+
+
+def _at(model: nn.Module, path: str) -> nn.Module | None:
+    mod: nn.Module | None = model
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+    return mod
 
 
 # Selective recomputation keeps what is expensive to recompute (matmuls, attention) and recomputes
@@ -130,7 +142,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: str, reduce_d
     """FSDP2 per block, then the root (embeddings, final norm and head). A 2-D mesh is HSDP:
     shard within dp_shard, replicate across dp_replicate."""
     mp = MixedPrecisionPolicy(param_dtype=torch_dtype(param_dtype), reduce_dtype=torch_dtype(reduce_dtype))
-    for blocks in block_lists(model):
+    for blocks in block_lists(model, skip=MEDIA_BLOCK_LISTS):
         for i, block in enumerate(blocks):
             # The last block's params are needed again at once by backward: keep them gathered.
             fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard and i < len(blocks) - 1)

@@ -30,6 +30,7 @@ from flowspeed.engines.common.io import text_digest
 from flowspeed.engines.export import export_weights, plain_model
 from flowspeed.engines.loop import Facts, OptimizerOutput, StepOutput, TrainResult, lr_lambda, rank_main, run_training
 from flowspeed.engines.models import get_family
+from flowspeed.engines.models.registry import Capability
 from flowspeed.engines.torch_engine import checkpoint as ckpt
 from flowspeed.engines.torch_engine.setup import (
     Ema,
@@ -50,10 +51,20 @@ def step_generator(seed: int, step: int, micro: int) -> torch.Generator:
 
 def _active_parameters(core: torch.nn.Module, model: torch.nn.Module) -> int:
     """Parameters one step computes with, what model FLOPs (MFU) count: all of them, unless the model says fewer run
-    per step (`active_parameter_count`: Wan2.2 A14B's expert pair runs one expert a step). A DTensor's numel is its
-    global size."""
+    per step (`active_parameter_count`: Wan2.2 A14B's expert pair runs one expert a step), or it is a transformers
+    mixture of experts (`num_experts`, `num_experts_per_tok` in its text config), whose tokens each run top-k of the
+    routed experts: those count k/num_experts of their size. A DTensor's numel is its global size."""
     active = getattr(core, "active_parameter_count", None)
-    return int(active()) if callable(active) else sum(p.numel() for p in model.parameters())
+    if callable(active):
+        return int(active())
+    total = sum(p.numel() for p in model.parameters())
+    config = getattr(core, "config", None)
+    text = getattr(config, "text_config", None) or config
+    experts, top_k = getattr(text, "num_experts", None), getattr(text, "num_experts_per_tok", None)
+    if experts and top_k:
+        routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        total -= routed - routed * top_k // experts
+    return total
 
 
 class TorchBackend:
@@ -118,36 +129,64 @@ class TorchBackend:
     def forward_backward(self, step: int, batches: Iterator[list[int]]) -> StepOutput:
         t, env, family, device = self.t, self.env, self.family, self.env.device
         accum = t.grad_accum
-        data_wait = 0.0
+        tw = time.perf_counter()
+        drawn = [next(batches) for _ in range(accum)]
+        micro_batches, normalizer, slots = self.step_batches(drawn)
+        data_wait = time.perf_counter() - tw
         loss_acc = torch.zeros((), device=device)
-        counts = [0, 0, 0]  # samples, frames, latent tokens of this rank's micro-batches
-        for micro in range(accum):
+        counts = [0, 0, 0]  # samples, frames, tokens (latent tokens, or real text + vision tokens) of this rank
+        for micro, (idx, cpu_batch) in enumerate(zip(drawn, micro_batches, strict=True)):
             tw = time.perf_counter()
-            idx = next(batches)
-            batch = {k: v.to(device) for k, v in family.collate([self.dataset[i] for i in idx]).items()}
-            rec = self.records[idx[0]]
-            tokens = family.sample_tokens(self.core.config, rec)
+            batch: dict[str, Any] = {k: v.to(device) for k, v in cpu_batch.items()}
+            if normalizer is not None:
+                batch["loss_normalizer"] = normalizer
+            recs = [self.records[i] for i in idx]
             data_wait += time.perf_counter() - tw
             # Global micro-batch index: dp ranks x accumulation covers the same batches (and the
             # same noise) as one process accumulating dp x as many micro-batches.
             gen = step_generator(t.seed, step, micro * env.dp_world + env.dp_rank)
             with grad_sync(self.model, micro == accum - 1), self.autocast:
                 loss = family.training_loss(self.model, self.scheduler, batch, gen)
-            (loss / accum).backward()
+            # a token loss is already a share of the global batch's mean; other losses are micro-batch means
+            (loss if normalizer is not None else loss / accum).backward()
             loss_acc += loss.detach().float()  # stays on device: no sync per micro-batch
-            n = len(idx)
-            counts = [counts[0] + n, counts[1] + n * rec.get("num_frames", 0), counts[2] + n * tokens]
+            counts[0] += len(idx)
+            counts[1] += sum(r.get("num_frames", 0) for r in recs)
+            counts[2] += sum(family.sample_tokens(self.core.config, r) for r in recs)
         if env.dims.cp > 1:  # each CP rank's weight gradients cover only its part of the sequence
             from flowspeed.engines.torch_engine.context_parallel import reduce_cp_grads
 
             reduce_cp_grads(self.model, env.mesh["cp"])
-        # [loss sum, samples, frames, tokens] summed over the data-parallel ranks in one collective, before the
+        # [loss sum, samples, frames, tokens, slots] summed over the data-parallel ranks in one collective, before the
         # update: every rank sees the same loss, so on a non-finite one all of them stop before applying it.
-        totals = torch.cat([loss_acc.double().view(1), torch.tensor(counts, dtype=torch.float64, device=device)])
+        totals = torch.cat(
+            [loss_acc.double().view(1), torch.tensor([*counts, slots], dtype=torch.float64, device=device)]
+        )
         if self.dp_group is not None:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.dp_group)
-        loss_total, n_samples, n_frames, n_tokens = totals.tolist()  # syncs the device
-        return StepOutput(loss_total / (accum * env.dp_world), int(n_samples), int(n_frames), int(n_tokens), data_wait)
+        loss_total, n_samples, n_frames, n_tokens, n_slots = totals.tolist()  # syncs the device
+        mean = loss_total / env.dp_world if normalizer is not None else loss_total / (accum * env.dp_world)
+        return StepOutput(mean, int(n_samples), int(n_frames), int(n_tokens), data_wait, int(n_slots))
+
+    def step_batches(self, drawn: list[list[int]]) -> tuple[list[dict[str, torch.Tensor]], float | None, int]:
+        """(this rank's micro-batches on the CPU, the token-loss normaliser, token positions computed).
+
+        A token-loss family's micro-batches are packed rows under train.packing, padded rows otherwise; its
+        loss is then normalised by the labelled tokens of the whole global batch, counted here over this
+        rank's micro-batches and summed over the data-parallel ranks (one small collective) before any forward,
+        and divided by the ranks the gradient reduction averages over. So the update is the per-token mean of
+        the global batch, equal whether its samples come padded or packed, in few micro-batches or many."""
+        family = self.family
+        pack = self.t.packing.max_tokens is not None
+        out = [(family.pack if pack else family.collate)([self.dataset[i] for i in idx]) for idx in drawn]
+        if not family.can(Capability.TOKEN_LOSS):
+            return out, None, 0
+        targets = torch.tensor(float(sum(family.loss_targets(b) for b in out)), dtype=torch.float64)
+        if self.dp_group is not None:
+            targets = targets.to(self.env.device)
+            dist.all_reduce(targets, op=dist.ReduceOp.SUM, group=self.dp_group)
+        normalizer = max(float(targets), 1.0) / self.env.dp_world
+        return out, normalizer, sum(family.token_slots(b) for b in out)
 
     def optimizer_step(self, step: int) -> OptimizerOutput:
         t_opt = time.perf_counter()

@@ -88,6 +88,9 @@ def test_recipe_runs_end_to_end(recipe: Path, demo: Path, mlflow_db: Path, tmp_p
     assert all(p.is_file() for p in family.export_files(final))
     if cfg.train.lora.enabled:
         assert (final / "lora" / "adapter_model.safetensors").is_file()
+    if cfg.train.packing.max_tokens:  # packed rows hold no pad token; tokens/s counts only real ones
+        train_run = MlflowClient(out["tracking_uri"]).get_run(out["train"]["mlflow_run_id"])
+        assert train_run.data.metrics["perf/padding_ratio"] == 0.0 and train_run.data.metrics["perf/tokens_per_s"] > 0
     metrics = json.loads((cfg.eval_dir / "metrics.json").read_text())["metrics"]
     assert math.isfinite(metrics["eval/val_loss"])
     if isinstance(family, SequenceFamily):  # answers (or transcripts) of held-out samples, as text
