@@ -90,8 +90,8 @@ def torch_layout_problems(cfg: PipelineConfig) -> list[str]:
     if p.pp > 1:
         out.append(
             f"train.parallel.pp={p.pp}: the torch engine does not train with pipeline parallel (it is available for "
-            "transformers language backbones on train.engine=megatron: qwen2_vl, llava); the diffusion denoisers "
-            "train with fsdp/tp/cp instead: set train.parallel.pp: 1"
+            f"transformers language backbones on train.engine=megatron: {', '.join(MEGATRON_FAMILIES)}); the diffusion "
+            "denoisers train with fsdp/tp/cp instead: set train.parallel.pp: 1"
         )
     world = world_size(cfg)
     fixed = p.dp_replicate * p.cp * p.tp * p.pp
@@ -153,6 +153,9 @@ def megatron_layout_problems(cfg: PipelineConfig) -> list[str]:
             f"train.engine=megatron trains {', '.join(MEGATRON_FAMILIES)}; {cfg.model.family!r} trains on the torch "
             "engine (train.engine=torch)"
         )
+    from flowspeed.engines.megatron.packing import packing_problems  # no torch import: config checks stay light
+
+    out += packing_problems(cfg)
     if t.lora.enabled:
         out.append(
             "train.lora is not supported on the megatron engine: megatron-core's tensor-parallel linears have no "
@@ -257,6 +260,12 @@ def _family_problems(cfg: PipelineConfig) -> list[str]:
         for n in frames:
             if err := facts.frame_error(name, int(n)):
                 out.append(f"data.buckets.bucket_config[{res}][{n}]: {err}")
+    if cfg.train.packing.max_tokens is not None and not facts.vision_tower:
+        packable = sorted(n for n, f in FAMILIES.items() if f.vision_tower)
+        out.append(
+            f"train.packing.max_tokens is set, but {name} does not train on token sequences that pack: packing lays "
+            f"decoder-only token-loss samples end to end (the VLMs: {_names(packable)}); remove train.packing"
+        )
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("llama", "qwen2", "mistral", "qwen2_vl")  # qwen2_vl: its text decoder
+SUPPORTED = ("llama", "qwen2", "mistral", "qwen2_vl", "qwen2_5_vl")  # qwen2_vl, qwen2_5_vl: their text decoders
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class DecoderShape:
     rope_theta: float
     norm_eps: float
     max_positions: int
-    #: Qwen2-VL's multimodal RoPE: rotary frequency pairs per (time, height, width) position id
+    #: Qwen2-VL's (and Qwen2.5-VL's) multimodal RoPE: rotary frequency pairs per (time, height, width) position id
     mrope_section: tuple[int, ...] | None = None
 
     @classmethod
@@ -58,7 +58,7 @@ class DecoderShape:
             num_query_groups=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             vocab_size=config.vocab_size,
-            qkv_bias=kind in ("qwen2", "qwen2_vl") or bool(getattr(config, "attention_bias", False)),
+            qkv_bias=kind in ("qwen2", "qwen2_vl", "qwen2_5_vl") or bool(getattr(config, "attention_bias", False)),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             rope_theta=float(rope.get("rope_theta") or getattr(config, "rope_theta", 10000.0)),
             norm_eps=float(config.rms_norm_eps),

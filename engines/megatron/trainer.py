@@ -32,26 +32,25 @@ from flowspeed.engines.common.extras import require
 from flowspeed.engines.common.safe_load import check_state_dir
 from flowspeed.engines.export import export_weights
 from flowspeed.engines.loop import Facts, OptimizerOutput, StepOutput, TrainResult, lr_lambda, rank_main, run_training
+from flowspeed.engines.megatron.batches import megatron_batch, megatron_packed_batch, vlm_forward_step
 from flowspeed.engines.megatron.convert import hf_to_megatron, megatron_to_hf
 from flowspeed.engines.megatron.gpt import DecoderShape, transformer_config
+from flowspeed.engines.megatron.packing import packing_problems
 from flowspeed.engines.megatron.training import (
     Layout,
     build_chunks,
     load_state,
     make_optimizer,
     save_state,
-    token_loss,
     train_step,
     unwrap,
 )
 from flowspeed.engines.megatron.vlm import MODELS, frozen_vision, join_hf_state, split_hf_state
 from flowspeed.engines.models import get_family
-from flowspeed.engines.models.sequence import IGNORE_INDEX
 from torch.distributed.elastic.multiprocessing.errors import record
 
 #: families whose model the megatron engine builds (engines/megatron/vlm.py)
 FAMILIES = tuple(MODELS)
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def layout_of(cfg: PipelineConfig) -> Layout:
@@ -80,42 +79,11 @@ def validate(cfg: PipelineConfig) -> None:
     require("megatron.core", "train.engine: megatron")  # before torchrun starts any rank
     get_family(cfg.model.family).frozen_prefixes(cfg.model)  # refuses a freeze the family cannot honour
     t = cfg.train
+    problems = packing_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
     # what only this process can tell (CP needs CUDA here); the layer split is checked where the depth is known
     layout_of(cfg).check(t.nnodes * t.nproc_per_node, None, num_microbatches(cfg))
-
-
-def megatron_batch(
-    family: Any, hf_config: Any, items: list[dict[str, torch.Tensor]], multiple: int
-) -> dict[str, torch.Tensor]:
-    """A collated family batch -> what the family's megatron chunk takes: labels shifted left (megatron
-    scores position t against token t+1), a loss mask, positions as the HF model computes them (3-D for
-    Qwen2-VL), and the sequence padded to `multiple` (the TP size under sequence parallelism)."""
-    batch = family.collate(items)
-    length = batch["input_ids"].shape[1]
-    pad = -length % multiple
-    if pad:
-        for key, value in (("input_ids", 0), ("labels", IGNORE_INDEX), ("attention_mask", 0), ("mm_token_type_ids", 0)):
-            if key in batch:
-                batch[key] = torch.nn.functional.pad(batch[key], (0, pad), value=value)
-    labels = torch.full_like(batch["labels"], IGNORE_INDEX)
-    labels[:, :-1] = batch["labels"][:, 1:]
-    out = {
-        "input_ids": batch["input_ids"],
-        "position_ids": MODELS[family.name].positions(hf_config, batch),
-        "labels": labels.clamp(min=0),
-        "loss_mask": (labels != IGNORE_INDEX).long(),
-    }
-    out.update({k: batch[k] for k in MEDIA_KEYS if k in batch})
-    return out
-
-
-def vlm_forward_step(data: Any, model: Any) -> tuple[torch.Tensor, Any]:
-    from functools import partial
-
-    batch = next(data)
-    media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
-    out = model(batch["input_ids"], batch["position_ids"], labels=batch["labels"], **media)
-    return out, partial(token_loss, batch["loss_mask"])
 
 
 class Chunks:
@@ -280,24 +248,27 @@ class MegatronBackend:
     def forward_backward(self, step: int, batches: Iterator[list[int]]) -> StepOutput:
         t0 = time.perf_counter()
         multiple = self.layout.tp if self.layout.sequence_parallel else 1
-        mbs, n_frames, n_tokens = [], 0, 0
+        make = megatron_packed_batch if self.t.packing.max_tokens is not None else megatron_batch
+        mbs, n_samples, n_frames, n_tokens, n_slots = [], 0, 0, 0, 0
         for _ in range(num_microbatches(self.cfg)):
             idx = next(batches)
-            batch = megatron_batch(self.family, self.chunks.hf_config, [self.dataset[i] for i in idx], multiple)
+            items = [self.dataset[i] for i in idx]
+            batch = make(self.family, self.chunks.hf_config, items, multiple)
             mbs.append({k: v.to(self.device) for k, v in batch.items()})
+            n_samples += len(idx)
             n_frames += sum(int(self.records[i].get("num_frames", 0)) for i in idx)
-            n_tokens += int(batch["input_ids"].numel())
+            n_tokens += sum(len(it["input_ids"]) for it in items)  # the samples' own tokens: no pad counted
+            n_slots += int(batch["input_ids"].numel())  # what the decoder computed, pads included
         data_wait = time.perf_counter() - t0
         seq = max(b["input_ids"].shape[1] for b in mbs)
         self.lr = self.t.lr * self.schedule(step)
         self.result = train_step(self.chunks.models, self.optimizer, mbs, forward_step=vlm_forward_step,
                                  seq_length=seq, micro_batch_size=mbs[0]["input_ids"].shape[0], lr=self.lr)  # fmt: skip
         synchronize(self.device)
-        counts = torch.tensor([sum(b["input_ids"].shape[0] for b in mbs), n_frames, n_tokens],
-                              dtype=torch.float64, device=self.device)  # fmt: skip
+        counts = torch.tensor([n_samples, n_frames, n_tokens, n_slots], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=self.dp_group)
-        n_samples, frames, tokens = counts.tolist()
-        return StepOutput(self.result.loss, int(n_samples), int(frames), int(tokens), data_wait)
+        samples, frames, tokens, slots = counts.tolist()
+        return StepOutput(self.result.loss, int(samples), int(frames), int(tokens), data_wait, slots=int(slots))
 
     def optimizer_step(self, step: int) -> OptimizerOutput:
         return OptimizerOutput(self.result.grad_norm, self.lr, self.result.optimizer_s)  # applied in the step

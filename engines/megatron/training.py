@@ -179,26 +179,24 @@ class StepResult:
     optimizer_s: float = 0.0  # megatron's optimizer step: grad norm, clipping, the update (and its all-gather)
 
 
-def train_step(
+def forward_backward(
     chunks: list[Any],
-    optimizer: Any,
     microbatches: list[Batch],
     *,
     forward_step: Callable = gpt_forward_step,
     seq_length: int,
     micro_batch_size: int,
-    lr: float | None = None,
-) -> StepResult:
-    """One optimizer step over this rank's micro-batches (every TP/PP rank of a DP group passes the same)."""
+) -> tuple[float, int]:
+    """Gradients of one global batch in the chunks' grad buffers, and its (per-token mean loss, labelled tokens).
+
+    After `finalize_model_grads` the gradients are those of the per-token mean loss over the whole global batch (all
+    micro-batches, all data-parallel ranks), whatever the micro-batches hold: padded rows or packed ones. The
+    packing tests compare these gradients directly; `train_step` applies them."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    if lr is not None:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
     for chunk in chunks:
         chunk.zero_grad_buffer()
-    optimizer.zero_grad()
     iterators: Iterator[Batch] | list[Iterator[Batch]]
     iterators = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
     outputs = get_forward_backward_func()(
@@ -210,10 +208,31 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    return _global_loss(outputs, parallel_state)
+
+
+def train_step(
+    chunks: list[Any],
+    optimizer: Any,
+    microbatches: list[Batch],
+    *,
+    forward_step: Callable = gpt_forward_step,
+    seq_length: int,
+    micro_batch_size: int,
+    lr: float | None = None,
+) -> StepResult:
+    """One optimizer step over this rank's micro-batches (every TP/PP rank of a DP group passes the same)."""
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    optimizer.zero_grad()
+    loss, tokens = forward_backward(
+        chunks, microbatches, forward_step=forward_step, seq_length=seq_length, micro_batch_size=micro_batch_size
+    )
     t_opt = time.perf_counter()
     ok, grad_norm, _ = optimizer.step()
     optimizer_s = time.perf_counter() - t_opt
-    return StepResult(*_global_loss(outputs, parallel_state), float(grad_norm or 0.0), not ok, optimizer_s)
+    return StepResult(loss, tokens, float(grad_norm or 0.0), not ok, optimizer_s)
 
 
 def _global_loss(outputs: Iterable[dict], parallel_state: Any) -> tuple[float, int]:

@@ -1,5 +1,6 @@
 """Vision-language models on the megatron engine: the HF vision tower (and projector) kept in torch, the
-language model a megatron-core `GPTModel`. Qwen2-VL (multimodal RoPE) and LLaVA (a CLIP tower, an MLP
+language model a megatron-core `GPTModel`. Qwen2-VL (multimodal RoPE), Qwen2.5-VL (the same decoder, a
+window-attention vision tower, absolute time in its video positions) and LLaVA (a CLIP tower, an MLP
 projector, a Llama decoder).
 
 Why this split: the vision tower is small (~0.6B of 72B) and data-dependent (variable patch grids), so it
@@ -18,33 +19,50 @@ from __future__ import annotations
 
 import types
 from abc import ABCMeta, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from flowspeed.engines.megatron.gpt import DecoderShape, build_gpt
 
 
-def mrope_position_ids(hf_config: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(3, B, L) position ids exactly as transformers' Qwen2-VL computes them for a prefilled batch."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+def _rope_index(model_cls: Any, hf_config: Any, batch: dict[str, torch.Tensor], **extra: Any) -> torch.Tensor:
+    """(3, B, L) position ids from `model_cls.get_rope_index`, transformers' own code for a prefilled batch.
 
-    # get_rope_index reads only `config` and its sibling `get_vision_position_ids`: call both on a
-    # stand-in instead of building a whole model.
+    get_rope_index reads only `config` and its sibling `get_vision_position_ids`: both are called on a
+    stand-in instead of building a whole model."""
     shim = types.SimpleNamespace(config=hf_config)
-    shim.get_vision_position_ids = types.MethodType(Qwen2VLModel.get_vision_position_ids, shim)
+    shim.get_vision_position_ids = types.MethodType(model_cls.get_vision_position_ids, shim)
     ids = batch["input_ids"]
     token_types = batch.get("mm_token_type_ids")
     if token_types is None:
         token_types = torch.zeros_like(ids)
-    positions, _ = Qwen2VLModel.get_rope_index(
+    positions, _ = model_cls.get_rope_index(
         shim,
         ids,
         mm_token_type_ids=token_types,
         image_grid_thw=batch.get("image_grid_thw"),
         video_grid_thw=batch.get("video_grid_thw"),
         attention_mask=batch.get("attention_mask"),
+        **extra,
     )
     return positions
+
+
+def mrope_position_ids(hf_config: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(3, B, L) position ids exactly as transformers' Qwen2-VL computes them for a prefilled batch."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    return _rope_index(Qwen2VLModel, hf_config, batch)
+
+
+def qwen2_5_vl_position_ids(hf_config: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(3, B, L) position ids as transformers' Qwen2.5-VL computes them: Qwen2-VL's, with each video's
+    temporal ids spaced by `tokens_per_second * second_per_grid_ts` (its absolute time encoding)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    return _rope_index(Qwen2_5_VLModel, hf_config, batch, second_per_grid_ts=batch.get("second_per_grid_ts"))
 
 
 class VisionLanguageMegatron(torch.nn.Module, metaclass=ABCMeta):
@@ -167,14 +185,53 @@ class VisionLanguageMegatron(torch.nn.Module, metaclass=ABCMeta):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        packed_seq_params: Any = None,
         **media: torch.Tensor,
     ) -> torch.Tensor:
-        """Logits ([B, S, V/tp]), or per-token losses ([B, S]) when `labels` (already shifted) are given."""
+        """Logits ([B, S, V/tp]), or per-token losses ([B, S]) when `labels` (already shifted) are given.
+
+        A packed row (engines/megatron/packing.py) comes with `attention_mask` (the local backend's block-diagonal
+        causal mask) or `packed_seq_params` (Transformer Engine's THD boundaries), and position ids that restart
+        at each sample: M-RoPE reads them; plain RoPE, which megatron counts from 0 over the whole row, is given
+        them by `_restarting_rope`, so every sample rotates as it does alone."""
         decoder_input = self._embed(input_ids, media) if self.pre_process else None
-        return self.language_model(
-            input_ids=None, position_ids=position_ids, attention_mask=None, decoder_input=decoder_input,
-            labels=labels,
-        )  # fmt: skip
+        packed = attention_mask is not None or packed_seq_params is not None
+        with _restarting_rope(self.language_model, position_ids if packed else None):
+            return self.language_model(
+                input_ids=None, position_ids=position_ids, attention_mask=attention_mask, decoder_input=decoder_input,
+                labels=labels, packed_seq_params=packed_seq_params,
+            )  # fmt: skip
+
+
+class _RestartingRope(torch.nn.Module):
+    """megatron's plain RotaryEmbedding, read at given positions: GPTModel asks it for rows 0..S-1 of one sequence;
+    this answers the rows of `positions` (L,) instead, so the samples of a packed row each start at 0."""
+
+    def __init__(self, rope: torch.nn.Module, positions: torch.Tensor) -> None:
+        super().__init__()
+        self.rope, self.positions = rope, positions
+
+    def get_rotary_seq_len(self, *args: Any, **kwargs: Any) -> int:
+        return self.rope.get_rotary_seq_len(*args, **kwargs)
+
+    def forward(self, max_seq_len: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        table = self.rope(int(self.positions.max()) + 1)  # [positions, 1, 1, dim]
+        return table[self.positions.to(table.device)]
+
+
+@contextmanager
+def _restarting_rope(language_model: torch.nn.Module, positions: torch.Tensor | None) -> Iterator[None]:
+    """Plain-RoPE decoders (LLaVA's Llama) read `positions` (B=1, L) for one forward; M-RoPE ones already do."""
+    rope = getattr(language_model, "rotary_pos_emb", None)
+    if positions is None or getattr(language_model, "position_embedding_type", None) != "rope" or rope is None:
+        yield
+        return
+    language_model.rotary_pos_emb = _RestartingRope(rope, positions.reshape(-1))
+    try:
+        yield
+    finally:
+        language_model.rotary_pos_emb = rope
 
 
 class Qwen2VLMegatron(VisionLanguageMegatron):
@@ -226,8 +283,24 @@ class LlavaMegatron(VisionLanguageMegatron):
         return [("pixel_values", feats.flatten(0, 1), cfg.image_token_index)]
 
 
+class Qwen2_5VLMegatron(Qwen2VLMegatron):
+    """Qwen2.5-VL: Qwen2-VL's decoder (M-RoPE, Qwen2 layers) behind another vision tower (window attention,
+    RMSNorm, SwiGLU), kept as transformers' module; positions from Qwen2.5-VL's own get_rope_index."""
+
+    def build_vision(self, hf_config: Any) -> None:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        self.visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(hf_config.vision_config)
+
+    positions = staticmethod(qwen2_5_vl_position_ids)
+
+
 #: families the megatron engine trains, and the chunk class that builds each
-MODELS: dict[str, type[VisionLanguageMegatron]] = {"qwen2_vl": Qwen2VLMegatron, "llava": LlavaMegatron}
+MODELS: dict[str, type[VisionLanguageMegatron]] = {
+    "qwen2_vl": Qwen2VLMegatron,
+    "llava": LlavaMegatron,
+    "qwen2_5_vl": Qwen2_5VLMegatron,
+}
 
 
 def split_hf_state(

@@ -114,7 +114,10 @@ MISTAKES = {
     "megatron with a diffusion family": (
         QUICKSTART,
         ["train.engine=megatron"],
-        ["train.engine=megatron trains qwen2_vl, llava; 'cogvideox' trains on the torch", "train.engine=torch"],
+        [
+            "train.engine=megatron trains qwen2_vl, llava, qwen2_5_vl; 'cogvideox' trains on the torch",
+            "train.engine=torch",
+        ],
     ),
     "megatron with lora": (MEGATRON, ["train.lora.enabled=true"], ["train.lora is not supported on the megatron"]),
     "megatron with ema": (MEGATRON, ["train.ema.enabled=true"], ["train.ema.enabled: not available on the megatron"]),
@@ -208,7 +211,7 @@ def test_the_megatron_launcher_refuses_in_the_same_words() -> None:
     from flowspeed.engines.megatron.trainer import validate
 
     cfg = load_config(QUICKSTART, ["train.engine=megatron"], check=False)
-    with pytest.raises(ValueError, match="train.engine=megatron trains qwen2_vl, llava; 'cogvideox'"):
+    with pytest.raises(ValueError, match="train.engine=megatron trains qwen2_vl, llava, qwen2_5_vl; 'cogvideox'"):
         validate(cfg)
     validate(load_config(MEGATRON))
 

@@ -74,7 +74,10 @@ def test_megatron_recipe_trains_exports_and_logs_the_torch_engine_metrics(demo: 
     ("overrides", "message"),
     [
         (["train.lora.enabled=true"], "train.lora is not supported on the megatron engine"),
-        (["model.family=whisper"], "train.engine=megatron trains qwen2_vl, llava; 'whisper' trains on the torch"),
+        (
+            ["model.family=whisper"],
+            "train.engine=megatron trains qwen2_vl, llava, qwen2_5_vl; 'whisper' trains on the torch",
+        ),
         (["train.parallel.pp_virtual_stages=2", "train.grad_accum=3"], "multiple of pp=2"),
         (["train.ema.enabled=true"], "train.ema.enabled: not available on the megatron engine"),
         (["train.parallel.tp=3"], "does not divide the 2 ranks"),

@@ -124,5 +124,5 @@ def test_impossible_layouts_and_unknown_models_are_refused() -> None:
         hf_to_megatron(hf.state_dict(), shape, pp=3)
     from transformers import GPT2Config
 
-    with pytest.raises(ValueError, match="converts llama, qwen2, mistral, qwen2_vl decoders, not 'gpt2'"):
+    with pytest.raises(ValueError, match="converts llama, qwen2, mistral, qwen2_vl, qwen2_5_vl decoders, not 'gpt2'"):
         DecoderShape.from_hf(GPT2Config())

@@ -99,10 +99,14 @@ def test_a_sharded_folder_reshards_and_comes_back_equal(tmp_path: Path) -> None:
     _assert_same(hf, AutoModelForCausalLM.from_pretrained(tmp_path / "back"))
 
 
-def test_a_vlm_keeps_its_vision_tower(tmp_path: Path) -> None:
-    from transformers import Qwen2VLForConditionalGeneration
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])  # Qwen2.5-VL: the same decoder, another vision tower
+def test_a_vlm_keeps_its_vision_tower(kind: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText
 
-    hf = _tiny_qwen2_vl()
+    from tests.engines.megatron.test_megatron_vlm import tiny_qwen2_5_vl
+
+    hf = _tiny_qwen2_vl() if kind == "qwen2_vl" else tiny_qwen2_5_vl()
+    architecture = type(hf).__name__
     src = _saved(hf, tmp_path / "hf")
     out = flowspeed("hf-to-megatron", src, tmp_path / "mg", "--tp", "2")
     assert out.exit_code == 0, out.output
@@ -110,10 +114,11 @@ def test_a_vlm_keeps_its_vision_tower(tmp_path: Path) -> None:
         rest = set(f.keys())
     assert rest and all("visual." in k for k in rest)  # the decoder went to the shards, the vision tower here
     meta = json.loads((tmp_path / "mg" / "megatron.json").read_text())
-    assert meta["shape"]["mrope_section"] == [2, 3, 3] and meta["architectures"] == ["Qwen2VLForConditionalGeneration"]
+    assert meta["shape"]["mrope_section"] == [2, 3, 3] and meta["architectures"] == [architecture]
     assert flowspeed("megatron-to-hf", tmp_path / "mg", tmp_path / "back").exit_code == 0
     assert _file_keys(tmp_path / "back") == _file_keys(src)
-    back = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    back = AutoModelForImageTextToText.from_pretrained(tmp_path / "back").eval()
+    assert type(back).__name__ == architecture
     _assert_same(hf, back)
     ids = torch.randint(3, 200, (1, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
