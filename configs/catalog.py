@@ -124,10 +124,11 @@ FAMILIES: dict[str, FamilyFacts] = {
     "cogvideox1.5": _facts("cogvideox15", _VIDEO, transformer=("tiny-1.5",), parallel="tp cp"),
     "cogvideox_i2v": _facts("cogvideox_i2v", _VIDEO, transformer=("tiny-1.5",), parallel="tp cp"),
     "flux": _facts("flux", _IMAGE, transformer=("tiny-dev",), parallel="cp"),
+    "glm4v": _facts("glm4v", _SEQUENCE, vision_tower=True),  # GLM-4.1V
     "hunyuandit": _facts("hunyuandit", _IMAGE),
     "hunyuanvideo": _facts("hunyuanvideo", _VIDEO, parallel="tp cp"),  # 4k+1 frames, 8x VAE; 2x2 patches
     "hunyuanvideo15": _facts("hunyuanvideo15", _VIDEO, parallel="tp cp"),  # 4k+1 frames, 16x VAE; 1x1 patches
-    "internvl": _facts("internvl", _SEQUENCE, vision_tower=True),
+    "internvl": _facts("internvl", _SEQUENCE, transformer=("tiny-3.5", "tiny-3.5-moe"), vision_tower=True),  # + 3.5
     "kolors": _facts("kolors", _IMAGE, denoiser_subfolder="unet"),
     "llava": _facts("llava", _SEQUENCE, vision_tower=True),
     "ltx": _facts("ltx", _VIDEO, parallel="cp", frames=8, size_multiple=32),  # LTX VAE: 8k+1 frames, 32x; 1x1 patch
@@ -137,6 +138,8 @@ FAMILIES: dict[str, FamilyFacts] = {
     "opensoraplan_i2v": _facts("opensoraplan", _VIDEO, _OSP_VAES, (_OSP_INPAINT,), "cp"),
     "qihoo_t2x": _facts("qihoo_t2x", _VIDEO, ("causalvae-v1.2-488",), ("Qihoo-T2I-1.1B",), "cp", size_multiple=64),
     "qwen2_vl": _facts("qwen2_vl", _SEQUENCE, vision_tower=True),
+    "qwen2_5_vl": _facts("qwen2_5_vl", _SEQUENCE, vision_tower=True),
+    "qwen3_vl": _facts("qwen3_vl", _SEQUENCE, transformer=("tiny-moe",), vision_tower=True),  # + MoE tiny preset
     "sd3": _facts("sd3", _IMAGE, transformer=("tiny-3.5",)),
     "sdxl": _facts("sdxl", _IMAGE, denoiser_subfolder="unet"),
     # Wan2.1's VAE: 4k+1 frames, 8x; 2x2 patches (Wan2.2's `tiny-2.2`: 16x, so 32 px)
@@ -180,7 +183,7 @@ def family_facts(name: str) -> FamilyFacts | None:
 
 
 #: families `train.engine: megatron` builds (engines/megatron/vlm.py MODELS), in its order
-MEGATRON_FAMILIES: tuple[str, ...] = ("qwen2_vl", "llava")
+MEGATRON_FAMILIES: tuple[str, ...] = ("qwen2_vl", "llava", "qwen2_5_vl")
 
 #: prep's captioners (datasets_prep/caption.py CAPTIONERS) -> the presets each can build without `pretrained`
 CAPTIONERS: dict[str, tuple[str, ...]] = {"qwen2_vl": ("tiny",), "llava": (), "internvl": ()}

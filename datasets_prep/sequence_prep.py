@@ -108,6 +108,8 @@ def _load_media(
         idx = np.linspace(0, max(info.num_frames - 1, 0), n).round().astype(int).tolist()
         frames, _ = decode(info, idx, d.decoder)
         sample.videos.append(resize_center_crop(frames, d.height, d.width).numpy())
+        # transformers' VideoMetadata.sampled_fps of these frames: len(indices) / total frames * fps
+        sample.video_fps.append(n / info.num_frames * info.fps if info.fps > 0 and info.num_frames > 0 else None)
 
 
 def sequence_slice(

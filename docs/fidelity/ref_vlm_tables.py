@@ -13,8 +13,8 @@ Two kinds of sources, neither of them flowspeed's own modules or engines/models/
   internvl_chat/modeling_internvl_chat.py `InternVLChatModel` (with their modeling_intern_vit.py and
   internlm2/modeling_internlm2.py), built on the meta device from the released config.json values below. Its
   state-dict names ARE the released checkpoint's names (the release is that module's save_pretrained).
-* transformers-native releases (Qwen2-VL, llava-hf, InternVL3-hf, Whisper): the transformers class built from
-  the released config.json values below, named as transformers writes a checkpoint it loaded: its conversion
+* transformers-native releases (Qwen2-VL, Qwen2.5-VL, llava-hf, InternVL3-hf, Whisper): the transformers class built
+  from the released config.json values below, named as transformers writes a checkpoint it loaded: its conversion
   mapping reversed, including the scoped prefix changes of nested towers (llava-hf's CLIP tower is saved as
   `vision_tower.vision_model.*`), less the tied copies save_pretrained drops.
 
@@ -77,6 +77,19 @@ def _qwen2_vl(vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv: in
     return dict(text_config=text, vision_config=dict(_QWEN2_VISION, hidden_size=hidden), tie_word_embeddings=tied)
 
 
+# Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct config.json: the same vision tower in all four (SwiGLU 3420, window
+# attention but in blocks 7/15/23/31), its merger projecting to the language model's width (`out_hidden_size`)
+_QWEN2_5_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu",
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, in_channels=3)  # fmt: skip
+
+
+def _qwen2_5_vl(vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv: int, tied: bool) -> dict[str, Any]:
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied)  # fmt: skip
+    return dict(text_config=text, vision_config=dict(_QWEN2_5_VISION, out_hidden_size=hidden), tie_word_embeddings=tied)
+
+
 _CLIP_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)  # fmt: skip
 
@@ -112,6 +125,14 @@ NATIVE: dict[str, tuple[str, str, dict[str, Any], str]] = {
                     _qwen2_vl(152064, 3584, 18944, 28, 28, 4, tied=False), "Qwen/Qwen2-VL-7B-Instruct"),
     "qwen2-vl-72b": ("qwen2_vl", "Qwen2VLForConditionalGeneration",
                      _qwen2_vl(152064, 8192, 29568, 80, 64, 8, tied=False), "Qwen/Qwen2-VL-72B-Instruct"),
+    "qwen2.5-vl-3b": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+                      _qwen2_5_vl(151936, 2048, 11008, 36, 16, 2, tied=True), "Qwen/Qwen2.5-VL-3B-Instruct"),
+    "qwen2.5-vl-7b": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+                      _qwen2_5_vl(152064, 3584, 18944, 28, 28, 4, tied=False), "Qwen/Qwen2.5-VL-7B-Instruct"),
+    "qwen2.5-vl-32b": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+                       _qwen2_5_vl(152064, 5120, 27648, 64, 40, 8, tied=False), "Qwen/Qwen2.5-VL-32B-Instruct"),
+    "qwen2.5-vl-72b": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+                       _qwen2_5_vl(152064, 8192, 29568, 80, 64, 8, tied=False), "Qwen/Qwen2.5-VL-72B-Instruct"),
     "llava-1.5-7b": ("llava", "LlavaForConditionalGeneration", _llava(4096, 11008, 32, 32),
                      "llava-hf/llava-1.5-7b-hf"),
     "llava-1.5-13b": ("llava", "LlavaForConditionalGeneration", _llava(5120, 13824, 40, 40),

@@ -11,11 +11,20 @@ OpenGVLab `-hf` checkpoints' template renders: each image as `<IMG_CONTEXT>\\n` 
 the one InternVL2.5/3 were trained with (preprocess_internvl2_5), and labels are each answer and
 its `<|im_end|>`, not the newline after it, as that function masks them.
 
-Transformers-native checkpoints (`OpenGVLab/InternVL3-*-hf`) load by default. The original OpenGVLab
-releases (InternVL2-*, InternVL2_5-*, InternVL3-* without `-hf`) ship their own modelling code:
-they are refused with the conversion to do, unless `model.transformer.trust_remote_code: true` and
-`pretrained` is a LOCAL copy; then internvl_remote.py loads them with that code and encodes samples
-in the original layout. Code from a hub id is never executed.
+InternVL3.5 (`OpenGVLab/InternVL3_5-*-HF`) is the same class, processor, chat template, system turn and
+answer masking with a Qwen3 decoder (q/k RMSNorm, head_dim apart from hidden/heads; Qwen3-MoE for 30B-A3B)
+and Qwen3's vocabulary, whose `<think>`/`</think>` precede InternVL's tokens: presets `tiny-3.5` and
+`tiny-3.5-moe`. OpenGVLab's -HF conversion writes InternVL3-hf's chat template and the same
+`<img>`/`<IMG_CONTEXT>`/`</img>`/`<video>` tokens, image_seq_length 256 (ms-swift drives InternVL3-hf and
+InternVL3.5-HF with one `internvl_hf` template), and the authors' InternVL3.5 finetunes run
+internvl_chat_gpt_oss/internvl/train/internvl_chat_finetune.py --conv_style internvl2_5 (shell/
+internvl3_5_qwen3/*_sft.sh), i.e. preprocess_internvl2_5: InternVL3's system turn and masking.
+
+Transformers-native checkpoints (`OpenGVLab/InternVL3-*-hf`, `OpenGVLab/InternVL3_5-*-HF`) load by default.
+The original OpenGVLab releases (InternVL2-*, InternVL2_5-*, InternVL3-*, InternVL3_5-* without `-hf`/`-HF`)
+ship their own modelling code: they are refused with the conversion to do, unless
+`model.transformer.trust_remote_code: true` and `pretrained` is a LOCAL copy; then internvl_remote.py loads
+them with that code and encodes samples in the original layout. Code from a hub id is never executed.
 """
 
 from __future__ import annotations
@@ -51,9 +60,14 @@ from transformers import (
     InternVLVideoProcessor,
     PreTrainedTokenizerFast,
 )
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter, load_balancing_loss_func
 
 # Qwen2's specials first, then InternVL's (in the same relative order as InternVL3-hf's vocabulary).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+# InternVL3.5-HF: Qwen3's vocabulary adds <think> 151667 and </think> 151668 before InternVL's <img> 151669,
+# </img> 151670, <IMG_CONTEXT> 151671 (config.json image_token_id); <video> is added last by the -HF conversion.
+SPECIAL_TOKENS_35 = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<img>", "</img>",
+                     "<IMG_CONTEXT>", "<video>")  # fmt: skip
 # The names InternVLProcessor reads off its tokenizer (tokenizer.start_image_token, ..._id).
 MM_TOKENS = {
     "start_image_token": "<img>",
@@ -87,6 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             layer_scale_init_value=0.1,
         ),
         text=dict(
+            model_type="qwen2",
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
@@ -95,8 +110,17 @@ PRESETS: dict[str, dict[str, Any]] = {
             max_position_embeddings=4096,
         ),
         max_tiles=4,  # an image is 1 tile, or up to 4 tiles + a thumbnail (InternVL3: 12)
+        tokens=SPECIAL_TOKENS,
     ),
 }
+# InternVL3.5: the same tower and projector with a Qwen3 decoder. Like Qwen3-0.6B (1024 wide, 16 heads of 128),
+# heads x head_dim (4 x 32) differs from the width (64), and q/k are RMS-normed per head.
+_QWEN3_TEXT = dict(PRESETS["tiny"]["text"], model_type="qwen3", head_dim=32)
+PRESETS["tiny-3.5"] = dict(PRESETS["tiny"], text=_QWEN3_TEXT, tokens=SPECIAL_TOKENS_35)
+# InternVL3.5-30B-A3B: Qwen3-MoE (every layer sparse, top-8 of 128 experts with normalised top-k weights): 2 of 4
+PRESETS["tiny-3.5-moe"] = dict(PRESETS["tiny-3.5"], text=dict(
+    _QWEN3_TEXT, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+    decoder_sparse_step=1, norm_topk_prob=True))  # fmt: skip
 
 
 def tokens_per_tile(vision: dict[str, Any], downsample_ratio: float = 0.5) -> int:
@@ -104,27 +128,28 @@ def tokens_per_tile(vision: dict[str, Any], downsample_ratio: float = 0.5) -> in
     return int((vision["image_size"] // vision["patch_size"]) ** 2 * downsample_ratio**2)
 
 
-@lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
-    return byte_level_bpe(tail=SPECIAL_TOKENS).to_str()  # no post-processor: like Qwen2's, no BOS/EOS added
+@lru_cache(maxsize=2)
+def _tokenizer_json(tail: tuple[str, ...] = SPECIAL_TOKENS) -> str:
+    return byte_level_bpe(tail=tail).to_str()  # no post-processor: like Qwen2's and Qwen3's, no BOS/EOS added
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """263 ids: 256 bytes then the specials; the same ids in every process."""
+def tiny_tokenizer(preset: str = "tiny") -> PreTrainedTokenizerFast:
+    """256 bytes then the preset's specials (263 ids; 265 for InternVL3.5's); the same ids in every process."""
     return chat_tokenizer(
-        _tokenizer_json(), CHAT_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        extra_special_tokens=MM_TOKENS, model_max_length=8192,
+        _tokenizer_json(PRESETS[preset]["tokens"]), CHAT_TEMPLATE, eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", extra_special_tokens=MM_TOKENS, model_max_length=8192,
     )  # fmt: skip
 
 
-def tiny_processor() -> InternVLProcessor:
-    preset = PRESETS["tiny"]
-    side = {"height": preset["vision"]["image_size"], "width": preset["vision"]["image_size"]}
+def tiny_processor(preset: str = "tiny") -> InternVLProcessor:
+    """The InternVL3(.5)-HF processor at the preset's tile size (both releases ship the same processor)."""
+    spec = PRESETS[preset]
+    side = {"height": spec["vision"]["image_size"], "width": spec["vision"]["image_size"]}
     return InternVLProcessor(
-        image_processor=GotOcr2ImageProcessor(size=side, crop_to_patches=True, max_patches=preset["max_tiles"]),
+        image_processor=GotOcr2ImageProcessor(size=side, crop_to_patches=True, max_patches=spec["max_tiles"]),
         video_processor=InternVLVideoProcessor(size=side),
-        tokenizer=tiny_tokenizer(),
-        image_seq_length=tokens_per_tile(preset["vision"]),
+        tokenizer=tiny_tokenizer(preset),
+        image_seq_length=tokens_per_tile(spec["vision"]),
         chat_template=CHAT_TEMPLATE,
     )
 
@@ -169,7 +194,8 @@ def refuse_remote_code(comp: ComponentConfig) -> dict[str, Any] | None:
     raise ValueError(
         f"{what}: it ships its own modelling code, which flowspeed does not execute by default){hub}. flowspeed "
         "trains transformers' native InternVLForConditionalGeneration. Use a converted release, e.g. "
-        "OpenGVLab/InternVL3-1B-hf, OpenGVLab/InternVL3-2B-hf or OpenGVLab/InternVL3-8B-hf, or convert the "
+        "OpenGVLab/InternVL3-1B-hf, OpenGVLab/InternVL3-8B-hf, OpenGVLab/InternVL3_5-1B-HF or "
+        "OpenGVLab/InternVL3_5-8B-HF (OpenGVLab publishes every InternVL3.5 size as -HF), or convert the "
         "checkpoint once with transformers' src/transformers/models/internvl/convert_internvl_weights_to_hf.py "
         "(--input_dir <hub id> --output_dir <dir>; it knows the InternVL2.5-MPO and InternVL3 releases, "
         "InternVL2 is not in its table), then set model.transformer.pretrained to the converted directory. "
@@ -200,17 +226,16 @@ class InternVL(VisionLanguageFamily):
                 return load_remote_model(cfg.transformer)  # opted in: the checkpoint's InternVLChatModel
             return from_pretrained(InternVLForConditionalGeneration, cfg.transformer, "transformer")
         preset = pick_preset(cfg.transformer, PRESETS, "transformer")
-        tok = tiny_tokenizer()
-        ids = dict(zip(SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)), strict=True))
+        tok = tiny_tokenizer(cfg.transformer.preset)
+        ids = dict(zip(preset["tokens"], tok.convert_tokens_to_ids(list(preset["tokens"])), strict=True))
         config = InternVLConfig(
             vision_config=dict(**preset["vision"]),
-            text_config=dict(
-                model_type="qwen2",
+            text_config=dict(  # model_type: qwen2 (InternVL3), qwen3 or qwen3_moe (InternVL3.5)
                 vocab_size=len(tok),
                 bos_token_id=ids["<|endoftext|>"],
                 eos_token_id=ids["<|im_end|>"],
                 pad_token_id=ids["<|endoftext|>"],
-                tie_word_embeddings=False,  # InternVL3-1B keeps a separate lm_head
+                tie_word_embeddings=False,  # InternVL3-1B and InternVL3.5-1B keep a separate lm_head
                 **preset["text"],
             ),
             image_token_id=ids["<IMG_CONTEXT>"],
@@ -220,7 +245,7 @@ class InternVL(VisionLanguageFamily):
         )
         with seeded_init(cfg.seed):
             model = InternVLForConditionalGeneration(config)
-        # InternVL3-hf's generation_config: stop at <|im_end|>; pad with <|endoftext|>.
+        # InternVL3-hf's and InternVL3.5-HF's generation_config: stop at <|im_end|>; pad with <|endoftext|>.
         model.generation_config.eos_token_id = ids["<|im_end|>"]
         model.generation_config.pad_token_id = ids["<|endoftext|>"]
         return model
@@ -232,7 +257,7 @@ class InternVL(VisionLanguageFamily):
                 return load_remote_processor(cfg.transformer, meta)
             return from_pretrained(AutoProcessor, cfg.transformer, "transformer")
         pick_preset(cfg.transformer, PRESETS, "transformer")
-        return tiny_processor()
+        return tiny_processor(cfg.transformer.preset)
 
     # ---- prep -----------------------------------------------------------------------------------
     def encode_sample(self, processor: Any, sample: SequenceSample, max_length: int) -> dict[str, torch.Tensor]:
@@ -253,6 +278,33 @@ class InternVL(VisionLanguageFamily):
         return out
 
     # ---- training -------------------------------------------------------------------------------
+    def training_loss(
+        self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        """The answer tokens' cross-entropy; with a Qwen3-MoE decoder (InternVL3.5-30B-A3B) plus the router
+        load-balancing loss the authors train with.
+
+        Their finetune sets llm_config.output_router_logits (internvl_chat_gpt_oss/internvl/train/
+        internvl_chat_finetune.py) and InternVLChatModel.forward adds router_aux_loss_coef x
+        load_balancing_loss_func(router logits, num_experts, top_k, attention_mask); transformers' InternVL class
+        cannot return router logits, so they are read off the routers here. A packed row has no attention mask
+        and no pads: every token counts, as in the padded batch with its mask.
+        """
+        routers = [m for m in transformer.modules() if isinstance(m, Qwen3MoeTopKRouter)]
+        if not routers:
+            return super().training_loss(transformer, scheduler, batch, generator)
+        logits: list[torch.Tensor] = []
+        hooks = [r.register_forward_hook(lambda _m, _args, out: logits.append(out[0])) for r in routers]
+        try:
+            loss = super().training_loss(transformer, scheduler, batch, generator)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        text = next(m.config.text_config for m in transformer.modules() if hasattr(getattr(m, "config", None),
+                                                                                  "text_config"))  # fmt: skip
+        mask = None if "cu_seqlens" in batch else batch.get("attention_mask")
+        aux = load_balancing_loss_func(tuple(logits), routers[0].num_experts, routers[0].top_k, mask)
+        return loss + text.router_aux_loss_coef * aux
 
     def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
         """The native export; for an opted-in original checkpoint also the marker `respond` asks for

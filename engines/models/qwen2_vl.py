@@ -64,6 +64,8 @@ CHAT_TEMPLATE = (
 )
 # 28*28 .. 56*56 px: an image is 1-4 merged tokens (4-16 patches of 14 px), a 2-frame video clip the same.
 TINY_PIXELS = {"min_pixels": 28 * 28, "max_pixels": 56 * 56}
+# processor outputs cached beside pixel_values*: (media, 3) grids, Qwen2.5-VL's (videos,) seconds per temporal patch
+MEDIA_SUFFIXES = ("grid_thw", "second_per_grid_ts")
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         text=dict(
@@ -110,8 +112,13 @@ def to_chat(sample: SequenceSample) -> list[dict[str, Any]]:
 
 
 class Qwen2VL(VisionLanguageFamily):
+    """Qwen2-VL; the later Qwen-VL releases subclass it and swap the class attributes and hooks below (config,
+    model and processor classes, presets, tokenizer, vision config, the processor's per-video arguments)."""
+
     name = "qwen2_vl"
     model_cls = Qwen2VLForConditionalGeneration
+    config_cls: type = Qwen2VLConfig
+    presets: dict[str, dict[str, Any]] = PRESETS
     media = ("image", "video")
     # The language model's attention; the vision tower names its own qkv/proj, so it stays frozen.
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -122,13 +129,30 @@ class Qwen2VL(VisionLanguageFamily):
     pad_values = {**VisionLanguageFamily.pad_values, "mm_token_type_ids": 0}
     concat_keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
+    # ---- hooks a later release overrides --------------------------------------------------------
+    def tiny_tokenizer(self) -> PreTrainedTokenizerFast:
+        """The tiny preset's offline tokenizer (the release's specials and chat template)."""
+        return tiny_tokenizer()
+
+    def tiny_processor(self) -> Any:
+        """The tiny preset's processor: the release's processor classes at toy pixel budgets."""
+        return tiny_processor()
+
+    def tiny_vision_config(self, preset: dict[str, Any]) -> dict[str, Any]:
+        """vision_config kwargs of a preset: Qwen2-VL's merger projects to the text width (`hidden_size`)."""
+        return dict(hidden_size=preset["text"]["hidden_size"], **preset["vision"])
+
+    def processor_kwargs(self, samples: list[SequenceSample]) -> dict[str, Any]:
+        """Extra processor arguments for these samples' media (Qwen2-VL's processor needs none)."""
+        return {}
+
     def load_model(self, cfg: ModelConfig) -> nn.Module:
         if cfg.transformer.pretrained:
-            return from_pretrained(Qwen2VLForConditionalGeneration, cfg.transformer, "transformer")
-        preset = pick_preset(cfg.transformer, PRESETS, "transformer")
-        tok = tiny_tokenizer()
-        ids = dict(zip(SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)), strict=True))
-        config = Qwen2VLConfig(
+            return from_pretrained(self.model_cls, cfg.transformer, "transformer")
+        preset = pick_preset(cfg.transformer, self.presets, "transformer")
+        tok = self.tiny_tokenizer()
+        ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}  # the roles every Qwen-VL release shares
+        config = self.config_cls(
             text_config=dict(
                 vocab_size=len(tok),
                 bos_token_id=ids["<|endoftext|>"],
@@ -136,24 +160,24 @@ class Qwen2VL(VisionLanguageFamily):
                 pad_token_id=ids["<|endoftext|>"],
                 **preset["text"],
             ),
-            vision_config=dict(hidden_size=preset["text"]["hidden_size"], **preset["vision"]),  # merger -> text width
+            vision_config=self.tiny_vision_config(preset),
             image_token_id=ids["<|image_pad|>"],
             video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"],
             vision_end_token_id=ids["<|vision_end|>"],
         )
         with seeded_init(cfg.seed):
-            model = Qwen2VLForConditionalGeneration(config)
+            model = self.model_cls(config)
         # Qwen2-VL-Instruct's generation_config: stop at <|im_end|> (or <|endoftext|>), pad with <|endoftext|>.
         model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
         model.generation_config.pad_token_id = ids["<|endoftext|>"]
         return model
 
-    def load_processor(self, cfg: ModelConfig) -> Qwen2VLProcessor:
+    def load_processor(self, cfg: ModelConfig) -> Any:
         if cfg.transformer.pretrained:
             return from_pretrained(AutoProcessor, cfg.transformer, "transformer")
-        pick_preset(cfg.transformer, PRESETS, "transformer")
-        return tiny_processor()
+        pick_preset(cfg.transformer, self.presets, "transformer")
+        return self.tiny_processor()
 
     # ---- prep -----------------------------------------------------------------------------------
     def encode_sample(self, processor: Any, sample: SequenceSample, max_length: int) -> dict[str, torch.Tensor]:
@@ -161,7 +185,13 @@ class Qwen2VL(VisionLanguageFamily):
         if "assistant" not in roles:
             raise ValueError("the conversation has no assistant turn: nothing to train on")
         text = processor.apply_chat_template(to_chat(sample), tokenize=False)
-        enc = processor(text=[text], images=sample.images or None, videos=sample.videos or None, return_tensors="pt")
+        enc = processor(
+            text=[text],
+            images=sample.images or None,
+            videos=sample.videos or None,
+            return_tensors="pt",
+            **self.processor_kwargs([sample]),
+        )
         ids = enc["input_ids"][0]  # (L,)
         if len(ids) > max_length:
             raise ValueError(
@@ -170,8 +200,9 @@ class Qwen2VL(VisionLanguageFamily):
             )
         out = {k: v[0] for k, v in enc.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
         out["labels"] = answer_labels(processor.tokenizer, ids, roles, newline=True)  # as LLaMA-Factory trains
-        # (patches, C*temporal_patch*patch*patch) and (media, 3): already flat, the model's own layout
-        out.update({k: v for k, v in enc.items() if k.startswith("pixel_values") or k.endswith("grid_thw")})
+        # (patches, C*temporal_patch*patch*patch), (media, 3) and Qwen2.5-VL's (videos,) seconds per temporal
+        # patch: already flat, the model's own layout
+        out.update({k: v for k, v in enc.items() if k.startswith("pixel_values") or k.endswith(MEDIA_SUFFIXES)})
         return out
 
     # ---- training -------------------------------------------------------------------------------
@@ -181,17 +212,11 @@ class Qwen2VL(VisionLanguageFamily):
         self, pretrained_dir: Path, samples: list[SequenceSample], *, max_new_tokens: int, device: torch.device
     ) -> list[str]:
         model, processor = self.load_export(pretrained_dir, device)
-        processor.tokenizer.padding_side = "left"  # generation continues from the right edge
-        texts, images, videos = [], [], []
-        for s in samples:
-            prompt = prompt_of(s)
-            texts.append(processor.apply_chat_template(to_chat(prompt), tokenize=False, add_generation_prompt=True))
-            images += s.images
-            videos += s.videos
-        enc = processor(text=texts, images=images or None, videos=videos or None, padding=True, return_tensors="pt")
-        out = model.generate(**enc.to(device), max_new_tokens=max_new_tokens, do_sample=False)
-        new = out[:, enc["input_ids"].shape[1] :]  # (B, new tokens)
-        return processor.batch_decode(new, skip_special_tokens=True)
+        chats = [to_chat(prompt_of(s)) for s in samples]
+        return self.generate_answers(
+            model, processor, samples, chats, max_new_tokens=max_new_tokens, device=device,
+            **self.processor_kwargs(samples),
+        )  # fmt: skip
 
 
 def answer_labels(tokenizer: Any, ids: torch.Tensor, roles: list[str], *, newline: bool) -> torch.Tensor:

@@ -410,6 +410,47 @@ for _v in (
 ):  # fmt: skip
     register_variant(_v)
 
+
+# ---- InternVL3.5, the transformers-native OpenGVLab/InternVL3_5-*-HF releases (engines/models/internvl.py) ------
+# OpenGVLab's -HF conversion: InternViT-300M-448px-V2.5 (the 6B tower for 38B) + pixel shuffle 0.5 + MLP + the
+# original release's llm_config, i.e. Qwen3's config.json (Qwen3-0.6B, -1.7B, -4B, -8B, -14B, -32B, -30B-A3B:
+# vocab 151936, head_dim 128, rope_theta 1e6, an untied lm_head even where the Qwen3 base ties it: 2.35B needs
+# it), image_token_id 151671, image_seq_length 256. Published totals: the InternVL3.5 model cards' / report's
+# table, "#Total Param" 1.06B, 2.35B, 4.73B, 8.53B, 15.12B, 38.40B, 30.85B (A3B); for 1B the stored
+# InternVL3_5-1B-HF checkpoint counts 1,060,897,792 (304,012,288 vision + 751,632,384 language + 5,253,120
+# projector, quoted on GitHub), which this build equals exactly. Builds: 2,348,347,392 / 4,732,489,216 /
+# 8,528,318,464 / 15,119,523,840 / 38,390,405,504 / 30,848,730,112.
+def _internvl35(vision: dict[str, Any], hidden: int, ffn: int, layers: int, heads: int, kv: int,
+                **moe: Any) -> Component:  # fmt: skip
+    text = dict(model_type="qwen3_moe" if moe else "qwen3", vocab_size=151936, hidden_size=hidden,
+                intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                head_dim=128, max_position_embeddings=40960, rope_theta=1_000_000.0, tie_word_embeddings=False,
+                bos_token_id=151643, eos_token_id=151645, **moe)  # fmt: skip
+    return Component(InternVLForConditionalGeneration, dict(
+        vision_config=vision, text_config=text, image_token_id=151671, image_seq_length=256, downsample_ratio=0.5,
+        tie_word_embeddings=False))  # fmt: skip
+
+
+for _v in (
+    Variant("internvl", "internvl3.5-1b", {MODEL: _internvl35(_VIT_300M, 1024, 3072, 28, 16, 8)},
+            1_060_897_792, "1.06B (model card)", "InternVL3_5-1B-HF safetensors: 1,060,897,792 parameters"),
+    Variant("internvl", "internvl3.5-2b", {MODEL: _internvl35(_VIT_300M, 2048, 6144, 28, 16, 8)},
+            2_350_000_000, "2.35B (model card)", "InternVL3.5 model card table: #Total Param 2.35B"),
+    Variant("internvl", "internvl3.5-4b", {MODEL: _internvl35(_VIT_300M, 2560, 9728, 36, 32, 8)},
+            4_730_000_000, "4.73B (model card)", "InternVL3.5 model card table: #Total Param 4.73B"),
+    Variant("internvl", "internvl3.5-8b", {MODEL: _internvl35(_VIT_300M, 4096, 12288, 36, 32, 8)},
+            8_530_000_000, "8.53B (model card)", "InternVL3.5 model card table: #Total Param 8.53B"),
+    Variant("internvl", "internvl3.5-14b", {MODEL: _internvl35(_VIT_300M, 5120, 17408, 40, 40, 8)},
+            15_120_000_000, "15.12B (model card)", "InternVL3.5 model card table: #Total Param 15.12B"),
+    Variant("internvl", "internvl3.5-38b", {MODEL: _internvl35(_VIT_6B, 5120, 25600, 64, 64, 8)},
+            38_400_000_000, "38.40B (model card)", "InternVL3.5 model card table: #Total Param 38.40B"),
+    Variant("internvl", "internvl3.5-30b-a3b", {MODEL: _internvl35(
+        _VIT_300M, 2048, 6144, 48, 32, 4, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+        decoder_sparse_step=1, norm_topk_prob=True)},
+            30_850_000_000, "30.85B-A3B (model card)", "InternVL3.5 model card table: #Total Param 30.85B"),
+):  # fmt: skip
+    register_variant(_v)
+
 # ---- CogVideoX image-to-video and 1.5 (engines/models/cogvideox_i2v.py, cogvideox15.py) ------------
 # CogVideoX-5B's transformer with what the I2V and 1.5 transformer/config.json files change: 32 input
 # channels (noisy + image latents), 5B-I2V's learned positional table, 1.5's temporal patches of 2
@@ -780,4 +821,122 @@ def _hunyuanvideo_variants() -> list[Variant]:
 
 
 for _v in _hunyuanvideo_variants():
+    register_variant(_v)
+
+
+# ---- Qwen2.5-VL (engines/models/qwen2_5_vl.py) --------------------------------------------------------------------
+def _qwen2_5_vl_variants() -> list[Variant]:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    # Qwen/Qwen2.5-VL-*-Instruct config.json: one vision tower for every size (32 blocks 1280 wide, 16 heads, SwiGLU
+    # 3420, window attention but in blocks 7/15/23/31, 112 px windows, 2 tokens per second), its merger projecting to
+    # the language model's width; the language model is Qwen2.5's of the same size.
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu", patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                  tokens_per_second=2, in_channels=3)  # fmt: skip
+
+    def model(vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv: int, tied: bool) -> Component:
+        text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                    num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied, rms_norm_eps=1e-6,
+                    max_position_embeddings=128000,
+                    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})  # fmt: skip
+        merger = dict(vision, out_hidden_size=hidden)  # the merger projects into the language model's width
+        return Component(Qwen2_5_VLForConditionalGeneration, dict(
+            text_config=text, vision_config=merger, tie_word_embeddings=tied))  # fmt: skip
+
+    # Totals: the safetensors parameter totals the HF Hub shows for each checkpoint (3.75B, 8.29B, 33.5B, 73.4B; the
+    # names count the language model). The builds give them: 3B = 668,684,288 vision + merger (a public torchinfo
+    # dump of Qwen2.5-VL-3B-Instruct: 19,702,200 per vision block, 36,707,328 merger MLP, 77,076,992 per decoder
+    # layer) + 3,085,938,688 language model; 7B = 676.55M vision + 7.07B language model + 545.00M lm_head, as a
+    # public parameter analysis of the loaded Qwen/Qwen2.5-VL-7B-Instruct prints them.
+    return [
+        # Qwen/Qwen2.5-VL-3B-Instruct: 36 layers, 2048 wide, 16 heads, 2 kv heads, 11008 ffn, vocab 151936, tied
+        Variant("qwen2_5_vl", "qwen2.5-vl-3b", {MODEL: model(151936, 2048, 11008, 36, 16, 2, tied=True)},
+                3_754_622_976, "3B (model name)", "Qwen/Qwen2.5-VL-3B-Instruct on the HF Hub: 3.75B params; exact: "
+                "the sum of a torchinfo dump's per-module counts"),
+        # Qwen/Qwen2.5-VL-7B-Instruct: 28 layers, 3584 wide, 28 heads, 4 kv heads, 18944 ffn, vocab 152064, untied
+        Variant("qwen2_5_vl", "qwen2.5-vl-7b", {MODEL: model(152064, 3584, 18944, 28, 28, 4, tied=False)},
+                8_290_000_000, "7B (model name)", "Qwen/Qwen2.5-VL-7B-Instruct on the HF Hub: 8.29B params "
+                "(rounded; the build gives 8,292,166,656)"),
+        # Qwen/Qwen2.5-VL-32B-Instruct: Qwen2.5-32B's decoder (64 layers, 5120 wide, 40 heads, 8 kv heads, 27648 ffn)
+        Variant("qwen2_5_vl", "qwen2.5-vl-32b", {MODEL: model(152064, 5120, 27648, 64, 40, 8, tied=False)},
+                33_500_000_000, "32B (model name)", "Qwen/Qwen2.5-VL-32B-Instruct on the HF Hub: 33.5B params "
+                "(rounded; the build gives 33,448,292,352)"),
+        # Qwen/Qwen2.5-VL-72B-Instruct: 80 layers, 8192 wide, 64 heads, 8 kv heads, 29568 ffn, vocab 152064
+        Variant("qwen2_5_vl", "qwen2.5-vl-72b", {MODEL: model(152064, 8192, 29568, 80, 64, 8, tied=False)},
+                73_400_000_000, "72B (model name)", "Qwen/Qwen2.5-VL-72B-Instruct on the HF Hub: 73.4B params "
+                "(rounded; the build gives 73,406,351,360)"),
+    ]  # fmt: skip
+
+
+for _v in _qwen2_5_vl_variants():
+    register_variant(_v)
+
+
+# ---- Qwen3-VL, dense and MoE (engines/models/qwen3_vl.py) ---------------------------------------------------------
+def _qwen3_vl_variants() -> list[Variant]:
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+    # config.json of both releases: a 27-block SigLIP-2-style tower (1152 wide, 4304 ffn, 16 heads, 16 px patches,
+    # 48x48 learned positions), DeepStack taps at blocks 8/16/24, merger -> the decoder's width; Qwen3's decoder
+    # (head_dim 128, QK-norm, vocab 151936, untied) with interleaved M-RoPE (24, 20, 20), theta 5e6
+    def vision(width: int) -> dict[str, Any]:
+        return dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24], out_hidden_size=width)  # fmt: skip
+
+    rope = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True}
+    text = dict(vocab_size=151936, head_dim=128, tie_word_embeddings=False, rope_parameters=rope,
+                max_position_embeddings=262144)  # fmt: skip
+    # Qwen/Qwen3-VL-8B-Instruct: 36 layers, 4096 wide, 12288 ffn, 32 heads, 8 kv heads (Qwen3-8B's decoder)
+    dense = Component(Qwen3VLForConditionalGeneration, dict(
+        text_config=dict(text, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8),
+        vision_config=vision(4096), tie_word_embeddings=False))  # fmt: skip
+    # Qwen/Qwen3-VL-30B-A3B-Instruct: Qwen3-30B-A3B's decoder, 48 layers, 2048 wide, 32 heads, 4 kv heads, every
+    # layer 128 experts of 768 ffn with top-8 routing (no shared expert)
+    moe = Component(Qwen3VLMoeForConditionalGeneration, dict(
+        text_config=dict(text, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                         num_attention_heads=32, num_key_value_heads=4, moe_intermediate_size=768,
+                         num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1),
+        vision_config=vision(2048), tie_word_embeddings=False))  # fmt: skip
+    # Exact counts: the safetensors parameter totals the Hugging Face Hub shows ("8.77B params", "31.1B params");
+    # each build gives them to the parameter. 30B-A3B's ~3B active (the name's A3B) are the decoder without the 120
+    # unrouted experts of every layer: 3.35B, 3.89B with the 0.54B vision tower (this build, 8 of 128 experts).
+    return [
+        Variant("qwen3_vl", "qwen3-vl-8b", {MODEL: dense}, 8_767_123_696, "8B (model name)",
+                "Qwen/Qwen3-VL-8B-Instruct on the HF Hub: 8.77B params"),
+        Variant("qwen3_vl", "qwen3-vl-30b-a3b", {MODEL: moe}, 31_070_754_032, "30B total, 3B active (model name)",
+                "Qwen/Qwen3-VL-30B-A3B-Instruct on the HF Hub: 31.1B params"),
+    ]  # fmt: skip
+
+
+for _v in _qwen3_vl_variants():
+    register_variant(_v)
+
+
+# ---- GLM-4.1V (engines/models/glm4v.py) -----------------------------------------------------------------------------
+def _glm4v_variants() -> list[Variant]:
+    from transformers import Glm4vForConditionalGeneration
+
+    # zai-org/GLM-4.1V-9B-Thinking (and -Base) config.json: GLM-4-9B-0414 decoder (151552 vocab, 4096 wide, 13696
+    # ffn, 40 layers, 32 heads, 2 kv heads, half-rotary M-RoPE (8, 12, 12), untied) + a 24-layer 1536-wide ViT
+    # (12 heads, 336 px, 14-px patches, 2x2 merge to 4096, merger ffn 13696) = Glm4vConfig's defaults. Hub
+    # "10.3B params"; the build gives 10,292,777,472 (892,498,432 of it the vision tower and merger); the name says
+    # 9B (the language model).
+    model = Component(Glm4vForConditionalGeneration, dict(
+        text_config=dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
+                         num_attention_heads=32, num_key_value_heads=2, max_position_embeddings=65536,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                          "mrope_section": [8, 12, 12]}),
+        vision_config=dict(depth=24, hidden_size=1536, num_heads=12, intermediate_size=13696, out_hidden_size=4096,
+                           image_size=336, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        tie_word_embeddings=False))  # fmt: skip
+    return [
+        Variant("glm4v", "glm-4.1v-9b", {MODEL: model}, 10_292_777_472, "9B (model name)",
+                "zai-org/GLM-4.1V-9B-Thinking on the HF Hub: 10.3B params"),
+    ]  # fmt: skip
+
+
+for _v in _glm4v_variants():
     register_variant(_v)

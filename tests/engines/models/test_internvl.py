@@ -425,3 +425,253 @@ def test_opted_in_original_checkpoint_trains_exports_and_responds(remote_ckpt: P
     assert (export / "modeling_tiny_chat.py").is_file() and (export / "flowspeed_trust_remote_code.json").is_file()
     answers = FAM.respond(export, list(samples), max_new_tokens=6, device=torch.device("cpu"))
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+# ---- InternVL3.5 (OpenGVLab/InternVL3_5-*-HF): the same class and processor, a Qwen3 / Qwen3-MoE decoder ----------
+CFG35 = ModelConfig(family="internvl", max_text_length=512, transformer=ComponentConfig(preset="tiny-3.5"))
+CFG35_MOE = ModelConfig(family="internvl", max_text_length=512, transformer=ComponentConfig(preset="tiny-3.5-moe"))
+# The chat template OpenGVLab's -HF conversion writes into every InternVL3_5-*-HF tokenizer except GPT-OSS's
+# (their conversion script, quoted on GitHub; transformers' convert_internvl_weights_to_hf.py has the same string
+# for InternVL3-hf). ms-swift drives InternVL3-hf and InternVL3.5-HF with one template (TemplateType.internvl_hf).
+RELEASED_CHAT_TEMPLATE_35 = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n' }}{% endif %}"
+)
+# OpenGVLab/InternVL3_5-*-HF vocabulary (Qwen3's specials, then InternVL's; config.json image_token_id 151671)
+RELEASED_IDS_35 = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<think>": 151667,
+                   "</think>": 151668, "<img>": 151669, "</img>": 151670, "<IMG_CONTEXT>": 151671}  # fmt: skip
+# InternVL2.5/3/3.5's default system message (internvl_chat_gpt_oss/internvl/model/internvl_chat/conversation.py,
+# template internvl2_5), which preprocess_internvl2_5 puts first when a conversation has none
+SYSTEM_35 = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+SHORT_IMAGE_CHAT = SequenceSample(messages=[{"role": "system", "content": "Answer briefly."}, *IMAGE_CHAT.messages],
+                                  images=IMAGE_CHAT.images)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def processor35():
+    return FAM.load_processor(CFG35)
+
+
+def reference_internvl2_5(tokenizer, sample: SequenceSample, tiles: list[int], per_tile: int) -> tuple[list, list]:
+    """The authors' preprocess_internvl2_5 (OpenGVLab/InternVL@2410d1db internvl_chat_gpt_oss/internvl/train/
+    dataset.py, the function `--conv_style internvl2_5` selects for every InternVL3.5 SFT script), re-stated: a
+    system turn (the sample's or the template's), `<image>` -> <img> + <IMG_CONTEXT> x tokens + </img>, each turn
+    tokenized alone; labels are an answer turn less `<|im_start|>assistant\\n` and its final `\\n`."""
+    msgs = list(sample.messages)
+    system = msgs.pop(0)["content"] if msgs[0]["role"] == "system" else SYSTEM_35
+    turns = [("system", f"<|im_start|>system\n{system}<|im_end|>\n")]
+    images = iter(tiles)
+    for i, m in enumerate(msgs):
+        text = m["content"]
+        if m["role"] == "user" and i == 0:  # LLaVA data: "<image>\n" heads the first question
+            text = "".join(f"<img>{'<IMG_CONTEXT>' * per_tile * n}</img>\n" for n in images) + text
+        turns.append((m["role"], f"<|im_start|>{m['role']}\n{text}<|im_end|>\n"))
+    head = len(tokenizer("<|im_start|>assistant\n").input_ids)
+    ids, labels = [], []
+    for role, text in turns:
+        part = tokenizer(text).input_ids
+        ids += part
+        labels += [IGNORE_INDEX] * len(part) if role != "assistant" else [IGNORE_INDEX] * head + part[head:-1] + [
+            IGNORE_INDEX]  # fmt: skip
+    return ids, labels
+
+
+def test_internvl35_presets_are_qwen3_decoders_with_the_release_vocabulary_order(processor35) -> None:
+    for cfg, decoder in ((CFG35, "Qwen3Model"), (CFG35_MOE, "Qwen3MoeModel")):
+        model, tok = FAM.load_model(cfg), FAM.load_processor(cfg).tokenizer
+        lm = model.model.language_model
+        assert type(lm).__name__ == decoder
+        attn, text = lm.layers[0].self_attn, model.config.text_config
+        assert text.head_dim * text.num_attention_heads != text.hidden_size  # as Qwen3-0.6B: 16 x 128 != 1024
+        assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (text.head_dim,)
+        assert not model.config.tie_word_embeddings and model.lm_head.weight is not lm.embed_tokens.weight
+        ours = {t: tok.convert_tokens_to_ids(t) for t in RELEASED_IDS_35}
+        assert {t: i - ours["<|endoftext|>"] for t, i in ours.items() if t in ("<|im_start|>", "<|im_end|>")} == {
+            "<|im_start|>": 1, "<|im_end|>": 2}  # fmt: skip
+        released_tail = [RELEASED_IDS_35[t] for t in ("<think>", "</think>", "<img>", "</img>", "<IMG_CONTEXT>")]
+        ours_tail = [ours[t] for t in ("<think>", "</think>", "<img>", "</img>", "<IMG_CONTEXT>")]
+        assert np.diff(ours_tail).tolist() == np.diff(released_tail).tolist() == [1, 1, 1, 1]  # same order, adjacent
+        assert model.config.image_token_id == ours["<IMG_CONTEXT>"]
+        assert tok.convert_tokens_to_ids("<video>") > ours_tail[-1]  # the -HF conversion adds <video> last
+        assert model.generation_config.eos_token_id == ours["<|im_end|>"]
+    if text.model_type == "qwen3_moe":
+        assert lm.layers[0].mlp.experts.gate_up_proj.shape[0] == text.num_experts  # every layer sparse (A3B)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Same?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}]  # fmt: skip
+    for turns, gen in ((chat, False), (chat[:1], True)):
+        released = RELEASED_CHAT_TEMPLATE_35
+        theirs = processor35.tokenizer.apply_chat_template(turns, chat_template=released, tokenize=False,
+                                                           add_generation_prompt=gen)  # fmt: skip
+        assert processor35.apply_chat_template(turns, tokenize=False, add_generation_prompt=gen) == theirs
+
+
+@pytest.mark.parametrize("sample", ["image", "wide", "video", "text"])
+def test_internvl35_ids_and_labels_equal_the_authors_preprocess_internvl2_5(processor35, sample: str) -> None:
+    """Placeholder expansion (tiles x 4 tokens, a thumbnail after a grid, one tile per frame) and answer-only
+    masking, token for token against the authors' function."""
+    tok = processor35.tokenizer
+    chats = {"image": (IMAGE_CHAT, [1]),
+             "wide": (SequenceSample(messages=IMAGE_CHAT.messages, images=[RNG.integers(0, 256, (40, 130, 3),
+                                                                                         dtype=np.uint8)]), [4]),
+             "video": (VIDEO_CHAT, None), "text": (SequenceSample(messages=IMAGE_CHAT.messages), [])}  # fmt: skip
+    s, tiles = chats[sample]
+    enc = FAM.encode_sample(processor35, s, CFG35.max_text_length)
+    if sample == "video":  # InternVL's video prompt: "Frame{i}: <img>...</img>" per frame, one tile each
+        frames = "\n".join(f"Frame{i}: <img>{'<IMG_CONTEXT>' * 4}</img>" for i in (1, 2, 3))
+        ids, labels = reference_internvl2_5(tok, s, [], 4)
+        want = tok.decode(ids).replace("<|im_start|>user\n", f"<|im_start|>user\n{frames}\n", 1)
+        assert tok.decode(enc["input_ids"]) == want
+        assert enc["pixel_values"].shape == (3, 3, 56, 56)
+        assert answer_spans(tok, enc) == ["Yes, to the right.<|im_end|>"]
+        return
+    ids, labels = reference_internvl2_5(tok, s, tiles, 4)
+    assert enc["input_ids"].tolist() == ids and enc["labels"].tolist() == labels
+    assert enc["attention_mask"].tolist() == [1] * len(ids)
+    assert ("pixel_values" in enc) == bool(tiles) and (not tiles or enc["pixel_values"].shape == (tiles[0], 3, 56, 56))
+
+
+def _train_35(cfg: ModelConfig, steps: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor], list[float]]:
+    proc = FAM.load_processor(cfg)
+    model = FAM.load_model(cfg).train()
+    batch = FAM.collate([FAM.encode_sample(proc, s, cfg.max_text_length) for s in (SHORT_IMAGE_CHAT, VIDEO_CHAT)])
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    losses = []
+    for _ in range(steps):
+        loss = FAM.training_loss(model, None, batch, torch.Generator())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[0] > 5.0  # ~ln(265): a random init knows nothing
+    return model.eval(), batch, losses
+
+
+def test_internvl35_tiny_preset_learns_a_fixed_batch_and_answers_from_its_export(tmp_path: Path) -> None:
+    model, _, losses = _train_35(CFG35, 40)
+    assert losses[19] < 0.5 * losses[0] and losses[-1] < 0.2
+    FAM.save_pretrained(tmp_path, CFG35, model)
+    assert json.loads((tmp_path / "config.json").read_text())["text_config"]["model_type"] == "qwen3"
+    answers = FAM.respond(tmp_path, [SHORT_IMAGE_CHAT, VIDEO_CHAT], max_new_tokens=24, device=torch.device("cpu"))
+    assert answers == ["Top left.", "Yes, to the right."]  # batched, left-padded, each after its own media
+
+
+def test_internvl35_moe_preset_learns_answers_and_its_export_reloads_identically(tmp_path: Path) -> None:
+    """Qwen3-MoE inside transformers' InternVL class (InternVL3.5-30B-A3B's decoder): trains, exports, reloads."""
+    model, batch, losses = _train_35(CFG35_MOE, 60)  # routing makes it slower to memorise than the dense preset
+    assert losses[19] < 0.5 * losses[0] and losses[-1] < 0.2
+    FAM.save_pretrained(tmp_path, CFG35_MOE, model)
+    assert json.loads((tmp_path / "config.json").read_text())["text_config"]["model_type"] == "qwen3_moe"
+    reloaded = FAM.load_model(ModelConfig(family="internvl", transformer=ComponentConfig(pretrained=str(tmp_path))))
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded.eval()(**batch).logits)
+    answers = FAM.respond(tmp_path, [SHORT_IMAGE_CHAT, VIDEO_CHAT], max_new_tokens=24, device=torch.device("cpu"))
+    assert answers == ["Top left.", "Yes, to the right."]
+
+
+def test_internvl35_lora_export_loads_with_peft_like_the_merged_export(tmp_path: Path) -> None:
+    """The run's export path (engines/export.py): final/lora in peft's format, final/ the merged model; peft's
+    `PeftModel.from_pretrained` on the base gives the merged export's logits (cf. test_lora_interop.py)."""
+    from flowspeed.configs import PipelineConfig
+    from flowspeed.engines.export import export_weights, plain_model
+    from peft import PeftModel
+
+    cfg = PipelineConfig.model_validate({
+        "workdir": str(tmp_path), "model": {"family": "internvl", "transformer": {"preset": "tiny-3.5"}},
+        "train": {"lora": {"enabled": True, "rank": 4, "alpha": 8.0}}})  # fmt: skip
+    trained = plain_model(FAM, cfg, {})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    final = export_weights(FAM, cfg, {}, trained.state_dict(), tmp_path / "final")
+    written = json.loads((final / "lora" / "adapter_config.json").read_text())
+    assert written["peft_type"] == "LORA" and written["base_model_name_or_path"] == "internvl/tiny-3.5"
+    assert sorted(written["target_modules"]) == sorted(FAM.lora_targets)
+    proc = FAM.load_processor(cfg.model)
+    batch = FAM.collate([FAM.encode_sample(proc, SHORT_IMAGE_CHAT, 512)])
+    batch.pop("labels")
+    merged = FAM.load_model(cfg.model.model_copy(update={"transformer": ComponentConfig(pretrained=str(final))}))
+    peft_model = PeftModel.from_pretrained(FAM.load_model(cfg.model), final / "lora").eval()
+    with torch.no_grad():
+        base, ours, theirs = (m.eval()(**batch).logits for m in (FAM.load_model(cfg.model), merged, peft_model))
+    assert not torch.allclose(ours, base, atol=1e-3)  # the adapter changes the model
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    lora_layers = {n.split(".self_attn.")[0] for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert lora_layers == {f"base_model.model.model.language_model.layers.{i}" for i in (0, 1)}  # not the InternViT
+
+
+def test_internvl35_variants_match_the_released_totals() -> None:
+    from flowspeed.engines.models.variants import build_on_meta, get_variant, parameter_counts
+
+    sizes = ("1b", "2b", "4b", "8b", "14b", "38b", "30b-a3b")
+    for name in (f"internvl3.5-{size}" for size in sizes):
+        counts = parameter_counts("internvl", name)
+        assert counts["components"]["model"] == pytest.approx(get_variant("internvl", name).published, rel=0.01)
+    # InternVL3_5-1B-HF's stored checkpoint, split as its authors' modules split it (quoted on GitHub)
+    model = build_on_meta("internvl", "internvl3.5-1b")["model"]
+    parts = [
+        sum(p.numel() for p in m.parameters())
+        for m in (model.model.vision_tower, model.model.language_model, model.model.multi_modal_projector)
+    ]
+    assert [parts[0], parts[1] + model.lm_head.weight.numel(), parts[2]] == [304_012_288, 751_632_384, 5_253_120]
+    assert model.config.image_token_id == RELEASED_IDS_35["<IMG_CONTEXT>"]
+
+
+def test_internvl35_original_releases_are_refused_by_name() -> None:
+    hub = ModelConfig(family="internvl", transformer=ComponentConfig(pretrained="OpenGVLab/InternVL3_5-8B"))
+    with pytest.raises(ValueError, match="no -hf suffix") as err:  # before any download
+        FAM.load_model(hub)
+    assert "OpenGVLab/InternVL3_5-8B-HF" in str(err.value)
+
+
+@pytest.mark.parametrize("cfg", [CFG35, CFG35_MOE], ids=["tiny-3.5", "tiny-3.5-moe"])
+def test_internvl35_packed_samples_give_the_padded_batch_loss_and_gradients(cfg: ModelConfig) -> None:
+    """encode_sample's per-sample tensors pack into one row (train.packing): Qwen3 / Qwen3-MoE attention stays
+    inside each sample, so loss and gradients equal the padded batch's (images with tiles and a video mixed)."""
+    proc, model = FAM.load_processor(cfg), FAM.load_model(cfg).train()
+    wide = SequenceSample(
+        messages=SHORT_IMAGE_CHAT.messages, images=[RNG.integers(0, 256, (40, 130, 3), dtype=np.uint8)]
+    )
+    items = [FAM.encode_sample(proc, s, cfg.max_text_length) for s in (wide, VIDEO_CHAT)]
+    grads, losses = [], []
+    for batch in (FAM.collate(items), FAM.pack(items)):
+        loss = FAM.training_loss(model, None, batch, torch.Generator())
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        model.zero_grad()
+    assert FAM.pack(items)["input_ids"].shape == (1, sum(len(it["input_ids"]) for it in items))
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=0)
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=0, msg=name)
+
+
+def test_internvl35_moe_loss_adds_the_router_balancing_loss_as_qwen3_moe_does() -> None:
+    """The authors train InternVL3.5-30B-A3B with llm_config.output_router_logits (their InternVLChatModel adds
+    router_aux_loss_coef x load_balancing_loss_func); transformers' Qwen3MoeForCausalLM with the same weights and
+    output_router_logits=True gives that sum on a text-only batch (padded: the mask keeps pads out)."""
+    from transformers import Qwen3MoeForCausalLM
+
+    proc, model = FAM.load_processor(CFG35_MOE), FAM.load_model(CFG35_MOE).eval()
+    short = SequenceSample(messages=[{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}])
+    batch = FAM.collate(
+        [FAM.encode_sample(proc, s, 512) for s in (SequenceSample(messages=IMAGE_CHAT.messages), short)]
+    )
+    lm = Qwen3MoeForCausalLM(model.config.text_config).eval()
+    lm.model.load_state_dict(model.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(model.lm_head.state_dict())
+    with torch.no_grad():
+        ours = FAM.training_loss(model, None, batch, torch.Generator())
+        theirs = lm(**batch, output_router_logits=True)
+    assert theirs.aux_loss > 0 and model.config.text_config.router_aux_loss_coef == 0.001  # Qwen3-30B-A3B's value
+    torch.testing.assert_close(ours, theirs.loss, atol=1e-5, rtol=0)

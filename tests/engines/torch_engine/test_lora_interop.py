@@ -38,7 +38,10 @@ FAMILIES = {
     "sdxl": (ARGS, {"latent_params": (2 * CHANNELS, 8, 8), "text_embeds": (12, TEXT_DIM),
                     "pooled_embeds": (CLIP_PRESETS["tiny"]["projection_dim"],)}),
     "qwen2_vl": ({}, {}),
+    "qwen2_5_vl": ({}, {}),
+    "glm4v": ({}, {}),
 }  # fmt: skip
+VLMS = ("qwen2_vl", "qwen2_5_vl", "glm4v")  # transformers VLMs: logits on token ids, peft's format only
 
 
 def _config(family: str, workdir: Path, init_from: Path | None = None) -> PipelineConfig:
@@ -50,7 +53,7 @@ def _config(family: str, workdir: Path, init_from: Path | None = None) -> Pipeli
 
 def _batch(family: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    if family == "qwen2_vl":
+    if family in VLMS:
         return {"input_ids": torch.randint(10, 200, (1, 12), generator=g)}
     batch = {k: torch.randn(1, *shape, generator=g) for k, shape in FAMILIES[family][1].items()}
     return {**batch, "scaling_factor": torch.ones(1)}
@@ -61,7 +64,7 @@ def _output(family: str, cfg: PipelineConfig, model: torch.nn.Module) -> torch.T
     objective (fixed generator), captured from the forward call."""
     batch = _batch(family)
     with torch.no_grad():
-        if family == "qwen2_vl":
+        if family in VLMS:
             return model(**batch).logits
         inner = model.get_base_model() if isinstance(model, PeftModel) else model
         seen: list[torch.Tensor] = []
@@ -105,7 +108,7 @@ def test_exported_adapter_loads_in_peft_and_diffusers_like_the_merged_export(fam
     peft_model = PeftModel.from_pretrained(fam.load_transformer(cfg.model, **args), final / "lora")
     torch.testing.assert_close(_output(family, cfg, peft_model), merged_out, atol=1e-5, rtol=0)
 
-    if family == "qwen2_vl":  # no diffusers pipeline: peft's format only
+    if family in VLMS:  # no diffusers pipeline: peft's format only
         assert not (final / "lora" / "pytorch_lora_weights.safetensors").exists()
         return
     # the family's pipeline from the export's tiny components, with the base denoiser: diffusers reads our file
@@ -126,7 +129,7 @@ def _peft_adapter(family: str, cfg: PipelineConfig, out: Path) -> dict[str, torc
     return {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
 
 
-@pytest.mark.parametrize("family", ["sd3", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["sd3", "qwen2_vl", "qwen2_5_vl"])
 def test_peft_saved_adapter_initialises_a_run(family: str, tmp_path: Path) -> None:
     fam, args = get_family(family), FAMILIES[family][0]
     theirs = _peft_adapter(family, _config(family, tmp_path), tmp_path / "peft")
