@@ -304,7 +304,11 @@ class InternVL(VisionLanguageFamily):
                                                                                   "text_config"))  # fmt: skip
         mask = None if "cu_seqlens" in batch else batch.get("attention_mask")
         aux = load_balancing_loss_func(tuple(logits), routers[0].num_experts, routers[0].top_k, mask)
-        return loss + text.router_aux_loss_coef * aux
+        # the engine's CE is this micro-batch's share of the global batch's mean: weight its balancing term alike
+        # (by its labelled tokens), so it counts once per step whatever the accumulation and data-parallel split
+        normalizer = batch.get("loss_normalizer")
+        share = self.loss_targets(batch) / normalizer if normalizer is not None else 1.0
+        return loss + text.router_aux_loss_coef * aux * share
 
     def save_pretrained(self, out_dir: Path, cfg: ModelConfig, transformer: nn.Module) -> Path:
         """The native export; for an opted-in original checkpoint also the marker `respond` asks for
