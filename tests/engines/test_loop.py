@@ -117,17 +117,18 @@ def test_two_ranks_stop_together_when_one_rank_sees_nan(tmp_path: Path, prepped:
 
 
 def _megatron_rank(rank: int, world: int, recipe: str, overrides: list[str], workdir: str) -> str:
+    import flowspeed.engines.megatron.batches as megatron_batches  # the VLM forward step's loss function
     import flowspeed.engines.megatron.trainer as megatron_trainer
 
     cfg = load_config(Path(recipe), overrides, workdir=Path(workdir))
-    original = megatron_trainer.token_loss
+    original = megatron_batches.token_loss
     calls = [0]
 
     def token_loss(loss_mask: torch.Tensor, per_token: torch.Tensor) -> Any:
         calls[0] += 1  # one call per micro-batch: grad_accum 1 makes it the step
         return original(loss_mask, per_token * float("nan") if calls[0] >= 3 else per_token)
 
-    megatron_trainer.token_loss = token_loss
+    megatron_batches.token_loss = token_loss
     try:
         megatron_trainer.train(cfg)
     except NonFiniteLoss as exc:

@@ -222,6 +222,7 @@ def test_context_parallel_with_packing_is_refused_with_the_reason(tmp_path: Any)
     """The rule `engines/megatron/trainer.py:validate` applies before any rank starts (torch-free, so the config
     checks can call it at load): context parallel cannot keep a packed row's samples apart on this engine."""
     from flowspeed.configs import load_config
+    from flowspeed.configs.validate import ConfigError
     from flowspeed.engines.megatron.packing import packing_problems
 
     from tests.conftest import REPO
@@ -229,5 +230,8 @@ def test_context_parallel_with_packing_is_refused_with_the_reason(tmp_path: Any)
     recipe = REPO / "configs" / "pipelines" / "qwen2_vl-sft-megatron.yaml"
     packed = ["train.packing.max_tokens=256", "train.parallel.pp=1"]
     assert packing_problems(load_config(recipe, packed, workdir=tmp_path)) == []
-    (problem,) = packing_problems(load_config(recipe, [*packed, "train.parallel.cp=2"], workdir=tmp_path))
+    cp = [*packed, "train.parallel.cp=2"]
+    (problem,) = packing_problems(load_config(recipe, cp, workdir=tmp_path, check=False))
     assert "train.packing with train.parallel.cp=2" in problem and "Transformer Engine's THD" in problem
+    with pytest.raises(ConfigError, match=r"train.packing with train.parallel.cp=2"):  # and the config checks say it
+        load_config(recipe, cp, workdir=tmp_path)
