@@ -300,6 +300,11 @@ class Glm4v(VisionLanguageFamily):
         out.update({k: v for k, v in enc.items() if k.startswith("pixel_values") or k.endswith("grid_thw")})
         return out
 
+    def set_trainable(self, model: nn.Module, cfg: ModelConfig) -> nn.Module:
+        """The tower frozen as the base class does, and `mixed_media` applied: the engine calls this on every rank's
+        model (the meta-device copies the other ranks shard included), which `load_model` alone would miss."""
+        return super().set_trainable(mixed_media(model), cfg)
+
     # ---- inference ------------------------------------------------------------------------------
     def load_export(self, pretrained_dir: Path, device: torch.device) -> tuple[nn.Module, Any]:
         """The base class's export loading, with `mixed_media` (an instance patch, not saved in the export)."""

@@ -21,9 +21,10 @@ from flowspeed.engines.models.sequence import SequenceSample
 
 from tests.distributed import run_ranks
 
-# packed == padded in one process for every VLM family; the 2-rank engine step for the Qwen-VL ones (one spawn)
+# packed == padded in one process for these VLM families (each new family checks its own too); the 2-rank engine
+# step for the M-RoPE ones (one spawn; GLM-4.1V with an image and a video in one sample)
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava", "internvl"]
-ENGINE_FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+ENGINE_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "glm4v"]
 TOL = 1e-5
 
 
