@@ -18,33 +18,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import flowspeed.engines.models.glm4v as glm4v
-import numpy as np
 import pytest
 import torch
 from flowspeed.configs import ModelConfig
 from flowspeed.engines.models.registry import get_family
 from flowspeed.engines.models.sequence import IGNORE_INDEX, SequenceSample
 
+from tests.engines.models.chats import image_and_video_chats
+
 FAM = get_family("glm4v")
 CFG = ModelConfig(family="glm4v", max_text_length=256)
-RNG = np.random.default_rng(0)
-IMAGE_CHAT = SequenceSample(
-    messages=[
-        {"role": "user", "content": "What is in the picture?"},
-        {"role": "assistant", "content": "A red circle."},
-        {"role": "user", "content": "Where?"},
-        {"role": "assistant", "content": "Top left."},
-    ],
-    images=[RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)],  # -> 28x56 px: grid (1, 2, 4), 2 merged tokens
-)
-VIDEO_CHAT = SequenceSample(
-    messages=[
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "Does it move?"},
-        {"role": "assistant", "content": "Yes, to the right."},
-    ],
-    videos=[RNG.integers(0, 256, (4, 30, 30, 3), dtype=np.uint8)],  # 4 frames -> grid (2, 2, 2): 2 x 1 token
-)
+# image -> 28x56 px: grid (1, 2, 4), 2 merged tokens; 4 frames -> grid (2, 2, 2): 2 x 1 token
+IMAGE_CHAT, VIDEO_CHAT = image_and_video_chats((4, 30, 30))
 RELEASE_IDS = {"<|endoftext|>": 151329, "[gMASK]": 151331, "<sop>": 151333, "<|system|>": 151335, "<|user|>": 151336,
                "<|assistant|>": 151337, "<|observation|>": 151338, "<|begin_of_image|>": 151339,
                "<|end_of_image|>": 151340, "<|begin_of_video|>": 151341, "<|end_of_video|>": 151342,

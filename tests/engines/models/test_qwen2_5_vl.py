@@ -14,30 +14,16 @@ from flowspeed.engines.models.qwen2_vl import to_chat
 from flowspeed.engines.models.registry import get_family
 from flowspeed.engines.models.sequence import IGNORE_INDEX, SequenceSample, prompt_of
 
+from tests.engines.models.chats import image_and_video_chats
 from tests.engines.models.test_qwen2_vl import answer_spans
 from tests.engines.models.test_vlm_reference_encodings import QWEN2_VL_MASK, QWEN2_VL_TEXT, SAMPLE, runs
 
 FAM = get_family("qwen2_5_vl")
 CFG = ModelConfig(family="qwen2_5_vl", max_text_length=256)
-RNG = np.random.default_rng(0)
-IMAGE_CHAT = SequenceSample(
-    messages=[
-        {"role": "user", "content": "What is in the picture?"},
-        {"role": "assistant", "content": "A red circle."},
-        {"role": "user", "content": "Where?"},
-        {"role": "assistant", "content": "Top left."},
-    ],
-    images=[RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)],  # -> 28x56 px: grid (1, 2, 4)
-)
-VIDEO_CHAT = SequenceSample(
-    messages=[
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "Does it move?"},
-        {"role": "assistant", "content": "Yes, to the right."},
-    ],
-    videos=[RNG.integers(0, 256, (3, 30, 30, 3), dtype=np.uint8)],  # 3 frames padded to 4 -> grid (2, 2, 2)
-    video_fps=[1.5],  # 3 frames sampled from a 2 s clip at 30 fps: 3 / 60 * 30
-)
+# image -> 28x56 px: grid (1, 2, 4); 3 frames padded to 4 -> grid (2, 2, 2), sampled at 1.5 fps
+# (3 frames from a 2 s clip at 30 fps: 3 / 60 * 30)
+RNG = np.random.default_rng(1)
+IMAGE_CHAT, VIDEO_CHAT = image_and_video_chats((3, 30, 30), video_fps=1.5)
 # Qwen2.5-VL-*-Instruct tokenizer_config.json added_tokens_decoder: the release's ids of the added tokens
 RELEASE_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
                "<|vision_end|>": 151653, "<|vision_pad|>": 151654, "<|image_pad|>": 151655, "<|video_pad|>": 151656,

@@ -8,33 +8,18 @@ import sys
 from pathlib import Path
 
 import flowspeed.engines.models.qwen2_vl  # noqa: F401  (registers the family)
-import numpy as np
 import pytest
 import torch
 from flowspeed.configs import ComponentConfig, ModelConfig
 from flowspeed.engines.models.registry import get_family
 from flowspeed.engines.models.sequence import IGNORE_INDEX, SequenceSample
 
+from tests.engines.models.chats import image_and_video_chats
+
 FAM = get_family("qwen2_vl")
 CFG = ModelConfig(family="qwen2_vl", max_text_length=256)
-RNG = np.random.default_rng(0)
-IMAGE_CHAT = SequenceSample(
-    messages=[
-        {"role": "user", "content": "What is in the picture?"},
-        {"role": "assistant", "content": "A red circle."},
-        {"role": "user", "content": "Where?"},
-        {"role": "assistant", "content": "Top left."},
-    ],
-    images=[RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)],  # -> 28x56 px: grid (1, 2, 4)
-)
-VIDEO_CHAT = SequenceSample(
-    messages=[
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "Does it move?"},
-        {"role": "assistant", "content": "Yes, to the right."},
-    ],
-    videos=[RNG.integers(0, 256, (3, 30, 30, 3), dtype=np.uint8)],  # 3 frames padded to 4 -> grid (2, 2, 2)
-)
+# image -> 28x56 px: grid (1, 2, 4); 3 frames padded to 4 -> grid (2, 2, 2)
+IMAGE_CHAT, VIDEO_CHAT = image_and_video_chats((3, 30, 30))
 
 
 @pytest.fixture(scope="module")

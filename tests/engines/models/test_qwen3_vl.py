@@ -23,7 +23,6 @@ import json
 from pathlib import Path
 
 import flowspeed.engines.models.qwen3_vl  # noqa: F401  (registers the family)
-import numpy as np
 import pytest
 import torch
 from flowspeed.configs import ComponentConfig, ModelConfig, PipelineConfig, load_config
@@ -32,28 +31,12 @@ from flowspeed.engines.models.sequence import IGNORE_INDEX, SequenceSample
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
 from tests.conftest import REPO
+from tests.engines.models.chats import image_and_video_chats
 
 FAM = get_family("qwen3_vl")
 PRESETS = ("tiny", "tiny-moe")
-RNG = np.random.default_rng(0)
-IMAGE_CHAT = SequenceSample(
-    messages=[
-        {"role": "user", "content": "What is in the picture?"},
-        {"role": "assistant", "content": "A red circle."},
-        {"role": "user", "content": "Where?"},
-        {"role": "assistant", "content": "Top left."},
-    ],
-    images=[RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)],  # -> 32x64 px: grid (1, 2, 4)
-)
-VIDEO_CHAT = SequenceSample(
-    messages=[
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": "Does it move?"},
-        {"role": "assistant", "content": "Yes, to the right."},
-    ],
-    videos=[RNG.integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)],  # 4 frames of 32x32 px: grid (2, 2, 2)
-    video_fps=[4.0],
-)
+# image -> 32x64 px: grid (1, 2, 4); 4 frames of 32x32 px: grid (2, 2, 2)
+IMAGE_CHAT, VIDEO_CHAT = image_and_video_chats((4, 40, 40), video_fps=4.0)
 
 
 def _cfg(preset: str = "tiny", **kwargs: object) -> ModelConfig:
