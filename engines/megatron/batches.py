@@ -14,7 +14,7 @@ import torch
 from flowspeed.engines.megatron.packing import attention_inputs
 from flowspeed.engines.megatron.training import token_loss, unwrap
 from flowspeed.engines.megatron.vlm import MODELS
-from flowspeed.engines.models.sequence import IGNORE_INDEX
+from flowspeed.engines.models.sequence import IGNORE_INDEX, per_sample_positions
 
 #: batch keys the chunks' vision parts read (second_per_grid_ts only shapes Qwen2.5-VL's positions)
 MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -52,25 +52,10 @@ def megatron_batch(
 
 
 def packed_positions(family: Any, hf_config: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Position ids of a packed row ((3, 1, L) for M-RoPE, (1, L) otherwise), each sample's as it has alone.
-
-    The samples are laid out as the padded (n, longest) batch the unpacked step builds and handed to the model's own
-    position function in one call (transformers' get_rope_index walks each row, and each row's grids and video times,
-    on its own); the valid positions of every row are then gathered back end to end."""
-    cu = batch["cu_seqlens"].tolist()
-    lengths = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
-    keep = torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]  # (n, longest)
-
-    def padded(row: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(*keep.shape, dtype=row.dtype)
-        out[keep] = row[0]
-        return out
-
-    rows = {k: padded(batch[k]) for k in ("input_ids", "mm_token_type_ids") if k in batch}
-    rows["attention_mask"] = keep.long()
-    rows.update({k: batch[k] for k in (*MEDIA_KEYS, "second_per_grid_ts") if k in batch})
-    positions = MODELS[family.name].positions(hf_config, rows)
-    return positions[..., keep].unsqueeze(-2)  # (3, n, longest) -> (3, 1, L); (n, longest) -> (1, L)
+    """Position ids of a packed row ((3, 1, L) for M-RoPE, (1, L) otherwise), each sample's as it has alone: the
+    chunk's own position function (transformers' get_rope_index for the Qwen-VLs) through the shared padded-layout
+    helper the torch engine uses too."""
+    return per_sample_positions(batch, lambda rows: MODELS[family.name].positions(hf_config, rows))
 
 
 def megatron_packed_batch(

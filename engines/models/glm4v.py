@@ -281,19 +281,8 @@ class Glm4v(VisionLanguageFamily):
             raise ValueError("the conversation has no assistant turn: nothing to train on")
         tok = processor.tokenizer
         text = processor.apply_chat_template(to_chat(sample), tokenize=False) + tok.eos_token
-        enc = processor(
-            text=[text],
-            images=sample.images or None,
-            videos=sample.videos or None,
-            return_tensors="pt",
-            **video_kwargs(processor, [sample]),
-        )
+        enc = self.process_chat(processor, text, sample, max_length, **video_kwargs(processor, [sample]))
         ids = enc["input_ids"][0]  # (L,)
-        if len(ids) > max_length:
-            raise ValueError(
-                f"the sample is {len(ids)} tokens (text + vision placeholders), over model.max_text_length="
-                f"{max_length}: raise model.max_text_length, or shorten the conversation or the media"
-            )
         out = {k: v[0] for k, v in enc.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
         out["labels"] = answer_labels(tok, ids, roles)
         # (patches, C*temporal_patch*patch*patch) and (media, 3): already flat, the model's own layout

@@ -185,19 +185,8 @@ class Qwen2VL(VisionLanguageFamily):
         if "assistant" not in roles:
             raise ValueError("the conversation has no assistant turn: nothing to train on")
         text = processor.apply_chat_template(to_chat(sample), tokenize=False)
-        enc = processor(
-            text=[text],
-            images=sample.images or None,
-            videos=sample.videos or None,
-            return_tensors="pt",
-            **self.processor_kwargs([sample]),
-        )
+        enc = self.process_chat(processor, text, sample, max_length, **self.processor_kwargs([sample]))
         ids = enc["input_ids"][0]  # (L,)
-        if len(ids) > max_length:
-            raise ValueError(
-                f"the sample is {len(ids)} tokens (text + vision pads), over model.max_text_length={max_length}: "
-                "raise model.max_text_length, or shorten the conversation or the media"
-            )
         out = {k: v[0] for k, v in enc.items() if k in ("input_ids", "attention_mask", "mm_token_type_ids")}
         out["labels"] = answer_labels(processor.tokenizer, ids, roles, newline=True)  # as LLaMA-Factory trains
         # (patches, C*temporal_patch*patch*patch), (media, 3) and Qwen2.5-VL's (videos,) seconds per temporal

@@ -13,8 +13,10 @@ A family subclasses `VisionLanguageFamily` or `SpeechFamily` and implements `loa
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,16 +190,22 @@ class TokenLossFamily(ModelFamily):
         attention mask, which is how transformers recognises packed rows. Models with multimodal RoPE
         (a `get_rope_index`: Qwen-VL, GLM-4.1V) get their 3-D positions computed per sample by that very
         method, with the text positions as a 4th leading row (transformers' packed M-RoPE layout)."""
-        batch = dict(batch)
-        cu = batch.pop("cu_seqlens").tolist()
-        lengths = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
-        text = torch.cat([torch.arange(n) for n in lengths]).to(batch["input_ids"].device).view(1, -1)  # (1, L)
-        rope = next((m for m in transformer.modules() if callable(getattr(m, "get_rope_index", None))), None)
-        if rope is None:
-            batch["position_ids"] = text
-            return batch
-        batch["position_ids"] = torch.cat([text.view(1, 1, -1), _per_sample_mrope(rope, batch, lengths)], dim=0)
-        return batch
+        cu = batch["cu_seqlens"].tolist()
+        text = torch.cat([torch.arange(b - a) for a, b in zip(cu[:-1], cu[1:], strict=True)])
+        text = text.to(batch["input_ids"].device).view(1, -1)  # (1, L)
+        owners = _modules_with(transformer, "get_rope_index")
+        out = {k: v for k, v in batch.items() if k != "cu_seqlens"}
+        if not owners:
+            out["position_ids"] = text
+            return out
+        rope = owners[0].get_rope_index
+        accepted = set(inspect.signature(rope).parameters) - {"input_ids"}
+
+        def mrope(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+            return rope(rows["input_ids"], **{k: v for k, v in rows.items() if k in accepted})[0]  # (3, n, longest)
+
+        out["position_ids"] = torch.cat([text.view(1, 1, -1), per_sample_positions(batch, mrope)], dim=0)
+        return out
 
     def training_loss(
         self, transformer: nn.Module, scheduler: Any, batch: dict[str, torch.Tensor], generator: torch.Generator
@@ -245,9 +253,12 @@ class TokenLossFamily(ModelFamily):
         forward (parameters gathered) and before the decoder, where the vision tower runs on the other ranks.
         """
         touched: list[torch.Tensor] = []
-        owners = [m for m in transformer.modules() if callable(getattr(m, "get_image_features", None))]
+        if any(k.startswith("pixel_values") for k in batch):  # the common case: no search, no hook
+            yield touched
+            return
+        owners = _modules_with(transformer, "get_image_features")
         dummy = self.dummy_image(getattr(owners[-1], "config", None)) if owners else None
-        if dummy is None or any(k.startswith("pixel_values") for k in batch):
+        if dummy is None:
             yield touched
             return
         device = batch["input_ids"].device
@@ -284,31 +295,40 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return [t for v in values for t in _tensors(v)]
 
 
-def _per_sample_mrope(rope_owner: nn.Module, batch: dict[str, torch.Tensor], lengths: list[int]) -> torch.Tensor:
-    """(3, 1, L) multimodal RoPE positions of a packed row: the samples laid out as the padded batch
-    (n, max length) the unpacked step would hand `get_rope_index`, computed there in one call, then the
-    valid positions of each row gathered back end to end, so packed and padded rotate identically."""
-    import inspect
-
-    ids = batch["input_ids"][0]
-    n, longest = len(lengths), max(lengths)
-    mask = torch.zeros(n, longest, dtype=torch.long, device=ids.device)
-    for i, length in enumerate(lengths):
-        mask[i, :length] = 1
-    keep = mask.bool()
+def per_sample_positions(
+    batch: dict[str, torch.Tensor], positions: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+) -> torch.Tensor:
+    """A packed row's position ids, each sample's as it has alone: the samples laid out as the padded
+    (n, longest) batch the unpacked step builds (`input_ids`, `mm_token_type_ids`, an `attention_mask`, the media
+    keys as they are), handed to the model's own position function `positions` in one call, the valid positions of
+    every row then gathered back end to end: (3, n, longest) -> (3, 1, L), (n, longest) -> (1, L). Both engines
+    use it, so packed and padded rotate identically on each."""
+    cu = batch["cu_seqlens"].tolist()
+    lengths = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:], strict=True)])
+    device = batch["input_ids"].device
+    keep = (torch.arange(int(lengths.max())) < lengths[:, None]).to(device)  # (n, longest)
 
     def padded(row: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(n, longest, dtype=row.dtype, device=row.device)
-        out[keep] = row
+        out = torch.zeros(*keep.shape, dtype=row.dtype, device=device)
+        out[keep] = row[0]
         return out
 
-    accepted = inspect.signature(rope_owner.get_rope_index).parameters
-    kwargs: dict[str, Any] = {"attention_mask": mask}
-    for key, value in batch.items():
-        if key in accepted and key not in ("input_ids", "attention_mask"):
-            kwargs[key] = padded(value[0]) if key == "mm_token_type_ids" else value
-    positions, _ = rope_owner.get_rope_index(padded(ids), **kwargs)  # (3, n, longest)
-    return positions[:, keep].unsqueeze(1)  # (3, 1, L)
+    rows = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "labels", "attention_mask", "loss_normalizer")}
+    rows.update({k: padded(batch[k]) for k in ("input_ids", "mm_token_type_ids") if k in batch})
+    rows["attention_mask"] = keep.long()
+    return positions(rows)[..., keep].unsqueeze(-2)
+
+
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, dict[str, list[nn.Module]]] = weakref.WeakKeyDictionary()
+
+
+def _modules_with(model: nn.Module, method: str) -> list[nn.Module]:
+    """The submodules of `model` (outermost first) that have `method`, found once per model: the training step asks
+    for them every micro-batch, and walking a 72B model's modules each time is work for nothing."""
+    found = _OWNERS.setdefault(model, {})
+    if method not in found:
+        found[method] = [m for m in model.modules() if callable(getattr(m, method, None))]
+    return found[method]
 
 
 class RespondingFamily(ModelFamily):
@@ -371,6 +391,23 @@ class VisionLanguageFamily(SequenceFamily, AnsweringFamily):
         model = loaded(lambda: self.model_cls.from_pretrained(pretrained_dir).to(device).eval(), pretrained_dir, device)
         processor = loaded(lambda: AutoProcessor.from_pretrained(pretrained_dir), pretrained_dir, "processor")
         return model, processor
+
+    def process_chat(
+        self, processor: Any, text: str, sample: SequenceSample, max_length: int, **processor_kwargs: Any
+    ) -> Any:
+        """The processor's tensors for one rendered conversation and the sample's media, (1, L) rows; a sample over
+        `max_length` tokens is refused (prep records the rejection) rather than cut, which would drop answers."""
+        enc = processor(
+            text=[text], images=sample.images or None, videos=sample.videos or None, return_tensors="pt",
+            **processor_kwargs,
+        )  # fmt: skip
+        n = enc["input_ids"].shape[1]
+        if n > max_length:
+            raise ValueError(
+                f"the sample is {n} tokens (text + vision placeholders), over model.max_text_length={max_length}: "
+                "raise model.max_text_length, or shorten the conversation or the media"
+            )
+        return enc
 
     @torch.no_grad()
     def generate_answers(
