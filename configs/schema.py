@@ -506,6 +506,39 @@ class GenerationMetricsConfig(Section):
     )
 
 
+class EvalParallelConfig(Section):
+    """How the eval's ranks share the generation of samples: `dp` groups take different prompts, and inside a group
+    one video is made by `cfg` x `cp` ranks together. dp x cfg x cp = eval.nproc_per_node (checked at load).
+
+    cfg = 2 runs the conditional and unconditional halves of a guided denoiser call on two ranks (any call whose
+    batch splits in two; a family without a doubled batch, e.g. Flux's embedded guidance, gains nothing). cp > 1 splits
+    each denoiser call's token sequence with the training engine's context-parallel plans (Ulysses, ring, or STDiT3's
+    DSP). Every rank of a group makes the same video; its first rank writes and scores it."""
+
+    dp: int | None = Field(None, ge=1, description="prompt-splitting groups; default: eval.nproc_per_node / (cfg x cp)")
+    cfg: Literal[1, 2] = Field(1, description="2: the guided call's two halves on two ranks")
+    cp: int = Field(1, ge=1, description="context parallel degree of one video's denoiser calls")
+    cp_mode: Literal["ulysses", "ring", "dsp"] = Field(
+        "ulysses", description="ulysses (heads % cp == 0), ring (any head count) or dsp (STDiT3 only)"
+    )
+
+    def layout(self, world: int) -> tuple[int, int, int]:
+        """(dp, cfg, cp) for `world` ranks, or a ValueError naming what does not fit."""
+        inner = self.cfg * self.cp
+        dp = self.dp if self.dp is not None else world // inner
+        if dp * inner != world:
+            given = f"dp={self.dp}" if self.dp is not None else "dp (the rest)"
+            raise ValueError(
+                f"eval.parallel: {given} x cfg={self.cfg} x cp={self.cp} must equal the eval's world size "
+                f"eval.nproc_per_node={world}; change the degrees or nproc_per_node"
+            )
+        return dp, self.cfg, self.cp
+
+    def describe(self, world: int) -> str:
+        dp, cfg, cp = self.layout(world)
+        return f"dp{dp} x cfg{cfg} x cp{cp}" + (f" ({self.cp_mode})" if cp > 1 else "")
+
+
 class EvalConfig(Section):
     output_dir: Path | None = Field(None, description="eval outputs; default `<workdir>/eval/<family>-<digest>`")
     model: str | None = Field(
@@ -534,6 +567,14 @@ class EvalConfig(Section):
     )
     max_new_tokens: int | None = Field(None, ge=1, description="text answers: new tokens; default max_text_length/4")
     nproc_per_node: int = Field(1, ge=1, description="eval ranks (torchrun): samples and items split across them")
+    parallel: EvalParallelConfig = Field(
+        default_factory=EvalParallelConfig, description="generation: ranks per video (cfg, cp) and prompt groups (dp)"
+    )
+
+    @model_validator(mode="after")
+    def _layout_fits(self) -> EvalConfig:
+        self.parallel.layout(self.nproc_per_node)
+        return self
 
 
 class GateConfig(Section):
@@ -711,8 +752,8 @@ class PipelineConfig(Section):
 
     def eval_key(self) -> str:
         """Digest of what an eval folder scores (the training it reads, or `eval.model`) and how; not
-        `nproc_per_node`/`batch_size`, so a killed eval resumes on any number of ranks."""
-        ev = self.eval.model_dump(mode="json", exclude={"output_dir", "nproc_per_node", "batch_size"})
+        `nproc_per_node`/`batch_size`/`parallel`, so a killed eval resumes on any number or layout of ranks."""
+        ev = self.eval.model_dump(mode="json", exclude={"output_dir", "nproc_per_node", "batch_size", "parallel"})
         return _digest({"train": self.train_key(), "eval": ev})
 
     def config_hash(self) -> str:

@@ -11,11 +11,13 @@ per-sample scores, and FID / FVD of all samples' features against the reference 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from flowspeed.configs import PipelineConfig
 from flowspeed.datasets_prep.mp4 import write_mp4
 from flowspeed.engines.common.io import atomic_write, text_digest
@@ -207,13 +209,14 @@ def generate_and_score(
     e, d, g = cfg.eval, cfg.data, cfg.eval.generation
     n = len(e.prompts) * e.samples_per_prompt
     _check_counts(cfg, n)
-    settings = {"eval": e.model_dump(exclude={"nproc_per_node", "batch_size", "benchmarks", "output_dir"}),
+    settings = {"eval": e.model_dump(exclude={"nproc_per_node", "batch_size", "benchmarks", "output_dir", "parallel"}),
                 "shape": [d.num_frames, d.height, d.width]}  # fmt: skip
     folder = task_folder(cfg.eval_dir, "generate", family.export_files(final_dir), settings)
     out = cfg.eval_dir / "videos"
 
     def work(batch: list[int]) -> list[dict[str, Any]]:
         prompts = [e.prompts[i // e.samples_per_prompt] for i in batch]
+        start = time.perf_counter()
         videos = family.generate(
             final_dir,
             prompts,
@@ -225,14 +228,18 @@ def generate_and_score(
             seed=e.seed + batch[0],
             device=device,
         )  # fmt: skip  (batches are contiguous)
+        seconds = (time.perf_counter() - start) / len(batch)
+        if not ranks.writes:  # a CFG / context-parallel peer: the group's first rank writes and scores the samples
+            return [{} for _ in batch]
         rows = []
         for i, prompt, video in zip(batch, prompts, videos, strict=True):
             path = write_sample(out, i, video, e.fps)
             row = _score(cfg, video, prompt, device, folder / f"features-{i:05d}.npz")
-            rows.append({"prompt": prompt, "seed": e.seed + i, "sample": path.name, **row})
+            rows.append({"prompt": prompt, "seed": e.seed + i, "sample": path.name, "sample_seconds": seconds, **row})
         return rows
 
     rows = run_sharded(folder, n, work, ranks, e.batch_size, "samples")
+    memory = _peak_memory_gb(device, ranks)
     if not ranks.main:
         return {}, [], {}
     keys = [k for k in rows[0] if isinstance(rows[0][k], float)] if rows else []
@@ -241,11 +248,25 @@ def generate_and_score(
     metrics = {f"eval/{k}": float(np.mean([r[k] for r in rows])) for k in keys}
     if rows:  # torchmetrics' CLIPScore of the whole set: the clamp at 0 comes after the mean
         metrics["eval/clip_score"] = clip_score_of([r["clip_cosine"] for r in rows])
-    info = _labels(cfg, rows)
+    metrics |= {f"eval/peak_memory_gb_rank{r}": gb for r, gb in enumerate(memory)}
+    info = _labels(cfg, rows) | {"parallel": e.parallel.describe(ranks.world)}
     if g.reference and (g.fid or _fvd_applies(cfg)):
         metrics, frechet_info = _frechet(cfg, device, folder, n, metrics)
         info |= frechet_info
     return metrics, rows, info
+
+
+def _peak_memory_gb(device: torch.device, ranks: Ranks) -> list[float]:
+    """Every rank's peak memory (accelerator memory, or the process's peak RSS on CPU), gathered on rank 0: what
+    splitting one video over ranks saves per device."""
+    from flowspeed.engines.common.device import peak_memory_bytes
+
+    mine = peak_memory_bytes(device) / 2**30
+    if ranks.world == 1:
+        return [mine]
+    parts: list[float] | None = [0.0] * ranks.world if ranks.main else None
+    dist.gather_object(mine, parts, dst=0)
+    return parts or []
 
 
 def _labels(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> dict[str, str]:

@@ -28,7 +28,8 @@ from flowspeed.engines.common.io import atomic_write_text, write_jsonl
 from flowspeed.engines.common.torchrun import in_distributed_job, run_torchrun
 from flowspeed.engines.model_card import add_eval_results
 from flowspeed.engines.models import get_family
-from flowspeed.engines.models.registry import Capability, ModelFamily, keep_loaded
+from flowspeed.engines.models.registry import Capability, ModelFamily, keep_loaded, sampling_setup
+from flowspeed.engines.torch_engine.sampling import SamplingLayout, SamplingSetup, sampling_mesh
 from flowspeed.evaluation.common import held_out_metrics, held_out_records, validation_loss
 from flowspeed.evaluation.exports import trained_export
 from flowspeed.evaluation.sharded import Ranks, join
@@ -65,8 +66,11 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
                      cfg.eval.nproc_per_node)  # fmt: skip
         return EvalResult(**json.loads((out / "metrics.json").read_text()))
     device = resolve_device(cfg.train.device)
-    ranks = join(device)
-    with keep_loaded():  # each export, CLIP and feature extractor loads once for all batches
+    layout = sampling_layout(cfg, family)
+    ranks = join(device, group=layout.group)
+    setup = SamplingSetup(layout, sampling_mesh(layout, device)) if layout.world > 1 else None
+    # each export, CLIP and feature extractor loads once for all batches; denoisers are split as eval.parallel says
+    with keep_loaded(), sampling_setup(setup):
         metrics, paths, info = _evaluate(cfg, family, final_dir, device, ranks)
     if not ranks.main:
         return EvalResult(str(out), {}, [])
@@ -78,6 +82,19 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
         add_eval_results(final_dir, metrics)  # a checkpoint or another folder is someone else's: left alone)
     shutil.rmtree(out / ".partial", ignore_errors=True)  # done: the per-item shards served their purpose
     return result
+
+
+def sampling_layout(cfg: PipelineConfig, family: ModelFamily) -> SamplingLayout:
+    """`eval.parallel` as a layout; CFG / context parallelism split a generated sample, so only a generating
+    family takes them (the config checked dp x cfg x cp = nproc_per_node at load)."""
+    p = cfg.eval.parallel
+    dp, cfg_degree, cp = p.layout(cfg.eval.nproc_per_node)
+    if cfg_degree * cp > 1 and not family.can(Capability.GENERATION):
+        raise ValueError(
+            f"eval.parallel: cfg={cfg_degree} x cp={cp} splits one generated sample across ranks; {family.name} does "
+            "not generate media, so its eval ranks can only split items: set eval.parallel.cfg and cp to 1"
+        )
+    return SamplingLayout(dp, cfg_degree, cp, p.cp_mode)
 
 
 def clear_dead_temp_files(out: Path) -> list[Path]:

@@ -35,15 +35,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Ranks:
+    """This rank's place in an eval job. `group` consecutive ranks make each item together (a video sampled with
+    CFG / context parallelism, `eval.parallel`): items are split across the world // group groups, and only a
+    group's first rank writes and returns rows."""
+
     rank: int = 0
     world: int = 1
+    group: int = 1
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def writes(self) -> bool:
+        return self.rank % self.group == 0
 
-def join(device: torch.device, timeout_s: int = 1800) -> Ranks:
+    def shards(self) -> Ranks:
+        """The item split: this rank's group among all groups."""
+        return Ranks(self.rank // self.group, self.world // self.group)
+
+
+def join(device: torch.device, timeout_s: int = 1800, group: int = 1) -> Ranks:
     """This process's place in a torchrun eval job (joining its process group), or a lone rank 0."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
@@ -51,7 +64,7 @@ def join(device: torch.device, timeout_s: int = 1800) -> Ranks:
 
         init_process_group(device, timeout_s)
     if dist.is_initialized():
-        return Ranks(dist.get_rank(), dist.get_world_size())
+        return Ranks(dist.get_rank(), dist.get_world_size(), group)
     return Ranks()
 
 
@@ -127,18 +140,21 @@ def run_sharded(
 ) -> list[dict[str, Any]]:
     """`work(indices)` returns one JSON-able row per index, in order; rows gain their "index".
 
-    Returns all n rows in order on rank 0, [] elsewhere.
+    Returns all n rows in order on rank 0, [] elsewhere. With `ranks.group > 1` every rank of a group calls `work`
+    on the same batches (its collectives pair up), and the rows of the group's first rank are kept.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    mine = block(n, ranks)
+    shard_ranks = ranks.shards()
+    mine = block(n, shard_ranks)
     done = read_rows(folder)
     rows = {i: done[i] for i in mine if i in done}
     todo = [i for i in mine if i not in done]
     if rows:
         log.info("%s: rank %d reuses %d of its %d %s from an earlier run", folder.name, ranks.rank, len(rows),
                  len(mine), what)  # fmt: skip
-    shard = folder / f"rank{ranks.rank:03d}-of{ranks.world:03d}.jsonl"
-    _end_cut_line(shard)
+    shard = folder / f"rank{shard_ranks.rank:03d}-of{shard_ranks.world:03d}.jsonl"
+    if ranks.writes:
+        _end_cut_line(shard)
     rep = reporter()
     rep.start(what, len(todo))
     for batch in contiguous_batches(todo, batch_size):
@@ -146,11 +162,12 @@ def run_sharded(
         if len(out) != len(batch):
             raise RuntimeError(f"eval work returned {len(out)} rows for {len(batch)} {what}")
         new = [{**row, "index": i} for i, row in zip(batch, out, strict=True)]
-        _append(shard, new)
+        if ranks.writes:
+            _append(shard, new)
         rows.update((r["index"], r) for r in new)
         rep.advance(what, len(batch))
     rep.finish(what)
-    local = [rows[i] for i in mine]
+    local = [rows[i] for i in mine] if ranks.writes else []
     if ranks.world == 1:
         return local
     parts: list[list[dict[str, Any]]] | None = [[] for _ in range(ranks.world)] if ranks.main else None

@@ -26,8 +26,8 @@ from flowspeed.configs.schema import ModelConfig
 from flowspeed.engines.models.registry import (
     GeneratingFamily,
     LatentFamily,
+    frames_out,
     from_pretrained,
-    loaded,
     pick_preset,
     register_family,
     sample_latents,
@@ -290,7 +290,7 @@ class CogVideoX(LatentFamily, GeneratingFamily):
         continues one image per prompt (`check_images`: any size, the pipeline resizes it to height x width;
         without images every video starts from a mid-grey frame, which keeps eval comparable across runs)."""
         firsts = self.check_images(images, prompts, height, width)
-        pipe = loaded(lambda: self.pipeline_cls.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
+        pipe = self.sampling_pipe(pretrained_dir, device)
         kw = dict(num_frames=num_frames, height=height, width=width, steps=steps, guidance_scale=guidance_scale)
         return np.stack(
             [
@@ -356,7 +356,7 @@ def sample_video(
         use_dynamic_cfg=dynamic,
         **inputs,
     ).frames[0]  # (T, H, W, C) in [0, 1]
-    return (np.clip(video, 0, 1) * 255).round().astype(np.uint8)
+    return frames_out(video)
 
 
 register_family(CogVideoX())

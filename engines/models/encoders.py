@@ -16,8 +16,8 @@ from flowspeed.configs.schema import ComponentConfig, ModelConfig
 from flowspeed.engines.models.registry import (
     GeneratingFamily,
     LatentFamily,
+    frames_out,
     from_pretrained,
-    loaded,
     pick_preset,
     seeded_init,
 )
@@ -151,7 +151,7 @@ class ImageFamily(LatentFamily, GeneratingFamily):
         steps: int, guidance_scale: float, seed: int, device: torch.device, images: list[np.ndarray] | None = None,
     ) -> np.ndarray:  # fmt: skip
         self.check_images(images, prompts, height, width)  # text-to-image: refuses images
-        pipe = loaded(lambda: self.pipeline_cls.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
+        pipe = self.sampling_pipe(pretrained_dir, device)
         pipe.set_progress_bar_config(disable=True)
         extra = self.call_extras(pipe, height, width)
         out = []
@@ -159,7 +159,7 @@ class ImageFamily(LatentFamily, GeneratingFamily):
             gen = torch.Generator("cpu").manual_seed(seed + i)
             image = pipe(prompt=prompt, height=height, width=width, num_inference_steps=steps,
                          guidance_scale=guidance_scale, generator=gen, output_type="np", **extra).images[0]  # fmt: skip
-            out.append((np.clip(image, 0, 1) * 255).round().astype(np.uint8)[None])  # (1, H, W, C)
+            out.append(frames_out(image)[None])  # (1, H, W, C)
         return np.stack(out)
 
     def call_extras(self, pipe: Any, height: int, width: int) -> dict[str, Any]:

@@ -294,6 +294,33 @@ class GeneratingFamily(ModelFamily):
         """(N, T, H, W, C) uint8 videos from an exported checkpoint. `images` (image-to-video families only):
         one (H, W, 3) uint8 first frame per prompt; see `check_images`."""
 
+    def denoisers(self, pipe: Any) -> list[nn.Module]:
+        """The modules a sampling step calls (what eval.parallel splits and eval.cache caches): the pipeline's
+        denoiser and, for a two-expert pipeline (Wan 2.2 A14B), its second one."""
+        names = (self.denoiser_subfolder or "transformer", "transformer_2")
+        return [m for n in names if isinstance(m := getattr(pipe, n, None), nn.Module)]
+
+    def sampling_pipe(self, pretrained_dir: Path, device: torch.device) -> Any:
+        """The export as `pipeline_cls` on `device` (kept loaded inside `keep_loaded`), set up by `ready`."""
+        return self.ready(loaded(lambda: self.pipeline_cls.from_pretrained(pretrained_dir).to(device), pretrained_dir,
+                                 device))  # fmt: skip
+
+    def ready(self, pipe: T) -> T:
+        """`pipe` with the active `sampling_setup` applied to its denoisers (once per module): every `generate`
+        passes its loaded pipeline through here, so eval and serving parallelise or cache any family alike."""
+        setup = _SAMPLING_SETUP
+        if setup is not None:
+            for module in self.denoisers(pipe):
+                if getattr(module, "_flowspeed_sampling_setup", None) is not setup:
+                    if hasattr(module, "_flowspeed_sampling_setup"):
+                        raise RuntimeError(
+                            f"{type(module).__name__} was set up for another sampling layout in this process; load "
+                            "the export again (outside keep_loaded) to change eval.parallel or eval.cache"
+                        )
+                    setup(module)
+                    module._flowspeed_sampling_setup = setup
+        return pipe
+
     def check_images(
         self, images: list[np.ndarray] | None, prompts: list[str], height: int, width: int
     ) -> list[np.ndarray | None]:
@@ -370,6 +397,42 @@ def known_families() -> list[str]:
 
 
 _KEPT: dict[tuple[str, ...], Any] | None = None
+_SAMPLING_SETUP: Callable[[nn.Module], None] | None = None
+_FLOAT_FRAMES = False
+
+
+@contextmanager
+def sampling_setup(setup: Callable[[nn.Module], None] | None) -> Iterator[None]:
+    """Inside, `GeneratingFamily.ready` applies `setup` (in place) to each denoiser a `generate` loads: the eval's
+    context-parallel / CFG-parallel hooks and step cache. Outside, pipelines sample as loaded. Keep the same `setup`
+    object for a whole eval: a denoiser kept loaded is set up once."""
+    global _SAMPLING_SETUP
+    outer, _SAMPLING_SETUP = _SAMPLING_SETUP, setup
+    try:
+        yield
+    finally:
+        _SAMPLING_SETUP = outer
+
+
+@contextmanager
+def float_frames() -> Iterator[None]:
+    """Inside, `generate` returns float32 frames in [0, 1] instead of uint8: what a parity check compares (a uint8
+    frame can flip a level at a rounding boundary under an error of 1e-7)."""
+    global _FLOAT_FRAMES
+    outer, _FLOAT_FRAMES = _FLOAT_FRAMES, True
+    try:
+        yield
+    finally:
+        _FLOAT_FRAMES = outer
+
+
+def frames_out(frames: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Frames in [0, 1] (any float layout ending in channels) as `generate` returns them: uint8, or float32 inside
+    `float_frames`."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.float().cpu().numpy()
+    frames = np.clip(frames, 0, 1)
+    return frames.astype(np.float32) if _FLOAT_FRAMES else (frames * 255).round().astype(np.uint8)
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from flowspeed.configs.schema import ModelConfig
-from flowspeed.engines.models.registry import GeneratingFamily, loaded
+from flowspeed.engines.models.registry import GeneratingFamily, frames_out, loaded
 from PIL import Image
 from torch import nn
 
@@ -113,7 +113,7 @@ class TextToVideoPipelineFamily(GeneratingFamily):
             raise ValueError(
                 f"generate: {self.name} needs sides that are multiples of {multiple}, not {height}x{width}"
             )
-        pipe = self.sampling_pipeline(folder, device, with_images=any(f is not None for f in firsts))
+        pipe = self.ready(self.sampling_pipeline(folder, device, with_images=any(f is not None for f in firsts)))
         pipe.set_progress_bar_config(disable=True)
         call = self.pipeline_call(pipe, guidance_scale)
         videos = []
@@ -130,5 +130,5 @@ class TextToVideoPipelineFamily(GeneratingFamily):
                 **image,
                 **call,
             ).frames[0]  # (T, H, W, C) in [0, 1]
-            videos.append((np.clip(video, 0, 1) * 255).round().astype(np.uint8))
+            videos.append(frames_out(video))
         return np.stack(videos)

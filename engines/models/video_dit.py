@@ -36,8 +36,8 @@ from flowspeed.engines.models.dits.checkpoint import load_published
 from flowspeed.engines.models.registry import (
     GeneratingFamily,
     LatentFamily,
+    frames_out,
     from_pretrained,
-    loaded,
     sample_latents,
     seeded_init,
 )
@@ -336,7 +336,7 @@ class VideoDiTFamily(LatentFamily, GeneratingFamily):
         if height % self.size_multiple or width % self.size_multiple:
             raise ValueError(f"generate: height and width must be multiples of {self.size_multiple}")
         images = self.check_images(images, prompts, height, width)
-        pipe = loaded(lambda: self.pipeline_cls.from_pretrained(pretrained_dir).to(device), pretrained_dir, device)
+        pipe = self.sampling_pipe(pretrained_dir, device)
         model, vae = pipe.transformer, pipe.vae
         s = self.spatial_compression
         latent = (self.latent_frames(vae, num_frames), height // s, width // s)
@@ -354,8 +354,7 @@ class VideoDiTFamily(LatentFamily, GeneratingFamily):
                 predict = self.guided(model, cond, uncond, guidance_scale, condition)
                 z = self.sampling_objective(pipe).sample(predict, pipe.scheduler, noise, steps, gen, shape)
                 video = self.decode(vae, z, num_frames)  # (1, 3, T, H, W)
-            video = ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) * 127.5).round()
-            out.append(video.to(torch.uint8).cpu().numpy()[:num_frames])  # (T, H, W, 3)
+            out.append(frames_out((video[0].permute(1, 2, 3, 0).float() + 1) / 2)[:num_frames])  # (T, H, W, 3)
         return np.stack(out)
 
     def guided(
