@@ -19,6 +19,13 @@ from flowspeed.engines.models.registry import Capability, ModelFamily
 from torch import nn
 
 
+def measured(key: str) -> bool:
+    """Whether an eval metric (or a sample row's field) measures the run itself — wall time, speed-up, memory —
+    rather than what it evaluated: two runs of the same eval differ there, and only there."""
+    name = key.removeprefix("eval/")
+    return name.endswith("seconds") or name.endswith("speedup") or name.startswith("peak_memory_gb")
+
+
 def held_out_records(cfg: PipelineConfig) -> list[dict]:
     """The held-out split of the prepared data (all of it with `eval.split: all`); none when an eval of
     `eval.model` runs where nothing was prepared (an eval preset on a registered model): then only the
