@@ -248,11 +248,7 @@ class ProxyTokensTransformerBlock(nn.Module):
         b, p, n, c = x.shape
         gt, gh, gw = grid
         if p % (gh * gw) or (p != gt * gh * gw and self.cr[0] > 1):
-            raise ValueError(
-                f"PT-DiT shift-window attention sees {p} of {gt * gh * gw} windows on this rank: context parallelism "
-                "must split whole latent frames with a temporal window of 1 (latent frames % CP degree == 0; a single "
-                "image cannot be split). Use CP=1 for this input."
-            )
+            raise ValueError(_whole_frames_error(f"{p} of {gt * gh * gw} windows"))
         shift, scale, gate = (self.proxy_scale_shift_table[None] + t_mod.reshape(b, 6, c)[:, :3])[:, :, None].unbind(1)
         h = self.shift_window_norm(x) * (1 + scale[:, None]) + shift[:, None]  # per token, so it commutes with roll
         s = [r // 2 for r in self.cr]
@@ -323,6 +319,14 @@ class WindowPosTable(nn.Module):
         return to_windows(table.reshape(1, t, h, w, self.dim), self.cr)  # (1, P, N, D)
 
 
+def _whole_frames_error(seen: str) -> str:
+    return (
+        f"PT-DiT shift-window attention sees {seen} on this rank: context parallelism must split whole latent frames "
+        "with a temporal window of 1 (latent frames % CP degree == 0; a single image cannot be split). Use CP=1 for "
+        "this input, or a latent frame count divisible by the CP degree."
+    )
+
+
 class PTDiT(ModelMixin, ConfigMixin):
     """Qihoo-T2X PT-DiT denoiser. Block list: `transformer_blocks`. No forward extras beyond the contract."""
 
@@ -380,6 +384,10 @@ class PTDiT(ModelMixin, ConfigMixin):
             )
         h, w = height // p, width // p
         grid = (t // ct, h // ch, w // cw)
+        parallel = getattr(self._parallel_config, "context_parallel_config", None)
+        degree = getattr(parallel, "_world_size", None) or 1
+        if grid[0] % degree:  # caught here: the plan's window split below would fail with a bare assertion
+            raise ValueError(_whole_frames_error(f"{grid[0]} latent frames split {degree} ways"))
         x = self.pos_embed(hidden_states)  # (B, P, N, C) (this rank's windows under CP)
         interpolation = max(cfg.sample_size // 64, 1)  # the authors' interpolation_scale
         x = (x.float() + self.pos_table(t, h, w, interpolation, x.device, self.pos_embed.pos_embed)).to(x.dtype)
