@@ -539,6 +539,65 @@ class EvalParallelConfig(Section):
         return f"dp{dp} x cfg{cfg} x cp{cp}" + (f" ({self.cp_mode})" if cp > 1 else "")
 
 
+#: each step-cache method's knobs (fields of EvalCacheConfig), in the order its tag lists them
+CACHE_KNOBS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "first_block": ("threshold",),
+    "taylorseer": ("cache_interval", "warmup_steps", "cooldown_step", "max_order", "factors_dtype"),
+}
+
+
+class EvalCacheConfig(Section):
+    """Step caching of the denoiser while sampling (`eval.cache`, engines/torch_engine/step_cache.py): diffusers'
+    cache hooks reuse work from earlier denoising steps, trading quality for speed. The eval measures that trade
+    itself: its first `compare_samples` samples are also made without the cache (same seeds) and it reports
+    eval/cache_psnr, eval/cache_max_abs_diff and eval/cache_speedup. Only diffusers denoisers with `enable_cache`
+    (CogVideoX, Flux, HunyuanVideo (1.5), LTX, Wan) take it; the others are refused when the eval loads them.
+
+    Knobs and their diffusers defaults: first_block (FirstBlockCacheConfig): `threshold` 0.05, the relative change of
+    the first block's residual under which the remaining blocks are skipped (0: never skip). taylorseer
+    (TaylorSeerCacheConfig): `cache_interval` 5 (steps between full computations), `warmup_steps` 3
+    (disable_cache_before_step: full steps first), `cooldown_step` None (disable_cache_after_step: full steps from
+    here on), `max_order` 1 (Taylor expansion order), `factors_dtype` bfloat16."""
+
+    method: Literal["none", "first_block", "taylorseer"] = Field(
+        "none", description="none | first_block (First Block Cache) | taylorseer (TaylorSeer)"
+    )
+    threshold: float = Field(0.05, ge=0, description="first_block: skip the rest when the residual changes less")
+    cache_interval: int = Field(5, ge=1, description="taylorseer: steps between full computations")
+    warmup_steps: int = Field(3, ge=0, description="taylorseer: first steps always computed in full")
+    cooldown_step: int | None = Field(None, ge=0, description="taylorseer: steps from this one computed in full")
+    max_order: int = Field(1, ge=0, description="taylorseer: order of the Taylor expansion")
+    factors_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="taylorseer: dtype the Taylor factors are kept in"
+    )
+    compare_samples: int = Field(
+        1, ge=0, description="first samples also made without the cache to measure its cost (0: no measurement)"
+    )
+
+    @property
+    def on(self) -> bool:
+        return self.method != "none"
+
+    def describe(self) -> str:
+        """The method and its knobs, as the run's `flowspeed.eval.step_cache` tag names them."""
+        knobs = ", ".join(f"{k}={getattr(self, k)}" for k in CACHE_KNOBS[self.method])
+        return self.method + (f"({knobs})" if knobs else "")
+
+    @model_validator(mode="after")
+    def _knobs_of_the_method(self) -> EvalCacheConfig:
+        """A knob of another method set away from its default is a config mistake (it would silently do nothing):
+        refused. At its default it passes, so a saved config (every field written out) loads again."""
+        others = {k for knobs in CACHE_KNOBS.values() for k in knobs} - set(CACHE_KNOBS[self.method])
+        stray = sorted(k for k in others if getattr(self, k) != type(self).model_fields[k].default)
+        if stray:
+            raise ValueError(
+                f"eval.cache: {', '.join(stray)} do not apply to method {self.method!r} "
+                f"(its knobs: {', '.join(CACHE_KNOBS[self.method]) or 'none'}): remove them or change the method"
+            )
+        return self
+
+
 class EvalConfig(Section):
     output_dir: Path | None = Field(None, description="eval outputs; default `<workdir>/eval/<family>-<digest>`")
     model: str | None = Field(
@@ -569,6 +628,9 @@ class EvalConfig(Section):
     nproc_per_node: int = Field(1, ge=1, description="eval ranks (torchrun): samples and items split across them")
     parallel: EvalParallelConfig = Field(
         default_factory=EvalParallelConfig, description="generation: ranks per video (cfg, cp) and prompt groups (dp)"
+    )
+    cache: EvalCacheConfig = Field(
+        default_factory=EvalCacheConfig, description="generation: step caching of the denoiser, its cost measured"
     )
 
     @model_validator(mode="after")
@@ -753,7 +815,9 @@ class PipelineConfig(Section):
     def eval_key(self) -> str:
         """Digest of what an eval folder scores (the training it reads, or `eval.model`) and how; not
         `nproc_per_node`/`batch_size`/`parallel`, so a killed eval resumes on any number or layout of ranks."""
-        ev = self.eval.model_dump(mode="json", exclude={"output_dir", "nproc_per_node", "batch_size", "parallel"})
+        # an eval without a step cache keeps the key it had before `eval.cache` existed (its folder resumes)
+        off = set() if self.eval.cache.on else {"cache"}
+        ev = self.eval.model_dump(mode="json", exclude={"output_dir", "nproc_per_node", "batch_size", "parallel", *off})
         return _digest({"train": self.train_key(), "eval": ev})
 
     def config_hash(self) -> str:

@@ -11,7 +11,9 @@ per-sample scores, and FID / FVD of all samples' features against the reference 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ import torch.distributed as dist
 from flowspeed.configs import PipelineConfig
 from flowspeed.datasets_prep.mp4 import write_mp4
 from flowspeed.engines.common.io import atomic_write, text_digest
-from flowspeed.engines.models.registry import ModelFamily, loaded
+from flowspeed.engines.models.registry import ModelFamily, float_frames, frames_out, loaded
+from flowspeed.engines.torch_engine.step_cache import denoiser_seconds, step_cache_off
 from flowspeed.evaluation import generation_metrics as gm
 from flowspeed.evaluation.clip_score import clip_image_features, clip_score_of, load_clip, video_clip_score
 from flowspeed.evaluation.sharded import Ranks, run_sharded, task_folder
@@ -209,15 +212,16 @@ def generate_and_score(
     e, d, g = cfg.eval, cfg.data, cfg.eval.generation
     n = len(e.prompts) * e.samples_per_prompt
     _check_counts(cfg, n)
-    settings = {"eval": e.model_dump(exclude={"nproc_per_node", "batch_size", "benchmarks", "output_dir", "parallel"}),
+    # without a step cache the key is the one it was before eval.cache existed; with one, cached samples get a folder
+    off = set() if e.cache.on else {"cache"}
+    settings = {"eval": e.model_dump(exclude={"nproc_per_node", "batch_size", "benchmarks", "output_dir", "parallel",
+                                              *off}),
                 "shape": [d.num_frames, d.height, d.width]}  # fmt: skip
     folder = task_folder(cfg.eval_dir, "generate", family.export_files(final_dir), settings)
     out = cfg.eval_dir / "videos"
 
-    def work(batch: list[int]) -> list[dict[str, Any]]:
-        prompts = [e.prompts[i // e.samples_per_prompt] for i in batch]
-        start = time.perf_counter()
-        videos = family.generate(
+    def generate(first: int, prompts: list[str]) -> np.ndarray:
+        return family.generate(
             final_dir,
             prompts,
             num_frames=d.num_frames,
@@ -225,16 +229,32 @@ def generate_and_score(
             width=d.width,
             steps=e.num_inference_steps,
             guidance_scale=e.guidance_scale,
-            seed=e.seed + batch[0],
+            seed=e.seed + first,
             device=device,
         )  # fmt: skip  (batches are contiguous)
-        seconds = (time.perf_counter() - start) / len(batch)
+
+    def work(batch: list[int]) -> list[dict[str, Any]]:
+        prompts = [e.prompts[i // e.samples_per_prompt] for i in batch]
+        start = time.perf_counter()
+        compared = sum(i < e.cache.compare_samples for i in batch) if e.cache.on else 0
+        costs: list[dict[str, float]] = []
+        if compared:  # every rank of the group runs it (collectives); the writer scores it
+            videos, costs, seconds = cache_comparison(lambda n: generate(batch[0], prompts[:n]), compared)
+            start = time.perf_counter()  # the uncached run is no sample's time
+            if rest := batch[compared:]:
+                videos = np.concatenate([videos, generate(rest[0], prompts[compared:])])
+            seconds = (seconds + time.perf_counter() - start) / len(batch)
+        else:
+            videos = generate(batch[0], prompts)
+            seconds = (time.perf_counter() - start) / len(batch)
         if not ranks.writes:  # a CFG / context-parallel peer: the group's first rank writes and scores the samples
             return [{} for _ in batch]
         rows = []
-        for i, prompt, video in zip(batch, prompts, videos, strict=True):
+        for k, (i, prompt, video) in enumerate(zip(batch, prompts, videos, strict=True)):
             path = write_sample(out, i, video, e.fps)
             row = _score(cfg, video, prompt, device, folder / f"features-{i:05d}.npz")
+            if k < len(costs):
+                row["step_cache"] = costs[k]  # a dict: not averaged with the per-sample floats
             rows.append({"prompt": prompt, "seed": e.seed + i, "sample": path.name, "sample_seconds": seconds, **row})
         return rows
 
@@ -250,10 +270,51 @@ def generate_and_score(
         metrics["eval/clip_score"] = clip_score_of([r["clip_cosine"] for r in rows])
     metrics |= {f"eval/peak_memory_gb_rank{r}": gb for r, gb in enumerate(memory)}
     info = _labels(cfg, rows) | {"parallel": e.parallel.describe(ranks.world)}
+    if e.cache.on:
+        metrics |= cache_metrics(rows)
+        info["step_cache"] = e.cache.describe()
     if g.reference and (g.fid or _fvd_applies(cfg)):
         metrics, frechet_info = _frechet(cfg, device, folder, n, metrics)
         info |= frechet_info
     return metrics, rows, info
+
+
+def cache_comparison(generate: Callable[[int], np.ndarray], n: int) -> tuple[np.ndarray, list[dict[str, float]], float]:
+    """What `eval.cache` costs on the first `n` samples of a batch: `generate(n)` makes them without the cache, then
+    with it (the same seeds, the same loaded denoiser). Returns the cached samples as `generate` returns them (the
+    eval's samples), one cost row per sample (what `cache_metrics` reduces), and the cached run's wall seconds.
+
+    The uncached run goes first, so a first call's loading and warm-up count against the cache, never for it; the
+    speedup is timed on the denoiser calls alone (`denoiser_seconds`), which is all the cache changes."""
+    with denoiser_seconds() as plain_s, step_cache_off(), float_frames():
+        plain = generate(n)
+    start = time.perf_counter()
+    with denoiser_seconds() as cached_s, float_frames():
+        cached = generate(n)
+    wall = time.perf_counter() - start
+    costs = [
+        {"mse": float(np.mean((c - p) ** 2)), "max_abs_diff": float(np.abs(c - p).max()),
+         "uncached_denoiser_s": plain_s[0] / n, "cached_denoiser_s": cached_s[0] / n}
+        for c, p in zip(cached.astype(np.float64), plain.astype(np.float64), strict=True)
+    ]  # fmt: skip
+    return frames_out(cached), costs, wall
+
+
+def cache_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """eval/cache_psnr (dB, frames in [0, 1], of the compared samples' pooled squared error; inf when the cache
+    changed nothing), eval/cache_max_abs_diff and eval/cache_speedup (the denoiser's uncached seconds over its cached
+    seconds) from the rows `cache_comparison` scored; empty when none was."""
+    costs = [r["step_cache"] for r in rows if "step_cache" in r]
+    if not costs:
+        return {}
+    mse = float(np.mean([c["mse"] for c in costs]))
+    cached_s = sum(c["cached_denoiser_s"] for c in costs)
+    return {
+        "eval/cache_psnr": 10 * math.log10(1 / mse) if mse > 0 else math.inf,
+        "eval/cache_max_abs_diff": max(c["max_abs_diff"] for c in costs),
+        "eval/cache_speedup": sum(c["uncached_denoiser_s"] for c in costs) / cached_s if cached_s > 0 else math.nan,
+        "eval/cache_compared_samples": float(len(costs)),
+    }
 
 
 def _peak_memory_gb(device: torch.device, ranks: Ranks) -> list[float]:

@@ -30,6 +30,7 @@ from flowspeed.engines.model_card import add_eval_results
 from flowspeed.engines.models import get_family
 from flowspeed.engines.models.registry import Capability, ModelFamily, keep_loaded, sampling_setup
 from flowspeed.engines.torch_engine.sampling import SamplingLayout, SamplingSetup, sampling_mesh
+from flowspeed.engines.torch_engine.step_cache import sampling_extra
 from flowspeed.evaluation.common import held_out_metrics, held_out_records, validation_loss
 from flowspeed.evaluation.exports import trained_export
 from flowspeed.evaluation.sharded import Ranks, join
@@ -68,8 +69,13 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
     device = resolve_device(cfg.train.device)
     layout = sampling_layout(cfg, family)
     ranks = join(device, group=layout.group)
-    setup = SamplingSetup(layout, sampling_mesh(layout, device)) if layout.world > 1 else None
+    mesh = sampling_mesh(layout, device)  # None for one rank
+    if cfg.eval.cache.on and not family.can(Capability.GENERATION):
+        raise ValueError(f"eval.cache caches a denoiser's steps; {family.name} does not generate media: remove it")
+    extra = sampling_extra(cfg.eval.cache, mesh)
+    setup = SamplingSetup(layout, mesh, extra) if layout.world > 1 or extra is not None else None
     # each export, CLIP and feature extractor loads once for all batches; denoisers are split as eval.parallel says
+    # and step-cached as eval.cache says
     with keep_loaded(), sampling_setup(setup):
         metrics, paths, info = _evaluate(cfg, family, final_dir, device, ranks)
     if not ranks.main:

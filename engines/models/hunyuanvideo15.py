@@ -33,6 +33,7 @@ docs/fidelity.md (HunyuanVideo 1.5) lists each choice and what is not reproduced
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +348,14 @@ class HunyuanVideo15(LatentFamily, TextToVideoPipelineFamily):
         )  # fmt: skip
         pipe.save_pretrained(out_dir, safe_serialization=True)
         return out_dir
+
+    def paired_guidance(self, pipe: Any, call: dict[str, Any]) -> bool:
+        """The pipeline runs its guider's batches one call each: a conditional and an unconditional call per step when
+        the guider is classifier-free guidance on every step (enabled, scale not 1, start 0, stop 1)."""
+        g = pipe.guider
+        off = 0.0 if getattr(g, "use_original_formulation", False) else 1.0  # the scale at which it does not guide
+        return (isinstance(g, ClassifierFreeGuidance) and g._enabled and not math.isclose(g.guidance_scale, off)
+                and g._start == 0.0 and g._stop == 1.0)  # fmt: skip
 
     def pipeline_call(self, pipe: Any, guidance_scale: float) -> dict[str, Any]:
         """This pipeline takes its guidance from its guider and its text length and template crop from attributes,

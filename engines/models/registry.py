@@ -414,6 +414,33 @@ def sampling_setup(setup: Callable[[nn.Module], None] | None) -> Iterator[None]:
         _SAMPLING_SETUP = outer
 
 
+_PAIRED: list[list[Callable[[], None]]] = []
+
+
+@contextmanager
+def paired_guidance(active: bool = True) -> Iterator[None]:
+    """Around a pipeline call that guides with two denoiser calls per step (conditional, then unconditional on the
+    same latents, both outputs combined after the second: diffusers' Wan and HunyuanVideo 1.5 pipelines): CFG
+    parallelism may then run the two calls on two ranks (engines/torch_engine/sampling.py `_Pairs`). On a clean exit
+    every pair must be complete, else the call raises (a half pair guided with a placeholder)."""
+    if not active:
+        yield
+        return
+    checks: list[Callable[[], None]] = []
+    _PAIRED.append(checks)
+    try:
+        yield
+    finally:
+        _PAIRED.pop()
+    for check in checks:
+        check()
+
+
+def paired_guidance_checks() -> list[Callable[[], None]] | None:
+    """Inside `paired_guidance`: the list a pair-splitting denoiser registers its end-of-call check in; else None."""
+    return _PAIRED[-1] if _PAIRED else None
+
+
 @contextmanager
 def float_frames() -> Iterator[None]:
     """Inside, `generate` returns float32 frames in [0, 1] instead of uint8: what a parity check compares (a uint8

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from flowspeed.configs.schema import ModelConfig
-from flowspeed.engines.models.registry import GeneratingFamily, frames_out, loaded
+from flowspeed.engines.models.registry import GeneratingFamily, frames_out, loaded, paired_guidance
 from PIL import Image
 from torch import nn
 
@@ -35,6 +35,12 @@ class TextToVideoPipelineFamily(GeneratingFamily):
     def pipeline_extras(self, pipe: Any) -> dict[str, Any]:
         """What this family's pipeline call takes besides prompt, size, steps, guidance and text length."""
         return {}
+
+    def paired_guidance(self, pipe: Any, call: dict[str, Any]) -> bool:
+        """Whether `pipe`, called with `call`, guides with two denoiser calls per step (conditional, then unconditional
+        on the same latents) at every step, which CFG parallelism can run on two ranks (registry.paired_guidance).
+        False: one call per step, on a doubled batch or unguided."""
+        return False
 
     def pipeline_call(self, pipe: Any, guidance_scale: float) -> dict[str, Any]:
         """The pipeline call's negative prompt, guidance and text length (what a family's pipeline takes differently,
@@ -119,16 +125,17 @@ class TextToVideoPipelineFamily(GeneratingFamily):
         videos = []
         for i, (prompt, first) in enumerate(zip(prompts, firsts, strict=True)):
             image = {} if first is None else {"image": Image.fromarray(first)}
-            video = pipe(
-                prompt=prompt,
-                num_frames=num_frames,
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                generator=torch.Generator("cpu").manual_seed(seed + i),
-                output_type="np",
-                **image,
-                **call,
-            ).frames[0]  # (T, H, W, C) in [0, 1]
+            with paired_guidance(self.paired_guidance(pipe, call)):
+                video = pipe(
+                    prompt=prompt,
+                    num_frames=num_frames,
+                    height=height,
+                    width=width,
+                    num_inference_steps=steps,
+                    generator=torch.Generator("cpu").manual_seed(seed + i),
+                    output_type="np",
+                    **image,
+                    **call,
+                ).frames[0]  # (T, H, W, C) in [0, 1]
             videos.append(frames_out(video))
         return np.stack(videos)

@@ -396,6 +396,11 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
             split_pair_lora(Path(out_dir) / "lora")
         return out
 
+    def paired_guidance(self, pipe: Any, call: dict[str, Any]) -> bool:
+        """diffusers' Wan pipelines call each expert twice per step (conditional, then the negative prompt) whenever
+        `guidance_scale` > 1 (the low-noise expert's `guidance_scale_2` only scales the same pair)."""
+        return call.get("guidance_scale", 1.0) > 1.0
+
     def pipeline_call(self, pipe: Any, guidance_scale: float) -> dict[str, Any]:
         """A two-expert export also gives the low-noise expert the authors' low/high ratio of the guidance (3.0 / 4.0,
         so `guidance_scale` 4.0 gives their (3.0, 4.0)); diffusers' default would give both experts the same."""

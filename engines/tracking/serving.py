@@ -24,12 +24,18 @@ What a predict takes and returns, per family:
 Each prediction runs the family's own inference (`generate` / `respond`), with the defaults the
 model was evaluated with, stored beside the MLmodel in `flowspeed_serving.json`; the optional
 params of the signature override them per call.
+
+A generating model whose eval ran on several ranks (`eval.nproc_per_node`, `eval.parallel`) serves with the same
+layout: predict runs the generation as a torchrun job on this machine (engines/tracking/parallel_predict.py), where
+prompts are split across dp groups and each video is made by its group's cfg x cp ranks. The files and the returned
+DataFrame are those of one process; a settings file without `parallel` (written before it existed) means one process.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -40,12 +46,14 @@ import numpy as np
 import pandas as pd
 import torch
 from flowspeed.configs import PipelineConfig
-from flowspeed.configs.schema import DataConfig, ModelConfig
+from flowspeed.configs.schema import DataConfig, EvalParallelConfig, ModelConfig
 from flowspeed.engines.common.io import atomic_write, atomic_write_text
 from flowspeed.engines.models import ModelFamily, get_family
 from flowspeed.engines.models.registry import Capability
 from flowspeed.engines.models.sequence import SequenceSample
+from flowspeed.engines.torch_engine.sampling import SamplingLayout
 from flowspeed.engines.tracking.environment import pip_requirements
+from flowspeed.engines.tracking.parallel_predict import predict_parallel, read_rgb, write_output
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -124,7 +132,27 @@ def serving_settings(cfg: PipelineConfig) -> dict[str, Any]:
         "max_text_length": m.max_text_length,
         "max_new_tokens": m.max_text_length // 4
         or 16,  # as flowspeed.evaluation.sequence_eval answers held-out samples
+        # the eval's ranks and how they shared each video: a generating model serves with the same layout
+        "parallel": {**e.parallel.model_dump(mode="json"), "nproc": e.nproc_per_node},
     }
+
+
+def serving_layout(settings: dict[str, Any], family: ModelFamily) -> SamplingLayout:
+    """The ranks a predict generates on: the stored `parallel` block (the eval's layout), one process when the
+    settings predate it. Only generation runs as a job: an answering model's eval ranks split items, which one
+    request's few rows do not need, so it serves in process whatever its eval used."""
+    stored = settings.get("parallel")
+    if not stored or not _generates(family):
+        return SamplingLayout()
+    stored = dict(stored)
+    nproc = stored.pop("nproc", 1)
+    try:
+        p = EvalParallelConfig(**stored)
+        dp, cfg, cp = p.layout(nproc)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise ValueError(f"{SETTINGS}: `parallel` {settings['parallel']} is not a layout: {exc}; rewrite it with "
+                         "flowspeed.engines.tracking.serving.write_mlmodel") from exc  # fmt: skip
+    return SamplingLayout(dp, cfg, cp, p.cp_mode)
 
 
 def _serving_extras(family: ModelFamily, cfg: PipelineConfig) -> list[str]:
@@ -215,27 +243,6 @@ def _media_path(value: str, column: str) -> Path:
     return path
 
 
-def _rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8, any size: image-to-video pipelines resize the first frame themselves."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
-
-
-def _write_output(folder: Path, i: int, frames: np.ndarray, fps: int) -> Path:
-    """One generation as mp4, or png when it is a single frame: the files eval writes for its samples."""
-    from flowspeed.datasets_prep.mp4 import write_mp4
-
-    if len(frames) == 1:
-        from PIL import Image
-
-        return atomic_write(
-            folder / f"sample_{i:02d}.png", lambda tmp: Image.fromarray(frames[0]).save(tmp, format="PNG")
-        )
-    return write_mp4(folder / f"sample_{i:02d}.mp4", frames, fps)
-
-
 class FlowspeedPyfunc:
     """The pyfunc implementation over one export folder: the family's inference with stored defaults.
 
@@ -247,6 +254,7 @@ class FlowspeedPyfunc:
         self.export_dir = export_dir
         self.settings = settings
         self.family = get_family(settings["family"])
+        self.layout = serving_layout(settings, self.family)  # checked at load: a bad block fails load_model
         # load_sample reads only these fields: media are decoded and resized exactly as prep did.
         self.media_cfg = PipelineConfig(
             data=DataConfig(
@@ -278,32 +286,45 @@ class FlowspeedPyfunc:
         if not prompts:
             return pd.DataFrame({"prompt": pd.Series(dtype=str), "path": pd.Series(dtype=str)})
         s = self.settings
-        kwargs: dict[str, Any] = {}
+        images: list[Path] | None = None
         if self.family.conditioning == "image":
             given = [_text(r, "image") for r in rows]
             if any(given):
                 if not all(given):
                     raise ValueError("some rows have an `image` and some do not: give every row one, or none")
-                kwargs["images"] = [_rgb(_media_path(p, "image")) for p in given]  # type: ignore[arg-type]
-        videos = self.family.generate(
-            self.export_dir,
-            prompts,
-            num_frames=s["num_frames"],
-            height=s["height"],
-            width=s["width"],
-            steps=int(self._param(params, "num_inference_steps")),
-            guidance_scale=float(self._param(params, "guidance_scale")),
-            seed=int(self._param(params, "seed")),
-            device=device,
-            **kwargs,
-        )
+                images = [_media_path(p, "image") for p in given]  # type: ignore[arg-type]
+        sampling = {
+            "num_frames": s["num_frames"],
+            "height": s["height"],
+            "width": s["width"],
+            "steps": int(self._param(params, "num_inference_steps")),
+            "guidance_scale": float(self._param(params, "guidance_scale")),
+            "seed": int(self._param(params, "seed")),
+        }
+        if self.layout.world == 1:
+            kwargs = {"images": [read_rgb(p) for p in images]} if images else {}
+            videos = self.family.generate(self.export_dir, prompts, device=device, **sampling, **kwargs)
+            folder = self._output_folder(params)
+            paths = [str(write_output(folder, i, v, s["fps"])) for i, v in enumerate(videos)]
+        else:  # the stored layout's ranks, as a torchrun job that writes into the folder
+            folder = self._output_folder(params)
+            firsts = [str(p.resolve()) for p in images] if images else None  # absolute in the request the ranks read
+            try:
+                paths = predict_parallel(self.family.name, self.export_dir, prompts, firsts, sampling, s["fps"], folder,
+                                         self.layout)  # fmt: skip
+            except BaseException:  # a failed job's partial videos are no answer: the caller gets the error only
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+        return pd.DataFrame({"prompt": prompts, "path": paths})
+
+    @staticmethod
+    def _output_folder(params: dict[str, Any] | None) -> Path:
+        """A fresh folder per call under `output_dir` (or a new temporary one): two predicts into one output_dir
+        never overwrite each other."""
         root = (params or {}).get("output_dir")
         if root:
             Path(root).mkdir(parents=True, exist_ok=True)
-        # A fresh folder per call: two predicts into one output_dir never overwrite each other.
-        folder = Path(tempfile.mkdtemp(prefix="flowspeed-predict-", dir=root or None))
-        paths = [str(_write_output(folder, i, v, s["fps"])) for i, v in enumerate(videos)]
-        return pd.DataFrame({"prompt": prompts, "path": paths})
+        return Path(tempfile.mkdtemp(prefix="flowspeed-predict-", dir=root or None))
 
     def _samples(self, rows: list[dict[str, Any]]) -> list[SequenceSample]:
         family = self.family
