@@ -135,12 +135,22 @@ def _plan_problems(cfg: PipelineConfig) -> list[str]:
             f"{with_tp}); shard it with FSDP (train.parallel.dp_shard) and set tp: 1"
             + (", or use train.engine=megatron" if name in MEGATRON_FAMILIES else "")
         )
-    mode = "dsp" if p.cp_mode == "dsp" else "cp"
-    if p.cp > 1 and mode not in have:
-        what = "DSP (cp_mode=dsp) splits STDiT3 only" if mode == "dsp" else "there is no context-parallel plan"
-        fix = "cp_mode: ulysses or ring" if "cp" in have else "cp: 1"
-        out.append(f"train.parallel.cp={p.cp} with cp_mode={p.cp_mode}: {what} for {name}'s model; set {fix}")
-    return out
+    return out + _cp_plan_problems(cfg, "train.parallel")
+
+
+def _cp_plan_problems(cfg: PipelineConfig, key: str) -> list[str]:
+    """Training and eval sampling split a model's sequence with the same context-parallel plans."""
+    section, name = (cfg.train.parallel if key == "train.parallel" else cfg.eval.parallel), cfg.model.family
+    facts = family_facts(name)
+    if facts is None or facts.parallel is None or section.cp == 1:
+        return []
+    have = facts.parallel
+    mode = "dsp" if section.cp_mode == "dsp" else "cp"
+    if mode in have:
+        return []
+    what = "DSP (cp_mode=dsp) splits STDiT3 only" if mode == "dsp" else "there is no context-parallel plan"
+    fix = "cp_mode: ulysses or ring" if "cp" in have else "cp: 1"
+    return [f"{key}.cp={section.cp} with cp_mode={section.cp_mode}: {what} for {name}'s model; set {fix}"]
 
 
 def megatron_layout_problems(cfg: PipelineConfig) -> list[str]:
@@ -209,6 +219,7 @@ def layout_problems(cfg: PipelineConfig) -> list[str]:
     if t.node_rank >= t.nnodes:
         out.append(f"train.node_rank={t.node_rank} must be below train.nnodes={t.nnodes}")
     out += megatron_layout_problems(cfg) if t.engine == "megatron" else torch_layout_problems(cfg)
+    out += _cp_plan_problems(cfg, "eval.parallel")
     facts = family_facts(cfg.model.family)
     if facts is not None and not facts.vision_tower and cfg.model.freeze_vision_tower is not None:
         out.append(

@@ -94,6 +94,16 @@ MISTAKES = {
         ["train.nproc_per_node=2", "train.parallel.cp=2"],
         ["train.parallel.cp=2 with cp_mode=ulysses: there is no context-parallel plan for sdxl", "cp: 1"],
     ),
+    "eval dsp on a model other than STDiT3": (
+        QUICKSTART,
+        ["eval.nproc_per_node=2", "eval.parallel.cp=2", "eval.parallel.cp_mode=dsp"],
+        ["eval.parallel.cp=2 with cp_mode=dsp: DSP (cp_mode=dsp) splits STDiT3 only", "cp_mode: ulysses or ring"],
+    ),
+    "eval cp on a family without a plan": (
+        SDXL,
+        ["eval.nproc_per_node=2", "eval.parallel.cp=2"],
+        ["eval.parallel.cp=2 with cp_mode=ulysses: there is no context-parallel plan for sdxl", "cp: 1"],
+    ),
     "pp on the torch engine": (
         QUICKSTART,
         ["train.nproc_per_node=2", "train.parallel.pp=2"],
