@@ -29,3 +29,14 @@ def write_mp4(path: Path, frames: np.ndarray, fps: float, crf: int = 18) -> Path
                 out.mux(packet)
 
     return atomic_write(Path(path), write)
+
+
+def write_sample(folder: Path, i: int, frames: np.ndarray, fps: float) -> Path:
+    """A generated sample as `sample_XX.mp4`, or `sample_XX.png` when it is one frame (image families): the files the
+    eval, the training-time samples and a served predict write alike."""
+    if len(frames) == 1:
+        from PIL import Image
+
+        path = folder / f"sample_{i:02d}.png"
+        return atomic_write(path, lambda tmp: Image.fromarray(frames[0]).save(tmp, format="PNG"))
+    return write_mp4(folder / f"sample_{i:02d}.mp4", frames, fps)

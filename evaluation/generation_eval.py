@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from flowspeed.configs import PipelineConfig
-from flowspeed.datasets_prep.mp4 import write_mp4
+from flowspeed.datasets_prep.mp4 import write_sample
 from flowspeed.engines.common.io import atomic_write, text_digest
 from flowspeed.engines.models.registry import ModelFamily, float_frames, frames_out, loaded
 from flowspeed.engines.torch_engine.step_cache import denoiser_seconds, step_cache_off
@@ -32,17 +32,6 @@ from flowspeed.evaluation.sharded import Ranks, run_sharded, task_folder
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif"}
-
-
-def write_sample(folder: Path, i: int, frames: np.ndarray, fps: int) -> Path:
-    """A video as mp4; a one-frame sample (image families) as png."""
-    if len(frames) == 1:
-        from PIL import Image
-
-        path = folder / f"sample_{i:02d}.png"
-        atomic_write(path, lambda tmp: Image.fromarray(frames[0]).save(tmp, format="PNG"))
-        return path
-    return write_mp4(folder / f"sample_{i:02d}.mp4", frames, fps)
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from flowspeed.engines.common.progress import reporter
+from flowspeed.engines.torch_engine.sampling import contiguous_block
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,7 @@ def join(device: torch.device, timeout_s: int = 1800, group: int = 1) -> Ranks:
 
 def block(n: int, ranks: Ranks) -> range:
     """Rank r's contiguous share of n items; sizes differ by at most one."""
-    base, extra = divmod(n, ranks.world)
-    start = ranks.rank * base + min(ranks.rank, extra)
-    return range(start, start + base + (1 if ranks.rank < extra else 0))
+    return contiguous_block(n, ranks.world, ranks.rank)
 
 
 def contiguous_batches(indices: list[int], batch_size: int) -> Iterator[list[int]]:

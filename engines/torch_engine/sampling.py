@@ -59,6 +59,14 @@ class SamplingLayout:
         return f"dp{self.dp} x cfg{self.cfg} x cp{self.cp}" + (f" ({self.cp_mode})" if self.cp > 1 else "")
 
 
+def contiguous_block(n: int, parts: int, index: int) -> range:
+    """Part `index` of n items split into `parts` contiguous blocks whose sizes differ by at most one: how eval ranks
+    and served dp groups share samples, so a block generated from `seed + start` seeds item i with `seed + i`."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return range(start, start + base + (1 if index < extra else 0))
+
+
 def sampling_mesh(layout: SamplingLayout, device: torch.device) -> DeviceMesh | None:
     """The (dp, cfg, cp) mesh of this job, None for one rank. Every rank must call it (collective)."""
     if layout.world == 1:

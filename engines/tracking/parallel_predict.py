@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from flowspeed.datasets_prep.mp4 import write_sample
 from flowspeed.engines.common.device import init_process_group, peak_memory_bytes, resolve_device
-from flowspeed.engines.common.io import atomic_write, atomic_write_text
-from flowspeed.engines.torch_engine.sampling import SamplingLayout
+from flowspeed.engines.common.io import atomic_write_text
+from flowspeed.engines.torch_engine.sampling import SamplingLayout, contiguous_block
 from torch.distributed.elastic.multiprocessing.errors import record
 
 log = logging.getLogger(__name__)
@@ -45,27 +46,11 @@ def read_rgb(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def write_output(folder: Path, i: int, frames: np.ndarray, fps: int) -> Path:
-    """One generation as mp4, or png when it is a single frame: the files eval writes for its samples."""
-    from flowspeed.datasets_prep.mp4 import write_mp4
-
-    if len(frames) == 1:
-        from PIL import Image
-
-        return atomic_write(
-            folder / f"sample_{i:02d}.png", lambda tmp: Image.fromarray(frames[0]).save(tmp, format="PNG")
-        )
-    return write_mp4(folder / f"sample_{i:02d}.mp4", frames, fps)
-
-
 def prompt_block(n: int, layout: SamplingLayout, rank: int) -> range:
     """The global prompt indices `rank`'s dp group makes: contiguous blocks whose sizes differ by at most one (as
     the eval splits samples), so a block generated from `seed + start` gives every prompt the seed it gets in one
     process. All cfg x cp ranks of a group get the same block: they make the same videos together."""
-    group = rank // layout.group
-    base, extra = divmod(n, layout.dp)
-    start = group * base + min(group, extra)
-    return range(start, start + base + (1 if group < extra else 0))
+    return contiguous_block(n, layout.dp, rank // layout.group)
 
 
 def accelerators(device: torch.device) -> int | None:
@@ -152,7 +137,7 @@ def run(request: dict[str, Any]) -> None:
             )
         if rank % layout.group == 0:
             folder = Path(request["folder"])
-            paths = [(i, str(write_output(folder, i, v, request["fps"]))) for i, v in zip(mine, videos, strict=True)]
+            paths = [(i, str(write_sample(folder, i, v, request["fps"]))) for i, v in zip(mine, videos, strict=True)]
     stats = {"rank": rank, "prompts": len(mine), "seconds": time.perf_counter() - t0,
              "peak_memory_bytes": peak_memory_bytes(device)}  # fmt: skip
     parts: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None

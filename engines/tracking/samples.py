@@ -162,7 +162,7 @@ def _generated(
     device: torch.device,
 ) -> None:
     """One sample per prompt, each its own call and seed (eval.seed + i, as the eval stage seeds sample i)."""
-    from flowspeed.evaluation.generation_eval import write_sample
+    from flowspeed.datasets_prep.mp4 import write_sample
     from PIL import Image
 
     e, d, s = cfg.eval, cfg.data, cfg.tracking.samples

@@ -47,13 +47,14 @@ import pandas as pd
 import torch
 from flowspeed.configs import PipelineConfig
 from flowspeed.configs.schema import DataConfig, EvalParallelConfig, ModelConfig
+from flowspeed.datasets_prep.mp4 import write_sample
 from flowspeed.engines.common.io import atomic_write, atomic_write_text
 from flowspeed.engines.models import ModelFamily, get_family
 from flowspeed.engines.models.registry import Capability
 from flowspeed.engines.models.sequence import SequenceSample
 from flowspeed.engines.torch_engine.sampling import SamplingLayout
 from flowspeed.engines.tracking.environment import pip_requirements
-from flowspeed.engines.tracking.parallel_predict import predict_parallel, read_rgb, write_output
+from flowspeed.engines.tracking.parallel_predict import predict_parallel, read_rgb
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -305,7 +306,7 @@ class FlowspeedPyfunc:
             kwargs = {"images": [read_rgb(p) for p in images]} if images else {}
             videos = self.family.generate(self.export_dir, prompts, device=device, **sampling, **kwargs)
             folder = self._output_folder(params)
-            paths = [str(write_output(folder, i, v, s["fps"])) for i, v in enumerate(videos)]
+            paths = [str(write_sample(folder, i, v, s["fps"])) for i, v in enumerate(videos)]
         else:  # the stored layout's ranks, as a torchrun job that writes into the folder
             folder = self._output_folder(params)
             firsts = [str(p.resolve()) for p in images] if images else None  # absolute in the request the ranks read
