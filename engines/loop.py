@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
 import torch
 import torch.distributed as dist
 from flowspeed.configs import PipelineConfig, load_config, save_config
@@ -41,16 +43,21 @@ from flowspeed.engines.common.checkpoints import (
     clean_partial,
     latest,
     latest_intact,
+    list_checkpoints,
+    verify,
 )
 from flowspeed.engines.common.device import device_name, peak_memory_bytes
 from flowspeed.engines.common.flops import mfu, peak_tflops, train_flops
 from flowspeed.engines.common.io import atomic_write_text
 from flowspeed.engines.common.progress import log_train_step, reporter
+from flowspeed.engines.common.safe_load import CheckpointError
 from flowspeed.engines.common.sampler import BucketBatchSampler, TokenBudgetBatchSampler
 from flowspeed.engines.models import get_family
 from flowspeed.engines.tracking.samples import checkpoint_samples
 from flowspeed.engines.tracking.samples import due as checkpoint_due
 from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, make_tracker, start_system_metrics, stop_system_metrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -187,9 +194,35 @@ def make_sampler(
     return BucketBatchSampler(shapes, bs, seed=cfg.train.seed, rank=rank, world=world)
 
 
+def elastic_restarts() -> int:
+    """How many times torchrun's elastic agent has restarted this rank's group (0: the first attempt, or no agent)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def _this_jobs_latest(train_dir: Path) -> Path | None:
+    """The newest intact checkpoint written since this torchrun job began (its agent, our parent, started).
+
+    A restarted group continues its job, so `train.resume: never` or a path only decide where the first attempt
+    starts; older checkpoints in the folder (a previous run's, when the run started over) are not this job's."""
+    started = psutil.Process(os.getppid()).create_time()
+    ours = [c for c in list_checkpoints(train_dir) if (c / "trainer_state.pt").stat().st_mtime >= started]
+    for candidate in reversed(ours):
+        try:
+            verify(candidate)
+        except CheckpointError as exc:
+            log.warning("skipping damaged checkpoint %s: %s", candidate, exc)
+            continue
+        return candidate
+    return None
+
+
 def resume_path(cfg: PipelineConfig) -> Path | None:
-    """The checkpoint train.resume asks for: none (`never`), the newest intact one (`auto`), or a path."""
+    """The checkpoint train.resume asks for: none (`never`), the newest intact one (`auto`), or a path. A group
+    torchrun's elastic agent restarted resumes from the newest checkpoint its job published, whatever the mode."""
     mode = cfg.train.resume
+    if mode != "auto" and elastic_restarts() and (ours := _this_jobs_latest(cfg.train_dir)) is not None:
+        check_resumable(ours, cfg)
+        return ours
     if mode == "never":
         return None
     if mode == "auto":
@@ -259,6 +292,13 @@ def run_training(
                 "flowspeed.n_trainable_params": facts.n_trainable,
                 "flowspeed.mfu": "measured" if peak else f"n/a (no peak FLOPS known for {device_name(device)})",
             })  # fmt: skip
+            if t_cfg.elastic is not None:  # each attempt of an elastic job: how many restarts came before it
+                restarts = elastic_restarts()
+                tracker.set_tags({"flowspeed.elastic.restarts": restarts})
+                # at the step this attempt resumes from, which the killed attempt's metrics already hold
+                tracker.log_event({"elastic/restarts": restarts}, step=start_step)
+                if restarts:
+                    log.warning("elastic restart %d: resuming from step %d (%s)", restarts, start_step, resume_from)
         batches = iter(sampler)
         state_samples = samples_seen
         end_step = t_cfg.max_steps

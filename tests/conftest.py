@@ -40,6 +40,13 @@ def make_config(workdir: Path, manifest: Path, *overrides: str, check: bool = Tr
     return load_config(QUICKSTART, [f"data.manifest={manifest}", *overrides], workdir=workdir, check=check)
 
 
+def on_prepped(workdir: Path, prepped: PipelineConfig, *overrides: str) -> PipelineConfig:
+    """The quickstart config in `workdir` that reads `prepped`'s prep and cache folders: a training test that needs
+    no prep of its own."""
+    return make_config(workdir, prepped.data.manifest, f"data.output_dir={prepped.prep_dir}",
+                       f"data.cache_dir={prepped.cache_dir}", *overrides)  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def prepped(tmp_path_factory: pytest.TempPathFactory, demo_manifest: Path) -> PipelineConfig:
     """A workdir whose prep stage has run on the demo data (read-only for the tests that use it)."""

@@ -168,6 +168,15 @@ class Tracker:
             self._cond.notify_all()
         self._steps_since_flush = 0
 
+    def log_event(self, metrics: dict[str, float], step: int) -> None:
+        """Metrics that mark something happening to the run, not a step's values (an elastic restart count): sent
+        even for a step the run already holds, which `log_metrics` would drop as a killed attempt's re-log."""
+        self.flush()  # after what was logged before it
+        ts = int(time.time() * 1000)
+        with self._cond:
+            self._pending.append(_Batch([Metric(k, float(v), ts, step) for k, v in metrics.items()], [], keep=True))
+            self._cond.notify_all()
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         # Tag values are capped at 5000 characters by the stores.
         batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
@@ -261,7 +270,7 @@ class Tracker:
                                  self.run_id, self.skip_through)  # fmt: skip
                 while self._current:
                     batch = self._current[0]
-                    metrics = [m for m in batch.metrics if m.step > self.skip_through]
+                    metrics = [m for m in batch.metrics if batch.keep or m.step > self.skip_through]
                     try:
                         if metrics or batch.tags:
                             self.client.log_batch(self.run_id, metrics=metrics, tags=batch.tags)
@@ -319,7 +328,7 @@ class Tracker:
     def _rows(self, batches: list[_Batch]) -> list[dict[str, Any]]:
         """The undelivered-file rows of `batches`, less the steps the run already holds."""
         skip = max(self.skip_through or 0, self._journal_step)
-        metrics = [m for b in batches for m in b.metrics if m.step > skip]
+        metrics = [m for b in batches for m in b.metrics if b.keep or m.step > skip]
         return [{"metric": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in metrics] + [
             {"tag": t.key, "value": t.value} for b in batches for t in b.tags
         ]
@@ -345,12 +354,13 @@ class Tracker:
 
 
 class _Batch:
-    """One queued log_batch call; `journaled` once `persist` has written it to the undelivered file."""
+    """One queued log_batch call; `journaled` once `persist` has written it to the undelivered file; `keep`: its
+    metrics are sent whatever steps the run already holds (`Tracker.log_event`)."""
 
-    __slots__ = ("metrics", "tags", "journaled")
+    __slots__ = ("metrics", "tags", "journaled", "keep")
 
-    def __init__(self, metrics: list[Metric], tags: list[RunTag]) -> None:
-        self.metrics, self.tags, self.journaled = metrics, tags, False
+    def __init__(self, metrics: list[Metric], tags: list[RunTag], keep: bool = False) -> None:
+        self.metrics, self.tags, self.journaled, self.keep = metrics, tags, False, keep
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -385,6 +395,9 @@ class NullTracker(Tracker):
         pass
 
     def flush(self) -> None:
+        pass
+
+    def log_event(self, metrics: dict[str, float], step: int) -> None:
         pass
 
     def set_tags(self, tags: dict[str, Any]) -> None:

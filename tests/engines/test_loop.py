@@ -18,7 +18,7 @@ from flowspeed.engines.torch_engine import checkpoint as ckpt
 from flowspeed.engines.tracking.tracker import ensure_experiment, tracking_uri
 from mlflow import MlflowClient
 
-from tests.conftest import make_config
+from tests.conftest import make_config, on_prepped
 from tests.distributed import run_ranks
 
 
@@ -38,11 +38,9 @@ def _nan_from_call(family: Any, call: int, only_rank: int | None = None) -> None
 
 
 def _config(tmp_path: Path, prepped: PipelineConfig, *overrides: str) -> PipelineConfig:
-    return make_config(
+    return on_prepped(
         tmp_path,
-        prepped.data.manifest,
-        f"data.output_dir={prepped.prep_dir}",
-        f"data.cache_dir={prepped.cache_dir}",
+        prepped,
         "train.max_steps=6",
         "train.checkpoint_every=2",
         "train.metrics_flush_every=1",

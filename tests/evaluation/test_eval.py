@@ -129,7 +129,6 @@ def _same_rows(a: list[dict], b: list[dict]) -> None:
             assert y[k] == (pytest.approx(x[k], rel=1e-6) if isinstance(x[k], float) else x[k]), (x["index"], k)
 
 
-
 def _scores(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not measured(k)}
 

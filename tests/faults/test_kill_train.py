@@ -26,7 +26,7 @@ from flowspeed.engines.torch_engine import checkpoint as ckpt
 from flowspeed.engines.tracking.tracker import UNDELIVERED_DIR, replay_undelivered
 from mlflow import MlflowClient
 
-from tests.conftest import make_config
+from tests.conftest import on_prepped
 from tests.faults.conftest import assert_no_survivors, die, wait_killed
 from tests.faults.forked import forked_child, start_fork_server
 
@@ -38,14 +38,7 @@ KEYS = ("train/loss", "train/lr", "perf/step_time_s")
 
 
 def _config(workdir: Path, prepped: PipelineConfig, *extra: str) -> PipelineConfig:
-    return make_config(
-        workdir,
-        prepped.data.manifest,
-        f"data.output_dir={prepped.prep_dir}",
-        f"data.cache_dir={prepped.cache_dir}",
-        *STEPS,
-        *extra,
-    )
+    return on_prepped(workdir, prepped, *STEPS, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from tests.conftest import make_config
+from tests.conftest import on_prepped
 
 
 class Payload:
@@ -48,11 +48,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory, prepped: PipelineConfig) -
 
 
 def _cfg(workdir: Path, prepped: PipelineConfig, *overrides: str) -> PipelineConfig:
-    return make_config(
+    return on_prepped(
         workdir,
-        prepped.data.manifest,
-        f"data.output_dir={prepped.prep_dir}",
-        f"data.cache_dir={prepped.cache_dir}",
+        prepped,
         "train.checkpoint_every=2",
         "train.keep_checkpoints=2",
         *overrides,
