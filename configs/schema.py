@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -313,6 +313,20 @@ class ProfileConfig(Section):
     profile_memory: bool = False
 
 
+class ElasticConfig(Section):
+    """torchrun's elastic agent around the training ranks: a c10d rendezvous and whole-group restarts.
+
+    When a rank dies (SIGKILL, the OOM killer, a node gone), the agent stops the others and starts the group
+    again, up to `max_restarts` times; every rank of the new attempt resumes from the newest published
+    checkpoint (sampler position included), so the run continues on the step axis an uninterrupted run has.
+    The parallel layout and the global batch are made for `train.nnodes`; min/max let the rendezvous form
+    with fewer or more nodes (configs/validate.py says what that changes)."""
+
+    max_restarts: int = Field(3, ge=0, description="group restarts after a failed rank before the job fails")
+    min_nodes: int | None = Field(None, ge=1, description="fewest nodes the rendezvous starts with; default nnodes")
+    max_nodes: int | None = Field(None, ge=1, description="most nodes the rendezvous admits; default nnodes")
+
+
 class EmaConfig(Section):
     enabled: bool = False
     decay: float = Field(0.999, gt=0, lt=1)
@@ -409,6 +423,46 @@ class MegatronConfig(Section):
     )
 
 
+class SlurmConfig(Section):
+    """`train.launcher: slurm`: the training stage as one `sbatch` allocation of `train.nnodes` nodes, one `srun`
+    task per node running torchrun with `train.nproc_per_node` ranks (engines/common/slurm.py renders the script).
+    Unset options are left to the cluster's defaults, so a site's partition policy is never second-guessed."""
+
+    partition: str | None = Field(None, description="sbatch --partition")
+    account: str | None = Field(None, description="sbatch --account")
+    qos: str | None = Field(None, description="sbatch --qos")
+    time: str | None = Field(None, description="sbatch --time limit (MM, HH:MM:SS, D-HH:MM:SS, ...)")
+    gpus_per_node: int | None = Field(
+        None, ge=0, description="sbatch --gpus-per-node; default train.nproc_per_node (one GPU per rank); 0: left out"
+    )
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="sbatch --cpus-per-task (the one task per node runs every rank of that node)"
+    )
+    mem: str | None = Field(None, description="sbatch --mem per node (e.g. 480G, 0 for all of it)")
+    job_name: str | None = Field(None, description="sbatch --job-name; default flowspeed-train-<family>")
+    port: int = Field(29500, ge=1024, le=65535, description="c10d rendezvous port on the allocation's first node")
+    sbatch_args: list[str] = Field(
+        default_factory=list,
+        description="further `#SBATCH` options as given (e.g. --gres=npu:8, --reservation=x, --exclusive)",
+    )
+    setup: list[str] = Field(
+        default_factory=list, description="shell lines run before srun on the first node (module load, exports)"
+    )
+    python: str | None = Field(
+        None, description="the compute nodes' Python with flowspeed installed; default the submitting interpreter"
+    )
+    poll_s: float = Field(30.0, gt=0, description="seconds between squeue polls while the flow waits on the job")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time_as_written(cls, value: Any) -> Any:
+        """YAML reads an unquoted 12:00:00 as 43200 and 90 as an int: neither can be told back into what was meant
+        (Slurm reads a bare number as minutes), so only the quoted form is taken."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ValueError(f'write the time limit quoted, e.g. time: "12:00:00" (YAML read it as the number {value})')
+        return value
+
+
 class TrainConfig(Section):
     engine: Literal["torch", "megatron"] = Field(
         "torch",
@@ -468,6 +522,17 @@ class TrainConfig(Section):
     node_rank: int = Field(0, ge=0)
     rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous (multi-node)")
     rdzv_id: str = "flowspeed"
+    elastic: ElasticConfig | None = Field(
+        None,
+        description="torchrun elastic: c10d rendezvous over min_nodes:max_nodes and max_restarts group restarts, "
+        "each resuming from the newest checkpoint; unset: a fixed group, a failed rank fails the job",
+    )
+    launcher: Literal["local", "slurm"] = Field(
+        "local",
+        description="local: train here (torchrun for several ranks); slurm: submit the training as one sbatch "
+        "allocation (train.slurm) and wait on it",
+    )
+    slurm: SlurmConfig = SlurmConfig()
 
 
 class BenchmarkConfig(Section):
@@ -736,7 +801,7 @@ _TRAIN_RESUMABLE = {
     "max_grad_norm", "mixed_precision", "fsdp", "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id",
     "parallel", "device", "log_every", "metrics_flush_every", "checkpoint_every", "keep_checkpoints", "gpu_slots",
     "activation_checkpointing", "compile", "compile_cache_dir", "async_checkpoint", "profile", "peak_tflops",
-    "collective_timeout_s",
+    "collective_timeout_s", "elastic", "launcher", "slurm",
 }  # fmt: skip
 
 

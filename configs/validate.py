@@ -214,7 +214,7 @@ def layout_problems(cfg: PipelineConfig) -> list[str]:
     """What the launchers refuse before any process starts, for the configured engine."""
     t = cfg.train
     out = []
-    if t.nnodes > 1 and not t.rdzv_endpoint:
+    if t.nnodes > 1 and not t.rdzv_endpoint and t.launcher != "slurm":  # slurm: the allocation's first node
         out.append(f"train.nnodes={t.nnodes} needs train.rdzv_endpoint (host:port reachable from every node)")
     if t.node_rank >= t.nnodes:
         out.append(f"train.node_rank={t.node_rank} must be below train.nnodes={t.nnodes}")
@@ -339,6 +339,79 @@ def _value_problems(cfg: PipelineConfig) -> list[str]:
     return out
 
 
+# Slurm's --time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (and UNLIMITED / INFINITE)
+_SLURM_TIME = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE)$")
+
+
+def _slurm_problems(cfg: PipelineConfig) -> list[str]:
+    """`train.launcher: slurm`: what sbatch would refuse minutes later in a queue (or, worse, accept and run wrong),
+    refused at load: a malformed time limit, fewer GPUs than ranks, options that would break the batch script."""
+    t, s = cfg.train, cfg.train.slurm
+    if t.launcher != "slurm":
+        return []
+    out = []
+    if s.time is not None and not _SLURM_TIME.match(s.time):
+        out.append(f"train.slurm.time={s.time!r} is not a Slurm time limit; use MM, HH:MM:SS or D-HH:MM:SS")
+    if s.gpus_per_node and s.gpus_per_node < t.nproc_per_node and not t.device.startswith("cpu"):
+        out.append(
+            f"train.slurm.gpus_per_node={s.gpus_per_node} is below train.nproc_per_node={t.nproc_per_node}: each rank "
+            "needs a device of its own; raise gpus_per_node or lower nproc_per_node"
+        )
+    if t.node_rank != 0 or t.rdzv_endpoint:
+        out.append(
+            "train.node_rank and train.rdzv_endpoint come from the Slurm allocation (SLURM_NODEID, its first node) "
+            "under train.launcher: slurm: remove them"
+        )
+    for key, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos), ("mem", s.mem),
+                       ("job_name", s.job_name), ("python", s.python)):  # fmt: skip
+        if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+            out.append(f"train.slurm.{key}={value!r} must be one word (no spaces or line breaks)")
+    for i, arg in enumerate(s.sbatch_args):
+        if not arg.startswith("-") or "\n" in arg:
+            out.append(f"train.slurm.sbatch_args[{i}]={arg!r}: give one sbatch option per item, e.g. --gres=npu:8")
+    for i, line in enumerate(s.setup):
+        if "\n" in line:
+            out.append(f"train.slurm.setup[{i}]: one shell line per item (split {line!r} at its line breaks)")
+    return out
+
+
+def _elastic_problems(cfg: PipelineConfig) -> list[str]:
+    """`train.elastic`: a node range the rendezvous can form, and a layout every group in it can take.
+
+    The layout and the global batch (batch_size x grad_accum x data-parallel ranks) are made for `train.nnodes`;
+    a group formed with another node count re-derives the layout from its world size, so each count in
+    min_nodes..max_nodes must fit the parallel degrees, or the restart would fail on every rank at once. Such a
+    group also trains with its own global batch, so only min_nodes = max_nodes (the default) keeps a restarted run
+    bit-identical to an uninterrupted one."""
+    t, e = cfg.train, cfg.train.elastic
+    if e is None:
+        return []
+    if e.min_nodes and e.max_nodes and e.min_nodes > e.max_nodes:
+        return [
+            f"train.elastic.min_nodes={e.min_nodes} is above train.elastic.max_nodes={e.max_nodes}: the rendezvous "
+            "could never form"
+        ]
+    lo, hi = e.min_nodes or t.nnodes, e.max_nodes or t.nnodes
+    if not lo <= t.nnodes <= hi:
+        return [
+            f"train.nnodes={t.nnodes} is outside train.elastic.min_nodes..max_nodes={lo}..{hi} (unset: nnodes): nnodes "
+            "is the group the layout and the global batch are made for; set it within the range"
+        ]
+    out = []
+    if hi > 1 and not t.rdzv_endpoint and getattr(t, "launcher", "local") != "slurm":
+        out.append(
+            f"train.elastic.max_nodes={hi} needs train.rdzv_endpoint (host:port of the c10d rendezvous that every "
+            "node reaches, e.g. node0:29400)"
+        )
+    for n in range(lo, hi + 1):
+        if n == t.nnodes:
+            continue  # layout_problems checks the nominal group
+        other = cfg.model_copy(update={"train": t.model_copy(update={"nnodes": n})})
+        rules = megatron_layout_problems if t.engine == "megatron" else torch_layout_problems
+        out += [f"with {n} nodes (train.elastic.min_nodes..max_nodes={lo}..{hi}): {p}" for p in rules(other)]
+    return out
+
+
 def _lora_init_problems(cfg: PipelineConfig) -> list[str]:
     """`train.lora.init_from`: the adapter is there, is plain LoRA for this family's denoiser, and the LoRA
     settings the config gives agree with it (those it leaves out were taken from it by the schema). Checked at
@@ -373,7 +446,7 @@ def _lora_init_problems(cfg: PipelineConfig) -> list[str]:
 def config_problems(cfg: PipelineConfig) -> list[str]:
     """Every mistake `load_config` refuses: each a paragraph naming the key, the value and the fix."""
     return (_family_problems(cfg) + layout_problems(cfg) + _registry_problems(cfg) + _value_problems(cfg)
-            + _lora_init_problems(cfg))  # fmt: skip
+            + _lora_init_problems(cfg) + _elastic_problems(cfg) + _slurm_problems(cfg))  # fmt: skip
 
 
 # ---- what depends on this machine: checked when a stage starts, before it writes anything ------------

@@ -610,6 +610,10 @@ from flowspeed.flows.recipes_cli import recipes_app  # noqa: E402
 
 app.add_typer(recipes_app, name="recipes")
 
+from flowspeed.flows.k8s_cli import k8s_app  # noqa: E402
+
+app.add_typer(k8s_app, name="k8s")
+
 cache_app = typer.Typer(help="Inspect, verify and prune the latent cache of a config's prep stage.")
 app.add_typer(cache_app, name="cache")
 

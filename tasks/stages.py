@@ -162,8 +162,13 @@ def make_task_runner(cfg: PipelineConfig) -> Any:
     ),
 )
 def train_model(cfg: PipelineConfig, run_id: str | None, tracking_uri: str | None) -> dict[str, Any]:
-    """Train (in process, or torchrun for nproc_per_node > 1) while holding the node's GPU slots;
-    a retry resumes from the last checkpoint."""
+    """Train (in process, or torchrun for nproc_per_node > 1) while holding the node's GPU slots, or as a Slurm
+    job (`train.launcher: slurm`: Slurm allocates the GPUs, so no slots here); a retry resumes from the last
+    checkpoint."""
+    if cfg.train.launcher == "slurm":
+        from flowspeed.tasks.slurm import train_on_slurm
+
+        return {**train_on_slurm(cfg, run_id, tracking_uri), "gpu_slots": None, "run_id": run_id}
     from flowspeed.engines.launch import launch
     from flowspeed.tasks.gpu_slots import gpu_slots  # torch: only when training runs
 
