@@ -439,7 +439,7 @@ class SlurmConfig(Section):
         None, ge=1, description="sbatch --cpus-per-task (the one task per node runs every rank of that node)"
     )
     mem: str | None = Field(None, description="sbatch --mem per node (e.g. 480G, 0 for all of it)")
-    job_name: str | None = Field(None, description="sbatch --job-name; default flowspeed-train-<family>")
+    job_name: str | None = Field(None, description="sbatch --job-name; default `flowspeed-train-<family>`")
     port: int = Field(29500, ge=1024, le=65535, description="c10d rendezvous port on the allocation's first node")
     sbatch_args: list[str] = Field(
         default_factory=list,
