@@ -599,10 +599,6 @@ class EvalParallelConfig(Section):
             )
         return dp, self.cfg, self.cp
 
-    def describe(self, world: int) -> str:
-        dp, cfg, cp = self.layout(world)
-        return f"dp{dp} x cfg{cfg} x cp{cp}" + (f" ({self.cp_mode})" if cp > 1 else "")
-
 
 #: each step-cache method's knobs (fields of EvalCacheConfig), in the order its tag lists them
 CACHE_KNOBS: dict[str, tuple[str, ...]] = {

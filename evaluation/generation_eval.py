@@ -24,6 +24,7 @@ from flowspeed.configs import PipelineConfig
 from flowspeed.datasets_prep.mp4 import write_sample
 from flowspeed.engines.common.io import atomic_write, text_digest
 from flowspeed.engines.models.registry import ModelFamily, float_frames, frames_out, loaded
+from flowspeed.engines.torch_engine.sampling import SamplingLayout
 from flowspeed.engines.torch_engine.step_cache import denoiser_seconds, step_cache_off
 from flowspeed.evaluation import generation_metrics as gm
 from flowspeed.evaluation.clip_score import clip_image_features, clip_score_of, load_clip, video_clip_score
@@ -258,7 +259,7 @@ def generate_and_score(
     if rows:  # torchmetrics' CLIPScore of the whole set: the clamp at 0 comes after the mean
         metrics["eval/clip_score"] = clip_score_of([r["clip_cosine"] for r in rows])
     metrics |= {f"eval/peak_memory_gb_rank{r}": gb for r, gb in enumerate(memory)}
-    info = _labels(cfg, rows) | {"parallel": e.parallel.describe(ranks.world)}
+    info = _labels(cfg, rows) | {"parallel": SamplingLayout.of(e.parallel, ranks.world).describe()}
     if e.cache.on:
         metrics |= cache_metrics(rows)
         info["step_cache"] = e.cache.describe()

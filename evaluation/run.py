@@ -93,14 +93,13 @@ def run_eval(cfg: PipelineConfig, final_dir: Path | None = None) -> EvalResult:
 def sampling_layout(cfg: PipelineConfig, family: ModelFamily) -> SamplingLayout:
     """`eval.parallel` as a layout; CFG / context parallelism split a generated sample, so only a generating
     family takes them (the config checked dp x cfg x cp = nproc_per_node at load)."""
-    p = cfg.eval.parallel
-    dp, cfg_degree, cp = p.layout(cfg.eval.nproc_per_node)
-    if cfg_degree * cp > 1 and not family.can(Capability.GENERATION):
+    layout = SamplingLayout.of(cfg.eval.parallel, cfg.eval.nproc_per_node)
+    if layout.group > 1 and not family.can(Capability.GENERATION):
         raise ValueError(
-            f"eval.parallel: cfg={cfg_degree} x cp={cp} splits one generated sample across ranks; {family.name} does "
-            "not generate media, so its eval ranks can only split items: set eval.parallel.cfg and cp to 1"
+            f"eval.parallel: cfg={layout.cfg} x cp={layout.cp} splits one generated sample across ranks; {family.name} "
+            "does not generate media, so its eval ranks can only split items: set eval.parallel.cfg and cp to 1"
         )
-    return SamplingLayout(dp, cfg_degree, cp, p.cp_mode)
+    return layout
 
 
 def clear_dead_temp_files(out: Path) -> list[Path]:

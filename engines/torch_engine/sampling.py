@@ -46,6 +46,12 @@ class SamplingLayout:
     cp: int = 1
     cp_mode: str = "ulysses"
 
+    @classmethod
+    def of(cls, section: Any, world: int) -> SamplingLayout:
+        """The layout an `eval.parallel` section (EvalParallelConfig) gives `world` ranks; its ValueError when the
+        degrees do not fit."""
+        return cls(*section.layout(world), section.cp_mode)
+
     @property
     def group(self) -> int:
         """Ranks that make one sample together."""

@@ -148,12 +148,10 @@ def serving_layout(settings: dict[str, Any], family: ModelFamily) -> SamplingLay
     stored = dict(stored)
     nproc = stored.pop("nproc", 1)
     try:
-        p = EvalParallelConfig(**stored)
-        dp, cfg, cp = p.layout(nproc)
+        return SamplingLayout.of(EvalParallelConfig(**stored), nproc)
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise ValueError(f"{SETTINGS}: `parallel` {settings['parallel']} is not a layout: {exc}; rewrite it with "
                          "flowspeed.engines.tracking.serving.write_mlmodel") from exc  # fmt: skip
-    return SamplingLayout(dp, cfg, cp, p.cp_mode)
 
 
 def _serving_extras(family: ModelFamily, cfg: PipelineConfig) -> list[str]:
