@@ -197,6 +197,11 @@ DECODERS: tuple[str, ...] = ("decord", "pyav")
 #: the metrics a pipeline run hands the registry gates: the eval stage's `eval/...` and `train/final_loss`
 GATE_METRIC_PREFIXES: tuple[str, ...] = ("eval/", "train/")
 
+#: flow-matching image families whose denoiser `flow_grpo` samples with an SDE (engines/methods/flow_grpo.py)
+FLOW_GRPO_FAMILIES: tuple[str, ...] = ("sd3", "flux")
+#: the built-in reward terms (evaluation/rewards.py) and what they score: answers ("text") or samples ("media")
+REWARDS: dict[str, str] = {"exact_answer": "text", "format": "text", "brightness": "media", "clip_score": "media"}
+
 #: where evaluation/clip_score.py adds its own open_clip model configs (beside open_clip's)
 _CLIP_CONFIGS = Path(__file__).resolve().parent.parent / "evaluation" / "clip_configs"
 

@@ -383,6 +383,50 @@ class LoraConfig(Section):
         return {"rank": found.rank, "alpha": found.alpha, "target_modules": found.target_modules, **data}
 
 
+class RewardConfig(Section):
+    """One term of a reward (evaluation/rewards.py): GRPO's and flow GRPO's training signal and `eval/reward`.
+    Terms are summed with their weights."""
+
+    name: str = Field(
+        description="exact_answer | format | brightness | clip_score, or `package.module:function` (a callable "
+        "taking the same arguments as the built-in of its kind, see evaluation/rewards.py)"
+    )
+    weight: float = Field(1.0, description="its share of the summed reward")
+    pattern: str | None = Field(None, description="format: the regex a whole answer must match")
+    clip: ClipConfig | None = Field(
+        None, description="clip_score: the open_clip model and its local weight file (default: eval.clip)"
+    )
+
+
+class MethodConfig(Section):
+    """What the train stage optimises: supervised finetuning, or a preference / reward post-training method
+    (engines/methods/). Each method's knobs are ignored by the others; unset ones take the authors' defaults."""
+
+    name: Literal["sft", "dpo", "diffusion_dpo", "grpo", "flow_grpo"] = Field(
+        "sft",
+        description="sft: the family's own objective; dpo / grpo: vision-language families; diffusion_dpo: "
+        "latent (diffusion and flow) families; flow_grpo: flow-matching image families",
+    )
+    beta: float | None = Field(
+        None, gt=0, description="DPO temperature (dpo: 0.1, TRL's default) or Diffusion-DPO's beta (5000, the authors')"
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: conservative DPO's label noise")
+    sft_weight: float = Field(0.0, ge=0, description="dpo: weight of an added NLL term on the chosen answers")
+    reference: Literal["model", "precomputed"] = Field(
+        "model",
+        description="model: a frozen copy of the starting model scores each batch (with LoRA: the base, adapters "
+        "off); precomputed (dpo): the reference log-probabilities are computed once before the first step",
+    )
+    rewards: list[RewardConfig] = Field(default_factory=list, description="grpo / flow_grpo: the reward terms")
+    group_size: int = Field(4, ge=2, description="grpo / flow_grpo: samples drawn per prompt")
+    kl_coef: float = Field(0.04, ge=0, description="grpo / flow_grpo: weight of the KL penalty to the reference")
+    clip_range: float = Field(0.2, gt=0, description="grpo / flow_grpo: PPO ratio clipping")
+    max_new_tokens: int = Field(32, ge=1, description="grpo: tokens generated per answer")
+    temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the rollouts")
+    sampling_steps: int = Field(10, ge=2, description="flow_grpo: SDE sampling steps per rollout")
+    noise_level: float = Field(0.7, gt=0, description="flow_grpo: the SDE's noise scale (Flow-GRPO's `a`)")
+
+
 class GpuSlotsConfig(Section):
     """A Prefect global concurrency limit that training runs take slots of, so two scheduled finetunes
     on one node (or GPU pool) queue instead of fighting over the same devices."""
@@ -498,6 +542,9 @@ class TrainConfig(Section):
         "config",
         description="champion: start from the registry's champion version (tracking.registry), the configured "
         "model when there is none yet; config: the model section as written",
+    )
+    method: MethodConfig = Field(
+        default_factory=MethodConfig, description="sft, or preference / reward post-training (dpo, grpo, ...)"
     )
     parallel: ParallelConfig = ParallelConfig()
     gpu_slots: GpuSlotsConfig = GpuSlotsConfig()
@@ -686,6 +733,11 @@ class EvalConfig(Section):
         8, ge=1, description="text families: prepared samples answered (exact match, WER); null: every one"
     )
     max_new_tokens: int | None = Field(None, ge=1, description="text answers: new tokens; default max_text_length/4")
+    rewards: list[RewardConfig] | None = Field(
+        None,
+        description="`eval/reward` of the held-out answers or the prompts' samples; default: train.method.rewards "
+        "(none: no reward metric)",
+    )
     nproc_per_node: int = Field(1, ge=1, description="eval ranks (torchrun): samples and items split across them")
     parallel: EvalParallelConfig = Field(
         default_factory=EvalParallelConfig, description="generation: ranks per video (cfg, cp) and prompt groups (dp)"

@@ -35,9 +35,11 @@ from flowspeed.configs.catalog import (
     BENCHMARKS,
     CAPTIONERS,
     FAMILIES,
+    FLOW_GRPO_FAMILIES,
     GATE_METRIC_PREFIXES,
     MEGATRON_FAMILIES,
     PROMPT_TEMPLATES,
+    REWARDS,
     TASK_RUNNERS,
     clip_models,
     family_facts,
@@ -443,10 +445,59 @@ def _lora_init_problems(cfg: PipelineConfig) -> list[str]:
     return out
 
 
+def _reward_problems(key: str, rewards: list, kind: str | None) -> list[str]:
+    """Each reward term a known built-in (of the kind the method scores: "text" answers or "media" samples) or a
+    `module:function` callable."""
+    out = []
+    for i, r in enumerate(rewards):
+        if ":" in r.name:
+            continue
+        if r.name not in REWARDS:
+            out.append(f"{key}[{i}].name={r.name!r} is not a reward; use one of {_names(REWARDS)} or a "
+                       "`package.module:function` callable")  # fmt: skip
+        elif kind is not None and REWARDS[r.name] != kind:
+            fits = [n for n, k in REWARDS.items() if k == kind]
+            out.append(f"{key}[{i}].name={r.name} scores {REWARDS[r.name]}, but this model's outputs are {kind}: "
+                       f"use {_names(fits)} or a callable")  # fmt: skip
+        if r.name == "format" and not r.pattern:
+            out.append(f"{key}[{i}]: the format reward needs `pattern`, the regex a whole answer must match")
+    return out
+
+
+def _method_problems(cfg: PipelineConfig) -> list[str]:
+    """`train.method` against the family, the engine and its own knobs (engines/methods/)."""
+    m, name = cfg.train.method, cfg.model.family
+    facts = family_facts(name)
+    kind = None if facts is None else ("text" if facts.export == "transformers" else "media")
+    out = _reward_problems("eval.rewards", cfg.eval.rewards or [], kind)
+    if m.name == "sft":
+        return out
+    out += _reward_problems("train.method.rewards", m.rewards, kind)
+    if cfg.train.engine != "torch":
+        out.append(f"train.method.name={m.name} runs on the torch engine; set train.engine: torch")
+    if facts is not None:
+        fits = {
+            "dpo": (facts.vision_tower, "vision-language families"),
+            "grpo": (facts.vision_tower, "vision-language families"),
+            "diffusion_dpo": (facts.export == "diffusers", "diffusion and flow (latent) families"),
+            "flow_grpo": (name in FLOW_GRPO_FAMILIES, f"flow-matching image families ({_names(FLOW_GRPO_FAMILIES)})"),
+        }
+        ok, which = fits[m.name]
+        if not ok:
+            out.append(f"train.method.name={m.name} trains {which}; model.family={name} is not one")
+    if m.name in ("grpo", "flow_grpo") and not m.rewards:
+        out.append(f"train.method.name={m.name} needs train.method.rewards (e.g. [{{name: exact_answer}}])")
+    if m.reference == "precomputed" and m.name != "dpo":
+        out.append(f"train.method.reference=precomputed applies to dpo (log-probabilities of fixed answers); "
+                   f"{m.name} scores fresh samples every step: use reference: model")  # fmt: skip
+    return out
+
+
 def config_problems(cfg: PipelineConfig) -> list[str]:
     """Every mistake `load_config` refuses: each a paragraph naming the key, the value and the fix."""
     return (_family_problems(cfg) + layout_problems(cfg) + _registry_problems(cfg) + _value_problems(cfg)
-            + _lora_init_problems(cfg) + _elastic_problems(cfg) + _slurm_problems(cfg))  # fmt: skip
+            + _lora_init_problems(cfg) + _elastic_problems(cfg) + _slurm_problems(cfg)
+            + _method_problems(cfg))  # fmt: skip
 
 
 # ---- what depends on this machine: checked when a stage starts, before it writes anything ------------

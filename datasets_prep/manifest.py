@@ -485,6 +485,10 @@ def read_opensora_plan(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Ite
             yield item
 
 
+#: the two sides of a preference record (an answer each for a VLM, a media file each for a generation family)
+PREFERENCE_KEYS = ("chosen", "rejected")
+
+
 def _is_sharegpt(path: Path, first: dict | None) -> bool:
     return bool(first) and ("messages" in first or "conversations" in first)
 
@@ -524,7 +528,9 @@ def read_sharegpt(path: Path, roots: tuple[Path, ...] = ()) -> Iterator[Item]:
             yield Rejection(where, "manifest", bad, code)
             continue
         first = media[0] if media else path.resolve()
-        yield Entry(n, first, None, tuple(media), {"messages": turns}, (root, *roots))
+        # a preference record (LLaMA-Factory's ShareGPT DPO layout) keeps its two answers for the preference prep
+        pair = {k: row[k] for k in PREFERENCE_KEYS if k in row}
+        yield Entry(n, first, None, tuple(media), {"messages": turns, **pair}, (root, *roots))
 
 
 def _is_audio(path: Path, first: dict | None) -> bool:

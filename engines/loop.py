@@ -103,6 +103,9 @@ class StepOutput:
     # token positions the model computed, pads included, when the family batches tokens (0: no padding notion);
     # `tokens` counts only the real ones, so 1 - tokens / slots is what padding wasted
     slots: int = 0
+    # a training method's per-step metrics (engines/methods: train/reward_mean, train/margin, ...), averaged over the
+    # micro-batches and data-parallel ranks
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -355,6 +358,7 @@ def run_training(
                             **({"perf/padding_ratio": 1 - out.tokens / out.slots} if out.slots else {}),
                             "perf/model_tflops_per_s_per_rank": flops / dt / world / 1e12,
                             "perf/peak_memory_gb": peak_memory_bytes(device) / 2**30,
+                            **out.metrics,
                         }
                         m = mfu(flops, dt, peak, world)
                         if m is not None:

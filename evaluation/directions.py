@@ -21,6 +21,8 @@ DIRECTIONS: dict[str, str] = {
     "accuracy": "higher",
     "relaxed_accuracy": "higher",
     "anls": "higher",
+    # preference / reward post-training: the configured reward of held-out answers or samples
+    "reward": "higher",
     # VBench-style video quality dimensions
     "temporal_flickering": "higher",
     "motion_smoothness": "higher",

@@ -485,6 +485,28 @@ def loaded(load: Callable[[], T], *key: Any) -> T:
     return _KEPT[k]
 
 
+_PER_SAMPLE = False
+
+
+@contextmanager
+def per_sample_losses() -> Iterator[None]:
+    """Inside, a family's `training_loss` returns one loss per sample (B,) instead of the batch mean: what
+    Diffusion-DPO compares pair by pair (engines/methods/diffusion_dpo.py). Families end their objective with
+    `batch_loss`, so the two are the same numbers."""
+    global _PER_SAMPLE
+    outer, _PER_SAMPLE = _PER_SAMPLE, True
+    try:
+        yield
+    finally:
+        _PER_SAMPLE = outer
+
+
+def batch_loss(per_sample: torch.Tensor) -> torch.Tensor:
+    """A family objective's last step: the (B,) per-sample losses -> their mean, or the losses themselves inside
+    `per_sample_losses`."""
+    return per_sample if _PER_SAMPLE else per_sample.mean()
+
+
 @contextmanager
 def seeded_init(seed: int):
     """Random-init presets must give the same weights in every stage and process."""

@@ -67,11 +67,19 @@ def init_distributed(cfg: PipelineConfig) -> Env:
     return Env(rank, world, device, dims, mesh, dp_rank, dp_world)
 
 
-def build_model(family: ModelFamily, cfg: PipelineConfig, model_args: dict[str, int], env: Env) -> nn.Module:
+def build_model(
+    family: ModelFamily, cfg: PipelineConfig, model_args: dict[str, int], env: Env, *, frozen: bool = False
+) -> nn.Module:
     """Rank 0 loads the weights the ordinary way on CPU (pretrained files or a seeded preset); every
     rank builds the same architecture on the meta device, shards it, then receives its shards of
-    rank 0's weights. Only rank 0 ever holds the whole model, and only in host memory."""
+    rank 0's weights. Only rank 0 ever holds the whole model, and only in host memory.
+
+    `frozen`: the starting model without adapters, every parameter frozen, in the same layout but never wrapped
+    for gradient reduction: a preference method's reference model (engines/methods/reference.py)."""
     t = cfg.train
+    if frozen:
+        t = t.model_copy(update={"lora": t.lora.model_copy(update={"enabled": False, "init_from": None})})
+        cfg = cfg.model_copy(update={"train": t})
     if t.compile:
         compile_cache(t.compile_cache_dir, cfg.workdir / ".cache" / "inductor")
     full = family.load_transformer(cfg.model, **model_args) if env.rank == 0 else None
@@ -82,6 +90,8 @@ def build_model(family: ModelFamily, cfg: PipelineConfig, model_args: dict[str, 
             apply_lora(full, t.lora, family.lora_targets, family.lora_exclude)
         if t.lora.init_from:  # an adapter trained elsewhere; the other ranks receive it with rank 0's weights
             load_adapter(full, t.lora.init_from, getattr(family, "pipeline_cls", None), family.denoiser_subfolder)
+    if full is not None and frozen:
+        full.requires_grad_(False)
     if env.world == 1:
         parallelize(full, None, env.dims, t)
         return full.to(env.device)
@@ -93,10 +103,12 @@ def build_model(family: ModelFamily, cfg: PipelineConfig, model_args: dict[str, 
         family.set_trainable(model, cfg.model)  # requires_grad is not in a state dict: every rank sets it
         if t.lora.enabled:
             apply_lora(model, t.lora, family.lora_targets, family.lora_exclude)
+        if frozen:
+            model.requires_grad_(False)
     parallelize(model, env.mesh, env.dims, t)
     materialize(model, full, env.device)
     del full
-    return wrap_data_parallel(model, env.mesh, env.dims)
+    return model if frozen else wrap_data_parallel(model, env.mesh, env.dims)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

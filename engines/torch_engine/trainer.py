@@ -29,6 +29,7 @@ from flowspeed.engines.common.device import synchronize
 from flowspeed.engines.common.io import text_digest
 from flowspeed.engines.export import export_weights, plain_model
 from flowspeed.engines.loop import Facts, OptimizerOutput, StepOutput, TrainResult, lr_lambda, rank_main, run_training
+from flowspeed.engines.methods import MethodContext, get_method, reduce_metrics
 from flowspeed.engines.models import get_family
 from flowspeed.engines.models.registry import Capability
 from flowspeed.engines.torch_engine import checkpoint as ckpt
@@ -75,6 +76,8 @@ class TorchBackend:
         self.t = cfg.train
         self.async_checkpoint = self.t.async_checkpoint
         self.family = get_family(cfg.model.family)
+        self.method = get_method(cfg.train.method.name)
+        self.method.check(self.family, cfg)
 
     def init(self) -> tuple[int, int, torch.device]:
         self.env = env = init_distributed(self.cfg)
@@ -123,8 +126,18 @@ class TorchBackend:
     def load(self, path: Path | None) -> dict[str, Any] | None:
         if path is None:
             torch.manual_seed(self.t.seed)
-            return None
-        return ckpt.load(path, self.model, self.optimizer, self.lr_sched, self.ema.shadow if self.ema else None)
+            state = None
+        else:
+            state = ckpt.load(path, self.model, self.optimizer, self.lr_sched, self.ema.shadow if self.ema else None)
+        env = self.env
+        self.method_ctx = MethodContext(
+            cfg=self.cfg, family=self.family, model=self.model, scheduler=self.scheduler, device=env.device,
+            rank=env.rank, world=env.world, dp_rank=env.dp_rank, dp_world=env.dp_world, dp_group=self.dp_group,
+            build_frozen=lambda: build_model(self.family, self.cfg, self.model_args, env, frozen=True),
+            records=self.records, dataset=self.dataset,
+        )  # fmt: skip
+        self.method.setup(self.method_ctx)  # after the load: a resumed run's reference is still the starting model
+        return state
 
     def forward_backward(self, step: int, batches: Iterator[list[int]]) -> StepOutput:
         t, env, family, device = self.t, self.env, self.family, self.env.device
@@ -135,6 +148,7 @@ class TorchBackend:
         data_wait = time.perf_counter() - tw
         loss_acc = torch.zeros((), device=device)
         counts = [0, 0, 0]  # samples, frames, tokens (latent tokens, or real text + vision tokens) of this rank
+        step_metrics: list[dict[str, torch.Tensor]] = []
         for micro, (idx, cpu_batch) in enumerate(zip(drawn, micro_batches, strict=True)):
             tw = time.perf_counter()
             batch: dict[str, Any] = {k: v.to(device) for k, v in cpu_batch.items()}
@@ -146,7 +160,8 @@ class TorchBackend:
             # same noise) as one process accumulating dp x as many micro-batches.
             gen = step_generator(t.seed, step, micro * env.dp_world + env.dp_rank)
             with grad_sync(self.model, micro == accum - 1), self.autocast:
-                loss = family.training_loss(self.model, self.scheduler, batch, gen)
+                loss, metrics = self.method.loss(self.method_ctx, batch, recs, gen)
+            step_metrics.append(metrics)
             # a token loss is already a share of the global batch's mean; other losses are micro-batch means
             (loss if normalizer is not None else loss / accum).backward()
             loss_acc += loss.detach().float()  # stays on device: no sync per micro-batch
@@ -157,16 +172,20 @@ class TorchBackend:
             from flowspeed.engines.torch_engine.context_parallel import reduce_cp_grads
 
             reduce_cp_grads(self.model, env.mesh["cp"])
-        # [loss sum, samples, frames, tokens, slots] summed over the data-parallel ranks in one collective, before the
-        # update: every rank sees the same loss, so on a non-finite one all of them stop before applying it.
-        totals = torch.cat(
-            [loss_acc.double().view(1), torch.tensor([*counts, slots], dtype=torch.float64, device=device)]
-        )
+        # [loss sum, samples, frames, tokens, slots, the method's metrics] summed over the data-parallel ranks in one
+        # collective, before the update: every rank sees the same loss, so on a non-finite one all of them stop before
+        # applying it.
+        method_metrics = reduce_metrics(step_metrics)
+        totals = torch.cat([
+            loss_acc.double().view(1), torch.tensor([*counts, slots], dtype=torch.float64, device=device),
+            *(v.double().view(1).to(device) for v in method_metrics.values()),
+        ])  # fmt: skip
         if self.dp_group is not None:
             dist.all_reduce(totals, op=dist.ReduceOp.SUM, group=self.dp_group)
-        loss_total, n_samples, n_frames, n_tokens, n_slots = totals.tolist()  # syncs the device
+        loss_total, n_samples, n_frames, n_tokens, n_slots, *summed = totals.tolist()  # syncs the device
         mean = loss_total / env.dp_world if normalizer is not None else loss_total / (accum * env.dp_world)
-        return StepOutput(mean, int(n_samples), int(n_frames), int(n_tokens), data_wait, int(n_slots))
+        averaged = {k: v / env.dp_world for k, v in zip(method_metrics, summed, strict=True)}
+        return StepOutput(mean, int(n_samples), int(n_frames), int(n_tokens), data_wait, int(n_slots), averaged)
 
     def step_batches(self, drawn: list[list[int]]) -> tuple[list[dict[str, torch.Tensor]], float | None, int]:
         """(this rank's micro-batches on the CPU, the token-loss normaliser, token positions computed).
@@ -178,8 +197,8 @@ class TorchBackend:
         the global batch, equal whether its samples come padded or packed, in few micro-batches or many."""
         family = self.family
         pack = self.t.packing.max_tokens is not None
-        out = [(family.pack if pack else family.collate)([self.dataset[i] for i in idx]) for idx in drawn]
-        if not family.can(Capability.TOKEN_LOSS):
+        out = [self.method.collate(family, [self.dataset[i] for i in idx], pack) for idx in drawn]
+        if not family.can(Capability.TOKEN_LOSS) or not self.method.token_normalized:
             return out, None, 0
         targets = torch.tensor(float(sum(family.loss_targets(b) for b in out)), dtype=torch.float64)
         if self.dp_group is not None:
