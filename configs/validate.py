@@ -487,6 +487,9 @@ def _method_problems(cfg: PipelineConfig) -> list[str]:
             out.append(f"train.method.name={m.name} trains {which}; model.family={name} is not one")
     if m.name in ("grpo", "flow_grpo") and not m.rewards:
         out.append(f"train.method.name={m.name} needs train.method.rewards (e.g. [{{name: exact_answer}}])")
+    if m.name in ("dpo", "grpo") and cfg.train.packing.max_tokens is not None:
+        out.append(f"train.method.name={m.name} batches whole conversations (one row per answer), not packed rows: "
+                   "set train.packing.max_tokens: null")  # fmt: skip
     if m.reference == "precomputed" and m.name != "dpo":
         out.append(f"train.method.reference=precomputed applies to dpo (log-probabilities of fixed answers); "
                    f"{m.name} scores fresh samples every step: use reference: model")  # fmt: skip

@@ -93,6 +93,8 @@ def make_demo_dataset(out_dir: Path, num_videos: int = 16, num_images: int = 4, 
     manifest = out_dir / "data.jsonl"
     atomic_write_text(manifest, "".join(json.dumps(r) + "\n" for r in rows))
     write_conversations(out_dir, rows)
+    write_preferences(out_dir, rows)
+    write_image_pairs(out_dir, rows)
     return manifest
 
 
@@ -115,6 +117,49 @@ def write_conversations(out_dir: Path, rows: list[dict]) -> Path:
         })  # fmt: skip
     path = Path(out_dir) / "conversations.jsonl"
     atomic_write_text(path, "".join(json.dumps(c) + "\n" for c in convs))
+    return path
+
+
+def write_preferences(out_dir: Path, rows: list[dict]) -> Path:
+    """`preferences.jsonl`: LLaMA-Factory's ShareGPT DPO layout on the same clips and stills (the VLMs' DPO demo
+    data): the shape question, the true shape chosen; rejected, a wrong shape with a second, hallucinated one (as
+    hallucination-preference sets such as RLHF-V and POVID make their rejected answers)."""
+    pairs = []
+    for r in rows:
+        kind = "image" if r["file"].startswith("images/") else "video"
+        words = r["captions"].split()
+        shape = words[3] if words[1] == "still" else words[2]
+        wrong, extra = (SHAPES[(SHAPES.index(shape) + k) % len(SHAPES)] for k in (1, 2))
+        pairs.append({
+            f"{kind}s": [r["file"]],
+            "conversations": [{"from": "human", "value": f"<{kind}>\nWhat shape is shown?"}],
+            "chosen": {"from": "gpt", "value": f"A {shape}."},
+            "rejected": {"from": "gpt", "value": f"A {wrong} and a {extra}."},
+        })  # fmt: skip
+    path = Path(out_dir) / "preferences.jsonl"
+    atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in pairs))
+    return path
+
+
+def write_image_pairs(out_dir: Path, rows: list[dict]) -> Path:
+    """`pairs.jsonl`: image preference pairs for the generation families' Diffusion-DPO demo: the still its caption
+    describes chosen, the same scene with the next shape of SHAPES rejected (`pairs/`, at another size and aspect, so
+    the prep's resize of the rejected side to the chosen one's bucket is exercised)."""
+    (Path(out_dir) / "pairs").mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for r in rows:
+        if not r["file"].startswith("images/"):
+            continue
+        words, background = r["captions"].split(), r["captions"].split(" of a ")[1].removesuffix(" background")
+        colour, shape = words[2], words[3]
+        wrong, extra = (SHAPES[(SHAPES.index(shape) + k) % len(SHAPES)] for k in (1, 2))
+        img = Image.new("RGB", (112, 80), BACKGROUNDS[background])
+        _draw(ImageDraw.Draw(img), wrong, 56, 40, 14, COLOURS[colour])
+        name = "pairs/" + Path(r["file"]).stem + "_rejected.png"
+        atomic_write(Path(out_dir) / name, lambda p, img=img: img.save(p, format="PNG"))
+        pairs.append({"caption": r["captions"], "chosen": r["file"], "rejected": name})
+    path = Path(out_dir) / "pairs.jsonl"
+    atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in pairs))
     return path
 
 

@@ -29,6 +29,7 @@ REFUSALS = {
         ["flow_grpo", "sd3, flux", "cogvideox"],
     ),
     "grpo without rewards": (QWEN, ["train.method.name=grpo"], ["train.method.rewards", "exact_answer"]),
+    "dpo on packed rows": (QWEN, ["train.method.name=dpo"], ["train.packing.max_tokens: null"]),
     "precomputed reference outside dpo": (
         QWEN,
         ["train.method.name=grpo", "train.method.rewards=[{name: exact_answer}]", "train.method.reference=precomputed"],
@@ -59,8 +60,11 @@ def test_a_method_the_family_cannot_train_is_refused_at_load(case: str) -> None:
 
 
 def test_methods_that_fit_load() -> None:
-    load_config(QWEN, ["train.method.name=dpo", "train.method.reference=precomputed"])
-    load_config(QWEN, ["train.method.name=grpo", "train.method.rewards=[{name: exact_answer}, {name: a.b:c}]"])
+    unpacked = "train.packing.max_tokens=null"
+    load_config(QWEN, ["train.method.name=dpo", "train.method.reference=precomputed", unpacked])
+    load_config(
+        QWEN, ["train.method.name=grpo", "train.method.rewards=[{name: exact_answer}, {name: a.b:c}]", unpacked]
+    )
     for family in FLOW_GRPO_FAMILIES:
         load_config(REPO / "configs" / f"{family}-quickstart.yaml",
                     ["train.method.name=flow_grpo", "train.method.rewards=[{name: brightness}]"])  # fmt: skip
