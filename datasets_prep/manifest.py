@@ -237,6 +237,8 @@ def _row_entry(row: Any, lineno: int, where: str, root: Path, roots: tuple[Path,
     if not isinstance(row, dict):
         return Rejection(where, "manifest", f"record {lineno} is not an object", "bad_record")
     raw = _media_of(row)
+    if raw is None and all(isinstance(row.get(k), str) and row[k] for k in PREFERENCE_KEYS):
+        return _pair_entry(row, lineno, root, roots)
     if raw is None:
         return Rejection(
             where, "manifest", f'record {lineno} has no "file" (or {"/".join(MEDIA_KEYS[1:])}) string', "no_media"
@@ -246,6 +248,20 @@ def _row_entry(row: Any, lineno: int, where: str, root: Path, roots: tuple[Path,
         return Rejection(raw, "manifest", f"record {lineno}: {resolved}", "escapes_root")
     meta = {k: v for k, v in row.items() if k not in MEDIA_KEYS and k not in CAPTION_KEYS}
     return Entry(lineno, resolved, caption_of(row), (resolved,), meta, (root, *roots))
+
+
+def _pair_entry(row: dict[str, Any], lineno: int, root: Path, roots: tuple[Path, ...]) -> Item:
+    """A generation family's preference row (`{"caption": ..., "chosen": "a.png", "rejected": "b.png"}`, no media
+    column): both files held to the roots like any media; the chosen one is the primary path (what SFT trains on),
+    media = (chosen, rejected), and meta keeps the pair as written (the latent prep caches both sides)."""
+    paths = []
+    for key in PREFERENCE_KEYS:
+        resolved = resolve_under(row[key], root, roots)
+        if isinstance(resolved, str):
+            return Rejection(row[key], "manifest", f"record {lineno} ({key}): {resolved}", "escapes_root")
+        paths.append(resolved)
+    meta = {k: v for k, v in row.items() if k not in CAPTION_KEYS}
+    return Entry(lineno, paths[0], caption_of(row), tuple(paths), meta, (root, *roots))
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any | json.JSONDecodeError]]:

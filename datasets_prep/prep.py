@@ -6,7 +6,10 @@
 Idempotent: samples whose content key is already cached are neither decoded nor encoded, and the
 encoders are not even loaded when nothing is new. Under torchrun each rank takes the manifest
 records i with i % world == rank, writes its own shards (`r<rank>-*`) and a part file; rank 0
-merges the parts. Outputs (under `cfg.prep_dir`):
+merges the parts. A preference pair (manifest rows {"caption", "chosen", "rejected"}: Diffusion-DPO's data) is one
+sample: the rejected file is probed and checked like any clip, decoded at the chosen one's bucket and cached beside
+it (`rejected_latent_params`, ...; text once), under a key over both files; its failure rejects the pair. SFT on
+such a cache trains the chosen side. Outputs (under `cfg.prep_dir`):
     cache/            the latent cache (see flowspeed.datasets_prep.cache)
     samples.jsonl     the records this run's manifest and config select: the training set
     rejects.jsonl     {"path", "stage", "reason", "code"} per unusable record or file
@@ -84,6 +87,52 @@ class _Pending:
     bucket: Bucket
     indices: list[int]
     record: dict
+    rejected: _Side | None = None  # a preference pair's rejected side, decoded at this one's bucket
+
+
+@dataclass
+class _Side:
+    path: Path
+    info: MediaInfo
+    indices: list[int]
+
+
+def _rejected_path(entry: Entry) -> Path | None:
+    """The rejected file of a generation preference pair (manifest `_pair_entry`: media = (chosen, rejected), the
+    pair kept in meta as written), None for any other record (a VLM preference record's sides are answers)."""
+    pair = len(entry.media) == 2 and all(isinstance(entry.meta.get(k), str) for k in ("chosen", "rejected"))
+    return entry.media[1] if pair else None
+
+
+def _side_error(path: Path, stage: str, exc: Exception) -> ProbeError:
+    """A rejected side's failure as the pair's: its own reason and code, saying which side broke."""
+    why = _rejection(str(path), stage, exc)
+    return ProbeError(why.code, f"rejected side {path}: {why.reason}")
+
+
+def _rejected_digest(entry: Entry, path: Path) -> str:
+    """The content hash of a pair's rejected file (read from the descriptor checked under the entry's roots): part
+    of the pair's cache key, so replacing either image makes a new sample."""
+    try:
+        if not path.is_file():
+            raise ProbeError("not_found", "file not found")
+        with opened_under(path, entry.roots) as opened:
+            return file_digest(opened)
+    except Exception as exc:
+        raise _side_error(path, "probe", exc) from exc
+
+
+def _probe_rejected(path: Path, bucket: Bucket, d: DataConfig) -> _Side:
+    """A pair's rejected file checked like any clip and sampled to the chosen one's bucket (its frame count; its
+    size comes at decode), so both latents have one shape. Any failure refuses the pair."""
+    try:
+        info = probe(path)
+        _check_clip(info, d)
+        indices = sample_indices(info, bucket.frames, d.target_fps, d.stride)
+        _check_budget(info, len(indices), d)
+    except Exception as exc:
+        raise _side_error(path, "probe", exc) from exc
+    return _Side(path, info, indices)
 
 
 def _check(cfg: PipelineConfig, family: ModelFamily) -> None:
@@ -135,11 +184,14 @@ def _plan(
             content = item.meta.get("content_hash") or media_digest(item)  # read from the checked descriptor
             info: MediaInfo | None = None
             ranges: list[tuple[int, int] | None] = [None]
-            if scenes is not None and item.path.suffix.lower() not in IMAGE_SUFFIXES:
+            rejected = _rejected_path(item)  # a preference pair: one sample of two files, never scene-split
+            if scenes is not None and rejected is None and item.path.suffix.lower() not in IMAGE_SUFFIXES:
                 ranges = scenes.get(content, item.path)
             for rng in ranges:
                 where = f"{path}[{rng[0]}:{rng[1]}]" if rng else path
                 parts = [content, item.caption, prep_hash, encoder] + ([f"{rng[0]}:{rng[1]}"] if rng else [])
+                if rejected is not None:  # the key covers both files: a new rejected image is a new sample
+                    parts += ["rejected", _rejected_digest(item, rejected)]
                 key = text_digest(*parts)
                 if key in selected or key in pending:
                     continue  # the same file and caption listed twice: one sample
@@ -154,6 +206,7 @@ def _plan(
                     start = rng[0] if rng else 0
                     indices = [start + i for i in sample_indices(view, bucket.frames, d.target_fps, d.stride)]
                     _check_budget(view, len(indices), d)
+                    side = _probe_rejected(rejected, bucket, d) if rejected is not None else None
                 except Exception as exc:
                     rejects.append(_rejection(where, "probe", exc))
                     continue
@@ -171,7 +224,13 @@ def _plan(
                 if rng and cur.scene_split.reencode:
                     clip = write_scene_clip(item.path, info, *rng, cfg.prep_dir / "clips", content)
                     record["clip_path"] = str(clip)
-                pending[key] = _Pending(item, info, bucket, indices, record)
+                if side is not None:  # trained by diffusion_dpo; SFT on this cache trains the chosen side
+                    record.update({
+                        "preference": True, "rejected_source": str(side.path), "rejected_content_hash": parts[-1],
+                        "rejected_kind": side.info.kind, "rejected_src_size": [side.info.width, side.info.height],
+                        "rejected_frame_indices": side.indices,
+                    })  # fmt: skip
+                pending[key] = _Pending(item, info, bucket, indices, record, side)
         except Exception as exc:  # one hostile record (a caption that cannot be encoded, ...) is its own loss
             rejects.append(_rejection(path, "probe", exc))
     if scenes is not None:
@@ -246,20 +305,30 @@ def _drop_minority_buckets(cfg: PipelineConfig, selected: list[dict], rejects: l
 
 def _decoded(
     cfg: PipelineConfig, pending: list[_Pending], rejects: list[Rejection]
-) -> Iterator[tuple[_Pending, torch.Tensor]]:
+) -> Iterator[tuple[_Pending, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]]:
+    """Each record's frames at its bucket; a preference pair's as (chosen, rejected), both at the chosen one's."""
     d = cfg.data
 
-    def work(p: _Pending) -> tuple[_Pending, torch.Tensor | Exception]:
+    def frames_of(p: _Pending, file: Path, info: MediaInfo, indices: list[int]) -> torch.Tensor:
+        size = cover_size(info.height, info.width, p.bucket.height, p.bucket.width)
+        # The decoder reads the file opened once and checked under the entry's roots, not the path again:
+        # a symlink swapped in since the manifest was read cannot hand it a file from elsewhere.
+        with opened_under(file, p.entry.roots) as path:
+            frames, used = decode(replace(info, path=str(path)), indices, d.decoder, size)
+        p.record.setdefault("decoder", used)
+        return resize_center_crop(frames, p.bucket.height, p.bucket.width)
+
+    def work(p: _Pending) -> tuple[_Pending, torch.Tensor | tuple[torch.Tensor, torch.Tensor] | Exception]:
         try:
-            size = cover_size(p.info.height, p.info.width, p.bucket.height, p.bucket.width)
-            # The decoder reads the file opened once and checked under the entry's roots, not the path again:
-            # a symlink swapped in since the manifest was read cannot hand it a file from elsewhere.
-            with opened_under(p.entry.path, p.entry.roots) as path:
-                frames, used = decode(replace(p.info, path=str(path)), p.indices, d.decoder, size)
-            p.record["decoder"] = used
-            return p, resize_center_crop(frames, p.bucket.height, p.bucket.width)
+            chosen = frames_of(p, p.entry.path, p.info, p.indices)
         except Exception as exc:  # MemoryError, a decoder's own types: this record's loss, not the stage's
             return p, exc
+        if p.rejected is None:
+            return p, chosen
+        try:
+            return p, (chosen, frames_of(p, p.rejected.path, p.rejected.info, p.rejected.indices))
+        except Exception as exc:
+            return p, _side_error(p.rejected.path, "decode", exc)
 
     # decord and PyAV release the GIL while decoding: threads overlap decode with encode. A bounded
     # window of in-flight decodes: pool.map would decode everything ahead of the encoder and hold
@@ -305,19 +374,25 @@ def _encode(
     rep.start("encode", len(pending))
     shard: list[tuple[dict, dict[str, torch.Tensor]]] = []
     written: list[dict] = []
-    by_shape: dict[tuple[int, int, int], list[tuple[_Pending, torch.Tensor]]] = defaultdict(list)
+    # (bucket shape, is a pair) -> decoded records: a batch is all pairs or all single clips
+    by_shape: dict[tuple[tuple[int, int, int], bool], list[tuple[_Pending, Any]]] = defaultdict(list)
     calls = 0
 
-    def flush(batch: list[tuple[_Pending, torch.Tensor]]) -> None:
+    def latents(frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        videos = family.encode_video(vae, frames, **image)
+        return videos if isinstance(videos, dict) else {"latent_params": videos}  # one tensor: the latent parameters
+
+    def flush(batch: list[tuple[_Pending, Any]]) -> None:
         nonlocal calls
+        pairs = batch[0][0].rejected is not None
         with torch.no_grad():
-            videos = family.encode_video(vae, torch.stack([f for _, f in batch]), **image)
+            videos = latents(torch.stack([f[0] if pairs else f for _, f in batch]))
+            if pairs:  # the rejected side: every tensor the family caches, under rejected_<name>
+                videos.update({f"rejected_{n}": t for n, t in latents(torch.stack([f[1] for _, f in batch])).items()})
             texts = family.encode_text(
                 tokenizer, text_encoder, [p.entry.caption for p, _ in batch], cfg.model.max_text_length
             )
         calls += 1
-        if not isinstance(videos, dict):  # one tensor: the clip's latent parameters
-            videos = {"latent_params": videos}
         videos = [{name: t[i] for name, t in videos.items()} for i in range(len(batch))]
         if isinstance(texts, dict):  # {name: (B, ...)} -> one {name: (...)} per sample
             texts = [{name: t[i] for name, t in texts.items()} for i in range(len(batch))]
@@ -341,7 +416,7 @@ def _encode(
         del shard[:n]
 
     for p, frames in _decoded(cfg, pending, rejects):
-        group = by_shape[p.bucket.shape]
+        group = by_shape[p.bucket.shape, p.rejected is not None]
         group.append((p, frames))
         if len(group) == d.batch_size:
             flush(group)

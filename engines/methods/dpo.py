@@ -142,7 +142,7 @@ class DPO(TrainingMethod):
             table = ctx.state["reference_logps"]
             ref = torch.tensor([table[r["key"]] for r in records], dtype=torch.float64, device=ctx.device)
         else:
-            with ctx.state["reference"].use() as reference:  # before the policy's forward (adapters toggle)
+            with ctx.state["reference"].use() as reference:  # under no_grad, before the policy's forward
                 ref = answer_logps(ctx.family, reference, batch)[0].view(2, n).T  # (B, 2)
         logps, counts, zero = answer_logps(ctx.family, ctx.model, batch)
         policy = logps.view(2, n).T  # (B, 2): rows were [chosen..., rejected...]

@@ -23,15 +23,20 @@ def adapter_layers(model: nn.Module) -> list[BaseTunerLayer]:
 
 @contextmanager
 def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` computing as its base model: every peft adapter layer disabled inside, re-enabled after."""
-    layers = adapter_layers(model)
+    """`model` computing as its base model: every peft adapter layer disabled inside, re-enabled after.
+
+    Only the flag peft's forward reads (`_disable_adapters`, what its `disable_adapters` property returns) is set:
+    peft's `enable_adapters(False/True)` also flips the adapters' `requires_grad`, and under FSDP2 the flag set back
+    on a block kept gathered after its forward (the last one) does not reach the sharded parameter, whose adapters
+    then never train (a 2-rank LoRA run lost a block's gradients that way)."""
+    layers = [layer for layer in adapter_layers(model) if not layer.disable_adapters]
     for layer in layers:
-        layer.enable_adapters(False)
+        layer._disable_adapters = True
     try:
         yield model
     finally:
         for layer in layers:
-            layer.enable_adapters(True)
+            layer._disable_adapters = False
 
 
 class Reference:

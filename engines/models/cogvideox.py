@@ -26,6 +26,7 @@ from flowspeed.configs.schema import ModelConfig
 from flowspeed.engines.models.registry import (
     GeneratingFamily,
     LatentFamily,
+    batch_loss,
     frames_out,
     from_pretrained,
     pick_preset,
@@ -243,7 +244,7 @@ class CogVideoX(LatentFamily, GeneratingFamily):
         pred_x0 = scheduler.get_velocity(pred_v.float(), noisy, t)  # v -> x0 for a v-prediction model
         alpha_bar = scheduler.alphas_cumprod.to(device, torch.float32)[t]
         weight = (1.0 / (1.0 - alpha_bar)).view(-1, 1, 1, 1, 1)
-        return (weight * (pred_x0 - latents) ** 2).flatten(1).mean(1).mean()
+        return batch_loss((weight * (pred_x0 - latents) ** 2).flatten(1).mean(1))
 
     def _rotary(self, core: nn.Module, shape: torch.Size, device: torch.device) -> Any:
         if not core.config.use_rotary_positional_embeddings:

@@ -15,7 +15,14 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from flowspeed.configs.schema import ModelConfig
 from flowspeed.engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
-from flowspeed.engines.models.registry import ddpm_noised, from_pretrained, pick_preset, register_family, seeded_init
+from flowspeed.engines.models.registry import (
+    batch_loss,
+    ddpm_noised,
+    from_pretrained,
+    pick_preset,
+    register_family,
+    seeded_init,
+)
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -91,7 +98,7 @@ class SDXL(ImageFamily):
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
             return_dict=False,
         )[0]
-        return ((pred.float() - noise) ** 2).mean()
+        return batch_loss(((pred.float() - noise) ** 2).flatten(1).mean(1))
 
     def export_scheduler(self, cfg: ModelConfig) -> EulerDiscreteScheduler:
         return EulerDiscreteScheduler(**self.euler_config)  # SDXL samples with Euler; it trains with DDPM

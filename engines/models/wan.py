@@ -60,6 +60,7 @@ from flowspeed.configs.schema import ModelConfig
 from flowspeed.engines.models.cogvideox import affine_posterior, encode_pixels, to_pixels
 from flowspeed.engines.models.registry import (
     LatentFamily,
+    batch_loss,
     conditioning_images,
     from_pretrained,
     loaded,
@@ -550,7 +551,7 @@ class Wan(LatentFamily, TextToVideoPipelineFamily):
         if first_frame:
             pred, target = pred[:, :, 1:], target[:, :, 1:]
         weight = bsmntw_weights(scheduler.timesteps[:NUM_TRAIN_TIMESTEPS])[idx].to(device)
-        return (weight * ((pred - target) ** 2).flatten(1).mean(1)).mean()
+        return batch_loss(weight * ((pred - target) ** 2).flatten(1).mean(1))
 
     def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
         _, t, h, w = latent_shape[-4:]  # (2*Cz, T', H', W')

@@ -108,8 +108,8 @@ def tiny_dino(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def metric_settings(trained: PipelineConfig, demo_manifest: Path, tiny_dino: Path) -> dict:
-    """FID/FVD against the demo folder (6 clips, 2 stills) with small extractor inputs, and every VBench
-    dimension: 2 prompts x 2 samples."""
+    """FID/FVD against the demo folder (6 clips, 2 stills, the 2 rejected stills of its preference pairs) with small
+    extractor inputs, and every VBench dimension: 2 prompts x 2 samples."""
     gen = {"reference": str(demo_manifest.parent), "fid_size": 75, "fvd_size": 32, "dino": str(tiny_dino)}
     return {"samples_per_prompt": 2, "batch_size": 2, "generation": gen}
 
@@ -162,7 +162,7 @@ def test_generation_metrics_in_the_eval(trained: PipelineConfig, one_rank_eval: 
     assert res.info["motion_smoothness_interpolator"] == "linear (VBench: AMT-S)"  # deviations are tagged
     # a random-init extractor is labelled as such, with the sample counts behind the number
     assert res.info["fid_features"] == res.info["fvd_features"] == "random-init"
-    assert res.info["fvd_samples"] == "4 generated vs 8 reference clips"
+    assert res.info["fvd_samples"] == "4 generated vs 10 reference clips"
     assert not (Path(res.eval_dir) / ".partial").exists()  # per-item shards are gone once the eval is done
 
 
