@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from flowspeed.configs.schema import ModelConfig
 from flowspeed.engines.models.encoders import CLIP_PRESETS, ImageFamily, denoiser_config, load_image_vae
 from flowspeed.engines.models.registry import (
+    batch_loss,
     from_pretrained,
     latents_and_noise,
     pick_preset,
@@ -100,11 +102,43 @@ class Flux(ImageFamily):
                            pooled_projections=batch["pooled_embeds"].float(), encoder_hidden_states=text,
                            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]  # fmt: skip
         target = FluxPipeline._pack_latents(noise - x0, b, c, h, w)
-        return ((pred.float() - target) ** 2).mean()
+        return batch_loss(((pred.float() - target) ** 2).flatten(1).mean(1))
 
     def latent_tokens(self, transformer_config: Any, latent_shape: tuple[int, ...]) -> int:
         _, h, w = latent_shape[-3:]
         return (h // 2) * (w // 2)  # 2x2 packing
+
+    # ---- what a sampler outside the pipeline calls (flow_grpo's SDE rollouts) ----------------------------------
+    def flow_velocity(
+        self, transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The velocity v = d x / d sigma (eps - x0) at `latents` (B, C, h, w), noise levels `sigma` (B,), in that
+        unpacked layout: FluxPipeline's denoiser call (packed 2x2 patches, timestep = sigma, dev's embedded guidance
+        at the training scale). The same call as `training_loss` makes, repeated so the objective stays readable."""
+        core = self.core_module(transformer)
+        (b, c, h, w), device = latents.shape, latents.device
+        text = batch["text_embeds"].float()
+        guidance = torch.full((b,), TRAIN_GUIDANCE, device=device) if core.config.guidance_embeds else None
+        pred = transformer(hidden_states=FluxPipeline._pack_latents(latents, b, c, h, w), timestep=sigma,
+                           guidance=guidance, pooled_projections=batch["pooled_embeds"].float(),
+                           encoder_hidden_states=text, txt_ids=torch.zeros(text.shape[1], 3, device=device),
+                           img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, latents.dtype),
+                           return_dict=False)[0]  # fmt: skip
+        f = self.spatial_compression  # _unpack_latents takes the pixel size
+        return FluxPipeline._unpack_latents(pred.float(), h * f, w * f, f)
+
+    def sampling_sigmas(self, scheduler: Any, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """(steps + 1,) the sigmas FluxPipeline samples `steps` steps on, ending at 0: linspace(1, 1/steps), shifted
+        by the image's token count where the scheduler shifts dynamically (dev), on a copy of the scheduler."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        grid = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        cfg, (h, w) = grid.config, latent_shape[-2:]
+        mu = calculate_shift((h // 2) * (w // 2), cfg.get("base_image_seq_len", 256),
+                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                             cfg.get("max_shift", 1.15))  # fmt: skip
+        grid.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        return grid.sigmas.float()
 
 
 register_family(Flux())

@@ -20,6 +20,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from flowspeed.configs.schema import ModelConfig
 from flowspeed.engines.models.encoders import CLIP_PRESETS, ImageFamily, load_image_vae
 from flowspeed.engines.models.registry import (
+    batch_loss,
     from_pretrained,
     latents_and_noise,
     pick_preset,
@@ -108,7 +109,29 @@ class SD3(ImageFamily):
         else:
             target = noise - x0
         weighting = compute_loss_weighting_for_sd3(TIMESTEP_SAMPLING["weighting_scheme"], sigma)
-        return (weighting * (pred - target) ** 2).reshape(b, -1).mean(1).mean()
+        return batch_loss((weighting * (pred - target) ** 2).reshape(b, -1).mean(1))
+
+    # ---- what a sampler outside the pipeline calls (flow_grpo's SDE rollouts) ----------------------------------
+    def flow_velocity(
+        self, transformer: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The velocity v = d x / d sigma (eps - x0 for x = (1 - sigma) x0 + sigma eps) at `latents` (B, C, h, w),
+        noise levels `sigma` (B,): StableDiffusion3Pipeline's denoiser call without guidance (timestep = 1000 sigma).
+        The same call as `training_loss` makes, repeated here so the objective stays one readable function."""
+        return transformer(
+            hidden_states=latents,
+            timestep=sigma * SCHEDULER_CONFIG["num_train_timesteps"],
+            encoder_hidden_states=batch["text_embeds"].float(),
+            pooled_projections=batch["pooled_embeds"].float(),
+            return_dict=False,
+        )[0].float()
+
+    def sampling_sigmas(self, scheduler: Any, steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """(steps + 1,) the sigmas the pipeline samples `steps` steps on, ending at 0: `set_timesteps` with the
+        scheduler's shift, on a copy (the training scheduler keeps its 1000-step grid)."""
+        grid = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+        grid.set_timesteps(steps)
+        return grid.sigmas.float()
 
 
 register_family(SD3())
