@@ -28,6 +28,7 @@ from flowspeed.engines.torch_engine.sampling import SamplingLayout
 from flowspeed.engines.torch_engine.step_cache import denoiser_seconds, step_cache_off
 from flowspeed.evaluation import generation_metrics as gm
 from flowspeed.evaluation.clip_score import clip_image_features, clip_score_of, load_clip, video_clip_score
+from flowspeed.evaluation.rewards import Reward
 from flowspeed.evaluation.sharded import Ranks, run_sharded, task_folder
 
 log = logging.getLogger(__name__)
@@ -196,9 +197,15 @@ def _score(cfg: PipelineConfig, video: np.ndarray, prompt: str, device: torch.de
 
 
 def generate_and_score(
-    cfg: PipelineConfig, family: ModelFamily, final_dir: Path, device: torch.device, ranks: Ranks
+    cfg: PipelineConfig,
+    family: ModelFamily,
+    final_dir: Path,
+    device: torch.device,
+    ranks: Ranks,
+    reward: Reward | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, str]]:
-    """(metrics, one row per sample, labels such as which features FID/FVD used); rank 0 only, else empty."""
+    """(metrics, one row per sample, labels such as which features FID/FVD used); rank 0 only, else empty. With
+    `reward`, each sample's row gets its reward for its prompt, and `eval/reward` is their mean."""
     e, d, g = cfg.eval, cfg.data, cfg.eval.generation
     n = len(e.prompts) * e.samples_per_prompt
     _check_counts(cfg, n)
@@ -207,6 +214,8 @@ def generate_and_score(
     settings = {"eval": e.model_dump(exclude={"nproc_per_node", "batch_size", "benchmarks", "output_dir", "parallel",
                                               *off}),
                 "shape": [d.num_frames, d.height, d.width]}  # fmt: skip
+    if reward is not None:  # only then: an eval without rewards keeps the folder (and the rows) it had before them
+        settings["rewards"] = [[t.name, t.weight] for t in reward.terms]
     folder = task_folder(cfg.eval_dir, "generate", family.export_files(final_dir), settings)
     out = cfg.eval_dir / "videos"
 
@@ -239,10 +248,14 @@ def generate_and_score(
             seconds = (time.perf_counter() - start) / len(batch)
         if not ranks.writes:  # a CFG / context-parallel peer: the group's first rank writes and scores the samples
             return [{} for _ in batch]
+        # scored where the samples are made (as uint8 frames, what a reward reads); the mean below is eval/reward
+        rewards = reward.media(videos, prompts).tolist() if reward is not None else None
         rows = []
         for k, (i, prompt, video) in enumerate(zip(batch, prompts, videos, strict=True)):
             path = write_sample(out, i, video, e.fps)
             row = _score(cfg, video, prompt, device, folder / f"features-{i:05d}.npz")
+            if rewards is not None:
+                row["reward"] = rewards[k]
             if k < len(costs):
                 row["step_cache"] = costs[k]  # a dict: not averaged with the per-sample floats
             rows.append({"prompt": prompt, "seed": e.seed + i, "sample": path.name, "sample_seconds": seconds, **row})

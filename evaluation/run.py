@@ -33,6 +33,7 @@ from flowspeed.engines.torch_engine.sampling import SamplingLayout, SamplingSetu
 from flowspeed.engines.torch_engine.step_cache import sampling_extra
 from flowspeed.evaluation.common import held_out_metrics, held_out_records, validation_loss
 from flowspeed.evaluation.exports import trained_export
+from flowspeed.evaluation.rewards import Reward, build_reward
 from flowspeed.evaluation.sharded import Ranks, join
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -128,19 +129,31 @@ def _evaluate(
     metrics = held_out_metrics(cfg, loss, n_val)
     paths: list[str] = []
     info: dict[str, str] = {}
+    reward = eval_reward(cfg, family, device)
     if family.can(Capability.GENERATION):
-        scores, rows, gen_info = generate_and_score(cfg, family, final_dir, device, ranks)
+        scores, rows, gen_info = generate_and_score(cfg, family, final_dir, device, ranks, reward)
         if ranks.main:
             write_jsonl(cfg.eval_dir / "samples" / "generation.jsonl", rows)
             metrics |= scores
             paths += [str(cfg.eval_dir / "videos" / r["sample"]) for r in rows]
             info |= gen_info
     if family.can(Capability.ANSWERS) or family.can(Capability.TRANSCRIPTION):
-        res = run_sequence_eval(cfg, family, final_dir, val, device, ranks)
+        res = run_sequence_eval(cfg, family, final_dir, val, device, ranks, reward)
         metrics |= res["metrics"]
         paths += res["paths"]
         info |= res.get("info", {})
     return (metrics, paths, info) if ranks.main else ({}, [], {})
+
+
+def eval_reward(cfg: PipelineConfig, family: ModelFamily, device: torch.device) -> Reward | None:
+    """The reward `eval/reward` reports: `eval.rewards`, else the one training maximised (`train.method.rewards`), so
+    the figure a registry gate reads is the training signal measured on data training never saw. None without terms,
+    and for a transcribing family, whose transcripts WER/CER already score. Built once per eval: a `clip_score` term
+    loads its CLIP once for every batch and rank."""
+    terms = cfg.eval.rewards if cfg.eval.rewards is not None else cfg.train.method.rewards
+    if not terms or not (family.can(Capability.GENERATION) or family.can(Capability.ANSWERS)):
+        return None
+    return build_reward(terms, cfg.eval.clip, device)
 
 
 @record

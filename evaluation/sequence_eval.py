@@ -18,13 +18,21 @@ from flowspeed.datasets_prep.sequence_prep import sample_of
 from flowspeed.engines.common.io import write_jsonl
 from flowspeed.engines.models.registry import Capability, ModelFamily
 from flowspeed.evaluation.common import max_new_tokens
+from flowspeed.evaluation.rewards import Reward
 from flowspeed.evaluation.sharded import Ranks, run_sharded, task_folder
 
 
 def answer_held_out(
-    cfg: PipelineConfig, family: ModelFamily, final_dir: Path, val: list[dict], device: torch.device, ranks: Ranks
+    cfg: PipelineConfig,
+    family: ModelFamily,
+    final_dir: Path,
+    val: list[dict],
+    device: torch.device,
+    ranks: Ranks,
+    reward: Reward | None = None,
 ) -> list[dict]:
-    """Prompt with each held-out conversation up to its last answer (or the audio), compare answers."""
+    """Prompt with each held-out conversation up to its last answer (or the audio), compare answers. With `reward`,
+    each row also gets its answer's reward, scored where the answer is made (a resumed eval keeps it with the row)."""
     picked = val[: cfg.eval.max_answers]
     transcribes = family.can(Capability.TRANSCRIPTION)  # the reference is the transcript; there is no prompt
 
@@ -32,15 +40,22 @@ def answer_held_out(
         samples = [sample_of(picked[i], family, cfg) for i in batch]
         refs = [s.text if transcribes else s.messages[-1]["content"] for s in samples]
         answers = family.respond(final_dir, samples, max_new_tokens=max_new_tokens(cfg), device=device)
+        # a transcript has no prompt: the audio is the input
+        prompts = ["" if transcribes else next(m["content"] for m in s.messages if m["role"] == "user")
+                   for s in samples]  # fmt: skip
+        rewards = reward.text(answers, refs, prompts).tolist() if reward is not None else None
         rows = []
-        for i, s, ref, ans in zip(batch, samples, refs, answers, strict=True):
-            prompt = "" if transcribes else next(m["content"] for m in s.messages if m["role"] == "user")
+        for k, (i, prompt, ref, ans) in enumerate(zip(batch, prompts, refs, answers, strict=True)):
             rows.append({"source": picked[i]["source"], "prompt": prompt, "reference": ref, "response": ans,
                          "exact_match": ans.strip() == ref.strip()})  # fmt: skip
+            if rewards is not None:
+                rows[-1]["reward"] = rewards[k]
         return rows
 
     settings = {"sources": [r["source"] for r in picked], "max_new_tokens": max_new_tokens(cfg),
                 "shape": [cfg.data.height, cfg.data.width, cfg.data.num_frames]}  # fmt: skip
+    if reward is not None:  # only then: an eval without rewards keeps the folder (and the rows) it had before them
+        settings["rewards"] = [[t.name, t.weight] for t in reward.terms]
     folder = task_folder(cfg.eval_dir, "responses", family.export_files(final_dir), settings)
     rows = run_sharded(folder, len(picked), work, ranks, cfg.eval.batch_size, "answers")
     return [{k: v for k, v in r.items() if k != "index"} for r in rows]
@@ -53,15 +68,17 @@ def run_sequence_eval(
     val: list[dict],
     device: torch.device,
     ranks: Ranks | None = None,
+    reward: Reward | None = None,
 ) -> dict:
     """{"metrics", "paths", "info"} of the answers to `val` (the held-out records rank 0 read; other ranks pass
-    [] and get them broadcast) and of the benchmarks; empty on ranks other than 0."""
+    [] and get them broadcast) and of the benchmarks; empty on ranks other than 0. With `reward`: `eval/reward`, the
+    mean of the held-out answers' rewards (each row keeps its own)."""
     ranks = ranks or Ranks()
     if ranks.world > 1:  # every rank answers its share of the held-out set rank 0 read
         box = [val]
         dist.broadcast_object_list(box, src=0)
         val = box[0]
-    rows = answer_held_out(cfg, family, final_dir, val, device, ranks) if val else []
+    rows = answer_held_out(cfg, family, final_dir, val, device, ranks, reward) if val else []
     scored = []
     if cfg.eval.benchmarks and family.can(Capability.ANSWERS):
         # pandas and PIL: imported only when a benchmark runs, not with the stage machinery
@@ -74,6 +91,8 @@ def run_sequence_eval(
     metrics: dict[str, float] = {}
     if rows:
         metrics["eval/exact_match"] = sum(r["exact_match"] for r in rows) / len(rows)
+    if rows and reward is not None:
+        metrics["eval/reward"] = sum(r["reward"] for r in rows) / len(rows)
     if rows and family.can(Capability.TRANSCRIPTION):  # published ASR numbers: WER/CER after Whisper's normaliser
         # transformers' Whisper normaliser and jiwer: imported only when transcripts are scored
         from flowspeed.evaluation.speech_metrics import score_transcripts

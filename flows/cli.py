@@ -353,7 +353,7 @@ def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list
 
     try:
         cfg = load_config(config, overrides or [], workdir)
-        check_stage(cfg, command, str(config))  # paths the stage reads: before anything is written
+        check_stage(cfg, "run" if command == "post-train" else command, str(config))  # paths it reads, before writing
         _no_credentials_in_urls(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         _fail(command, exc, debug)
@@ -367,12 +367,13 @@ def _run_stage(command: str, config: Path, workdir: Path | None, overrides: list
         columns = (TextColumn("[bold]{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress, use_reporter(RichReporter(progress)):
             _open_local_tracking(cfg)
-            if command == "run":
+            if command in ("run", "post-train"):  # post-train: the pipeline, refused unless it post-trains
                 from flowspeed.flows.pipeline import pipeline
+                from flowspeed.flows.post_train import post_train
 
                 _wait_for_prefect()
                 with flow_settings():
-                    out = pipeline(cfg)
+                    out = (post_train if command == "post-train" else pipeline)(cfg)
             else:
                 from flowspeed.flows import stages
 
@@ -464,6 +465,13 @@ def demo_data(
 def run(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
     """Run the whole pipeline: prep -> train -> eval."""
     _run_stage("run", config, workdir, set_, debug)
+
+
+@app.command("post-train")
+def post_train(config: ConfigArg, workdir: WorkdirOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Post-train the registry's champion (DPO, GRPO, ...): prep -> train from the champion -> eval -> register; the
+    new version becomes champion only if the gates pass. Refuses a config that is not a post-training one."""
+    _run_stage("post-train", config, workdir, set_, debug)
 
 
 @app.command()

@@ -6,12 +6,13 @@ Prefect as a markdown artifact, so it is readable from either UI without opening
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from flowspeed.configs import PipelineConfig
 from flowspeed.engines.common.io import file_digest
-from flowspeed.engines.tracking.registry import register_and_promote
+from flowspeed.engines.tracking.registry import champion_version, register_and_promote, version_metrics
 from flowspeed.engines.tracking.tracker import tracking_uri
 from flowspeed.tasks.caching import retry_if_transient
 from mlflow import MlflowClient
@@ -38,7 +39,12 @@ def register_model(
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
     source, source_run = model_source(client, train_run_id, Path(export_dir))
+    measured = measure_champion(cfg, client, metrics)  # before the gates read the champion's tags
     decision = register_and_promote(uri, name, source, source_run, metrics, reg.gates)
+    if measured:  # the gate's verdict reads the measured value: say where it came from, on the version too
+        decision.reasons = measured + decision.reasons
+        joined = "; ".join(decision.reasons)[:4900]
+        client.set_model_version_tag(name, decision.version, "flowspeed.gate_reasons", joined)
     client.set_model_version_tag(name, decision.version, "flowspeed.pipeline_run_id", run_id)
     client.set_tag(run_id, "flowspeed.registry.model", name)
     client.set_tag(run_id, "flowspeed.registry.version", decision.version)
@@ -49,6 +55,45 @@ def register_model(
                                  description=f"{name} v{decision.version}: {decision.alias}")  # fmt: skip
     return {"model": name, "version": decision.version, "alias": decision.alias, "reasons": decision.reasons,
             "champion_before": decision.champion_before, "source": source}  # fmt: skip
+
+
+def measure_champion(cfg: PipelineConfig, client: MlflowClient, metrics: dict[str, float]) -> list[str]:
+    """Give the champion the gate metrics it was never measured on, so a gate compares instead of waving the
+    candidate through: a champion trained by SFT has no `eval/reward`, and a post-training run gated on a reward
+    gain must beat the champion's reward, not its absence. The champion's export is evaluated with this run's eval
+    config (its `eval.model` pointing at the champion's local copy, the one `train.init_from: champion` trains
+    from), and each value becomes the champion version's `metric.<name>` tag, so the next run reads it instead of
+    evaluating again. Metrics the champion has are left as they are. Returns the reasons to show before the gates'."""
+    name = cfg.registered_model
+    champion = champion_version(client, name)
+    if champion is None:
+        return []
+    has = version_metrics(client, name, champion)
+    # Only what an eval measures (not train/final_loss); and a candidate without the value fails its gate anyway.
+    gated = dict.fromkeys(g.metric for g in cfg.tracking.registry.gates)
+    missing = [m for m in gated if m.startswith("eval/") and m not in has and m in metrics]
+    if not missing:
+        return []
+    from flowspeed.engines.tracking.registry import fetch_version
+    from flowspeed.engines.tracking.serving import weights_dir
+    from flowspeed.evaluation.run import run_eval  # torch and the family: only when a champion is measured
+
+    local = weights_dir(fetch_version(tracking_uri(cfg), name, champion, cfg.workdir / ".champion" / name))
+    # the same eval section but what it reads; its own folder (eval_dir is keyed by eval.model), not this run's
+    eval_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"model": str(local), "output_dir": None})})
+    found = run_eval(eval_cfg).metrics
+    reasons = []
+    for metric in missing:
+        value = found.get(metric)
+        if value is None or math.isnan(value):  # the gate then keeps its old verdict for a champion without it
+            reasons.append(f"{metric}: the champion (version {champion}) has no value, and its eval with this run's "
+                           f"eval config gave none ({eval_cfg.eval_dir})")  # fmt: skip
+            continue
+        client.set_model_version_tag(name, champion, f"metric.{metric}", repr(float(value)))
+        client.set_model_version_tag(name, champion, f"flowspeed.measured.{metric}", str(eval_cfg.eval_dir))
+        reasons.append(f"{metric}: the champion (version {champion}) had no value; measured now with this run's "
+                       f"eval config: {value:.6g} ({eval_cfg.eval_dir})")  # fmt: skip
+    return reasons
 
 
 @task(name="resolve-init-model", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)

@@ -27,7 +27,7 @@ def test_every_deployment_has_a_valid_config_and_the_nightly_one_is_paused() -> 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in spec["deployments"]}
     assert set(deps) == {"flowspeed-pipeline", "flowspeed-recipe", "flowspeed-prep", "flowspeed-train",
-                         "flowspeed-evaluate", "flowspeed-nightly-finetune"}  # fmt: skip
+                         "flowspeed-evaluate", "flowspeed-nightly-finetune", "flowspeed-post-train"}  # fmt: skip
     for dep in deps.values():
         module, func = dep["entrypoint"].removesuffix(".py").replace("/", ".").split(":")
         assert hasattr(importlib.import_module(module.replace(".py", "")), func), dep["entrypoint"]
@@ -37,13 +37,24 @@ def test_every_deployment_has_a_valid_config_and_the_nightly_one_is_paused() -> 
         assert env["PREFECT_FLOWS_DEFAULT_RETRIES"] == "1" and env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "flowspeed"
         if "cfg" in dep["parameters"]:
             cfg = PipelineConfig.model_validate(dep["parameters"]["cfg"])  # the run form's defaults validate
-            assert cfg.model.family == "cogvideox"
+            assert cfg.model.family == ("qwen2_vl" if dep["name"] == "flowspeed-post-train" else "cogvideox")
     nightly = deps["flowspeed-nightly-finetune"]
     (schedule,) = nightly["schedules"]
     assert schedule["cron"] == "0 2 * * *" and schedule["active"] is False
     cfg = PipelineConfig.model_validate(nightly["parameters"]["cfg"])
     assert cfg.train.init_from == "champion" and cfg.tracking.registry.enabled and cfg.data.incoming
     assert deps["flowspeed-recipe"]["parameters"] == {"recipe": "quickstart", "overrides": []}
+    # post-training: weekly, paused like the nightly finetune; its config is one the post-train flow accepts
+    from flowspeed.configs.validate import config_problems
+    from flowspeed.flows.post_train import post_train_problems
+
+    post = deps["flowspeed-post-train"]
+    (schedule,) = post["schedules"]
+    assert schedule["cron"].split()[2:] == ["*", "*", "0"] and schedule["active"] is False  # Sundays
+    cfg = PipelineConfig.model_validate(post["parameters"]["cfg"])
+    assert post_train_problems(cfg) == [] and config_problems(cfg) == []
+    assert [(g.metric, g.direction, g.min_improvement) for g in cfg.tracking.registry.gates] == [
+        ("eval/reward", "higher", 0.02)]  # fmt: skip
 
 
 def test_the_work_pool_is_local_unless_the_environment_names_another(monkeypatch: pytest.MonkeyPatch) -> None:
