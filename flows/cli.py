@@ -458,6 +458,8 @@ def demo_data(
     audio = make_demo_audio(out_dir)
     console.print(f"wrote {num_videos} clips and {num_images} stills; manifest: [bold]{manifest}[/]")
     console.print(f"  the same clips as conversations: [bold]{manifest.parent / 'conversations.jsonl'}[/]")
+    console.print(f"  preference pairs about them (DPO): [bold]{manifest.parent / 'preferences.jsonl'}[/]")
+    console.print(f"  image preference pairs (Diffusion-DPO): [bold]{manifest.parent / 'pairs.jsonl'}[/]")
     console.print(f"  spoken-tone clips with transcripts: [bold]{audio}[/]")
 
 
