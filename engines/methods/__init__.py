@@ -27,9 +27,9 @@ from torch import nn
 #: every metric a method may report, by the name MLflow shows (the same across families; `train/` like the loss)
 METRIC_NAMES = (
     "train/reward_mean",  # mean reward of the step's rollouts (grpo, flow_grpo)
-    "train/reward_std",  # their standard deviation
+    "train/reward_std",  # the mean within-group standard deviation (TRL's reward_std: 0, no group had a signal)
     "train/kl",  # KL estimate of the policy to the reference on the step's samples
-    "train/clip_fraction",  # share of ratios PPO clipping cut (grpo, flow_grpo)
+    "train/clip_fraction",  # share of ratios PPO clipping cut (grpo, flow_grpo; 0 with one update per rollout batch)
     "train/chosen_reward",  # implicit reward of the chosen side: beta x (policy - reference) (dpo, diffusion_dpo)
     "train/rejected_reward",  # the same for the rejected side
     "train/margin",  # chosen_reward - rejected_reward
@@ -123,6 +123,20 @@ def get_method(name: str) -> TrainingMethod:
     except KeyError:
         known = ", ".join(sorted({*_METHODS, *_MODULES}))
         raise ValueError(f"unknown training method {name!r}; known: {known}") from None
+
+
+#: what keeps a group whose rewards are all equal from dividing by zero (TRL's and Flow-GRPO's 1e-4)
+STD_EPS = 1e-4
+
+
+def group_advantages(rewards: torch.Tensor, group: int, *, unbiased: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N,) advantages, (N / group,) each group's standard deviation) of rewards (N,) laid out group by group:
+    (r - group mean) / (group std + STD_EPS), GRPO's normalisation. `unbiased`: the std the method's authors take
+    (TRL's GRPOTrainer the sample std, Flow-GRPO's stat tracker numpy's population std); `train/reward_std` is the
+    mean of these per-group values, so a group with one reward for all samples (no signal) counts 0."""
+    grouped = rewards.view(-1, group)  # (B, G)
+    std = grouped.std(dim=1, unbiased=unbiased)
+    return ((grouped - grouped.mean(dim=1, keepdim=True)) / (std[:, None] + STD_EPS)).flatten(), std
 
 
 def reduce_metrics(metrics: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -51,13 +51,10 @@ import numpy as np
 import torch
 from flowspeed.configs import PipelineConfig
 from flowspeed.configs.catalog import FLOW_GRPO_FAMILIES
-from flowspeed.engines.methods import MethodContext, TrainingMethod, register_method
+from flowspeed.engines.methods import MethodContext, TrainingMethod, group_advantages, register_method
 from flowspeed.engines.methods.reference import Reference
 from flowspeed.engines.models.registry import ModelFamily
 from flowspeed.evaluation.rewards import build_reward
-
-#: what the group standard deviation gets added (a group whose rewards are all equal gets advantage 0)
-STD_EPS = 1e-4
 
 
 def noise_scales(sigmas: torch.Tensor, noise_level: float) -> torch.Tensor:
@@ -80,12 +77,6 @@ def log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tens
     """(N,) the Gaussian log density of each sample's x_next, averaged over its elements."""
     lp = -((x_next.detach() - mean) ** 2) / (2 * std**2) - np.log(std) - 0.5 * np.log(2 * np.pi)
     return lp.flatten(1).mean(1)
-
-
-def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
-    """(N,) rewards of B consecutive groups of `group` samples -> (r - group mean) / (group std + 1e-4)."""
-    r = rewards.view(-1, group)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + STD_EPS)).flatten()
 
 
 def decode(vae: torch.nn.Module, latents: torch.Tensor) -> np.ndarray:
@@ -156,7 +147,7 @@ class FlowGRPO(TrainingMethod):
                 rewards = state["reward"].media(frames, [r["caption"] for r in records for _ in range(g)]).to(device)
         finally:
             ctx.model.train(was_training)
-        adv = group_advantages(rewards, g)
+        adv, group_std = group_advantages(rewards, g, unbiased=False)  # Flow-GRPO's stat tracker: numpy's std
 
         # 3. the reference's transition means first, then the policy's log-probabilities with grad
         with state["reference"].use() as ref:
@@ -179,7 +170,7 @@ class FlowGRPO(TrainingMethod):
         steps = len(sigmas) - 1
         metrics = {
             "train/reward_mean": rewards.mean(),
-            "train/reward_std": rewards.view(-1, g).std(1, unbiased=False).mean(),
+            "train/reward_std": group_std.mean(),
             "train/kl": torch.stack(kls).mean(),
             "train/clip_fraction": torch.stack(clipped).mean(),
         }

@@ -15,8 +15,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from flowspeed.configs import PipelineConfig, load_config
 from flowspeed.datasets_prep.prep import run_prep
-from flowspeed.engines.methods import MethodContext, get_method
-from flowspeed.engines.methods.flow_grpo import group_advantages, log_prob, noise_scales, sde_transition
+from flowspeed.engines.methods import MethodContext, get_method, group_advantages
+from flowspeed.engines.methods.flow_grpo import log_prob, noise_scales, sde_transition
 from flowspeed.engines.models import get_family
 from flowspeed.engines.torch_engine.trainer import train
 from flowspeed.engines.tracking.tracker import ensure_experiment, tracking_uri
@@ -62,10 +62,11 @@ def test_sde_step_is_the_published_one_and_its_log_prob_the_gaussian_density() -
 
 
 def test_group_advantages_normalise_within_each_prompt_group() -> None:
-    adv = group_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0]), 4)
+    adv, std = group_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0]), 4, unbiased=False)
     r = torch.tensor([1.0, 2.0, 3.0, 4.0])
     torch.testing.assert_close(adv[:4], (r - 2.5) / (r.std(unbiased=False) + 1e-4))
     assert torch.equal(adv[4:], torch.zeros(4))  # a group with one reward has no signal
+    assert std[1] == 0 and std[0] == pytest.approx(r.std(unbiased=False).item())
 
 
 # ---- the family's side: its denoiser call and sampling grid, against its own diffusers pipeline ---------------------
