@@ -109,6 +109,12 @@ class TorchBackend:
         self.dp_group = env.mesh["dp"].get_group() if env.mesh is not None else None
         # Async saves talk over a gloo group of their own, so they never queue behind training collectives.
         self.async_group = dist.new_group(backend="gloo") if t.async_checkpoint and env.world > 1 else None
+        self.method_ctx = MethodContext(
+            cfg=cfg, family=family, model=model, scheduler=self.scheduler, device=env.device, rank=env.rank,
+            world=env.world, dp_rank=env.dp_rank, dp_world=env.dp_world, dp_group=self.dp_group,
+            build_frozen=lambda: build_model(family, cfg, self.model_args, env, frozen=True), records=records,
+            dataset=dataset,
+        )  # fmt: skip
         bf16 = t.mixed_precision == "bf16" or t.fsdp.param_dtype == "bfloat16"
         return Facts(
             rank=env.rank,
@@ -129,13 +135,6 @@ class TorchBackend:
             state = None
         else:
             state = ckpt.load(path, self.model, self.optimizer, self.lr_sched, self.ema.shadow if self.ema else None)
-        env = self.env
-        self.method_ctx = MethodContext(
-            cfg=self.cfg, family=self.family, model=self.model, scheduler=self.scheduler, device=env.device,
-            rank=env.rank, world=env.world, dp_rank=env.dp_rank, dp_world=env.dp_world, dp_group=self.dp_group,
-            build_frozen=lambda: build_model(self.family, self.cfg, self.model_args, env, frozen=True),
-            records=self.records, dataset=self.dataset,
-        )  # fmt: skip
         self.method.setup(self.method_ctx)  # after the load: a resumed run's reference is still the starting model
         return state
 

@@ -53,10 +53,12 @@ def test_pairs_cache_both_sides_at_one_shape_and_a_bad_rejected_side_refuses_the
     cache = LatentCache(cfg.cache_dir)
     t = cache.load(pair)
     assert t["latent_params"].shape == t["rejected_latent_params"].shape == torch.Size([8, 8, 8])
-    # each side is its own image at the chosen one's bucket: the latents a plain prep of that file gives
+    # each side is its own image at the chosen one's bucket: the latents a plain prep of that file gives. Not bit for
+    # bit: the VAE encodes them in batches of other sizes, and oneDNN picks its convolution algorithm (Winograd among
+    # them, ~1e-3 relative) per batch shape and thread count; the two images' latents differ by over 1e-2
     alone = {k: cache.load(samples[f"the {k} image alone"])["latent_params"] for k in ("chosen", "rejected")}
-    torch.testing.assert_close(t["latent_params"], alone["chosen"], rtol=0, atol=1e-5)
-    torch.testing.assert_close(t["rejected_latent_params"], alone["rejected"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(t["latent_params"], alone["chosen"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(t["rejected_latent_params"], alone["rejected"], rtol=1e-3, atol=1e-3)
     assert not torch.allclose(t["latent_params"], t["rejected_latent_params"], atol=1e-2)
 
     rejects = {r["reason"].split(":")[0]: r for r in read_jsonl(Path(res.rejects))}
