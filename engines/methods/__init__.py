@@ -88,6 +88,11 @@ class TrainingMethod:
         """The micro-batch's cached samples as one batch."""
         return family.pack(items) if pack else family.collate(items)
 
+    def sample_tokens(self, family: ModelFamily, model_config: Any, record: dict[str, Any]) -> int:
+        """Tokens the model computes for this record in one step, for tokens/s and MFU: the family's count, unless
+        the method runs more than one sequence per record (a preference pair's two sides)."""
+        return family.sample_tokens(model_config, record)
+
     def loss(
         self, ctx: MethodContext, batch: dict[str, torch.Tensor], records: list[dict[str, Any]],
         generator: torch.Generator,

@@ -110,6 +110,10 @@ class DPO(TrainingMethod):
     requires: ClassVar[Capability | None] = Capability.TOKEN_LOSS
     token_normalized: ClassVar[bool] = False
 
+    def sample_tokens(self, family: ModelFamily, model_config: Any, record: dict[str, Any]) -> int:
+        """Both sides' decoder tokens: the policy computes the chosen and the rejected row of every pair."""
+        return sum(int(record["shapes"][f"{side}_input_ids"][0]) for side in SIDES)
+
     def check(self, family: ModelFamily, cfg: PipelineConfig) -> None:
         super().check(family, cfg)
         if cfg.train.packing.max_tokens is not None:

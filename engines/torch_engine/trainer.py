@@ -166,7 +166,7 @@ class TorchBackend:
             loss_acc += loss.detach().float()  # stays on device: no sync per micro-batch
             counts[0] += len(idx)
             counts[1] += sum(r.get("num_frames", 0) for r in recs)
-            counts[2] += sum(family.sample_tokens(self.core.config, r) for r in recs)
+            counts[2] += sum(self.method.sample_tokens(family, self.core.config, r) for r in recs)
         if env.dims.cp > 1:  # each CP rank's weight gradients cover only its part of the sequence
             from flowspeed.engines.torch_engine.context_parallel import reduce_cp_grads
 

@@ -94,6 +94,15 @@ def test_answer_logps_are_the_token_loss_and_rows_pair_up(pref: PipelineConfig) 
             assert logps[row].item() == pytest.approx(-FAM.training_loss(model, None, alone, None).item() * n, rel=1e-5)
 
 
+def test_tokens_per_second_count_both_sides_of_a_pair(pref: PipelineConfig) -> None:
+    from flowspeed.engines.methods import get_method
+
+    for rec in load_samples(pref.prep_dir):
+        both = sum(rec["shapes"][f"{side}_input_ids"][0] for side in ("chosen", "rejected"))
+        assert get_method("dpo").sample_tokens(FAM, None, rec) == both > FAM.sample_tokens(None, rec)
+        assert get_method("sft").sample_tokens(FAM, None, rec) == FAM.sample_tokens(None, rec)  # the chosen side
+
+
 def _metric(client: MlflowClient, run_id: str, name: str) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
 
