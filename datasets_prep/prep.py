@@ -116,8 +116,7 @@ def _rejected_digest(entry: Entry, path: Path) -> str:
     try:
         if not path.is_file():
             raise ProbeError("not_found", "file not found")
-        with opened_under(path, entry.roots) as opened:
-            return file_digest(opened)
+        return media_digest(replace(entry, path=path))
     except Exception as exc:
         raise _side_error(path, "probe", exc) from exc
 

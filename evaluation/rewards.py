@@ -77,6 +77,14 @@ def clip_reward(cfg: ClipConfig, device: torch.device) -> Callable[[np.ndarray, 
     return score
 
 
+def reward_prompt(messages: list[dict[str, str]]) -> str:
+    """The question a conversation's last answer answers (its last user turn before that answer): what a text
+    reward's `prompts` receive, in GRPO's rollouts and in the eval alike."""
+    turns = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+    users = [m["content"] for m in turns if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
 def load_callable(spec: str) -> Callable[..., Any]:
     """`package.module:function` -> the function, with an error naming what is missing."""
     module, _, attr = spec.partition(":")

@@ -18,7 +18,7 @@ from flowspeed.datasets_prep.sequence_prep import sample_of
 from flowspeed.engines.common.io import write_jsonl
 from flowspeed.engines.models.registry import Capability, ModelFamily
 from flowspeed.evaluation.common import max_new_tokens
-from flowspeed.evaluation.rewards import Reward
+from flowspeed.evaluation.rewards import Reward, reward_prompt
 from flowspeed.evaluation.sharded import Ranks, run_sharded, task_folder
 
 
@@ -43,7 +43,9 @@ def answer_held_out(
         # a transcript has no prompt: the audio is the input
         prompts = ["" if transcribes else next(m["content"] for m in s.messages if m["role"] == "user")
                    for s in samples]  # fmt: skip
-        rewards = reward.text(answers, refs, prompts).tolist() if reward is not None else None
+        # the reward reads the question the reference answers, as GRPO's rollouts do
+        rewarded = [reward_prompt(s.messages) for s in samples]
+        rewards = reward.text(answers, refs, rewarded).tolist() if reward is not None else None
         rows = []
         for k, (i, prompt, ref, ans) in enumerate(zip(batch, prompts, refs, answers, strict=True)):
             rows.append({"source": picked[i]["source"], "prompt": prompt, "reference": ref, "response": ans,

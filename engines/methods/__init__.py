@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -58,6 +59,8 @@ class MethodContext:
     records: list[dict[str, Any]] = field(default_factory=list)
     dataset: Any = None
     state: dict[str, Any] = field(default_factory=dict)  # anything a method keeps between steps
+    #: the checkpoint this run resumed from (None: a fresh start), set before `setup`
+    resumed_from: Path | None = None
 
     @property
     def method(self) -> MethodConfig:
@@ -128,6 +131,13 @@ def get_method(name: str) -> TrainingMethod:
     except KeyError:
         known = ", ".join(sorted({*_METHODS, *_MODULES}))
         raise ValueError(f"unknown training method {name!r}; known: {known}") from None
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(N, T) log-probability of each token under logits (N, T, V) at `temperature`, in float32: log_softmax at the
+    token only, never a second (N, T, V) tensor (DPO's answers, GRPO's samples)."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 #: what keeps a group whose rewards are all equal from dividing by zero (TRL's and Flow-GRPO's 1e-4)

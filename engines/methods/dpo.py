@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from flowspeed.configs import PipelineConfig
 from flowspeed.datasets_prep.sequence_prep import SIDES
 from flowspeed.engines.common.io import atomic_write_text
-from flowspeed.engines.loop import resume_path
-from flowspeed.engines.methods import MethodContext, TrainingMethod, register_method
+from flowspeed.engines.methods import MethodContext, TrainingMethod, register_method, token_logprobs
 from flowspeed.engines.methods.reference import Reference
 from flowspeed.engines.models.registry import Capability, ModelFamily
 from flowspeed.engines.models.sequence import IGNORE_INDEX
@@ -73,9 +72,7 @@ def answer_logps(
     if family.shift_labels:
         logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != IGNORE_INDEX  # (N, L')
-    logits = logits.float()
-    # the labels' log-probs (N, L'): log_softmax at the label only, never a second (N, L', vocab) tensor
-    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    picked = token_logprobs(logits, labels.clamp(min=0))  # (N, L'): the labels' log-probs
     zero = sum(t.sum() for t in touched) * 0.0 if touched else torch.zeros((), device=picked.device)
     return (picked * mask).sum(-1), mask.sum(-1), zero
 
@@ -173,7 +170,7 @@ def precomputed_reference(ctx: MethodContext) -> dict[str, list[float]]:
                 "run (another workdir, or delete the train dir) or set train.method.reference: model"
             )
         return table
-    resumed = resume_path(ctx.cfg)  # the checkpoint this run loaded (the loop's own choice, from the same facts)
+    resumed = ctx.resumed_from
     if resumed is not None:  # without the file: the policy is not the starting model any more
         raise ValueError(
             f"train.method.reference=precomputed: {path} is missing but the run resumed from {resumed}, so the "

@@ -38,12 +38,18 @@ from typing import Any, ClassVar
 
 import torch
 from flowspeed.configs import PipelineConfig
-from flowspeed.engines.methods import MethodContext, TrainingMethod, group_advantages, register_method
+from flowspeed.engines.methods import (
+    MethodContext,
+    TrainingMethod,
+    group_advantages,
+    register_method,
+    token_logprobs,
+)
 from flowspeed.engines.methods.reference import Reference
 from flowspeed.engines.models.registry import Capability, ModelFamily
 from flowspeed.engines.models.sequence import IGNORE_INDEX
 from flowspeed.engines.torch_engine.setup import unwrap
-from flowspeed.evaluation.rewards import build_reward
+from flowspeed.evaluation.rewards import build_reward, reward_prompt
 
 #: batch keys prefixed so: per prompt, how many rows of a concatenated media tensor it owns (never given to the model)
 ROWS = "grpo_rows:"
@@ -97,12 +103,6 @@ def media_token_ids(config: Any) -> list[int]:
     media = ("image", "video", "vision", "audio")
     return sorted({v for k, v in vars(config).items() if k.endswith(("_token_id", "_token_index"))
                    and any(m in k for m in media) and isinstance(v, int) and v >= 0})  # fmt: skip
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(N, T) log-probability of each token under logits (N, T, V) at `temperature`, in float32."""
-    logits = logits.float() / temperature
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def clipped_objective(
@@ -193,7 +193,7 @@ class Grpo(TrainingMethod):
         answers = tokenizer.batch_decode([c[: int(k.sum())] for c, k in zip(completions, mask, strict=True)],
                                          skip_special_tokens=True)  # fmt: skip
         references = [r["messages"][-1]["content"] for r in records for _ in range(group)]
-        questions = [_question(r) for r in records for _ in range(group)]
+        questions = [reward_prompt(r["messages"]) for r in records for _ in range(group)]
         rewards = ctx.state["reward"].text(answers, references, questions).to(ctx.device)  # (N,)
         advantages, std = group_advantages(rewards, group, unbiased=True)  # (N,), (B,): TRL's sample std
 
@@ -266,12 +266,6 @@ def gathered_root(model: Any) -> Iterator[None]:
         yield
     finally:
         model.reshard()
-
-
-def _question(record: dict[str, Any]) -> str:
-    """The user turn the reference answer answers: what a reward's `prompts` receives."""
-    users = [m["content"] for m in record["messages"][:-1] if m["role"] == "user"]
-    return users[-1] if users else ""
 
 
 register_method(Grpo())

@@ -135,6 +135,7 @@ class TorchBackend:
             state = None
         else:
             state = ckpt.load(path, self.model, self.optimizer, self.lr_sched, self.ema.shadow if self.ema else None)
+        self.method_ctx.resumed_from = path
         self.method.setup(self.method_ctx)  # after the load: a resumed run's reference is still the starting model
         return state
 

@@ -93,6 +93,16 @@ def test_answer_rewards() -> None:
         reward.media(np.zeros((2, 1, 4, 4, 3), np.uint8), ["a", "b"])
 
 
+def test_a_text_reward_reads_the_question_the_last_answer_answers() -> None:
+    from flowspeed.evaluation.rewards import reward_prompt
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is it?"},
+            {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "What colour?"},
+            {"role": "assistant", "content": "Black."}]  # fmt: skip
+    assert reward_prompt(chat) == reward_prompt(chat[:-1]) == "What colour?"  # held-out row, or a GRPO prompt
+    assert reward_prompt(chat[:3]) == "What is it?" and reward_prompt([]) == ""
+
+
 def constant_reward(frames: np.ndarray, prompts: list[str]) -> list[float]:
     """A user reward, loaded by name from this module."""
     return [0.5] * len(prompts)
