@@ -579,7 +579,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from flowspeed.engines.common.lifetime import run_rank
+
+    run_rank(main)
 
 
 def load_samples(prep_dir: Path) -> list[dict]:

@@ -16,7 +16,6 @@ A full disk is one paragraph naming the path, its filesystem and the space left.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import importlib.util
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from flowspeed.engines.common.lifetime import exit_without_teardown
 from rich.console import Console
 from rich.markup import escape as rich_escape
 from rich.panel import Panel
@@ -879,10 +879,9 @@ def convert_reshard(
 
 
 def main() -> None:
-    """The `flowspeed` entry point. Once the command is done, the process ends as Python's own shutdown would
-    (non-daemon threads joined, exit hooks run: the embedded Prefect API stopped, logs flushed) but without
-    tearing the interpreter down module by module, which after torch and diffusers were loaded is seconds of
-    freeing memory the kernel reclaims at once anyway (1.5-3 s of a 10 s cached rerun on the dev machine)."""
+    """The `flowspeed` entry point. Once the command is done, the process ends through `exit_without_teardown`:
+    Python's own shutdown without tearing the interpreter down module by module (1.5-3 s of a 10 s cached rerun on
+    the dev machine)."""
     try:
         app(prog_name="flowspeed")
         code: Any = 0
@@ -896,19 +895,7 @@ def main() -> None:
             code = done.exit_code
     if code is not None and not isinstance(code, int):  # a message to print: Python's own exit does it
         raise SystemExit(code)
-    _exit_without_teardown(code or 0)
-
-
-def _exit_without_teardown(code: int) -> None:
-    shutdown = getattr(threading, "_shutdown", None)  # what Py_Finalize calls first: joins non-daemon threads
-    if shutdown is None:
-        raise SystemExit(code)
-    shutdown()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+    exit_without_teardown(code or 0)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,14 @@ run code in the child:
 - `exit_with_parent()`: for workers we do not fork ourselves (a process pool's initializer): a daemon
   thread that exits the worker once its parent process is gone.
 
+And how our own processes end: `exit_without_teardown()` (the CLI, every torchrun rank through `run_rank()`).
+
 No Prefect here: `engines` never imports it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
@@ -27,6 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 _PR_SET_PDEATHSIG = 1
 
@@ -90,3 +94,45 @@ def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait(timeout=grace_s)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End this process the way Python's own shutdown starts (non-daemon threads joined, atexit hooks run: an
+    embedded Prefect API stopped, logs flushed; stdout/stderr flushed), then `os._exit(code)`: no interpreter
+    finalization and no C++ static destructors.
+
+    Why skip them: after torch and diffusers are loaded, finalization is seconds of freeing memory the kernel reclaims
+    at once anyway. And it is where a torchrun rank can die after its work is done. torch keeps process groups alive
+    past `destroy_process_group()` (DTensor's sharding caches hold the device meshes and so their groups; a
+    `torch.distributed.nn` imported after the group was made holds the world group in its default arguments), so
+    gloo's native worker threads still run while the interpreter finalizes. A native thread that then asks for the GIL
+    is ended by Python from inside C++ code that cannot unwind: "terminate called without an active exception", the
+    rank exits by SIGABRT and torchrun fails the whole job (seen on 2-rank CPU evals, rarely, under load)."""
+    shutdown = getattr(threading, "_shutdown", None)  # what Py_Finalize calls first: joins non-daemon threads
+    if shutdown is None:  # not CPython: its own exit
+        raise SystemExit(code)
+    shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def run_rank(main: Callable[[], object]) -> NoReturn:
+    """A torchrun rank's `__main__`: `main()` (torchrun's `@record` around it writes a failure's error file for the
+    agent's report), then `exit_without_teardown`: 0, or 1 after the traceback Python would have printed (an
+    argparse `SystemExit` keeps its code)."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    exit_without_teardown(code)

@@ -296,4 +296,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from flowspeed.engines.common.lifetime import run_rank
+
+    run_rank(main)

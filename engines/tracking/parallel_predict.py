@@ -163,4 +163,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from flowspeed.engines.common.lifetime import run_rank
+
+    run_rank(main)

@@ -149,7 +149,7 @@ def test_what_a_command_lets_through_is_still_one_paragraph(
 
     exits: list[int] = []
     monkeypatch.setattr(runs, "sync_undelivered", fail)
-    monkeypatch.setattr(cli, "_exit_without_teardown", exits.append)  # the process must outlive the check
+    monkeypatch.setattr(cli, "exit_without_teardown", exits.append)  # the process must outlive the check
     said = {}
     for extra in ([], ["--debug"]):
         monkeypatch.setattr(sys, "argv", ["flowspeed", "sync-metrics", str(tmp_path), *extra])
