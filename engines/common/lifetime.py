@@ -105,9 +105,13 @@ def exit_without_teardown(code: int) -> NoReturn:
     at once anyway. And it is where a torchrun rank can die after its work is done. torch keeps process groups alive
     past `destroy_process_group()` (DTensor's sharding caches hold the device meshes and so their groups; a
     `torch.distributed.nn` imported after the group was made holds the world group in its default arguments), so
-    gloo's native worker threads still run while the interpreter finalizes. A native thread that then asks for the GIL
-    is ended by Python from inside C++ code that cannot unwind: "terminate called without an active exception", the
-    rank exits by SIGABRT and torchrun fails the whole job (seen on 2-rank CPU evals, rarely, under load)."""
+    gloo's worker threads still run while the interpreter finalizes. A worker that drops a finished collective late
+    (a loaded CPU) frees the last reference to an output tensor whose Python object must then be freed too; it asks
+    for the GIL, Python ends the finalizing process's other threads with `pthread_exit`, and the unwind through C++
+    calls std::terminate: "terminate called without an active exception", SIGABRT after the work is written, and
+    torchrun fails the whole job (a core dump of a 2-rank gloo run showed exactly that stack: runLoop ->
+    ~AsyncAllgatherWork -> THPVariable_dealloc -> take_gil -> PyThread_exit_thread, the main thread in
+    Py_FinalizeEx)."""
     shutdown = getattr(threading, "_shutdown", None)  # what Py_Finalize calls first: joins non-daemon threads
     if shutdown is None:  # not CPython: its own exit
         raise SystemExit(code)

@@ -3,10 +3,12 @@
 A 2-rank CPU eval in CI finished its work and then rank 1 died by SIGABRT ("terminate called without an active
 exception"), failing the job, in two of the recent fresh-clone runs of the suite. The abort came from the interpreter's
 finalization: torch keeps process groups alive after `destroy_process_group()` (DTensor's sharding caches hold
-device meshes, which hold their groups), so gloo's native worker threads still run while Python finalizes, and a
-native thread that asks for the GIL then is ended from C++ code that cannot unwind. The ranks now end as Python's
-shutdown begins (threads joined, atexit hooks, streams flushed) and skip the finalization itself. These tests pin
-that contract; the race itself is too rare to reproduce on demand.
+device meshes, which hold their groups), so gloo's worker threads still run while Python finalizes. A core dump of a
+2-rank gloo job that aborted the same way shows the worker freeing a finished all_gather's output tensor, asking for
+the GIL, being ended with `pthread_exit` by the finalizing interpreter, and the unwind through C++ calling
+std::terminate. The ranks now end as Python's shutdown begins (threads joined, atexit hooks, streams flushed) and
+skip the finalization itself. These tests pin that contract; the race itself is too rare to reproduce on demand (1
+abort in about 50 runs of such a job on a loaded 2-core machine).
 """
 
 from __future__ import annotations
